@@ -1,0 +1,72 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "CacheMesh",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "cachemesh", targets: ["cachemesh"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
+    ],
+    targets: [
+        // C bindings (system libraries through pkg-config; shim.h wraps macros).
+        .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
+        .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
+
+        // GnuTLS credentials, sessions, peer identity + role, SHA-256.
+        .target(name: "MeshTLS", dependencies: [
+            "CGnuTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Transport-neutral HTTP types: request head, response, bodies, service protocol.
+        .target(name: "MeshHTTP", dependencies: [
+            "MeshTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+        ]),
+        // nghttp2 session wrapper, NIO handlers, HTTP/2 server and client.
+        .target(name: "MeshHTTP2", dependencies: [
+            "CNghttp2", "MeshTLS", "MeshHTTP",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Bounded on-disk CAS + AC.
+        .target(name: "BlobStore", dependencies: [
+            "CGnuTLS",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+        ]),
+        // Routes, config, wiring, lifecycle.
+        .target(name: "CacheNode", dependencies: [
+            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "TOMLKit", package: "TOMLKit"),
+        ]),
+        .executableTarget(name: "cachemesh", dependencies: [
+            "CacheNode",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
+        .testTarget(name: "BlobStoreTests", dependencies: [
+            "BlobStore",
+            .product(name: "MetricsTestKit", package: "swift-metrics"),
+        ]),
+        .testTarget(name: "MeshHTTP2Tests", dependencies: ["MeshHTTP2", "MeshHTTP", "MeshTLS"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "MeshHTTP2", "MeshTLS"]),
+    ]
+)

@@ -1,0 +1,98 @@
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// An open, pinned blob, created by ``BlobStore/openRead(hash:offset:limit:)``.
+///
+/// Callers deliver the byte range `[offset, offset + length)`; positions passed
+/// to ``read(at:into:)`` are absolute blob offsets (it uses `pread(2)`, so
+/// there is no cursor). While the reader is open the blob cannot be evicted and
+/// the reader holds one read slot; ``close()`` (or `deinit`) gives both back.
+public final class BlobReader: Sendable {
+    /// The blob's hash.
+    public let hash: String
+    /// First byte to deliver (absolute).
+    public let offset: Int64
+    /// Number of bytes to deliver: `min(limit, blobSize - offset)`.
+    public let length: Int64
+    /// Total size of the blob.
+    public let blobSize: Int64
+    /// `nil` for the virtual empty blob (which holds no slot and no pin).
+    private let store: BlobStore?
+    private let path: String
+    /// The file descriptor, or -1 once closed. `pread` runs under this lock so `close` cannot race with it.
+    private let fd: Mutex<Int32>
+
+    init(store: BlobStore?, hash: String, fd: Int32, path: String, offset: Int64, length: Int64, blobSize: Int64) {
+        self.store = store
+        self.hash = hash
+        self.fd = Mutex(fd)
+        self.path = path
+        self.offset = offset
+        self.length = length
+        self.blobSize = blobSize
+    }
+
+    deinit {
+        close()
+    }
+
+    /// End of the deliverable range (exclusive).
+    public var end: Int64 { offset + length }
+
+    /// Reads up to `buffer.count` bytes starting at absolute `position`, never past ``end``.
+    /// - Returns: the number of bytes read; 0 at or after ``end``.
+    /// - Throws: ``BlobStoreError/offsetOutOfRange(offset:size:)`` for a negative position,
+    ///   ``BlobStoreError/closed`` after ``close()``, ``BlobStoreError/io(_:)`` on read errors
+    ///   or if the file is shorter than the index says.
+    public func read(at position: Int64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        guard position >= 0 else { throw BlobStoreError.offsetOutOfRange(offset: position, size: blobSize) }
+        let wanted = Int(min(Int64(buffer.count), max(0, end - position)))
+        guard let store else {
+            return 0  // The empty blob has nothing to read.
+        }
+        return try fd.withLock { fd throws(BlobStoreError) -> Int in
+            guard fd >= 0 else { throw .closed }
+            guard wanted > 0 else { return 0 }
+            let n = try Posix.pread(fd, UnsafeMutableRawBufferPointer(rebasing: buffer[..<wanted]), offset: position, path: path)
+            if n == 0 {
+                let error = BlobStoreError.io("read \(path): file ends at \(position), expected \(blobSize) bytes")
+                store.logger.warning("blob file truncated", metadata: ["hash": "\(hash)", "error": "\(error)"])
+                throw error
+            }
+            store.recordBytesOut(Int64(n))
+            return n
+        }
+    }
+
+    /// Reads the whole range `[offset, offset + length)` into memory.
+    public func readAll() throws -> [UInt8] {
+        guard length > 0 else { return [] }
+        var result = [UInt8](repeating: 0, count: Int(length))
+        try result.withUnsafeMutableBytes { buffer in
+            var done = 0
+            while done < buffer.count {
+                let n = try read(at: offset + Int64(done), into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]))
+                if n == 0 { throw BlobStoreError.io("read \(path): unexpected end of data") }
+                done += n
+            }
+        }
+        return result
+    }
+
+    /// Closes the file, unpins the blob and releases the read slot. Idempotent.
+    public func close() {
+        let wasOpen = fd.withLock { fd -> Bool in
+            guard fd >= 0 else { return false }
+            Posix.closeQuietly(fd)
+            fd = -1
+            return true
+        }
+        if wasOpen { store?.readerClosed(hash: hash) }
+    }
+}

@@ -1,0 +1,861 @@
+import Logging
+import Metrics
+import Synchronization
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A size-bounded, content-addressed blob store (CAS) plus an action cache (AC)
+/// on the local file system.
+///
+/// ## Layout
+/// ```
+/// <directory>/cas/XX/<sha256>   committed blobs (XX = first two hex digits)
+/// <directory>/ac/XX/<key>       action-cache values
+/// <directory>/tmp/<random>.tmp  uploads in progress (wiped on start)
+/// ```
+/// Every path component below `<directory>` is either fixed, random, or a
+/// validated 64-character lowercase hex string: raw client input never reaches
+/// the file system.
+///
+/// ## Guarantees
+/// * **Nothing partial is ever readable.** Uploads stream into `tmp/`, are hashed
+///   while written, and are atomically `rename(2)`d into `cas/` only after the hash
+///   (and size, if declared) has been verified.
+/// * **Hard size limit.** `usedBytes + reservedBytes <= maxBytes` at all times.
+///   Writers reserve space *before* writing (all at once when the size is known,
+///   incrementally otherwise); room is made by evicting least recently used
+///   entries that are not pinned by an open reader. If no room can be made the
+///   write fails with ``BlobStoreError/insufficientStorage(needed:available:)``.
+/// * **LRU in O(1).** Recency lives in memory (an intrusive doubly-linked list);
+///   it is persisted lazily as the file mtime (at most once per
+///   ``BlobStoreConfiguration/recencyPersistInterval`` per entry), which orders
+///   the index when the store is reopened.
+/// * **Bounded concurrency without failures.** Writers and readers take a slot
+///   from FIFO async semaphores; when the pools are busy callers wait.
+///
+/// ## Durability
+/// Commits do not `fsync`. A crash of the *process* cannot expose partial data:
+/// the data is in the page cache and the rename is atomic. After a *kernel*
+/// crash or power loss a recently committed file may be truncated; clients of a
+/// build cache verify digests of downloaded blobs, and zero-length files (other
+/// than the empty blob) are discarded when the index is rebuilt.
+///
+/// All methods are thread-safe. File system mutations that must agree with the
+/// index (commit renames, eviction unlinks) happen under the store lock.
+public final class BlobStore: Sendable {
+    // MARK: State
+
+    struct State {
+        var index = LRUIndex()
+        var usedBytes: Int64 = 0
+        var reservedBytes: Int64 = 0
+        var pinnedBytes: Int64 = 0
+        var blobCount = 0
+        var actionCount = 0
+        var hits: Int64 = 0
+        var misses: Int64 = 0
+        var evictions: Int64 = 0
+        var rejectedWrites: Int64 = 0
+    }
+
+    /// Label values of the `reason` dimension of `cachemesh_store_rejected_writes_total`.
+    enum RejectReason: String, CaseIterable, Sendable {
+        case digestMismatch = "digest_mismatch"
+        case sizeMismatch = "size_mismatch"
+        case tooLarge = "too_large"
+        case insufficientStorage = "insufficient_storage"
+        case aborted = "aborted"
+    }
+
+    struct StoreMetrics: Sendable {
+        let usedBytes: Gauge
+        let limitBytes: Gauge
+        let reservedBytes: Gauge
+        let blobs: Gauge
+        let actions: Gauge
+        let hits: Counter
+        let misses: Counter
+        let evictions: Counter
+        let bytesIn: Counter
+        let bytesOut: Counter
+        let rejected: [RejectReason: Counter]
+
+        init(factory: any MetricsFactory) {
+            usedBytes = Gauge(label: "cachemesh_store_used_bytes", factory: factory)
+            limitBytes = Gauge(label: "cachemesh_store_limit_bytes", factory: factory)
+            reservedBytes = Gauge(label: "cachemesh_store_reserved_bytes", factory: factory)
+            blobs = Gauge(label: "cachemesh_store_blobs", factory: factory)
+            actions = Gauge(label: "cachemesh_store_actions", factory: factory)
+            hits = Counter(label: "cachemesh_store_hits_total", factory: factory)
+            misses = Counter(label: "cachemesh_store_misses_total", factory: factory)
+            evictions = Counter(label: "cachemesh_store_evictions_total", factory: factory)
+            bytesIn = Counter(label: "cachemesh_store_bytes_in_total", factory: factory)
+            bytesOut = Counter(label: "cachemesh_store_bytes_out_total", factory: factory)
+            var rejected: [RejectReason: Counter] = [:]
+            for reason in RejectReason.allCases {
+                rejected[reason] = Counter(label: "cachemesh_store_rejected_writes_total",
+                                           dimensions: [("reason", reason.rawValue)], factory: factory)
+            }
+            self.rejected = rejected
+        }
+    }
+
+    /// An entry removed to make room (logged after the lock is released).
+    struct Evicted {
+        var key: EntryKey
+        var size: Int64
+        var unlinkErrno: Int32?
+    }
+
+    /// The configuration the store was opened with.
+    public let configuration: BlobStoreConfiguration
+    let logger: Logger
+    let casDirectory: String
+    let acDirectory: String
+    let tmpDirectory: String
+    let writeSlots: AsyncSemaphore
+    let readSlots: AsyncSemaphore
+    private let state: Mutex<State>
+    private let metrics: StoreMetrics
+    private let bytesInTotal = Atomic<Int64>(0)
+    private let bytesOutTotal = Atomic<Int64>(0)
+
+    var maxBytes: Int64 { configuration.maxBytes }
+
+    /// Granularity of incremental reservations for uploads of unknown size: at most
+    /// 1 MiB, and small enough that all concurrent writers together over-reserve
+    /// at most a quarter of `maxBytes` (so over-reservation cannot starve others).
+    let reservationChunk: Int64
+
+    // MARK: Opening
+
+    /// Opens (creating if needed) a store in `configuration.directory`.
+    ///
+    /// Creates `cas/`, `ac/` and `tmp/`, deletes everything in `tmp/` (leftovers of
+    /// a crash), and rebuilds the index from disk, ordering entries by file mtime
+    /// (oldest = first to evict). Files whose names are not valid hashes are
+    /// removed. If the directory holds more than `maxBytes`, the oldest entries are
+    /// evicted right away.
+    ///
+    /// - Parameters:
+    ///   - metricsFactory: the swift-metrics factory to use; `nil` means the
+    ///     process-wide `MetricsSystem.factory`.
+    /// - Throws: ``BlobStoreError/io(_:)`` if the directories cannot be created.
+    public init(configuration: BlobStoreConfiguration,
+                logger: Logger = Logger(label: "cachemesh.store"),
+                metricsFactory: (any MetricsFactory)? = nil) throws {
+        guard configuration.maxBytes >= 0 else {
+            throw BlobStoreError.io("invalid configuration: maxBytes must not be negative")
+        }
+        var directory = configuration.directory
+        while directory.count > 1 && directory.hasSuffix("/") { directory.removeLast() }
+        guard !directory.isEmpty else { throw BlobStoreError.io("invalid configuration: empty directory") }
+
+        self.configuration = configuration
+        self.logger = logger
+        casDirectory = directory + "/cas"
+        acDirectory = directory + "/ac"
+        tmpDirectory = directory + "/tmp"
+        writeSlots = AsyncSemaphore(permits: configuration.maxConcurrentWrites)
+        reservationChunk = max(1, min(1 << 20, configuration.maxBytes / Int64(4 * max(1, configuration.maxConcurrentWrites))))
+        readSlots = AsyncSemaphore(permits: configuration.maxOpenReads)
+        metrics = StoreMetrics(factory: metricsFactory ?? MetricsSystem.factory)
+
+        try Posix.makeDirectories(directory)
+        for sub in [casDirectory, acDirectory, tmpDirectory] { try Posix.makeDirectory(sub) }
+        for prefix in 0..<256 {
+            let xx = BlobStore.hexPrefix(prefix)
+            try Posix.makeDirectory(casDirectory + "/" + xx)
+            try Posix.makeDirectory(acDirectory + "/" + xx)
+        }
+
+        let removedTemp = BlobStore.wipe(directory: tmpDirectory, logger: logger)
+        let cas = BlobStore.scan(directory: casDirectory, kind: .cas, logger: logger)
+        let ac = BlobStore.scan(directory: acDirectory, kind: .ac, logger: logger)
+
+        var initial = State()
+        let entries = (cas.entries + ac.entries).sorted {
+            ($0.mtimeSeconds, $0.mtimeNanoseconds, $0.key.hash) < ($1.mtimeSeconds, $1.mtimeNanoseconds, $1.key.hash)
+        }
+        for entry in entries {
+            initial.index.insert(entry.key, size: entry.size, persistedMtime: entry.mtimeSeconds)
+            initial.usedBytes += entry.size
+            if entry.key.kind == .cas { initial.blobCount += 1 } else { initial.actionCount += 1 }
+        }
+        state = Mutex(initial)
+
+        // Shrink to the (possibly lowered) limit.
+        var evicted: [Evicted] = []
+        let summary = state.withLock { s -> (blobCount: Int, actionCount: Int, usedBytes: Int64) in
+            var cursor = s.index.head
+            while s.usedBytes > configuration.maxBytes && cursor != LRUIndex.none {
+                let next = s.index[cursor].next
+                evictLocked(&s, cursor, &evicted)
+                cursor = next
+            }
+            metrics.limitBytes.record(configuration.maxBytes)
+            publishLocked(&s)
+            return (s.blobCount, s.actionCount, s.usedBytes)
+        }
+        logEvictions(evicted)
+        logger.info("blob store index rebuilt", metadata: [
+            "directory": "\(directory)",
+            "blobs": "\(summary.blobCount)",
+            "actions": "\(summary.actionCount)",
+            "used_bytes": "\(summary.usedBytes)",
+            "max_bytes": "\(configuration.maxBytes)",
+            "evicted_over_limit": "\(evicted.count)",
+            "removed_temp_files": "\(removedTemp)",
+            "removed_stray_files": "\(cas.removed + ac.removed)",
+        ])
+    }
+
+    private static func hexPrefix(_ value: Int) -> String {
+        let s = String(value, radix: 16)
+        return s.count == 1 ? "0" + s : s
+    }
+
+    private static func isHexPrefix(_ s: String) -> Bool {
+        s.utf8.count == 2 && s.utf8.allSatisfy {
+            ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) || ($0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "f"))
+        }
+    }
+
+    /// Deletes everything inside `directory`; returns the number of items removed.
+    private static func wipe(directory: String, logger: Logger) -> Int {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        var removed = 0
+        for name in names {
+            do {
+                try FileManager.default.removeItem(atPath: directory + "/" + name)
+                removed += 1
+            } catch {
+                logger.warning("cannot remove leftover temp file", metadata: ["path": "\(directory)/\(name)", "error": "\(error)"])
+            }
+        }
+        return removed
+    }
+
+    private struct ScannedEntry {
+        var key: EntryKey
+        var size: Int64
+        var mtimeSeconds: Int64
+        var mtimeNanoseconds: Int64
+    }
+
+    /// Collects valid entries of `cas/` or `ac/`, removing files that do not belong there.
+    private static func scan(directory: String, kind: EntryKind, logger: Logger) -> (entries: [ScannedEntry], removed: Int) {
+        let fm = FileManager.default
+        var entries: [ScannedEntry] = []
+        var removed = 0
+        func remove(_ path: String, _ why: String) {
+            do {
+                try fm.removeItem(atPath: path)
+                removed += 1
+                logger.debug("removed stray file from blob store", metadata: ["path": "\(path)", "reason": "\(why)"])
+            } catch {
+                logger.warning("cannot remove stray file from blob store", metadata: ["path": "\(path)", "error": "\(error)"])
+            }
+        }
+        let top = (try? fm.contentsOfDirectory(atPath: directory)) ?? []
+        for prefix in top {
+            let prefixPath = directory + "/" + prefix
+            guard let info = Posix.fileInfo(prefixPath) else { continue }
+            guard info.isDirectory, isHexPrefix(prefix) else {
+                // Unknown directories are left alone; stray files are removed.
+                if !info.isDirectory { remove(prefixPath, "not a hash") }
+                continue
+            }
+            for name in (try? fm.contentsOfDirectory(atPath: prefixPath)) ?? [] {
+                let path = prefixPath + "/" + name
+                guard let file = Posix.fileInfo(path) else { continue }
+                guard file.isRegularFile, Digest.isValidHash(name), name.hasPrefix(prefix) else {
+                    remove(path, "not a valid hash file")
+                    continue
+                }
+                if kind == .cas && (name == Digest.emptyHash || file.size == 0) {
+                    // The empty blob is virtual; any other zero-length blob is a torn write.
+                    remove(path, name == Digest.emptyHash ? "empty blob is virtual" : "zero-length blob")
+                    continue
+                }
+                entries.append(ScannedEntry(key: EntryKey(kind: kind, hash: name), size: file.size,
+                                            mtimeSeconds: file.mtimeSeconds, mtimeNanoseconds: file.mtimeNanoseconds))
+            }
+        }
+        return (entries, removed)
+    }
+
+    // MARK: Paths
+
+    /// Path of a committed entry. `key.hash` is always a validated hash.
+    func path(for key: EntryKey) -> String {
+        let base = key.kind == .cas ? casDirectory : acDirectory
+        return "\(base)/\(key.hash.prefix(2))/\(key.hash)"
+    }
+
+    // MARK: Statistics
+
+    /// A snapshot of the store's accounting; consistent with the exported metrics.
+    public var stats: BlobStoreStats {
+        // Copy only scalars: holding a copy of the index arrays would force copy-on-write of the whole index.
+        var stats = state.withLock { s in
+            BlobStoreStats(usedBytes: s.usedBytes, reservedBytes: s.reservedBytes, maxBytes: maxBytes,
+                           blobCount: s.blobCount, actionCount: s.actionCount, hits: s.hits, misses: s.misses,
+                           evictions: s.evictions, bytesIn: 0, bytesOut: 0, rejectedWrites: s.rejectedWrites,
+                           pinnedBytes: s.pinnedBytes, activeWrites: 0, activeReads: 0)
+        }
+        stats.bytesIn = bytesInTotal.load(ordering: .relaxed)
+        stats.bytesOut = bytesOutTotal.load(ordering: .relaxed)
+        stats.activeWrites = writeSlots.inUse
+        stats.activeReads = readSlots.inUse
+        return stats
+    }
+
+    // MARK: CAS lookups
+
+    /// Size of the blob `hash`, or `nil` if it is absent (or `hash` is not a valid hash).
+    /// The empty blob always has size 0. Counts a hit or miss and marks the blob as recently used.
+    public func size(of hash: String) -> Int64? {
+        guard Digest.isValidHash(hash) else { return nil }
+        if hash == Digest.emptyHash {
+            recordLookup(hit: true)
+            return 0
+        }
+        let now = Posix.nowSeconds()
+        let (size, touchPath) = state.withLock { s -> (Int64?, String?) in
+            guard let slot = s.index.lookup(EntryKey(kind: .cas, hash: hash)) else {
+                countLookupLocked(&s, hit: false)
+                return (nil, nil)
+            }
+            countLookupLocked(&s, hit: true)
+            return (s.index[slot].size, touchLocked(&s, slot, now: now))
+        }
+        if let touchPath { Posix.touch(touchPath) }
+        return size
+    }
+
+    /// `true` if the blob is present with exactly `digest.size` bytes. The empty digest is always present.
+    /// Counts a hit or miss and marks the blob as recently used.
+    public func contains(_ digest: Digest) -> Bool {
+        if digest.hash == Digest.emptyHash {
+            let hit = digest.size == 0
+            recordLookup(hit: hit)
+            return hit
+        }
+        let now = Posix.nowSeconds()
+        let (hit, touchPath) = state.withLock { s -> (Bool, String?) in
+            guard let slot = s.index.lookup(EntryKey(kind: .cas, hash: digest.hash)), s.index[slot].size == digest.size else {
+                countLookupLocked(&s, hit: false)
+                return (false, nil)
+            }
+            countLookupLocked(&s, hit: true)
+            return (true, touchLocked(&s, slot, now: now))
+        }
+        if let touchPath { Posix.touch(touchPath) }
+        return hit
+    }
+
+    // MARK: CAS writes
+
+    enum WritePlan: Sendable {
+        /// The blob already exists (and is pinned, unless it is the virtual empty blob):
+        /// the upload is only hashed, not stored.
+        case dedup(pinned: Bool)
+        /// Stream into a temp file; `Int64` bytes are already reserved.
+        case store(reserved: Int64)
+    }
+
+    /// Starts an upload of the blob `hash`.
+    ///
+    /// Waits (FIFO) for a write slot. If `expectedSize` is given, the write is
+    /// rejected with ``BlobStoreError/tooLarge(size:limit:)`` when it exceeds
+    /// `maxBytes`, and otherwise the whole size is reserved immediately (evicting
+    /// LRU entries; ``BlobStoreError/insufficientStorage(needed:available:)`` if
+    /// that is impossible). Without `expectedSize`, space is reserved as bytes
+    /// arrive. If the blob already exists, the upload is verified but not stored
+    /// (and the existing blob is pinned until the writer finishes).
+    ///
+    /// - Throws: ``BlobStoreError/invalidHash(_:)``, `tooLarge`, `insufficientStorage`,
+    ///   `io`, or `CancellationError` if cancelled while waiting for a slot.
+    public func beginWrite(hash: String, expectedSize: Int64?) async throws -> BlobWriter {
+        guard Digest.isValidHash(hash) else { throw BlobStoreError.invalidHash(hash) }
+        if let expectedSize {
+            if expectedSize < 0 {
+                recordRejection(.sizeMismatch)
+                throw BlobStoreError.sizeMismatch(expected: expectedSize, actual: 0)
+            }
+            if expectedSize > maxBytes {
+                recordRejection(.tooLarge)
+                throw BlobStoreError.tooLarge(size: expectedSize, limit: maxBytes)
+            }
+        }
+        try await writeSlots.acquire()
+        let plan: WritePlan
+        do {
+            plan = try prepareWrite(hash: hash, expectedSize: expectedSize)
+        } catch {
+            writeSlots.release()
+            if case .insufficientStorage = error { recordRejection(.insufficientStorage) }
+            throw error
+        }
+        switch plan {
+        case .dedup(let pinned):
+            return BlobWriter(store: self, hash: hash, expectedSize: expectedSize, sink: .discard(pinned: pinned), reserved: 0)
+        case .store(let reserved):
+            do {
+                let temp = try Posix.createTempFile(in: tmpDirectory)
+                return BlobWriter(store: self, hash: hash, expectedSize: expectedSize,
+                                  sink: .file(fd: temp.fd, path: temp.path), reserved: reserved)
+            } catch {
+                releaseReservation(reserved)
+                writeSlots.release()
+                recordRejection(.aborted)
+                logger.warning("cannot create temp file for upload", metadata: ["error": "\(error)"])
+                throw error
+            }
+        }
+    }
+
+    private func prepareWrite(hash: String, expectedSize: Int64?) throws(BlobStoreError) -> WritePlan {
+        if hash == Digest.emptyHash { return .dedup(pinned: false) }
+        var evicted: [Evicted] = []
+        let result = state.withLock { s -> Result<WritePlan, BlobStoreError> in
+            if let slot = s.index.lookup(EntryKey(kind: .cas, hash: hash)) {
+                pinLocked(&s, slot)
+                return .success(.dedup(pinned: true))
+            }
+            guard let expectedSize, expectedSize > 0 else { return .success(.store(reserved: 0)) }
+            do throws(BlobStoreError) {
+                try reserveLocked(&s, expectedSize, &evicted)
+            } catch {
+                return .failure(error)
+            }
+            publishLocked(&s)
+            return .success(.store(reserved: expectedSize))
+        }
+        logEvictions(evicted)
+        return try result.get()
+    }
+
+    /// Reserves more space for a writer of unknown size: `preferred` bytes if they
+    /// fit without evicting, else exactly `minimum` (evicting as needed).
+    /// - Returns: the number of bytes reserved.
+    func reserveAdditional(minimum: Int64, preferred: Int64) throws(BlobStoreError) -> Int64 {
+        var evicted: [Evicted] = []
+        let result = state.withLock { s -> Result<Int64, BlobStoreError> in
+            var amount = minimum
+            if s.usedBytes + s.reservedBytes + preferred <= maxBytes {
+                amount = preferred
+                s.reservedBytes += preferred
+            } else {
+                do throws(BlobStoreError) {
+                    try reserveLocked(&s, minimum, &evicted)
+                } catch {
+                    return .failure(error)
+                }
+            }
+            publishLocked(&s)
+            return .success(amount)
+        }
+        logEvictions(evicted)
+        return try result.get()
+    }
+
+    /// Gives back reserved bytes (aborted or deduplicated uploads).
+    func releaseReservation(_ bytes: Int64) {
+        guard bytes > 0 else { return }
+        state.withLock { s in
+            s.reservedBytes -= bytes
+            precondition(s.reservedBytes >= 0, "reservation accounting underflow")
+            publishLocked(&s)
+        }
+    }
+
+    /// Moves a verified temp file into the CAS.
+    /// - Returns: `true` if the blob was already present (the temp file was discarded).
+    func commitFile(hash: String, size: Int64, tempPath: String, reserved: Int64) throws(BlobStoreError) -> Bool {
+        precondition(reserved >= size, "writer committed more bytes than it reserved")
+        let key = EntryKey(kind: .cas, hash: hash)
+        let destination = path(for: key)
+        let now = Posix.nowSeconds()
+        let result = state.withLock { s -> Result<(deduplicated: Bool, touch: String?), BlobStoreError> in
+            s.reservedBytes -= reserved
+            defer { publishLocked(&s) }
+            if let slot = s.index.lookup(key) {
+                return .success((true, touchLocked(&s, slot, now: now)))
+            }
+            if rename(tempPath, destination) != 0 {
+                return .failure(Posix.ioError("rename into", destination))
+            }
+            s.usedBytes += size
+            s.blobCount += 1
+            s.index.insert(key, size: size, persistedMtime: now)
+            return .success((false, nil))
+        }
+        switch result {
+        case .success(let outcome):
+            if outcome.deduplicated { Posix.unlinkIfPresent(tempPath) }
+            if let touch = outcome.touch { Posix.touch(touch) }
+            return outcome.deduplicated
+        case .failure(let error):
+            Posix.unlinkIfPresent(tempPath)
+            logger.warning("cannot commit blob", metadata: ["hash": "\(hash)", "error": "\(error)"])
+            throw error
+        }
+    }
+
+    /// Marks the existing blob `hash` as used after a verified duplicate upload and drops the writer's pin.
+    func finishDeduplicatedWrite(hash: String, pinned: Bool) {
+        guard pinned else { return }
+        let now = Posix.nowSeconds()
+        let touchPath = state.withLock { s -> String? in
+            guard let slot = s.index.lookup(EntryKey(kind: .cas, hash: hash)) else { return nil }
+            unpinLocked(&s, slot)
+            return touchLocked(&s, slot, now: now)
+        }
+        if let touchPath { Posix.touch(touchPath) }
+    }
+
+    /// Convenience: uploads `bytes` as blob `hash` (begin + write + commit).
+    /// - Returns: the digest of the stored (or already present) blob.
+    @discardableResult
+    public func put(bytes: [UInt8], hash: String) async throws -> Digest {
+        let writer = try await beginWrite(hash: hash, expectedSize: Int64(bytes.count))
+        try writer.write(bytes)
+        return try writer.commit()
+    }
+
+    // MARK: CAS reads
+
+    /// Opens the blob `hash` for reading `[offset, offset + min(limit, size - offset))`.
+    ///
+    /// Waits (FIFO) for a read slot. The blob is pinned (cannot be evicted) until
+    /// the reader is closed. The empty blob yields a zero-length reader without
+    /// touching the file system (and without taking a slot).
+    ///
+    /// - Throws: ``BlobStoreError/invalidHash(_:)``, ``BlobStoreError/notFound(_:)``,
+    ///   ``BlobStoreError/offsetOutOfRange(offset:size:)`` if `offset > size`, `io`,
+    ///   or `CancellationError` if cancelled while waiting for a slot.
+    public func openRead(hash: String, offset: Int64 = 0, limit: Int64? = nil) async throws -> BlobReader {
+        guard Digest.isValidHash(hash) else { throw BlobStoreError.invalidHash(hash) }
+        if hash == Digest.emptyHash {
+            recordLookup(hit: true)
+            guard offset == 0 else { throw BlobStoreError.offsetOutOfRange(offset: offset, size: 0) }
+            return BlobReader(store: nil, hash: hash, fd: -1, path: "", offset: 0, length: 0, blobSize: 0)
+        }
+        try await readSlots.acquire()
+        let key = EntryKey(kind: .cas, hash: hash)
+        let now = Posix.nowSeconds()
+        let lookup = state.withLock { s -> Result<(size: Int64, touch: String?), BlobStoreError> in
+            guard let slot = s.index.lookup(key) else {
+                countLookupLocked(&s, hit: false)
+                return .failure(.notFound(hash))
+            }
+            countLookupLocked(&s, hit: true)
+            let size = s.index[slot].size
+            guard offset >= 0, offset <= size else { return .failure(.offsetOutOfRange(offset: offset, size: size)) }
+            pinLocked(&s, slot)
+            return .success((size, touchLocked(&s, slot, now: now)))
+        }
+        let blobSize: Int64
+        switch lookup {
+        case .failure(let error):
+            readSlots.release()
+            throw error
+        case .success(let found):
+            blobSize = found.size
+            if let touch = found.touch { Posix.touch(touch) }
+        }
+        let path = path(for: key)
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        if fd < 0 {
+            let code = errno
+            unpin(key)
+            readSlots.release()
+            if code == ENOENT {
+                // Deleted behind our back: drop it from the index.
+                dropVanished(key)
+                throw BlobStoreError.notFound(hash)
+            }
+            let error = Posix.ioError("open", path, code)
+            logger.warning("cannot open blob", metadata: ["hash": "\(hash)", "error": "\(error)"])
+            throw error
+        }
+        var length = blobSize - offset
+        if let limit { length = min(length, max(0, limit)) }
+        return BlobReader(store: self, hash: hash, fd: fd, path: path, offset: offset, length: length, blobSize: blobSize)
+    }
+
+    /// Convenience: reads a whole blob into memory (small blobs, tests).
+    public func readAll(hash: String) async throws -> [UInt8] {
+        let reader = try await openRead(hash: hash)
+        defer { reader.close() }
+        return try reader.readAll()
+    }
+
+    /// Called by ``BlobReader/close()``.
+    func readerClosed(hash: String) {
+        unpin(EntryKey(kind: .cas, hash: hash))
+        readSlots.release()
+    }
+
+    // MARK: Action cache
+
+    /// The action-cache value for `key`, or `nil` on a miss. Marks the entry as recently used.
+    /// - Throws: ``BlobStoreError/invalidHash(_:)``, `io`, or `CancellationError` while waiting for a read slot.
+    public func getAction(key: String) async throws -> [UInt8]? {
+        guard Digest.isValidHash(key) else { throw BlobStoreError.invalidHash(key) }
+        try await readSlots.acquire()
+        defer { readSlots.release() }
+        let entryKey = EntryKey(kind: .ac, hash: key)
+        let path = path(for: entryKey)
+        let now = Posix.nowSeconds()
+        // The file is opened under the lock, so a concurrent eviction cannot race with it.
+        let opened = state.withLock { s -> Result<(fd: Int32, size: Int64, touch: String?)?, BlobStoreError> in
+            guard let slot = s.index.lookup(entryKey) else {
+                countLookupLocked(&s, hit: false)
+                return .success(nil)
+            }
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            if fd < 0 {
+                let code = errno
+                if code == ENOENT {
+                    removeEntryLocked(&s, slot)
+                    countLookupLocked(&s, hit: false)
+                    publishLocked(&s)
+                    return .success(nil)
+                }
+                return .failure(Posix.ioError("open", path, code))
+            }
+            countLookupLocked(&s, hit: true)
+            return .success((fd, s.index[slot].size, touchLocked(&s, slot, now: now)))
+        }
+        let found: (fd: Int32, size: Int64, touch: String?)?
+        do {
+            found = try opened.get()
+        } catch {
+            logger.warning("cannot open action cache entry", metadata: ["key": "\(key)", "error": "\(error)"])
+            throw error
+        }
+        guard let found else { return nil }
+        defer { Posix.closeQuietly(found.fd) }
+        if let touch = found.touch { Posix.touch(touch) }
+        do {
+            let bytes = try Posix.readFully(found.fd, size: found.size, path: path)
+            recordBytesOut(Int64(bytes.count))
+            return bytes
+        } catch {
+            logger.warning("cannot read action cache entry", metadata: ["key": "\(key)", "error": "\(error)"])
+            throw error
+        }
+    }
+
+    /// Stores `value` under `key`, atomically replacing any previous value (last writer wins).
+    /// The value counts toward `maxBytes` and is evicted by the same LRU as CAS blobs.
+    /// - Throws: ``BlobStoreError/invalidHash(_:)``, `tooLarge`, `insufficientStorage`, `io`,
+    ///   or `CancellationError` while waiting for a write slot.
+    public func putAction(key: String, value: [UInt8]) async throws {
+        guard Digest.isValidHash(key) else { throw BlobStoreError.invalidHash(key) }
+        let size = Int64(value.count)
+        guard size <= maxBytes else {
+            recordRejection(.tooLarge)
+            throw BlobStoreError.tooLarge(size: size, limit: maxBytes)
+        }
+        try await writeSlots.acquire()
+        defer { writeSlots.release() }
+
+        var evicted: [Evicted] = []
+        let reserved = state.withLock { s -> Result<Void, BlobStoreError> in
+            do throws(BlobStoreError) {
+                try reserveLocked(&s, size, &evicted)
+            } catch {
+                return .failure(error)
+            }
+            publishLocked(&s)
+            return .success(())
+        }
+        logEvictions(evicted)
+        if case .failure(let error) = reserved {
+            recordRejection(.insufficientStorage)
+            throw error
+        }
+
+        let temp: (fd: Int32, path: String)
+        do {
+            temp = try Posix.createTempFile(in: tmpDirectory)
+            defer { Posix.closeQuietly(temp.fd) }
+            try value.withUnsafeBytes { buffer in try Posix.writeAll(temp.fd, buffer, path: temp.path) }
+        } catch {
+            releaseReservation(size)
+            recordRejection(.aborted)
+            logger.warning("cannot write action cache entry", metadata: ["key": "\(key)", "error": "\(error)"])
+            throw error
+        }
+        recordBytesIn(size)
+
+        let entryKey = EntryKey(kind: .ac, hash: key)
+        let destination = path(for: entryKey)
+        let now = Posix.nowSeconds()
+        let renamed = state.withLock { s -> Result<Void, BlobStoreError> in
+            s.reservedBytes -= size
+            defer { publishLocked(&s) }
+            if rename(temp.path, destination) != 0 {
+                return .failure(Posix.ioError("rename into", destination))
+            }
+            if let old = s.index.lookup(entryKey) { removeEntryLocked(&s, old) }
+            s.index.insert(entryKey, size: size, persistedMtime: now)
+            s.usedBytes += size
+            s.actionCount += 1
+            return .success(())
+        }
+        if case .failure(let error) = renamed {
+            Posix.unlinkIfPresent(temp.path)
+            recordRejection(.aborted)
+            logger.warning("cannot commit action cache entry", metadata: ["key": "\(key)", "error": "\(error)"])
+            throw error
+        }
+    }
+
+    // MARK: Bookkeeping (callers hold the lock for *Locked functions)
+
+    /// Marks `slot` as most recently used. Returns the file path whose mtime should
+    /// be bumped (outside the lock) if the persisted recency is stale.
+    private func touchLocked(_ s: inout State, _ slot: Int, now: Int64) -> String? {
+        s.index.touch(slot)
+        guard now - s.index[slot].persistedMtime >= configuration.recencyPersistInterval else { return nil }
+        s.index[slot].persistedMtime = now
+        return path(for: s.index[slot].key)
+    }
+
+    /// Reserves `needed` bytes, evicting least recently used unpinned entries first if necessary.
+    private func reserveLocked(_ s: inout State, _ needed: Int64, _ evicted: inout [Evicted]) throws(BlobStoreError) {
+        if s.usedBytes + s.reservedBytes + needed > maxBytes {
+            // Everything that is neither reserved nor pinned can be freed.
+            let obtainable = maxBytes - s.reservedBytes - s.pinnedBytes
+            guard needed <= obtainable else {
+                throw .insufficientStorage(needed: needed, available: max(0, obtainable))
+            }
+            var cursor = s.index.head
+            while s.usedBytes + s.reservedBytes + needed > maxBytes && cursor != LRUIndex.none {
+                let next = s.index[cursor].next
+                if s.index[cursor].pins == 0 { evictLocked(&s, cursor, &evicted) }
+                cursor = next
+            }
+            guard s.usedBytes + s.reservedBytes + needed <= maxBytes else {
+                throw .insufficientStorage(needed: needed, available: max(0, maxBytes - s.usedBytes - s.reservedBytes))
+            }
+        }
+        s.reservedBytes += needed
+    }
+
+    private func evictLocked(_ s: inout State, _ slot: Int, _ evicted: inout [Evicted]) {
+        let node = s.index[slot]
+        removeEntryLocked(&s, slot)
+        s.evictions += 1
+        metrics.evictions.increment()
+        evicted.append(Evicted(key: node.key, size: node.size, unlinkErrno: Posix.unlinkIfPresent(path(for: node.key))))
+    }
+
+    /// Removes an entry from the index and the accounting (not from disk).
+    private func removeEntryLocked(_ s: inout State, _ slot: Int) {
+        let node = s.index.remove(slot)
+        s.usedBytes -= node.size
+        if node.pins > 0 { s.pinnedBytes -= node.size }
+        if node.key.kind == .cas { s.blobCount -= 1 } else { s.actionCount -= 1 }
+    }
+
+    private func pinLocked(_ s: inout State, _ slot: Int) {
+        if s.index[slot].pins == 0 { s.pinnedBytes += s.index[slot].size }
+        s.index[slot].pins += 1
+    }
+
+    private func unpinLocked(_ s: inout State, _ slot: Int) {
+        precondition(s.index[slot].pins > 0, "unbalanced unpin")
+        s.index[slot].pins -= 1
+        if s.index[slot].pins == 0 { s.pinnedBytes -= s.index[slot].size }
+    }
+
+    func unpin(_ key: EntryKey) {
+        state.withLock { s in
+            if let slot = s.index.lookup(key) { unpinLocked(&s, slot) }
+        }
+    }
+
+    /// Drops an entry whose file disappeared from disk (unless it is pinned).
+    private func dropVanished(_ key: EntryKey) {
+        let dropped = state.withLock { s -> Bool in
+            guard let slot = s.index.lookup(key), s.index[slot].pins == 0 else { return false }
+            removeEntryLocked(&s, slot)
+            publishLocked(&s)
+            return true
+        }
+        if dropped {
+            logger.warning("blob file vanished from disk; dropped from index", metadata: ["hash": "\(key.hash)"])
+        }
+    }
+
+    private func countLookupLocked(_ s: inout State, hit: Bool) {
+        if hit {
+            s.hits += 1
+            metrics.hits.increment()
+        } else {
+            s.misses += 1
+            metrics.misses.increment()
+        }
+    }
+
+    private func recordLookup(hit: Bool) {
+        state.withLock { countLookupLocked(&$0, hit: hit) }
+    }
+
+    func recordRejection(_ reason: RejectReason) {
+        state.withLock { s in
+            s.rejectedWrites += 1
+            metrics.rejected[reason]?.increment()
+        }
+    }
+
+    func recordBytesIn(_ bytes: Int64) {
+        guard bytes > 0 else { return }
+        bytesInTotal.add(bytes, ordering: .relaxed)
+        metrics.bytesIn.increment(by: bytes)
+    }
+
+    func recordBytesOut(_ bytes: Int64) {
+        guard bytes > 0 else { return }
+        bytesOutTotal.add(bytes, ordering: .relaxed)
+        metrics.bytesOut.increment(by: bytes)
+    }
+
+    /// Updates the gauges; called under the lock so that they never go backwards in time.
+    private func publishLocked(_ s: inout State) {
+        metrics.usedBytes.record(s.usedBytes)
+        metrics.reservedBytes.record(s.reservedBytes)
+        metrics.blobs.record(s.blobCount)
+        metrics.actions.record(s.actionCount)
+    }
+
+    private func logEvictions(_ evicted: [Evicted]) {
+        for entry in evicted {
+            if let code = entry.unlinkErrno {
+                logger.warning("cannot delete evicted entry", metadata: [
+                    "path": "\(path(for: entry.key))", "error": "\(Posix.errnoText(code))",
+                ])
+            } else {
+                logger.debug("evicted", metadata: [
+                    "kind": "\(entry.key.kind)", "hash": "\(entry.key.hash)", "size": "\(entry.size)",
+                ])
+            }
+        }
+    }
+}

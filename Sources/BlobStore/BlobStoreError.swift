@@ -1,0 +1,56 @@
+/// Errors reported by ``BlobStore``, ``BlobWriter`` and ``BlobReader``.
+///
+/// The `description`s are meant to be sent to clients verbatim (HTTP bodies,
+/// gRPC status messages), so they are short, precise and never contain
+/// unbounded client input.
+public enum BlobStoreError: Error, Sendable, CustomStringConvertible, Equatable {
+    /// The given string is not 64 lowercase hex characters.
+    case invalidHash(String)
+    /// The uploaded body does not hash to the hash it was uploaded under.
+    case digestMismatch(expected: String, actual: String)
+    /// The uploaded body's length differs from the declared size.
+    case sizeMismatch(expected: Int64, actual: Int64)
+    /// A single blob is larger than the whole store (`maxBytes`); maps to HTTP 413.
+    case tooLarge(size: Int64, limit: Int64)
+    /// Not enough space can be freed (the rest is pinned or reserved); maps to HTTP 507.
+    case insufficientStorage(needed: Int64, available: Int64)
+    /// No blob / action with this hash.
+    case notFound(String)
+    /// A read was requested past the end of the blob.
+    case offsetOutOfRange(offset: Int64, size: Int64)
+    /// A file system operation failed; the text includes the `errno` description.
+    case io(String)
+    /// The writer (or reader) was already committed, aborted or closed.
+    case closed
+
+    public var description: String {
+        switch self {
+        case .invalidHash(let s):
+            return "invalid hash \"\(BlobStoreError.truncate(s))\": expected 64 lowercase hex characters"
+        case .digestMismatch(let expected, let actual):
+            return "hash mismatch: path says \(expected), body hashes to \(actual)"
+        case .sizeMismatch(let expected, let actual):
+            return "size mismatch: expected \(expected) bytes, received \(actual)"
+        case .tooLarge(let size, let limit):
+            return "blob too large: \(size) bytes exceeds the store capacity of \(limit) bytes"
+        case .insufficientStorage(let needed, let available):
+            return "insufficient storage: need \(needed) bytes but only \(available) can be freed (the rest is in use by readers or pending uploads)"
+        case .notFound(let hash):
+            return "not found: \(BlobStoreError.truncate(hash))"
+        case .offsetOutOfRange(let offset, let size):
+            return "offset \(offset) is out of range for a blob of \(size) bytes"
+        case .io(let text):
+            return "I/O error: \(text)"
+        case .closed:
+            return "the writer or reader is already committed, aborted or closed"
+        }
+    }
+
+    private static func truncate(_ s: String) -> String {
+        let limit = 80
+        let clean = String(String.UnicodeScalarView(s.unicodeScalars.prefix(limit + 1).map {
+            ($0.value < 0x20 || $0 == "\"" || $0 == "\\") ? "?" : $0
+        }))
+        return clean.unicodeScalars.count > limit ? String(clean.prefix(limit)) + "…" : clean
+    }
+}

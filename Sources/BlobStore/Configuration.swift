@@ -1,0 +1,57 @@
+/// Settings of a ``BlobStore``.
+public struct BlobStoreConfiguration: Sendable {
+    /// Root directory; the store uses `cas/`, `ac/` and `tmp/` below it.
+    public var directory: String
+    /// Hard limit on stored bytes (CAS blobs + AC values + bytes reserved by uploads in progress).
+    public var maxBytes: Int64
+    /// Maximum number of uploads (CAS writers and `putAction`) in progress. Excess writers wait (FIFO), they never fail.
+    public var maxConcurrentWrites: Int = 64
+    /// Maximum number of open readers (and `getAction` calls). Excess readers wait (FIFO), they never fail.
+    public var maxOpenReads: Int = 512
+    /// How often (seconds) the recency of an entry is persisted to disk by bumping its mtime.
+    /// Recency in memory is always exact; the mtime only orders the index after a restart.
+    public var recencyPersistInterval: Int64 = 600
+
+    public init(directory: String, maxBytes: Int64) {
+        self.directory = directory
+        self.maxBytes = maxBytes
+    }
+}
+
+/// A consistent snapshot of the store's accounting (taken under the store lock).
+public struct BlobStoreStats: Sendable, Equatable, CustomStringConvertible {
+    /// Bytes of committed CAS blobs and AC values.
+    public var usedBytes: Int64
+    /// Bytes reserved by uploads in progress.
+    public var reservedBytes: Int64
+    /// The configured limit; `usedBytes + reservedBytes <= maxBytes` always holds.
+    public var maxBytes: Int64
+    /// Number of CAS blobs (the virtual empty blob is not counted).
+    public var blobCount: Int
+    /// Number of action-cache entries.
+    public var actionCount: Int
+    /// Lookups that found the entry (CAS `size(of:)`, `contains`, `openRead`, AC `getAction`).
+    public var hits: Int64
+    /// Lookups that did not find the entry.
+    public var misses: Int64
+    /// Entries deleted to make room.
+    public var evictions: Int64
+    /// Bytes received by writers and `putAction`.
+    public var bytesIn: Int64
+    /// Bytes delivered by readers and `getAction`.
+    public var bytesOut: Int64
+    /// Writes that did not end in a commit (all reasons).
+    public var rejectedWrites: Int64
+    /// Bytes of entries currently pinned (by open readers or dedup-uploads); these cannot be evicted.
+    public var pinnedBytes: Int64
+    /// Write slots in use.
+    public var activeWrites: Int
+    /// Read slots in use.
+    public var activeReads: Int
+
+    public var description: String {
+        "used=\(usedBytes) reserved=\(reservedBytes) max=\(maxBytes) blobs=\(blobCount) actions=\(actionCount) "
+            + "hits=\(hits) misses=\(misses) evictions=\(evictions) in=\(bytesIn) out=\(bytesOut) rejected=\(rejectedWrites) "
+            + "pinned=\(pinnedBytes) writes=\(activeWrites) reads=\(activeReads)"
+    }
+}

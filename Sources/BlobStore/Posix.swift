@@ -1,0 +1,176 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Thin wrappers around the POSIX calls the store needs. All of them report
+/// failures as ``BlobStoreError/io(_:)`` with the `errno` text included.
+enum Posix {
+    /// Human readable text for an `errno` value, e.g. `"No such file or directory (errno 2)"`.
+    static func errnoText(_ code: Int32) -> String {
+        "\(String(cString: strerror(code))) (errno \(code))"
+    }
+
+    /// Builds an I/O error for `operation` on `path` from the current `errno`.
+    static func ioError(_ operation: String, _ path: String, _ code: Int32 = errno) -> BlobStoreError {
+        .io("\(operation) \(path): \(errnoText(code))")
+    }
+
+    /// Current wall clock time in whole seconds since the epoch.
+    static func nowSeconds() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Int64(ts.tv_sec)
+    }
+
+    /// Opens `path` read-only (close-on-exec).
+    static func openForReading(_ path: String) throws(BlobStoreError) -> Int32 {
+        while true {
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            if fd >= 0 { return fd }
+            if errno == EINTR { continue }
+            throw ioError("open", path)
+        }
+    }
+
+    /// Creates a new, uniquely named file in `directory` (`O_EXCL`), returning its descriptor and path.
+    static func createTempFile(in directory: String) throws(BlobStoreError) -> (fd: Int32, path: String) {
+        var attempts = 0
+        while true {
+            let name = "\(randomHex())\(randomHex()).tmp"
+            let path = directory + "/" + name
+            let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+            if fd >= 0 { return (fd, path) }
+            let code = errno
+            attempts += 1
+            if (code == EEXIST || code == EINTR) && attempts < 16 { continue }
+            throw ioError("create temp file", path, code)
+        }
+    }
+
+    /// Writes the whole buffer, retrying on short writes and `EINTR`.
+    static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, path: String) throws(BlobStoreError) {
+        guard var base = bytes.baseAddress else { return }
+        var remaining = bytes.count
+        while remaining > 0 {
+            let n = write(fd, base, remaining)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw ioError("write", path)
+            }
+            if n == 0 { throw .io("write \(path): wrote 0 bytes") }
+            remaining -= n
+            base += n
+        }
+    }
+
+    /// Reads up to `buffer.count` bytes at `offset`, retrying on `EINTR`.
+    static func pread(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, offset: Int64, path: String) throws(BlobStoreError) -> Int {
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }
+        while true {
+            #if canImport(Glibc) || canImport(Musl)
+            let n = Glibc.pread(fd, base, buffer.count, off_t(offset))
+            #else
+            let n = Darwin.pread(fd, base, buffer.count, off_t(offset))
+            #endif
+            if n >= 0 { return n }
+            if errno == EINTR { continue }
+            throw ioError("pread", path)
+        }
+    }
+
+    /// Reads a whole file (opened as `fd`) of `size` bytes into an array.
+    static func readFully(_ fd: Int32, size: Int64, path: String) throws(BlobStoreError) -> [UInt8] {
+        guard size > 0 else { return [] }
+        var result = [UInt8](repeating: 0, count: Int(size))
+        var done = 0
+        var failure: BlobStoreError?
+        result.withUnsafeMutableBytes { buf in
+            while done < buf.count {
+                do throws(BlobStoreError) {
+                    let n = try Posix.pread(fd, UnsafeMutableRawBufferPointer(rebasing: buf[done...]), offset: Int64(done), path: path)
+                    if n == 0 {
+                        failure = .io("read \(path): file is shorter than expected (\(done) of \(size) bytes)")
+                        return
+                    }
+                    done += n
+                } catch {
+                    failure = error
+                    return
+                }
+            }
+        }
+        if let failure { throw failure }
+        return result
+    }
+
+    /// Closes a descriptor, ignoring errors (used on cleanup paths).
+    static func closeQuietly(_ fd: Int32) {
+        if fd >= 0 { _ = close(fd) }
+    }
+
+    /// Removes a file. Returns `nil` on success or if it did not exist, else the `errno`.
+    @discardableResult
+    static func unlinkIfPresent(_ path: String) -> Int32? {
+        if unlink(path) == 0 { return nil }
+        let code = errno
+        return code == ENOENT ? nil : code
+    }
+
+    /// Creates a directory if it does not exist yet.
+    static func makeDirectory(_ path: String) throws(BlobStoreError) {
+        if mkdir(path, 0o755) == 0 { return }
+        let code = errno
+        if code == EEXIST {
+            var st = stat()
+            if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR { return }
+            throw .io("mkdir \(path): exists and is not a directory")
+        }
+        throw ioError("mkdir", path, code)
+    }
+
+    /// Creates `path` and all missing parents.
+    static func makeDirectories(_ path: String) throws(BlobStoreError) {
+        var prefix = path.hasPrefix("/") ? "" : "."
+        for component in path.split(separator: "/", omittingEmptySubsequences: true) {
+            prefix += "/" + component
+            try makeDirectory(prefix)
+        }
+    }
+
+    /// Sets the modification (and access) time of `path` to now. Errors are ignored: it is only a hint.
+    static func touch(_ path: String) {
+        _ = utimensat(AT_FDCWD, path, nil, 0)
+    }
+
+    struct FileInfo {
+        var isRegularFile: Bool
+        var isDirectory: Bool
+        var size: Int64
+        var mtimeSeconds: Int64
+        var mtimeNanoseconds: Int64
+    }
+
+    /// `lstat(2)`; `nil` if the path does not exist or cannot be examined.
+    static func fileInfo(_ path: String) -> FileInfo? {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return nil }
+        #if os(Linux)
+        let sec = Int64(st.st_mtim.tv_sec), nsec = Int64(st.st_mtim.tv_nsec)
+        #else
+        let sec = Int64(st.st_mtimespec.tv_sec), nsec = Int64(st.st_mtimespec.tv_nsec)
+        #endif
+        return FileInfo(isRegularFile: (st.st_mode & S_IFMT) == S_IFREG,
+                        isDirectory: (st.st_mode & S_IFMT) == S_IFDIR,
+                        size: Int64(st.st_size), mtimeSeconds: sec, mtimeNanoseconds: nsec)
+    }
+
+    private static func randomHex() -> String {
+        let value = UInt64.random(in: .min ... .max)
+        let s = String(value, radix: 16)
+        return String(repeating: "0", count: 16 - s.count) + s
+    }
+}

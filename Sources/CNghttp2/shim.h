@@ -1,0 +1,4 @@
+#ifndef CACHEMESH_CNGHTTP2_SHIM_H
+#define CACHEMESH_CNGHTTP2_SHIM_H
+#include <nghttp2/nghttp2.h>
+#endif

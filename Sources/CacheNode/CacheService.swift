@@ -1,0 +1,263 @@
+import BlobStore
+import Logging
+import MeshHTTP
+import MeshTLS
+import Metrics
+import NIOCore
+import Prometheus
+
+extension BlobReader: FileBodySource {
+    public var start: Int64 { offset }
+}
+
+/// A parsed request path. Nothing from the path reaches the file system unless it is a
+/// validated 64-hex digest.
+enum Route: Equatable {
+    case cas(hash: String, instance: String?)
+    case ac(hash: String, instance: String?)
+    case metrics
+    case healthz
+    case status
+    case badRequest(String)
+    case notFound
+
+    static func parse(_ rawPath: String) -> Route {
+        var path = Substring(rawPath)
+        if let q = path.firstIndex(of: "?") { path = path[..<q] }
+        guard path.first == "/" else { return .badRequest("path must start with /") }
+        let segments = path.dropFirst().split(separator: "/", omittingEmptySubsequences: false)
+        if segments.contains(where: { $0 == "." || $0 == ".." }) {
+            return .badRequest("path must not contain '.' or '..' segments")
+        }
+        if segments.contains(where: { $0.isEmpty }) && segments != [""] {
+            return .badRequest("path must not contain empty segments")
+        }
+        switch segments.count {
+        case 1:
+            switch segments[0] {
+            case "metrics": return .metrics
+            case "healthz": return .healthz
+            case "status": return .status
+            default: return .notFound
+            }
+        default:
+            // [instance…]/cas|ac/{hash}
+            let kind = segments[segments.count - 2]
+            let key = segments[segments.count - 1]
+            let instanceParts = segments.dropLast(2)
+            let isCAS = kind == "cas", isAC = kind == "ac"
+            if !isCAS && !isAC {
+                if segments.contains("cas") || segments.contains("ac") {
+                    return .badRequest("expected /[instance/]cas/{sha256} or /[instance/]ac/{sha256}")
+                }
+                return .notFound
+            }
+            guard Digest.isValidHash(key) else {
+                return .badRequest("invalid digest \"\(key.prefix(80))\": expected 64 lowercase hex characters (SHA-256)")
+            }
+            var instance: String?
+            if !instanceParts.isEmpty {
+                guard instanceParts.allSatisfy({ $0.allSatisfy { $0.isLetter || $0.isNumber || "-_.".contains($0) } }) else {
+                    return .badRequest("invalid instance name")
+                }
+                instance = instanceParts.joined(separator: "/")
+            }
+            return isCAS ? .cas(hash: String(key), instance: instance) : .ac(hash: String(key), instance: instance)
+        }
+    }
+}
+
+/// The node's routes: the Bazel HTTP cache protocol (`/cas`, `/ac`), `/metrics`, `/healthz`,
+/// `/status`. One service behind every transport.
+public final class CacheService: HTTPService {
+    public struct Info: Sendable {
+        public var name: String
+        public var listen: [String: String]
+        public init(name: String, listen: [String: String]) {
+            self.name = name
+            self.listen = listen
+        }
+    }
+
+    /// Largest action-cache entry accepted (ActionResults are small).
+    public static let maxActionBytes = 16 << 20
+
+    let store: BlobStore
+    let registry: PrometheusCollectorRegistry?
+    let logger: Logger
+    let info: Info
+    private let requests: Metrics.Counter
+    private let startTime = ContinuousClock.now
+
+    public init(store: BlobStore, registry: PrometheusCollectorRegistry?, info: Info, logger: Logger) {
+        self.store = store
+        self.registry = registry
+        self.info = info
+        self.logger = logger
+        self.requests = Metrics.Counter(label: "cachemesh_http_requests_total")
+    }
+
+    public func handle(_ request: HTTPServerRequest) async -> HTTPResponse {
+        let response = await route(request)
+        requests.increment()
+        if response.status >= 400 {
+            logger.debug("request failed", metadata: [
+                "method": "\(request.head.method)", "path": "\(request.head.path.prefix(200))",
+                "status": "\(response.status)", "peer": "\(request.peer)",
+            ])
+        }
+        return response
+    }
+
+    private func route(_ request: HTTPServerRequest) async -> HTTPResponse {
+        let method = request.head.method
+        switch Route.parse(request.head.path) {
+        case .badRequest(let why):
+            return .text(400, "bad request: \(why)")
+        case .notFound:
+            return .text(404, "unknown route \(request.head.path.prefix(200)); try /cas/{sha256}, /ac/{sha256}, /metrics, /healthz, /status")
+        case .healthz:
+            return method == "GET" || method == "HEAD" ? .text(200, "ok") : methodNotAllowed("GET, HEAD")
+        case .metrics:
+            guard method == "GET" || method == "HEAD" else { return methodNotAllowed("GET, HEAD") }
+            return metrics()
+        case .status:
+            guard method == "GET" || method == "HEAD" else { return methodNotAllowed("GET, HEAD") }
+            return status(peer: request.peer)
+        case .cas(let hash, _):
+            guard let role = request.peer.role else { return forbidden(request.peer, "no role in client certificate") }
+            switch method {
+            case "GET": return await getBlob(hash)
+            case "HEAD": return headBlob(hash)
+            case "PUT":
+                guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not write") }
+                return await putBlob(hash, request)
+            default: return methodNotAllowed("GET, HEAD, PUT")
+            }
+        case .ac(let key, _):
+            guard let role = request.peer.role else { return forbidden(request.peer, "no role in client certificate") }
+            switch method {
+            case "GET", "HEAD": return await getAction(key)
+            case "PUT":
+                guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not write") }
+                return await putAction(key, request)
+            default: return methodNotAllowed("GET, HEAD, PUT")
+            }
+        }
+    }
+
+    private func methodNotAllowed(_ allow: String) -> HTTPResponse {
+        var r = HTTPResponse.text(405, "method not allowed; allowed: \(allow)")
+        r.headers.add("allow", allow)
+        return r
+    }
+
+    private func forbidden(_ peer: PeerIdentity, _ why: String) -> HTTPResponse {
+        .text(403, "forbidden: \(why) (peer \(peer))")
+    }
+
+    static func status(for error: any Error) -> Int {
+        switch error {
+        case let e as BlobStoreError:
+            switch e {
+            case .invalidHash, .digestMismatch, .sizeMismatch, .offsetOutOfRange: 400
+            case .tooLarge: 413
+            case .insufficientStorage: 507
+            case .notFound: 404
+            case .io, .closed: 500
+            }
+        case let e as HTTPTransportError:
+            if case .tooLarge = e { 413 } else { 400 }
+        default: 500
+        }
+    }
+
+    private func errorResponse(_ error: any Error) -> HTTPResponse {
+        .text(Self.status(for: error), "\(error)")
+    }
+
+    private func getBlob(_ hash: String) async -> HTTPResponse {
+        do {
+            let reader = try await store.openRead(hash: hash)
+            return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream"], body: .file(reader))
+        } catch {
+            return errorResponse(error)
+        }
+    }
+
+    private func headBlob(_ hash: String) -> HTTPResponse {
+        guard let size = store.size(of: hash) else { return .text(404, "not found: \(hash)") }
+        return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream", "content-length": String(size)])
+    }
+
+    private func putBlob(_ hash: String, _ request: HTTPServerRequest) async -> HTTPResponse {
+        let expected = request.head.contentLength
+        if request.head.headers["content-length"] != nil && expected == nil {
+            return .text(400, "bad request: invalid content-length")
+        }
+        let writer: BlobWriter
+        do {
+            writer = try await store.beginWrite(hash: hash, expectedSize: expected)
+        } catch {
+            return errorResponse(error)
+        }
+        do {
+            for try await chunk in request.body {
+                try chunk.withUnsafeReadableBytes { try writer.write($0) }
+            }
+            let digest = try writer.commit()
+            return .text(201, "stored \(digest)")
+        } catch let e as HTTPTransportError {
+            writer.abort()
+            // The client went away mid-upload: nothing is stored; the response goes nowhere.
+            return .text(400, "upload incomplete: \(e)")
+        } catch {
+            writer.abort()
+            return errorResponse(error)
+        }
+    }
+
+    private func getAction(_ key: String) async -> HTTPResponse {
+        do {
+            guard let bytes = try await store.getAction(key: key) else { return .text(404, "not found: action \(key)") }
+            return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream"], body: .bytes(ByteBuffer(bytes: bytes)))
+        } catch {
+            return errorResponse(error)
+        }
+    }
+
+    private func putAction(_ key: String, _ request: HTTPServerRequest) async -> HTTPResponse {
+        if let n = request.head.contentLength, n > Self.maxActionBytes {
+            return .text(413, "action cache entry too large: \(n) bytes (limit \(Self.maxActionBytes))")
+        }
+        do {
+            let body = try await request.body.collect(upTo: Self.maxActionBytes)
+            try await store.putAction(key: key, value: Array(body.readableBytesView))
+            return .text(201, "stored action \(key)")
+        } catch {
+            return errorResponse(error)
+        }
+    }
+
+    private func metrics() -> HTTPResponse {
+        guard let registry else { return .text(503, "metrics are not enabled in this process") }
+        let bytes = registry.emitToBuffer()
+        return HTTPResponse(status: 200, headers: ["content-type": "text/plain; version=0.0.4; charset=utf-8"], body: .bytes(ByteBuffer(bytes: bytes)))
+    }
+
+    private func status(peer: PeerIdentity) -> HTTPResponse {
+        let s = store.stats
+        let listen = info.listen.sorted { $0.key < $1.key }.map { "\"\($0.key)\": \"\($0.value)\"" }.joined(separator: ", ")
+        let uptime = ContinuousClock.now - startTime
+        let json = """
+        {"name": "\(info.name)", "listen": {\(listen)}, "uptime_seconds": \(uptime.components.seconds), \
+        "you": "\(peer)", \
+        "store": {"used_bytes": \(s.usedBytes), "reserved_bytes": \(s.reservedBytes), "max_bytes": \(s.maxBytes), \
+        "blobs": \(s.blobCount), "actions": \(s.actionCount), "hits": \(s.hits), "misses": \(s.misses), \
+        "evictions": \(s.evictions), "bytes_in": \(s.bytesIn), "bytes_out": \(s.bytesOut), "rejected_writes": \(s.rejectedWrites)}}
+        """
+        var buf = ByteBuffer(string: json)
+        buf.writeString("\n")
+        return HTTPResponse(status: 200, headers: ["content-type": "application/json"], body: .bytes(buf))
+    }
+}

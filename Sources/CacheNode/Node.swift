@@ -1,0 +1,60 @@
+import BlobStore
+import Logging
+import MeshHTTP
+import MeshHTTP2
+import MeshTLS
+import NIOCore
+import NIOPosix
+import Prometheus
+import ServiceLifecycle
+
+/// One CacheMesh node: the store and the HTTP/2 server in front of it, run as a `Service`
+/// (SIGTERM/SIGINT → GOAWAY drain → exit).
+public final class CacheNode: Service {
+    public let configuration: NodeConfiguration
+    public let store: BlobStore
+    let server: HTTP2Server
+    let logger: Logger
+
+    public init(configuration: NodeConfiguration, registry: PrometheusCollectorRegistry?, logger: Logger) throws {
+        try configuration.validate()
+        self.configuration = configuration
+        self.logger = logger
+        var storeConfig = BlobStoreConfiguration(directory: configuration.dataDirectory, maxBytes: configuration.maxBytes)
+        storeConfig.maxConcurrentWrites = configuration.maxConcurrentWrites
+        storeConfig.maxOpenReads = configuration.maxOpenReads
+        self.store = try BlobStore(configuration: storeConfig, logger: logger)
+        let credentials = try configuration.tlsFiles.map { try TLSCredentials(files: $0) }
+        let service = CacheService(store: store, registry: registry,
+                                   info: .init(name: configuration.name, listen: ["tcp": "\(configuration.listen)"]), logger: logger)
+        self.server = HTTP2Server(
+            configuration: .init(
+                host: configuration.listen.host, port: configuration.listen.port, credentials: credentials,
+                clientAuthentication: configuration.allowUnauthenticatedReads ? .optionalReadOnly : .require,
+                handshakeTimeout: .seconds(Int64(configuration.handshakeTimeoutSeconds)),
+                drainGracePeriod: .seconds(Int64(configuration.drainSeconds))),
+            service: service, logger: logger)
+    }
+
+    /// Bind the listener; returns the bound address.
+    @discardableResult
+    public func start() async throws -> SocketAddress {
+        try await server.start()
+    }
+
+    public func run() async throws {
+        let addr = try await start()
+        logger.notice("cachemesh node ready", metadata: [
+            "name": "\(configuration.name)", "tcp": "\(addr)", "data_dir": "\(configuration.dataDirectory)",
+            "max_bytes": "\(configuration.maxBytes)", "tls": "\(!configuration.insecure)",
+        ])
+        try? await gracefulShutdown()
+        logger.notice("draining: GOAWAY to \(server.connectionCount) connection(s)")
+        await server.shutdownGracefully()
+        logger.notice("stopped")
+    }
+
+    public func stop() async {
+        await server.close()
+    }
+}

@@ -1,0 +1,145 @@
+import NIOCore
+import Synchronization
+
+/// A body arriving from the network (request body on a server, response body on a client).
+///
+/// Backpressure: the transport opens the flow-control window only when the consumer has taken
+/// a chunk (`onConsumed`), so the sender can never run further ahead than the window.
+public final class HTTPInboundBody: AsyncSequence, Sendable {
+    public typealias Element = ByteBuffer
+
+    private struct State {
+        var chunks = CircularBuffer<ByteBuffer>()
+        var buffered = 0
+        var finished = false
+        var error: (any Error)?
+        var waiter: CheckedContinuation<ByteBuffer?, any Error>?
+    }
+
+    private let state = Mutex(State())
+    /// Called (from the consumer's task) with the byte count of each chunk handed to the consumer.
+    private let onConsumed: @Sendable (Int) -> Void
+
+    public init(onConsumed: @escaping @Sendable (Int) -> Void = { _ in }) {
+        self.onConsumed = onConsumed
+    }
+
+    /// An already complete body (tests, in-memory use).
+    public static func complete(_ bytes: ByteBuffer?) -> HTTPInboundBody {
+        let b = HTTPInboundBody()
+        if let bytes, bytes.readableBytes > 0 { b.append(bytes) }
+        b.finish()
+        return b
+    }
+
+    // MARK: transport side
+
+    /// Deliver a chunk. Returns false if the body was already failed (the caller should credit the window itself).
+    @discardableResult
+    public func append(_ chunk: ByteBuffer) -> Bool {
+        let waiter: CheckedContinuation<ByteBuffer?, any Error>? = state.withLock { s in
+            guard !s.finished, s.error == nil else { return nil }
+            if let w = s.waiter {
+                s.waiter = nil
+                return w
+            }
+            s.chunks.append(chunk)
+            s.buffered += chunk.readableBytes
+            return nil
+        }
+        if let waiter {
+            onConsumed(chunk.readableBytes)
+            waiter.resume(returning: chunk)
+            return true
+        }
+        return state.withLock { $0.error == nil }
+    }
+
+    /// The body ended normally.
+    public func finish() {
+        let waiter = state.withLock { s -> CheckedContinuation<ByteBuffer?, any Error>? in
+            s.finished = true
+            if s.chunks.isEmpty, let w = s.waiter {
+                s.waiter = nil
+                return w
+            }
+            return nil
+        }
+        waiter?.resume(returning: nil)
+    }
+
+    /// The body cannot complete. Returns the number of buffered bytes that were dropped
+    /// (so the transport can give the connection window back).
+    @discardableResult
+    public func fail(_ error: any Error) -> Int {
+        let (waiter, dropped) = state.withLock { s -> (CheckedContinuation<ByteBuffer?, any Error>?, Int) in
+            guard s.error == nil, !(s.finished && s.chunks.isEmpty) else { return (nil, 0) }
+            s.error = error
+            let dropped = s.buffered
+            s.chunks.removeAll()
+            s.buffered = 0
+            let w = s.waiter
+            s.waiter = nil
+            return (w, dropped)
+        }
+        waiter?.resume(throwing: error)
+        return dropped
+    }
+
+    /// Bytes received and not yet taken by the consumer.
+    public var bufferedBytes: Int { state.withLock { $0.buffered } }
+
+    // MARK: consumer side
+
+    public func next() async throws -> ByteBuffer? {
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (cont: CheckedContinuation<ByteBuffer?, any Error>) in
+                enum Outcome { case chunk(ByteBuffer), end, error(any Error), wait }
+                let outcome: Outcome = state.withLock { s in
+                    if let e = s.error { return .error(e) }
+                    if !s.chunks.isEmpty {
+                        let c = s.chunks.removeFirst()
+                        s.buffered -= c.readableBytes
+                        return .chunk(c)
+                    }
+                    if s.finished { return .end }
+                    if Task.isCancelled { return .error(CancellationError()) }
+                    s.waiter = cont
+                    return .wait
+                }
+                switch outcome {
+                case .chunk(let c):
+                    onConsumed(c.readableBytes)
+                    cont.resume(returning: c)
+                case .end: cont.resume(returning: nil)
+                case .error(let e): cont.resume(throwing: e)
+                case .wait: break
+                }
+            }
+        } onCancel: {
+            let w = state.withLock { s -> CheckedContinuation<ByteBuffer?, any Error>? in
+                let w = s.waiter
+                s.waiter = nil
+                return w
+            }
+            w?.resume(throwing: CancellationError())
+        }
+    }
+
+    /// Read the whole body, refusing more than `limit` bytes.
+    public func collect(upTo limit: Int) async throws -> ByteBuffer {
+        var all = ByteBufferAllocator().buffer(capacity: 0)
+        for try await var chunk in self {
+            guard all.readableBytes + chunk.readableBytes <= limit else { throw HTTPTransportError.tooLarge(limit: limit) }
+            all.writeBuffer(&chunk)
+        }
+        return all
+    }
+
+    public struct AsyncIterator: AsyncIteratorProtocol {
+        let body: HTTPInboundBody
+        public mutating func next() async throws -> ByteBuffer? { try await body.next() }
+    }
+
+    public func makeAsyncIterator() -> AsyncIterator { AsyncIterator(body: self) }
+}

@@ -1,0 +1,143 @@
+import MeshTLS
+import NIOCore
+
+/// An ordered list of header fields; names are lowercase (HTTP/2 and HTTP/3 require it).
+public struct HTTPHeaders: Sendable, Sequence, ExpressibleByDictionaryLiteral {
+    public private(set) var fields: [(name: String, value: String)]
+
+    public init(_ fields: [(name: String, value: String)] = []) {
+        self.fields = fields.map { ($0.name.lowercased(), $0.value) }
+    }
+
+    public init(dictionaryLiteral elements: (String, String)...) {
+        self.fields = elements.map { ($0.0.lowercased(), $0.1) }
+    }
+
+    public mutating func add(_ name: String, _ value: String) {
+        fields.append((name.lowercased(), value))
+    }
+
+    /// The first value of `name`, if present.
+    public subscript(_ name: String) -> String? {
+        let n = name.lowercased()
+        return fields.first { $0.name == n }?.value
+    }
+
+    public func makeIterator() -> IndexingIterator<[(name: String, value: String)]> { fields.makeIterator() }
+}
+
+/// The head of a request: pseudo-headers plus regular fields.
+public struct HTTPRequestHead: Sendable {
+    public var method: String
+    public var path: String
+    public var scheme: String
+    public var authority: String
+    public var headers: HTTPHeaders
+
+    public init(method: String, path: String, scheme: String = "https", authority: String = "", headers: HTTPHeaders = HTTPHeaders()) {
+        self.method = method
+        self.path = path
+        self.scheme = scheme
+        self.authority = authority
+        self.headers = headers
+    }
+
+    /// `content-length`, if present and well formed.
+    public var contentLength: Int64? { headers["content-length"].flatMap { Int64($0) }.flatMap { $0 >= 0 ? $0 : nil } }
+}
+
+/// A body read from disk at the transport's pace (e.g. an open blob).
+/// `read` is called on the connection's event loop with positions in `[start, start+length)`.
+public protocol FileBodySource: Sendable {
+    var start: Int64 { get }
+    var length: Int64 { get }
+    func read(at position: Int64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int
+    /// Called exactly once by the transport when it is done (or the stream died).
+    func close()
+}
+
+/// An outgoing body (a response on the server, a request on the client).
+public enum HTTPOutboundBody: Sendable {
+    case empty
+    case bytes(ByteBuffer)
+    case file(any FileBodySource)
+
+    /// The length if known up front.
+    public var knownLength: Int64? {
+        switch self {
+        case .empty: 0
+        case .bytes(let b): Int64(b.readableBytes)
+        case .file(let f): f.length
+        }
+    }
+}
+
+public struct HTTPResponse: Sendable {
+    public var status: Int
+    public var headers: HTTPHeaders
+    public var body: HTTPOutboundBody
+
+    public init(status: Int, headers: HTTPHeaders = HTTPHeaders(), body: HTTPOutboundBody = .empty) {
+        self.status = status
+        self.headers = headers
+        self.body = body
+    }
+
+    /// A plain-text response with a message a human (and a script) can act on.
+    public static func text(_ status: Int, _ message: String) -> HTTPResponse {
+        var buf = ByteBufferAllocator().buffer(capacity: message.utf8.count + 1)
+        buf.writeString(message)
+        buf.writeString("\n")
+        return HTTPResponse(status: status, headers: ["content-type": "text/plain; charset=utf-8"], body: .bytes(buf))
+    }
+}
+
+/// A request as a service sees it.
+public struct HTTPServerRequest: Sendable {
+    public var head: HTTPRequestHead
+    public var body: HTTPInboundBody
+    public var peer: PeerIdentity
+    public var remoteAddress: String?
+
+    public init(head: HTTPRequestHead, body: HTTPInboundBody, peer: PeerIdentity, remoteAddress: String?) {
+        self.head = head
+        self.body = body
+        self.peer = peer
+        self.remoteAddress = remoteAddress
+    }
+}
+
+/// What both transports (HTTP/2, HTTP/3) call for every request: one router, one set of handlers.
+public protocol HTTPService: Sendable {
+    func handle(_ request: HTTPServerRequest) async -> HTTPResponse
+}
+
+/// Errors surfaced by transports to callers.
+public enum HTTPTransportError: Error, Sendable, CustomStringConvertible, Equatable {
+    /// The peer sent GOAWAY and will not process this request: retry it on another connection/node.
+    case goaway(lastStreamID: Int32, errorCode: UInt32)
+    /// The stream was reset (RST_STREAM / RESET_STREAM) with this error code.
+    case streamReset(errorCode: UInt32)
+    case connectionClosed
+    case protocolError(String)
+    case tooLarge(limit: Int)
+
+    public var description: String {
+        switch self {
+        case .goaway(let last, let code): "peer is going away (GOAWAY last-stream-id \(last), error \(code)); retry elsewhere"
+        case .streamReset(let code): "stream reset by peer (error code \(code))"
+        case .connectionClosed: "connection closed"
+        case .protocolError(let s): "protocol error: \(s)"
+        case .tooLarge(let limit): "body larger than \(limit) bytes"
+        }
+    }
+
+    /// Whether a caller may safely retry on another connection or node (the request was not processed).
+    public var isRetryable: Bool {
+        switch self {
+        case .goaway: true
+        case .streamReset(let code): code == 7 // REFUSED_STREAM
+        default: false
+        }
+    }
+}

@@ -1,0 +1,98 @@
+import Logging
+import MeshHTTP
+import MeshTLS
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// One multiplexed HTTP/2 connection to a server (TLS by default).
+///
+/// Requests are cancellable (task cancellation → RST_STREAM CANCEL). When the server sends
+/// GOAWAY, requests it will not process fail with `HTTPTransportError.goaway` (retryable) and
+/// `isGoingAway` becomes true so pools open a new connection.
+public final class HTTP2Connection: Sendable {
+    public let channel: any Channel
+    public let peer: PeerIdentity
+    private let handler: NIOLoopBound<HTTP2ClientHandler>
+    private let flags: H2ConnectionFlags
+    public let authority: String
+
+    private init(channel: any Channel, peer: PeerIdentity, handler: NIOLoopBound<HTTP2ClientHandler>, flags: H2ConnectionFlags, authority: String) {
+        self.channel = channel
+        self.peer = peer
+        self.handler = handler
+        self.flags = flags
+        self.authority = authority
+    }
+
+    /// Connect, handshake (verifying the server certificate against the CA in `credentials`
+    /// and the host name / IP), and start HTTP/2.
+    public static func connect(
+        host: String, port: Int, credentials: TLSCredentials?, serverName: String? = nil,
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        connectTimeout: TimeAmount = .seconds(10),
+        logger: Logger = Logger(label: "cachemesh.h2client")
+    ) async throws -> HTTP2Connection {
+        let settings = NGHTTP2Session.Settings(maxConcurrentStreams: 128, initialWindowSize: 1 << 20, connectionWindowSize: 32 << 20)
+        let bootstrap = ClientBootstrap(group: group)
+            .connectTimeout(connectTimeout)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .channelOption(.writeBufferWaterMark, value: .init(low: 256 * 1024, high: 1024 * 1024))
+        let channel = try await bootstrap.connect(host: host, port: port).get()
+        do {
+            let (handler, ready) = try await channel.eventLoop.submit { () -> (NIOLoopBound<HTTP2ClientHandler>, EventLoopFuture<PeerIdentity>) in
+                let promise = channel.eventLoop.makePromise(of: PeerIdentity.self)
+                let h = HTTP2ClientHandler(plaintext: credentials == nil, ready: promise, settings: settings, logger: logger)
+                if let credentials {
+                    try channel.pipeline.syncOperations.addHandler(
+                        GnuTLSHandler(credentials: credentials, mode: .client(serverName: serverName ?? host), alpn: ["h2"], logger: logger))
+                }
+                try channel.pipeline.syncOperations.addHandler(h)
+                if credentials == nil { h.channelActiveIfNeeded(channel: channel) }
+                return (NIOLoopBound(h, eventLoop: channel.eventLoop), promise.futureResult)
+            }.get()
+            let peer = try await ready.get()
+            let flags = try await channel.eventLoop.submit { handler.value.flags }.get()
+            return HTTP2Connection(channel: channel, peer: peer, handler: handler, flags: flags, authority: "\(host):\(port)")
+        } catch {
+            try? await channel.close()
+            throw error
+        }
+    }
+
+    /// True once the server sent GOAWAY or the connection closed: open a new one for new work.
+    public var isUsable: Bool {
+        channel.isActive && !flags.goingAway.withLock { $0 }
+    }
+
+    /// Send a request; returns when the response head arrived. The response body streams.
+    public func request(_ head: HTTPRequestHead, body: HTTPOutboundBody = .empty) async throws -> HTTPClientResponse {
+        var head = head
+        if head.authority.isEmpty { head.authority = authority }
+        let token = RequestToken()
+        let handler = self.handler
+        let loop = channel.eventLoop
+        let sendableHead = head
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (cont: CheckedContinuation<HTTPClientResponse, any Error>) in
+                loop.execute { handler.value.start(head: sendableHead, body: body, token: token, continuation: cont) }
+            }
+        } onCancel: {
+            token.cancelled.withLock { $0 = true }
+            loop.execute { handler.value.cancel(token: token) }
+        }
+    }
+
+    public func close() async {
+        try? await channel.close()
+    }
+}
+
+extension HTTP2ClientHandler {
+    /// Plaintext connections are already active when the handler is added.
+    func channelActiveIfNeeded(channel: any Channel) {
+        guard channel.isActive, session == nil else { return }
+        startSession(role: .client)
+        ready.succeed(.insecure)
+    }
+}

@@ -1,0 +1,108 @@
+import Logging
+import MeshHTTP
+import MeshTLS
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// An HTTP/2 server over TLS (or plaintext with `credentials == nil`) on SwiftNIO sockets.
+public final class HTTP2Server: Sendable {
+    public struct Configuration: Sendable {
+        public var host: String
+        public var port: Int
+        /// nil = plaintext h2c (prior knowledge), only for local experiments.
+        public var credentials: TLSCredentials?
+        public var clientAuthentication: ClientAuthentication
+        public var handshakeTimeout: TimeAmount
+        public var maxConcurrentStreams: UInt32
+        public var initialStreamWindow: UInt32
+        public var connectionWindow: Int32
+        public var drainGracePeriod: TimeAmount
+
+        public init(host: String, port: Int, credentials: TLSCredentials?, clientAuthentication: ClientAuthentication = .require,
+                    handshakeTimeout: TimeAmount = .seconds(10), maxConcurrentStreams: UInt32 = 128,
+                    initialStreamWindow: UInt32 = 256 * 1024, connectionWindow: Int32 = 16 << 20,
+                    drainGracePeriod: TimeAmount = .seconds(30)) {
+            self.host = host
+            self.port = port
+            self.credentials = credentials
+            self.clientAuthentication = clientAuthentication
+            self.handshakeTimeout = handshakeTimeout
+            self.maxConcurrentStreams = maxConcurrentStreams
+            self.initialStreamWindow = initialStreamWindow
+            self.connectionWindow = connectionWindow
+            self.drainGracePeriod = drainGracePeriod
+        }
+    }
+
+    public let configuration: Configuration
+    private let service: any HTTPService
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let state = Mutex<(server: (any Channel)?, connections: [ObjectIdentifier: any Channel])>((nil, [:]))
+
+    public init(configuration: Configuration, service: any HTTPService, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, logger: Logger) {
+        self.configuration = configuration
+        self.service = service
+        self.group = group
+        self.logger = logger
+    }
+
+    /// Bind and start accepting. Returns the bound address (port 0 picks a free port).
+    @discardableResult
+    public func start() async throws -> SocketAddress {
+        let config = configuration
+        let service = self.service
+        let logger = self.logger
+        let settings = NGHTTP2Session.Settings(maxConcurrentStreams: config.maxConcurrentStreams, initialWindowSize: config.initialStreamWindow, connectionWindowSize: config.connectionWindow)
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 4096)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 256 * 1024, high: 1024 * 1024))
+            .childChannelInitializer { [weak self] channel in
+                self?.track(channel)
+                return channel.eventLoop.makeCompletedFuture {
+                    if let creds = config.credentials {
+                        try channel.pipeline.syncOperations.addHandler(GnuTLSHandler(
+                            credentials: creds, mode: .server(config.clientAuthentication), alpn: ["h2"],
+                            handshakeTimeout: config.handshakeTimeout, logger: logger))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(HTTP2ServerHandler(
+                        service: service, plaintext: config.credentials == nil, settings: settings,
+                        gracePeriod: config.drainGracePeriod, logger: logger))
+                }
+            }
+        let channel = try await bootstrap.bind(host: config.host, port: config.port).get()
+        state.withLock { $0.server = channel }
+        guard let addr = channel.localAddress else { throw HTTPTransportError.connectionClosed }
+        logger.info("HTTP/2 listening", metadata: ["address": "\(addr)", "tls": "\(config.credentials != nil)"])
+        return addr
+    }
+
+    private func track(_ channel: any Channel) {
+        let id = ObjectIdentifier(channel)
+        state.withLock { $0.connections[id] = channel }
+        channel.closeFuture.whenComplete { [weak self] _ in
+            self?.state.withLock { _ = $0.connections.removeValue(forKey: id) }
+        }
+    }
+
+    public var connectionCount: Int { state.withLock { $0.connections.count } }
+
+    /// Stop accepting, send GOAWAY (notice, then final) on every connection, and wait until
+    /// they closed (in-flight streams finish, bounded by the drain grace period).
+    public func shutdownGracefully() async {
+        let (server, conns) = state.withLock { ($0.server, Array($0.connections.values)) }
+        try? await server?.close()
+        for c in conns { c.pipeline.fireUserInboundEventTriggered(HTTP2GracefulShutdownEvent()) }
+        for c in conns { try? await c.closeFuture.get() }
+    }
+
+    /// Close the listener and every connection now.
+    public func close() async {
+        let (server, conns) = state.withLock { ($0.server, Array($0.connections.values)) }
+        try? await server?.close()
+        for c in conns { try? await c.close() }
+    }
+}

@@ -1,0 +1,164 @@
+import Logging
+import MeshHTTP
+import MeshTLS
+import NIOCore
+
+/// Serves HTTP/2 on one connection: every request stream is handed to the `HTTPService` in a
+/// task; the response (bytes or a file read at the pace of flow control) goes back on the loop.
+final class HTTP2ServerHandler: HTTP2ChannelHandler {
+    private struct Stream {
+        var body: HTTPInboundBody
+        var requestEnded = false
+        var isHead = false
+    }
+
+    private let service: any HTTPService
+    private let plaintext: Bool
+    private var peer: PeerIdentity?
+    private var remoteAddress: String?
+    private var streams: [Int32: Stream] = [:]
+    private var draining = false
+    private let gracePeriod: TimeAmount
+
+    init(service: any HTTPService, plaintext: Bool, settings: NGHTTP2Session.Settings, gracePeriod: TimeAmount = .seconds(30), logger: Logger) {
+        self.service = service
+        self.plaintext = plaintext
+        self.gracePeriod = gracePeriod
+        super.init(settings: settings, logger: logger)
+    }
+
+    override func handlerAdded(context: ChannelHandlerContext) {
+        super.handlerAdded(context: context)
+        remoteAddress = context.remoteAddress.map { "\($0)" }
+        if plaintext, context.channel.isActive { begin(peer: .insecure) }
+    }
+
+    override func channelActive(context: ChannelHandlerContext) {
+        remoteAddress = context.remoteAddress.map { "\($0)" }
+        if plaintext { begin(peer: .insecure) }
+        context.fireChannelActive()
+    }
+
+    private func begin(peer: PeerIdentity) {
+        guard self.peer == nil else { return }
+        self.peer = peer
+        startSession(role: .server)
+    }
+
+    override func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? TLSEstablishedEvent {
+            begin(peer: e.peer)
+        } else if event is HTTP2GracefulShutdownEvent {
+            initiateGracefulShutdown()
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    /// GOAWAY in two steps: a shutdown notice now, the final GOAWAY (last processed stream id)
+    /// shortly after, then close once in-flight streams finished or the grace period ran out.
+    func initiateGracefulShutdown() {
+        guard !draining, let context else { return }
+        draining = true
+        guard let session else {
+            context.close(promise: nil)
+            return
+        }
+        session.submitShutdownNotice()
+        flushOutput()
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        context.eventLoop.scheduleTask(in: .milliseconds(200)) {
+            let me = bound.value
+            me.session?.submitGoaway()
+            me.flushOutput()
+        }
+        context.eventLoop.scheduleTask(in: gracePeriod) {
+            let me = bound.value
+            if !me.closing { me.context?.close(promise: nil) }
+        }
+    }
+
+    override func headersReceived(stream: Int32, headers: [(name: String, value: String)], isTrailers: Bool, endStream: Bool) {
+        guard !isTrailers, let peer, let context else { return }
+        var head = HTTPRequestHead(method: "", path: "")
+        var fields = HTTPHeaders()
+        for (n, v) in headers {
+            switch n {
+            case ":method": head.method = v
+            case ":path": head.path = v
+            case ":scheme": head.scheme = v
+            case ":authority": head.authority = v
+            default: fields.add(n, v)
+            }
+        }
+        head.headers = fields
+        let body = HTTPInboundBody(onConsumed: makeConsumedCallback(stream: stream))
+        streams[stream] = Stream(body: body, requestEnded: endStream, isHead: head.method == "HEAD")
+        if endStream {
+            body.finish()
+        } else if fields["expect"]?.lowercased() == "100-continue" {
+            session?.submitInformational(stream: stream, status: 100)
+        }
+        let request = HTTPServerRequest(head: head, body: body, peer: peer, remoteAddress: remoteAddress)
+        let service = self.service
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let loop = context.eventLoop
+        Task {
+            let response = await service.handle(request)
+            loop.execute { bound.value.respond(stream: stream, response: response) }
+        }
+    }
+
+    private func respond(stream: Int32, response: HTTPResponse) {
+        guard let s = streams[stream], let session else {
+            // The stream died (reset, connection closed) while the service worked.
+            if case .file(let f) = response.body { f.close() }
+            return
+        }
+        var headers = response.headers
+        if headers["content-length"] == nil, let n = response.body.knownLength, response.status != 204, response.status != 304 {
+            headers.add("content-length", String(n))
+        }
+        if !session.submitResponse(stream: stream, status: response.status, headers: headers, body: response.body, headOnly: s.isHead) {
+            session.resetStream(stream, errorCode: 2)
+        }
+        scheduleFlush()
+    }
+
+    override func dataReceived(stream: Int32, data: ByteBuffer) {
+        guard let s = streams[stream], s.body.append(data) else {
+            // Nobody will read it: give the stream window back at once.
+            session?.consumed(stream: stream, bytes: data.readableBytes)
+            return
+        }
+    }
+
+    override func endOfStreamReceived(stream: Int32) {
+        guard var s = streams[stream] else { return }
+        s.requestEnded = true
+        streams[stream] = s
+        s.body.finish()
+    }
+
+    override func endOfStreamSent(stream: Int32) {
+        // The response is complete but the client is still uploading (e.g. an early 4xx):
+        // tell it to stop (RST_STREAM NO_ERROR, RFC 9113 §8.1).
+        if let s = streams[stream], !s.requestEnded {
+            session?.resetStream(stream, errorCode: 0)
+        }
+    }
+
+    override func streamClosed(stream: Int32, errorCode: UInt32) {
+        guard let s = streams.removeValue(forKey: stream) else { return }
+        if !s.requestEnded {
+            s.body.fail(HTTPTransportError.streamReset(errorCode: errorCode))
+        }
+    }
+
+    override func connectionFailed(_ error: any Error) {
+        let all = streams
+        streams = [:]
+        for (_, s) in all where !s.requestEnded {
+            s.body.fail(HTTPTransportError.connectionClosed)
+        }
+    }
+}

@@ -1,0 +1,372 @@
+import CNghttp2
+import MeshHTTP
+import NIOCore
+
+/// Events an `NGHTTP2Session` reports to the handler that owns it (always on the event loop).
+protocol NGHTTP2SessionDelegate: AnyObject {
+    /// A complete header block arrived. `isTrailers` is true for a second block on the stream.
+    func headersReceived(stream: Int32, headers: [(name: String, value: String)], isTrailers: Bool, endStream: Bool)
+    /// DATA arrived for `stream` (connection window already credited).
+    func dataReceived(stream: Int32, data: ByteBuffer)
+    /// The peer ended its side of `stream`.
+    func endOfStreamReceived(stream: Int32)
+    /// The stream is gone (error code 0 = NO_ERROR).
+    func streamClosed(stream: Int32, errorCode: UInt32)
+    /// The peer sent GOAWAY.
+    func goawayReceived(lastStreamID: Int32, errorCode: UInt32)
+    /// We finished sending our side of `stream` (END_STREAM went out).
+    func endOfStreamSent(stream: Int32)
+}
+
+/// Owns one `nghttp2_session`. Not thread-safe: lives on its connection's event loop.
+///
+/// Input is fed with `receive`, output is pulled with `produce`. Window updates are manual: the
+/// connection window is credited as data arrives, each stream's window only as its consumer
+/// takes bytes (`consumed`), so a slow consumer pushes back on its sender without starving the
+/// other streams of the connection.
+final class NGHTTP2Session {
+    enum Role { case server, client }
+
+    struct Settings {
+        var maxConcurrentStreams: UInt32 = 128
+        var initialWindowSize: UInt32 = 256 * 1024
+        var connectionWindowSize: Int32 = 16 * 1024 * 1024
+        var maxHeaderListSize: UInt32 = 64 * 1024
+    }
+
+    /// What a stream is sending (response on server, request body on client).
+    private struct Outbound {
+        var bytes: ByteBuffer?
+        var file: (any FileBodySource)?
+        var position: Int64 = 0
+        var end: Int64 = 0
+        var trailers: HTTPHeaders?
+    }
+
+    private struct InboundHeaders {
+        var fields: [(name: String, value: String)] = []
+        var isTrailers = false
+    }
+
+    let role: Role
+    private(set) var session: OpaquePointer!
+    unowned let delegate: any NGHTTP2SessionDelegate
+    private var inboundHeaders: [Int32: InboundHeaders] = [:]
+    private var outbound: [Int32: Outbound] = [:]
+    /// Streams whose header block has been seen at least once (so a second block is trailers).
+    private var headersSeen: Set<Int32> = []
+    private var lastError: String?
+
+    init(role: Role, settings: Settings, delegate: any NGHTTP2SessionDelegate) {
+        self.role = role
+        self.delegate = delegate
+        var callbacks: OpaquePointer?
+        nghttp2_session_callbacks_new(&callbacks)
+        defer { nghttp2_session_callbacks_del(callbacks) }
+        Self.install(callbacks!)
+        var option: OpaquePointer?
+        nghttp2_option_new(&option)
+        defer { nghttp2_option_del(option) }
+        nghttp2_option_set_no_auto_window_update(option, 1)
+        nghttp2_option_set_max_send_header_block_length(option, 256 * 1024)
+        var s: OpaquePointer?
+        let me = Unmanaged.passUnretained(self).toOpaque()
+        switch role {
+        case .server: nghttp2_session_server_new2(&s, callbacks, me, option)
+        case .client: nghttp2_session_client_new2(&s, callbacks, me, option)
+        }
+        self.session = s
+        var iv = [
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS.rawValue), value: settings.maxConcurrentStreams),
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE.rawValue), value: settings.initialWindowSize),
+            nghttp2_settings_entry(settings_id: Int32(NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE.rawValue), value: settings.maxHeaderListSize),
+        ]
+        nghttp2_submit_settings(s, UInt8(NGHTTP2_FLAG_NONE.rawValue), &iv, iv.count)
+        nghttp2_session_set_local_window_size(s, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, settings.connectionWindowSize)
+    }
+
+    deinit {
+        for (_, o) in outbound { o.file?.close() }
+        nghttp2_session_del(session)
+    }
+
+    // MARK: - input / output
+
+    /// Feed received bytes. Throws on a connection-level protocol error.
+    func receive(_ buffer: ByteBuffer) throws {
+        let rc = buffer.withUnsafeReadableBytes { buf in
+            nghttp2_session_mem_recv(session, buf.baseAddress?.assumingMemoryBound(to: UInt8.self), buf.count)
+        }
+        if rc < 0 {
+            throw HTTPTransportError.protocolError(String(cString: nghttp2_strerror(Int32(rc))) + (lastError.map { ": \($0)" } ?? ""))
+        }
+    }
+
+    /// Append frames ready to go out to `buffer`, up to about `limit` bytes. Returns true if
+    /// nghttp2 may have more to send.
+    func produce(into buffer: inout ByteBuffer, limit: Int) throws -> Bool {
+        while buffer.readableBytes < limit {
+            var data: UnsafePointer<UInt8>?
+            let n = nghttp2_session_mem_send(session, &data)
+            if n < 0 { throw HTTPTransportError.protocolError(String(cString: nghttp2_strerror(Int32(n)))) }
+            if n == 0 { return false }
+            buffer.writeBytes(UnsafeRawBufferPointer(start: data, count: n))
+        }
+        return true
+    }
+
+    var wantsRead: Bool { nghttp2_session_want_read(session) != 0 }
+    var wantsWrite: Bool { nghttp2_session_want_write(session) != 0 }
+
+    /// The consumer of `stream` took `bytes`: open the stream window by as much.
+    func consumed(stream: Int32, bytes: Int) {
+        guard bytes > 0 else { return }
+        nghttp2_session_consume_stream(session, stream, bytes)
+    }
+
+    // MARK: - submitting
+
+    func submitResponse(stream: Int32, status: Int, headers: HTTPHeaders, body: HTTPOutboundBody, trailers: HTTPHeaders? = nil, headOnly: Bool = false) -> Bool {
+        var fields: [(String, String)] = [(":status", String(status))]
+        fields.append(contentsOf: headers.fields)
+        if headOnly, case .file(let f) = body { f.close() }
+        let provider = headOnly ? nil : prepareOutbound(stream: stream, body: body, trailers: trailers)
+        let rc = withNV(fields) { nva, count in
+            if var p = provider {
+                return nghttp2_submit_response(session, stream, nva, count, &p)
+            }
+            return nghttp2_submit_response(session, stream, nva, count, nil)
+        }
+        if rc != 0 { dropOutbound(stream: stream) }
+        return rc == 0
+    }
+
+    /// Informational response (e.g. 100 Continue).
+    func submitInformational(stream: Int32, status: Int) {
+        _ = withNV([(":status", String(status))]) { nva, count in
+            nghttp2_submit_headers(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream, nil, nva, count, nil)
+        }
+    }
+
+    /// Submit a request; returns the stream id or throws.
+    func submitRequest(head: HTTPRequestHead, body: HTTPOutboundBody) throws -> Int32 {
+        var fields: [(String, String)] = [(":method", head.method), (":scheme", head.scheme), (":authority", head.authority), (":path", head.path)]
+        fields.append(contentsOf: head.headers.fields)
+        let hasBody: Bool
+        if case .empty = body { hasBody = false } else { hasBody = true }
+        // The provider for a request is registered after the id is known: use a placeholder stream id 0
+        // then move it. nghttp2 calls read_callback only after submit returns.
+        var provider = nghttp2_data_provider()
+        provider.read_callback = Self.readCallback
+        let id = withNV(fields) { nva, count in
+            hasBody
+                ? nghttp2_submit_request(session, nil, nva, count, &provider, nil)
+                : nghttp2_submit_request(session, nil, nva, count, nil, nil)
+        }
+        guard id > 0 else {
+            if case .file(let f) = body { f.close() }
+            throw HTTPTransportError.protocolError("cannot submit request: \(String(cString: nghttp2_strerror(id)))")
+        }
+        if hasBody { _ = prepareOutbound(stream: id, body: body, trailers: nil) }
+        return id
+    }
+
+    func resetStream(_ stream: Int32, errorCode: UInt32) {
+        nghttp2_submit_rst_stream(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream, errorCode)
+    }
+
+    /// First phase of a graceful shutdown: a GOAWAY with last-stream-id 2^31-1.
+    func submitShutdownNotice() {
+        nghttp2_submit_shutdown_notice(session)
+    }
+
+    /// Final GOAWAY with the last stream id actually processed.
+    func submitGoaway(errorCode: UInt32 = 0) {
+        nghttp2_submit_goaway(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nghttp2_session_get_last_proc_stream_id(session), errorCode, nil, 0)
+    }
+
+    var activeStreamCount: Int { outbound.count + inboundHeaders.count }
+
+    /// Tell nghttp2 a deferred stream has data again.
+    func resume(stream: Int32) {
+        nghttp2_session_resume_data(session, stream)
+    }
+
+    private func prepareOutbound(stream: Int32, body: HTTPOutboundBody, trailers: HTTPHeaders?) -> nghttp2_data_provider? {
+        var o = Outbound()
+        o.trailers = trailers
+        switch body {
+        case .empty:
+            guard trailers != nil else { return nil }
+        case .bytes(let b):
+            o.bytes = b
+        case .file(let f):
+            o.file = f
+            o.position = f.start
+            o.end = f.start + f.length
+        }
+        outbound[stream] = o
+        var provider = nghttp2_data_provider()
+        provider.read_callback = Self.readCallback
+        return provider
+    }
+
+    private func dropOutbound(stream: Int32) {
+        outbound.removeValue(forKey: stream)?.file?.close()
+    }
+
+    private func withNV<R>(_ fields: [(String, String)], _ body: (UnsafePointer<nghttp2_nv>, Int) -> R) -> R {
+        var storage = [UInt8]()
+        var ranges: [(Int, Int, Int, Int)] = []
+        for (n, v) in fields {
+            let ns = storage.count
+            storage.append(contentsOf: n.utf8)
+            let vs = storage.count
+            storage.append(contentsOf: v.utf8)
+            ranges.append((ns, vs - ns, vs, storage.count - vs))
+        }
+        storage.append(0)
+        return storage.withUnsafeMutableBufferPointer { buf in
+            let base = buf.baseAddress!
+            let nva = ranges.map { r in
+                nghttp2_nv(name: base + r.0, value: base + r.2, namelen: r.1, valuelen: r.3, flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue))
+            }
+            return nva.withUnsafeBufferPointer { body($0.baseAddress!, $0.count) }
+        }
+    }
+
+    // MARK: - callbacks
+
+    private static func from(_ p: UnsafeMutableRawPointer?) -> NGHTTP2Session {
+        Unmanaged<NGHTTP2Session>.fromOpaque(p!).takeUnretainedValue()
+    }
+
+    private static let readCallback: nghttp2_data_source_read_callback = { _, streamID, buf, length, flags, _, user in
+        let me = NGHTTP2Session.from(user)
+        return me.read(stream: streamID, into: UnsafeMutableRawBufferPointer(start: buf, count: length), flags: flags!)
+    }
+
+    private func read(stream: Int32, into buf: UnsafeMutableRawBufferPointer, flags: UnsafeMutablePointer<UInt32>) -> Int {
+        guard var o = outbound[stream] else {
+            flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
+            return 0
+        }
+        var n = 0
+        var done = false
+        if var b = o.bytes {
+            n = min(buf.count, b.readableBytes)
+            b.readWithUnsafeReadableBytes { src in
+                buf.copyMemory(from: UnsafeRawBufferPointer(rebasing: src.prefix(n)))
+                return n
+            }
+            o.bytes = b
+            done = b.readableBytes == 0
+        } else if let f = o.file {
+            let want = Int(min(Int64(buf.count), o.end - o.position))
+            if want > 0 {
+                do {
+                    n = try f.read(at: o.position, into: UnsafeMutableRawBufferPointer(rebasing: buf.prefix(want)))
+                } catch {
+                    lastError = "\(error)"
+                    return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
+                }
+                if n == 0 {
+                    // The file is shorter than promised: never send a truncated body as complete.
+                    lastError = "file ended early"
+                    return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
+                }
+                o.position += Int64(n)
+            }
+            done = o.position >= o.end
+        } else {
+            done = true
+        }
+        if done {
+            flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
+            if let t = o.trailers {
+                flags.pointee |= NGHTTP2_DATA_FLAG_NO_END_STREAM.rawValue
+                _ = withNV(t.fields) { nva, count in nghttp2_submit_trailer(session, stream, nva, count) }
+            }
+            o.file?.close()
+            o.file = nil
+            o.bytes = nil
+        }
+        outbound[stream] = o
+        return n
+    }
+
+    private static func install(_ cb: OpaquePointer) {
+        nghttp2_session_callbacks_set_on_begin_headers_callback(cb) { _, frame, user in
+            let me = NGHTTP2Session.from(user)
+            let id = frame!.pointee.hd.stream_id
+            var h = InboundHeaders()
+            h.isTrailers = me.headersSeen.contains(id)
+            me.headersSeen.insert(id)
+            me.inboundHeaders[id] = h
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_header_callback(cb) { _, frame, name, namelen, value, valuelen, _, user in
+            let me = NGHTTP2Session.from(user)
+            let id = frame!.pointee.hd.stream_id
+            let n = String(decoding: UnsafeBufferPointer(start: name, count: namelen), as: UTF8.self)
+            let v = String(decoding: UnsafeBufferPointer(start: value, count: valuelen), as: UTF8.self)
+            me.inboundHeaders[id]?.fields.append((n, v))
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_frame_recv_callback(cb) { _, frame, user in
+            let me = NGHTTP2Session.from(user)
+            let hd = frame!.pointee.hd
+            let endStream = hd.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0
+            switch Int(hd.type) {
+            case Int(NGHTTP2_HEADERS.rawValue):
+                if let h = me.inboundHeaders.removeValue(forKey: hd.stream_id) {
+                    // Skip informational (1xx) responses.
+                    if me.role == .client, let s = h.fields.first(where: { $0.name == ":status" }), s.value.hasPrefix("1") {
+                        me.headersSeen.remove(hd.stream_id)
+                        return 0
+                    }
+                    me.delegate.headersReceived(stream: hd.stream_id, headers: h.fields, isTrailers: h.isTrailers, endStream: endStream)
+                }
+                if endStream { me.delegate.endOfStreamReceived(stream: hd.stream_id) }
+            case Int(NGHTTP2_DATA.rawValue):
+                if endStream { me.delegate.endOfStreamReceived(stream: hd.stream_id) }
+            case Int(NGHTTP2_GOAWAY.rawValue):
+                let g = frame!.pointee.goaway
+                me.delegate.goawayReceived(lastStreamID: g.last_stream_id, errorCode: g.error_code)
+            default:
+                break
+            }
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb) { session, _, stream, data, len, user in
+            let me = NGHTTP2Session.from(user)
+            nghttp2_session_consume_connection(session, len)
+            var buf = ByteBufferAllocator().buffer(capacity: len)
+            buf.writeBytes(UnsafeRawBufferPointer(start: data, count: len))
+            me.delegate.dataReceived(stream: stream, data: buf)
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_frame_send_callback(cb) { _, frame, user in
+            let me = NGHTTP2Session.from(user)
+            let hd = frame!.pointee.hd
+            if hd.flags & UInt8(NGHTTP2_FLAG_END_STREAM.rawValue) != 0,
+               Int(hd.type) == Int(NGHTTP2_DATA.rawValue) || Int(hd.type) == Int(NGHTTP2_HEADERS.rawValue) {
+                me.delegate.endOfStreamSent(stream: hd.stream_id)
+            }
+            return 0
+        }
+        nghttp2_session_callbacks_set_on_stream_close_callback(cb) { _, stream, code, user in
+            let me = NGHTTP2Session.from(user)
+            me.inboundHeaders.removeValue(forKey: stream)
+            me.headersSeen.remove(stream)
+            me.dropOutbound(stream: stream)
+            me.delegate.streamClosed(stream: stream, errorCode: code)
+            return 0
+        }
+        nghttp2_session_callbacks_set_error_callback2(cb) { _, _, msg, len, user in
+            let me = NGHTTP2Session.from(user)
+            me.lastError = String(decoding: UnsafeRawBufferPointer(start: msg, count: len), as: UTF8.self)
+            return 0
+        }
+    }
+}

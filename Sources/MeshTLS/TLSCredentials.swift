@@ -1,0 +1,70 @@
+import CGnuTLS
+
+/// How a server treats client certificates.
+public enum ClientAuthentication: Sendable {
+    /// mTLS (the default): a certificate chaining to the mesh CA is required.
+    case require
+    /// A certificate is requested and verified when sent; connections without one get the `reader` role.
+    case optionalReadOnly
+}
+
+/// PEM file locations for one TLS identity.
+public struct TLSFiles: Sendable {
+    /// nil for a client that presents no certificate (only useful against optional-auth servers).
+    public var certificateChain: String?
+    public var privateKey: String?
+    public var trustedCA: String
+
+    public init(certificateChain: String?, privateKey: String?, trustedCA: String) {
+        self.certificateChain = certificateChain
+        self.privateKey = privateKey
+        self.trustedCA = trustedCA
+    }
+}
+
+/// GnuTLS certificate credentials + priority cache, loaded once and shared by every session.
+///
+/// Immutable after `init`; GnuTLS documents credentials and priority caches as safe to share
+/// between sessions on different threads once set up, hence `@unchecked Sendable`.
+public final class TLSCredentials: @unchecked Sendable {
+    /// Prefer AES-GCM (4.4 GB/s here with AES-NI) over ChaCha20 (0.5 GB/s); TLS 1.3, 1.2 allowed.
+    public static let priority =
+        "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:+CHACHA20-POLY1305:%SERVER_PRECEDENCE"
+
+    let credentials: gnutls_certificate_credentials_t
+    let priorityCache: gnutls_priority_t
+    public let files: TLSFiles
+
+    public init(files: TLSFiles) throws {
+        var creds: gnutls_certificate_credentials_t?
+        try TLSError.check(gnutls_certificate_allocate_credentials(&creds), "allocating credentials")
+        guard let creds else { throw TLSError(code: 0, context: "allocating credentials") }
+        do {
+            let n = gnutls_certificate_set_x509_trust_file(creds, files.trustedCA, GNUTLS_X509_FMT_PEM)
+            if n < 0 { throw TLSError(code: n, context: "loading CA \(files.trustedCA)") }
+            if n == 0 { throw TLSError(code: 0, context: "no CA certificate in \(files.trustedCA)") }
+            if let chain = files.certificateChain, let key = files.privateKey {
+                try TLSError.check(
+                    gnutls_certificate_set_x509_key_file2(creds, chain, key, GNUTLS_X509_FMT_PEM, nil, 0),
+                    "loading certificate \(chain) with key \(key)")
+            }
+        } catch {
+            gnutls_certificate_free_credentials(creds)
+            throw error
+        }
+        var prio: gnutls_priority_t?
+        let rc = gnutls_priority_init(&prio, Self.priority, nil)
+        guard rc >= 0, let prio else {
+            gnutls_certificate_free_credentials(creds)
+            throw TLSError(code: rc, context: "priority string")
+        }
+        self.credentials = creds
+        self.priorityCache = prio
+        self.files = files
+    }
+
+    deinit {
+        gnutls_priority_deinit(priorityCache)
+        gnutls_certificate_free_credentials(credentials)
+    }
+}

@@ -1,0 +1,210 @@
+import ArgumentParser
+import BlobStore
+import CacheNode
+import Foundation
+import Logging
+import Metrics
+import Prometheus
+import ServiceLifecycle
+
+@main
+struct CacheMeshCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cachemesh",
+        abstract: "A peer-to-peer, content-addressed build cache served over HTTP/2 + mutual TLS.",
+        subcommands: [NodeCommand.self, PutCommand.self, GetCommand.self, StatusCommand.self])
+}
+
+func bootstrapLogging(_ level: Logger.Level) {
+    LoggingSystem.bootstrap { label in
+        var h = StreamLogHandler.standardError(label: label)
+        h.logLevel = level
+        return h
+    }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+struct NodeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "node", abstract: "Run a cache node until SIGTERM/SIGINT (then drain with GOAWAY).")
+
+    @Option(help: "TOML config file; flags given on the command line override it.") var config: String?
+    @Option(help: "Node name.") var name: String?
+    @Option(help: "TCP listen address host:port (port 0 = any free port).") var listen: String?
+    @Option(name: .customLong("data-dir"), help: "Directory for blobs.") var dataDir: String?
+    @Option(name: .customLong("max-bytes"), help: "Store capacity, e.g. 10G, 512M.") var maxBytes: String?
+    @Option(help: "Node certificate chain (PEM).") var cert: String?
+    @Option(help: "Node private key (PEM).") var key: String?
+    @Option(help: "Mesh CA certificate (PEM); client certificates must chain to it.") var ca: String?
+    @Flag(name: .customLong("allow-unauthenticated-reads"), help: "TLS without a client certificate gets the read-only reader role.") var allowUnauthenticatedReads = false
+    @Flag(help: "Plaintext HTTP/2 (h2c). Local experiments only.") var insecure = false
+    @Option(name: .customLong("log-level")) var logLevel: Logger.Level = .info
+
+    func run() async throws {
+        bootstrapLogging(logLevel)
+        var c = try config.map { try NodeConfiguration.load(path: $0) } ?? NodeConfiguration()
+        if let name { c.name = name }
+        if let listen {
+            guard let hp = HostPort(listen) else { throw ValidationError("--listen must be host:port, got \(listen)") }
+            c.listen = hp
+        }
+        if let dataDir { c.dataDirectory = dataDir }
+        if let maxBytes {
+            guard let n = ByteSize.parse(maxBytes) else { throw ValidationError("--max-bytes must be a size like 10G, got \(maxBytes)") }
+            c.maxBytes = n
+        }
+        if let cert { c.certificate = cert }
+        if let key { c.privateKey = key }
+        if let ca { c.ca = ca }
+        if allowUnauthenticatedReads { c.allowUnauthenticatedReads = true }
+        if insecure { c.insecure = true }
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        let logger = Logger(label: "cachemesh.node.\(c.name)")
+        let node: CacheNode
+        do {
+            node = try CacheNode(configuration: c, registry: registry, logger: logger)
+        } catch {
+            throw ValidationError("\(error)")
+        }
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: node)],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        try await group.run()
+    }
+}
+
+/// Connection options shared by the client commands (flags, or CACHEMESH_* environment variables).
+struct ClientFlags: ParsableArguments {
+    @Option(help: "Node address host:port (env CACHEMESH_SERVER).") var server: String?
+    @Option(help: "Client certificate (PEM) (env CACHEMESH_CERT).") var cert: String?
+    @Option(help: "Client private key (PEM) (env CACHEMESH_KEY).") var key: String?
+    @Option(help: "Mesh CA certificate (PEM) (env CACHEMESH_CA).") var ca: String?
+    @Flag(help: "Plaintext h2c (the node must run with --insecure).") var insecure = false
+    @Option(name: .customLong("log-level")) var logLevel: Logger.Level = .warning
+
+    func options() throws -> ClientOptions {
+        let env = ProcessInfo.processInfo.environment
+        let s = server ?? env["CACHEMESH_SERVER"] ?? "127.0.0.1:8443"
+        guard let hp = HostPort(s) else { throw ValidationError("--server must be host:port, got \(s)") }
+        return ClientOptions(server: hp, certificate: cert ?? env["CACHEMESH_CERT"], privateKey: key ?? env["CACHEMESH_KEY"],
+                             ca: ca ?? env["CACHEMESH_CA"], insecure: insecure)
+    }
+
+    func connect() async throws -> CacheClient {
+        bootstrapLogging(logLevel)
+        let o = try options()
+        do {
+            return try await CacheClient.connect(o)
+        } catch {
+            throw CLIError("cannot connect to \(o.server): \(error)")
+        }
+    }
+}
+
+struct CLIError: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
+
+/// Progress on stderr, only when it is a terminal and the transfer is big enough to wait for.
+final class ProgressLine: @unchecked Sendable {
+    private let label: String
+    private let enabled: Bool
+    private let start = Date()
+    private var last = Date.distantPast
+    private let lock = NSLock()
+
+    init(label: String, total: Int64?) {
+        self.label = label
+        self.enabled = isatty(STDERR_FILENO) == 1 && (total ?? Int64.max) >= 8 << 20
+    }
+
+    func update(_ done: Int64, _ total: Int64?, force: Bool = false) {
+        guard enabled else { return }
+        lock.lock()
+        defer { lock.unlock() }
+        let now = Date()
+        guard force || now.timeIntervalSince(last) > 0.2 else { return }
+        last = now
+        let secs = max(now.timeIntervalSince(start), 0.001)
+        let rate = ByteSize.format(Int64(Double(done) / secs)) + "/s"
+        let pct = total.map { $0 > 0 ? String(format: " %3.0f%%", Double(done) * 100 / Double($0)) : "" } ?? ""
+        let tot = total.map { " / " + ByteSize.format($0) } ?? ""
+        FileHandle.standardError.write("\r\(label)\(pct) \(ByteSize.format(done))\(tot) \(rate)   ".data(using: .utf8)!)
+    }
+
+    func finish() {
+        guard enabled else { return }
+        FileHandle.standardError.write("\n".data(using: .utf8)!)
+    }
+}
+
+struct PutCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "put", abstract: "Upload a file to the CAS; prints its digest (sha256/size).")
+    @Argument(help: "File to upload.") var file: String
+    @OptionGroup var client: ClientFlags
+
+    func run() async throws {
+        let c = try await client.connect()
+        defer { Task { await c.close() } }
+        let source = try FileSource(path: file)
+        let progress = ProgressLine(label: "upload", total: source.length)
+        let ticker = Task {
+            while !Task.isCancelled {
+                progress.update(source.sent.withLock { $0 }, source.length)
+                try? await Task.sleep(for: .milliseconds(200))
+            }
+        }
+        defer { ticker.cancel() }
+        do {
+            let d = try await c.put(file: file, source: source)
+            ticker.cancel()
+            progress.update(source.length, source.length, force: true)
+            progress.finish()
+            print(d)
+        } catch {
+            progress.finish()
+            throw CLIError("put \(file) failed: \(error)")
+        }
+    }
+}
+
+struct GetCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "get", abstract: "Download a blob by digest (sha256 or sha256/size), verifying it.")
+    @Argument(help: "Digest: 64-hex SHA-256, optionally /size.") var digest: String
+    @Option(name: .shortAndLong, help: "Output file (default: stdout). Written only once verified.") var output: String?
+    @OptionGroup var client: ClientFlags
+
+    func run() async throws {
+        let hash = String(digest.split(separator: "/").first ?? "")
+        guard Digest.isValidHash(hash) else { throw ValidationError("digest must be 64 lowercase hex characters (optionally /size), got \(digest)") }
+        let c = try await client.connect()
+        defer { Task { await c.close() } }
+        let progress = ProgressLine(label: "download", total: nil)
+        do {
+            let n = try await c.get(hash: hash, to: output) { done, total in progress.update(done, total) }
+            progress.finish()
+            if let output { FileHandle.standardError.write("wrote \(n) bytes to \(output)\n".data(using: .utf8)!) }
+        } catch {
+            progress.finish()
+            throw CLIError("get \(hash) failed: \(error)")
+        }
+    }
+}
+
+struct StatusCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "Show a node's listeners, store usage and health.")
+    @OptionGroup var client: ClientFlags
+
+    func run() async throws {
+        let c = try await client.connect()
+        defer { Task { await c.close() } }
+        let (hs, hb) = try await c.getText("/healthz")
+        let (ss, sb) = try await c.getText("/status")
+        print("server: \(try client.options().server)  healthz: \(hs) \(hb.trimmingCharacters(in: .whitespacesAndNewlines))")
+        guard ss == 200 else { throw CLIError("status failed: \(ss) \(sb)") }
+        print(sb, terminator: "")
+    }
+}
