@@ -1,4 +1,5 @@
 import BlobStore
+import Foundation
 import Logging
 import MeshHTTP
 import MeshHTTP2
@@ -44,6 +45,9 @@ public final class CacheNode: Service {
 
     public func run() async throws {
         let addr = try await start()
+        // A machine-readable line for scripts and tests (port 0 picks a free port).
+        print("cachemesh: listening tcp=\(configuration.listen.host):\(addr.port ?? configuration.listen.port)")
+        fflush(stdout)
         logger.notice("cachemesh node ready", metadata: [
             "name": "\(configuration.name)", "tcp": "\(addr)", "data_dir": "\(configuration.dataDirectory)",
             "max_bytes": "\(configuration.maxBytes)", "tls": "\(!configuration.insecure)",
