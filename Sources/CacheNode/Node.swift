@@ -47,7 +47,7 @@ public final class CacheNode: Service {
         let addr = try await start()
         // A machine-readable line for scripts and tests (port 0 picks a free port).
         print("cachemesh: listening tcp=\(configuration.listen.host):\(addr.port ?? configuration.listen.port)")
-        fflush(stdout)
+        fflush(nil)
         logger.notice("cachemesh node ready", metadata: [
             "name": "\(configuration.name)", "tcp": "\(addr)", "data_dir": "\(configuration.dataDirectory)",
             "max_bytes": "\(configuration.maxBytes)", "tls": "\(!configuration.insecure)",
