@@ -67,6 +67,7 @@ let package = Package(
             .product(name: "MetricsTestKit", package: "swift-metrics"),
         ]),
         .testTarget(name: "MeshHTTP2Tests", dependencies: ["MeshHTTP2", "MeshHTTP", "MeshTLS"]),
+        .testTarget(name: "CacheNodeTests", dependencies: ["CacheNode", "BlobStore"]),
         .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "MeshHTTP2", "MeshTLS"]),
     ]
 )

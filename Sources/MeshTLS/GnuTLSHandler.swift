@@ -92,10 +92,10 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
             let peer: PeerIdentity
             switch mode {
             case .server(let auth):
-                if let p = session.peerIdentity() {
+                if auth == .optionalReadOnly {
+                    peer = try session.verifyOptionalPeer() ? (session.peerIdentity() ?? .anonymousReader) : .anonymousReader
+                } else if let p = session.peerIdentity() {
                     peer = p
-                } else if auth == .optionalReadOnly {
-                    peer = .anonymousReader
                 } else {
                     throw TLSError(code: 0, context: "client presented no certificate")
                 }

@@ -50,8 +50,10 @@ public final class TLSSession {
             switch mode {
             case .server(let auth):
                 gnutls_certificate_server_set_request(s, auth == .require ? GNUTLS_CERT_REQUIRE : GNUTLS_CERT_REQUEST)
-                // Verify the client chain against the mesh CA during the handshake.
-                gnutls_session_set_verify_cert(s, nil, 0)
+                // mTLS: verify the client chain against the mesh CA during the handshake. In optional
+                // mode GnuTLS's automatic check would also reject a client that sent no certificate,
+                // so the chain is verified right after the handshake instead (`verifyOptionalPeer`).
+                if auth == .require { gnutls_session_set_verify_cert(s, nil, 0) }
             case .client(let serverName):
                 if !Self.isIPAddress(serverName) {
                     _ = serverName.withCString { p in
@@ -219,6 +221,20 @@ public final class TLSSession {
         var d = gnutls_datum_t()
         guard gnutls_alpn_get_selected_protocol(session, &d) == 0, let p = d.data else { return nil }
         return String(decoding: UnsafeRawBufferPointer(start: p, count: Int(d.size)), as: UTF8.self)
+    }
+
+    /// Optional client authentication: if the client sent a certificate it must verify against the
+    /// mesh CA (else the connection is refused); no certificate at all is allowed.
+    /// Returns true if a verified certificate is present.
+    public func verifyOptionalPeer() throws -> Bool {
+        var count: UInt32 = 0
+        guard gnutls_certificate_get_peers(session, &count) != nil, count > 0 else { return false }
+        var status: UInt32 = 0
+        try TLSError.check(gnutls_certificate_verify_peers3(session, nil, &status), "verifying client certificate")
+        if status != 0 {
+            throw TLSError(code: GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR, context: "client certificate rejected (\(verifyStatusDescription()))")
+        }
+        return true
     }
 
     /// The peer's identity from its (already verified) certificate.

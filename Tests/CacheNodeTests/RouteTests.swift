@@ -1,0 +1,89 @@
+import Foundation
+import Testing
+@testable import CacheNode
+import BlobStore
+
+@Suite struct RouteTests {
+    let h = String(repeating: "ab", count: 32)
+
+    @Test func validRoutes() {
+        #expect(Route.parse("/cas/\(h)") == .cas(hash: h, instance: nil))
+        #expect(Route.parse("/ac/\(h)") == .ac(hash: h, instance: nil))
+        #expect(Route.parse("/main/cas/\(h)") == .cas(hash: h, instance: "main"))
+        #expect(Route.parse("/a/b/ac/\(h)?x=1") == .ac(hash: h, instance: "a/b"))
+        #expect(Route.parse("/metrics") == .metrics)
+        #expect(Route.parse("/healthz") == .healthz)
+        #expect(Route.parse("/status") == .status)
+    }
+
+    @Test func malformedPathsAreBadRequests() {
+        let bad = ["/cas/../x", "/cas/./\(h)", "/cas/abc", "/cas/\(h.uppercased())", "/cas/\(h)0", "/cas//\(h)",
+                   "/cas/\(h)/", "cas/\(h)", "/ac/\(String(repeating: "g", count: 64))", "/x%2F/cas/\(h)", "/cas/\(h)/extra"]
+        for p in bad {
+            if case .badRequest = Route.parse(p) { continue }
+            Issue.record("\(p) parsed as \(Route.parse(p))")
+        }
+    }
+
+    @Test func unknownRoutesAreNotFound() {
+        #expect(Route.parse("/") == .notFound)
+        #expect(Route.parse("/nope") == .notFound)
+        #expect(Route.parse("/a/b") == .notFound)
+    }
+
+    @Test func sizesAndAddresses() {
+        #expect(ByteSize.parse("10G") == 10 << 30)
+        #expect(ByteSize.parse("512M") == 512 << 20)
+        #expect(ByteSize.parse("64k") == 64 << 10)
+        #expect(ByteSize.parse("1.5GiB") == Int64(1_610_612_736))
+        #expect(ByteSize.parse("123") == 123)
+        #expect(ByteSize.parse("-1") == nil)
+        #expect(ByteSize.parse("ten") == nil)
+        #expect(HostPort("127.0.0.1:8443") == HostPort(host: "127.0.0.1", port: 8443))
+        #expect(HostPort("[::1]:9") == HostPort(host: "::1", port: 9))
+        #expect(HostPort("nohost") == nil)
+        #expect(HostPort("h:99999") == nil)
+    }
+
+    @Test func configFileParsesAndRejectsUnknownKeys() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cm-cfg-\(UUID())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let good = dir.appendingPathComponent("n.toml")
+        try """
+        name = "a"
+        listen = "127.0.0.1:9443"
+        data_dir = "data"
+        max_bytes = "2G"
+        cert = "node.pem"
+        key = "/abs/node.key"
+        ca = "ca.pem"
+        allow_unauthenticated_reads = true
+        """.write(to: good, atomically: true, encoding: .utf8)
+        let c = try NodeConfiguration.load(path: good.path)
+        #expect(c.name == "a")
+        #expect(c.listen == HostPort(host: "127.0.0.1", port: 9443))
+        #expect(c.maxBytes == 2 << 30)
+        #expect(c.certificate == dir.appendingPathComponent("node.pem").path)
+        #expect(c.privateKey == "/abs/node.key")
+        #expect(c.allowUnauthenticatedReads)
+        try c.validate()
+
+        let bad = dir.appendingPathComponent("bad.toml")
+        try "listen = \"127.0.0.1:1\"\nmax_byte = 3\n".write(to: bad, atomically: true, encoding: .utf8)
+        #expect(throws: ConfigurationError.self) { try NodeConfiguration.load(path: bad.path) }
+
+        var noTLS = NodeConfiguration()
+        noTLS.certificate = nil
+        #expect(throws: ConfigurationError.self) { try noTLS.validate() }
+        noTLS.insecure = true
+        try noTLS.validate()
+    }
+
+    @Test func errorStatusMapping() {
+        #expect(CacheService.status(for: BlobStoreError.digestMismatch(expected: "a", actual: "b")) == 400)
+        #expect(CacheService.status(for: BlobStoreError.tooLarge(size: 2, limit: 1)) == 413)
+        #expect(CacheService.status(for: BlobStoreError.insufficientStorage(needed: 2, available: 1)) == 507)
+        #expect(CacheService.status(for: BlobStoreError.notFound("x")) == 404)
+    }
+}

@@ -1,0 +1,47 @@
+import MeshHTTP
+import NIOCore
+import Synchronization
+import Testing
+
+@Suite struct HTTPInboundBodyTests {
+    @Test func consumerCreditsExactlyWhatItTakes() async throws {
+        let credited = Mutex(0)
+        let body = HTTPInboundBody(onConsumed: { n in credited.withLock { $0 += n } })
+        body.append(ByteBuffer(string: "abc"))
+        body.append(ByteBuffer(string: "defg"))
+        #expect(credited.withLock { $0 } == 0)
+        #expect(body.bufferedBytes == 7)
+        var it = body.makeAsyncIterator()
+        #expect(try await it.next().map { String(buffer: $0) } == "abc")
+        #expect(credited.withLock { $0 } == 3)
+        body.finish()
+        #expect(try await it.next().map { String(buffer: $0) } == "defg")
+        #expect(try await it.next() == nil)
+        #expect(credited.withLock { $0 } == 7)
+    }
+
+    @Test func waitingConsumerGetsChunkAndFailure() async throws {
+        let body = HTTPInboundBody()
+        async let first = body.next()
+        try await Task.sleep(for: .milliseconds(20))
+        body.append(ByteBuffer(string: "x"))
+        #expect(try await first.map { String(buffer: $0) } == "x")
+        body.append(ByteBuffer(string: "dropped"))
+        #expect(body.fail(HTTPTransportError.streamReset(errorCode: 8)) == 7)
+        await #expect(throws: HTTPTransportError.streamReset(errorCode: 8)) { try await body.next() }
+        #expect(!body.append(ByteBuffer(string: "late")))
+    }
+
+    @Test func collectRefusesOversize() async throws {
+        let body = HTTPInboundBody.complete(ByteBuffer(repeating: 1, count: 100))
+        await #expect(throws: HTTPTransportError.tooLarge(limit: 10)) { _ = try await body.collect(upTo: 10) }
+    }
+
+    @Test func cancellationWakesWaitingConsumer() async throws {
+        let body = HTTPInboundBody()
+        let t = Task { try await body.next() }
+        try await Task.sleep(for: .milliseconds(20))
+        t.cancel()
+        await #expect(throws: CancellationError.self) { _ = try await t.value }
+    }
+}

@@ -1,0 +1,141 @@
+import MeshHTTP
+import NIOCore
+import Testing
+@testable import MeshHTTP2
+
+/// Records what a session reports.
+final class Recorder: NGHTTP2SessionDelegate {
+    var headers: [Int32: [(name: String, value: String)]] = [:]
+    var trailers: [Int32: [(name: String, value: String)]] = [:]
+    var data: [Int32: Int] = [:]
+    var bytes: [Int32: [UInt8]] = [:]
+    var ended: Set<Int32> = []
+    var closed: [Int32: UInt32] = [:]
+    var goaways: [(Int32, UInt32)] = []
+    var sentEnd: Set<Int32> = []
+
+    func headersReceived(stream: Int32, headers: [(name: String, value: String)], isTrailers: Bool, endStream: Bool) {
+        if isTrailers { trailers[stream] = headers } else { self.headers[stream] = headers }
+    }
+    func dataReceived(stream: Int32, data: ByteBuffer) {
+        self.data[stream, default: 0] += data.readableBytes
+        bytes[stream, default: []].append(contentsOf: data.readableBytesView)
+    }
+    func endOfStreamReceived(stream: Int32) { ended.insert(stream) }
+    func streamClosed(stream: Int32, errorCode: UInt32) { closed[stream] = errorCode }
+    func goawayReceived(lastStreamID: Int32, errorCode: UInt32) { goaways.append((lastStreamID, errorCode)) }
+    func endOfStreamSent(stream: Int32) { sentEnd.insert(stream) }
+}
+
+/// A client and a server session wired back to back in memory.
+final class Pair {
+    let clientEvents = Recorder()
+    let serverEvents = Recorder()
+    let client: NGHTTP2Session
+    let server: NGHTTP2Session
+
+    init(serverWindow: UInt32 = 64 * 1024) {
+        client = NGHTTP2Session(role: .client, settings: .init(initialWindowSize: 1 << 20), delegate: clientEvents)
+        server = NGHTTP2Session(role: .server, settings: .init(maxConcurrentStreams: 4, initialWindowSize: serverWindow, connectionWindowSize: 1 << 24), delegate: serverEvents)
+    }
+
+    /// Move bytes both ways until neither side has anything to send.
+    func pump() throws {
+        for _ in 0..<10_000 {
+            var a = ByteBuffer(), b = ByteBuffer()
+            _ = try client.produce(into: &a, limit: 1 << 20)
+            if a.readableBytes > 0 { try server.receive(a) }
+            _ = try server.produce(into: &b, limit: 1 << 20)
+            if b.readableBytes > 0 { try client.receive(b) }
+            if a.readableBytes == 0 && b.readableBytes == 0 { return }
+        }
+        Issue.record("pump did not settle")
+    }
+}
+
+@Suite struct NGHTTP2SessionTests {
+    @Test func requestAndResponseWithBodies() throws {
+        let p = Pair()
+        let payload = [UInt8]((0..<10_000).map { UInt8($0 % 251) })
+        let id = try p.client.submitRequest(head: HTTPRequestHead(method: "PUT", path: "/cas/x", authority: "n"), body: .bytes(ByteBuffer(bytes: payload)))
+        try p.pump()
+        let h = try #require(p.serverEvents.headers[id])
+        #expect(h.contains { $0 == (":method", "PUT") })
+        #expect(h.contains { $0 == (":path", "/cas/x") })
+        #expect(p.serverEvents.bytes[id] == payload)
+        #expect(p.serverEvents.ended.contains(id))
+
+        #expect(p.server.submitResponse(stream: id, status: 201, headers: ["x-a": "b"], body: .bytes(ByteBuffer(string: "stored"))))
+        try p.pump()
+        let rh = try #require(p.clientEvents.headers[id])
+        #expect(rh.contains { $0 == (":status", "201") })
+        #expect(rh.contains { $0 == ("x-a", "b") })
+        #expect(p.clientEvents.bytes[id] == Array("stored".utf8))
+        #expect(p.clientEvents.closed[id] == 0)
+    }
+
+    @Test func streamWindowOpensOnlyAsConsumerTakesBytes() throws {
+        let window = 64 * 1024
+        let p = Pair(serverWindow: UInt32(window))
+        let big = [UInt8](repeating: 7, count: 1 << 20)
+        let id = try p.client.submitRequest(head: HTTPRequestHead(method: "PUT", path: "/cas/y", authority: "n"), body: .bytes(ByteBuffer(bytes: big)))
+        try p.pump()
+        // Nothing consumed yet: the sender is held at the initial stream window.
+        #expect(p.serverEvents.data[id] == window)
+        // nghttp2 sends WINDOW_UPDATE once half the window is consumed; never more than consumed + window arrives.
+        var consumed = 0
+        while p.serverEvents.data[id, default: 0] < big.count {
+            let before = p.serverEvents.data[id, default: 0]
+            p.server.consumed(stream: id, bytes: window / 2)
+            consumed += window / 2
+            try p.pump()
+            #expect(p.serverEvents.data[id, default: 0] > before)
+            #expect(p.serverEvents.data[id, default: 0] <= consumed + window)
+        }
+        #expect(p.serverEvents.ended.contains(id))
+    }
+
+    @Test func trailersFollowBody() throws {
+        let p = Pair()
+        let id = try p.client.submitRequest(head: HTTPRequestHead(method: "POST", path: "/g", authority: "n"), body: .empty)
+        try p.pump()
+        #expect(p.server.submitResponse(stream: id, status: 200, headers: [:], body: .bytes(ByteBuffer(string: "msg")), trailers: ["grpc-status": "0"]))
+        try p.pump()
+        #expect(p.clientEvents.bytes[id] == Array("msg".utf8))
+        #expect(p.clientEvents.trailers[id]?.contains { $0 == ("grpc-status", "0") } == true)
+        #expect(p.clientEvents.ended.contains(id))
+    }
+
+    @Test func gracefulGoawayTwoPhases() throws {
+        let p = Pair()
+        let first = try p.client.submitRequest(head: HTTPRequestHead(method: "GET", path: "/a", authority: "n"), body: .empty)
+        try p.pump()
+        p.server.submitShutdownNotice()
+        try p.pump()
+        #expect(p.clientEvents.goaways.first?.0 == Int32.max)
+        p.server.submitGoaway()
+        try p.pump()
+        #expect(p.clientEvents.goaways.last?.0 == first)
+        // The in-flight stream still completes after the final GOAWAY.
+        #expect(p.server.submitResponse(stream: first, status: 200, headers: [:], body: .bytes(ByteBuffer(string: "done"))))
+        try p.pump()
+        #expect(p.clientEvents.bytes[first] == Array("done".utf8))
+        #expect(p.clientEvents.closed[first] == 0)
+    }
+
+    @Test func cancelResetsStream() throws {
+        let p = Pair()
+        let id = try p.client.submitRequest(head: HTTPRequestHead(method: "GET", path: "/slow", authority: "n"), body: .empty)
+        try p.pump()
+        p.client.resetStream(id, errorCode: 8)
+        try p.pump()
+        #expect(p.serverEvents.closed[id] == 8)
+    }
+
+    @Test func garbageInputIsAConnectionError() throws {
+        let server = NGHTTP2Session(role: .server, settings: .init(), delegate: Recorder())
+        #expect(throws: HTTPTransportError.self) {
+            try server.receive(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        }
+    }
+}
