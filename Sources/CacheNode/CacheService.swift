@@ -5,6 +5,7 @@ import MeshTLS
 import Metrics
 import NIOCore
 import Prometheus
+import Synchronization
 
 extension BlobReader: FileBodySource {
     public var start: Int64 { offset }
@@ -85,16 +86,21 @@ public final class CacheService: HTTPService {
     let store: BlobStore
     let registry: PrometheusCollectorRegistry?
     let logger: Logger
-    let info: Info
+    private let info: Mutex<Info>
     private let requests: Metrics.Counter
     private let startTime = ContinuousClock.now
 
     public init(store: BlobStore, registry: PrometheusCollectorRegistry?, info: Info, logger: Logger) {
         self.store = store
         self.registry = registry
-        self.info = info
+        self.info = Mutex(info)
         self.logger = logger
         self.requests = Metrics.Counter(label: "cachemesh_http_requests_total")
+    }
+
+    /// Record a bound listener (e.g. after binding port 0) for `/status`.
+    public func setListener(_ kind: String, _ address: String) {
+        info.withLock { $0.listen[kind] = address }
     }
 
     public func handle(_ request: HTTPServerRequest) async -> HTTPResponse {
@@ -247,6 +253,7 @@ public final class CacheService: HTTPService {
 
     private func status(peer: PeerIdentity) -> HTTPResponse {
         let s = store.stats
+        let info = self.info.withLock { $0 }
         let listen = info.listen.sorted { $0.key < $1.key }.map { "\"\($0.key)\": \"\($0.value)\"" }.joined(separator: ", ")
         let uptime = ContinuousClock.now - startTime
         let json = """

@@ -15,6 +15,7 @@ public final class CacheNode: Service {
     public let configuration: NodeConfiguration
     public let store: BlobStore
     let server: HTTP2Server
+    let service: CacheService
     let logger: Logger
 
     public init(configuration: NodeConfiguration, registry: PrometheusCollectorRegistry?, logger: Logger) throws {
@@ -26,7 +27,7 @@ public final class CacheNode: Service {
         storeConfig.maxOpenReads = configuration.maxOpenReads
         self.store = try BlobStore(configuration: storeConfig, logger: logger)
         let credentials = try configuration.tlsFiles.map { try TLSCredentials(files: $0) }
-        let service = CacheService(store: store, registry: registry,
+        service = CacheService(store: store, registry: registry,
                                    info: .init(name: configuration.name, listen: ["tcp": "\(configuration.listen)"]), logger: logger)
         self.server = HTTP2Server(
             configuration: .init(
@@ -40,7 +41,9 @@ public final class CacheNode: Service {
     /// Bind the listener; returns the bound address.
     @discardableResult
     public func start() async throws -> SocketAddress {
-        try await server.start()
+        let addr = try await server.start()
+        service.setListener("tcp", "\(configuration.listen.host):\(addr.port ?? configuration.listen.port)")
+        return addr
     }
 
     public func run() async throws {
