@@ -19,6 +19,7 @@ let package = Package(
     targets: [
         // C bindings (system libraries through pkg-config; shim.h wraps macros).
         .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
+        .systemLibrary(name: "CMeshSystem"),
         .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
 
         // GnuTLS credentials, sessions, peer identity + role, SHA-256.
@@ -57,7 +58,7 @@ let package = Package(
             .product(name: "TOMLKit", package: "TOMLKit"),
         ]),
         .executableTarget(name: "cachemesh", dependencies: [
-            "CacheNode",
+            "CacheNode", "CMeshSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

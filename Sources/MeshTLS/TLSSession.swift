@@ -187,6 +187,9 @@ public final class TLSSession {
 
     /// Encrypt `plaintext` into `outbound`.
     public func send(_ plaintext: ByteBuffer) throws {
+        // Room for every record's header and tag up front: no regrowth while encrypting.
+        let records = plaintext.readableBytes / 16384 + 1
+        outbound.reserveCapacity(minimumWritableBytes: plaintext.readableBytes + records * 64)
         try plaintext.withUnsafeReadableBytes { buf in
             var offset = 0
             while offset < buf.count {

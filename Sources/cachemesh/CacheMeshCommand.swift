@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlobStore
 import CacheNode
+import CMeshSystem
 import Foundation
 import Logging
 import Metrics
@@ -25,6 +26,13 @@ func bootstrapLogging(_ level: Logger.Level) {
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 
+/// Transfer buffers of a few hundred KiB are allocated and freed all the time. glibc would serve
+/// them with fresh mmaps (and trim the heap after frees), so every buffer paid page faults and
+/// page clearing: ~25% of CPU time on a 64 MiB GET in a profile. Keep them on the heap.
+func tuneAllocator() {
+    cm_tune_malloc()
+}
+
 struct NodeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "node", abstract: "Run a cache node until SIGTERM/SIGINT (then drain with GOAWAY).")
 
@@ -42,6 +50,7 @@ struct NodeCommand: AsyncParsableCommand {
 
     func run() async throws {
         bootstrapLogging(logLevel)
+        tuneAllocator()
         var c = try config.map { try NodeConfiguration.load(path: $0) } ?? NodeConfiguration()
         if let name { c.name = name }
         if let listen {
@@ -94,6 +103,7 @@ struct ClientFlags: ParsableArguments {
 
     func connect() async throws -> CacheClient {
         bootstrapLogging(logLevel)
+        tuneAllocator()
         let o = try options()
         do {
             return try await CacheClient.connect(o)

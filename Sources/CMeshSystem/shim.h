@@ -1,0 +1,11 @@
+#ifndef CACHEMESH_CSYSTEM_SHIM_H
+#define CACHEMESH_CSYSTEM_SHIM_H
+#include <malloc.h>
+
+// Keep transfer buffers (hundreds of KiB, allocated and freed constantly) on the heap instead of
+// fresh mmaps that are page-faulted and cleared on every use.
+static inline void cm_tune_malloc(void) {
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 256 << 20);
+}
+#endif
