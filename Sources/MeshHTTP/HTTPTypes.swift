@@ -61,6 +61,17 @@ public enum HTTPOutboundBody: Sendable {
     case empty
     case bytes(ByteBuffer)
     case file(any FileBodySource)
+    /// Produced while sent; trailers (if any) come with `finish(trailers:)`.
+    case stream(HTTPOutboundStream)
+
+    /// Release what the body holds when it will never be sent.
+    public func discard() {
+        switch self {
+        case .file(let f): f.close()
+        case .stream(let s): s.cancel(HTTPTransportError.connectionClosed)
+        case .empty, .bytes: break
+        }
+    }
 
     /// The length if known up front.
     public var knownLength: Int64? {
@@ -68,6 +79,7 @@ public enum HTTPOutboundBody: Sendable {
         case .empty: 0
         case .bytes(let b): Int64(b.readableBytes)
         case .file(let f): f.length
+        case .stream: nil
         }
     }
 }
@@ -76,11 +88,14 @@ public struct HTTPResponse: Sendable {
     public var status: Int
     public var headers: HTTPHeaders
     public var body: HTTPOutboundBody
+    /// Trailers sent after a `.empty`/`.bytes`/`.file` body (a `.stream` brings its own).
+    public var trailers: HTTPHeaders?
 
-    public init(status: Int, headers: HTTPHeaders = HTTPHeaders(), body: HTTPOutboundBody = .empty) {
+    public init(status: Int, headers: HTTPHeaders = HTTPHeaders(), body: HTTPOutboundBody = .empty, trailers: HTTPHeaders? = nil) {
         self.status = status
         self.headers = headers
         self.body = body
+        self.trailers = trailers
     }
 
     /// A plain-text response with a message a human (and a script) can act on.

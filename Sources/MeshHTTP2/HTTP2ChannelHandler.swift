@@ -140,6 +140,19 @@ class HTTP2ChannelHandler: ChannelInboundHandler, NGHTTP2SessionDelegate {
         }
     }
 
+    func makeResumeCallback(stream: Int32) -> @Sendable () -> Void {
+        guard let context else { return {} }
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let loop = context.eventLoop
+        return {
+            loop.execute {
+                let me = bound.value
+                me.session?.resume(stream: stream)
+                me.scheduleFlush()
+            }
+        }
+    }
+
     /// Run `body` on this handler's event loop from any thread.
     func onLoop(_ body: @escaping (HTTP2ChannelHandler) -> Void) -> (@Sendable () -> Void) {
         guard let context else { return {} }

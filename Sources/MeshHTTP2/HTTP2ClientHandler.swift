@@ -67,17 +67,17 @@ final class HTTP2ClientHandler: HTTP2ChannelHandler {
 
     func start(head: HTTPRequestHead, body: HTTPOutboundBody, token: RequestToken, continuation: CheckedContinuation<HTTPClientResponse, any Error>) {
         if let g = goaway {
-            if case .file(let f) = body { f.close() }
+            body.discard()
             continuation.resume(throwing: HTTPTransportError.goaway(lastStreamID: g.lastStreamID, errorCode: g.errorCode))
             return
         }
         guard let session, !closing, failure == nil else {
-            if case .file(let f) = body { f.close() }
+            body.discard()
             continuation.resume(throwing: failure ?? HTTPTransportError.connectionClosed)
             return
         }
         if token.cancelled.withLock({ $0 }) {
-            if case .file(let f) = body { f.close() }
+            body.discard()
             continuation.resume(throwing: CancellationError())
             return
         }

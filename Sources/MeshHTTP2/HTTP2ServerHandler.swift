@@ -111,14 +111,14 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     private func respond(stream: Int32, response: HTTPResponse) {
         guard let s = streams[stream], let session else {
             // The stream died (reset, connection closed) while the service worked.
-            if case .file(let f) = response.body { f.close() }
+            response.body.discard()
             return
         }
         var headers = response.headers
         if headers["content-length"] == nil, let n = response.body.knownLength, response.status != 204, response.status != 304 {
             headers.add("content-length", String(n))
         }
-        if !session.submitResponse(stream: stream, status: response.status, headers: headers, body: response.body, headOnly: s.isHead) {
+        if !session.submitResponse(stream: stream, status: response.status, headers: headers, body: response.body, trailers: response.trailers, headOnly: s.isHead) {
             session.resetStream(stream, errorCode: 2)
         }
         scheduleFlush()

@@ -16,6 +16,8 @@ protocol NGHTTP2SessionDelegate: AnyObject {
     func goawayReceived(lastStreamID: Int32, errorCode: UInt32)
     /// We finished sending our side of `stream` (END_STREAM went out).
     func endOfStreamSent(stream: Int32)
+    /// A callback (any thread) that resumes a deferred streaming body of `stream`.
+    func makeResumeCallback(stream: Int32) -> @Sendable () -> Void
 }
 
 /// Owns one `nghttp2_session`. Not thread-safe: lives on its connection's event loop.
@@ -38,6 +40,7 @@ final class NGHTTP2Session {
     private struct Outbound {
         var bytes: ByteBuffer?
         var file: (any FileBodySource)?
+        var stream: HTTPOutboundStream?
         var position: Int64 = 0
         var end: Int64 = 0
         var trailers: HTTPHeaders?
@@ -86,7 +89,10 @@ final class NGHTTP2Session {
     }
 
     deinit {
-        for (_, o) in outbound { o.file?.close() }
+        for (_, o) in outbound {
+            o.file?.close()
+            o.stream?.cancel(HTTPTransportError.connectionClosed)
+        }
         nghttp2_session_del(session)
     }
 
@@ -129,7 +135,7 @@ final class NGHTTP2Session {
     func submitResponse(stream: Int32, status: Int, headers: HTTPHeaders, body: HTTPOutboundBody, trailers: HTTPHeaders? = nil, headOnly: Bool = false) -> Bool {
         var fields: [(String, String)] = [(":status", String(status))]
         fields.append(contentsOf: headers.fields)
-        if headOnly, case .file(let f) = body { f.close() }
+        if headOnly { body.discard() }
         let provider = headOnly ? nil : prepareOutbound(stream: stream, body: body, trailers: trailers)
         let rc = withNV(fields) { nva, count in
             if var p = provider {
@@ -164,7 +170,7 @@ final class NGHTTP2Session {
                 : nghttp2_submit_request(session, nil, nva, count, nil, nil)
         }
         guard id > 0 else {
-            if case .file(let f) = body { f.close() }
+            body.discard()
             throw HTTPTransportError.protocolError("cannot submit request: \(String(cString: nghttp2_strerror(id)))")
         }
         if hasBody { _ = prepareOutbound(stream: id, body: body, trailers: nil) }
@@ -204,6 +210,9 @@ final class NGHTTP2Session {
             o.file = f
             o.position = f.start
             o.end = f.start + f.length
+        case .stream(let s):
+            o.stream = s
+            s.setOnReadable(delegate.makeResumeCallback(stream: stream))
         }
         outbound[stream] = o
         var provider = nghttp2_data_provider()
@@ -212,7 +221,9 @@ final class NGHTTP2Session {
     }
 
     private func dropOutbound(stream: Int32) {
-        outbound.removeValue(forKey: stream)?.file?.close()
+        guard let o = outbound.removeValue(forKey: stream) else { return }
+        o.file?.close()
+        o.stream?.cancel(HTTPTransportError.streamReset(errorCode: 8))
     }
 
     private func withNV<R>(_ fields: [(String, String)], _ body: (UnsafePointer<nghttp2_nv>, Int) -> R) -> R {
@@ -278,6 +289,20 @@ final class NGHTTP2Session {
                 o.position += Int64(n)
             }
             done = o.position >= o.end
+        } else if let s = o.stream {
+            switch s.read(max: buf.count) {
+            case .data(let b):
+                n = b.readableBytes
+                b.withUnsafeReadableBytes { buf.copyMemory(from: $0) }
+            case .wouldBlock:
+                return Int(NGHTTP2_ERR_DEFERRED.rawValue)
+            case .end(let trailers):
+                done = true
+                if let trailers { o.trailers = trailers }
+            case .failed(let e):
+                lastError = "\(e)"
+                return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
+            }
         } else {
             done = true
         }
@@ -290,6 +315,7 @@ final class NGHTTP2Session {
             o.file?.close()
             o.file = nil
             o.bytes = nil
+            o.stream = nil
         }
         outbound[stream] = o
         return n

@@ -1,10 +1,21 @@
 import MeshHTTP
 import NIOCore
+import Synchronization
 import Testing
 @testable import MeshHTTP2
 
+final class ResumeLog: Sendable {
+    let streams = Mutex<[Int32]>([])
+}
+
 /// Records what a session reports.
 final class Recorder: NGHTTP2SessionDelegate {
+    let resumes = ResumeLog()
+    func makeResumeCallback(stream: Int32) -> @Sendable () -> Void {
+        let log = resumes
+        return { log.streams.withLock { $0.append(stream) } }
+    }
+
     var headers: [Int32: [(name: String, value: String)]] = [:]
     var trailers: [Int32: [(name: String, value: String)]] = [:]
     var data: [Int32: Int] = [:]
@@ -104,6 +115,43 @@ final class Pair {
         #expect(p.clientEvents.bytes[id] == Array("msg".utf8))
         #expect(p.clientEvents.trailers[id]?.contains { $0 == ("grpc-status", "0") } == true)
         #expect(p.clientEvents.ended.contains(id))
+    }
+
+    @Test func streamingBodyDefersUntilProducerWrites() async throws {
+        let p = Pair()
+        let id = try p.client.submitRequest(head: HTTPRequestHead(method: "POST", path: "/s", authority: "n"), body: .empty)
+        try p.pump()
+        let out = HTTPOutboundStream()
+        #expect(p.server.submitResponse(stream: id, status: 200, headers: [:], body: .stream(out)))
+        try p.pump()
+        #expect(p.clientEvents.headers[id] != nil)
+        #expect(p.clientEvents.data[id] == nil)   // deferred: nothing to send yet
+        try await out.write(ByteBuffer(string: "one,"))
+        #expect(p.serverEvents.resumes.streams.withLock { $0 }.contains(id))
+        p.server.resume(stream: id)
+        try p.pump()
+        #expect(p.clientEvents.bytes[id] == Array("one,".utf8))
+        try await out.write(ByteBuffer(string: "two"))
+        out.finish(trailers: ["grpc-status": "0"])
+        p.server.resume(stream: id)
+        try p.pump()
+        #expect(p.clientEvents.bytes[id] == Array("one,two".utf8))
+        #expect(p.clientEvents.trailers[id]?.contains { $0 == ("grpc-status", "0") } == true)
+        #expect(p.clientEvents.closed[id] == 0)
+    }
+
+    @Test func streamingProducerIsHeldAtWatermarkAndFailsWhenReceiverGoes() async throws {
+        let out = HTTPOutboundStream(highWatermark: 8)
+        let producer = Task {
+            try await out.write(ByteBuffer(repeating: 1, count: 16))   // over the watermark: waits
+            return "returned"
+        }
+        try await Task.sleep(for: .milliseconds(30))
+        guard case .data(let b) = out.read(max: 10) else { Issue.record("expected data"); return }
+        #expect(b.readableBytes == 10)
+        #expect(try await producer.value == "returned")   // 6 ≤ 8 buffered: released
+        out.cancel(HTTPTransportError.streamReset(errorCode: 8))
+        await #expect(throws: HTTPTransportError.streamReset(errorCode: 8)) { try await out.write(ByteBuffer(string: "x")) }
     }
 
     @Test func gracefulGoawayTwoPhases() throws {
