@@ -99,6 +99,13 @@ public final class HTTP2Server: Sendable {
         for c in conns { try? await c.closeFuture.get() }
     }
 
+    /// Start a graceful GOAWAY on every open connection but keep accepting new ones
+    /// (tests, and a drain phase that hands clients to fresh connections).
+    public func goawayAllConnections() {
+        let conns = state.withLock { Array($0.connections.values) }
+        for c in conns { c.pipeline.fireUserInboundEventTriggered(HTTP2GracefulShutdownEvent()) }
+    }
+
     /// Close the listener and every connection now.
     public func close() async {
         let (server, conns) = state.withLock { ($0.server, Array($0.connections.values)) }

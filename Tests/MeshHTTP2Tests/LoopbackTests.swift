@@ -1,0 +1,162 @@
+import Logging
+import MeshHTTP
+import MeshTLS
+import NIOCore
+import NIOPosix
+import Synchronization
+import Testing
+@testable import MeshHTTP2
+
+/// A test service: echoes bodies, streams, waits, reports cancellations.
+final class TestService: HTTPService {
+    let bodyErrors = Mutex<[String]>([])
+    let started = Mutex(0)
+
+    func handle(_ request: HTTPServerRequest) async -> HTTPResponse {
+        started.withLock { $0 += 1 }
+        switch request.head.path {
+        case "/echo":
+            do {
+                let b = try await request.body.collect(upTo: 64 << 20)
+                return HTTPResponse(status: 200, headers: ["x-peer-role": request.peer.role?.rawValue ?? "none"], body: .bytes(b))
+            } catch {
+                return .text(500, "\(error)")
+            }
+        case "/hang-body":
+            // Read until the client goes away; record how the body ended.
+            do {
+                for try await _ in request.body {}
+                bodyErrors.withLock { $0.append("ended") }
+            } catch {
+                bodyErrors.withLock { $0.append("\(error)") }
+            }
+            return .text(200, "done")
+        case "/stream":
+            let out = HTTPOutboundStream(highWatermark: 64 * 1024)
+            Task {
+                for i in 0..<100 { try? await out.write(ByteBuffer(string: "chunk\(i);")) }
+                out.finish(trailers: ["x-count": "100"])
+            }
+            return HTTPResponse(status: 200, body: .stream(out))
+        case "/slow":
+            try? await Task.sleep(for: .milliseconds(300))
+            return .text(200, "slow done")
+        default:
+            return .text(404, "no")
+        }
+    }
+}
+
+@Suite(.serialized) struct LoopbackTests {
+    static func creds(_ name: String) throws -> TLSCredentials {
+        try TLSCredentials(files: TLSFiles(certificateChain: TestCerts.path("\(name).pem"), privateKey: TestCerts.path("\(name).key"), trustedCA: TestCerts.path("ca.pem")))
+    }
+
+    static func withServer(_ body: (HTTP2Server, Int, TestService) async throws -> Void) async throws {
+        let service = TestService()
+        let server = HTTP2Server(configuration: .init(host: "127.0.0.1", port: 0, credentials: try creds("node"), drainGracePeriod: .seconds(5)),
+                                 service: service, logger: Logger(label: "test"))
+        let addr = try await server.start()
+        do {
+            try await body(server, addr.port!, service)
+        } catch {
+            await server.close()
+            throw error
+        }
+        await server.close()
+    }
+
+    @Test func manyConcurrentStreamsOnOneConnection() async throws {
+        try await Self.withServer { _, port, _ in
+            let c = try await HTTP2Connection.connect(host: "127.0.0.1", port: port, credentials: try Self.creds("client"))
+            #expect(c.peer.role == .node)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for i in 0..<300 {   // more than the 128 concurrent streams the server allows
+                    group.addTask {
+                        let payload = ByteBuffer(repeating: UInt8(i % 256), count: 1000 + i * 37)
+                        let r = try await c.request(HTTPRequestHead(method: "PUT", path: "/echo"), body: .bytes(payload))
+                        #expect(r.status == 200)
+                        #expect(r.headers["x-peer-role"] == "client")
+                        #expect(try await r.body.collect(upTo: 1 << 20) == payload)
+                    }
+                }
+                try await group.waitForAll()
+            }
+            await c.close()
+        }
+    }
+
+    @Test func largeBodiesBothWays() async throws {
+        try await Self.withServer { _, port, _ in
+            let c = try await HTTP2Connection.connect(host: "127.0.0.1", port: port, credentials: try Self.creds("client"))
+            var big = ByteBuffer()
+            for i in 0..<(8 << 20) / 8 { big.writeInteger(UInt64(i)) }
+            let r = try await c.request(HTTPRequestHead(method: "PUT", path: "/echo"), body: .bytes(big))
+            #expect(r.status == 200)
+            #expect(try await r.body.collect(upTo: 16 << 20) == big)
+            await c.close()
+        }
+    }
+
+    @Test func streamingResponseWithTrailers() async throws {
+        try await Self.withServer { _, port, _ in
+            let c = try await HTTP2Connection.connect(host: "127.0.0.1", port: port, credentials: try Self.creds("reader"))
+            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/stream"))
+            let body = String(buffer: try await r.body.collect(upTo: 1 << 20))
+            #expect(body.hasPrefix("chunk0;chunk1;"))
+            #expect(body.hasSuffix("chunk99;"))
+            await c.close()
+        }
+    }
+
+    @Test func cancellingARequestResetsTheServerStream() async throws {
+        try await Self.withServer { _, port, service in
+            let c = try await HTTP2Connection.connect(host: "127.0.0.1", port: port, credentials: try Self.creds("client"))
+            let out = HTTPOutboundStream()
+            let t = Task { try await c.request(HTTPRequestHead(method: "PUT", path: "/hang-body"), body: .stream(out)) }
+            try await out.write(ByteBuffer(string: "partial"))
+            // Wait (bounded) until the server started handling it, then cancel the client task.
+            for _ in 0..<200 where service.started.withLock({ $0 }) == 0 { try await Task.sleep(for: .milliseconds(10)) }
+            t.cancel()
+            await #expect(throws: (any Error).self) { _ = try await t.value }
+            for _ in 0..<200 where service.bodyErrors.withLock({ $0.isEmpty }) { try await Task.sleep(for: .milliseconds(10)) }
+            let errs = service.bodyErrors.withLock { $0 }
+            #expect(errs.count == 1)
+            #expect(errs.first?.contains("reset") == true)   // RST_STREAM reached the server, body failed
+            // The connection is still good for other requests.
+            let r = try await c.request(HTTPRequestHead(method: "PUT", path: "/echo"), body: .bytes(ByteBuffer(string: "ok")))
+            #expect(r.status == 200)
+            await c.close()
+        }
+    }
+
+    @Test func goawayFinishesInFlightAndPoolMovesOn() async throws {
+        try await Self.withServer { server, port, _ in
+            let pool = HTTP2ConnectionPool(credentials: try Self.creds("client"))
+            let first = try await pool.connection(host: "127.0.0.1", port: port)
+            // An in-flight request that outlives the GOAWAY.
+            let slow = Task { try await first.request(HTTPRequestHead(method: "GET", path: "/slow")) }
+            try await Task.sleep(for: .milliseconds(50))
+            server.goawayAllConnections()
+            let r = try await slow.value
+            #expect(r.status == 200)
+            #expect(String(buffer: try await r.body.collect(upTo: 1024)).contains("slow done"))
+            // After the final GOAWAY the old connection is not usable; the pool opens a new one.
+            for _ in 0..<200 where first.isUsable { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(!first.isUsable)
+            let r2 = try await pool.request(host: "127.0.0.1", port: port, HTTPRequestHead(method: "PUT", path: "/echo"), body: .bytes(ByteBuffer(string: "again")))
+            #expect(r2.status == 200)
+            let second = try await pool.connection(host: "127.0.0.1", port: port)
+            #expect(second !== first)
+            await pool.closeAll()
+        }
+    }
+
+    @Test func clientRefusesServerWithWrongName() async throws {
+        try await Self.withServer { _, port, _ in
+            await #expect(throws: (any Error).self) {
+                _ = try await HTTP2Connection.connect(host: "127.0.0.1", port: port, credentials: try Self.creds("client"), serverName: "wrong.example")
+            }
+        }
+    }
+}
