@@ -19,7 +19,8 @@ class HTTP2ChannelHandler: ChannelInboundHandler, NGHTTP2SessionDelegate {
     var session: NGHTTP2Session?
     var context: ChannelHandlerContext?
     private var flushScheduled = false
-    private var inRead = false
+    /// Completes when the last frame handed to the channel was written.
+    private var pendingWrite: EventLoopFuture<Void>?
     var closing = false
 
     init(settings: NGHTTP2Session.Settings, logger: Logger) {
@@ -53,8 +54,6 @@ class HTTP2ChannelHandler: ChannelInboundHandler, NGHTTP2SessionDelegate {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard let session, !closing else { return }
-        inRead = true
-        defer { inRead = false }
         do {
             try session.receive(unwrapInboundIn(data))
         } catch {
@@ -91,14 +90,15 @@ class HTTP2ChannelHandler: ChannelInboundHandler, NGHTTP2SessionDelegate {
     /// Write what nghttp2 has to send, stopping while the channel is not writable.
     func flushOutput() {
         guard let context, let session else { return }
-        var wrote = false
+        var lastWrite: EventLoopFuture<Void>?
         do {
             while true {
                 var buf = context.channel.allocator.buffer(capacity: 16 * 1024)
                 let more = try session.produce(into: &buf, limit: 256 * 1024)
                 if buf.readableBytes > 0 {
-                    context.write(wrapOutboundOut(buf), promise: nil)
-                    wrote = true
+                    let promise = context.eventLoop.makePromise(of: Void.self)
+                    context.write(wrapOutboundOut(buf), promise: promise)
+                    lastWrite = promise.futureResult
                 }
                 if !more || !context.channel.isWritable { break }
             }
@@ -108,10 +108,20 @@ class HTTP2ChannelHandler: ChannelInboundHandler, NGHTTP2SessionDelegate {
             context.close(promise: nil)
             return
         }
-        if wrote { context.flush() }
+        if lastWrite != nil {
+            context.flush()
+            pendingWrite = lastWrite
+        }
         if !session.wantsRead && !session.wantsWrite && !closing {
+            // Done (e.g. after GOAWAY): close only once everything written so far left the
+            // socket, or a slow reader would lose the tail of its response.
             closing = true
-            context.close(promise: nil)
+            if let last = pendingWrite {
+                let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+                last.whenComplete { _ in bound.value.close(promise: nil) }
+            } else {
+                context.close(promise: nil)
+            }
         }
     }
 

@@ -2,6 +2,7 @@ import BlobStore
 import CacheNode
 import Foundation
 import MeshHTTP
+import NIOCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -59,11 +60,11 @@ struct Certs: Sendable {
         let dir = (NSTemporaryDirectory() as NSString).appendingPathComponent("cachemesh-it-certs-\(getpid())-\(UUID().uuidString.prefix(6))")
         let script = "\(Paths.packageRoot)/certs/mkcerts.sh"
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.executableURL = URL(fileURLWithPath: "/bin/bash")
         p.arguments = [script, "all", dir]
         p.standardOutput = FileHandle.nullDevice
         let errPath = dir + ".err"
-        FileManager.default.createFile(atPath: errPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: errPath, contents: nil)
         p.standardError = FileHandle(forWritingAtPath: errPath)
         do { try p.run() } catch { return .failure(HarnessError("cannot run \(script): \(error)")) }
         p.waitUntilExit()
