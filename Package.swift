@@ -15,6 +15,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
+        .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
     ],
     targets: [
         // C bindings (system libraries through pkg-config; shim.h wraps macros).
@@ -40,6 +41,16 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // REAPI v2 / ByteStream / google.rpc protobuf messages (generated once by protos/generate.sh, committed).
+        .target(name: "REAPI", dependencies: [
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
+        // gRPC over our HTTP/2 (and later HTTP/3): framing, status, deadlines, method dispatch.
+        .target(name: "MeshGRPC", dependencies: [
+            "MeshHTTP",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
         // Bounded on-disk CAS + AC.
         .target(name: "BlobStore", dependencies: [
             "CGnuTLS",
@@ -48,7 +59,8 @@ let package = Package(
         ]),
         // Routes, config, wiring, lifecycle.
         .target(name: "CacheNode", dependencies: [
-            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS",
+            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshGRPC", "REAPI",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
@@ -68,7 +80,8 @@ let package = Package(
             .product(name: "MetricsTestKit", package: "swift-metrics"),
         ]),
         .testTarget(name: "MeshHTTP2Tests", dependencies: ["MeshHTTP2", "MeshHTTP", "MeshTLS"]),
-        .testTarget(name: "CacheNodeTests", dependencies: ["CacheNode", "BlobStore"]),
+        .testTarget(name: "CacheNodeTests", dependencies: ["CacheNode", "BlobStore", "MeshGRPC", "MeshHTTP", "REAPI"]),
+        .testTarget(name: "MeshGRPCTests", dependencies: ["MeshGRPC", "MeshHTTP"]),
         .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "MeshHTTP2", "MeshTLS"]),
     ]
 )

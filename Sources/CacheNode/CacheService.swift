@@ -1,5 +1,6 @@
 import BlobStore
 import Logging
+import MeshGRPC
 import MeshHTTP
 import MeshTLS
 import Metrics
@@ -84,6 +85,7 @@ public final class CacheService: HTTPService {
     public static let maxActionBytes = 16 << 20
 
     let store: BlobStore
+    let reapi: REAPIService
     let registry: PrometheusCollectorRegistry?
     let logger: Logger
     private let info: Mutex<Info>
@@ -92,6 +94,7 @@ public final class CacheService: HTTPService {
 
     public init(store: BlobStore, registry: PrometheusCollectorRegistry?, info: Info, logger: Logger) {
         self.store = store
+        self.reapi = REAPIService(store: store, logger: logger)
         self.registry = registry
         self.info = Mutex(info)
         self.logger = logger
@@ -116,6 +119,7 @@ public final class CacheService: HTTPService {
     }
 
     private func route(_ request: HTTPServerRequest) async -> HTTPResponse {
+        if GRPCRouter.isGRPC(request.head) { return await reapi.router.handle(request) }
         let method = request.head.method
         switch Route.parse(request.head.path) {
         case .badRequest(let why):

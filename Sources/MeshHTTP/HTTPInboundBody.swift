@@ -12,6 +12,7 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
         var chunks = CircularBuffer<ByteBuffer>()
         var buffered = 0
         var finished = false
+        var trailers: HTTPHeaders?
         var error: (any Error)?
         var waiter: CheckedContinuation<ByteBuffer?, any Error>?
     }
@@ -55,10 +56,11 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
         return state.withLock { $0.error == nil }
     }
 
-    /// The body ended normally.
-    public func finish() {
+    /// The body ended normally (optionally with trailers, e.g. gRPC status).
+    public func finish(trailers: HTTPHeaders? = nil) {
         let waiter = state.withLock { s -> CheckedContinuation<ByteBuffer?, any Error>? in
             s.finished = true
+            if let trailers { s.trailers = trailers }
             if s.chunks.isEmpty, let w = s.waiter {
                 s.waiter = nil
                 return w
@@ -85,6 +87,9 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
         waiter?.resume(throwing: error)
         return dropped
     }
+
+    /// Trailers that ended the body, if any (read after the body returned nil).
+    public var trailers: HTTPHeaders? { state.withLock { $0.trailers } }
 
     /// Bytes received and not yet taken by the consumer.
     public var bufferedBytes: Int { state.withLock { $0.buffered } }

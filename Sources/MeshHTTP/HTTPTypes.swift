@@ -156,3 +156,25 @@ public enum HTTPTransportError: Error, Sendable, CustomStringConvertible, Equata
         }
     }
 }
+
+/// A response as a client sees it: the body streams in as the caller reads it; trailers (if
+/// any) are on `body.trailers` once the body ended.
+public struct HTTPClientResponse: Sendable {
+    public var status: Int
+    public var headers: HTTPHeaders
+    public var body: HTTPInboundBody
+    /// Reset the stream (RST_STREAM / STOP_SENDING CANCEL), e.g. for a losing race leg.
+    public var cancel: @Sendable () -> Void
+
+    public init(status: Int, headers: HTTPHeaders, body: HTTPInboundBody, cancel: @escaping @Sendable () -> Void) {
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.cancel = cancel
+    }
+}
+
+/// Something that sends requests to one peer (an HTTP/2 or HTTP/3 connection).
+public protocol HTTPClientTransport: Sendable {
+    func request(_ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> HTTPClientResponse
+}

@@ -10,7 +10,7 @@ import Synchronization
 /// Requests are cancellable (task cancellation → RST_STREAM CANCEL). When the server sends
 /// GOAWAY, requests it will not process fail with `HTTPTransportError.goaway` (retryable) and
 /// `isGoingAway` becomes true so pools open a new connection.
-public final class HTTP2Connection: Sendable {
+public final class HTTP2Connection: HTTPClientTransport {
     public let channel: any Channel
     public let peer: PeerIdentity
     private let handler: NIOLoopBound<HTTP2ClientHandler>

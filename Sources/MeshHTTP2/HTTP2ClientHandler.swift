@@ -4,15 +4,6 @@ import MeshTLS
 import NIOCore
 import Synchronization
 
-/// A response as the client sees it: the body streams in as the caller reads it.
-public struct HTTPClientResponse: Sendable {
-    public var status: Int
-    public var headers: HTTPHeaders
-    public var body: HTTPInboundBody
-    /// Reset the stream (RST_STREAM CANCEL), e.g. for a losing race leg.
-    public var cancel: @Sendable () -> Void
-}
-
 /// Connection-level facts readable from any thread.
 final class H2ConnectionFlags: Sendable {
     let goingAway = Mutex(false)
@@ -29,6 +20,7 @@ final class HTTP2ClientHandler: HTTP2ChannelHandler {
         var continuation: CheckedContinuation<HTTPClientResponse, any Error>?
         var body: HTTPInboundBody?
         var ended = false
+        var trailers: HTTPHeaders?
     }
 
     private var streams: [Int32: Stream] = [:]
@@ -111,7 +103,9 @@ final class HTTP2ClientHandler: HTTP2ChannelHandler {
     override func headersReceived(stream: Int32, headers: [(name: String, value: String)], isTrailers: Bool, endStream: Bool) {
         guard var s = streams[stream] else { return }
         if isTrailers {
-            // Trailers end the body; callers needing them (gRPC) get them through a later API.
+            // Delivered with the end of the body (END_STREAM is on this HEADERS frame).
+            s.trailers = HTTPHeaders(headers.filter { !$0.name.hasPrefix(":") })
+            streams[stream] = s
             return
         }
         guard let c = s.continuation else { return }
@@ -143,7 +137,7 @@ final class HTTP2ClientHandler: HTTP2ChannelHandler {
         guard var s = streams[stream] else { return }
         s.ended = true
         streams[stream] = s
-        s.body?.finish()
+        s.body?.finish(trailers: s.trailers)
     }
 
     override func streamClosed(stream: Int32, errorCode: UInt32) {

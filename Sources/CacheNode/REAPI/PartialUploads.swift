@@ -1,0 +1,99 @@
+import BlobStore
+import Foundation
+import Logging
+import MeshGRPC
+import Synchronization
+
+/// ByteStream uploads whose stream broke, kept for a while so the client can resume at
+/// `committed_size` (QueryWriteStatus) instead of starting over.
+final class PartialUploads: Sendable {
+    final class Upload: Sendable {
+        let writer: BlobWriter
+        let digest: Digest
+        init(writer: BlobWriter, digest: Digest) {
+            self.writer = writer
+            self.digest = digest
+        }
+    }
+
+    private struct Parked {
+        var upload: Upload
+        var since: ContinuousClock.Instant
+    }
+
+    /// How long a broken upload waits for its client.
+    static let ttl: Duration = .seconds(300)
+    /// How many broken uploads may be parked (each holds a write slot and a temp file).
+    static let maxParked = 16
+
+    private let parked = Mutex<[String: Parked]>([:])
+    private let active = Mutex<Set<String>>([])
+    private let logger: Logger
+
+    init(logger: Logger) {
+        self.logger = logger
+    }
+
+    /// Start, or resume a parked upload of `resource` at `offset`.
+    func resume(_ resource: String, digest: Digest, offset: Int64, store: BlobStore) async throws -> Upload {
+        expire()
+        let taken = active.withLock { $0.insert(resource).inserted }
+        guard taken else { throw GRPCStatus(.aborted, "another Write to \(resource.prefix(200)) is in progress") }
+        if let p = parked.withLock({ $0.removeValue(forKey: resource) }) {
+            if offset == p.upload.writer.bytesWritten { return p.upload }
+            if offset != 0 {
+                parked.withLock { $0[resource] = p }
+                active.withLock { _ = $0.remove(resource) }
+                throw GRPCStatus(.invalidArgument, "write_offset \(offset) does not match committed size \(p.upload.writer.bytesWritten)")
+            }
+            p.upload.writer.abort()   // the client starts over
+        } else if offset != 0 {
+            active.withLock { _ = $0.remove(resource) }
+            throw GRPCStatus(.invalidArgument, "write_offset \(offset) for an upload that is not in progress")
+        }
+        do {
+            let writer = try await store.beginWrite(hash: digest.hash, expectedSize: digest.size)
+            return Upload(writer: writer, digest: digest)
+        } catch {
+            active.withLock { _ = $0.remove(resource) }
+            throw error
+        }
+    }
+
+    func park(_ resource: String, _ upload: Upload) {
+        active.withLock { _ = $0.remove(resource) }
+        let evicted: [Upload] = parked.withLock { p in
+            p[resource] = Parked(upload: upload, since: .now)
+            var out: [Upload] = []
+            while p.count > Self.maxParked, let oldest = p.min(by: { $0.value.since < $1.value.since }) {
+                out.append(oldest.value.upload)
+                p.removeValue(forKey: oldest.key)
+            }
+            return out
+        }
+        evicted.forEach { $0.writer.abort() }
+    }
+
+    func finished(_ resource: String) {
+        active.withLock { _ = $0.remove(resource) }
+    }
+
+    func discard(_ resource: String) {
+        parked.withLock { $0.removeValue(forKey: resource) }?.upload.writer.abort()
+    }
+
+    func committed(_ resource: String) -> Int64? {
+        parked.withLock { $0[resource]?.upload.writer.bytesWritten }
+    }
+
+    private func expire() {
+        let now = ContinuousClock.now
+        let old: [Upload] = parked.withLock { p in
+            let expired = p.filter { now - $0.value.since > Self.ttl }
+            for k in expired.keys { p.removeValue(forKey: k) }
+            return expired.values.map(\.upload)
+        }
+        if !old.isEmpty { logger.debug("expired \(old.count) parked upload(s)") }
+        old.forEach { $0.writer.abort() }
+    }
+}
