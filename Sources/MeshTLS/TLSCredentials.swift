@@ -31,8 +31,9 @@ public final class TLSCredentials: @unchecked Sendable {
     public static let priority =
         "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:+CHACHA20-POLY1305:%SERVER_PRECEDENCE"
 
-    let credentials: gnutls_certificate_credentials_t
-    let priorityCache: gnutls_priority_t
+    /// Shared with the other transports of this package (QUIC drives its own GnuTLS sessions).
+    package let credentials: gnutls_certificate_credentials_t
+    package let priorityCache: gnutls_priority_t
     public let files: TLSFiles
 
     public init(files: TLSFiles) throws {

@@ -242,6 +242,11 @@ public final class TLSSession {
 
     /// The peer's identity from its (already verified) certificate.
     public func peerIdentity() -> PeerIdentity? {
+        Self.peerIdentity(of: session)
+    }
+
+    /// Role and name from the first certificate `session`'s peer presented (any transport).
+    package static func peerIdentity(of session: gnutls_session_t) -> PeerIdentity? {
         var count: UInt32 = 0
         guard let certs = gnutls_certificate_get_peers(session, &count), count > 0 else { return nil }
         var crt: gnutls_x509_crt_t?
