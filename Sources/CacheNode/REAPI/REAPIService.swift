@@ -149,25 +149,35 @@ public final class REAPIService: Sendable {
         return resp
     }
 
-    func batchUpdate(_ req: Build_Bazel_Remote_Execution_V2_BatchUpdateBlobsRequest) async throws -> Build_Bazel_Remote_Execution_V2_BatchUpdateBlobsResponse {
-        let total = req.requests.reduce(Int64(0)) { $0 + Int64($1.data.count) }
-        guard total <= Self.maxBatchTotalSize else {
-            throw GRPCStatus(.invalidArgument, "batch of \(total) bytes exceeds max_batch_total_size_bytes \(Self.maxBatchTotalSize)")
+    static func checkBatchSize(_ total: Int64) throws {
+        guard total <= maxBatchTotalSize else {
+            throw GRPCStatus(.invalidArgument, "batch of \(total) bytes exceeds max_batch_total_size_bytes \(maxBatchTotalSize)")
         }
+    }
+
+    /// Runs `body` for one blob of a batch; its error becomes that blob's status.
+    static func perBlob(_ body: () async throws -> Void) async -> Google_Rpc_Status {
+        do {
+            try await body()
+            return rpcStatus(.ok)
+        } catch {
+            return rpcStatus(status(for: error))
+        }
+    }
+
+    func batchUpdate(_ req: Build_Bazel_Remote_Execution_V2_BatchUpdateBlobsRequest) async throws -> Build_Bazel_Remote_Execution_V2_BatchUpdateBlobsResponse {
+        try Self.checkBatchSize(req.requests.reduce(Int64(0)) { $0 + Int64($1.data.count) })
         var resp = Build_Bazel_Remote_Execution_V2_BatchUpdateBlobsResponse()
         for r in req.requests {
             var one = Build_Bazel_Remote_Execution_V2_BatchUpdateBlobsResponse.Response()
             one.digest = r.digest
-            do {
+            one.status = await Self.perBlob {
                 let d = try Self.digest(r.digest)
                 guard r.compressor == .identity else { throw GRPCStatus(.invalidArgument, "compressor \(r.compressor) not supported") }
                 guard Int64(r.data.count) == d.size else {
                     throw GRPCStatus(.invalidArgument, "size mismatch for \(d.hash): digest says \(d.size), data has \(r.data.count) bytes")
                 }
                 _ = try await store.put(bytes: [UInt8](r.data), hash: d.hash)
-                one.status = Self.rpcStatus(.ok)
-            } catch {
-                one.status = Self.rpcStatus(Self.status(for: error))
             }
             resp.responses.append(one)
         }
@@ -175,22 +185,18 @@ public final class REAPIService: Sendable {
     }
 
     func batchRead(_ req: Build_Bazel_Remote_Execution_V2_BatchReadBlobsRequest) async throws -> Build_Bazel_Remote_Execution_V2_BatchReadBlobsResponse {
-        let total = req.digests.reduce(Int64(0)) { $0 + max(0, $1.sizeBytes) }
-        guard total <= Self.maxBatchTotalSize else {
-            throw GRPCStatus(.invalidArgument, "batch of \(total) bytes exceeds max_batch_total_size_bytes \(Self.maxBatchTotalSize)")
-        }
+        try Self.checkBatchSize(req.digests.reduce(Int64(0)) { $0 + max(0, $1.sizeBytes) })
         var resp = Build_Bazel_Remote_Execution_V2_BatchReadBlobsResponse()
         for d in req.digests {
             var one = Build_Bazel_Remote_Execution_V2_BatchReadBlobsResponse.Response()
             one.digest = d
-            do {
+            var data = Data()
+            one.status = await Self.perBlob {
                 let digest = try Self.digest(d)
                 guard store.size(of: digest.hash) == digest.size else { throw GRPCStatus(.notFound, "blob \(digest) not found") }
-                one.data = Data(try await store.readAll(hash: digest.hash))
-                one.status = Self.rpcStatus(.ok)
-            } catch {
-                one.status = Self.rpcStatus(Self.status(for: error))
+                data = Data(try await store.readAll(hash: digest.hash))
             }
+            one.data = data
             resp.responses.append(one)
         }
         return resp
