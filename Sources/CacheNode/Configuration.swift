@@ -28,7 +28,7 @@ public enum ByteSize {
 }
 
 /// `host:port`, `[v6]:port`.
-public struct HostPort: Sendable, Equatable, CustomStringConvertible {
+public struct HostPort: Sendable, Hashable, CustomStringConvertible {
     public var host: String
     public var port: Int
 

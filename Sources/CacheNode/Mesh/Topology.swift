@@ -1,0 +1,131 @@
+import Foundation
+import TOMLKit
+
+/// A mesh described in one TOML file (`topology/*.toml`): its CA, replication, and every node.
+///
+/// ```toml
+/// name = "lan-4"
+/// ca = "../certs/out/ca.pem"       # relative paths are relative to this file
+/// replication = 2                   # R: copies of every acknowledged blob
+/// write_quorum = 1                  # W: copies durable before a write is acknowledged
+/// [[nodes]]
+/// name = "origin"
+/// role = "origin"                   # or "peer"
+/// tcp = "127.0.0.1:9440"
+/// quic = "127.0.0.1:9440"           # UDP; optional until QUIC lands
+/// data_dir = "/tmp/cachemesh-lan-4/origin"
+/// max_bytes = "2G"
+/// cert = "../certs/out/origin.pem"
+/// key = "../certs/out/origin.key"
+/// seeds = []
+/// ```
+public struct Topology: Sendable {
+    public enum Role: String, Sendable, Codable {
+        case origin, peer
+    }
+
+    public struct Node: Sendable {
+        public var name: String
+        public var role: Role
+        public var tcp: HostPort
+        public var quic: HostPort?
+        public var dataDirectory: String
+        public var maxBytes: Int64
+        public var certificate: String
+        public var privateKey: String
+        public var seeds: [String]
+    }
+
+    public var name: String
+    public var ca: String
+    public var replication: Int
+    public var writeQuorum: Int
+    public var nodes: [Node]
+
+    public var origin: Node? { nodes.first { $0.role == .origin } }
+
+    public func node(named n: String) -> Node? { nodes.first { $0.name == n } }
+
+    private struct File: Decodable {
+        var name: String
+        var ca: String
+        var replication: Int?
+        var write_quorum: Int?
+        var nodes: [NodeEntry]
+    }
+
+    private struct NodeEntry: Decodable {
+        var name: String
+        var role: Role?
+        var tcp: String
+        var quic: String?
+        var data_dir: String
+        var max_bytes: String?
+        var cert: String
+        var key: String
+        var seeds: [String]?
+    }
+
+    public static func load(path: String) throws -> Topology {
+        let text: String
+        do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
+            throw ConfigurationError("cannot read topology \(path): \(error.localizedDescription)")
+        }
+        let file: File
+        do { file = try TOMLDecoder().decode(File.self, from: text) } catch {
+            throw ConfigurationError("topology \(path) is not valid: \(error)")
+        }
+        let base = URL(fileURLWithPath: path).deletingLastPathComponent()
+        func resolve(_ p: String) -> String { p.hasPrefix("/") ? p : base.appendingPathComponent(p).standardized.path }
+        var nodes: [Node] = []
+        for n in file.nodes {
+            guard let tcp = HostPort(n.tcp) else { throw ConfigurationError("topology \(path): node \(n.name): tcp '\(n.tcp)' is not host:port") }
+            var quic: HostPort?
+            if let q = n.quic {
+                guard let hp = HostPort(q) else { throw ConfigurationError("topology \(path): node \(n.name): quic '\(q)' is not host:port") }
+                quic = hp
+            }
+            var maxBytes: Int64 = 10 << 30
+            if let m = n.max_bytes {
+                guard let v = ByteSize.parse(m) else { throw ConfigurationError("topology \(path): node \(n.name): max_bytes '\(m)' is not a size") }
+                maxBytes = v
+            }
+            nodes.append(Node(name: n.name, role: n.role ?? .peer, tcp: tcp, quic: quic, dataDirectory: resolve(n.data_dir),
+                              maxBytes: maxBytes, certificate: resolve(n.cert), privateKey: resolve(n.key), seeds: n.seeds ?? []))
+        }
+        let t = Topology(name: file.name, ca: resolve(file.ca), replication: file.replication ?? 2, writeQuorum: file.write_quorum ?? 1, nodes: nodes)
+        try t.validate(path: path)
+        return t
+    }
+
+    func validate(path: String) throws {
+        let names = nodes.map(\.name)
+        if Set(names).count != names.count { throw ConfigurationError("topology \(path): node names must be unique") }
+        if nodes.filter({ $0.role == .origin }).count > 1 { throw ConfigurationError("topology \(path): at most one origin") }
+        if replication < 1 { throw ConfigurationError("topology \(path): replication must be >= 1") }
+        if writeQuorum < 1 || writeQuorum > replication { throw ConfigurationError("topology \(path): write_quorum must be in 1...replication") }
+        for n in nodes {
+            for s in n.seeds where !names.contains(s) {
+                throw ConfigurationError("topology \(path): node \(n.name) has unknown seed '\(s)'")
+            }
+        }
+        let tcp = nodes.map { "\($0.tcp)" }
+        if Set(tcp).count != tcp.count { throw ConfigurationError("topology \(path): two nodes share a tcp address") }
+    }
+
+    /// The node configuration for `name` (TLS on, mTLS required: mesh-internal routes need node certificates).
+    public func configuration(for name: String) throws -> NodeConfiguration {
+        guard let n = node(named: name) else {
+            throw ConfigurationError("no node '\(name)' in topology \(self.name) (nodes: \(nodes.map(\.name).joined(separator: ", ")))")
+        }
+        var c = NodeConfiguration()
+        c.name = n.name
+        c.listen = n.tcp
+        c.dataDirectory = n.dataDirectory
+        c.maxBytes = n.maxBytes
+        c.certificate = n.certificate
+        c.privateKey = n.privateKey
+        c.ca = ca
+        return c
+    }
+}

@@ -1,0 +1,105 @@
+import BlobStore
+import Foundation
+import Logging
+import MeshHTTP
+import NIOCore
+import Synchronization
+import Testing
+@testable import CacheNode
+
+/// An in-memory mesh: each source answers after a delay with some bytes (or an error).
+final class FakeMesh: MeshRequester {
+    struct Behaviour: Sendable {
+        var delay: Duration = .zero
+        var status = 200
+        var bytes: [UInt8]
+    }
+
+    let behaviours: [String: Behaviour]
+    let requests = Mutex<[String]>([])
+    let cancels = Mutex<[String]>([])
+
+    init(_ behaviours: [String: Behaviour]) { self.behaviours = behaviours }
+
+    func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> HTTPClientResponse {
+        requests.withLock { $0.append(source.name) }
+        #expect(head.headers[BlobFetcher.hopHeader] == "1")
+        let b = behaviours[source.name]!
+        let inbound = HTTPInboundBody()
+        let feeder = Task {
+            try await Task.sleep(for: b.delay)
+            // Two chunks, so a cancelled leg can be caught halfway.
+            let half = b.bytes.count / 2
+            inbound.append(ByteBuffer(bytes: b.bytes[..<half]))
+            try await Task.sleep(for: b.delay)
+            inbound.append(ByteBuffer(bytes: b.bytes[half...]))
+            inbound.finish()
+        }
+        let name = source.name
+        return HTTPClientResponse(status: b.status, headers: ["content-length": String(b.bytes.count)], body: inbound, cancel: { [self] in
+            feeder.cancel()
+            inbound.fail(CancellationError())
+            self.cancels.withLock { $0.append(name) }
+        })
+    }
+}
+
+@Suite struct BlobFetcherTests {
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cm-fetch-\(UUID())")
+
+    func store() throws -> BlobStore {
+        try BlobStore(configuration: BlobStoreConfiguration(directory: dir.path, maxBytes: 64 << 20), logger: Logger(label: "t"))
+    }
+
+    func src(_ n: String, origin: Bool = false) -> FetchSource { FetchSource(name: n, endpoint: HostPort(host: "127.0.0.1", port: 1), isOrigin: origin) }
+
+    let blob = (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 3) }
+
+    @Test func hedgedRaceCancelsTheSlowLeg() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        let mesh = FakeMesh(["slow": .init(delay: .seconds(5), bytes: blob), "origin": .init(delay: .milliseconds(5), bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), hedgeDelay: { .milliseconds(30) })
+        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("slow"), src("origin", origin: true)])
+        #expect(r.source.name == "origin")
+        #expect(r.legsStarted == 2)
+        #expect(r.legsCancelled == 1)
+        #expect(mesh.cancels.withLock { $0 } == ["slow"])
+        #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
+        #expect(s.stats.reservedBytes == 0)   // the loser's writer was aborted
+    }
+
+    @Test func corruptPeerLosesAndNothingCorruptIsStored() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        var bad = blob
+        bad[500] ^= 0xFF
+        let mesh = FakeMesh(["liar": .init(bytes: bad), "origin": .init(delay: .milliseconds(5), bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), hedgeDelay: { .seconds(10) })
+        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("liar"), src("origin", origin: true)])
+        #expect(r.source.name == "origin")   // failover at once after the digest check failed
+        #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
+        #expect(s.size(of: SHA256.hex(bad)) == nil)
+    }
+
+    @Test func allAtOnceAndAllFailing() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        let mesh = FakeMesh(["a": .init(status: 404, bytes: []), "b": .init(status: 404, bytes: [])])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), hedgeDelay: { nil })
+        await #expect(throws: BlobStoreError.self) { try await f.fetch(hash: SHA256.hex(blob), sources: [src("a"), src("b")]) }
+        #expect(Set(mesh.requests.withLock { $0 }) == ["a", "b"])
+    }
+
+    @Test func concurrentFetchesShareOneRace() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        let mesh = FakeMesh(["p": .init(delay: .milliseconds(50), bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), hedgeDelay: { .seconds(1) })
+        try await withThrowingTaskGroup(of: FetchResult.self) { g in
+            for _ in 0..<10 { g.addTask { try await f.fetch(hash: SHA256.hex(self.blob), sources: [self.src("p")]) } }
+            for try await r in g { #expect(r.source.name == "p") }
+        }
+        #expect(mesh.requests.withLock { $0 } == ["p"])
+    }
+}
