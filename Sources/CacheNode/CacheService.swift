@@ -69,6 +69,17 @@ enum Route: Equatable {
     }
 }
 
+/// What the mesh layer offers the routes (the worker role, mirroring, mesh-internal routes).
+public protocol MeshHooks: Sendable {
+    /// Fetch a blob this node lacks into the local store. Returns a description of the source
+    /// that won (e.g. `peer:peer2`, `origin:origin`), or nil if no source had it.
+    func fetchMissing(hash: String) async -> String?
+    /// A client stored a blob here: copy it to the mirrors (returns once the write quorum is durable).
+    func stored(_ digest: Digest) async throws
+    /// `/mesh/...` requests (node certificates only; checked before this is called).
+    func handleMeshRequest(_ request: HTTPServerRequest) async -> HTTPResponse
+}
+
 /// The node's routes: the Bazel HTTP cache protocol (`/cas`, `/ac`), `/metrics`, `/healthz`,
 /// `/status`. One service behind every transport.
 public final class CacheService: HTTPService {
@@ -86,14 +97,16 @@ public final class CacheService: HTTPService {
 
     let store: BlobStore
     let reapi: REAPIService
+    let mesh: (any MeshHooks)?
     let registry: PrometheusCollectorRegistry?
     let logger: Logger
     private let info: Mutex<Info>
     private let requests: Metrics.Counter
     private let startTime = ContinuousClock.now
 
-    public init(store: BlobStore, registry: PrometheusCollectorRegistry?, info: Info, logger: Logger) {
+    public init(store: BlobStore, registry: PrometheusCollectorRegistry?, info: Info, mesh: (any MeshHooks)? = nil, logger: Logger) {
         self.store = store
+        self.mesh = mesh
         self.reapi = REAPIService(store: store, logger: logger)
         self.registry = registry
         self.info = Mutex(info)
@@ -120,6 +133,11 @@ public final class CacheService: HTTPService {
 
     private func route(_ request: HTTPServerRequest) async -> HTTPResponse {
         if GRPCRouter.isGRPC(request.head) { return await reapi.router.handle(request) }
+        if request.head.path.hasPrefix("/mesh/") {
+            guard request.peer.role == .node else { return forbidden(request.peer, "mesh-internal routes need a node certificate") }
+            guard let mesh else { return .text(404, "this node is not part of a mesh") }
+            return await mesh.handleMeshRequest(request)
+        }
         let method = request.head.method
         switch Route.parse(request.head.path) {
         case .badRequest(let why):
@@ -137,11 +155,11 @@ public final class CacheService: HTTPService {
         case .cas(let hash, _):
             guard let role = request.peer.role else { return forbidden(request.peer, "no role in client certificate") }
             switch method {
-            case "GET": return await getBlob(hash)
+            case "GET": return await getBlob(hash, fromMesh: request.head.headers[BlobFetcher.hopHeader] != nil)
             case "HEAD": return headBlob(hash)
             case "PUT":
                 guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not write") }
-                return await putBlob(hash, request)
+                return await putBlob(hash, request, mirror: request.head.headers[Self.mirrorHeader] == nil)
             default: return methodNotAllowed("GET, HEAD, PUT")
             }
         case .ac(let key, _):
@@ -186,10 +204,19 @@ public final class CacheService: HTTPService {
         .text(Self.status(for: error), "\(error)")
     }
 
-    private func getBlob(_ hash: String) async -> HTTPResponse {
+    /// Header on mirror copies: the receiving node stores the blob but does not mirror it again.
+    public static let mirrorHeader = "x-cachemesh-mirror"
+
+    /// A miss is fetched from the mesh (worker role) unless the request itself comes from the mesh:
+    /// a node asked by another node answers from its own store only (no re-race, no loops).
+    private func getBlob(_ hash: String, fromMesh: Bool) async -> HTTPResponse {
+        var source = "local"
+        if store.size(of: hash) == nil, !fromMesh, let mesh, let s = await mesh.fetchMissing(hash: hash) {
+            source = s
+        }
         do {
             let reader = try await store.openRead(hash: hash)
-            return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream"], body: .file(reader))
+            return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream", "x-cachemesh-source": source], body: .file(reader))
         } catch {
             return errorResponse(error)
         }
@@ -200,7 +227,7 @@ public final class CacheService: HTTPService {
         return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream", "content-length": String(size)])
     }
 
-    private func putBlob(_ hash: String, _ request: HTTPServerRequest) async -> HTTPResponse {
+    private func putBlob(_ hash: String, _ request: HTTPServerRequest, mirror: Bool) async -> HTTPResponse {
         let expected = request.head.contentLength
         if request.head.headers["content-length"] != nil && expected == nil {
             return .text(400, "bad request: invalid content-length")
@@ -216,6 +243,14 @@ public final class CacheService: HTTPService {
                 try chunk.withUnsafeReadableBytes { try writer.write($0) }
             }
             let digest = try writer.commit()
+            if mirror, let mesh {
+                do {
+                    try await mesh.stored(digest)
+                } catch {
+                    // Stored here, but fewer than W copies are durable: do not acknowledge.
+                    return .text(503, "stored locally, but the write quorum was not reached: \(error)")
+                }
+            }
             return .text(201, "stored \(digest)")
         } catch let e as HTTPTransportError {
             writer.abort()
