@@ -107,7 +107,7 @@ public final class CacheService: HTTPService {
     public init(store: BlobStore, registry: PrometheusCollectorRegistry?, info: Info, mesh: (any MeshHooks)? = nil, logger: Logger) {
         self.store = store
         self.mesh = mesh
-        self.reapi = REAPIService(store: store, logger: logger)
+        self.reapi = REAPIService(store: store, mesh: mesh, logger: logger)
         self.registry = registry
         self.info = Mutex(info)
         self.logger = logger

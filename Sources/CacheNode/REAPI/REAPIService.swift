@@ -24,10 +24,12 @@ public final class REAPIService: Sendable {
     let store: BlobStore
     let logger: Logger
     let uploads: PartialUploads
+    let mesh: (any MeshHooks)?
     public let router: GRPCRouter
 
-    public init(store: BlobStore, logger: Logger) {
+    public init(store: BlobStore, mesh: (any MeshHooks)? = nil, logger: Logger) {
         self.store = store
+        self.mesh = mesh
         self.logger = logger
         self.uploads = PartialUploads(logger: logger)
         self.router = GRPCRouter(maxMessageSize: Int(Self.maxBatchTotalSize) + (1 << 20), mapError: Self.status(for:))
@@ -149,6 +151,14 @@ public final class REAPIService: Sendable {
         return resp
     }
 
+    /// The worker role: a blob a client needs but this node lacks is fetched from the mesh first.
+    /// Returns whether the blob (of that size) is now local.
+    func ensureLocal(_ d: Digest) async -> Bool {
+        if d.size == 0 || store.size(of: d.hash) == d.size { return true }
+        guard let mesh, await mesh.fetchMissing(hash: d.hash) != nil else { return false }
+        return store.size(of: d.hash) == d.size
+    }
+
     static func checkBatchSize(_ total: Int64) throws {
         guard total <= maxBatchTotalSize else {
             throw GRPCStatus(.invalidArgument, "batch of \(total) bytes exceeds max_batch_total_size_bytes \(maxBatchTotalSize)")
@@ -193,7 +203,7 @@ public final class REAPIService: Sendable {
             var data = Data()
             one.status = await Self.perBlob {
                 let digest = try Self.digest(d)
-                guard store.size(of: digest.hash) == digest.size else { throw GRPCStatus(.notFound, "blob \(digest) not found") }
+                guard await ensureLocal(digest) else { throw GRPCStatus(.notFound, "blob \(digest) not found") }
                 data = Data(try await store.readAll(hash: digest.hash))
             }
             one.data = data
@@ -262,7 +272,7 @@ public final class REAPIService: Sendable {
         if result.hasStderrDigest { refs.append(result.stderrDigest) }
         for dir in result.outputDirectories {
             guard let td = Digest(hash: dir.treeDigest.hash, size: dir.treeDigest.sizeBytes) else { return Digest.empty }
-            guard store.contains(td), let bytes = try? await store.readAll(hash: td.hash),
+            guard await ensureLocal(td), store.contains(td), let bytes = try? await store.readAll(hash: td.hash),
                   let tree = try? Build_Bazel_Remote_Execution_V2_Tree(serializedBytes: bytes) else { return td }
             for d in [tree.root] + tree.children {
                 refs.append(contentsOf: d.files.map(\.digest))
@@ -270,7 +280,7 @@ public final class REAPIService: Sendable {
         }
         for r in refs {
             guard let d = Digest(hash: r.hash, size: r.sizeBytes) else { return Digest.empty }
-            if !store.contains(d) { return d }
+            if !store.contains(d), !(await ensureLocal(d)) { return d }
         }
         return nil
     }
@@ -303,7 +313,7 @@ public final class REAPIService: Sendable {
         guard req.readLimit >= 0 else { throw GRPCStatus(.invalidArgument, "read_limit \(req.readLimit) is negative") }
         guard req.readOffset <= d.size else { throw GRPCStatus(.outOfRange, "read_offset \(req.readOffset) is beyond the blob size \(d.size)") }
         if d.size == 0 { return }
-        guard store.size(of: d.hash) == d.size else { throw GRPCStatus(.notFound, "blob \(d) not found") }
+        guard await ensureLocal(d) else { throw GRPCStatus(.notFound, "blob \(d) not found") }
         let reader = try await store.openRead(hash: d.hash, offset: req.readOffset, limit: req.readLimit == 0 ? nil : req.readLimit)
         defer { reader.close() }
         var pos = reader.offset
