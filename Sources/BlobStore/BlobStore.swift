@@ -831,7 +831,8 @@ public final class BlobStore: Sendable {
         metrics.bytesIn.increment(by: bytes)
     }
 
-    func recordBytesOut(_ bytes: Int64) {
+    /// Bytes served from a copy of a blob held elsewhere (e.g. a memory tier in front of the store).
+    public func recordBytesOut(_ bytes: Int64) {
         guard bytes > 0 else { return }
         bytesOutTotal.add(bytes, ordering: .relaxed)
         metrics.bytesOut.increment(by: bytes)

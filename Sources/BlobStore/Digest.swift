@@ -30,9 +30,14 @@ public struct Digest: Hashable, Sendable, CustomStringConvertible {
 
     /// `true` iff `s` is exactly 64 characters from `[0-9a-f]` (uppercase is rejected).
     public static func isValidHash(_ s: Substring) -> Bool {
-        let utf8 = s.utf8
-        guard utf8.count == 64 else { return false }
-        for c in utf8 {
+        // Hot path (every request): scan contiguous UTF-8 without String index checks.
+        if let r = s.utf8.withContiguousStorageIfAvailable(isValidHashBytes) { return r }
+        return isValidHashBytes(Array(s.utf8).withUnsafeBufferPointer { $0 })
+    }
+
+    private static func isValidHashBytes(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        guard bytes.count == 64 else { return false }
+        for c in bytes {
             switch c {
             case UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "a")...UInt8(ascii: "f"): continue
             default: return false
@@ -43,6 +48,7 @@ public struct Digest: Hashable, Sendable, CustomStringConvertible {
 
     /// `true` iff `s` is exactly 64 characters from `[0-9a-f]` (uppercase is rejected).
     public static func isValidHash(_ s: String) -> Bool {
-        isValidHash(s[...])
+        if let r = s.utf8.withContiguousStorageIfAvailable(isValidHashBytes) { return r }
+        return isValidHash(s[...])
     }
 }

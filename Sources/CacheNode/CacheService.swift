@@ -24,6 +24,11 @@ enum Route: Equatable {
     case notFound
 
     static func parse(_ rawPath: String) -> Route {
+        // Fast path for the common case `/cas/{64 hex}` (every cache GET).
+        if rawPath.utf8.count == 69, rawPath.hasPrefix("/cas/") {
+            let key = rawPath.dropFirst(5)
+            if Digest.isValidHash(key) { return .cas(hash: String(key), instance: nil) }
+        }
         var path = Substring(rawPath)
         if let q = path.firstIndex(of: "?") { path = path[..<q] }
         guard path.first == "/" else { return .badRequest("path must start with /") }
@@ -98,6 +103,7 @@ public final class CacheService: HTTPService {
     let store: BlobStore
     let reapi: REAPIService
     let mesh: (any MeshHooks)?
+    let hot = HotBlobs()
     let registry: PrometheusCollectorRegistry?
     let logger: Logger
     private let info: Mutex<Info>
@@ -204,6 +210,17 @@ public final class CacheService: HTTPService {
         .text(Self.status(for: error), "\(error)")
     }
 
+    /// Hot small blobs straight from memory, on the event loop (no task, no file open).
+    public func immediateResponse(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse? {
+        guard head.method == "GET" || head.method == "HEAD", peer.role != nil,
+              case .cas(let hash, _) = Route.parse(head.path), let bytes = hot.get(hash),
+              store.size(of: hash) == Int64(bytes.readableBytes) else { return nil }
+        requests.increment()
+        if head.method == "GET" { store.recordBytesOut(Int64(bytes.readableBytes)) }
+        return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream", "x-cachemesh-source": "local"],
+                            body: .bytes(bytes))
+    }
+
     /// Header on mirror copies: the receiving node stores the blob but does not mirror it again.
     public static let mirrorHeader = "x-cachemesh-mirror"
 
@@ -216,6 +233,13 @@ public final class CacheService: HTTPService {
         }
         do {
             let reader = try await store.openRead(hash: hash)
+            if reader.length <= Int64(hot.maxBlobSize) {
+                // Small: read it whole once and keep it in the memory tier.
+                defer { reader.close() }
+                let bytes = ByteBuffer(bytes: try reader.readAll())
+                hot.put(hash, bytes)
+                return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream", "x-cachemesh-source": source], body: .bytes(bytes))
+            }
             return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream", "x-cachemesh-source": source], body: .file(reader))
         } catch {
             return errorResponse(error)

@@ -6,21 +6,27 @@ public struct HTTPHeaders: Sendable, Sequence, ExpressibleByDictionaryLiteral {
     public private(set) var fields: [(name: String, value: String)]
 
     public init(_ fields: [(name: String, value: String)] = []) {
-        self.fields = fields.map { ($0.name.lowercased(), $0.value) }
+        self.fields = fields.map { (Self.lower($0.name), $0.value) }
     }
 
     public init(dictionaryLiteral elements: (String, String)...) {
-        self.fields = elements.map { ($0.0.lowercased(), $0.1) }
+        self.fields = elements.map { (Self.lower($0.0), $0.1) }
     }
 
     public mutating func add(_ name: String, _ value: String) {
-        fields.append((name.lowercased(), value))
+        fields.append((Self.lower(name), value))
     }
 
     /// The first value of `name`, if present.
     public subscript(_ name: String) -> String? {
-        let n = name.lowercased()
+        let n = Self.lower(name)
         return fields.first { $0.name == n }?.value
+    }
+
+    /// Lowercase only when needed: HTTP/2 and HTTP/3 names already are (hot path).
+    @inline(__always)
+    static func lower(_ s: String) -> String {
+        s.utf8.contains { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") } ? s.lowercased() : s
     }
 
     public func makeIterator() -> IndexingIterator<[(name: String, value: String)]> { fields.makeIterator() }
@@ -125,6 +131,13 @@ public struct HTTPServerRequest: Sendable {
 /// What both transports (HTTP/2, HTTP/3) call for every request: one router, one set of handlers.
 public protocol HTTPService: Sendable {
     func handle(_ request: HTTPServerRequest) async -> HTTPResponse
+    /// A response that can be given at once, on the connection's event loop, without a task and
+    /// without a body (hot GET/HEAD). nil = go through `handle`.
+    func immediateResponse(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse?
+}
+
+extension HTTPService {
+    public func immediateResponse(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse? { nil }
 }
 
 /// Errors surfaced by transports to callers.

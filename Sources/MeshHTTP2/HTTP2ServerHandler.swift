@@ -91,6 +91,11 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
             }
         }
         head.headers = fields
+        if endStream, let immediate = service.immediateResponse(head, peer: peer) {
+            streams[stream] = Stream(body: .complete(nil), requestEnded: true, isHead: head.method == "HEAD")
+            respond(stream: stream, response: immediate)
+            return
+        }
         let body = HTTPInboundBody(onConsumed: makeConsumedCallback(stream: stream))
         streams[stream] = Stream(body: body, requestEnded: endStream, isHead: head.method == "HEAD")
         if endStream {
