@@ -12,12 +12,25 @@ import Testing
         #expect(credited.withLock { $0 } == 0)
         #expect(body.bufferedBytes == 7)
         var it = body.makeAsyncIterator()
-        #expect(try await it.next().map { String(buffer: $0) } == "abc")
-        #expect(credited.withLock { $0 } == 3)
-        body.finish()
-        #expect(try await it.next().map { String(buffer: $0) } == "defg")
-        #expect(try await it.next() == nil)
+        // What is already buffered comes in one piece (fewer wake-ups), credited exactly.
+        #expect(try await it.next().map { String(buffer: $0) } == "abcdefg")
         #expect(credited.withLock { $0 } == 7)
+        body.append(ByteBuffer(string: "xy"))
+        body.finish()
+        #expect(try await it.next().map { String(buffer: $0) } == "xy")
+        #expect(try await it.next() == nil)
+        #expect(credited.withLock { $0 } == 9)
+    }
+
+    @Test func mergingStopsAtOneMebibyte() async throws {
+        let body = HTTPInboundBody()
+        for _ in 0..<40 { body.append(ByteBuffer(repeating: 1, count: 64 * 1024)) }   // 2.5 MiB
+        body.finish()
+        var sizes: [Int] = []
+        for try await c in body { sizes.append(c.readableBytes) }
+        #expect(sizes.allSatisfy { $0 <= HTTPInboundBody.maxMerge })
+        #expect(sizes.reduce(0, +) == 40 * 64 * 1024)
+        #expect(sizes.count == 3)
     }
 
     @Test func waitingConsumerGetsChunkAndFailure() async throws {

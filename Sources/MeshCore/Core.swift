@@ -1,0 +1,204 @@
+// MeshCore: the pure protocol core of CacheMesh's mesh layer.
+//
+// Everything in this module is a value type with no I/O, no clocks and no global randomness:
+//
+// * Time is injected. Every entry point takes `now: Duration`, the time elapsed since an arbitrary
+//   epoch of a monotonic clock chosen by the caller. The I/O shell typically records
+//   `let start = ContinuousClock.now` once and passes `start.duration(to: .now)`; simulations and
+//   tests pass virtual time. Only differences between `now` values are ever used.
+// * Randomness is injected: every randomised component owns a `SplitMix64` seeded by the caller, so
+//   a run is a pure function of its inputs and seeds.
+// * Components return actions (`MeshAction`, `RaceAction`) that the shell carries out.
+
+/// A deterministic, seedable 64-bit generator (SplitMix64, Steele/Lea/Flood 2014).
+public struct SplitMix64: RandomNumberGenerator, Sendable, Hashable {
+    public private(set) var state: UInt64
+
+    public init(seed: UInt64) { state = seed }
+
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        return SplitMix64.mix(state)
+    }
+
+    /// The SplitMix64 finaliser: a strong 64-bit mixing function (also used for hashing).
+    @inlinable
+    public static func mix(_ value: UInt64) -> UInt64 {
+        var z = value
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// Identity of one running node process: the configured node name plus a random per-process `uid`
+/// so that a restarted node is a new member (its old incarnation is probed, suspected and declared
+/// dead instead of being confused with the new process).
+public struct NodeID: Hashable, Comparable, Codable, Sendable, CustomStringConvertible {
+    public var name: String
+    public var uid: UInt64
+
+    public init(name: String, uid: UInt64) {
+        self.name = name
+        self.uid = uid
+    }
+
+    public static func < (lhs: NodeID, rhs: NodeID) -> Bool {
+        lhs.name != rhs.name ? lhs.name < rhs.name : lhs.uid < rhs.uid
+    }
+
+    public var description: String { "\(name)#\(String(uid, radix: 16))" }
+
+    /// A stable (process-independent) 64-bit hash, used by rendezvous hashing.
+    public var stableHash: UInt64 {
+        var h: UInt64 = 0xCBF2_9CE4_8422_2325  // FNV-1a over the UTF-8 name
+        for byte in name.utf8 {
+            h = (h ^ UInt64(byte)) &* 0x0000_0100_0000_01B3
+        }
+        return SplitMix64.mix(h ^ SplitMix64.mix(uid))
+    }
+}
+
+public enum NodeRole: String, Codable, Sendable, Hashable {
+    case origin
+    case peer
+}
+
+/// What membership carries about each node.
+public struct NodeMetadata: Codable, Hashable, Sendable {
+    public var name: String
+    public var role: NodeRole
+    /// TLS+HTTP/2 endpoint, "host:port".
+    public var tcpEndpoint: String
+    /// QUIC+HTTP/3 endpoint, "host:port" (UDP).
+    public var quicEndpoint: String
+    /// The subject CN of the node's certificate.
+    public var certificateCN: String
+
+    public init(name: String, role: NodeRole, tcpEndpoint: String, quicEndpoint: String, certificateCN: String) {
+        self.name = name
+        self.role = role
+        self.tcpEndpoint = tcpEndpoint
+        self.quicEndpoint = quicEndpoint
+        self.certificateCN = certificateCN
+    }
+}
+
+/// A content digest: SHA-256 (stored as four 64-bit words, 32 bytes) plus the blob size.
+/// Encoded as `{"hash": "<64 lowercase hex>", "size": N}`.
+public struct Digest: Hashable, Comparable, Codable, Sendable, CustomStringConvertible {
+    public var w0: UInt64
+    public var w1: UInt64
+    public var w2: UInt64
+    public var w3: UInt64
+    public var sizeBytes: Int64
+
+    public init(w0: UInt64, w1: UInt64, w2: UInt64, w3: UInt64, sizeBytes: Int64) {
+        self.w0 = w0
+        self.w1 = w1
+        self.w2 = w2
+        self.w3 = w3
+        self.sizeBytes = sizeBytes
+    }
+
+    /// Parses 64 hex digits (either case). Returns nil for anything else.
+    public init?(hex: String, sizeBytes: Int64) {
+        let bytes = Array(hex.utf8)
+        guard bytes.count == 64, sizeBytes >= 0 else { return nil }
+        var words = [UInt64](repeating: 0, count: 4)
+        for (i, c) in bytes.enumerated() {
+            let nibble: UInt64
+            switch c {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): nibble = UInt64(c - UInt8(ascii: "0"))
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): nibble = UInt64(c - UInt8(ascii: "a") + 10)
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): nibble = UInt64(c - UInt8(ascii: "A") + 10)
+            default: return nil
+            }
+            words[i / 16] = (words[i / 16] << 4) | nibble
+        }
+        self.init(w0: words[0], w1: words[1], w2: words[2], w3: words[3], sizeBytes: sizeBytes)
+    }
+
+    public var hex: String {
+        var out = ""
+        out.reserveCapacity(64)
+        for w in [w0, w1, w2, w3] {
+            let s = String(w, radix: 16)
+            out += String(repeating: "0", count: 16 - s.count) + s
+        }
+        return out
+    }
+
+    public var description: String { "\(hex)/\(sizeBytes)" }
+
+    public static func < (lhs: Digest, rhs: Digest) -> Bool {
+        (lhs.w0, lhs.w1, lhs.w2, lhs.w3, lhs.sizeBytes) < (rhs.w0, rhs.w1, rhs.w2, rhs.w3, rhs.sizeBytes)
+    }
+
+    /// A stable 64-bit hash of the digest (its hash words already are uniformly distributed).
+    public var stableHash: UInt64 {
+        SplitMix64.mix(w0 ^ SplitMix64.mix(w1 ^ SplitMix64.mix(w2 ^ SplitMix64.mix(w3 ^ UInt64(bitPattern: sizeBytes)))))
+    }
+
+    private enum CodingKeys: String, CodingKey { case hash, size }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let hex = try c.decode(String.self, forKey: .hash)
+        let size = try c.decode(Int64.self, forKey: .size)
+        guard let d = Digest(hex: hex, sizeBytes: size) else {
+            throw DecodingError.dataCorruptedError(forKey: .hash, in: c, debugDescription: "not a 64-hex digest with size >= 0")
+        }
+        self = d
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(hex, forKey: .hash)
+        try c.encode(sizeBytes, forKey: .size)
+    }
+}
+
+extension Duration {
+    /// Duration as fractional seconds.
+    @inlinable
+    var seconds: Double {
+        let c = components
+        return Double(c.seconds) + Double(c.attoseconds) * 1e-18
+    }
+
+    /// Whole milliseconds (truncated, clamped to >= 0).
+    @inlinable
+    var clampedMilliseconds: UInt32 {
+        let ms = self.seconds * 1000
+        if ms <= 0 { return 0 }
+        if ms >= Double(UInt32.max) { return UInt32.max }
+        return UInt32(ms)
+    }
+}
+
+/// A small partial Fisher–Yates: `k` distinct random elements of `array`.
+func randomSample<T>(_ array: [T], count k: Int, using rng: inout SplitMix64) -> [T] {
+    if k <= 0 || array.isEmpty { return [] }
+    if k >= array.count {
+        var copy = array
+        copy.shuffle(using: &rng)
+        return copy
+    }
+    if k * 4 <= array.count {
+        // Few picks from a large array: rejection-sample distinct indices (no copy of the array).
+        var picked: [Int] = []
+        picked.reserveCapacity(k)
+        while picked.count < k {
+            let j = Int.random(in: 0..<array.count, using: &rng)
+            if !picked.contains(j) { picked.append(j) }
+        }
+        return picked.map { array[$0] }
+    }
+    var copy = array
+    for i in 0..<k {
+        let j = Int.random(in: i..<copy.count, using: &rng)
+        copy.swapAt(i, j)
+    }
+    return Array(copy[0..<k])
+}

@@ -1,0 +1,81 @@
+/// Membership + locality map of one node, composed: locality deltas ride on membership messages,
+/// push-pull carries both, and dead/left members' locality entries are dropped.
+public struct MeshNode: Sendable {
+    public var membership: Membership
+    public var locality: LocalityMap
+
+    public var myself: NodeID { membership.myself }
+
+    public init(
+        myself: NodeID,
+        metadata: NodeMetadata,
+        membershipConfiguration: Membership.Configuration = .lan,
+        localityConfiguration: LocalityMap.Configuration = LocalityMap.Configuration(),
+        initialMembers: [MemberUpdate] = [],
+        seed: UInt64
+    ) {
+        membership = Membership(myself: myself, metadata: metadata, configuration: membershipConfiguration,
+                                initialMembers: initialMembers, seed: seed)
+        locality = LocalityMap(myself: myself, configuration: localityConfiguration)
+    }
+
+    public mutating func tick(now: Duration) -> [MeshAction] {
+        locality.expire(now: now)
+        let actions = membership.tick(now: now, piggyback: &locality)
+        observe(actions)
+        return actions
+    }
+
+    public mutating func receive(_ message: Message, from sender: NodeID, now: Duration) -> [MeshAction] {
+        // Membership first, so that a holder's death in the same message is known before its facts.
+        let actions = membership.receive(message, from: sender, now: now, piggyback: &locality)
+        observe(actions)
+        switch message {
+        case .pushPull(let state, _):
+            locality.merge(acceptable(state.locality), now: now, rebroadcast: false)
+        default:
+            if let g = message.gossip, !g.locality.isEmpty {
+                locality.merge(acceptable(g.locality), now: now, rebroadcast: true)
+            }
+        }
+        return actions
+    }
+
+    public mutating func join(seeds: [String], now: Duration) -> [MeshAction] {
+        membership.join(seeds: seeds, now: now, piggyback: &locality)
+    }
+
+    public mutating func leave(now: Duration) -> [MeshAction] {
+        let actions = membership.leave(now: now, piggyback: &locality)
+        observe(actions)
+        return actions
+    }
+
+    /// This node stored `digest` (announced by gossip).
+    public mutating func gained(_ digest: Digest, now: Duration) { locality.gained(digest, now: now) }
+
+    /// This node evicted `digest`.
+    public mutating func lost(_ digest: Digest, now: Duration) { locality.lost(digest, now: now) }
+
+    /// Live holders of `digest` other than this node.
+    public func holders(of digest: Digest, now: Duration) -> [NodeID] {
+        locality.holders(of: digest, now: now).filter { membership.status(of: $0)?.isLive ?? true }
+    }
+
+    private func acceptable(_ updates: [LocalityUpdate]) -> [LocalityUpdate] {
+        updates.filter { u in
+            guard let s = membership.status(of: u.holder) else { return true }
+            return s.isLive
+        }
+    }
+
+    private mutating func observe(_ actions: [MeshAction]) {
+        for case .memberChanged(let event) in actions where event.node != myself {
+            if event.status.isLive {
+                locality.readmitHolder(event.node)
+            } else {
+                locality.removeHolder(event.node)
+            }
+        }
+    }
+}

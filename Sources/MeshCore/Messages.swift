@@ -1,0 +1,133 @@
+/// Member status in the SWIM family. Precedence for equal incarnations: left > dead > suspect > alive.
+public enum MemberStatus: String, Codable, Sendable, Hashable {
+    case alive
+    case suspect
+    case dead
+    case left
+
+    /// Alive or suspect: still a member that may be probed, gossiped to and counted.
+    public var isLive: Bool { self == .alive || self == .suspect }
+}
+
+/// One membership fact, gossiped and exchanged in push-pull.
+public struct MemberUpdate: Codable, Hashable, Sendable {
+    public var node: NodeID
+    public var incarnation: UInt64
+    public var status: MemberStatus
+    public var metadata: NodeMetadata
+
+    public init(node: NodeID, incarnation: UInt64, status: MemberStatus, metadata: NodeMetadata) {
+        self.node = node
+        self.incarnation = incarnation
+        self.status = status
+        self.metadata = metadata
+    }
+}
+
+/// One locality fact: `holder` has (`present`) or no longer has (`!present`) `digest`, as of the
+/// holder's per-node `version` counter. `ageMs` is how long ago the holder asserted it (relayed facts
+/// keep ageing; only the holder's own re-assertion resets the age), so TTLs work across nodes without
+/// synchronised clocks.
+public struct LocalityUpdate: Codable, Hashable, Sendable {
+    public var holder: NodeID
+    public var digest: Digest
+    public var present: Bool
+    public var version: UInt64
+    public var ageMs: UInt32
+
+    public init(holder: NodeID, digest: Digest, present: Bool, version: UInt64, ageMs: UInt32) {
+        self.holder = holder
+        self.digest = digest
+        self.present = present
+        self.version = version
+        self.ageMs = ageMs
+    }
+}
+
+/// The piggybacked part of every membership message.
+public struct Gossip: Codable, Hashable, Sendable {
+    public var members: [MemberUpdate]
+    public var locality: [LocalityUpdate]
+
+    public init(members: [MemberUpdate] = [], locality: [LocalityUpdate] = []) {
+        self.members = members
+        self.locality = locality
+    }
+
+    public var isEmpty: Bool { members.isEmpty && locality.isEmpty }
+}
+
+/// A full-state exchange for anti-entropy.
+public struct PushPullState: Codable, Hashable, Sendable {
+    public var members: [MemberUpdate]
+    public var locality: [LocalityUpdate]
+
+    public init(members: [MemberUpdate] = [], locality: [LocalityUpdate] = []) {
+        self.members = members
+        self.locality = locality
+    }
+}
+
+/// Mesh-internal protocol messages. Codable (JSON is fine); the shell sends them wrapped in an
+/// `Envelope` over the mesh-internal routes.
+public enum Message: Codable, Hashable, Sendable {
+    /// Direct probe of `target`; the target answers `ack(seq)`. A node ignores pings for another
+    /// `target` (e.g. an earlier process with the same name).
+    case ping(seq: UInt64, target: NodeID, gossip: Gossip)
+    case ack(seq: UInt64, gossip: Gossip)
+    /// Ask the receiver to probe `target` on the sender's behalf and relay the ack with `seq`.
+    case pingReq(seq: UInt64, target: NodeID, gossip: Gossip)
+    /// Pure gossip (every gossip interval to a few random members).
+    case gossip(Gossip)
+    /// Full-state anti-entropy; the receiver of a non-reply answers with its own state.
+    case pushPull(PushPullState, isReply: Bool)
+
+    public var gossip: Gossip? {
+        switch self {
+        case .ping(_, _, let g), .ack(_, let g), .pingReq(_, _, let g), .gossip(let g): return g
+        case .pushPull: return nil
+        }
+    }
+}
+
+/// What goes on the wire: the sender's identity plus the message. The shell checks `from.name`
+/// against the peer certificate before handing the message to `receive(_:from:now:)`.
+public struct Envelope: Codable, Hashable, Sendable {
+    public var from: NodeID
+    public var message: Message
+
+    public init(from: NodeID, message: Message) {
+        self.from = from
+        self.message = message
+    }
+}
+
+/// A change of one member as seen by this node.
+public struct MemberEvent: Hashable, Sendable {
+    public var node: NodeID
+    public var metadata: NodeMetadata
+    /// nil when the member was unknown before.
+    public var previous: MemberStatus?
+    public var status: MemberStatus
+    public var incarnation: UInt64
+
+    public init(node: NodeID, metadata: NodeMetadata, previous: MemberStatus?, status: MemberStatus, incarnation: UInt64) {
+        self.node = node
+        self.metadata = metadata
+        self.previous = previous
+        self.status = status
+        self.incarnation = incarnation
+    }
+}
+
+/// What the shell must do.
+public enum MeshAction: Hashable, Sendable {
+    /// Send `message` to a known member (endpoints from its metadata; QUIC preferred, TCP fallback).
+    case send(Message, to: NodeID)
+    /// Send `message` to a seed address whose NodeID is not known yet (joining).
+    case sendToAddress(Message, address: String)
+    /// A member joined or changed status.
+    case memberChanged(MemberEvent)
+    /// A direct probe measured a round-trip time to this member.
+    case rttMeasured(NodeID, Duration)
+}
