@@ -16,6 +16,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
         .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
     ],
     targets: [
         // C bindings (system libraries through pkg-config; shim.h wraps macros).
@@ -51,6 +52,11 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ]),
+        // The mesh's pure protocol core: SWIM membership, locality map, rendezvous, hedging (no I/O).
+        .target(name: "MeshCore", dependencies: [
+            .product(name: "DequeModule", package: "swift-collections"),
+            .product(name: "HeapModule", package: "swift-collections"),
+        ]),
         // Bounded on-disk CAS + AC.
         .target(name: "BlobStore", dependencies: [
             "CGnuTLS",
@@ -59,7 +65,7 @@ let package = Package(
         ]),
         // Routes, config, wiring, lifecycle.
         .target(name: "CacheNode", dependencies: [
-            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshGRPC", "REAPI",
+            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshGRPC", "REAPI", "MeshCore",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -81,6 +87,7 @@ let package = Package(
         ]),
         .testTarget(name: "MeshHTTP2Tests", dependencies: ["MeshHTTP2", "MeshHTTP", "MeshTLS"]),
         .testTarget(name: "CacheNodeTests", dependencies: ["CacheNode", "BlobStore", "MeshGRPC", "MeshHTTP", "REAPI"]),
+        .testTarget(name: "MeshCoreTests", dependencies: ["MeshCore"]),
         .testTarget(name: "MeshGRPCTests", dependencies: ["MeshGRPC", "MeshHTTP"]),
         .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "MeshHTTP2", "MeshTLS", "MeshGRPC", "MeshHTTP", "REAPI", "BlobStore"]),
     ]

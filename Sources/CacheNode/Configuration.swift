@@ -142,7 +142,7 @@ public struct NodeConfiguration: Sendable {
         if let v = try int("max_open_reads") { c.maxOpenReads = v }
         if let v = try int("drain_seconds") { c.drainSeconds = v }
         // Relative paths in a config file are relative to the file.
-        let base = URL(fileURLWithPath: path).deletingLastPathComponent()
+        let base = URL(fileURLWithPath: path).absoluteURL.deletingLastPathComponent()
         func resolve(_ p: String?) -> String? {
             guard let p, !p.hasPrefix("/") else { return p }
             return base.appendingPathComponent(p).path

@@ -17,8 +17,10 @@ public final class CacheNode: Service {
     let server: HTTP2Server
     let service: CacheService
     let logger: Logger
+    /// Set when the node runs as a member of a mesh (`--topology`).
+    public let mesh: MeshService?
 
-    public init(configuration: NodeConfiguration, registry: PrometheusCollectorRegistry?, logger: Logger) throws {
+    public init(configuration: NodeConfiguration, topology: Topology? = nil, registry: PrometheusCollectorRegistry?, logger: Logger) throws {
         try configuration.validate()
         self.configuration = configuration
         self.logger = logger
@@ -27,8 +29,14 @@ public final class CacheNode: Service {
         storeConfig.maxOpenReads = configuration.maxOpenReads
         self.store = try BlobStore(configuration: storeConfig, logger: logger)
         let credentials = try configuration.tlsFiles.map { try TLSCredentials(files: $0) }
+        if let topology {
+            guard let credentials else { throw ConfigurationError("a mesh node needs TLS (node certificates)") }
+            mesh = try MeshService(topology: topology, nodeName: configuration.name, store: store, credentials: credentials, logger: logger)
+        } else {
+            mesh = nil
+        }
         service = CacheService(store: store, registry: registry,
-                                   info: .init(name: configuration.name, listen: ["tcp": "\(configuration.listen)"]), logger: logger)
+                               info: .init(name: configuration.name, listen: ["tcp": "\(configuration.listen)"]), mesh: mesh, logger: logger)
         self.server = HTTP2Server(
             configuration: .init(
                 host: configuration.listen.host, port: configuration.listen.port, credentials: credentials,
@@ -55,9 +63,18 @@ public final class CacheNode: Service {
             "name": "\(configuration.name)", "tcp": "\(addr)", "data_dir": "\(configuration.dataDirectory)",
             "max_bytes": "\(configuration.maxBytes)", "tls": "\(!configuration.insecure)",
         ])
+        let meshTask = mesh.map { m in Task { await m.run() } }
         try? await gracefulShutdown()
+        // Drain: LEAVING in gossip → GOAWAY (notice, final) → in-flight streams finish →
+        // mirror queue flushed and sole copies handed off → exit.
+        if let mesh { await mesh.leave() }
         logger.notice("draining: GOAWAY to \(server.connectionCount) connection(s)")
         await server.shutdownGracefully()
+        if let mesh {
+            await mesh.handOff(timeout: .seconds(Int64(configuration.drainSeconds)))
+            await mesh.stop()
+        }
+        meshTask?.cancel()
         logger.notice("stopped")
     }
 

@@ -32,8 +32,10 @@ public struct NoPiggyback: PiggybackProvider {
 /// * Leave: `leave(now:)` gossips `left` with a bumped incarnation; `left` beats `dead` at equal or
 ///   higher incarnation, so a leaver is never reported dead. Keep ticking for a few gossip intervals
 ///   after `leave` (the node still answers pings and gossips, but no longer probes).
+/// * Recently dead members still get gossip for `gossipToTheDeadTime`, so a member declared dead by
+///   mistake hears it and refutes.
 /// * Not done (memberlist has them): Lifeguard's suspicion confirmations/awareness, nacks, a TCP
-///   fallback ping, gossip to recently dead members.
+///   fallback ping.
 public struct Membership: Sendable {
     public struct Configuration: Sendable, Hashable {
         public var probeInterval: Duration = .seconds(1)
@@ -46,6 +48,9 @@ public struct Membership: Sendable {
         public var pushPullInterval: Duration = .seconds(30)
         /// At most this many member updates ride on one message.
         public var maxPiggybackedMembers: Int = 16
+        /// Dead members keep receiving gossip this long, so a member wrongly declared dead hears
+        /// it and refutes (memberlist's GossipToTheDeadTime).
+        public var gossipToTheDeadTime: Duration = .seconds(30)
         /// Dead and left members are forgotten after this long.
         public var tombstoneRetention: Duration = .seconds(300)
         /// How many members `leave` notifies directly (in addition to normal gossip).
@@ -151,7 +156,9 @@ public struct Membership: Sendable {
     public var suspicionTimeout: Duration {
         let n = Double(Swift.max(1, clusterSize))
         let scale = Swift.max(1.0, log10Approx(n))
-        return configuration.probeInterval * (Double(configuration.suspicionMultiplier) * scale)
+        let raw = configuration.probeInterval * (Double(configuration.suspicionMultiplier) * scale)
+        // Whole milliseconds (keeps the arithmetic exact and the value readable).
+        return .milliseconds(Int64((raw.seconds * 1000).rounded()))
     }
 
     public var retransmitLimit: Int {
@@ -233,7 +240,12 @@ public struct Membership: Sendable {
         if now >= nextGossipAt {
             nextGossipAt = Swift.max(nextGossipAt + configuration.gossipInterval, now)
             if nextGossipAt == now { nextGossipAt = now + configuration.gossipInterval }
-            for target in randomLive(count: configuration.gossipNodes, excluding: nil) {
+            var pool = liveOthers()
+            for m in members.values where m.status == .dead && now - m.statusChangedAt < configuration.gossipToTheDeadTime {
+                pool.append(m.node)
+            }
+            if pool.count > liveCache.count { pool[liveCache.count...].sort() }
+            for target in randomSample(pool, count: configuration.gossipNodes, using: &rng) {
                 var g = Gossip()
                 fillGossip(&g, now: now, piggyback: &piggyback)
                 if g.isEmpty { break }
@@ -368,8 +380,11 @@ public struct Membership: Sendable {
     // MARK: - Internals
 
     private mutating func fillGossip<P: PiggybackProvider>(_ g: inout Gossip, now: Duration, piggyback: inout P) {
-        g.members = broadcasts.take(max: configuration.maxPiggybackedMembers, limit: retransmitLimit)
-        piggyback.piggyback(into: &g, now: now, clusterSize: clusterSize)
+        // Live members including self, from the cache (clusterSize iterates every member).
+        let n = liveOthers().count + (members[myself]!.status.isLive ? 1 : 0)
+        let limit = BroadcastQueue<NodeID, MemberUpdate>.retransmitLimit(multiplier: configuration.retransmitMultiplier, clusterSize: n)
+        g.members = broadcasts.take(max: configuration.maxPiggybackedMembers, limit: limit)
+        piggyback.piggyback(into: &g, now: now, clusterSize: n)
     }
 
     private func localState<P: PiggybackProvider>(now: Duration, piggyback: inout P) -> PushPullState {

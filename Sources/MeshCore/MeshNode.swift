@@ -62,6 +62,15 @@ public struct MeshNode: Sendable {
         locality.holders(of: digest, now: now).filter { membership.status(of: $0)?.isLive ?? true }
     }
 
+    /// Rendezvous-ranked mirror targets for `digest`: the `count` (= R−1) best live members other
+    /// than this node; the origin only when `includeOrigin`.
+    public func mirrorTargets(for digest: Digest, count: Int, includeOrigin: Bool = false) -> [NodeID] {
+        let candidates = membership.allMembers.filter { m in
+            m.node != myself && m.status == .alive && (includeOrigin || m.metadata.role != .origin)
+        }.map(\.node)
+        return Rendezvous.top(count, for: digest, over: candidates)
+    }
+
     private func acceptable(_ updates: [LocalityUpdate]) -> [LocalityUpdate] {
         updates.filter { u in
             guard let s = membership.status(of: u.holder) else { return true }

@@ -37,6 +37,7 @@ struct NodeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "node", abstract: "Run a cache node until SIGTERM/SIGINT (then drain with GOAWAY).")
 
     @Option(help: "TOML config file; flags given on the command line override it.") var config: String?
+    @Option(help: "Mesh topology file (topology/*.toml); with --name, run that node of the mesh.") var topology: String?
     @Option(help: "Node name.") var name: String?
     @Option(help: "TCP listen address host:port (port 0 = any free port).") var listen: String?
     @Option(name: .customLong("data-dir"), help: "Directory for blobs.") var dataDir: String?
@@ -52,6 +53,11 @@ struct NodeCommand: AsyncParsableCommand {
         bootstrapLogging(logLevel)
         tuneAllocator()
         var c = try config.map { try NodeConfiguration.load(path: $0) } ?? NodeConfiguration()
+        let mesh = try topology.map { try Topology.load(path: $0) }
+        if let mesh {
+            guard let name else { throw ValidationError("--topology needs --name (one of: \(mesh.nodes.map(\.name).joined(separator: ", ")))") }
+            c = try mesh.configuration(for: name)
+        }
         if let name { c.name = name }
         if let listen {
             guard let hp = HostPort(listen) else { throw ValidationError("--listen must be host:port, got \(listen)") }
@@ -72,7 +78,7 @@ struct NodeCommand: AsyncParsableCommand {
         let logger = Logger(label: "cachemesh.node.\(c.name)")
         let node: CacheNode
         do {
-            node = try CacheNode(configuration: c, registry: registry, logger: logger)
+            node = try CacheNode(configuration: c, topology: mesh, registry: registry, logger: logger)
         } catch {
             throw ValidationError("\(error)")
         }

@@ -75,7 +75,7 @@ public struct Topology: Sendable {
         do { file = try TOMLDecoder().decode(File.self, from: text) } catch {
             throw ConfigurationError("topology \(path) is not valid: \(error)")
         }
-        let base = URL(fileURLWithPath: path).deletingLastPathComponent()
+        let base = URL(fileURLWithPath: path).absoluteURL.deletingLastPathComponent()
         func resolve(_ p: String) -> String { p.hasPrefix("/") ? p : base.appendingPathComponent(p).standardized.path }
         var nodes: [Node] = []
         for n in file.nodes {

@@ -1,0 +1,176 @@
+import Testing
+@testable import MeshCore
+
+func digest(_ i: Int, size: Int64 = 1024) -> Digest {
+    Digest(w0: SplitMix64.mix(UInt64(i) &+ 1), w1: UInt64(i), w2: 0xABCD, w3: 0, sizeBytes: size)
+}
+
+@Suite("LocalityMap")
+struct LocalityTests {
+    @Test("digest hex round trip and validation")
+    func digestHex() {
+        let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        let d = Digest(hex: hex, sizeBytes: 0)
+        #expect(d?.hex == hex)
+        #expect(Digest(hex: hex.uppercased(), sizeBytes: 0) == d)
+        #expect(Digest(hex: String(hex.dropLast()), sizeBytes: 0) == nil)
+        #expect(Digest(hex: String(hex.dropLast()) + "g", sizeBytes: 0) == nil)
+        #expect(Digest(hex: hex, sizeBytes: -1) == nil)
+    }
+
+    @Test("gained and lost deltas replace each other by version, in any arrival order")
+    func versionsOrderFacts() {
+        let h = node("h")
+        var map = LocalityMap(myself: node("me"))
+        let d = digest(1)
+        let gained = LocalityUpdate(holder: h, digest: d, present: true, version: 1, ageMs: 0)
+        let lost = LocalityUpdate(holder: h, digest: d, present: false, version: 2, ageMs: 0)
+        map.merge([lost], now: .seconds(1), rebroadcast: true)
+        map.merge([gained], now: .seconds(1), rebroadcast: true)  // older fact arrives late
+        #expect(map.holders(of: d, now: .seconds(1)).isEmpty)
+        map.merge([LocalityUpdate(holder: h, digest: d, present: true, version: 3, ageMs: 0)], now: .seconds(2), rebroadcast: true)
+        #expect(map.holders(of: d, now: .seconds(2)) == [h])
+        #expect(map.entryCount == 1)
+    }
+
+    @Test("entries expire after the TTL, counting the age they arrived with")
+    func ttlExpiry() {
+        var config = LocalityMap.Configuration()
+        config.ttl = .seconds(10)
+        var map = LocalityMap(myself: node("me"), configuration: config)
+        let fresh = digest(1), aged = digest(2)
+        map.merge([
+            LocalityUpdate(holder: node("a"), digest: fresh, present: true, version: 1, ageMs: 0),
+            LocalityUpdate(holder: node("b"), digest: aged, present: true, version: 1, ageMs: 8000),
+            LocalityUpdate(holder: node("c"), digest: aged, present: true, version: 1, ageMs: 12000),  // already expired
+        ], now: .seconds(100), rebroadcast: true)
+        #expect(map.entryCount == 2)
+        #expect(map.holders(of: aged, now: .seconds(101)) == [node("b")])
+        #expect(map.holders(of: aged, now: .seconds(102)).isEmpty)
+        #expect(map.holders(of: fresh, now: .milliseconds(109_999)) == [node("a")])
+        #expect(map.holders(of: fresh, now: .seconds(110)).isEmpty)
+        map.expire(now: .seconds(105), force: true)
+        #expect(map.entryCount == 1)
+        map.expire(now: .seconds(110), force: true)
+        #expect(map.entryCount == 0)
+        #expect(map.digestCount == 0)
+        #expect(map.approximateBytes == 0)
+    }
+
+    @Test("a refresh with the same version extends the TTL without being re-gossiped")
+    func refreshExtendsTTL() {
+        var config = LocalityMap.Configuration()
+        config.ttl = .seconds(10)
+        var map = LocalityMap(myself: node("me"), configuration: config)
+        let d = digest(1)
+        let fact = LocalityUpdate(holder: node("a"), digest: d, present: true, version: 1, ageMs: 0)
+        #expect(map.merge([fact], now: .seconds(0), rebroadcast: true) == 1)
+        _ = map.takeBroadcasts(now: .zero, clusterSize: 1)  // limit 4 × 1: drain
+        for _ in 0..<4 { _ = map.takeBroadcasts(now: .zero, clusterSize: 1) }
+        #expect(map.pendingBroadcasts == 0)
+        #expect(map.merge([fact], now: .seconds(8), rebroadcast: true) == 0)
+        #expect(map.pendingBroadcasts == 0)
+        #expect(map.holders(of: d, now: .seconds(15)) == [node("a")])
+    }
+
+    @Test("the entry cap is never exceeded and the oldest entries are evicted")
+    func entryCap() {
+        var config = LocalityMap.Configuration()
+        config.maxEntries = 100
+        config.evictionSlack = 0.1
+        var map = LocalityMap(myself: node("me"), configuration: config)
+        for i in 0..<250 {
+            map.merge([LocalityUpdate(holder: node("h\(i % 7)"), digest: digest(i), present: true, version: 1, ageMs: 0)],
+                      now: .seconds(Int64(i)), rebroadcast: false)
+            #expect(map.entryCount <= 100)
+        }
+        #expect(map.entryCount >= 90)
+        #expect(map.evictedCount == 250 - map.entryCount)
+        #expect(map.holders(of: digest(249), now: .seconds(250)) == [node("h\(249 % 7)")])
+        #expect(map.holders(of: digest(0), now: .seconds(250)).isEmpty)
+        #expect(map.approximateBytes > 0)
+        #expect(map.approximateBytes < 100 * 1024)
+    }
+
+    @Test("own gains are piggybacked with bounded retransmits; facts about self are ignored")
+    func ownDeltas() {
+        let me = node("me")
+        var map = LocalityMap(myself: me)
+        map.gained(digest(1), now: .zero)
+        map.gained(digest(1), now: .zero)  // idempotent
+        #expect(map.ownCount == 1)
+        var sent = 0
+        for _ in 0..<20 { sent += map.takeBroadcasts(now: .zero, clusterSize: 10).count }
+        #expect(sent == 8)  // 4 × ceil(log10(11))
+        map.merge([LocalityUpdate(holder: me, digest: digest(2), present: true, version: 99, ageMs: 0)], now: .zero, rebroadcast: true)
+        #expect(map.entryCount == 0)
+        let state = map.fullStateUpdates(now: .seconds(5))
+        #expect(state == [LocalityUpdate(holder: me, digest: digest(1), present: true, version: 1, ageMs: 0)])
+    }
+
+    @Test("locality deltas converge across a simulated mesh, and so does a loss", arguments: seeds)
+    func deltasConverge(seed: UInt64) {
+        var config = SimulatedMesh.Configuration(nodeCount: 32)
+        config.seed = seed
+        var mesh = SimulatedMesh(config)
+        mesh.run(until: .seconds(2))
+        let d = digest(77)
+        mesh.gained(d, at: 5)
+        mesh.run(until: .seconds(12)) { $0.nodesKnowing(d, heldBy: 5) == 31 }
+        #expect(mesh.nodesKnowing(d, heldBy: 5) == 31)
+        mesh.lost(d, at: 5)
+        mesh.run(until: .seconds(22))
+        #expect(mesh.nodesKnowing(d, heldBy: 5) == 0)
+    }
+
+    @Test("locality converges on a lossy network (5% loss), gossip plus push-pull", arguments: seeds)
+    func convergesWithLoss(seed: UInt64) {
+        var config = SimulatedMesh.Configuration(nodeCount: 24)
+        config.seed = seed
+        config.lossRate = 0.05
+        var mesh = SimulatedMesh(config)
+        mesh.run(until: .seconds(1))
+        let ds = (0..<5).map { digest(100 + $0) }
+        for (k, d) in ds.enumerated() { mesh.gained(d, at: k * 3) }
+        mesh.run(until: .seconds(65)) { m in ds.enumerated().allSatisfy { m.nodesKnowing($1, heldBy: $0 * 3) == 23 } }
+        for (k, d) in ds.enumerated() { #expect(mesh.nodesKnowing(d, heldBy: k * 3) == 23) }
+        for i in mesh.nodes.indices { #expect(mesh.nodes[i].membership.liveMembers.count == 24) }
+    }
+
+    @Test("push-pull repairs what gossip missed (anti-entropy)", arguments: seeds)
+    func pushPullRepairs(seed: UInt64) {
+        var config = SimulatedMesh.Configuration(nodeCount: 8)
+        config.seed = seed
+        config.membership.pushPullInterval = .seconds(2)
+        var mesh = SimulatedMesh(config)
+        mesh.run(until: .seconds(1))
+        // Node 6 hears nothing while the gossip about the new digest runs its course.
+        for i in mesh.nodes.indices where i != 6 { mesh.block(from: i, to: 6) }
+        let d = digest(5)
+        mesh.gained(d, at: 2)
+        mesh.run(until: .seconds(6))
+        #expect(mesh.nodes[2].locality.pendingBroadcasts == 0)
+        #expect(mesh.nodes[6].locality.holders(of: d, now: mesh.now).isEmpty)
+        mesh.healAllLinks()
+        mesh.run(until: .seconds(20)) { $0.nodes[6].locality.holders(of: d, now: $0.now) == [$0.ids[2]] }
+        #expect(mesh.nodes[6].locality.holders(of: d, now: mesh.now) == [mesh.ids[2]])
+    }
+
+    @Test("a dead member's entries are dropped everywhere", arguments: seeds)
+    func deadHolderDropped(seed: UInt64) {
+        var config = SimulatedMesh.Configuration(nodeCount: 8)
+        config.seed = seed
+        var mesh = SimulatedMesh(config)
+        mesh.run(until: .seconds(1))
+        let d = digest(9)
+        mesh.gained(d, at: 4)
+        mesh.run(until: .seconds(5))
+        #expect(mesh.nodesKnowing(d, heldBy: 4) == 7)
+        mesh.crash(4)
+        mesh.run(until: .seconds(40))
+        for i in mesh.nodes.indices where i != 4 {
+            #expect(mesh.status(of: 4, seenBy: i) == .dead)
+            #expect(mesh.nodes[i].locality.entryCount == 0)
+        }
+    }
+}
