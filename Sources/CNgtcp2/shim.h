@@ -5,6 +5,7 @@
 #include <ngtcp2/ngtcp2_crypto_gnutls.h>
 #include <nghttp3/nghttp3.h>
 #include <gnutls/gnutls.h>
+#include <gnutls/crypto.h>
 
 // The versioned entry points are hidden behind macros that Swift cannot import: wrap them.
 
@@ -66,4 +67,5 @@ static inline int cm_gnutls_init_quic(gnutls_session_t *s, int server) {
 }
 
 static inline void cm_gnutls_rnd(uint8_t *dest, size_t len) { gnutls_rnd(GNUTLS_RND_RANDOM, dest, len); }
+static inline void cm_ngtcp2_conn_get_conn_stat(ngtcp2_conn *conn, ngtcp2_conn_stat *cstat) { ngtcp2_conn_get_conn_stat(conn, cstat); }
 #endif

@@ -79,8 +79,11 @@ public protocol MeshHooks: Sendable {
     /// Fetch a blob this node lacks into the local store. Returns a description of the source
     /// that won (e.g. `peer:peer2`, `origin:origin`), or nil if no source had it.
     func fetchMissing(hash: String) async -> String?
-    /// A client stored a blob here: copy it to the mirrors (returns once the write quorum is durable).
+    /// A client stored a blob here: announce it and copy it to the mirrors (returns once the
+    /// write quorum is durable).
     func stored(_ digest: Digest) async throws
+    /// Another node placed a copy here (mirror / hand-off): announce it only.
+    func received(_ digest: Digest)
     /// `/mesh/...` requests (node certificates only; checked before this is called).
     func handleMeshRequest(_ request: HTTPServerRequest) async -> HTTPResponse
 }
@@ -267,6 +270,7 @@ public final class CacheService: HTTPService {
                 try chunk.withUnsafeReadableBytes { try writer.write($0) }
             }
             let digest = try writer.commit()
+            if !mirror { mesh?.received(digest) }
             if mirror, let mesh {
                 do {
                     try await mesh.stored(digest)

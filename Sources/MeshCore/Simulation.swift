@@ -225,7 +225,9 @@ public struct SimulatedMesh {
 public enum GossipConvergence {
     public struct Result: Sendable, CustomStringConvertible {
         public var nodeCount: Int
-        /// Gossip intervals from the gain until 99% of the other nodes knew (nil: not within the run).
+        /// Gossip intervals from the gain until 99% of the other nodes knew (nil: not within the run):
+        /// `ceil(time / gossipInterval)`. Node timers are not synchronised and facts also ride on
+        /// pings and acks, so a fact can travel more than one hop per interval.
         public var roundsTo99: Int?
         public var timeTo99: Duration?
         public var roundsToAll: Int?

@@ -236,6 +236,8 @@ public final class MeshService: MeshHooks, Sendable {
         }
     }
 
+    public func received(_ d: StoreDigest) { announce(d) }
+
     private func announce(_ d: StoreDigest) {
         guard let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { return }
         core.withLock { $0.gained(md, now: now()) }
