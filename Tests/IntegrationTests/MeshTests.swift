@@ -1,0 +1,169 @@
+import BlobStore
+import CacheNode
+import Foundation
+import Testing
+
+/// An origin and three peers as real processes on loopback, mTLS, from a generated topology.
+final class TestMesh: @unchecked Sendable {
+    let dir: TempDir
+    let names = ["origin", "peer1", "peer2", "peer3"]
+    var ports: [String: Int] = [:]
+    var children: [String: ChildProcess] = [:]
+    let certs: Certs
+
+    init() async throws {
+        dir = try TempDir("mesh")
+        certs = try Certs.shared()
+        // Node certificates (CN = node name, OU=node) signed by the shared test CA.
+        for n in names {
+            let r = try await run(["/bin/bash", "\(Paths.packageRoot)/certs/mkcerts.sh", "-o", certs.dir, "node", n])
+            guard r.status == 0 else { throw HarnessError("mkcerts node \(n): \(r)") }
+        }
+        for n in names { ports[n] = try Self.freePort() }
+        var toml = "name = \"it-mesh\"\nca = \"\(certs.ca)\"\nreplication = 2\nwrite_quorum = 2\n"
+        for n in names {
+            toml += """
+
+            [[nodes]]
+            name = "\(n)"
+            role = "\(n == "origin" ? "origin" : "peer")"
+            tcp = "127.0.0.1:\(ports[n]!)"
+            data_dir = "\(dir.file(n))"
+            max_bytes = "256M"
+            cert = "\(certs.path("\(n).pem"))"
+            key = "\(certs.path("\(n).key"))"
+            seeds = \(n == "origin" ? "[]" : "[\"origin\", \"peer1\"]")
+
+            """
+        }
+        try toml.write(toFile: dir.file("topology.toml"), atomically: true, encoding: .utf8)
+        for n in names { try start(n) }
+        for n in names {
+            let up = await eventually(timeout: 30) { self.children[n]!.stdout.contains("listening tcp=") }
+            guard up else { throw HarnessError("\(n) did not start: \(children[n]!.stderr.suffix(2000))") }
+        }
+    }
+
+    func start(_ n: String) throws {
+        children[n] = try ChildProcess([try Paths.cachemesh(), "node", "--topology", dir.file("topology.toml"), "--name", n, "--log-level", "info"])
+    }
+
+    static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = 0
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+        }
+        guard ok else { throw HarnessError("no free port") }
+        return Int(UInt16(bigEndian: addr.sin_port))
+    }
+
+    func client(_ n: String, as who: String = "client") async throws -> CacheClient {
+        try await CacheClient.connect(ClientOptions(server: HostPort(host: "127.0.0.1", port: ports[n]!),
+                                                    certificate: certs.path("\(who).pem"), privateKey: certs.path("\(who).key"), ca: certs.ca))
+    }
+
+    func holds(_ n: String, _ hash: String) -> Bool {
+        FileManager.default.fileExists(atPath: dir.file("\(n)/cas/\(hash.prefix(2))/\(hash)"))
+    }
+
+    func status(_ n: String) async throws -> String {
+        let c = try await client(n, as: "peer1")
+        defer { Task { await c.close() } }
+        return try await c.getText("/mesh/status").body
+    }
+
+    func stopAll() {
+        for (_, c) in children { c.killAndWait() }
+        dir.remove()
+    }
+
+    func logs() -> String {
+        names.map { "== \($0)\n" + (children[$0]?.stderr.suffix(1500) ?? "") }.joined(separator: "\n")
+    }
+}
+
+@Suite("Mesh of four real nodes", .serialized)
+struct MeshTests {
+    @Test("PUT at one peer, fetched at another from a peer; locality converges; client certs get 403 on mesh routes; kill -9 keeps blobs and restores R; SIGTERM hands off",
+          .timeLimit(.minutes(5)))
+    func meshBehaviour() async throws {
+        let mesh = try await TestMesh()
+        defer { mesh.stopAll() }
+
+        // Membership converges (every node lists all four alive).
+        for n in mesh.names {
+            let ok = await eventually(timeout: 30) { ((try? await mesh.status(n)) ?? "").components(separatedBy: "\"alive\"").count - 1 == 4 }
+            let s = (try? await mesh.status(n)) ?? "?"
+            #expect(ok, "membership at \(n): \(s)\n\(mesh.logs())")
+        }
+
+        // A client certificate may not use mesh-internal routes.
+        let client1 = try await mesh.client("peer1")
+        #expect(try await client1.getText("/mesh/status").status == 403)
+
+        // PUT at peer1: W=2, so when it is acknowledged a second copy already exists.
+        let data = randomBytes(2_000_000)
+        let digest = try await client1.put(bytes: data)
+        let holders = mesh.names.filter { mesh.holds($0, digest.hash) }
+        #expect(holders.count == 2 && holders.contains("peer1"), "holders: \(holders)")
+
+        // Locality converges: every node learns a holder within a bounded time.
+        for n in mesh.names where !holders.contains(n) {
+            let ok = await eventually(timeout: 20) { ((try? await mesh.status(n)) ?? "").contains("\"locality_entries\": 0") == false }
+            #expect(ok, "locality at \(n)")
+        }
+
+        // A peer that does not hold it fetches it from a peer, not the origin.
+        let reader = try #require(mesh.names.first { $0 != "origin" && !holders.contains($0) })
+        let c = try await mesh.client(reader)
+        let r = try await c.connection.request(.init(method: "GET", path: "/cas/\(digest.hash)"))
+        #expect(r.status == 200)
+        #expect(r.headers["x-cachemesh-source"]?.hasPrefix("peer:") == true, "source: \(r.headers["x-cachemesh-source"] ?? "-")")
+        #expect(Array(try await r.body.collect(upTo: 4 << 20).readableBytesView) == data)
+        let metrics = try await c.getText("/metrics").body
+        #expect(metrics.contains("cachemesh_fetch_wins_total{source=\"peer\"} 1"), "\(metrics.split(separator: "\n").filter { $0.contains("fetch") })")
+        await c.close()
+
+        // kill -9 one holder: the blob stays fetchable, the member is declared dead, and
+        // re-replication restores two live copies.
+        let victim = try #require(holders.first { $0 != "peer1" } ?? holders.first)
+        let survivorHolder = holders.first { $0 != victim }!
+        mesh.children[victim]!.signal(SIGKILL)
+        _ = await mesh.children[victim]!.waitForExit(timeout: 10)
+        let dead = await eventually(timeout: 30) { ((try? await mesh.status(survivorHolder)) ?? "").contains("\"name\": \"\(victim)\", \"status\": \"dead\"") }
+        let survivorStatus = (try? await mesh.status(survivorHolder)) ?? ""
+        #expect(dead, "\(victim) not declared dead: \(survivorStatus)")
+        let restored = await eventually(timeout: 30) { mesh.names.filter { $0 != victim && mesh.holds($0, digest.hash) }.count >= 2 }
+        #expect(restored, "live copies: \(mesh.names.filter { $0 != victim && mesh.holds($0, digest.hash) })\n\(mesh.logs())")
+        let other = try #require(mesh.names.first { $0 != victim && $0 != survivorHolder })
+        let c2 = try await mesh.client(other)
+        let tmp = mesh.dir.file("got")
+        _ = try await c2.get(hash: digest.hash, to: tmp)
+        #expect(try await sha256sum(tmp) == digest.hash)
+        await c2.close()
+
+        // SIGTERM of a peer: LEAVING, GOAWAY, hand-off; it exits 0 and everything it held lives on.
+        let drainer = try #require(mesh.names.first { $0 != victim && $0 != "origin" })
+        let dc = try await mesh.client(drainer)
+        let more = randomBytes(300_000)
+        let md = try await dc.put(bytes: more)
+        await dc.close()
+        let held = [digest.hash, md.hash].filter { mesh.holds(drainer, $0) }
+        mesh.children[drainer]!.signal(SIGTERM)
+        let exit = await mesh.children[drainer]!.waitForExit(timeout: 60)
+        #expect(exit?.status == 0 && exit?.signalled == false, "drainer exit \(String(describing: exit))")
+        #expect(mesh.children[drainer]!.stderr.contains("drain: handed off"), "\(mesh.children[drainer]!.stderr.suffix(1500))")
+        for h in held {
+            #expect(mesh.names.contains { $0 != drainer && $0 != victim && mesh.holds($0, h) }, "\(h) lost with the drained node")
+        }
+        // The others see it leave (left, not dead).
+        let left = await eventually(timeout: 20) { ((try? await mesh.status("origin")) ?? "").contains("\"name\": \"\(drainer)\", \"status\": \"left\"") }
+        #expect(left)
+    }
+}
