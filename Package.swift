@@ -76,7 +76,7 @@ let package = Package(
             .product(name: "TOMLKit", package: "TOMLKit"),
         ]),
         .executableTarget(name: "cachemesh", dependencies: [
-            "CacheNode", "CMeshSystem",
+            "CacheNode", "CMeshSystem", "MeshCore", "BlobStore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
