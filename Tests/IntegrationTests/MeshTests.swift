@@ -164,6 +164,65 @@ struct MeshTests {
         }
         // The others see it leave (left, not dead).
         let left = await eventually(timeout: 20) { ((try? await mesh.status("origin")) ?? "").contains("\"name\": \"\(drainer)\", \"status\": \"left\"") }
-        #expect(left)
+        let originView = (try? await mesh.status("origin")) ?? ""
+        #expect(left, "origin's view after the drain: \(originView)\n\(mesh.logs())")
     }
+
+    @Test("SIGTERM of a peer while clients stream PUTs and GETs through it: zero failed requests, exit 0, nothing lost",
+          .timeLimit(.minutes(5)))
+    func drainUnderLoad() async throws {
+        let mesh = try await TestMesh()
+        defer { mesh.stopAll() }
+        for n in mesh.names {
+            _ = await eventually(timeout: 30) { ((try? await mesh.status(n)) ?? "").components(separatedBy: "\"alive\"").count - 1 == 4 }
+        }
+        let drainer = "peer2"
+        // Clients prefer the draining node and fail over to peer3 / peer1.
+        let client = try MeshClient(nodes: ["peer2", "peer3", "peer1"].map { HostPort(host: "127.0.0.1", port: mesh.ports[$0]!) },
+                                    options: ClientOptions(server: HostPort(host: "127.0.0.1", port: 1), certificate: mesh.certs.path("client.pem"),
+                                                           privateKey: mesh.certs.path("client.key"), ca: mesh.certs.ca))
+        defer { Task { await client.close() } }
+        let failures = Failures()
+        let written = Failures()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for w in 0..<4 {
+                group.addTask {
+                    for i in 0..<40 {
+                        let data = randomBytes(20_000 + (w * 40 + i) * 500)
+                        do {
+                            let d = try await client.put(bytes: data)
+                            written.add(d.hash)
+                            let back = try await client.get(hash: d.hash)
+                            if back != data { failures.add("worker \(w) op \(i): wrong bytes") }
+                        } catch {
+                            failures.add("worker \(w) op \(i): \(error)")
+                        }
+                    }
+                }
+            }
+            group.addTask {
+                // Let traffic flow, then drain peer2 in the middle of it.
+                _ = await eventually(timeout: 30) { written.count >= 20 }
+                mesh.children[drainer]!.signal(SIGTERM)
+            }
+            try await group.waitForAll()
+        }
+        let exit = await mesh.children[drainer]!.waitForExit(timeout: 60)
+        #expect(exit?.status == 0 && exit?.signalled == false, "drainer exit \(String(describing: exit))\n\(mesh.children[drainer]!.stderr.suffix(1500))")
+        #expect(failures.all.isEmpty, "\(failures.all.count) failed requests: \(failures.all.prefix(5))")
+        #expect(written.count == 160)
+        // Every acknowledged blob is still held by a live node.
+        for h in written.all {
+            #expect(mesh.names.contains { $0 != drainer && mesh.holds($0, h) }, "\(h) lost")
+        }
+    }
+}
+
+/// Thread-safe list of strings.
+final class Failures: @unchecked Sendable {
+    private let lock = NSLock()
+    private var items: [String] = []
+    func add(_ s: String) { lock.lock(); items.append(s); lock.unlock() }
+    var all: [String] { lock.lock(); defer { lock.unlock() }; return items }
+    var count: Int { all.count }
 }

@@ -204,12 +204,25 @@ public final class MeshService: MeshHooks, Sendable {
                 }
             }
             let origin = c.membership.allMembers.first { $0.metadata.role == .origin && $0.status.isLive && $0.node != me }
+            // Not (yet) in the map — e.g. written a moment ago elsewhere: its rendezvous owners
+            // hold the mirror copies, so ask them too (after the known holders).
+            if let key = Self.placementKey(hash) {
+                let known = Set(hs.map(\.0))
+                for id in Rendezvous.top(settings.replication, for: key, over: c.membership.liveMembers)
+                where id != me && !known.contains(id) && id != origin?.node {
+                    if let m = c.membership.member(id) { hs.append((id, m.metadata.tcpEndpoint)) }
+                }
+            }
             return (hs, origin.map { ($0.node, $0.metadata.tcpEndpoint) })
         }
+        // Best measured RTT first (stable: equal RTTs keep map holders before rendezvous owners).
         let ranked = latency.tracker.withLock { t in
-            holders.sorted { (t.rtt(of: $0.0) ?? .seconds(1)) < (t.rtt(of: $1.0) ?? .seconds(1)) }
+            holders.enumerated().sorted { a, b in
+                let ra = t.rtt(of: a.element.0) ?? .seconds(1), rb = t.rtt(of: b.element.0) ?? .seconds(1)
+                return ra != rb ? ra < rb : a.offset < b.offset
+            }.map(\.element)
         }
-        for (id, ep) in ranked.prefix(settings.hedge.maximumLegs) where id != originNode?.0 {
+        for (id, ep) in ranked.prefix(settings.hedge.maximumLegs + settings.replication) where id != originNode?.0 {
             if let hp = HostPort(ep) { out.append(FetchSource(name: id.name, endpoint: hp, isOrigin: false)) }
         }
         if let (id, ep) = originNode, let hp = HostPort(ep) {
@@ -238,6 +251,10 @@ public final class MeshService: MeshHooks, Sendable {
 
     public func received(_ d: StoreDigest) { announce(d) }
 
+    /// Placement (rendezvous) depends on the hash only, so a node that knows just the hash (an
+    /// HTTP GET) computes the same owners as the writer did.
+    static func placementKey(_ hash: String) -> MeshCore.Digest? { MeshCore.Digest(hex: hash, sizeBytes: 0) }
+
     private func announce(_ d: StoreDigest) {
         guard let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { return }
         core.withLock { $0.gained(md, now: now()) }
@@ -252,7 +269,7 @@ public final class MeshService: MeshHooks, Sendable {
     }
 
     func mirrorTargets(for d: StoreDigest, excluding: Set<NodeID> = []) -> [FetchSource] {
-        guard settings.replication > 1, let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { return [] }
+        guard settings.replication > 1, let md = Self.placementKey(d.hash) else { return [] }
         return core.withLock { c in
             let live = c.membership.liveMembers.filter { $0 != me && !excluding.contains($0) }
             return Rendezvous.top(settings.replication - 1, for: md, over: live).compactMap { id in
@@ -267,7 +284,7 @@ public final class MeshService: MeshHooks, Sendable {
         guard settings.replication > 1 else { return }
         var copied = 0
         for d in store.allDigests() {
-            guard let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { continue }
+            guard let md = Self.placementKey(d.hash) else { continue }
             let (before, after) = core.withLock { c -> ([NodeID], [NodeID]) in
                 let live = c.membership.liveMembers
                 return (Rendezvous.top(settings.replication, for: md, over: live + [gone, me]),
