@@ -22,6 +22,8 @@ let package = Package(
         // C bindings (system libraries through pkg-config; shim.h wraps macros).
         .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
         .systemLibrary(name: "CMeshSystem"),
+        .systemLibrary(name: "CNgtcp2", pkgConfig: "libngtcp2_crypto_gnutls",
+                       providers: [.apt(["libngtcp2-crypto-gnutls-dev", "libngtcp2-dev", "libnghttp3-dev"])]),
         .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
 
         // GnuTLS credentials, sessions, peer identity + role, SHA-256.
@@ -45,6 +47,13 @@ let package = Package(
         // REAPI v2 / ByteStream / google.rpc protobuf messages (generated once by protos/generate.sh, committed).
         .target(name: "REAPI", dependencies: [
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
+        // QUIC + HTTP/3 (ngtcp2 0.12.1 + nghttp3 0.8.0 + GnuTLS) server and client on NIO UDP.
+        .target(name: "MeshQUIC", dependencies: [
+            "CNgtcp2", "CGnuTLS", "MeshTLS", "MeshHTTP",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
         ]),
         // gRPC over our HTTP/2 (and later HTTP/3): framing, status, deadlines, method dispatch.
         .target(name: "MeshGRPC", dependencies: [
@@ -88,6 +97,12 @@ let package = Package(
         .testTarget(name: "MeshHTTP2Tests", dependencies: ["MeshHTTP2", "MeshHTTP", "MeshTLS"]),
         .testTarget(name: "CacheNodeTests", dependencies: ["CacheNode", "BlobStore", "MeshGRPC", "MeshHTTP", "REAPI"]),
         .testTarget(name: "MeshCoreTests", dependencies: ["MeshCore"]),
+        .testTarget(name: "MeshQUICTests", dependencies: [
+            "MeshQUIC", "MeshHTTP", "MeshTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "MeshGRPCTests", dependencies: ["MeshGRPC", "MeshHTTP"]),
         .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "MeshHTTP2", "MeshTLS", "MeshGRPC", "MeshHTTP", "REAPI", "BlobStore"]),
     ]

@@ -1,0 +1,390 @@
+import CNgtcp2
+import Logging
+import MeshHTTP
+import MeshTLS
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// Counters of the UDP front door (tests and metrics).
+public struct QUICServerStats: Sendable, Equatable {
+    public var datagramsReceived = 0
+    /// Datagrams that could not be parsed or routed (garbage, unknown short-header CIDs, …).
+    public var datagramsDropped = 0
+    public var versionNegotiationsSent = 0
+    public var connectionsAccepted = 0
+    /// New connections refused because of the handshake/connection limits.
+    public var connectionsRefused = 0
+    public init() {}
+}
+
+/// An HTTP/3 server over QUIC (ngtcp2 + nghttp3 + GnuTLS) on one SwiftNIO UDP socket.
+///
+/// Datagrams are routed to connections by destination connection ID (every CID a connection
+/// uses: the client's original DCID, our SCID, the ones issued with NEW_CONNECTION_ID). A
+/// datagram for no known CID may only start a connection if it is a long-header packet that
+/// `ngtcp2_accept` takes as an Initial (>= 1200 bytes); anything else is counted and dropped.
+///
+/// Against hostile input and amplification:
+/// - unknown versions get Version Negotiation only for datagrams >= 1200 bytes;
+/// - ngtcp2's 3x anti-amplification limit applies to every unvalidated client address;
+/// - a new connection whose first Initial produces no answer (forged or corrupt: nothing
+///   decrypted) is dropped at once instead of lingering until the handshake timeout;
+/// - at most `maxHandshakes` connections may be in the handshake and `maxConnections` open;
+///   beyond that new Initials are dropped (`stats.connectionsRefused`);
+/// - handshakes time out after `quic.handshakeTimeout`, idle connections after `quic.idleTimeout`;
+/// - not enabled: Retry / address-validation tokens, stateless resets (unknown short-header
+///   packets are dropped silently), connection migration (`disable_active_migration`).
+///
+/// Mutual TLS: with `.require` the client's chain is verified against the mesh CA inside the
+/// handshake (a client without a valid certificate never gets HANDSHAKE_DONE); the role comes
+/// from the certificate (`TLSSession.peerIdentity(of:)`) and reaches the service per request.
+public final class HTTP3Server: Sendable {
+    public struct Configuration: Sendable {
+        public var host: String
+        public var port: Int
+        public var credentials: TLSCredentials
+        public var clientAuthentication: ClientAuthentication
+        public var quic: QUICSettings
+        public var drainGracePeriod: TimeAmount
+        /// Connections at once; beyond this new Initials are dropped.
+        public var maxConnections: Int
+        /// Connections still in the handshake at once (handshake-flood bound).
+        public var maxHandshakes: Int
+
+        public init(host: String, port: Int, credentials: TLSCredentials, clientAuthentication: ClientAuthentication = .require,
+                    quic: QUICSettings = QUICSettings(), drainGracePeriod: TimeAmount = .seconds(30),
+                    maxConnections: Int = 10_000, maxHandshakes: Int = 1_000) {
+            self.host = host
+            self.port = port
+            self.credentials = credentials
+            self.clientAuthentication = clientAuthentication
+            self.quic = quic
+            self.drainGracePeriod = drainGracePeriod
+            self.maxConnections = maxConnections
+            self.maxHandshakes = maxHandshakes
+        }
+    }
+
+    public let configuration: Configuration
+    private let service: any HTTPService
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let state = Mutex<(channel: (any Channel)?, handler: NIOLoopBound<QUICServerHandler>?)>((nil, nil))
+    let statsBox = StatsBox()
+
+    public init(configuration: Configuration, service: any HTTPService, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, logger: Logger) {
+        self.configuration = configuration
+        self.service = service
+        self.group = group
+        self.logger = logger
+    }
+
+    /// Bind the UDP socket. Returns the bound address (port 0 picks a free port).
+    @discardableResult
+    public func start() async throws -> SocketAddress {
+        let tlsContext = try QUICTLSContext(credentials: configuration.credentials)
+        let config = configuration
+        let service = self.service
+        let logger = self.logger
+        let channel = try await QUICDatagramWriter.bootstrap(group: group, settings: config.quic)
+            .channelOption(.socketOption(.so_reuseaddr), value: 1)
+            .bind(host: config.host, port: config.port).get()
+        let handler = try await channel.eventLoop.submit { [statsBox] in
+            let h = QUICServerHandler(config: config, tls: tlsContext, service: service, stats: statsBox, logger: logger)
+            try channel.pipeline.syncOperations.addHandler(h)
+            return NIOLoopBound(h, eventLoop: channel.eventLoop)
+        }.get()
+        state.withLock { $0 = (channel, handler) }
+        guard let addr = channel.localAddress else { throw HTTPTransportError.connectionClosed }
+        logger.info("HTTP/3 listening", metadata: ["address": "\(addr)"])
+        return addr
+    }
+
+    public var stats: QUICServerStats { statsBox.value.withLock { $0 } }
+
+    /// Open connections (including those closing).
+    public func connectionCount() async -> Int {
+        guard let (channel, handler) = state.withLock({ s in s.channel.flatMap { c in s.handler.map { (c, $0) } } }) else { return 0 }
+        return (try? await channel.eventLoop.submit { handler.value.cores.count }.get()) ?? 0
+    }
+
+    /// HTTP/3 GOAWAY on every connection (notice, then final), keep accepting new connections.
+    public func goawayAllConnections() {
+        guard let (channel, handler) = state.withLock({ s in s.channel.flatMap { c in s.handler.map { (c, $0) } } }) else { return }
+        let grace = configuration.drainGracePeriod
+        channel.eventLoop.execute { handler.value.goawayAll(gracePeriod: grace, stopAccepting: false) }
+    }
+
+    /// Stop accepting, GOAWAY every connection, wait until they closed after their in-flight
+    /// requests (bounded by the drain grace period), then close the socket.
+    public func shutdownGracefully() async {
+        guard let (channel, handler) = state.withLock({ s in s.channel.flatMap { c in s.handler.map { (c, $0) } } }) else { return }
+        let grace = configuration.drainGracePeriod
+        let done = try? await channel.eventLoop.submit { () -> EventLoopFuture<Void> in
+            handler.value.goawayAll(gracePeriod: grace, stopAccepting: true)
+            return handler.value.allClosed()
+        }.get()
+        try? await done?.get()
+        try? await channel.close()
+    }
+
+    /// Close the socket now (connections are dropped without a word).
+    public func close() async {
+        let channel = state.withLock { $0.channel }
+        try? await channel?.close()
+    }
+}
+
+final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    typealias OutboundOut = AddressedEnvelope<ByteBuffer>
+
+    static let scidLength = 18
+
+    private let config: HTTP3Server.Configuration
+    private let tls: QUICTLSContext
+    private let service: any HTTPService
+    private let stats: StatsBox
+    private let logger: Logger
+    private var context: ChannelHandlerContext?
+    private var table = CIDRoutingTable<QUICCore>()
+    private(set) var cores: [ObjectIdentifier: QUICCore] = [:]
+    private var handshaking = 0
+    private var accepting = true
+    private var closeWaiters: [EventLoopPromise<Void>] = []
+    /// Connections that read datagrams in the current read burst.
+    private var dirty: [ObjectIdentifier: QUICCore] = [:]
+
+    init(config: HTTP3Server.Configuration, tls: QUICTLSContext, service: any HTTPService, stats: StatsBox, logger: Logger) {
+        self.config = config
+        self.tls = tls
+        self.service = service
+        self.stats = stats
+        self.logger = logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        let all = Array(cores.values)
+        for c in all { c.finalize(error: HTTPTransportError.connectionClosed) }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let env = unwrapInboundIn(data)
+        QUICDatagramWriter.forEachDatagram(env) { route($0, from: env.remoteAddress) }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        let d = dirty
+        dirty = [:]
+        for (_, c) in d { c.flushAfterRead() }
+        context.fireChannelReadComplete()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // UDP errors (ICMP unreachable and the like) concern one peer, never the socket.
+        logger.debug("QUIC socket error", metadata: ["error": "\(error)"])
+    }
+
+    private enum Decision {
+        case drop
+        case versionNegotiation(dcid: [UInt8], scid: [UInt8])
+        case existing(QUICCore)
+        case new
+    }
+
+    func route(_ buffer: ByteBuffer, from remote: SocketAddress) {
+        var dropped = false
+        defer {
+            stats.value.withLock {
+                $0.datagramsReceived += 1
+                if dropped { $0.datagramsDropped += 1 }
+            }
+        }
+        let decision: Decision = buffer.withUnsafeReadableBytes { b in
+            guard let base = b.baseAddress?.assumingMemoryBound(to: UInt8.self), b.count > 0 else { return .drop }
+            var vc = ngtcp2_version_cid()
+            let rv = ngtcp2_pkt_decode_version_cid(&vc, base, b.count, Self.scidLength)
+            if rv == NGTCP2_ERR_VERSION_NEGOTIATION {
+                // Only for datagrams big enough to be an Initial (no amplification).
+                guard b.count >= 1200 else { return .drop }
+                return .versionNegotiation(dcid: Array(UnsafeBufferPointer(start: vc.dcid, count: vc.dcidlen)),
+                                           scid: Array(UnsafeBufferPointer(start: vc.scid, count: vc.scidlen)))
+            }
+            guard rv == 0 else { return .drop }
+            let dcid = ConnectionID(pointer: vc.dcid, count: vc.dcidlen)
+            if let core = table.lookup(dcid) { return .existing(core) }
+            // Unknown DCID: only a long-header packet (an Initial) may start a connection.
+            guard b[0] & 0x80 != 0 else { return .drop }
+            return .new
+        }
+        switch decision {
+        case .drop:
+            dropped = true
+        case .versionNegotiation(let dcid, let scid):
+            sendVersionNegotiation(dcid: dcid, scid: scid, to: remote)
+        case .existing(let core):
+            core.receive(buffer, from: remote)
+            dirty[ObjectIdentifier(core)] = core
+        case .new:
+            if !accept(buffer, from: remote) { dropped = true }
+        }
+    }
+
+    private func accept(_ buffer: ByteBuffer, from remote: SocketAddress) -> Bool {
+        guard let context, let local = context.channel.localAddress else { return false }
+        guard accepting, cores.count < config.maxConnections, handshaking < config.maxHandshakes else {
+            stats.value.withLock { $0.connectionsRefused += 1 }
+            return false
+        }
+        let created: QUICCore? = buffer.withUnsafeReadableBytes { b -> QUICCore? in
+            var hd = ngtcp2_pkt_hd()
+            let arv = ngtcp2_accept(&hd, b.baseAddress!.assumingMemoryBound(to: UInt8.self), b.count)
+            guard arv == 0 else {
+                logger.trace("QUIC: ngtcp2_accept refused a packet", metadata: ["error": "\(arv)", "size": "\(b.count)"])
+                return nil
+            }
+            do { return try QUICCore(server: hd, authentication: config.clientAuthentication, service: service, tls: tls,
+                                 settings: config.quic, local: local, remote: remote, loop: context.eventLoop, logger: logger)
+            } catch {
+                logger.debug("QUIC: cannot create connection", metadata: ["error": "\(error)"])
+                return nil
+            }
+        }
+        guard let core = created else { return false }
+        core.delegate = self
+        cores[ObjectIdentifier(core)] = core
+        table.add(core.scid, for: core)
+        if let o = core.originalDCID { table.add(o, for: core) }
+        handshaking += 1
+        stats.value.withLock { $0.connectionsAccepted += 1 }
+        core.receive(buffer, from: remote)
+        core.flushAfterRead()
+        if core.packetsSent == 0 {
+            // Nothing decrypted (forged or corrupted Initial): forget it now.
+            core.finalize(error: nil)
+            return false
+        }
+        return true
+    }
+
+    private func sendVersionNegotiation(dcid: [UInt8], scid: [UInt8], to remote: SocketAddress) {
+        guard let context else { return }
+        var out = context.channel.allocator.buffer(capacity: 256)
+        var versions: [UInt32] = [NGTCP2_PROTO_VER_V1]
+        var random: UInt8 = 0
+        cm_gnutls_rnd(&random, 1)
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: 256) { dest in
+            // The reply swaps the CIDs: its DCID is the client's SCID.
+            let n = ngtcp2_pkt_write_version_negotiation(dest.baseAddress!.assumingMemoryBound(to: UInt8.self), 256, random,
+                                                         scid, scid.count, dcid, dcid.count, &versions, versions.count)
+            return n > 0 ? n : 0
+        }
+        guard out.readableBytes > 0 else { return }
+        stats.value.withLock { $0.versionNegotiationsSent += 1 }
+        context.writeAndFlush(wrapOutboundOut(AddressedEnvelope(remoteAddress: remote, data: out)), promise: nil)
+    }
+
+    // MARK: QUICCoreDelegate
+
+    func quicCore(_ core: QUICCore, send buffer: ByteBuffer, sends: [GSOBatcher.Send], to remote: SocketAddress) {
+        guard let context else { return }
+        QUICDatagramWriter.write(context: context, buffer: buffer, sends: sends, to: remote)
+    }
+
+    func quicCore(_ core: QUICCore, didIssue cid: ConnectionID) {
+        table.add(cid, for: core)
+    }
+
+    func quicCore(_ core: QUICCore, didRetire cid: ConnectionID) {
+        table.remove(cid, for: core)
+    }
+
+    func quicCoreHandshakeCompleted(_ core: QUICCore) {
+        handshaking -= 1
+        logger.debug("QUIC connection established", metadata: ["peer": "\(core.peer?.description ?? "-")", "remote": "\(core.remoteAddress)"])
+    }
+
+    func quicCoreDidClose(_ core: QUICCore, error: (any Error)?) {
+        if !core.handshakeCompleted { handshaking -= 1 }
+        table.removeAll(for: core)
+        cores[ObjectIdentifier(core)] = nil
+        if cores.isEmpty {
+            let w = closeWaiters
+            closeWaiters = []
+            w.forEach { $0.succeed(()) }
+        }
+    }
+
+    // MARK: drain
+
+    func goawayAll(gracePeriod: TimeAmount, stopAccepting: Bool) {
+        if stopAccepting { accepting = false }
+        for c in cores.values {
+            if c.handshakeCompleted {
+                c.startGracefulShutdown(gracePeriod: gracePeriod)
+            } else {
+                c.closeApplication()
+            }
+        }
+    }
+
+    func allClosed() -> EventLoopFuture<Void> {
+        guard let context else { return MultiThreadedEventLoopGroup.singleton.any().makeSucceededVoidFuture() }
+        if cores.isEmpty { return context.eventLoop.makeSucceededVoidFuture() }
+        let p = context.eventLoop.makePromise(of: Void.self)
+        closeWaiters.append(p)
+        return p.futureResult
+    }
+}
+
+final class StatsBox: Sendable {
+    let value = Mutex(QUICServerStats())
+}
+
+enum QUICDatagramWriter {
+    /// A UDP bootstrap with large socket buffers, vector reads and (where available) GRO.
+    static func bootstrap(group: any EventLoopGroup, settings: QUICSettings) -> DatagramBootstrap {
+        let gro = settings.gro && System.supportsUDPReceiveOffload
+        var b = DatagramBootstrap(group: group)
+            .channelOption(.socketOption(.so_rcvbuf), value: 8 << 20)
+            .channelOption(.socketOption(.so_sndbuf), value: 8 << 20)
+        if gro {
+            b = b.channelOption(.datagramReceiveOffload, value: true)
+                .channelOption(.datagramReceiveSegmentSize, value: true)
+                .channelOption(.datagramVectorReadMessageCount, value: 8)
+                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 8 * 65_536))
+        } else {
+            // NIO splits the buffer between the messages of one vector read: 2 KiB each.
+            b = b.channelOption(.datagramVectorReadMessageCount, value: 32)
+                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 32 * 2048))
+        }
+        return b
+    }
+
+    /// The datagrams of one read: a GRO-coalesced buffer is split at its segment size.
+    static func forEachDatagram(_ env: AddressedEnvelope<ByteBuffer>, _ body: (ByteBuffer) -> Void) {
+        var data = env.data
+        guard let seg = env.metadata?.segmentSize, seg > 0, data.readableBytes > seg else {
+            body(data)
+            return
+        }
+        while data.readableBytes > 0, let slice = data.readSlice(length: min(seg, data.readableBytes)) {
+            body(slice)
+        }
+    }
+
+    static func write(context: ChannelHandlerContext, buffer: ByteBuffer, sends: [GSOBatcher.Send], to remote: SocketAddress) {
+        for s in sends {
+            guard let slice = buffer.getSlice(at: buffer.readerIndex + s.offset, length: s.length) else { continue }
+            let metadata = s.segmentSize.map {
+                AddressedEnvelope<ByteBuffer>.Metadata(ecnState: .transportNotCapable, packetInfo: nil, segmentSize: $0)
+            }
+            context.write(NIOAny(AddressedEnvelope(remoteAddress: remote, data: slice, metadata: metadata)), promise: nil)
+        }
+        context.flush()
+    }
+}

@@ -1,0 +1,1512 @@
+import CGnuTLS
+import CNgtcp2
+import Logging
+import MeshHTTP
+import MeshTLS
+import NIOCore
+import NIOPosix
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Tunables of a QUIC connection (both roles). Defaults are sized for a LAN.
+public struct QUICSettings: Sendable {
+    /// Initial (and auto-tuning maximum) per-stream receive window.
+    public var streamWindow: UInt64 = 16 << 20
+    /// Initial connection receive window; auto-tuning may grow it to `maxConnectionWindow`.
+    public var connectionWindow: UInt64 = 64 << 20
+    public var maxConnectionWindow: UInt64 = 128 << 20
+    /// Concurrent request streams a client may open (server side).
+    public var maxConcurrentStreams: UInt64 = 128
+    public var idleTimeout: TimeAmount = .seconds(30)
+    public var handshakeTimeout: TimeAmount = .seconds(10)
+    /// RTT assumed before the first sample: a LAN, not the Internet's 333 ms.
+    public var initialRTT: TimeAmount = .milliseconds(1)
+    /// Advertised max_ack_delay (not below ~5 ms: fewer ACK-only packets under load).
+    public var maxAckDelay: TimeAmount = .milliseconds(5)
+    /// Send runs of equal-size packets with UDP GSO (one syscall per up to 40 packets).
+    public var gso: Bool = true
+    /// Receive coalesced datagrams (UDP GRO) where the kernel supports it.
+    public var gro: Bool = true
+    /// Congestion control.
+    public var congestionControl: CongestionControl = .cubic
+
+    public enum CongestionControl: Sendable {
+        case cubic, bbr, bbr2, reno
+    }
+
+    public init() {}
+}
+
+/// Errors of a QUIC connection as a whole (handshake, timeouts).
+public enum QUICError: Error, Sendable, CustomStringConvertible, Equatable {
+    case handshakeFailed(String)
+    case closedByPeer
+    case timeout
+    case internalError(String)
+
+    public var description: String {
+        switch self {
+        case .handshakeFailed(let s): "QUIC handshake failed: \(s)"
+        case .closedByPeer: "QUIC connection closed by peer"
+        case .timeout: "QUIC connection timed out"
+        case .internalError(let s): "QUIC internal error: \(s)"
+        }
+    }
+}
+
+/// GnuTLS priorities for QUIC: TLS 1.3 only (ngtcp2_crypto_gnutls requires it), no middlebox
+/// compatibility mode (forbidden by RFC 9001), AES-GCM first.
+final class QUICTLSContext: @unchecked Sendable {
+    static let priorityString =
+        "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:+CHACHA20-POLY1305:%DISABLE_TLS13_COMPAT_MODE"
+    let credentials: TLSCredentials
+    let priority: gnutls_priority_t
+
+    init(credentials: TLSCredentials) throws {
+        var prio: gnutls_priority_t?
+        let rc = gnutls_priority_init(&prio, Self.priorityString, nil)
+        guard rc >= 0, let prio else { throw TLSError(code: rc, context: "QUIC priority string") }
+        self.credentials = credentials
+        self.priority = prio
+    }
+
+    deinit { gnutls_priority_deinit(priority) }
+}
+
+protocol QUICCoreDelegate: AnyObject {
+    /// Send `sends` (slices of `buffer`) to `remote` and flush.
+    func quicCore(_ core: QUICCore, send buffer: ByteBuffer, sends: [GSOBatcher.Send], to remote: SocketAddress)
+    func quicCore(_ core: QUICCore, didIssue cid: ConnectionID)
+    func quicCore(_ core: QUICCore, didRetire cid: ConnectionID)
+    func quicCoreHandshakeCompleted(_ core: QUICCore)
+    func quicCoreDidClose(_ core: QUICCore, error: (any Error)?)
+}
+
+/// Identifies a client request until it has a stream (cancellation before/after open).
+final class RequestToken: Sendable {
+    let cancelled = Mutex(false)
+}
+
+/// Weak reference usable from @Sendable closures (hopping back onto the loop).
+final class WeakCore {
+    weak var core: QUICCore?
+    init(_ c: QUICCore) { core = c }
+}
+
+/// One HTTP/3 request stream (either role).
+final class H3Stream {
+    enum Source {
+        case none
+        case bytes(ByteBuffer)
+        case file(any FileBodySource, next: Int64, end: Int64)
+        case stream(HTTPOutboundStream)
+    }
+
+    let id: Int64
+    var headerFields: [(name: String, value: String)] = []
+    var trailerFields: [(name: String, value: String)] = []
+    var inTrailers = false
+    var body: HTTPInboundBody?
+    var inboundEnded = false
+    var source: Source = .none
+    var sourceClosed = false
+    var pendingTrailers: HTTPHeaders?
+    var held = AckedBufferQueue()
+    /// Body bytes of the current read burst, not yet handed to `body`.
+    var pendingInbound: ByteBuffer?
+    var isHead = false
+    var responseSubmitted = false
+    var continuation: CheckedContinuation<HTTPClientResponse, any Error>?
+    var token: RequestToken?
+
+    init(id: Int64) { self.id = id }
+
+    func closeSource() {
+        guard !sourceClosed else { return }
+        sourceClosed = true
+        switch source {
+        case .file(let f, _, _): f.close()
+        case .stream(let s): s.cancel(HTTPTransportError.streamReset(errorCode: UInt32(NGHTTP3_H3_REQUEST_CANCELLED)))
+        case .none, .bytes: break
+        }
+        source = .none
+    }
+}
+
+/// One QUIC connection: ngtcp2_conn + GnuTLS session + nghttp3_conn, driven on one event loop.
+/// Owns its C objects; callbacks find it through `user_data` (unretained: the owner — a server
+/// routing table or a client handler — keeps it alive while the C objects exist).
+final class QUICCore {
+    enum Role {
+        case server(ClientAuthentication, any HTTPService)
+        case client(serverName: String)
+    }
+
+    enum Phase { case active, closing, draining, closed }
+
+    let role: Role
+    let isServer: Bool
+    let loop: any EventLoop
+    let settings: QUICSettings
+    let logger: Logger
+    weak var delegate: QUICCoreDelegate?
+    let localAddress: SocketAddress
+    let remoteAddress: SocketAddress
+    let scid: ConnectionID
+    private(set) var originalDCID: ConnectionID?
+
+    private var conn: OpaquePointer!
+    private(set) var h3: OpaquePointer?
+    private var tls: OpaquePointer!
+    private let connRef: UnsafeMutablePointer<ngtcp2_crypto_conn_ref>
+    private let tlsContext: QUICTLSContext
+    private var verifyName: UnsafeMutablePointer<CChar>?
+    private var verifyData: (UnsafeMutablePointer<gnutls_typed_vdata_st>, UnsafeMutablePointer<UInt8>)?
+
+    private(set) var streams: [Int64: H3Stream] = [:]
+    private(set) var phase = Phase.active
+    private var timer: Scheduled<Void>?
+    private var timerState = ExpiryTimerState()
+    private var closePacket: ByteBuffer?
+    private var closeResends = 0
+    private(set) var peer: PeerIdentity?
+    private(set) var handshakeCompleted = false
+    /// Client: HANDSHAKE_DONE received (the server accepted us).
+    private(set) var handshakeConfirmed = false
+    private var processedAnyPacket = false
+    private var writeScheduled = false
+    private var needsWrite = false
+    /// Streams with `pendingInbound` bytes in this read burst.
+    private var inboundDirty: [H3Stream] = []
+    /// Packets written so far (a server connection that answers nothing to its first Initial
+    /// was not a real handshake: it is dropped at once instead of lingering until the timeout).
+    private(set) var packetsSent = 0
+    private var inWrite = false
+    private let allocator = ByteBufferAllocator()
+    private(set) var failure: (any Error)?
+
+    // server drain
+    private(set) var draining = false
+    private var finalGoawaySent = false
+    // client
+    private var pending: [(head: HTTPRequestHead, body: HTTPOutboundBody, token: RequestToken, cont: CheckedContinuation<HTTPClientResponse, any Error>)] = []
+    private(set) var goawayID: Int64?
+    /// Set from the loop; read from any thread by the client wrapper.
+    let flags = QUICConnectionFlags()
+
+    private lazy var weakSelf = WeakCore(self)
+
+    // MARK: creation
+
+    /// Server side: `hd` is the accepted client Initial (`ngtcp2_accept`).
+    init(server hd: ngtcp2_pkt_hd, authentication: ClientAuthentication, service: any HTTPService, tls tlsContext: QUICTLSContext,
+         settings: QUICSettings, local: SocketAddress, remote: SocketAddress, loop: any EventLoop, logger: Logger) throws {
+        self.role = .server(authentication, service)
+        self.isServer = true
+        self.loop = loop
+        self.settings = settings
+        self.logger = logger
+        self.localAddress = local
+        self.remoteAddress = remote
+        self.scid = .random()
+        self.tlsContext = tlsContext
+        self.connRef = .allocate(capacity: 1)
+        self.originalDCID = ConnectionID(hd.dcid)
+        connRef.initialize(to: ngtcp2_crypto_conn_ref(get_conn: { ref in
+            Unmanaged<QUICCore>.fromOpaque(ref!.pointee.user_data!).takeUnretainedValue().conn
+        }, user_data: nil))
+        connRef.pointee.user_data = Unmanaged.passUnretained(self).toOpaque()
+        try makeTLS()
+        var callbacks = Self.makeCallbacks(server: true)
+        var st = makeSettings()
+        var params = makeTransportParams()
+        params.original_dcid = hd.dcid
+        params.stateless_reset_token_present = 1
+        withUnsafeMutableBytes(of: &params.stateless_reset_token) { cm_gnutls_rnd($0.baseAddress!.assumingMemoryBound(to: UInt8.self), $0.count) }
+        params.disable_active_migration = 1
+        var dcid = hd.scid
+        var ourSCID = scid.ngtcp2
+        var c: OpaquePointer?
+        let rv = withPath(remote: remote) { path in
+            cm_ngtcp2_conn_server_new(&c, &dcid, &ourSCID, path, hd.version, &callbacks, &st, &params, Unmanaged.passUnretained(self).toOpaque())
+        }
+        guard rv == 0, let c else {
+            gnutls_deinit(tls)
+            connRef.deallocate()
+            throw QUICError.internalError("ngtcp2_conn_server_new: \(Self.errString(rv))")
+        }
+        conn = c
+        ngtcp2_conn_set_tls_native_handle(c, UnsafeMutableRawPointer(tls))
+    }
+
+    /// Client side.
+    init(clientServerName serverName: String, tls tlsContext: QUICTLSContext, settings: QUICSettings,
+         local: SocketAddress, remote: SocketAddress, loop: any EventLoop, logger: Logger) throws {
+        self.role = .client(serverName: serverName)
+        self.isServer = false
+        self.loop = loop
+        self.settings = settings
+        self.logger = logger
+        self.localAddress = local
+        self.remoteAddress = remote
+        self.scid = .random()
+        self.tlsContext = tlsContext
+        self.connRef = .allocate(capacity: 1)
+        connRef.initialize(to: ngtcp2_crypto_conn_ref(get_conn: { ref in
+            Unmanaged<QUICCore>.fromOpaque(ref!.pointee.user_data!).takeUnretainedValue().conn
+        }, user_data: nil))
+        connRef.pointee.user_data = Unmanaged.passUnretained(self).toOpaque()
+        try makeTLS()
+        var callbacks = Self.makeCallbacks(server: false)
+        var st = makeSettings()
+        var params = makeTransportParams()
+        var dcid = ConnectionID.random().ngtcp2
+        var ourSCID = scid.ngtcp2
+        var c: OpaquePointer?
+        let rv = withPath(remote: remote) { path in
+            cm_ngtcp2_conn_client_new(&c, &dcid, &ourSCID, path, NGTCP2_PROTO_VER_V1, &callbacks, &st, &params, Unmanaged.passUnretained(self).toOpaque())
+        }
+        guard rv == 0, let c else {
+            gnutls_deinit(tls)
+            connRef.deallocate()
+            throw QUICError.internalError("ngtcp2_conn_client_new: \(Self.errString(rv))")
+        }
+        conn = c
+        ngtcp2_conn_set_tls_native_handle(c, UnsafeMutableRawPointer(tls))
+    }
+
+    deinit {
+        timer?.cancel()
+        for (_, s) in streams { s.closeSource() }
+        if let h3 { nghttp3_conn_del(h3) }
+        if let conn { ngtcp2_conn_del(conn) }
+        if let tls { gnutls_deinit(tls) }
+        connRef.deallocate()
+        free(verifyName)
+        if let (v, raw) = verifyData {
+            v.deallocate()
+            raw.deallocate()
+        }
+    }
+
+    private func makeTLS() throws {
+        var s: gnutls_session_t?
+        try tlsCheck(cm_gnutls_init_quic(&s, isServer ? 1 : 0), "gnutls_init (QUIC)")
+        guard let s else { throw TLSError(code: 0, context: "gnutls_init (QUIC)") }
+        tls = s
+        do {
+            try tlsCheck(gnutls_priority_set(s, tlsContext.priority), "QUIC priority")
+            let rc = isServer ? ngtcp2_crypto_gnutls_configure_server_session(s) : ngtcp2_crypto_gnutls_configure_client_session(s)
+            if rc != 0 { throw QUICError.internalError("ngtcp2_crypto_gnutls_configure_*_session failed") }
+            gnutls_session_set_ptr(s, UnsafeMutableRawPointer(connRef))
+            try tlsCheck(gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE, UnsafeMutableRawPointer(tlsContext.credentials.credentials)), "credentials")
+            var h3 = Array("h3".utf8)
+            try h3.withUnsafeMutableBufferPointer { b in
+                var d = gnutls_datum_t(data: b.baseAddress, size: UInt32(b.count))
+                try tlsCheck(gnutls_alpn_set_protocols(s, &d, 1, isServer ? UInt32(GNUTLS_ALPN_MANDATORY.rawValue) : 0), "ALPN")
+            }
+            switch role {
+            case .server(let auth, _):
+                gnutls_certificate_server_set_request(s, auth == .require ? GNUTLS_CERT_REQUIRE : GNUTLS_CERT_REQUEST)
+                // mTLS: the client chain is verified against the mesh CA inside the handshake.
+                if auth == .require { gnutls_session_set_verify_cert(s, nil, 0) }
+            case .client(let serverName):
+                if let ip = Self.ipBytes(serverName) {
+                    let raw = UnsafeMutablePointer<UInt8>.allocate(capacity: ip.count)
+                    raw.initialize(from: ip, count: ip.count)
+                    let vdata = UnsafeMutablePointer<gnutls_typed_vdata_st>.allocate(capacity: 1)
+                    vdata.initialize(to: gnutls_typed_vdata_st(type: GNUTLS_DT_IP_ADDRESS, data: raw, size: UInt32(ip.count)))
+                    verifyData = (vdata, raw)
+                    gnutls_session_set_verify_cert2(s, vdata, 1, 0)
+                } else {
+                    _ = serverName.withCString { p in gnutls_server_name_set(s, GNUTLS_NAME_DNS, p, strlen(p)) }
+                    // GnuTLS keeps the pointer, not a copy: it lives as long as the session.
+                    let name = strdup(serverName)!
+                    verifyName = name
+                    gnutls_session_set_verify_cert(s, name, 0)
+                }
+            }
+        } catch {
+            gnutls_deinit(s)
+            tls = nil
+            throw error
+        }
+    }
+
+    static func ipBytes(_ s: String) -> [UInt8]? {
+        var v4 = in_addr()
+        if inet_pton(AF_INET, s, &v4) == 1 { return withUnsafeBytes(of: &v4) { Array($0) } }
+        var v6 = in6_addr()
+        if inet_pton(AF_INET6, s, &v6) == 1 { return withUnsafeBytes(of: &v6) { Array($0) } }
+        return nil
+    }
+
+    private func makeSettings() -> ngtcp2_settings {
+        var st = ngtcp2_settings()
+        cm_ngtcp2_settings_default(&st)
+        st.initial_ts = QUICClock.now()
+        st.initial_rtt = UInt64(settings.initialRTT.nanoseconds)
+        st.max_window = settings.maxConnectionWindow
+        st.max_stream_window = settings.streamWindow
+        st.handshake_timeout = UInt64(settings.handshakeTimeout.nanoseconds)
+        switch settings.congestionControl {
+        case .cubic: st.cc_algo = NGTCP2_CC_ALGO_CUBIC
+        case .bbr: st.cc_algo = NGTCP2_CC_ALGO_BBR
+        case .bbr2: st.cc_algo = NGTCP2_CC_ALGO_BBR2
+        case .reno: st.cc_algo = NGTCP2_CC_ALGO_RENO
+        }
+        st.max_tx_udp_payload_size = 1452
+        return st
+    }
+
+    private func makeTransportParams() -> ngtcp2_transport_params {
+        var p = ngtcp2_transport_params()
+        cm_ngtcp2_transport_params_default(&p)
+        p.initial_max_stream_data_bidi_local = settings.streamWindow
+        p.initial_max_stream_data_bidi_remote = settings.streamWindow
+        p.initial_max_stream_data_uni = 1 << 20
+        p.initial_max_data = settings.connectionWindow
+        p.initial_max_streams_bidi = isServer ? settings.maxConcurrentStreams : 0
+        p.initial_max_streams_uni = 8
+        p.max_idle_timeout = UInt64(settings.idleTimeout.nanoseconds)
+        p.max_ack_delay = UInt64(settings.maxAckDelay.nanoseconds)
+        p.active_connection_id_limit = 4
+        return p
+    }
+
+    private func withPath<R>(remote: SocketAddress, _ body: (UnsafeMutablePointer<ngtcp2_path>) -> R) -> R {
+        var ps = ngtcp2_path_storage()
+        return withUnsafeMutablePointer(to: &ps) { p in
+            localAddress.withSockAddr { lp, ll in
+                remote.withSockAddr { rp, rl in
+                    ngtcp2_path_storage_init(p, lp, ngtcp2_socklen(ll), rp, ngtcp2_socklen(rl), nil)
+                }
+            }
+            // `path` is the first member of ngtcp2_path_storage.
+            return body(UnsafeMutableRawPointer(p).assumingMemoryBound(to: ngtcp2_path.self))
+        }
+    }
+
+    static func errString(_ rv: Int32) -> String {
+        String(cString: ngtcp2_strerror(rv))
+    }
+
+    static let gsoSupported = System.supportsUDPSegmentationOffload
+
+    static func from(_ p: UnsafeMutableRawPointer?) -> QUICCore {
+        Unmanaged<QUICCore>.fromOpaque(p!).takeUnretainedValue()
+    }
+
+    // MARK: driving loop
+
+    /// Client: send the first flight.
+    func start() {
+        writePackets()
+    }
+
+    /// A datagram for this connection.
+    func receive(_ buffer: ByteBuffer, from remote: SocketAddress) {
+        switch phase {
+        case .closed, .draining: return
+        case .closing:
+            // Answer (a few times) with the CONNECTION_CLOSE we already sent.
+            if let p = closePacket, closeResends < 8 {
+                closeResends += 1
+                delegate?.quicCore(self, send: p, sends: [.init(offset: 0, length: p.readableBytes, segmentSize: nil)], to: remoteAddress)
+            }
+            return
+        case .active: break
+        }
+        let ts = QUICClock.now()
+        let rv = withPath(remote: remote) { path in
+            buffer.withUnsafeReadableBytes { b in
+                cm_ngtcp2_conn_read_pkt(conn, path, b.baseAddress?.assumingMemoryBound(to: UInt8.self), b.count, ts)
+            }
+        }
+        if rv != 0 {
+            handleLibraryError(rv)
+            return
+        }
+        processedAnyPacket = true
+        // Answer once per read burst (the handler calls `flushAfterRead`), not per datagram.
+        needsWrite = true
+    }
+
+    /// End of a read burst: write what the datagrams just read made necessary (ACKs, data).
+    func flushAfterRead() {
+        deliverInbound()
+        guard needsWrite else { return }
+        needsWrite = false
+        writePackets()
+    }
+
+    private func handleLibraryError(_ rv: Int32) {
+        switch rv {
+        case NGTCP2_ERR_DRAINING:
+            // The peer closed (CONNECTION_CLOSE received).
+            enterDraining(error: handshakeConfirmed || (isServer && handshakeCompleted)
+                ? QUICError.closedByPeer
+                : QUICError.handshakeFailed("the peer closed the connection during the handshake (certificate refused?)"))
+        case NGTCP2_ERR_RETRY, NGTCP2_ERR_DROP_CONN:
+            finalize(error: QUICError.closedByPeer)
+        case NGTCP2_ERR_CRYPTO:
+            let alert = ngtcp2_conn_get_tls_alert(conn)
+            var e = ngtcp2_connection_close_error()
+            ngtcp2_connection_close_error_set_transport_error_tls_alert(&e, alert, nil, 0)
+            closeWith(e, error: QUICError.handshakeFailed("TLS alert \(alert)\(verifyStatusDescription())"))
+        default:
+            if isServer && !processedAnyPacket {
+                // A bogus first packet: forget it without a word.
+                finalize(error: QUICError.internalError(Self.errString(rv)))
+                return
+            }
+            var e = ngtcp2_connection_close_error()
+            ngtcp2_connection_close_error_set_transport_error_liberr(&e, rv, nil, 0)
+            closeWith(e, error: QUICError.internalError(Self.errString(rv)))
+        }
+    }
+
+    private func verifyStatusDescription() -> String {
+        guard let tls else { return "" }
+        let status = gnutls_session_get_verify_cert_status(tls)
+        guard status != 0 else { return "" }
+        var out = gnutls_datum_t()
+        guard gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) >= 0, let d = out.data else {
+            return " (certificate verification status \(status))"
+        }
+        defer { cm_gnutls_free(d) }
+        return " (" + String(decoding: UnsafeRawBufferPointer(start: d, count: Int(out.size)), as: UTF8.self) + ")"
+    }
+
+    /// Coalesce write requests from callbacks and other tasks into one write loop.
+    func scheduleWrite() {
+        guard !writeScheduled, phase == .active else { return }
+        writeScheduled = true
+        loop.assumeIsolated().execute {
+            self.writeScheduled = false
+            self.writePackets()
+        }
+    }
+
+    /// Drain everything ngtcp2/nghttp3 want to send (bounded by the send quantum: pacing
+    /// continues from the expiry timer), then re-arm the timer.
+    func writePackets() {
+        guard phase == .active, !inWrite else { return }
+        inWrite = true
+        defer { inWrite = false }
+        let ts = QUICClock.now()
+        let mtu = max(1200, ngtcp2_conn_get_max_tx_udp_payload_size(conn))
+        let quantum = ngtcp2_conn_get_send_quantum(conn)
+        let maxPackets = max(1, min(40, quantum / mtu))
+        var out = allocator.buffer(capacity: mtu * min(maxPackets, 8))
+        var sizes: [Int] = []
+        var vecs = [nghttp3_vec](repeating: nghttp3_vec(), count: 16)
+        var fatal: Int32 = 0
+        var fatalIsH3 = false
+        var ps = ngtcp2_path_storage()
+        ngtcp2_path_storage_zero(&ps)
+        outer: while sizes.count < maxPackets {
+            var sid: Int64 = -1
+            var fin: Int32 = 0
+            var count = 0
+            if let h3, ngtcp2_conn_get_max_data_left(conn) > 0 {
+                let n = nghttp3_conn_writev_stream(h3, &sid, &fin, &vecs, vecs.count)
+                if n < 0 {
+                    logger.debug("nghttp3_conn_writev_stream failed", metadata: ["error": "\(n)"])
+                    fatal = Int32(truncatingIfNeeded: n)
+                    fatalIsH3 = true
+                    break
+                }
+                count = n
+            }
+            var flags = UInt32(NGTCP2_WRITE_STREAM_FLAG_MORE)
+            if fin != 0 { flags |= UInt32(NGTCP2_WRITE_STREAM_FLAG_FIN) }
+            var ndatalen: ngtcp2_ssize = -1
+            var nwrite = 0
+            out.writeWithUnsafeMutableBytes(minimumWritableBytes: mtu) { dest in
+                let r = vecs.withUnsafeBufferPointer { v in
+                    v.baseAddress!.withMemoryRebound(to: ngtcp2_vec.self, capacity: v.count) { nv in
+                        withUnsafeMutablePointer(to: &ps.path) { path in
+                            cm_ngtcp2_conn_writev_stream(conn, path, dest.baseAddress!.assumingMemoryBound(to: UInt8.self), mtu,
+                                                         &ndatalen, flags, sid, count > 0 ? nv : nil, count, ts)
+                        }
+                    }
+                }
+                nwrite = r
+                return r > 0 ? r : 0
+            }
+            if nwrite < 0 {
+                switch Int32(nwrite) {
+                case NGTCP2_ERR_STREAM_DATA_BLOCKED:
+                    if let h3 { nghttp3_conn_block_stream(h3, sid) }
+                    continue outer
+                case NGTCP2_ERR_STREAM_SHUT_WR:
+                    if let h3 { nghttp3_conn_shutdown_stream_write(h3, sid) }
+                    continue outer
+                case NGTCP2_ERR_WRITE_MORE:
+                    if let h3, nghttp3_conn_add_write_offset(h3, sid, Int(ndatalen)) != 0 { fatal = -1; fatalIsH3 = true; break outer }
+                    continue outer
+                default:
+                    fatal = Int32(nwrite)
+                    break outer
+                }
+            }
+            if ndatalen >= 0, let h3, sid >= 0 {
+                if nghttp3_conn_add_write_offset(h3, sid, Int(ndatalen)) != 0 { fatal = -1; fatalIsH3 = true; break }
+            }
+            if nwrite == 0 { break }
+            sizes.append(nwrite)
+        }
+        if !sizes.isEmpty {
+            packetsSent += sizes.count
+            delegate?.quicCore(self, send: out, sends: GSOBatcher.batches(sizes: sizes, enabled: settings.gso && Self.gsoSupported), to: remoteAddress)
+            ngtcp2_conn_update_pkt_tx_time(conn, ts)
+        }
+        if fatal != 0 {
+            var e = ngtcp2_connection_close_error()
+            if !fatalIsH3 {
+                ngtcp2_connection_close_error_set_transport_error_liberr(&e, fatal, nil, 0)
+            } else {
+                ngtcp2_connection_close_error_set_application_error(&e, UInt64(NGHTTP3_H3_INTERNAL_ERROR), nil, 0)
+            }
+            inWrite = false
+            closeWith(e, error: QUICError.internalError("write: \(fatal)"))
+            return
+        }
+        updateTimer()
+    }
+
+    private func updateTimer() {
+        guard phase == .active else { return }
+        switch timerState.update(expiry: ngtcp2_conn_get_expiry(conn)) {
+        case .none: break
+        case .cancel:
+            timer?.cancel()
+            timer = nil
+        case .schedule(let at):
+            timer?.cancel()
+            timer = loop.assumeIsolated().scheduleTask(deadline: .uptimeNanoseconds(at)) { [weak self] in
+                self?.onTimer()
+            }
+        }
+    }
+
+    private func onTimer() {
+        timerState.fired()
+        timer = nil
+        guard phase == .active else { return }
+        let rv = ngtcp2_conn_handle_expiry(conn, QUICClock.now())
+        if rv != 0 {
+            switch rv {
+            case NGTCP2_ERR_IDLE_CLOSE:
+                finalize(error: QUICError.timeout)
+            case NGTCP2_ERR_HANDSHAKE_TIMEOUT:
+                finalize(error: QUICError.handshakeFailed("handshake timed out"))
+            default:
+                var e = ngtcp2_connection_close_error()
+                ngtcp2_connection_close_error_set_transport_error_liberr(&e, rv, nil, 0)
+                closeWith(e, error: QUICError.internalError(Self.errString(rv)))
+            }
+            return
+        }
+        writePackets()
+    }
+
+    /// Congestion/RTT figures for logs.
+    var statsDescription: String {
+        guard let conn else { return "-" }
+        var st = ngtcp2_conn_stat()
+        cm_ngtcp2_conn_get_conn_stat(conn, &st)
+        return "cwnd=\(st.cwnd) ssthresh=\(st.ssthresh) srtt=\(st.smoothed_rtt / 1000)us minrtt=\(st.min_rtt / 1000)us inflight=\(st.bytes_in_flight) pto_count=\(st.pto_count) rate=\(st.delivery_rate_sec)"
+    }
+
+    // MARK: closing
+
+    /// Close with an application error code (HTTP/3 code), e.g. H3_NO_ERROR after a drain.
+    func closeApplication(code: UInt64 = UInt64(NGHTTP3_H3_NO_ERROR), error: any Error = HTTPTransportError.connectionClosed) {
+        var e = ngtcp2_connection_close_error()
+        ngtcp2_connection_close_error_set_application_error(&e, code, nil, 0)
+        closeWith(e, error: error)
+    }
+
+    private func closeWith(_ ccerr: ngtcp2_connection_close_error, error: any Error) {
+        guard phase == .active else { return }
+        if ngtcp2_conn_is_in_closing_period(conn) != 0 || ngtcp2_conn_is_in_draining_period(conn) != 0 {
+            enterDraining(error: error)
+            return
+        }
+        var e = ccerr
+        var buf = allocator.buffer(capacity: 1500)
+        var ps = ngtcp2_path_storage()
+        ngtcp2_path_storage_zero(&ps)
+        let ts = QUICClock.now()
+        buf.writeWithUnsafeMutableBytes(minimumWritableBytes: 1452) { dest in
+            let r = withUnsafeMutablePointer(to: &ps.path) { path in
+                cm_ngtcp2_conn_write_connection_close(conn, path, dest.baseAddress!.assumingMemoryBound(to: UInt8.self), 1452, &e, ts)
+            }
+            return r > 0 ? r : 0
+        }
+        phase = .closing
+        failure = failure ?? error
+        failAll(error)
+        if buf.readableBytes > 0 {
+            closePacket = buf
+            delegate?.quicCore(self, send: buf, sends: [.init(offset: 0, length: buf.readableBytes, segmentSize: nil)], to: remoteAddress)
+        }
+        // A client has nothing more to say; a server lingers to repeat the close for stragglers.
+        scheduleFinalize(after: isServer ? closingPeriod() : .milliseconds(1), error: error)
+    }
+
+    private func closingPeriod() -> TimeAmount {
+        let pto = ngtcp2_conn_get_pto(conn)
+        return .nanoseconds(Int64(clamping: min(pto * 3, 3_000_000_000)))
+    }
+
+    private func enterDraining(error: any Error) {
+        guard phase == .active || phase == .closing else { return }
+        phase = .draining
+        failure = failure ?? error
+        failAll(error)
+        scheduleFinalize(after: isServer ? closingPeriod() : .zero, error: error)
+    }
+
+    private func scheduleFinalize(after: TimeAmount, error: any Error) {
+        timer?.cancel()
+        timerState = ExpiryTimerState()
+        timer = loop.assumeIsolated().scheduleTask(in: after) { [weak self] in
+            self?.finalize(error: error)
+        }
+    }
+
+    /// Gone for good: the owner drops its routes and its reference.
+    func finalize(error: (any Error)?) {
+        guard phase != .closed else { return }
+        logger.debug("QUIC connection closed", metadata: ["stats": "\(statsDescription)", "server": "\(isServer)"])
+        phase = .closed
+        failure = failure ?? error
+        timer?.cancel()
+        timer = nil
+        failAll(error ?? HTTPTransportError.connectionClosed)
+        flags.closed.withLock { $0 = true }
+        delegate?.quicCoreDidClose(self, error: failure)
+    }
+
+    private func failAll(_ error: any Error) {
+        flags.closed.withLock { $0 = true }
+        let transportError: any Error = (error as? HTTPTransportError) ?? HTTPTransportError.connectionClosed
+        let all = streams
+        streams = [:]
+        inboundDirty = []
+        for (_, s) in all {
+            s.pendingInbound = nil
+            if !s.inboundEnded { s.body?.fail(transportError) }
+            s.inboundEnded = true
+            if let c = s.continuation {
+                s.continuation = nil
+                c.resume(throwing: error is QUICError && !handshakeCompleted ? error : transportError)
+            }
+            s.closeSource()
+            s.held.removeAll()
+        }
+        let p = pending
+        pending = []
+        for r in p {
+            r.body.discard()
+            r.cont.resume(throwing: transportError)
+        }
+    }
+
+    // MARK: handshake
+
+    fileprivate func onHandshakeCompleted() -> Int32 {
+        switch role {
+        case .server(let auth, _):
+            if auth == .optionalReadOnly {
+                var count: UInt32 = 0
+                if gnutls_certificate_get_peers(tls, &count) != nil, count > 0 {
+                    var status: UInt32 = 0
+                    if gnutls_certificate_verify_peers3(tls, nil, &status) < 0 || status != 0 {
+                        logger.info("QUIC client certificate rejected")
+                        return NGTCP2_ERR_CALLBACK_FAILURE
+                    }
+                    peer = TLSSession.peerIdentity(of: tls) ?? .anonymousReader
+                } else {
+                    peer = .anonymousReader
+                }
+            } else {
+                guard let p = TLSSession.peerIdentity(of: tls) else { return NGTCP2_ERR_CALLBACK_FAILURE }
+                peer = p
+            }
+        case .client:
+            var d = gnutls_datum_t()
+            guard gnutls_alpn_get_selected_protocol(tls, &d) == 0, let p = d.data,
+                  String(decoding: UnsafeRawBufferPointer(start: p, count: Int(d.size)), as: UTF8.self) == "h3" else {
+                failure = QUICError.handshakeFailed("server did not select ALPN h3")
+                return NGTCP2_ERR_CALLBACK_FAILURE
+            }
+            peer = TLSSession.peerIdentity(of: tls)
+        }
+        handshakeCompleted = true
+        // A client is ready only once the handshake is confirmed (HANDSHAKE_DONE): in TLS 1.3 the
+        // server verifies our certificate after we finished, and may still refuse it.
+        if isServer { delegate?.quicCoreHandshakeCompleted(self) }
+        return 0
+    }
+
+    fileprivate func setupHTTP3() -> Int32 {
+        guard h3 == nil else { return 0 }
+        var cb = Self.makeH3Callbacks()
+        var st = nghttp3_settings()
+        cm_nghttp3_settings_default(&st)
+        st.qpack_max_dtable_capacity = 4096
+        st.qpack_blocked_streams = 100
+        var c: OpaquePointer?
+        let ud = Unmanaged.passUnretained(self).toOpaque()
+        let rv = isServer ? cm_nghttp3_conn_server_new(&c, &cb, &st, ud) : cm_nghttp3_conn_client_new(&c, &cb, &st, ud)
+        guard rv == 0, let c else { return NGTCP2_ERR_CALLBACK_FAILURE }
+        h3 = c
+        if isServer { nghttp3_conn_set_max_client_streams_bidi(c, settings.maxConcurrentStreams) }
+        guard ngtcp2_conn_get_streams_uni_left(conn) >= 3 else { return NGTCP2_ERR_CALLBACK_FAILURE }
+        var ctrl: Int64 = -1, qenc: Int64 = -1, qdec: Int64 = -1
+        guard ngtcp2_conn_open_uni_stream(conn, &ctrl, nil) == 0,
+              nghttp3_conn_bind_control_stream(c, ctrl) == 0,
+              ngtcp2_conn_open_uni_stream(conn, &qenc, nil) == 0,
+              ngtcp2_conn_open_uni_stream(conn, &qdec, nil) == 0,
+              nghttp3_conn_bind_qpack_streams(c, qenc, qdec) == 0 else { return NGTCP2_ERR_CALLBACK_FAILURE }
+        return 0
+    }
+
+    // MARK: ngtcp2 callbacks
+
+    static func makeCallbacks(server: Bool) -> ngtcp2_callbacks {
+        var cb = ngtcp2_callbacks()
+        if server {
+            cb.recv_client_initial = ngtcp2_crypto_recv_client_initial_cb
+        } else {
+            cb.client_initial = ngtcp2_crypto_client_initial_cb
+            cb.recv_retry = ngtcp2_crypto_recv_retry_cb
+            cb.handshake_confirmed = { _, ud in
+                let core = QUICCore.from(ud)
+                core.handshakeConfirmed = true
+                core.delegate?.quicCoreHandshakeCompleted(core)
+                return 0
+            }
+            cb.extend_max_local_streams_bidi = { _, _, ud in
+                QUICCore.from(ud).scheduleStartPending()
+                return 0
+            }
+        }
+        cb.recv_crypto_data = ngtcp2_crypto_recv_crypto_data_cb
+        cb.encrypt = ngtcp2_crypto_encrypt_cb
+        cb.decrypt = ngtcp2_crypto_decrypt_cb
+        cb.hp_mask = ngtcp2_crypto_hp_mask_cb
+        cb.update_key = ngtcp2_crypto_update_key_cb
+        cb.delete_crypto_aead_ctx = ngtcp2_crypto_delete_crypto_aead_ctx_cb
+        cb.delete_crypto_cipher_ctx = ngtcp2_crypto_delete_crypto_cipher_ctx_cb
+        cb.get_path_challenge_data = ngtcp2_crypto_get_path_challenge_data_cb
+        cb.version_negotiation = ngtcp2_crypto_version_negotiation_cb
+        cb.rand = { dest, len, _ in cm_gnutls_rnd(dest, len) }
+        cb.get_new_connection_id = { _, cid, token, cidlen, ud in
+            withUnsafeMutableBytes(of: &cid!.pointee.data) { cm_gnutls_rnd($0.baseAddress!.assumingMemoryBound(to: UInt8.self), min(cidlen, $0.count)) }
+            cid!.pointee.datalen = cidlen
+            cm_gnutls_rnd(token, Int(NGTCP2_STATELESS_RESET_TOKENLEN))
+            let core = QUICCore.from(ud)
+            core.delegate?.quicCore(core, didIssue: ConnectionID(cid!.pointee))
+            return 0
+        }
+        cb.remove_connection_id = { _, cid, ud in
+            let core = QUICCore.from(ud)
+            core.delegate?.quicCore(core, didRetire: ConnectionID(cid!.pointee))
+            return 0
+        }
+        cb.handshake_completed = { _, ud in QUICCore.from(ud).onHandshakeCompleted() }
+        cb.recv_rx_key = { _, level, ud in
+            guard level == NGTCP2_CRYPTO_LEVEL_APPLICATION else { return 0 }
+            return QUICCore.from(ud).setupHTTP3()
+        }
+        cb.recv_stream_data = { _, flags, sid, _, data, len, ud, _ in
+            QUICCore.from(ud).recvStreamData(sid, data, len, fin: flags & UInt32(NGTCP2_STREAM_DATA_FLAG_FIN) != 0)
+        }
+        cb.acked_stream_data_offset = { _, sid, _, len, ud, _ in
+            let core = QUICCore.from(ud)
+            guard let h3 = core.h3 else { return 0 }
+            return nghttp3_conn_add_ack_offset(h3, sid, len) == 0 ? 0 : NGTCP2_ERR_CALLBACK_FAILURE
+        }
+        cb.stream_close = { _, flags, sid, code, ud, _ in
+            let core = QUICCore.from(ud)
+            let appCode = flags & UInt32(NGTCP2_STREAM_CLOSE_FLAG_APP_ERROR_CODE_SET) != 0 ? code : UInt64(NGHTTP3_H3_NO_ERROR)
+            if let h3 = core.h3 {
+                let rv = nghttp3_conn_close_stream(h3, sid, appCode)
+                if rv != 0 && rv != NGHTTP3_ERR_STREAM_NOT_FOUND { return NGTCP2_ERR_CALLBACK_FAILURE }
+            }
+            core.streamClosed(sid, code: appCode)
+            return 0
+        }
+        cb.stream_reset = { _, sid, _, code, ud, _ in
+            QUICCore.from(ud).peerReset(sid, code: code)
+            return 0
+        }
+        cb.stream_stop_sending = { _, sid, code, ud, _ in
+            QUICCore.from(ud).peerStopSending(sid, code: code)
+            return 0
+        }
+        cb.extend_max_remote_streams_bidi = { _, maxStreams, ud in
+            if let h3 = QUICCore.from(ud).h3 { nghttp3_conn_set_max_client_streams_bidi(h3, maxStreams) }
+            return 0
+        }
+        cb.extend_max_stream_data = { _, sid, _, ud, _ in
+            if let h3 = QUICCore.from(ud).h3 { _ = nghttp3_conn_unblock_stream(h3, sid) }
+            return 0
+        }
+        return cb
+    }
+
+    private func recvStreamData(_ sid: Int64, _ data: UnsafePointer<UInt8>?, _ len: Int, fin: Bool) -> Int32 {
+        guard let h3 else { return NGTCP2_ERR_CALLBACK_FAILURE }
+        let consumed = nghttp3_conn_read_stream(h3, sid, data, len, fin ? 1 : 0)
+        if consumed < 0 {
+            logger.debug("nghttp3_conn_read_stream failed", metadata: ["error": "\(consumed)"])
+            if nghttp3_err_is_fatal(Int32(consumed)) != 0 {
+                ngtcp2_conn_set_tls_error(conn, Int32(consumed))
+                return NGTCP2_ERR_CALLBACK_FAILURE
+            }
+            // A stream-level problem: reset that stream only.
+            ngtcp2_conn_shutdown_stream(conn, sid, nghttp3_err_infer_quic_app_error_code(Int32(consumed)))
+            return 0
+        }
+        // Framing (and anything not handed to the body) is credited at once; body bytes only
+        // when the consumer takes them (`credit`).
+        ngtcp2_conn_extend_max_stream_offset(conn, sid, UInt64(consumed))
+        ngtcp2_conn_extend_max_offset(conn, UInt64(consumed))
+        return 0
+    }
+
+    /// Body bytes consumed: open the stream and connection windows by that much.
+    func credit(_ sid: Int64, _ n: Int) {
+        guard phase == .active, n > 0 else { return }
+        ngtcp2_conn_extend_max_stream_offset(conn, sid, UInt64(n))
+        ngtcp2_conn_extend_max_offset(conn, UInt64(n))
+        scheduleWrite()
+    }
+
+    private func makeCredit(_ sid: Int64) -> @Sendable (Int) -> Void {
+        let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+        let loop = self.loop
+        return { n in
+            if loop.inEventLoop {
+                bound.value.core?.credit(sid, n)
+            } else {
+                loop.execute { bound.value.core?.credit(sid, n) }
+            }
+        }
+    }
+
+    private func peerReset(_ sid: Int64, code: UInt64) {
+        if let h3 { _ = nghttp3_conn_shutdown_stream_read(h3, sid) }
+        guard let s = streams[sid], !s.inboundEnded else { return }
+        dropPendingInbound(s)
+        s.inboundEnded = true
+        let err = Self.resetError(code)
+        if let c = s.continuation {
+            s.continuation = nil
+            c.resume(throwing: err)
+        }
+        let dropped = s.body?.fail(err) ?? 0
+        if dropped > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(dropped)) }
+    }
+
+    private func peerStopSending(_ sid: Int64, code: UInt64) {
+        if let h3 { _ = nghttp3_conn_shutdown_stream_read(h3, sid) }
+        ngtcp2_conn_shutdown_stream_write(conn, sid, code)
+        streams[sid]?.closeSource()
+    }
+
+    /// HTTP/3 codes mapped to what callers test: REQUEST_REJECTED is retryable like HTTP/2's
+    /// REFUSED_STREAM (7).
+    static func resetError(_ code: UInt64) -> HTTPTransportError {
+        if code == UInt64(NGHTTP3_H3_REQUEST_REJECTED) { return .streamReset(errorCode: 7) }
+        return .streamReset(errorCode: UInt32(truncatingIfNeeded: code))
+    }
+
+    private func streamClosed(_ sid: Int64, code: UInt64) {
+        guard let s = streams.removeValue(forKey: sid) else { return }
+        dropPendingInbound(s)
+        if !s.inboundEnded {
+            s.inboundEnded = true
+            let dropped = s.body?.fail(Self.resetError(code)) ?? 0
+            if dropped > 0, phase == .active { ngtcp2_conn_extend_max_offset(conn, UInt64(dropped)) }
+        }
+        if let c = s.continuation {
+            s.continuation = nil
+            if let g = goawayID, sid >= g {
+                c.resume(throwing: HTTPTransportError.goaway(lastStreamID: Int32(clamping: g), errorCode: 0))
+            } else {
+                c.resume(throwing: Self.resetError(code))
+            }
+        }
+        s.closeSource()
+        s.held.removeAll()
+        if isServer, ngtcp2_is_bidi_stream(sid) != 0 {
+            ngtcp2_conn_extend_max_streams_bidi(conn, 1)
+            if draining { scheduleDrainCheck() }
+        }
+    }
+
+    // MARK: nghttp3 callbacks
+
+    static func makeH3Callbacks() -> nghttp3_callbacks {
+        var cb = nghttp3_callbacks()
+        cb.acked_stream_data = { _, sid, len, ud, _ in
+            QUICCore.from(ud).streams[sid]?.held.ack(Int(len))
+            return 0
+        }
+        cb.stream_close = { _, sid, code, ud, _ in
+            QUICCore.from(ud).streamClosed(sid, code: code)
+            return 0
+        }
+        cb.recv_data = { _, sid, data, len, ud, _ in
+            QUICCore.from(ud).recvData(sid, data, len)
+            return 0
+        }
+        cb.deferred_consume = { _, sid, n, ud, _ in
+            let core = QUICCore.from(ud)
+            ngtcp2_conn_extend_max_stream_offset(core.conn, sid, UInt64(n))
+            ngtcp2_conn_extend_max_offset(core.conn, UInt64(n))
+            return 0
+        }
+        cb.begin_headers = { _, sid, ud, _ in
+            let core = QUICCore.from(ud)
+            if core.isServer, core.streams[sid] == nil { core.streams[sid] = H3Stream(id: sid) }
+            core.streams[sid]?.headerFields = []
+            return 0
+        }
+        cb.recv_header = { _, sid, _, name, value, _, ud, _ in
+            QUICCore.from(ud).streams[sid]?.headerFields.append((QUICCore.string(name), QUICCore.string(value)))
+            return 0
+        }
+        cb.end_headers = { _, sid, fin, ud, _ in
+            QUICCore.from(ud).endHeaders(sid, fin: fin != 0)
+        }
+        cb.begin_trailers = { _, sid, ud, _ in
+            QUICCore.from(ud).streams[sid]?.inTrailers = true
+            return 0
+        }
+        cb.recv_trailer = { _, sid, _, name, value, _, ud, _ in
+            QUICCore.from(ud).streams[sid]?.trailerFields.append((QUICCore.string(name), QUICCore.string(value)))
+            return 0
+        }
+        cb.end_trailers = { _, _, _, _, _ in 0 }
+        cb.stop_sending = { _, sid, code, ud, _ in
+            ngtcp2_conn_shutdown_stream_read(QUICCore.from(ud).conn, sid, code)
+            return 0
+        }
+        cb.end_stream = { _, sid, ud, _ in
+            QUICCore.from(ud).endStream(sid)
+            return 0
+        }
+        cb.reset_stream = { _, sid, code, ud, _ in
+            ngtcp2_conn_shutdown_stream_write(QUICCore.from(ud).conn, sid, code)
+            return 0
+        }
+        cb.shutdown = { _, id, ud in
+            QUICCore.from(ud).goawayReceived(id)
+            return 0
+        }
+        return cb
+    }
+
+    static func string(_ rc: OpaquePointer?) -> String {
+        let v = nghttp3_rcbuf_get_buf(rc)
+        guard let base = v.base, v.len > 0 else { return "" }
+        return String(decoding: UnsafeRawBufferPointer(start: base, count: v.len), as: UTF8.self)
+    }
+
+    private func recvData(_ sid: Int64, _ data: UnsafePointer<UInt8>?, _ len: Int) {
+        guard len > 0, let data else { return }
+        guard let s = streams[sid], let body = s.body, !s.inboundEnded else {
+            credit(sid, len)
+            return
+        }
+        _ = body
+        // Gather the body bytes of a whole read burst and hand them over in one piece at its end
+        // (`deliverInbound`): one consumer wake-up per burst instead of one per packet.
+        if s.pendingInbound == nil {
+            s.pendingInbound = allocator.buffer(capacity: max(len, 64 * 1024))
+            inboundDirty.append(s)
+        }
+        s.pendingInbound!.writeBytes(UnsafeRawBufferPointer(start: data, count: len))
+    }
+
+    /// Hand gathered body bytes to their consumers.
+    private func deliverInbound() {
+        guard !inboundDirty.isEmpty else { return }
+        let dirty = inboundDirty
+        inboundDirty = []
+        for s in dirty { deliverInbound(s) }
+    }
+
+    private func deliverInbound(_ s: H3Stream) {
+        guard let buf = s.pendingInbound else { return }
+        s.pendingInbound = nil
+        let n = buf.readableBytes
+        guard n > 0 else { return }
+        if s.inboundEnded && s.body == nil || !(s.body?.append(buf) ?? false) {
+            if phase == .active {
+                ngtcp2_conn_extend_max_stream_offset(conn, s.id, UInt64(n))
+                ngtcp2_conn_extend_max_offset(conn, UInt64(n))
+            }
+        }
+    }
+
+    /// Bytes gathered but never delivered (stream reset/closed): give the connection window back.
+    private func dropPendingInbound(_ s: H3Stream) {
+        guard let buf = s.pendingInbound else { return }
+        s.pendingInbound = nil
+        if phase == .active, buf.readableBytes > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(buf.readableBytes)) }
+    }
+
+    private func endStream(_ sid: Int64) {
+        guard let s = streams[sid], !s.inboundEnded else { return }
+        deliverInbound(s)
+        s.inboundEnded = true
+        s.body?.finish(trailers: s.trailerFields.isEmpty ? nil : HTTPHeaders(s.trailerFields))
+    }
+
+    private func endHeaders(_ sid: Int64, fin: Bool) -> Int32 {
+        guard let s = streams[sid] else { return 0 }
+        if s.inTrailers { return 0 }
+        if isServer {
+            serverRequest(s, fin: fin)
+        } else {
+            clientResponseHead(s, fin: fin)
+        }
+        return 0
+    }
+
+    // MARK: server side
+
+    private func serverRequest(_ s: H3Stream, fin: Bool) {
+        guard case .server(_, let service) = role else { return }
+        var head = HTTPRequestHead(method: "", path: "")
+        var fields = HTTPHeaders()
+        for (n, v) in s.headerFields {
+            switch n {
+            case ":method": head.method = v
+            case ":path": head.path = v
+            case ":scheme": head.scheme = v
+            case ":authority": head.authority = v
+            default: fields.add(n, v)
+            }
+        }
+        head.headers = fields
+        s.isHead = head.method == "HEAD"
+        guard let peer else {
+            ngtcp2_conn_shutdown_stream(conn, s.id, UInt64(NGHTTP3_H3_INTERNAL_ERROR))
+            return
+        }
+        if fin, let immediate = service.immediateResponse(head, peer: peer) {
+            s.inboundEnded = true
+            respond(s.id, immediate)
+            return
+        }
+        let body = HTTPInboundBody(onConsumed: makeCredit(s.id))
+        s.body = body
+        if fin {
+            s.inboundEnded = true
+            body.finish()
+        }
+        let request = HTTPServerRequest(head: head, body: body, peer: peer, remoteAddress: "\(remoteAddress)")
+        let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+        let loop = self.loop
+        let sid = s.id
+        Task {
+            let response = await service.handle(request)
+            loop.execute {
+                if let core = bound.value.core {
+                    core.respond(sid, response)
+                } else {
+                    response.body.discard()
+                }
+            }
+        }
+    }
+
+    func respond(_ sid: Int64, _ response: HTTPResponse) {
+        guard phase == .active, let h3, let s = streams[sid], !s.responseSubmitted else {
+            response.body.discard()
+            return
+        }
+        s.responseSubmitted = true
+        var fields: [(name: String, value: String)] = [(":status", String(response.status))]
+        for (n, v) in response.headers where !Self.connectionSpecific(n) { fields.append((n, v)) }
+        if response.headers["content-length"] == nil, let n = response.body.knownLength, response.status != 204, response.status != 304 {
+            fields.append(("content-length", String(n)))
+        }
+        var hasBody = true
+        if s.isHead {
+            response.body.discard()
+            hasBody = false
+        } else {
+            setSource(s, response.body)
+            s.pendingTrailers = response.trailers
+            if case .none = s.source, response.trailers == nil { hasBody = false }
+        }
+        var dr = nghttp3_data_reader(read_data: Self.readData)
+        let rv = Self.withNV(fields) { nva, n in
+            hasBody ? nghttp3_conn_submit_response(h3, sid, nva, n, &dr) : nghttp3_conn_submit_response(h3, sid, nva, n, nil)
+        }
+        if rv != 0 {
+            s.closeSource()
+            ngtcp2_conn_shutdown_stream(conn, sid, UInt64(NGHTTP3_H3_INTERNAL_ERROR))
+        } else if !hasBody {
+            stopUploadIfUnfinished(s)
+        }
+        writePackets()
+    }
+
+    /// The response is complete but the client is still uploading (e.g. an early 4xx): ask it
+    /// to stop (STOP_SENDING H3_NO_ERROR, RFC 9114 §4.1) so the stream can close.
+    private func stopUploadIfUnfinished(_ s: H3Stream) {
+        guard !s.inboundEnded else { return }
+        let sid = s.id
+        loop.assumeIsolated().execute { [weak self] in
+            guard let self, self.phase == .active, let s = self.streams[sid], !s.inboundEnded else { return }
+            if let h3 = self.h3 { _ = nghttp3_conn_shutdown_stream_read(h3, sid) }
+            ngtcp2_conn_shutdown_stream_read(self.conn, sid, UInt64(NGHTTP3_H3_NO_ERROR))
+            self.scheduleWrite()
+        }
+    }
+
+    static func connectionSpecific(_ n: String) -> Bool {
+        n == "connection" || n == "transfer-encoding" || n == "keep-alive" || n == "upgrade" || n == "proxy-connection" || n == "host"
+    }
+
+    private func setSource(_ s: H3Stream, _ body: HTTPOutboundBody) {
+        switch body {
+        case .empty: s.source = .none
+        case .bytes(let b): s.source = b.readableBytes > 0 ? .bytes(b) : .none
+        case .file(let f):
+            s.source = .file(f, next: f.start, end: f.start + f.length)
+        case .stream(let st):
+            s.source = .stream(st)
+            let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+            let loop = self.loop
+            let sid = s.id
+            st.setOnReadable {
+                loop.execute { bound.value.core?.resumeStream(sid) }
+            }
+        }
+    }
+
+    private func resumeStream(_ sid: Int64) {
+        guard phase == .active, let h3, streams[sid] != nil else { return }
+        _ = nghttp3_conn_resume_stream(h3, sid)
+        scheduleWrite()
+    }
+
+    /// Server drain: GOAWAY notice now, final GOAWAY shortly after, CONNECTION_CLOSE once the
+    /// requests in flight completed (or `gracePeriod` ran out).
+    func startGracefulShutdown(gracePeriod: TimeAmount) {
+        guard isServer, !draining, phase == .active else { return }
+        draining = true
+        guard let h3 else {
+            closeApplication()
+            return
+        }
+        _ = nghttp3_conn_submit_shutdown_notice(h3)
+        writePackets()
+        loop.assumeIsolated().scheduleTask(in: .milliseconds(100)) { [weak self] in
+            guard let self, self.phase == .active, let h3 = self.h3 else { return }
+            _ = nghttp3_conn_shutdown(h3)
+            self.finalGoawaySent = true
+            self.writePackets()
+            self.scheduleDrainCheck()
+        }
+        loop.assumeIsolated().scheduleTask(in: gracePeriod) { [weak self] in
+            self?.closeApplication()
+        }
+    }
+
+    private func scheduleDrainCheck() {
+        loop.assumeIsolated().execute { [weak self] in
+            guard let self, self.draining, self.finalGoawaySent, self.phase == .active else { return }
+            if !self.streams.keys.contains(where: { ngtcp2_is_bidi_stream($0) != 0 }) {
+                self.closeApplication()
+            }
+        }
+    }
+
+    var activeRequestStreams: Int { streams.keys.filter { ngtcp2_is_bidi_stream($0) != 0 }.count }
+
+    // MARK: outbound bodies (both roles)
+
+    static let readData: nghttp3_read_data_callback = { _, sid, vec, veccnt, pflags, ud, _ in
+        QUICCore.from(ud).readData(sid, vec!, veccnt, pflags!)
+    }
+
+    static let chunk = 256 * 1024
+
+    private func readData(_ sid: Int64, _ vec: UnsafeMutablePointer<nghttp3_vec>, _ veccnt: Int, _ pflags: UnsafeMutablePointer<UInt32>) -> nghttp3_ssize {
+        guard let s = streams[sid], veccnt > 0 else {
+            pflags.pointee |= UInt32(NGHTTP3_DATA_FLAG_EOF)
+            return 0
+        }
+        func give(_ b: ByteBuffer) -> nghttp3_ssize {
+            s.held.hold(b)
+            b.withUnsafeReadableBytes { p in
+                vec[0] = nghttp3_vec(base: UnsafeMutablePointer(mutating: p.baseAddress!.assumingMemoryBound(to: UInt8.self)), len: p.count)
+            }
+            return 1
+        }
+        func eof(_ trailers: HTTPHeaders?) -> nghttp3_ssize {
+            pflags.pointee |= UInt32(NGHTTP3_DATA_FLAG_EOF)
+            if isServer { stopUploadIfUnfinished(s) }
+            if let t = trailers ?? s.pendingTrailers, let h3, t.fields.count > 0 {
+                let rv = Self.withNV(t.fields) { nva, n in nghttp3_conn_submit_trailers(h3, sid, nva, n) }
+                if rv == 0 { pflags.pointee |= UInt32(NGHTTP3_DATA_FLAG_NO_END_STREAM) }
+            }
+            return 0
+        }
+        switch s.source {
+        case .none:
+            return eof(nil)
+        case .bytes(var b):
+            let n = min(b.readableBytes, Self.chunk)
+            let slice = b.readSlice(length: n)!
+            s.source = b.readableBytes > 0 ? .bytes(b) : .none
+            let r = give(slice)
+            if b.readableBytes == 0 { _ = eof(nil) }
+            return r
+        case .file(let f, let next, let end):
+            if next >= end {
+                s.closeSource()
+                return eof(nil)
+            }
+            let n = Int(min(Int64(Self.chunk), end - next))
+            var buf = allocator.buffer(capacity: n)
+            var failed = false
+            buf.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { dest in
+                var got = 0
+                while got < n {
+                    guard let r = try? f.read(at: next + Int64(got), into: UnsafeMutableRawBufferPointer(rebasing: dest[got..<n])), r > 0 else {
+                        failed = true
+                        break
+                    }
+                    got += r
+                }
+                return got
+            }
+            if failed {
+                logger.warning("QUIC: file body read failed; resetting stream", metadata: ["stream": "\(sid)"])
+                s.closeSource()
+                let sidCopy = sid
+                loop.assumeIsolated().execute { [weak self] in
+                    guard let self, self.phase == .active else { return }
+                    ngtcp2_conn_shutdown_stream(self.conn, sidCopy, UInt64(NGHTTP3_H3_INTERNAL_ERROR))
+                    self.writePackets()
+                }
+                return nghttp3_ssize(NGHTTP3_ERR_WOULDBLOCK)
+            }
+            let newNext = next + Int64(buf.readableBytes)
+            s.source = .file(f, next: newNext, end: end)
+            let r = give(buf)
+            if newNext >= end {
+                s.closeSource()
+                _ = eof(nil)
+            }
+            return r
+        case .stream(let st):
+            switch st.read(max: Self.chunk) {
+            case .data(let b):
+                return give(b)
+            case .wouldBlock:
+                return nghttp3_ssize(NGHTTP3_ERR_WOULDBLOCK)
+            case .end(let trailers):
+                s.sourceClosed = true
+                s.source = .none
+                return eof(trailers)
+            case .failed:
+                s.closeSource()
+                loop.assumeIsolated().execute { [weak self] in
+                    guard let self, self.phase == .active else { return }
+                    ngtcp2_conn_shutdown_stream(self.conn, sid, UInt64(NGHTTP3_H3_INTERNAL_ERROR))
+                    self.writePackets()
+                }
+                return nghttp3_ssize(NGHTTP3_ERR_WOULDBLOCK)
+            }
+        }
+    }
+
+    static func withNV<R>(_ fields: [(name: String, value: String)], _ body: (UnsafePointer<nghttp3_nv>, Int) -> R) -> R {
+        var allocations: [UnsafeMutablePointer<UInt8>] = []
+        defer { allocations.forEach { $0.deallocate() } }
+        func dup(_ s: String) -> (UnsafeMutablePointer<UInt8>, Int) {
+            let u = Array(s.utf8)
+            let p = UnsafeMutablePointer<UInt8>.allocate(capacity: max(1, u.count))
+            p.initialize(from: u, count: u.count)
+            allocations.append(p)
+            return (p, u.count)
+        }
+        var nva: [nghttp3_nv] = []
+        nva.reserveCapacity(fields.count)
+        for (n, v) in fields {
+            let (np, nl) = dup(n)
+            let (vp, vl) = dup(v)
+            nva.append(nghttp3_nv(name: np, value: vp, namelen: nl, valuelen: vl, flags: UInt8(NGHTTP3_NV_FLAG_NONE)))
+        }
+        return nva.withUnsafeBufferPointer { body($0.baseAddress!, $0.count) }
+    }
+
+    // MARK: client side
+
+    func startRequest(head: HTTPRequestHead, body: HTTPOutboundBody, token: RequestToken, continuation: CheckedContinuation<HTTPClientResponse, any Error>) {
+        guard phase == .active, h3 != nil else {
+            body.discard()
+            continuation.resume(throwing: HTTPTransportError.connectionClosed)
+            return
+        }
+        if let g = goawayID {
+            body.discard()
+            continuation.resume(throwing: HTTPTransportError.goaway(lastStreamID: Int32(clamping: g), errorCode: 0))
+            return
+        }
+        if token.cancelled.withLock({ $0 }) {
+            body.discard()
+            continuation.resume(throwing: CancellationError())
+            return
+        }
+        var sid: Int64 = -1
+        let rv = ngtcp2_conn_open_bidi_stream(conn, &sid, nil)
+        if rv == NGTCP2_ERR_STREAM_ID_BLOCKED {
+            pending.append((head, body, token, continuation))
+            return
+        }
+        guard rv == 0, let h3 else {
+            body.discard()
+            continuation.resume(throwing: HTTPTransportError.protocolError("cannot open stream: \(Self.errString(rv))"))
+            return
+        }
+        let s = H3Stream(id: sid)
+        s.continuation = continuation
+        s.token = token
+        s.isHead = head.method == "HEAD"
+        streams[sid] = s
+        var fields: [(name: String, value: String)] = [
+            (":method", head.method), (":scheme", head.scheme), (":authority", head.authority), (":path", head.path),
+        ]
+        for (n, v) in head.headers where !Self.connectionSpecific(n) { fields.append((n, v)) }
+        if head.headers["content-length"] == nil, let n = body.knownLength, n > 0 || head.method == "PUT" || head.method == "POST" {
+            fields.append(("content-length", String(n)))
+        }
+        setSource(s, body)
+        let hasBody: Bool
+        if case .none = s.source { hasBody = false } else { hasBody = true }
+        var dr = nghttp3_data_reader(read_data: Self.readData)
+        let srv = Self.withNV(fields) { nva, n in
+            hasBody ? nghttp3_conn_submit_request(h3, sid, nva, n, &dr, nil) : nghttp3_conn_submit_request(h3, sid, nva, n, nil, nil)
+        }
+        if srv != 0 {
+            streams[sid] = nil
+            s.closeSource()
+            continuation.resume(throwing: HTTPTransportError.protocolError("nghttp3_conn_submit_request: \(srv)"))
+            ngtcp2_conn_shutdown_stream(conn, sid, UInt64(NGHTTP3_H3_INTERNAL_ERROR))
+        }
+        writePackets()
+    }
+
+    private func scheduleStartPending() {
+        guard !pending.isEmpty else { return }
+        loop.assumeIsolated().execute { [weak self] in
+            guard let self else { return }
+            let p = self.pending
+            self.pending = []
+            for r in p { self.startRequest(head: r.head, body: r.body, token: r.token, continuation: r.cont) }
+        }
+    }
+
+    private func clientResponseHead(_ s: H3Stream, fin: Bool) {
+        let status = s.headerFields.first { $0.name == ":status" }.flatMap { Int($0.value) } ?? 0
+        if (100..<200).contains(status) {
+            s.headerFields = []
+            return
+        }
+        guard let cont = s.continuation else { return }
+        s.continuation = nil
+        var headers = HTTPHeaders()
+        for (n, v) in s.headerFields where !n.hasPrefix(":") { headers.add(n, v) }
+        let body = HTTPInboundBody(onConsumed: makeCredit(s.id))
+        s.body = body
+        if fin {
+            s.inboundEnded = true
+            body.finish()
+        }
+        let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+        let loop = self.loop
+        let sid = s.id
+        cont.resume(returning: HTTPClientResponse(status: status, headers: headers, body: body, cancel: {
+            loop.execute { bound.value.core?.cancelStream(sid) }
+        }))
+    }
+
+    /// Reset our request stream (RESET_STREAM + STOP_SENDING, H3_REQUEST_CANCELLED).
+    func cancelStream(_ sid: Int64) {
+        guard phase == .active, let s = streams[sid] else { return }
+        ngtcp2_conn_shutdown_stream(conn, sid, UInt64(NGHTTP3_H3_REQUEST_CANCELLED))
+        dropPendingInbound(s)
+        if !s.inboundEnded {
+            s.inboundEnded = true
+            let dropped = s.body?.fail(HTTPTransportError.streamReset(errorCode: UInt32(NGHTTP3_H3_REQUEST_CANCELLED))) ?? 0
+            if dropped > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(dropped)) }
+        }
+        if let c = s.continuation {
+            s.continuation = nil
+            c.resume(throwing: CancellationError())
+        }
+        s.closeSource()
+        writePackets()
+    }
+
+    func cancel(token: RequestToken) {
+        if let i = pending.firstIndex(where: { $0.token === token }) {
+            let r = pending.remove(at: i)
+            r.body.discard()
+            r.cont.resume(throwing: CancellationError())
+            return
+        }
+        if let s = streams.values.first(where: { $0.token === token }) {
+            cancelStream(s.id)
+        }
+    }
+
+    private func goawayReceived(_ id: Int64) {
+        guard !isServer else { return }
+        goawayID = id
+        flags.goingAway.withLock { $0 = true }
+        // Requests the server will not process: retry elsewhere.
+        let err = HTTPTransportError.goaway(lastStreamID: Int32(clamping: id), errorCode: 0)
+        for (sid, s) in streams where sid >= id && ngtcp2_is_bidi_stream(sid) != 0 {
+            if let c = s.continuation {
+                s.continuation = nil
+                c.resume(throwing: err)
+            }
+        }
+        let p = pending
+        pending = []
+        for r in p {
+            r.body.discard()
+            r.cont.resume(throwing: err)
+        }
+    }
+}
+
+func tlsCheck(_ rc: Int32, _ context: @autoclosure () -> String) throws {
+    if rc < 0 { throw TLSError(code: rc, context: context()) }
+}
+
+/// Connection state readable from any thread.
+final class QUICConnectionFlags: Sendable {
+    let goingAway = Mutex(false)
+    let closed = Mutex(false)
+}

@@ -1,0 +1,210 @@
+import CNgtcp2
+import NIOCore
+
+/// A QUIC connection ID as a hashable value (routing-table key).
+struct ConnectionID: Hashable, Sendable, CustomStringConvertible {
+    var bytes: [UInt8]
+
+    init(_ bytes: [UInt8]) {
+        precondition(bytes.count <= Int(NGTCP2_MAX_CIDLEN))
+        self.bytes = bytes
+    }
+
+    init(pointer: UnsafePointer<UInt8>?, count: Int) {
+        if let pointer, count > 0 {
+            self.bytes = Array(UnsafeBufferPointer(start: pointer, count: min(count, Int(NGTCP2_MAX_CIDLEN))))
+        } else {
+            self.bytes = []
+        }
+    }
+
+    init(_ cid: ngtcp2_cid) {
+        var c = cid
+        let n = min(Int(c.datalen), Int(NGTCP2_MAX_CIDLEN))
+        self.bytes = withUnsafeBytes(of: &c.data) { Array($0.prefix(n)) }
+    }
+
+    static func random(length: Int = 18) -> ConnectionID {
+        var b = [UInt8](repeating: 0, count: length)
+        b.withUnsafeMutableBufferPointer { cm_gnutls_rnd($0.baseAddress, $0.count) }
+        return ConnectionID(b)
+    }
+
+    var ngtcp2: ngtcp2_cid {
+        var c = ngtcp2_cid()
+        bytes.withUnsafeBufferPointer { ngtcp2_cid_init(&c, $0.baseAddress, $0.count) }
+        return c
+    }
+
+    var description: String { bytes.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined() }
+}
+
+/// Maps every connection ID a connection uses (initial DCID chosen by the client, our SCIDs,
+/// the ones issued later with NEW_CONNECTION_ID) to that connection. A CID belongs to at most
+/// one connection; removing a connection removes all of its CIDs.
+struct CIDRoutingTable<Connection: AnyObject> {
+    private var byCID: [ConnectionID: Connection] = [:]
+    private var cidsOf: [ObjectIdentifier: Set<ConnectionID>] = [:]
+
+    init() {}
+
+    /// Returns false (and changes nothing) if the CID already routes to another connection.
+    @discardableResult
+    mutating func add(_ cid: ConnectionID, for connection: Connection) -> Bool {
+        if let existing = byCID[cid] { return existing === connection }
+        byCID[cid] = connection
+        cidsOf[ObjectIdentifier(connection), default: []].insert(cid)
+        return true
+    }
+
+    /// Retire one CID (only if it belongs to `connection`).
+    mutating func remove(_ cid: ConnectionID, for connection: Connection) {
+        guard let existing = byCID[cid], existing === connection else { return }
+        byCID[cid] = nil
+        let key = ObjectIdentifier(connection)
+        cidsOf[key]?.remove(cid)
+        if cidsOf[key]?.isEmpty == true { cidsOf[key] = nil }
+    }
+
+    /// Forget a connection and every CID that routed to it. Returns how many CIDs were removed.
+    @discardableResult
+    mutating func removeAll(for connection: Connection) -> Int {
+        guard let cids = cidsOf.removeValue(forKey: ObjectIdentifier(connection)) else { return 0 }
+        for c in cids { byCID[c] = nil }
+        return cids.count
+    }
+
+    func lookup(_ cid: ConnectionID) -> Connection? { byCID[cid] }
+
+    func cids(of connection: Connection) -> Set<ConnectionID> { cidsOf[ObjectIdentifier(connection)] ?? [] }
+
+    var cidCount: Int { byCID.count }
+    var connectionCount: Int { cidsOf.count }
+}
+
+/// ngtcp2 timestamps are nanoseconds on the monotonic clock, the same clock as `NIODeadline`.
+enum QUICClock {
+    static func now() -> UInt64 { NIODeadline.now().uptimeNanoseconds }
+}
+
+/// The single expiry timer of a connection: ngtcp2 reports the next expiry (`UINT64_MAX` =
+/// none); we keep at most one scheduled task and only reschedule when the deadline changes.
+struct ExpiryTimerState: Equatable {
+    enum Action: Equatable {
+        case none
+        case cancel
+        /// (Re)schedule at this ngtcp2 timestamp.
+        case schedule(UInt64)
+    }
+
+    private(set) var scheduled: UInt64?
+
+    init() {}
+
+    mutating func update(expiry: UInt64) -> Action {
+        if expiry == UInt64.max {
+            guard scheduled != nil else { return .none }
+            scheduled = nil
+            return .cancel
+        }
+        if scheduled == expiry { return .none }
+        scheduled = expiry
+        return .schedule(expiry)
+    }
+
+    /// The timer fired: nothing is scheduled any more.
+    mutating func fired() { scheduled = nil }
+
+    /// Delay from `now` until `expiry` (zero if already due).
+    static func delay(expiry: UInt64, now: UInt64) -> TimeAmount {
+        expiry <= now ? .zero : .nanoseconds(Int64(clamping: expiry - now))
+    }
+}
+
+/// Buffers handed to nghttp3 must stay valid until the peer acknowledged them: hold them in
+/// order and release from the front as acknowledgements (byte counts) arrive.
+struct AckedBufferQueue {
+    private var buffers = CircularBuffer<ByteBuffer>()
+    /// Bytes of the first buffer already acknowledged.
+    private var ackedInFirst = 0
+    private(set) var unackedBytes = 0
+
+    init() {}
+
+    mutating func hold(_ buffer: ByteBuffer) {
+        guard buffer.readableBytes > 0 else { return }
+        buffers.append(buffer)
+        unackedBytes += buffer.readableBytes
+    }
+
+    /// Release `count` acknowledged bytes. Returns how many buffers were freed.
+    @discardableResult
+    mutating func ack(_ count: Int) -> Int {
+        var left = min(count, unackedBytes)
+        unackedBytes -= left
+        var freed = 0
+        while left > 0, let first = buffers.first {
+            let remaining = first.readableBytes - ackedInFirst
+            if left >= remaining {
+                left -= remaining
+                buffers.removeFirst()
+                ackedInFirst = 0
+                freed += 1
+            } else {
+                ackedInFirst += left
+                left = 0
+            }
+        }
+        return freed
+    }
+
+    mutating func removeAll() {
+        buffers.removeAll()
+        ackedInFirst = 0
+        unackedBytes = 0
+    }
+
+    var heldBuffers: Int { buffers.count }
+}
+
+/// Splits a run of packets written back to back into UDP sends: consecutive packets of the same
+/// size form one GSO send (the last of a run may be shorter), at most `maxSegments` each.
+enum GSOBatcher {
+    struct Send: Equatable {
+        var offset: Int
+        var length: Int
+        /// nil = a single datagram.
+        var segmentSize: Int?
+    }
+
+    static func batches(sizes: [Int], maxSegments: Int = 40, enabled: Bool = true) -> [Send] {
+        var out: [Send] = []
+        var i = 0
+        var offset = 0
+        while i < sizes.count {
+            let seg = sizes[i]
+            var n = 1
+            var len = seg
+            if enabled {
+                while i + n < sizes.count, n < maxSegments, len + sizes[i + n] <= 65_000 {
+                    let s = sizes[i + n]
+                    if s == seg {
+                        len += s
+                        n += 1
+                    } else if s < seg {
+                        // A shorter packet may end a GSO run.
+                        len += s
+                        n += 1
+                        break
+                    } else {
+                        break
+                    }
+                }
+            }
+            out.append(Send(offset: offset, length: len, segmentSize: n > 1 ? seg : nil))
+            offset += len
+            i += n
+        }
+        return out
+    }
+}

@@ -1,0 +1,124 @@
+import Foundation
+import Logging
+import MeshHTTP
+import MeshTLS
+import NIOCore
+import NIOPosix
+import Synchronization
+import Testing
+@testable import MeshQUIC
+
+/// A raw UDP socket that sends whatever we like and records what comes back.
+final class RawUDP: ChannelInboundHandler, Sendable {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    let received = Mutex<[ByteBuffer]>([])
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let env = unwrapInboundIn(data)
+        received.withLock { $0.append(env.data) }
+    }
+
+    static func open() async throws -> (any Channel, RawUDP) {
+        let h = RawUDP()
+        let ch = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { $0.pipeline.addHandler(h) }
+            .bind(host: "127.0.0.1", port: 0).get()
+        return (ch, h)
+    }
+}
+
+enum Garbage {
+    static func random(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8.random(in: 0...255) } }
+
+    /// A long-header packet: version, DCID, SCID, then filler up to `size`.
+    static func longHeader(version: UInt32, size: Int, initial: Bool = true) -> [UInt8] {
+        var p: [UInt8] = [initial ? 0xC3 : 0xE3]
+        p += withUnsafeBytes(of: version.bigEndian) { Array($0) }
+        p += [8] + random(8) + [8] + random(8)
+        if initial { p += [0] }                      // token length
+        let rest = size - p.count - 2
+        p += [UInt8(0x40 | ((rest >> 8) & 0x3f)), UInt8(rest & 0xff)]
+        p += random(rest)
+        return p
+    }
+
+    static func shortHeader(size: Int) -> [UInt8] { [0x40 | UInt8.random(in: 0...0x3f)] + random(size - 1) }
+}
+
+@Suite(.serialized) struct QUICHostileInputTests {
+    @Test func unknownVersionGetsVersionNegotiation() async throws {
+        try await QUICTestServer.with { server, port, _ in
+            let (ch, raw) = try await RawUDP.open()
+            let target = try SocketAddress(ipAddress: "127.0.0.1", port: port)
+            // Too small to be an Initial: no answer (no amplification).
+            try await ch.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: ByteBuffer(bytes: Garbage.longHeader(version: 0x1a2a_3a4a, size: 200)))).get()
+            try await ch.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: ByteBuffer(bytes: Garbage.longHeader(version: 0x1a2a_3a4a, size: 1200)))).get()
+            for _ in 0..<200 where raw.received.withLock({ $0.isEmpty }) { try await Task.sleep(for: .milliseconds(10)) }
+            let got = raw.received.withLock { $0 }
+            #expect(got.count == 1)
+            if var vn = got.first {
+                let first = vn.readInteger(as: UInt8.self) ?? 0
+                #expect(first & 0x80 != 0)
+                #expect(vn.readInteger(as: UInt32.self) == 0)    // Version Negotiation
+                let dcidLen = Int(vn.readInteger(as: UInt8.self) ?? 0)
+                vn.moveReaderIndex(forwardBy: dcidLen)
+                let scidLen = Int(vn.readInteger(as: UInt8.self) ?? 0)
+                vn.moveReaderIndex(forwardBy: scidLen)
+                var versions: [UInt32] = []
+                while let v = vn.readInteger(as: UInt32.self) { versions.append(v) }
+                #expect(versions.contains(1))
+            }
+            #expect(server.stats.versionNegotiationsSent == 1)
+            try await ch.close()
+        }
+    }
+
+    @Test func garbageFloodDuringATransferChangesNothing() async throws {
+        try await QUICTestServer.with { server, port, _ in
+            let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"))
+            let n: Int64 = 32 << 20
+            let download = Task { () -> (Int64, Bool) in
+                let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/\(n)"))
+                var got: Int64 = 0
+                var ok = true
+                for try await chunk in r.body {
+                    if ok && !PatternFile.matches(chunk, at: got) { ok = false }
+                    got += Int64(chunk.readableBytes)
+                }
+                return (got, ok)
+            }
+            let (ch, _) = try await RawUDP.open()
+            let target = try SocketAddress(ipAddress: "127.0.0.1", port: port)
+            for i in 0..<3000 {
+                let bytes: [UInt8]
+                switch i % 6 {
+                case 0: bytes = Garbage.random(Int.random(in: 1...1500))
+                case 1: bytes = Garbage.shortHeader(size: Int.random(in: 20...1400))       // unknown DCID
+                case 2: bytes = Garbage.longHeader(version: 1, size: 1200)                  // forged Initial
+                case 3: bytes = Garbage.longHeader(version: 0xbad0_0001, size: 1250)        // wrong version
+                case 4: bytes = Array(Garbage.longHeader(version: 1, size: 1200).prefix(Int.random(in: 1...40)))  // truncated
+                default: bytes = Garbage.longHeader(version: 1, size: 1300, initial: false) // handshake packet, unknown CID
+                }
+                ch.write(AddressedEnvelope(remoteAddress: target, data: ByteBuffer(bytes: bytes)), promise: nil)
+                if i % 64 == 0 {
+                    ch.flush()
+                    try await Task.sleep(for: .milliseconds(1))
+                }
+            }
+            ch.flush()
+            let (got, ok) = try await download.value
+            #expect(got == n)
+            #expect(ok)
+            let stats = server.stats
+            #expect(stats.datagramsDropped >= 2000)
+            #expect(stats.versionNegotiationsSent >= 1)
+            // Forged Initials left nothing behind; the real connection still serves.
+            for _ in 0..<200 where await server.connectionCount() != 1 { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(await server.connectionCount() == 1)
+            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/1000"))
+            #expect(try await r.body.collect(upTo: 1 << 20).readableBytes == 1000)
+            try await ch.close()
+            await c.close()
+        }
+    }
+}

@@ -1,0 +1,372 @@
+import Foundation
+import Logging
+import MeshHTTP
+import MeshTLS
+import NIOCore
+import Synchronization
+import Testing
+@testable import MeshQUIC
+
+@Suite(.serialized) struct QUICLoopbackTests {
+    static func connect(_ port: Int, as name: String? = "client", ca: String = "ca.pem", serverName: String? = nil) async throws -> HTTP3Connection {
+        try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds(name, ca: ca),
+                                          serverName: serverName, connectTimeout: .seconds(5))
+    }
+
+    @Test func putGetHeadSmall() async throws {
+        try await QUICTestServer.with { _, port, service in
+            let c = try await Self.connect(port)
+            #expect(c.peer.role == .node)
+            #expect(c.isUsable)
+            let put = try await c.request(HTTPRequestHead(method: "PUT", path: "/echo"), body: .bytes(ByteBuffer(string: "hello quic")))
+            #expect(put.status == 200)
+            #expect(put.headers["x-peer-role"] == "client")
+            #expect(String(buffer: try await put.body.collect(upTo: 1 << 20)) == "hello quic")
+
+            let get = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/5000"))
+            #expect(get.status == 200)
+            #expect(get.headers["content-length"] == "5000")
+            let body = try await get.body.collect(upTo: 1 << 20)
+            #expect(body.readableBytes == 5000)
+            #expect(PatternFile.matches(body, at: 0))
+
+            let head = try await c.request(HTTPRequestHead(method: "HEAD", path: "/pattern/7777"))
+            #expect(head.status == 200)
+            #expect(head.headers["content-length"] == "7777")
+            #expect(try await head.body.collect(upTo: 1 << 20).readableBytes == 0)
+
+            let missing = try await c.request(HTTPRequestHead(method: "GET", path: "/nope"))
+            #expect(missing.status == 404)
+            _ = try await missing.body.collect(upTo: 1 << 20)
+
+            // Every file body the server opened was closed exactly once (HEAD included).
+            for _ in 0..<100 where service.files.withLock({ $0.contains { $0.closes.withLock { $0 } != 1 } }) {
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            #expect(service.files.withLock { $0.count } == 2)
+            #expect(service.files.withLock { $0.allSatisfy { $0.closes.withLock { $0 } == 1 } })
+            await c.close()
+            #expect(!c.isUsable)
+        }
+    }
+
+    @Test func trailersAndStreamingResponses() async throws {
+        try await QUICTestServer.with { _, port, _ in
+            let c = try await Self.connect(port, as: "reader")
+            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/trailers"))
+            #expect(String(buffer: try await r.body.collect(upTo: 1 << 20)) == "body")
+            #expect(r.body.trailers?["grpc-status"] == "0")
+            let s = try await c.request(HTTPRequestHead(method: "GET", path: "/stream"))
+            let text = String(buffer: try await s.body.collect(upTo: 1 << 20))
+            #expect(text.hasPrefix("chunk0;chunk1;"))
+            #expect(text.hasSuffix("chunk99;"))
+            #expect(s.body.trailers?["x-count"] == "100")
+            await c.close()
+        }
+    }
+
+    @Test func largeDownloadAndUpload() async throws {
+        let n: Int64 = 256 << 20
+        try await QUICTestServer.with { server, port, service in
+            let c = try await Self.connect(port)
+            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/\(n)"))
+            #expect(r.status == 200)
+            var got: Int64 = 0
+            var ok = true
+            for try await chunk in r.body {
+                if ok && !PatternFile.matches(chunk, at: got) { ok = false }
+                got += Int64(chunk.readableBytes)
+            }
+            #expect(got == n)
+            #expect(ok)
+
+            let upN: Int64 = 64 << 20
+            let up = PatternFile(length: upN)
+            let u = try await c.request(HTTPRequestHead(method: "PUT", path: "/count"), body: .file(up))
+            #expect(u.status == 200)
+            #expect(String(buffer: try await u.body.collect(upTo: 1000)) == "\(upN) pattern\n")
+            #expect(up.closes.withLock { $0 } == 1)
+            #expect(service.files.withLock { $0.first?.closes.withLock { $0 } } == 1)
+            #expect(server.stats.connectionsAccepted == 1)
+            await c.close()
+        }
+    }
+
+    @Test func hundredConcurrentStreams() async throws {
+        try await QUICTestServer.with { _, port, service in
+            let c = try await Self.connect(port)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for i in 0..<100 {
+                    group.addTask {
+                        let payload = ByteBuffer(repeating: UInt8(i % 256), count: 1000 + i * 997)
+                        let r = try await c.request(HTTPRequestHead(method: "PUT", path: "/echo"), body: .bytes(payload))
+                        #expect(r.status == 200)
+                        #expect(try await r.body.collect(upTo: 1 << 20) == payload)
+                    }
+                }
+                try await group.waitForAll()
+            }
+            #expect(service.started.withLock { $0 } == 100)
+            await c.close()
+        }
+    }
+
+    @Test func moreStreamsThanTheServerAllowsAtOnceAreQueued() async throws {
+        try await QUICTestServer.with { _, port, _ in
+            let c = try await Self.connect(port)
+            try await withThrowingTaskGroup(of: Int.self) { group in
+                for _ in 0..<300 {   // > 128 concurrent streams: the rest wait for MAX_STREAMS
+                    group.addTask {
+                        let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/100"))
+                        return try await r.body.collect(upTo: 1 << 20).readableBytes
+                    }
+                }
+                var total = 0
+                for try await n in group { total += n }
+                #expect(total == 300 * 100)
+            }
+            await c.close()
+        }
+    }
+
+    @Test func cancellingARequestResetsTheServerStream() async throws {
+        try await QUICTestServer.with { _, port, service in
+            let c = try await Self.connect(port)
+            let out = HTTPOutboundStream()
+            let t = Task { try await c.request(HTTPRequestHead(method: "PUT", path: "/hang-body"), body: .stream(out)) }
+            try await out.write(ByteBuffer(string: "partial"))
+            for _ in 0..<300 where service.started.withLock({ $0 }) == 0 { try await Task.sleep(for: .milliseconds(10)) }
+            t.cancel()
+            await #expect(throws: (any Error).self) { _ = try await t.value }
+            for _ in 0..<300 where service.bodyErrors.withLock({ $0.isEmpty }) { try await Task.sleep(for: .milliseconds(10)) }
+            let errs = service.bodyErrors.withLock { $0 }
+            #expect(errs.count == 1)
+            // RESET_STREAM with H3_REQUEST_CANCELLED (0x10c = 268) reached the server's request body.
+            #expect(errs.first?.contains("reset") == true)
+            #expect(errs.first?.contains("268") == true)
+            let r = try await c.request(HTTPRequestHead(method: "PUT", path: "/echo"), body: .bytes(ByteBuffer(string: "ok")))
+            #expect(r.status == 200)
+            await c.close()
+        }
+    }
+
+    @Test func cancellingAResponseMidBodyKeepsTheConnection() async throws {
+        try await QUICTestServer.with { _, port, service in
+            let c = try await Self.connect(port)
+            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/\(32 << 20)"))
+            var it = r.body.makeAsyncIterator()
+            _ = try await it.next()
+            r.cancel()
+            await #expect(throws: HTTPTransportError.self) {
+                while try await it.next() != nil {}
+            }
+            // The server gave up the file (STOP_SENDING → stream closed → source closed).
+            for _ in 0..<300 where service.files.withLock({ $0.first?.closes.withLock { $0 } != 1 }) {
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            #expect(service.files.withLock { $0.first?.closes.withLock { $0 } } == 1)
+            let ok = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/10"))
+            #expect(ok.status == 200)
+            await c.close()
+        }
+    }
+
+    @Test func goawayLetsInFlightFinishAndRefusesNewRequestsRetryably() async throws {
+        try await QUICTestServer.with { server, port, _ in
+            let c = try await Self.connect(port)
+            let slow = Task { try await c.request(HTTPRequestHead(method: "GET", path: "/slow")) }
+            try await Task.sleep(for: .milliseconds(50))
+            server.goawayAllConnections()
+            for _ in 0..<300 where c.isUsable { try await Task.sleep(for: .milliseconds(5)) }
+            #expect(!c.isUsable)
+            do {
+                _ = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/1"))
+                Issue.record("a request after GOAWAY must fail")
+            } catch let e as HTTPTransportError {
+                #expect(e.isRetryable || e == .connectionClosed)
+            }
+            let r = try await slow.value
+            #expect(r.status == 200)
+            #expect(String(buffer: try await r.body.collect(upTo: 1000)) == "slow done\n")
+            // The server still accepts new connections.
+            let d = try await Self.connect(port)
+            let ok = try await d.request(HTTPRequestHead(method: "GET", path: "/pattern/3"))
+            #expect(ok.status == 200)
+            await d.close()
+            await c.close()
+        }
+    }
+
+    @Test func gracefulShutdownWaitsForInFlightRequests() async throws {
+        try await QUICTestServer.with { server, port, _ in
+            let c = try await Self.connect(port)
+            let slow = Task { try await c.request(HTTPRequestHead(method: "GET", path: "/slow")) }
+            try await Task.sleep(for: .milliseconds(50))
+            await server.shutdownGracefully()
+            let r = try await slow.value
+            #expect(r.status == 200)
+            #expect(String(buffer: try await r.body.collect(upTo: 1000)) == "slow done\n")
+            #expect(await server.connectionCount() == 0)
+            await c.close()
+        }
+    }
+
+    @Test func streamedUploadWithBackpressure() async throws {
+        try await QUICTestServer.with { _, port, _ in
+            let c = try await Self.connect(port)
+            let out = HTTPOutboundStream(highWatermark: 256 * 1024)
+            let n: Int64 = 16 << 20
+            let producer = Task {
+                var off: Int64 = 0
+                while off < n {
+                    let k = Int(min(64 * 1024, n - off))
+                    var chunk = ByteBuffer(repeating: 0, count: k)
+                    chunk.withUnsafeMutableReadableBytes { _ = try? PatternFile(length: n).read(at: off, into: $0) }
+                    try await out.write(chunk)
+                    off += Int64(k)
+                }
+                out.finish()
+            }
+            let r = try await c.request(HTTPRequestHead(method: "PUT", path: "/count"), body: .stream(out))
+            #expect(r.status == 200)
+            #expect(String(buffer: try await r.body.collect(upTo: 1000)) == "\(n) pattern\n")
+            try await producer.value
+            await c.close()
+        }
+    }
+
+    @Test func earlyResponseStopsTheUpload() async throws {
+        try await QUICTestServer.with { _, port, _ in
+            let c = try await Self.connect(port)
+            let out = HTTPOutboundStream(highWatermark: 64 * 1024)
+            let producer = Task { () -> Bool in
+                // Never finishes on its own: only STOP_SENDING from the server ends it.
+                do {
+                    while true { try await out.write(ByteBuffer(repeating: 1, count: 32 * 1024)) }
+                } catch {
+                    return true
+                }
+            }
+            let r = try await c.request(HTTPRequestHead(method: "PUT", path: "/nope"), body: .stream(out))
+            #expect(r.status == 404)
+            _ = try? await r.body.collect(upTo: 1000) as ByteBuffer
+            #expect(await producer.value)
+            await c.close()
+        }
+    }
+
+    @Test func idleConnectionsTimeOut() async throws {
+        let service = QUICTestService()
+        var quic = QUICSettings()
+        quic.idleTimeout = .milliseconds(300)
+        let server = HTTP3Server(configuration: .init(host: "127.0.0.1", port: 0, credentials: try QUICTestCerts.creds("node"), quic: quic),
+                                 service: service, logger: Logger(label: "test.h3"))
+        let port = try await server.start().port!
+        let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"), settings: quic)
+        let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/10"))
+        _ = try await r.body.collect(upTo: 100)
+        #expect(c.isUsable)
+        for _ in 0..<300 {
+            let open = await server.connectionCount()
+            if !c.isUsable && open == 0 { break }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        #expect(!c.isUsable)
+        #expect(await server.connectionCount() == 0)
+        await c.close()
+        await server.close()
+    }
+
+    @Test func manyConnectionsAtOnce() async throws {
+        try await QUICTestServer.with { server, port, _ in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for i in 0..<24 {
+                    group.addTask {
+                        let c = try await Self.connect(port, as: i % 2 == 0 ? "client" : "reader")
+                        for k in 0..<5 {
+                            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/\(1000 + i * 100 + k)"))
+                            let b = try await r.body.collect(upTo: 1 << 20)
+                            #expect(b.readableBytes == 1000 + i * 100 + k)
+                            #expect(PatternFile.matches(b, at: 0))
+                        }
+                        await c.close()
+                    }
+                }
+                try await group.waitForAll()
+            }
+            #expect(server.stats.connectionsAccepted == 24)
+            for _ in 0..<300 where await server.connectionCount() > 0 { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(await server.connectionCount() == 0)
+        }
+    }
+
+    @Test func connectionLimitRefusesNewHandshakes() async throws {
+        let server = HTTP3Server(configuration: .init(host: "127.0.0.1", port: 0, credentials: try QUICTestCerts.creds("node"), maxConnections: 1),
+                                 service: QUICTestService(), logger: Logger(label: "test.h3"))
+        let port = try await server.start().port!
+        let first = try await Self.connect(port)
+        await #expect(throws: (any Error).self) {
+            _ = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"),
+                                                  connectTimeout: .milliseconds(500))
+        }
+        #expect(server.stats.connectionsRefused >= 1)
+        // The admitted connection is undisturbed.
+        let r = try await first.request(HTTPRequestHead(method: "GET", path: "/pattern/10"))
+        #expect(r.status == 200)
+        await first.close()
+        await server.close()
+    }
+
+    // MARK: mutual TLS
+
+    @Test func readerRoleIsVisibleToTheService() async throws {
+        try await QUICTestServer.with { _, port, _ in
+            let c = try await Self.connect(port, as: "reader")
+            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/whoami"))
+            #expect(String(buffer: try await r.body.collect(upTo: 100)) == "reader reader\n")
+            await c.close()
+        }
+    }
+
+    @Test func clientWithoutCertificateIsRefused() async throws {
+        try await QUICTestServer.with { server, port, _ in
+            do {
+                _ = try await Self.connect(port, as: nil)
+                Issue.record("connect without a client certificate must fail")
+            } catch let e as QUICError {
+                guard case .handshakeFailed = e else { Issue.record("unexpected \(e)"); return }
+            }
+            #expect(server.stats.connectionsAccepted >= 1)
+            #expect(await server.connectionCount() <= 1)
+        }
+    }
+
+    @Test func clientFromAnotherCAIsRefused() async throws {
+        try await QUICTestServer.with { _, port, _ in
+            // "stranger" is signed by otherca; it trusts our CA so only the server can refuse it.
+            await #expect(throws: (any Error).self) { _ = try await Self.connect(port, as: "stranger") }
+        }
+    }
+
+    @Test func clientRefusesAServerItCannotVerify() async throws {
+        try await QUICTestServer.with { _, port, _ in
+            await #expect(throws: (any Error).self) { _ = try await Self.connect(port, ca: "otherca.pem") }
+            await #expect(throws: (any Error).self) { _ = try await Self.connect(port, serverName: "not-the-node.example") }
+        }
+    }
+
+    @Test func optionalAuthenticationAdmitsAnonymousReaders() async throws {
+        try await QUICTestServer.with(auth: .optionalReadOnly) { _, port, _ in
+            let c = try await Self.connect(port, as: nil)
+            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/whoami"))
+            #expect(String(buffer: try await r.body.collect(upTo: 100)) == "reader -\n")
+            await c.close()
+            // GnuTLS clients only send a certificate issued by a CA the server names in its
+            // CertificateRequest: a stranger's certificate is not sent, so it is an anonymous reader too.
+            let s = try await Self.connect(port, as: "stranger")
+            let w = try await s.request(HTTPRequestHead(method: "GET", path: "/whoami"))
+            #expect(String(buffer: try await w.body.collect(upTo: 100)) == "reader -\n")
+            await s.close()
+        }
+    }
+}

@@ -1,0 +1,157 @@
+import CNgtcp2
+import NIOCore
+import Testing
+@testable import MeshQUIC
+
+final class FakeConn {}
+
+@Suite struct CIDRoutingTableTests {
+    @Test func routesEveryCIDOfAConnectionAndForgetsThemTogether() {
+        var t = CIDRoutingTable<FakeConn>()
+        let a = FakeConn(), b = FakeConn()
+        let a1 = ConnectionID([1, 2, 3]), a2 = ConnectionID([4, 5, 6, 7]), b1 = ConnectionID([9])
+        let r1 = t.add(a1, for: a)
+        #expect(r1)
+        let r2 = t.add(a2, for: a)
+        #expect(r2)
+        let r3 = t.add(b1, for: b)
+        #expect(r3)
+        #expect(t.lookup(a1) === a)
+        #expect(t.lookup(a2) === a)
+        #expect(t.lookup(b1) === b)
+        #expect(t.lookup(ConnectionID([1, 2])) == nil)
+        #expect(t.connectionCount == 2)
+        let r4 = t.removeAll(for: a)
+        #expect(r4 == 2)
+        #expect(t.lookup(a1) == nil && t.lookup(a2) == nil)
+        #expect(t.lookup(b1) === b)
+        #expect(t.cidCount == 1)
+    }
+
+    @Test func aCIDBelongsToOneConnectionOnly() {
+        var t = CIDRoutingTable<FakeConn>()
+        let a = FakeConn(), b = FakeConn()
+        let c = ConnectionID([7, 7, 7])
+        let r5 = t.add(c, for: a)
+        #expect(r5)
+        let r6 = t.add(c, for: b)
+        #expect(!r6)
+        let r7 = t.add(c, for: a)
+        #expect(r7)   // idempotent for the owner
+        #expect(t.lookup(c) === a)
+        t.remove(c, for: b)         // not b's: nothing happens
+        #expect(t.lookup(c) === a)
+        t.remove(c, for: a)
+        #expect(t.lookup(c) == nil)
+        #expect(t.connectionCount == 0)
+    }
+
+    @Test func retiringOneCIDKeepsTheOthers() {
+        var t = CIDRoutingTable<FakeConn>()
+        let a = FakeConn()
+        let x = ConnectionID.random(), y = ConnectionID.random()
+        t.add(x, for: a)
+        t.add(y, for: a)
+        t.remove(x, for: a)
+        #expect(t.lookup(x) == nil)
+        #expect(t.lookup(y) === a)
+        #expect(t.cids(of: a) == [y])
+    }
+
+    @Test func connectionIDRoundTripsThroughNgtcp2() {
+        let c = ConnectionID.random(length: 18)
+        #expect(c.bytes.count == 18)
+        #expect(ConnectionID(c.ngtcp2) == c)
+        #expect(ConnectionID.random() != ConnectionID.random())
+    }
+}
+
+@Suite struct ExpiryTimerTests {
+    @Test func schedulesOnlyWhenTheDeadlineChanges() {
+        var t = ExpiryTimerState()
+        let r8 = t.update(expiry: UInt64.max)
+        #expect(r8 == .none)
+        let r9 = t.update(expiry: 1_000)
+        #expect(r9 == .schedule(1_000))
+        let r10 = t.update(expiry: 1_000)
+        #expect(r10 == .none)
+        let r11 = t.update(expiry: 500)
+        #expect(r11 == .schedule(500))
+        let r12 = t.update(expiry: UInt64.max)
+        #expect(r12 == .cancel)
+        let r13 = t.update(expiry: UInt64.max)
+        #expect(r13 == .none)
+    }
+
+    @Test func firingClearsTheScheduledDeadline() {
+        var t = ExpiryTimerState()
+        let r14 = t.update(expiry: 42)
+        #expect(r14 == .schedule(42))
+        t.fired()
+        #expect(t.scheduled == nil)
+        let r15 = t.update(expiry: 42)
+        #expect(r15 == .schedule(42))
+    }
+
+    @Test func delayIsZeroForPastDeadlines() {
+        #expect(ExpiryTimerState.delay(expiry: 100, now: 200) == .zero)
+        #expect(ExpiryTimerState.delay(expiry: 100, now: 100) == .zero)
+        #expect(ExpiryTimerState.delay(expiry: 5_000_000, now: 1_000_000) == .nanoseconds(4_000_000))
+    }
+}
+
+@Suite struct AckedBufferQueueTests {
+    @Test func releasesBuffersOnlyWhenFullyAcknowledged() {
+        var q = AckedBufferQueue()
+        q.hold(ByteBuffer(repeating: 1, count: 100))
+        q.hold(ByteBuffer(repeating: 2, count: 50))
+        q.hold(ByteBuffer())   // empty: not held
+        #expect(q.heldBuffers == 2)
+        #expect(q.unackedBytes == 150)
+        let r16 = q.ack(60)
+        #expect(r16 == 0)
+        #expect(q.heldBuffers == 2)
+        let r17 = q.ack(40)
+        #expect(r17 == 1)
+        #expect(q.heldBuffers == 1)
+        #expect(q.unackedBytes == 50)
+        let r18 = q.ack(1_000)
+        #expect(r18 == 1)   // over-acknowledgement is clamped
+        #expect(q.unackedBytes == 0)
+        #expect(q.heldBuffers == 0)
+    }
+
+    @Test func ackSpanningSeveralBuffers() {
+        var q = AckedBufferQueue()
+        for _ in 0..<4 { q.hold(ByteBuffer(repeating: 0, count: 10)) }
+        let r19 = q.ack(35)
+        #expect(r19 == 3)
+        #expect(q.unackedBytes == 5)
+        q.removeAll()
+        #expect(q.heldBuffers == 0 && q.unackedBytes == 0)
+    }
+}
+
+@Suite struct GSOBatcherTests {
+    @Test func equalSizedRunsBecomeOneSendAndAShortPacketEndsARun() {
+        let b = GSOBatcher.batches(sizes: [1452, 1452, 1452, 900, 1452, 1200])
+        #expect(b == [
+            .init(offset: 0, length: 1452 * 3 + 900, segmentSize: 1452),
+            .init(offset: 1452 * 3 + 900, length: 1452 + 1200, segmentSize: 1452),
+        ])
+    }
+
+    @Test func aLargerPacketStartsANewSend() {
+        let b = GSOBatcher.batches(sizes: [100, 1452, 1452])
+        #expect(b == [.init(offset: 0, length: 100, segmentSize: nil), .init(offset: 100, length: 2904, segmentSize: 1452)])
+    }
+
+    @Test func segmentLimitAndDisabled() {
+        let sizes = Array(repeating: 1000, count: 45)
+        let b = GSOBatcher.batches(sizes: sizes, maxSegments: 40)
+        #expect(b.count == 2)
+        #expect(b[0].length == 40_000 && b[1].length == 5_000)
+        let off = GSOBatcher.batches(sizes: [1452, 1452], enabled: false)
+        #expect(off == [.init(offset: 0, length: 1452, segmentSize: nil), .init(offset: 1452, length: 1452, segmentSize: nil)])
+    }
+}
