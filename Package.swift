@@ -74,7 +74,7 @@ let package = Package(
         ]),
         // Routes, config, wiring, lifecycle.
         .target(name: "CacheNode", dependencies: [
-            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshGRPC", "REAPI", "MeshCore",
+            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshGRPC", "REAPI", "MeshCore", "MeshQUIC",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import MeshHTTP
 import MeshHTTP2
+import MeshQUIC
 import MeshTLS
 import NIOCore
 
@@ -15,6 +16,12 @@ public struct ClientOptions: Sendable {
     public var insecure: Bool
     /// Name to check the server certificate against (default: the host).
     public var serverName: String?
+    /// HTTP/2 over TLS/TCP (default) or HTTP/3 over QUIC (the node's UDP port).
+    public var transport: Transport = .tcp
+
+    public enum Transport: String, Sendable, CaseIterable {
+        case tcp, quic
+    }
 
     public init(server: HostPort, certificate: String? = nil, privateKey: String? = nil, ca: String? = nil, insecure: Bool = false, serverName: String? = nil) {
         self.server = server
@@ -42,10 +49,13 @@ public enum CacheClientError: Error, CustomStringConvertible {
 
 /// The node's HTTP/2 client for the cache routes (used by the CLI and the tests).
 public final class CacheClient: Sendable {
-    public let connection: HTTP2Connection
+    /// The connection (HTTP/2 or HTTP/3) requests go over.
+    public let connection: any HTTPClientTransport
+    private let closer: @Sendable () async -> Void
 
-    init(connection: HTTP2Connection) {
+    init(connection: any HTTPClientTransport, close: @escaping @Sendable () async -> Void) {
         self.connection = connection
+        self.closer = close
     }
 
     public static func connect(_ options: ClientOptions, logger: Logger = Logger(label: "cachemesh.client")) async throws -> CacheClient {
@@ -56,13 +66,19 @@ public final class CacheClient: Sendable {
             }
             credentials = try TLSCredentials(files: TLSFiles(certificateChain: options.certificate, privateKey: options.privateKey, trustedCA: ca))
         }
+        if options.transport == .quic {
+            guard let credentials else { throw CacheClientError.usage("QUIC always uses TLS: --insecure is for TCP only") }
+            let conn = try await HTTP3Connection.connect(host: options.server.host, port: options.server.port, credentials: credentials,
+                                                         serverName: options.serverName, logger: logger)
+            return CacheClient(connection: conn, close: { await conn.close() })
+        }
         let conn = try await HTTP2Connection.connect(
             host: options.server.host, port: options.server.port, credentials: credentials,
             serverName: options.serverName, logger: logger)
-        return CacheClient(connection: conn)
+        return CacheClient(connection: conn, close: { await conn.close() })
     }
 
-    public func close() async { await connection.close() }
+    public func close() async { await closer() }
 
     private func check(_ r: HTTPClientResponse, expect: Set<Int>) async throws {
         guard expect.contains(r.status) else {

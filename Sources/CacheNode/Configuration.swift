@@ -64,6 +64,8 @@ public struct ConfigurationError: Error, CustomStringConvertible {
 public struct NodeConfiguration: Sendable {
     public var name = "node"
     public var listen = HostPort(host: "127.0.0.1", port: 8443)
+    /// UDP address for QUIC + HTTP/3 (nil = no QUIC listener). Needs TLS.
+    public var quicListen: HostPort?
     public var dataDirectory = "./cachemesh-data"
     public var maxBytes: Int64 = 10 << 30
     public var certificate: String?
@@ -102,7 +104,7 @@ public struct NodeConfiguration: Sendable {
         }
         var c = NodeConfiguration()
         let known: Set<String> = ["name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
-                                  "insecure", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds"]
+                                  "insecure", "quic_listen", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds"]
         for key in table.keys where !known.contains(key) {
             throw ConfigurationError("config \(path): unknown key '\(key)' (known: \(known.sorted().joined(separator: ", ")))")
         }
@@ -125,6 +127,10 @@ public struct NodeConfiguration: Sendable {
         if let v = try string("listen") {
             guard let hp = HostPort(v) else { throw ConfigurationError("config \(path): listen '\(v)' is not host:port") }
             c.listen = hp
+        }
+        if let v = try string("quic_listen") {
+            guard let hp = HostPort(v) else { throw ConfigurationError("config \(path): quic_listen '\(v)' is not host:port") }
+            c.quicListen = hp
         }
         if let v = try string("data_dir") { c.dataDirectory = v }
         if let v = table["max_bytes"] {

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import MeshHTTP
 import MeshHTTP2
+import MeshQUIC
 import MeshTLS
 import NIOCore
 import NIOPosix
@@ -15,6 +16,7 @@ public final class CacheNode: Service {
     public let configuration: NodeConfiguration
     public let store: BlobStore
     let server: HTTP2Server
+    let quicServer: HTTP3Server?
     let service: CacheService
     let logger: Logger
     /// Set when the node runs as a member of a mesh (`--topology`).
@@ -44,6 +46,16 @@ public final class CacheNode: Service {
                 handshakeTimeout: .seconds(Int64(configuration.handshakeTimeoutSeconds)),
                 drainGracePeriod: .seconds(Int64(configuration.drainSeconds))),
             service: service, logger: logger)
+        if let q = configuration.quicListen {
+            guard let credentials else { throw ConfigurationError("QUIC needs TLS: --quic-listen cannot be used with --insecure") }
+            quicServer = HTTP3Server(
+                configuration: .init(host: q.host, port: q.port, credentials: credentials,
+                                     clientAuthentication: configuration.allowUnauthenticatedReads ? .optionalReadOnly : .require,
+                                     drainGracePeriod: .seconds(Int64(configuration.drainSeconds))),
+                service: service, logger: logger)
+        } else {
+            quicServer = nil
+        }
     }
 
     /// Bind the listener; returns the bound address.
@@ -51,6 +63,11 @@ public final class CacheNode: Service {
     public func start() async throws -> SocketAddress {
         let addr = try await server.start()
         service.setListener("tcp", "\(configuration.listen.host):\(addr.port ?? configuration.listen.port)")
+        if let quicServer, let q = configuration.quicListen {
+            let qa = try await quicServer.start()
+            service.setListener("quic", "\(q.host):\(qa.port ?? q.port)")
+            print("cachemesh: listening quic=\(q.host):\(qa.port ?? q.port)")
+        }
         return addr
     }
 
@@ -69,7 +86,9 @@ public final class CacheNode: Service {
         // mirror queue flushed and sole copies handed off → exit.
         if let mesh { await mesh.leave() }
         logger.notice("draining: GOAWAY to \(server.connectionCount) connection(s)")
+        async let h3: Void = { await quicServer?.shutdownGracefully() }()
         await server.shutdownGracefully()
+        await h3
         if let mesh {
             await mesh.handOff(timeout: .seconds(Int64(configuration.drainSeconds)))
             await mesh.stop()
@@ -79,6 +98,7 @@ public final class CacheNode: Service {
     }
 
     public func stop() async {
+        await quicServer?.close()
         await server.close()
     }
 }

@@ -191,3 +191,9 @@ public struct HTTPClientResponse: Sendable {
 public protocol HTTPClientTransport: Sendable {
     func request(_ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> HTTPClientResponse
 }
+
+extension HTTPClientTransport {
+    public func request(_ head: HTTPRequestHead) async throws -> HTTPClientResponse {
+        try await request(head, body: .empty)
+    }
+}

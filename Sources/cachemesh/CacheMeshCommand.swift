@@ -25,6 +25,7 @@ func bootstrapLogging(_ level: Logger.Level) {
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
+extension ClientOptions.Transport: ExpressibleByArgument {}
 
 /// Transfer buffers of a few hundred KiB are allocated and freed all the time. glibc would serve
 /// them with fresh mmaps (and trim the heap after frees), so every buffer paid page faults and
@@ -40,6 +41,7 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(help: "Mesh topology file (topology/*.toml); with --name, run that node of the mesh.") var topology: String?
     @Option(help: "Node name.") var name: String?
     @Option(help: "TCP listen address host:port (port 0 = any free port).") var listen: String?
+    @Option(name: .customLong("quic-listen"), help: "UDP address host:port for QUIC + HTTP/3 (e.g. the same as --listen).") var quicListen: String?
     @Option(name: .customLong("data-dir"), help: "Directory for blobs.") var dataDir: String?
     @Option(name: .customLong("max-bytes"), help: "Store capacity, e.g. 10G, 512M.") var maxBytes: String?
     @Option(help: "Node certificate chain (PEM).") var cert: String?
@@ -62,6 +64,10 @@ struct NodeCommand: AsyncParsableCommand {
         if let listen {
             guard let hp = HostPort(listen) else { throw ValidationError("--listen must be host:port, got \(listen)") }
             c.listen = hp
+        }
+        if let quicListen {
+            guard let hp = HostPort(quicListen) else { throw ValidationError("--quic-listen must be host:port, got \(quicListen)") }
+            c.quicListen = hp
         }
         if let dataDir { c.dataDirectory = dataDir }
         if let maxBytes {
@@ -97,14 +103,17 @@ struct ClientFlags: ParsableArguments {
     @Option(help: "Client private key (PEM) (env CACHEMESH_KEY).") var key: String?
     @Option(help: "Mesh CA certificate (PEM) (env CACHEMESH_CA).") var ca: String?
     @Flag(help: "Plaintext h2c (the node must run with --insecure).") var insecure = false
+    @Option(help: "tcp (HTTP/2 over TLS) or quic (HTTP/3; the node's --quic-listen port).") var transport: ClientOptions.Transport = .tcp
     @Option(name: .customLong("log-level")) var logLevel: Logger.Level = .warning
 
     func options() throws -> ClientOptions {
         let env = ProcessInfo.processInfo.environment
         let s = server ?? env["CACHEMESH_SERVER"] ?? "127.0.0.1:8443"
         guard let hp = HostPort(s) else { throw ValidationError("--server must be host:port, got \(s)") }
-        return ClientOptions(server: hp, certificate: cert ?? env["CACHEMESH_CERT"], privateKey: key ?? env["CACHEMESH_KEY"],
-                             ca: ca ?? env["CACHEMESH_CA"], insecure: insecure)
+        var o = ClientOptions(server: hp, certificate: cert ?? env["CACHEMESH_CERT"], privateKey: key ?? env["CACHEMESH_KEY"],
+                              ca: ca ?? env["CACHEMESH_CA"], insecure: insecure)
+        o.transport = transport
+        return o
     }
 
     func connect() async throws -> CacheClient {

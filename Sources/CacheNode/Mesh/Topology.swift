@@ -121,6 +121,7 @@ public struct Topology: Sendable {
         var c = NodeConfiguration()
         c.name = n.name
         c.listen = n.tcp
+        c.quicListen = n.quic
         c.dataDirectory = n.dataDirectory
         c.maxBytes = n.maxBytes
         c.certificate = n.certificate

@@ -1,0 +1,58 @@
+import Foundation
+import Testing
+
+/// The real node with a QUIC listener beside TCP: the same routes over HTTP/3, driven by our CLI.
+@Suite("Node over QUIC + HTTP/3", .serialized)
+struct QUICNodeTests {
+    @Test("put/get/status over QUIC with mTLS; reader PUT 403; foreign certificate refused; TCP still serves the same blob",
+          .timeLimit(.minutes(3)))
+    func quicThroughTheCLI() async throws {
+        let certs = try Certs.shared()
+        let dir = try TempDir("quic-node")
+        defer { dir.remove() }
+        let node = try ChildProcess([try Paths.cachemesh(), "node", "--listen", "127.0.0.1:0", "--quic-listen", "127.0.0.1:0",
+                                     "--data-dir", dir.file("data"), "--max-bytes", "256M",
+                                     "--cert", certs.nodeCert, "--key", certs.nodeKey, "--ca", certs.ca])
+        defer { node.killAndWait() }
+        let ready = await eventually(timeout: 30) { node.stdout.contains("listening tcp=") && node.stdout.contains("listening quic=") }
+        try #require(ready, "node did not start: \(node.stderr.suffix(1500))")
+        func port(_ kind: String) -> String {
+            let line = node.stdout.split(separator: "\n").first { $0.hasPrefix("cachemesh: listening \(kind)=") }!
+            return String(line.split(separator: ":").last!)
+        }
+        let (tcp, udp) = (port("tcp"), port("quic"))
+        func cli(_ who: String, _ args: [String], quicPort: String? = nil) async throws -> ProcessResult {
+            try await run([try Paths.cachemesh()] + args + ["--server", "127.0.0.1:\(quicPort ?? udp)", "--transport", "quic",
+                                                           "--cert", certs.path("\(who).pem"), "--key", certs.path("\(who).key"), "--ca", certs.ca])
+        }
+        let file = dir.file("blob")
+        try await makeRandomFile(file, size: 16 << 20)
+        let hash = try await sha256sum(file)
+        let put = try await cli("client", ["put", file])
+        #expect(put.status == 0, "\(put)")
+        #expect(put.stdout.hasPrefix(hash), "\(put)")
+        let out = dir.file("out")
+        let get = try await cli("client", ["get", hash, "-o", out])
+        #expect(get.status == 0, "\(get)")
+        #expect(try await sha256sum(out) == hash)
+        let status = try await cli("client", ["status"])
+        #expect(status.stdout.contains("\"quic\": \"127.0.0.1:\(udp)\""), "\(status)")
+
+        let small = dir.file("small")
+        try "hello".write(toFile: small, atomically: true, encoding: .utf8)
+        let readerPut = try await cli("reader", ["put", small])
+        #expect(readerPut.status != 0 && readerPut.stderr.contains("403"), "\(readerPut)")
+        let stranger = try await cli("stranger", ["status"])
+        #expect(stranger.status != 0, "\(stranger)")
+
+        // The same blob over TCP (one router behind both transports).
+        let tcpGet = try await run(["curl", "-sS", "--http2", "--cacert", certs.ca, "--cert", certs.path("client.pem"), "--key", certs.path("client.key"),
+                                    "-o", dir.file("tcp-out"), "-w", "%{http_code}", "https://127.0.0.1:\(tcp)/cas/\(hash)"])
+        #expect(tcpGet.stdout == "200")
+        #expect(try await sha256sum(dir.file("tcp-out")) == hash)
+
+        node.signal(SIGTERM)
+        let exit = await node.waitForExit(timeout: 60)
+        #expect(exit?.status == 0 && exit?.signalled == false, "\(String(describing: exit)) \(node.stderr.suffix(1000))")
+    }
+}
