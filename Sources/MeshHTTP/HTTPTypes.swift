@@ -48,6 +48,22 @@ public struct HTTPRequestHead: Sendable {
         self.headers = headers
     }
 
+    /// From a received header block (HTTP/2 or HTTP/3): pseudo-headers become the fields above.
+    public init(fields: some Sequence<(name: String, value: String)>) {
+        self.init(method: "", path: "")
+        var rest = HTTPHeaders()
+        for (n, v) in fields {
+            switch n {
+            case ":method": method = v
+            case ":path": path = v
+            case ":scheme": scheme = v
+            case ":authority": authority = v
+            default: rest.add(n, v)
+            }
+        }
+        headers = rest
+    }
+
     /// `content-length`, if present and well formed.
     public var contentLength: Int64? { headers["content-length"].flatMap { Int64($0) }.flatMap { $0 >= 0 ? $0 : nil } }
 }

@@ -79,18 +79,8 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
 
     override func headersReceived(stream: Int32, headers: [(name: String, value: String)], isTrailers: Bool, endStream: Bool) {
         guard !isTrailers, let peer, let context else { return }
-        var head = HTTPRequestHead(method: "", path: "")
-        var fields = HTTPHeaders()
-        for (n, v) in headers {
-            switch n {
-            case ":method": head.method = v
-            case ":path": head.path = v
-            case ":scheme": head.scheme = v
-            case ":authority": head.authority = v
-            default: fields.add(n, v)
-            }
-        }
-        head.headers = fields
+        let head = HTTPRequestHead(fields: headers)
+        let fields = head.headers
         if endStream, let immediate = service.immediateResponse(head, peer: peer) {
             streams[stream] = Stream(body: .complete(nil), requestEnded: true, isHead: head.method == "HEAD")
             respond(stream: stream, response: immediate)

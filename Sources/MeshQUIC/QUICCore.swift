@@ -162,8 +162,7 @@ final class QUICCore {
     private var tls: OpaquePointer!
     private let connRef: UnsafeMutablePointer<ngtcp2_crypto_conn_ref>
     private let tlsContext: QUICTLSContext
-    private var verifyName: UnsafeMutablePointer<CChar>?
-    private var verifyData: (UnsafeMutablePointer<gnutls_typed_vdata_st>, UnsafeMutablePointer<UInt8>)?
+    private var nameCheck: ServerNameCheck?
 
     private(set) var streams: [Int64: H3Stream] = [:]
     private(set) var phase = Phase.active
@@ -284,11 +283,6 @@ final class QUICCore {
         if let conn { ngtcp2_conn_del(conn) }
         if let tls { gnutls_deinit(tls) }
         connRef.deallocate()
-        free(verifyName)
-        if let (v, raw) = verifyData {
-            v.deallocate()
-            raw.deallocate()
-        }
     }
 
     private func makeTLS() throws {
@@ -313,20 +307,7 @@ final class QUICCore {
                 // mTLS: the client chain is verified against the mesh CA inside the handshake.
                 if auth == .require { gnutls_session_set_verify_cert(s, nil, 0) }
             case .client(let serverName):
-                if let ip = Self.ipBytes(serverName) {
-                    let raw = UnsafeMutablePointer<UInt8>.allocate(capacity: ip.count)
-                    raw.initialize(from: ip, count: ip.count)
-                    let vdata = UnsafeMutablePointer<gnutls_typed_vdata_st>.allocate(capacity: 1)
-                    vdata.initialize(to: gnutls_typed_vdata_st(type: GNUTLS_DT_IP_ADDRESS, data: raw, size: UInt32(ip.count)))
-                    verifyData = (vdata, raw)
-                    gnutls_session_set_verify_cert2(s, vdata, 1, 0)
-                } else {
-                    _ = serverName.withCString { p in gnutls_server_name_set(s, GNUTLS_NAME_DNS, p, strlen(p)) }
-                    // GnuTLS keeps the pointer, not a copy: it lives as long as the session.
-                    let name = strdup(serverName)!
-                    verifyName = name
-                    gnutls_session_set_verify_cert(s, name, 0)
-                }
+                nameCheck = ServerNameCheck(session: s, serverName: serverName)
             }
         } catch {
             gnutls_deinit(s)
@@ -335,13 +316,6 @@ final class QUICCore {
         }
     }
 
-    static func ipBytes(_ s: String) -> [UInt8]? {
-        var v4 = in_addr()
-        if inet_pton(AF_INET, s, &v4) == 1 { return withUnsafeBytes(of: &v4) { Array($0) } }
-        var v6 = in6_addr()
-        if inet_pton(AF_INET6, s, &v6) == 1 { return withUnsafeBytes(of: &v6) { Array($0) } }
-        return nil
-    }
 
     private func makeSettings() -> ngtcp2_settings {
         var st = ngtcp2_settings()
@@ -1089,18 +1063,7 @@ final class QUICCore {
 
     private func serverRequest(_ s: H3Stream, fin: Bool) {
         guard case .server(_, let service) = role else { return }
-        var head = HTTPRequestHead(method: "", path: "")
-        var fields = HTTPHeaders()
-        for (n, v) in s.headerFields {
-            switch n {
-            case ":method": head.method = v
-            case ":path": head.path = v
-            case ":scheme": head.scheme = v
-            case ":authority": head.authority = v
-            default: fields.add(n, v)
-            }
-        }
-        head.headers = fields
+        let head = HTTPRequestHead(fields: s.headerFields)
         s.isHead = head.method == "HEAD"
         guard let peer else {
             ngtcp2_conn_shutdown_stream(conn, s.id, UInt64(NGHTTP3_H3_INTERNAL_ERROR))

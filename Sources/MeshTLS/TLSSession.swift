@@ -55,25 +55,7 @@ public final class TLSSession {
                 // so the chain is verified right after the handshake instead (`verifyOptionalPeer`).
                 if auth == .require { gnutls_session_set_verify_cert(s, nil, 0) }
             case .client(let serverName):
-                if !Self.isIPAddress(serverName) {
-                    _ = serverName.withCString { p in
-                        gnutls_server_name_set(s, GNUTLS_NAME_DNS, p, strlen(p))
-                    }
-                }
-                if let ip = Self.ipBytes(serverName) {
-                    // An IP address is matched against the certificate's IP SANs (raw bytes).
-                    let raw = UnsafeMutablePointer<UInt8>.allocate(capacity: ip.count)
-                    raw.initialize(from: ip, count: ip.count)
-                    let vdata = UnsafeMutablePointer<gnutls_typed_vdata_st>.allocate(capacity: 1)
-                    vdata.initialize(to: gnutls_typed_vdata_st(type: GNUTLS_DT_IP_ADDRESS, data: raw, size: UInt32(ip.count)))
-                    verifyData = (vdata, raw)
-                    gnutls_session_set_verify_cert2(s, vdata, 1, 0)
-                } else {
-                    // GnuTLS keeps the pointer, not a copy.
-                    let name = strdup(serverName)!
-                    verifyName = name
-                    gnutls_session_set_verify_cert(s, name, 0)
-                }
+                nameCheck = ServerNameCheck(session: s, serverName: serverName)
             }
             try Self.setALPN(s, alpn)
         } catch {
@@ -105,16 +87,10 @@ public final class TLSSession {
 
     deinit {
         gnutls_deinit(session)
-        free(verifyName)
-        if let (v, raw) = verifyData {
-            v.deallocate()
-            raw.deallocate()
-        }
     }
 
     /// GnuTLS keeps a pointer to typed verification data (not a copy): it lives as long as the session.
-    private var verifyName: UnsafeMutablePointer<CChar>?
-    private var verifyData: (UnsafeMutablePointer<gnutls_typed_vdata_st>, UnsafeMutablePointer<UInt8>)?
+    private var nameCheck: ServerNameCheck?
 
     private static func setALPN(_ s: gnutls_session_t, _ protocols: [String]) throws {
         guard !protocols.isEmpty else { return }
@@ -124,15 +100,6 @@ public final class TLSSession {
         try TLSError.check(gnutls_alpn_set_protocols(s, &datums, UInt32(datums.count), 0), "ALPN")
     }
 
-    static func isIPAddress(_ s: String) -> Bool { ipBytes(s) != nil }
-
-    static func ipBytes(_ s: String) -> [UInt8]? {
-        var v4 = in_addr()
-        if inet_pton(AF_INET, s, &v4) == 1 { return withUnsafeBytes(of: &v4) { Array($0) } }
-        var v6 = in6_addr()
-        if inet_pton(AF_INET6, s, &v6) == 1 { return withUnsafeBytes(of: &v6) { Array($0) } }
-        return nil
-    }
 
     /// Advance the handshake. Returns true once complete; throws on a fatal error (the alert,
     /// if any, is left in `outbound`).
