@@ -50,6 +50,4 @@ final class HotBlobs: Sendable {
         s.current[hash] = b
         s.currentBytes += b.readableBytes
     }
-
-    var bytes: Int { state.withLock { s in s.currentBytes + s.previous.values.reduce(0) { $0 + $1.readableBytes } } }
 }

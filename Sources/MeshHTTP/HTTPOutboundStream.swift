@@ -106,9 +106,6 @@ public final class HTTPOutboundStream: Sendable {
         return result
     }
 
-    /// Whether the producer has ended (and everything buffered was taken).
-    public var isDrained: Bool { state.withLock { $0.finished && $0.chunks.isEmpty } }
-
     /// The receiver is gone: wake and fail the producer, drop what is buffered.
     public func cancel(_ error: any Error) {
         let writers = state.withLock { s -> [CheckedContinuation<Void, any Error>] in

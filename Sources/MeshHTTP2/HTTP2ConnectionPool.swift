@@ -52,8 +52,6 @@ public actor HTTP2ConnectionPool {
         }
     }
 
-    public var openConnections: Int { connections.values.filter { $0.isUsable }.count }
-
     public func closeAll() async {
         let all = Array(connections.values)
         connections = [:]

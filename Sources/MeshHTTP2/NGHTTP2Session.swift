@@ -191,8 +191,6 @@ final class NGHTTP2Session {
         nghttp2_submit_goaway(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), nghttp2_session_get_last_proc_stream_id(session), errorCode, nil, 0)
     }
 
-    var activeStreamCount: Int { outbound.count + inboundHeaders.count }
-
     /// Tell nghttp2 a deferred stream has data again.
     func resume(stream: Int32) {
         nghttp2_session_resume_data(session, stream)
