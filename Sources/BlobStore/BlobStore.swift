@@ -126,6 +126,7 @@ public final class BlobStore: Sendable {
     let writeSlots: AsyncSemaphore
     let readSlots: AsyncSemaphore
     private let state: Mutex<State>
+    private let evictionHandler = Mutex<(@Sendable (Digest) -> Void)?>(nil)
     private let metrics: StoreMetrics
     private let bytesInTotal = Atomic<Int64>(0)
     private let bytesOutTotal = Atomic<Int64>(0)
@@ -857,7 +858,18 @@ public final class BlobStore: Sendable {
         metrics.actions.record(s.actionCount)
     }
 
+    /// Called (outside the store lock) with every blob the store evicts to make room, so a mesh
+    /// can stop announcing it.
+    public func onEviction(_ handler: @escaping @Sendable (Digest) -> Void) {
+        evictionHandler.withLock { $0 = handler }
+    }
+
     private func logEvictions(_ evicted: [Evicted]) {
+        if !evicted.isEmpty, let handler = evictionHandler.withLock({ $0 }) {
+            for entry in evicted where entry.key.kind == .cas {
+                if let d = Digest(hash: entry.key.hash, size: entry.size) { handler(d) }
+            }
+        }
         for entry in evicted {
             if let code = entry.unlinkErrno {
                 logger.warning("cannot delete evicted entry", metadata: [

@@ -168,7 +168,9 @@ public final class CacheService: HTTPService {
             case "HEAD": return headBlob(hash)
             case "PUT":
                 guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not write") }
-                return await putBlob(hash, request, mirror: request.head.headers[Self.mirrorHeader] == nil)
+                // Only another node may place a copy without mirroring it again.
+                let isCopy = request.head.headers[Self.mirrorHeader] != nil && request.peer.role == .node
+                return await putBlob(hash, request, mirror: !isCopy)
             default: return methodNotAllowed("GET, HEAD, PUT")
             }
         case .ac(let key, _):

@@ -162,3 +162,20 @@ final class QUICClientHandler: ChannelInboundHandler, QUICCoreDelegate {
         context?.close(promise: nil)
     }
 }
+
+extension HTTP3Connection: PooledHTTPConnection {}
+
+/// HTTP/3 connections over QUIC (mutual TLS), one per peer.
+public typealias HTTP3ConnectionPool = HTTPConnectionPool<HTTP3Connection>
+
+extension HTTPConnectionPool where Connection == HTTP3Connection {
+    /// `connectTimeout` bounds the handshake: a peer whose UDP is blocked fails this fast.
+    public init(credentials: TLSCredentials, connectTimeout: TimeAmount = .seconds(10),
+                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+                logger: Logger = Logger(label: "cachemesh.h3pool")) {
+        self.init { host, port in
+            try await HTTP3Connection.connect(host: host, port: port, credentials: credentials, group: group,
+                                              connectTimeout: connectTimeout, logger: logger)
+        }
+    }
+}

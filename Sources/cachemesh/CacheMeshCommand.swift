@@ -40,6 +40,8 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(help: "TOML config file; flags given on the command line override it.") var config: String?
     @Option(help: "Mesh topology file (topology/*.toml); with --name, run that node of the mesh.") var topology: String?
     @Option(help: "Node name.") var name: String?
+    @Option(name: .customLong("fetch-strategy"), help: "With --topology: override [fetch] strategy (hedged | immediate | peers-only | origin-only).") var fetchStrategy: String?
+    @Option(name: .customLong("mesh-transport"), help: "With --topology: override [fetch] transport between nodes (quic | tcp).") var meshTransport: String?
     @Option(help: "TCP listen address host:port (port 0 = any free port).") var listen: String?
     @Option(name: .customLong("quic-listen"), help: "UDP address host:port for QUIC + HTTP/3 (e.g. the same as --listen).") var quicListen: String?
     @Option(name: .customLong("data-dir"), help: "Directory for blobs.") var dataDir: String?
@@ -55,7 +57,20 @@ struct NodeCommand: AsyncParsableCommand {
         bootstrapLogging(logLevel)
         tuneAllocator()
         var c = try config.map { try NodeConfiguration.load(path: $0) } ?? NodeConfiguration()
-        let mesh = try topology.map { try Topology.load(path: $0) }
+        var mesh = try topology.map { try Topology.load(path: $0) }
+        if let v = fetchStrategy {
+            guard let st = FetchStrategy(rawValue: v) else {
+                throw ValidationError("--fetch-strategy must be one of \(FetchStrategy.allCases.map(\.rawValue).joined(separator: ", ")), got \(v)")
+            }
+            mesh?.fetch.strategy = st
+        }
+        if let v = meshTransport {
+            guard let tr = MeshTransportKind(rawValue: v) else { throw ValidationError("--mesh-transport must be quic or tcp, got \(v)") }
+            mesh?.fetch.transport = tr
+        }
+        if (fetchStrategy != nil || meshTransport != nil) && mesh == nil {
+            throw ValidationError("--fetch-strategy and --mesh-transport need --topology")
+        }
         if let mesh {
             guard let name else { throw ValidationError("--topology needs --name (one of: \(mesh.nodes.map(\.name).joined(separator: ", ")))") }
             c = try mesh.configuration(for: name)

@@ -226,6 +226,22 @@ import MetricsTestKit
         }
     }
 
+    @Test func evictedBlobsAreReportedButActionsAreNot() async throws {
+        try await withTempDir { dir in
+            let store = try makeStore(dir, maxBytes: 1000)
+            let seen = Mutex<[Digest]>([])
+            store.onEviction { d in seen.withLock { $0.append(d) } }
+            let key = hashOf(Array("action-e".utf8))
+            let a = blob(30, size: 400)
+            try await store.put(bytes: a, hash: hashOf(a))
+            try await store.putAction(key: key, value: blob(31, size: 400))
+            let b = blob(32, size: 400), c = blob(33, size: 400)
+            try await store.put(bytes: b, hash: hashOf(b))  // evicts a
+            try await store.put(bytes: c, hash: hashOf(c))  // evicts the action: not a blob, not reported
+            #expect(seen.withLock { $0 } == [Digest(hash: hashOf(a), size: 400)!])
+        }
+    }
+
     @Test func actionCacheSharesTheLRU() async throws {
         try await withTempDir { dir in
             let store = try makeStore(dir, maxBytes: 1000)

@@ -21,7 +21,7 @@ final class FakeMesh: MeshRequester {
 
     init(_ behaviours: [String: Behaviour]) { self.behaviours = behaviours }
 
-    func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> HTTPClientResponse {
+    func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> MeshReply {
         requests.withLock { $0.append(source.name) }
         #expect(head.headers[BlobFetcher.hopHeader] == "1")
         let b = behaviours[source.name]!
@@ -36,11 +36,11 @@ final class FakeMesh: MeshRequester {
             inbound.finish()
         }
         let name = source.name
-        return HTTPClientResponse(status: b.status, headers: ["content-length": String(b.bytes.count)], body: inbound, cancel: { [self] in
+        return MeshReply(HTTPClientResponse(status: b.status, headers: ["content-length": String(b.bytes.count)], body: inbound, cancel: { [self] in
             feeder.cancel()
             inbound.fail(CancellationError())
             self.cancels.withLock { $0.append(name) }
-        })
+        }), via: .tcp)
     }
 }
 
@@ -59,7 +59,7 @@ final class FakeMesh: MeshRequester {
         defer { try? FileManager.default.removeItem(at: dir) }
         let s = try store()
         let mesh = FakeMesh(["slow": .init(delay: .seconds(5), bytes: blob), "origin": .init(delay: .milliseconds(5), bytes: blob)])
-        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), hedgeDelay: { .milliseconds(30) })
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .hedged(.milliseconds(30)) })
         let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("slow"), src("origin", origin: true)])
         #expect(r.source.name == "origin")
         #expect(r.legsStarted == 2)
@@ -75,7 +75,7 @@ final class FakeMesh: MeshRequester {
         var bad = blob
         bad[500] ^= 0xFF
         let mesh = FakeMesh(["liar": .init(bytes: bad), "origin": .init(delay: .milliseconds(5), bytes: blob)])
-        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), hedgeDelay: { .seconds(10) })
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .hedged(.seconds(10)) })
         let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("liar"), src("origin", origin: true)])
         #expect(r.source.name == "origin")   // failover at once after the digest check failed
         #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
@@ -86,16 +86,37 @@ final class FakeMesh: MeshRequester {
         defer { try? FileManager.default.removeItem(at: dir) }
         let s = try store()
         let mesh = FakeMesh(["a": .init(status: 404, bytes: []), "b": .init(status: 404, bytes: [])])
-        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), hedgeDelay: { nil })
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .allAtOnce })
         await #expect(throws: BlobStoreError.self) { try await f.fetch(hash: SHA256.hex(blob), sources: [src("a"), src("b")]) }
         #expect(Set(mesh.requests.withLock { $0 }) == ["a", "b"])
+    }
+
+    @Test func failoverOnlyNeverStartsTheOriginWhileAPeerIsSlow() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        let mesh = FakeMesh(["slowpeer": .init(delay: .milliseconds(150), bytes: blob), "origin": .init(delay: .zero, bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .failoverOnly })
+        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("slowpeer"), src("origin", origin: true)])
+        #expect(r.source.name == "slowpeer")
+        #expect(r.legsStarted == 1)
+        #expect(mesh.requests.withLock { $0 } == ["slowpeer"])
+    }
+
+    @Test func failoverOnlyFallsToTheOriginWhenPeersFail() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        let mesh = FakeMesh(["a": .init(status: 404, bytes: []), "b": .init(status: 404, bytes: []), "origin": .init(bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .failoverOnly })
+        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("a"), src("b"), src("origin", origin: true)])
+        #expect(r.source.isOrigin)
+        #expect(mesh.requests.withLock { $0 } == ["a", "b", "origin"])
     }
 
     @Test func concurrentFetchesShareOneRace() async throws {
         defer { try? FileManager.default.removeItem(at: dir) }
         let s = try store()
         let mesh = FakeMesh(["p": .init(delay: .milliseconds(50), bytes: blob)])
-        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), hedgeDelay: { .seconds(1) })
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .hedged(.seconds(1)) })
         try await withThrowingTaskGroup(of: FetchResult.self) { g in
             for _ in 0..<10 { g.addTask { try await f.fetch(hash: SHA256.hex(self.blob), sources: [self.src("p")]) } }
             for try await r in g { #expect(r.source.name == "p") }

@@ -1,6 +1,8 @@
 import BlobStore
 import CacheNode
 import Foundation
+import MeshHTTP
+import NIOCore
 import Testing
 
 /// An origin and three peers as real processes on loopback, mTLS, from a generated topology.
@@ -11,7 +13,19 @@ final class TestMesh: @unchecked Sendable {
     var children: [String: ChildProcess] = [:]
     let certs: Certs
 
-    init() async throws {
+    struct Options {
+        /// `[fetch]` strategy.
+        var strategy = "hedged"
+        /// Nodes that advertise a QUIC endpoint nobody listens on (UDP "blocked").
+        var quicBlocked: Set<String> = []
+        /// Extra TOML lines per node (e.g. advertise addresses of a relay in front of it).
+        var extra: [String: String] = [:]
+        /// Ports to use (e.g. chosen before a relay is started); free ports otherwise.
+        var ports: [String: Int] = [:]
+        var writeThrough = false
+    }
+
+    init(_ options: Options = Options()) async throws {
         dir = try TempDir("mesh")
         certs = try Certs.shared()
         // Node certificates (CN = node name, OU=node) signed by the shared test CA.
@@ -19,20 +33,26 @@ final class TestMesh: @unchecked Sendable {
             let r = try await run(["/bin/bash", "\(Paths.packageRoot)/certs/mkcerts.sh", "-o", certs.dir, "node", n])
             guard r.status == 0 else { throw HarnessError("mkcerts node \(n): \(r)") }
         }
-        for n in names { ports[n] = try Self.freePort() }
+        for n in names { ports[n] = try options.ports[n] ?? Self.freePort() }
         var toml = "name = \"it-mesh\"\nca = \"\(certs.ca)\"\nreplication = 2\nwrite_quorum = 2\n"
+        toml += "[fetch]\nstrategy = \"\(options.strategy)\"\ntransport = \"quic\"\norigin_write_through = \(options.writeThrough)\n"
         for n in names {
+            // Every node serves HTTP/3 on the UDP port with the TCP port's number.
+            var quic = "quic = \"127.0.0.1:\(ports[n]!)\""
+            if options.quicBlocked.contains(n) { quic += "\nadvertise_quic = \"127.0.0.1:\(try Self.freePort(udp: true))\"" }
             toml += """
 
             [[nodes]]
             name = "\(n)"
             role = "\(n == "origin" ? "origin" : "peer")"
             tcp = "127.0.0.1:\(ports[n]!)"
+            \(quic)
             data_dir = "\(dir.file(n))"
             max_bytes = "256M"
             cert = "\(certs.path("\(n).pem"))"
             key = "\(certs.path("\(n).key"))"
             seeds = \(n == "origin" ? "[]" : "[\"origin\", \"peer1\"]")
+            \(options.extra[n] ?? "")
 
             """
         }
@@ -44,12 +64,47 @@ final class TestMesh: @unchecked Sendable {
         }
     }
 
+    /// Wait until every node lists all four members alive.
+    func converge() async {
+        for n in names {
+            _ = await eventually(timeout: 30) { ((try? await self.status(n)) ?? "").components(separatedBy: "\"alive\"").count - 1 == 4 }
+        }
+    }
+
+    /// Place a copy of `data` on exactly `nodes` (mirror copies: no further mirroring), as a node.
+    func place(_ data: [UInt8], on nodes: [String]) async throws -> Digest {
+        var digest = Digest.empty
+        for n in nodes {
+            let c = try await client(n, as: "peer1")
+            let hash = SHA256.hex(data)
+            let r = try await c.connection.request(.init(method: "PUT", path: "/cas/\(hash)",
+                                                         headers: ["content-length": String(data.count), CacheService.mirrorHeader: "1"]),
+                                                   body: .bytes(ByteBuffer(bytes: data)))
+            guard r.status == 201 || r.status == 200 else { throw HarnessError("place on \(n): HTTP \(r.status)") }
+            _ = try? await r.body.collect(upTo: 1 << 16)
+            digest = Digest(hash: hash, size: Int64(data.count))!
+            await c.close()
+        }
+        return digest
+    }
+
+    /// The value of one Prometheus sample line at node `n` (0 if absent).
+    func metric(_ n: String, _ sample: String) async throws -> Double {
+        let c = try await client(n)
+        defer { Task { await c.close() } }
+        let text = try await c.getText("/metrics").body
+        for line in text.split(separator: "\n") where line.hasPrefix(sample + " ") {
+            return Double(line.split(separator: " ").last ?? "") ?? 0
+        }
+        return 0
+    }
+
     func start(_ n: String) throws {
         children[n] = try ChildProcess([try Paths.cachemesh(), "node", "--topology", dir.file("topology.toml"), "--name", n, "--log-level", "info"])
     }
 
-    static func freePort() throws -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    static func freePort(udp: Bool = false) throws -> Int {
+        let fd = socket(AF_INET, Int32(udp ? SOCK_DGRAM.rawValue : SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
@@ -134,6 +189,8 @@ struct MeshTests {
         let r = try await c.connection.request(.init(method: "GET", path: "/cas/\(digest.hash)"))
         #expect(r.status == 200)
         #expect(r.headers["x-cachemesh-source"]?.hasPrefix("peer:") == true, "source: \(r.headers["x-cachemesh-source"] ?? "-")")
+        // Between nodes HTTP/3 over QUIC is preferred.
+        #expect(r.headers["x-cachemesh-source"]?.hasSuffix(" via quic") == true, "source: \(r.headers["x-cachemesh-source"] ?? "-")")
         #expect(Array(try await r.body.collect(upTo: 4 << 20).readableBytesView) == data)
         let metrics = try await c.getText("/metrics").body
         #expect(metrics.contains("cachemesh_fetch_wins_total{source=\"peer\"} 1"), "\(metrics.split(separator: "\n").filter { $0.contains("fetch") })")
@@ -175,6 +232,49 @@ struct MeshTests {
         let left = await eventually(timeout: 20) { ((try? await mesh.status("origin")) ?? "").contains("\"name\": \"\(drainer)\", \"status\": \"left\"") }
         let originView = (try? await mesh.status("origin")) ?? ""
         #expect(left, "origin's view after the drain: \(originView)\n\(mesh.logs())")
+    }
+
+    @Test("QUIC blocked to one peer (its advertised UDP port unreachable): fetches from it still succeed, over TCP",
+          .timeLimit(.minutes(3)))
+    func blockedQUICFallsBackToTCP() async throws {
+        let mesh = try await TestMesh(.init(quicBlocked: ["peer2"]))
+        defer { mesh.stopAll() }
+        await mesh.converge()
+        // Held by peer2 alone; peer3 needs it.
+        let blobs = [randomBytes(700_000), randomBytes(3_000)]
+        var digests: [Digest] = []
+        for b in blobs { digests.append(try await mesh.place(b, on: ["peer2"])) }
+        let learnt = await eventually(timeout: 20) {
+            ((try? await mesh.status("peer3")) ?? "").contains("\"locality_entries\": 0") == false
+        }
+        #expect(learnt, "peer3 never learnt peer2's blobs")
+        let c = try await mesh.client("peer3")
+        for (b, d) in zip(blobs, digests) {
+            let r = try await c.connection.request(.init(method: "GET", path: "/cas/\(d.hash)"))
+            #expect(r.status == 200)
+            #expect(r.headers["x-cachemesh-source"] == "peer:peer2 via tcp", "source: \(r.headers["x-cachemesh-source"] ?? "-")")
+            #expect(Array(try await r.body.collect(upTo: 4 << 20).readableBytesView) == b)
+        }
+        await c.close()
+        #expect(try await mesh.metric("peer3", "cachemesh_mesh_quic_fallbacks_total") >= 1)
+        // Others still reach each other over QUIC.
+        #expect(try await mesh.metric("peer3", "cachemesh_mesh_requests_total{transport=\"quic\"}") > 0)
+    }
+
+    @Test("origin write-through: a PUT at a peer is acknowledged only once the origin holds it too",
+          .timeLimit(.minutes(3)))
+    func originWriteThrough() async throws {
+        let mesh = try await TestMesh(.init(writeThrough: true))
+        defer { mesh.stopAll() }
+        await mesh.converge()
+        let c = try await mesh.client("peer3")
+        for size in [10_000, 1_500_000] {
+            let d = try await c.put(bytes: randomBytes(size))
+            #expect(mesh.holds("origin", d.hash), "origin lacks \(d.hash) at acknowledgement")
+            #expect(mesh.holds("peer3", d.hash))
+            #expect(mesh.names.filter { mesh.holds($0, d.hash) }.count >= 2, "fewer than R copies")
+        }
+        await c.close()
     }
 
     @Test("SIGTERM of a peer while clients stream PUTs and GETs through it: zero failed requests, exit 0, nothing lost",

@@ -7,12 +7,16 @@ import Synchronization
 /// Where a blob may be fetched from: a peer the locality map names, or the origin.
 public struct FetchSource: Sendable, Hashable, CustomStringConvertible {
     public var name: String
+    /// HTTP/2 over TLS/TCP (always there).
     public var endpoint: HostPort
+    /// HTTP/3 over QUIC, if the node advertises one.
+    public var quicEndpoint: HostPort?
     public var isOrigin: Bool
 
-    public init(name: String, endpoint: HostPort, isOrigin: Bool) {
+    public init(name: String, endpoint: HostPort, quicEndpoint: HostPort? = nil, isOrigin: Bool) {
         self.name = name
         self.endpoint = endpoint
+        self.quicEndpoint = quicEndpoint
         self.isOrigin = isOrigin
     }
 
@@ -23,20 +27,46 @@ public struct FetchResult: Sendable {
     public var digest: Digest
     /// The leg that won.
     public var source: FetchSource
+    /// The transport the winning leg used.
+    public var transport: MeshTransportKind
     public var legsStarted: Int
     public var legsCancelled: Int
 }
 
-/// Opens a request to a source (a transport: HTTP/2 today, HTTP/3 when it lands).
+public enum MeshTransportKind: String, Sendable {
+    case quic, tcp
+}
+
+/// A response from another node and the transport that carried it.
+public struct MeshReply: Sendable {
+    public var response: HTTPClientResponse
+    public var transport: MeshTransportKind
+    public init(_ response: HTTPClientResponse, via transport: MeshTransportKind) {
+        self.response = response
+        self.transport = transport
+    }
+}
+
+/// Opens a request to another node (HTTP/3 preferred, HTTP/2 as fallback: `MeshTransport`).
 public protocol MeshRequester: Sendable {
-    func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> HTTPClientResponse
+    func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> MeshReply
+}
+
+/// How the legs of a race are spaced.
+public enum LegSpacing: Sendable, Equatable {
+    /// Every leg at once.
+    case allAtOnce
+    /// The next leg after this delay without a winner.
+    case hedged(Duration)
+    /// One leg at a time: the next starts only when one fails.
+    case failoverOnly
 }
 
 /// The worker role: fetch a blob this node lacks by racing the sources that should hold it.
 ///
 /// Concurrent fetches of one digest share one race (singleflight). Legs start in the given order
 /// (best first); the next leg starts when the hedge delay passes without a winner, or at once when
-/// a leg fails; `hedgeDelay == nil` starts every leg at once. Each leg streams into its own
+/// a leg fails (`LegSpacing`: all at once, hedged, or failover only). Each leg streams into its own
 /// store writer, so the first *complete, digest-verified* body wins and is what gets stored; the
 /// losers are cancelled (RST_STREAM) and their temp files dropped. Nothing reaches a caller before
 /// the blob is verified and stored.
@@ -47,7 +77,7 @@ public final class BlobFetcher: Sendable {
     let store: BlobStore
     let requester: any MeshRequester
     let logger: Logger
-    let hedgeDelay: @Sendable () -> Duration?
+    let spacing: @Sendable () -> LegSpacing
     private let inflight = Mutex<[String: Task<FetchResult, any Error>]>([:])
     private let wins: (origin: Counter, peer: Counter)
     private let hedges = Counter(label: "cachemesh_fetch_hedges_fired_total")
@@ -55,11 +85,11 @@ public final class BlobFetcher: Sendable {
     private let failures = Counter(label: "cachemesh_fetch_failures_total")
     private let latency = Metrics.Timer(label: "cachemesh_fetch_duration_seconds")
 
-    public init(store: BlobStore, requester: any MeshRequester, logger: Logger, hedgeDelay: @escaping @Sendable () -> Duration?) {
+    public init(store: BlobStore, requester: any MeshRequester, logger: Logger, spacing: @escaping @Sendable () -> LegSpacing) {
         self.store = store
         self.requester = requester
         self.logger = logger
-        self.hedgeDelay = hedgeDelay
+        self.spacing = spacing
         self.wins = (Counter(label: "cachemesh_fetch_wins_total", dimensions: [("source", "origin")]),
                      Counter(label: "cachemesh_fetch_wins_total", dimensions: [("source", "peer")]))
     }
@@ -77,7 +107,7 @@ public final class BlobFetcher: Sendable {
     }
 
     private enum Event: Sendable {
-        case won(Int, Digest)
+        case won(Int, Digest, MeshTransportKind)
         case failed(Int, any Error)
         case hedgeTimer
     }
@@ -85,7 +115,7 @@ public final class BlobFetcher: Sendable {
     func race(hash: String, sources: [FetchSource]) async throws -> FetchResult {
         guard !sources.isEmpty else { throw BlobStoreError.notFound(hash) }
         let start = ContinuousClock.now
-        let delay = hedgeDelay()
+        let spacing = self.spacing()
         return try await withThrowingTaskGroup(of: Event.self) { group in
             var next = 0
             var running = 0
@@ -95,29 +125,32 @@ public final class BlobFetcher: Sendable {
                 next += 1
                 running += 1
                 group.addTask {
-                    do { return .won(i, try await self.leg(hash: hash, source: sources[i])) } catch { return .failed(i, error) }
+                    do {
+                        let (d, via) = try await self.leg(hash: hash, source: sources[i])
+                        return .won(i, d, via)
+                    } catch { return .failed(i, error) }
                 }
             }
             func armTimer() {
-                guard let delay, next < sources.count else { return }
+                guard case .hedged(let delay) = spacing, next < sources.count else { return }
                 group.addTask {
                     try? await Task.sleep(for: delay)
                     return .hedgeTimer
                 }
             }
             startLeg()
-            if delay == nil { while next < sources.count { startLeg() } } else { armTimer() }
+            if spacing == .allAtOnce { while next < sources.count { startLeg() } } else { armTimer() }
             while let event = try await group.next() {
                 switch event {
-                case .won(let i, let digest):
+                case .won(let i, let digest, let via):
                     let losers = running - 1
                     group.cancelAll()
                     cancelled.increment(by: Int64(losers))
                     (sources[i].isOrigin ? wins.origin : wins.peer).increment()
                     let took = ContinuousClock.now - start
                     latency.recordNanoseconds(took.components.seconds * 1_000_000_000 + took.components.attoseconds / 1_000_000_000)
-                    logger.debug("fetched", metadata: ["hash": "\(hash)", "from": "\(sources[i])", "legs": "\(next)", "cancelled": "\(losers)"])
-                    return FetchResult(digest: digest, source: sources[i], legsStarted: next, legsCancelled: losers)
+                    logger.debug("fetched", metadata: ["hash": "\(hash)", "from": "\(sources[i])", "via": "\(via.rawValue)", "legs": "\(next)", "cancelled": "\(losers)"])
+                    return FetchResult(digest: digest, source: sources[i], transport: via, legsStarted: next, legsCancelled: losers)
                 case .failed(let i, let error):
                     running -= 1
                     errors.append("\(sources[i]): \(error)")
@@ -141,9 +174,10 @@ public final class BlobFetcher: Sendable {
     }
 
     /// One leg: GET from `source`, stream into a store writer, commit only if the digest verifies.
-    func leg(hash: String, source: FetchSource) async throws -> Digest {
-        let response = try await requester.request(
+    func leg(hash: String, source: FetchSource) async throws -> (Digest, MeshTransportKind) {
+        let reply = try await requester.request(
             to: source, HTTPRequestHead(method: "GET", path: "/cas/\(hash)", headers: [Self.hopHeader: "1"]), body: .empty)
+        let response = reply.response
         var done = false
         defer { if !done { response.cancel() } }
         guard response.status == 200 else {
@@ -159,7 +193,7 @@ public final class BlobFetcher: Sendable {
             try Task.checkCancellation()
             let d = try writer.commit()
             done = true
-            return d
+            return (d, reply.transport)
         } catch {
             writer.abort()
             throw error

@@ -16,12 +16,16 @@ public final class MeshService: MeshHooks, Sendable {
     public struct Settings: Sendable {
         public var replication: Int
         public var writeQuorum: Int
+        public var fetch = FetchSettings()
         public var hedge: HedgePolicy = HedgePolicy()
+        public var transport = MeshTransport.Settings()
         public var tick: Duration = .milliseconds(50)
         public var membership: Membership.Configuration = .lan
-        public init(replication: Int, writeQuorum: Int) {
+        public init(replication: Int, writeQuorum: Int, fetch: FetchSettings = FetchSettings()) {
             self.replication = replication
             self.writeQuorum = writeQuorum
+            self.fetch = fetch
+            transport.preferred = fetch.transport
         }
     }
 
@@ -33,7 +37,7 @@ public final class MeshService: MeshHooks, Sendable {
     let settings: Settings
     let store: BlobStore
     let logger: Logger
-    let pool: HTTP2ConnectionPool
+    let transport: MeshTransport
     let fetcher: BlobFetcher
     let mirror: Mirror
     private let core: Mutex<MeshNode>
@@ -50,22 +54,27 @@ public final class MeshService: MeshHooks, Sendable {
         guard let n = topology.node(named: nodeName) else { throw ConfigurationError("no node \(nodeName) in topology \(topology.name)") }
         self.node = n
         self.topology = topology
-        self.settings = settings ?? Settings(replication: topology.replication, writeQuorum: topology.writeQuorum)
+        self.settings = settings ?? Settings(replication: topology.replication, writeQuorum: topology.writeQuorum, fetch: topology.fetch)
         self.store = store
         self.logger = logger
         self.me = NodeID(name: n.name, uid: UInt64.random(in: 1...UInt64.max))
-        self.pool = HTTP2ConnectionPool(credentials: credentials, logger: logger)
-        let requester = PoolRequester(pool: pool)
+        self.transport = MeshTransport(credentials: credentials, settings: self.settings.transport, logger: logger)
         let latency = self.latency
         let policy = self.settings.hedge
-        self.fetcher = BlobFetcher(store: store, requester: requester, logger: logger, hedgeDelay: {
-            policy.mode == .immediate ? nil : latency.tracker.withLock { policy.hedgeDelay($0) }
+        let strategy = self.settings.fetch.strategy
+        self.fetcher = BlobFetcher(store: store, requester: transport, logger: logger, spacing: {
+            switch strategy {
+            case .immediate: return .allAtOnce
+            case .peersOnly, .originOnly: return .failoverOnly
+            case .hedged: return policy.mode == .immediate ? .allAtOnce : .hedged(latency.tracker.withLock { policy.hedgeDelay($0) })
+            }
         })
-        self.mirror = Mirror(store: store, requester: requester, logger: logger)
-        let meta = NodeMetadata(name: n.name, role: n.role == .origin ? .origin : .peer, tcpEndpoint: "\(n.tcp)",
-                                quicEndpoint: n.quic.map { "\($0)" } ?? "", certificateCN: n.name)
+        self.mirror = Mirror(store: store, requester: transport, logger: logger)
+        let meta = NodeMetadata(name: n.name, role: n.role == .origin ? .origin : .peer, tcpEndpoint: "\(n.advertiseTCP)",
+                                quicEndpoint: n.advertiseQUIC.map { "\($0)" } ?? "", certificateCN: n.name)
         self.core = Mutex(MeshNode(myself: me, metadata: meta, membershipConfiguration: self.settings.membership,
                                    seed: UInt64.random(in: 0...UInt64.max)))
+        store.onEviction { [weak self] d in self?.evicted(d) }
     }
 
     func now() -> Duration { ContinuousClock.now - started }
@@ -74,7 +83,7 @@ public final class MeshService: MeshHooks, Sendable {
 
     /// Join through the seeds, then tick until `stop()`.
     public func run() async {
-        let seeds = node.seeds.compactMap { topology.node(named: $0).map { "\($0.tcp)" } }
+        let seeds = node.seeds.compactMap { topology.node(named: $0).map { "\($0.advertiseTCP)" } }
         perform(core.withLock { $0.join(seeds: seeds, now: now()) })
         var lastJoin = now()
         while running.withLock({ $0 }) {
@@ -105,20 +114,23 @@ public final class MeshService: MeshHooks, Sendable {
 
     public func stop() async {
         running.withLock { $0 = false }
-        await pool.closeAll()
+        await transport.closeAll()
     }
 
-    private func endpoint(of id: NodeID) -> HostPort? {
-        core.withLock { $0.membership.member(id) }.flatMap { HostPort($0.metadata.tcpEndpoint) }
+    /// How to reach a member: its advertised TCP (and QUIC) endpoints from membership metadata.
+    private func target(_ id: NodeID, in c: MeshNode, isOrigin: Bool = false) -> FetchSource? {
+        guard let m = c.membership.member(id), let tcp = HostPort(m.metadata.tcpEndpoint) else { return nil }
+        return FetchSource(name: id.name, endpoint: tcp, quicEndpoint: HostPort(m.metadata.quicEndpoint), isOrigin: isOrigin)
     }
 
     private func perform(_ actions: [MeshAction]) {
         for a in actions {
             switch a {
             case .send(let m, let to):
-                if let ep = endpoint(of: to) { send(m, to: ep) }
+                if let t = core.withLock({ target(to, in: $0) }) { send(m, to: t) }
             case .sendToAddress(let m, let address):
-                if let ep = HostPort(address) { send(m, to: ep) }
+                // Joins go to a seed's TCP address (its QUIC endpoint is learnt from membership).
+                if let ep = HostPort(address) { send(m, to: FetchSource(name: address, endpoint: ep, isOrigin: false)) }
             case .memberChanged(let e):
                 logger.info("member \(e.node.name): \(e.previous?.rawValue ?? "new") → \(e.status.rawValue)")
                 if !e.status.isLive, e.node != me {
@@ -131,19 +143,19 @@ public final class MeshService: MeshHooks, Sendable {
         }
     }
 
-    private func send(_ message: Message, to ep: HostPort) {
+    private func send(_ message: Message, to target: FetchSource) {
         let envelope = Envelope(from: me, message: message)
         guard let body = try? JSONEncoder().encode(envelope) else { return }
-        let pool = self.pool
+        let transport = self.transport
         let logger = self.logger
         Task {
             do {
-                let r = try await pool.request(host: ep.host, port: ep.port,
-                                               HTTPRequestHead(method: "POST", path: Self.gossipPath, headers: ["content-type": "application/json"]),
-                                               body: .bytes(ByteBuffer(bytes: body)))
-                _ = try? await r.body.collect(upTo: 4096)
+                let r = try await transport.request(to: target,
+                                                    HTTPRequestHead(method: "POST", path: Self.gossipPath, headers: ["content-type": "application/json"]),
+                                                    body: .bytes(ByteBuffer(bytes: body)))
+                _ = try? await r.response.body.collect(upTo: 4096)
             } catch {
-                logger.trace("gossip send failed", metadata: ["to": "\(ep)", "error": "\(error)"])
+                logger.trace("gossip send failed", metadata: ["to": "\(target.endpoint)", "error": "\(error)"])
             }
         }
     }
@@ -192,45 +204,41 @@ public final class MeshService: MeshHooks, Sendable {
         return "{\"node\": \"\(me.name)\", \"members\": [\(members.joined(separator: ", "))], \"locality_entries\": \(entries), \"locality_bytes\": \(bytes)}"
     }
 
-    /// Live holders (by the locality map) of `hash`, best RTT first, as fetch sources.
+    /// Where to fetch `hash` from, best first: live holders by the locality map ranked by RTT,
+    /// then its rendezvous owners (a write a moment ago may not be gossiped yet), then the origin
+    /// (`origin-only`: the origin alone).
     func sources(for hash: String) -> [FetchSource] {
         let size = sizes.withLock { $0[hash] }
-        var out: [FetchSource] = []
-        let (holders, originNode) = core.withLock { c -> ([(NodeID, String)], (NodeID, String)?) in
-            var hs: [(NodeID, String)] = []
+        let strategy = settings.fetch.strategy
+        let (holders, origin) = core.withLock { c -> ([(NodeID, FetchSource)], FetchSource?) in
+            let originMember = c.membership.allMembers.first { $0.metadata.role == .origin && $0.status.isLive && $0.node != me }
+            let origin = originMember.flatMap { target($0.node, in: c, isOrigin: true) }
+            guard strategy != .originOnly else { return ([], origin) }
+            var hs: [(NodeID, FetchSource)] = []
+            var known: Set<NodeID> = [me]
+            if let o = originMember { known.insert(o.node) }
+            func add(_ id: NodeID) {
+                guard !known.contains(id), let t = target(id, in: c) else { return }
+                known.insert(id)
+                hs.append((id, t))
+            }
             if let size, let d = MeshCore.Digest(hex: hash, sizeBytes: size) {
-                for h in c.holders(of: d, now: now()) {
-                    if let m = c.membership.member(h) { hs.append((h, m.metadata.tcpEndpoint)) }
-                }
+                for h in c.holders(of: d, now: now()) { add(h) }
             }
-            let origin = c.membership.allMembers.first { $0.metadata.role == .origin && $0.status.isLive && $0.node != me }
-            // Not (yet) in the map — e.g. written a moment ago elsewhere: its rendezvous owners
-            // hold the mirror copies, so ask them too (after the known holders).
             if let key = Self.placementKey(hash) {
-                let known = Set(hs.map(\.0))
-                for id in Rendezvous.top(settings.replication, for: key, over: c.membership.liveMembers)
-                where id != me && !known.contains(id) && id != origin?.node {
-                    if let m = c.membership.member(id) { hs.append((id, m.metadata.tcpEndpoint)) }
-                }
+                for id in Rendezvous.top(settings.replication, for: key, over: c.membership.liveMembers) { add(id) }
             }
-            return (hs, origin.map { ($0.node, $0.metadata.tcpEndpoint) })
+            return (hs, origin)
         }
         // Best measured RTT first (stable: equal RTTs keep map holders before rendezvous owners).
         let ranked = latency.tracker.withLock { t in
             holders.enumerated().sorted { a, b in
                 let ra = t.rtt(of: a.element.0) ?? .seconds(1), rb = t.rtt(of: b.element.0) ?? .seconds(1)
                 return ra != rb ? ra < rb : a.offset < b.offset
-            }.map(\.element)
+            }.map(\.element.1)
         }
-        for (id, ep) in ranked.prefix(settings.hedge.maximumLegs + settings.replication) where id != originNode?.0 {
-            if let hp = HostPort(ep) { out.append(FetchSource(name: id.name, endpoint: hp, isOrigin: false)) }
-        }
-        if let (id, ep) = originNode, let hp = HostPort(ep) {
-            out.append(FetchSource(name: id.name, endpoint: hp, isOrigin: true))
-        } else if node.role != .origin, let o = topology.origin, o.name != node.name {
-            // Not gossiped yet: the topology still names the origin.
-            out.append(FetchSource(name: o.name, endpoint: o.tcp, isOrigin: true))
-        }
+        var out = Array(ranked.prefix(settings.hedge.maximumLegs + settings.replication))
+        if let origin = origin ?? originSource() { out.append(origin) }
         return out
     }
 
@@ -242,7 +250,7 @@ public final class MeshService: MeshHooks, Sendable {
             let r = try await fetcher.fetch(hash: hash, sources: srcs)
             latency.tracker.withLock { $0.recordFetchLatency(ContinuousClock.now - start) }
             announce(r.digest)
-            return r.source.description
+            return "\(r.source) via \(r.transport.rawValue)"
         } catch {
             logger.debug("mesh fetch failed", metadata: ["hash": "\(hash)", "error": "\(error)"])
             return nil
@@ -261,21 +269,48 @@ public final class MeshService: MeshHooks, Sendable {
     }
 
     /// R−1 mirrors by rendezvous hashing over the other live members; acknowledged after W copies
-    /// (this one included) are durable.
+    /// (this one included) are durable. With origin write-through the origin also gets a copy,
+    /// which is required before the write is acknowledged (and counts toward W).
     public func stored(_ d: StoreDigest) async throws {
         announce(d)
-        let targets = mirrorTargets(for: d)
-        try await mirror.replicate(d, to: targets, quorum: max(0, settings.writeQuorum - 1))
+        var targets = mirrorTargets(for: d)
+        let quorum = max(0, settings.writeQuorum - 1)
+        guard settings.fetch.originWriteThrough, node.role != .origin else {
+            try await mirror.replicate(d, to: targets, quorum: quorum)
+            return
+        }
+        guard let origin = originSource() else {
+            throw BlobStoreError.io("origin write-through is on, but no origin is known")
+        }
+        targets.removeAll { $0.name == origin.name }
+        async let toOrigin: Void = mirror.replicate(d, to: [origin], quorum: 1)
+        try await mirror.replicate(d, to: targets, quorum: max(0, quorum - 1))
+        try await toOrigin
+    }
+
+    /// The origin as a fetch/mirror target: from membership, or from the topology before gossip.
+    func originSource() -> FetchSource? {
+        let live = core.withLock { c in
+            c.membership.allMembers.first { $0.metadata.role == .origin && $0.status.isLive && $0.node != me }
+                .flatMap { target($0.node, in: c, isOrigin: true) }
+        }
+        if let live { return live }
+        guard node.role != .origin, let o = topology.origin, o.name != node.name else { return nil }
+        return FetchSource(name: o.name, endpoint: o.advertiseTCP, quicEndpoint: o.advertiseQUIC, isOrigin: true)
     }
 
     func mirrorTargets(for d: StoreDigest, excluding: Set<NodeID> = []) -> [FetchSource] {
         guard settings.replication > 1, let md = Self.placementKey(d.hash) else { return [] }
         return core.withLock { c in
             let live = c.membership.liveMembers.filter { $0 != me && !excluding.contains($0) }
-            return Rendezvous.top(settings.replication - 1, for: md, over: live).compactMap { id in
-                c.membership.member(id).flatMap { HostPort($0.metadata.tcpEndpoint) }.map { FetchSource(name: id.name, endpoint: $0, isOrigin: false) }
-            }
+            return Rendezvous.top(settings.replication - 1, for: md, over: live).compactMap { target($0, in: c) }
         }
+    }
+
+    /// The store evicted a blob: tell the mesh this node no longer holds it.
+    func evicted(_ d: StoreDigest) {
+        guard let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { return }
+        core.withLock { $0.lost(md, now: now()) }
     }
 
     /// A member died or left: for every local blob whose rendezvous replica set included it, this
@@ -292,9 +327,7 @@ public final class MeshService: MeshHooks, Sendable {
             }
             guard before.contains(gone), after.first(where: { $0 != gone }) == me || after.first == me else { continue }
             let targets = after.filter { $0 != me && !before.contains($0) }
-            let sources = core.withLock { c in
-                targets.compactMap { id in c.membership.member(id).flatMap { HostPort($0.metadata.tcpEndpoint) }.map { FetchSource(name: id.name, endpoint: $0, isOrigin: false) } }
-            }
+            let sources = core.withLock { c in targets.compactMap { target($0, in: c) } }
             if !sources.isEmpty {
                 try? await mirror.replicate(d, to: sources, quorum: 0)
                 copied += 1

@@ -2,21 +2,90 @@ import BlobStore
 import Logging
 import MeshHTTP
 import MeshHTTP2
+import MeshQUIC
 import MeshTLS
 import Metrics
 import Synchronization
 
-/// Requests to other nodes over long-lived multiplexed connections (one per peer), with the
-/// node's own certificate (role `node`).
-public final class PoolRequester: MeshRequester {
-    let pool: HTTP2ConnectionPool
-
-    public init(pool: HTTP2ConnectionPool) {
-        self.pool = pool
+/// Requests to other nodes over long-lived multiplexed connections (one per peer and transport),
+/// with the node's own certificate (role `node`).
+///
+/// HTTP/3 over QUIC is preferred when the target advertises a QUIC endpoint; HTTP/2 over TLS/TCP is
+/// the fallback. A QUIC handshake that fails (blocked UDP, nothing listening) marks that endpoint
+/// down for `quicRetryAfter`, so later requests go straight to TCP instead of waiting for a
+/// handshake timeout each time; a request that fails on QUIC before any body was sent is retried
+/// on TCP once.
+public final class MeshTransport: MeshRequester {
+    public struct Settings: Sendable {
+        /// Prefer QUIC (`.quic`, TCP fallback) or use TCP only.
+        public var preferred: MeshTransportKind = .quic
+        /// A QUIC handshake slower than this counts as failed (a LAN handshake takes ~1 ms).
+        public var quicConnectTimeout: Duration = .seconds(1)
+        /// How long an endpoint whose QUIC handshake failed is reached over TCP only.
+        public var quicRetryAfter: Duration = .seconds(30)
+        public init() {}
     }
 
-    public func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> HTTPClientResponse {
-        try await pool.request(host: source.endpoint.host, port: source.endpoint.port, head, body: body)
+    let tcp: HTTP2ConnectionPool
+    let quic: HTTP3ConnectionPool?
+    let settings: Settings
+    let logger: Logger
+    private let quicDown = Mutex<[HostPort: ContinuousClock.Instant]>([:])
+    private let requests: (quic: Counter, tcp: Counter)
+    private let fallbacks = Counter(label: "cachemesh_mesh_quic_fallbacks_total")
+
+    public init(credentials: TLSCredentials, settings: Settings = Settings(), logger: Logger) {
+        self.settings = settings
+        self.logger = logger
+        tcp = HTTP2ConnectionPool(credentials: credentials, logger: logger)
+        let c = settings.quicConnectTimeout.components
+        quic = settings.preferred == .quic
+            ? HTTP3ConnectionPool(credentials: credentials,
+                                  connectTimeout: .nanoseconds(c.seconds * 1_000_000_000 + c.attoseconds / 1_000_000_000), logger: logger)
+            : nil
+        requests = (Counter(label: "cachemesh_mesh_requests_total", dimensions: [("transport", "quic")]),
+                    Counter(label: "cachemesh_mesh_requests_total", dimensions: [("transport", "tcp")]))
+    }
+
+    public func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> MeshReply {
+        if let quic, let q = source.quicEndpoint, isUp(q) {
+            var connected = false
+            do {
+                _ = try await quic.connection(host: q.host, port: q.port)
+                connected = true
+                let r = try await quic.request(host: q.host, port: q.port, head, body: body)
+                requests.quic.increment()
+                return MeshReply(r, via: .quic)
+            } catch {
+                try Task.checkCancellation()
+                // Once a non-replayable body started flowing over QUIC it cannot be sent again.
+                if connected && !body.isReplayable { throw error }
+                if !connected { markDown(q) }
+                fallbacks.increment()
+                logger.info("QUIC to \(source.name) failed, using TCP", metadata: [
+                    "endpoint": "\(q)", "stage": "\(connected ? "request" : "handshake")", "error": "\(error)"])
+            }
+        }
+        let r = try await tcp.request(host: source.endpoint.host, port: source.endpoint.port, head, body: body)
+        requests.tcp.increment()
+        return MeshReply(r, via: .tcp)
+    }
+
+    private func isUp(_ q: HostPort) -> Bool {
+        quicDown.withLock { m in
+            guard let until = m[q] else { return true }
+            if ContinuousClock.now >= until { m[q] = nil; return true }
+            return false
+        }
+    }
+
+    private func markDown(_ q: HostPort) {
+        quicDown.withLock { $0[q] = ContinuousClock.now + settings.quicRetryAfter }
+    }
+
+    public func closeAll() async {
+        await tcp.closeAll()
+        await quic?.closeAll()
     }
 }
 
@@ -70,7 +139,7 @@ public final class Mirror: Sendable {
                 to: target,
                 HTTPRequestHead(method: "PUT", path: "/cas/\(digest.hash)",
                                 headers: ["content-length": String(digest.size), CacheService.mirrorHeader: "1"]),
-                body: .file(reader))
+                body: .file(reader)).response
             _ = try? await r.body.collect(upTo: 64 * 1024)
             guard r.status == 201 || r.status == 200 else {
                 throw BlobStoreError.io("HTTP \(r.status)")

@@ -12,12 +12,19 @@ import TOMLKit
 /// name = "origin"
 /// role = "origin"                   # or "peer"
 /// tcp = "127.0.0.1:9440"
-/// quic = "127.0.0.1:9440"           # UDP; optional until QUIC lands
+/// quic = "127.0.0.1:9440"           # UDP (HTTP/3); optional
+/// advertise_tcp = "10.0.0.5:9440"   # what other nodes dial, if not `tcp` (NAT, a relay); optional
+/// advertise_quic = "10.0.0.5:9440"  # likewise for `quic`; optional
 /// data_dir = "/tmp/cachemesh-lan-4/origin"
 /// max_bytes = "2G"
 /// cert = "../certs/out/origin.pem"
 /// key = "../certs/out/origin.key"
 /// seeds = []
+///
+/// [fetch]                           # optional; these are the defaults
+/// strategy = "hedged"               # hedged | immediate | peers-only | origin-only
+/// transport = "quic"                # quic (TCP fallback) | tcp
+/// origin_write_through = false      # also copy every write to the origin before acknowledging
 /// ```
 public struct Topology: Sendable {
     public enum Role: String, Sendable, Codable {
@@ -29,6 +36,9 @@ public struct Topology: Sendable {
         public var role: Role
         public var tcp: HostPort
         public var quic: HostPort?
+        /// What other nodes dial to reach this one (default: the listen addresses).
+        public var advertiseTCP: HostPort
+        public var advertiseQUIC: HostPort?
         public var dataDirectory: String
         public var maxBytes: Int64
         public var certificate: String
@@ -40,6 +50,7 @@ public struct Topology: Sendable {
     public var ca: String
     public var replication: Int
     public var writeQuorum: Int
+    public var fetch: FetchSettings
     public var nodes: [Node]
 
     public var origin: Node? { nodes.first { $0.role == .origin } }
@@ -51,7 +62,14 @@ public struct Topology: Sendable {
         var ca: String
         var replication: Int?
         var write_quorum: Int?
+        var fetch: FetchEntry?
         var nodes: [NodeEntry]
+    }
+
+    private struct FetchEntry: Decodable {
+        var strategy: String?
+        var transport: String?
+        var origin_write_through: Bool?
     }
 
     private struct NodeEntry: Decodable {
@@ -59,6 +77,8 @@ public struct Topology: Sendable {
         var role: Role?
         var tcp: String
         var quic: String?
+        var advertise_tcp: String?
+        var advertise_quic: String?
         var data_dir: String
         var max_bytes: String?
         var cert: String
@@ -80,20 +100,42 @@ public struct Topology: Sendable {
         var nodes: [Node] = []
         for n in file.nodes {
             guard let tcp = HostPort(n.tcp) else { throw ConfigurationError("topology \(path): node \(n.name): tcp '\(n.tcp)' is not host:port") }
-            var quic: HostPort?
-            if let q = n.quic {
-                guard let hp = HostPort(q) else { throw ConfigurationError("topology \(path): node \(n.name): quic '\(q)' is not host:port") }
-                quic = hp
+            func address(_ key: String, _ value: String?) throws -> HostPort? {
+                guard let value else { return nil }
+                guard let hp = HostPort(value) else { throw ConfigurationError("topology \(path): node \(n.name): \(key) '\(value)' is not host:port") }
+                return hp
+            }
+            let quic = try address("quic", n.quic)
+            let advertiseTCP = try address("advertise_tcp", n.advertise_tcp) ?? tcp
+            let advertiseQUIC = try address("advertise_quic", n.advertise_quic) ?? quic
+            if advertiseQUIC != nil && quic == nil {
+                throw ConfigurationError("topology \(path): node \(n.name): advertise_quic needs a quic listen address")
             }
             var maxBytes: Int64 = 10 << 30
             if let m = n.max_bytes {
                 guard let v = ByteSize.parse(m) else { throw ConfigurationError("topology \(path): node \(n.name): max_bytes '\(m)' is not a size") }
                 maxBytes = v
             }
-            nodes.append(Node(name: n.name, role: n.role ?? .peer, tcp: tcp, quic: quic, dataDirectory: resolve(n.data_dir),
+            nodes.append(Node(name: n.name, role: n.role ?? .peer, tcp: tcp, quic: quic, advertiseTCP: advertiseTCP, advertiseQUIC: advertiseQUIC,
+                              dataDirectory: resolve(n.data_dir),
                               maxBytes: maxBytes, certificate: resolve(n.cert), privateKey: resolve(n.key), seeds: n.seeds ?? []))
         }
-        let t = Topology(name: file.name, ca: resolve(file.ca), replication: file.replication ?? 2, writeQuorum: file.write_quorum ?? 1, nodes: nodes)
+        var fetch = FetchSettings()
+        if let f = file.fetch {
+            if let v = f.strategy {
+                guard let st = FetchStrategy(rawValue: v) else {
+                    throw ConfigurationError("topology \(path): fetch.strategy '\(v)' is not one of \(FetchStrategy.allCases.map(\.rawValue).joined(separator: ", "))")
+                }
+                fetch.strategy = st
+            }
+            if let v = f.transport {
+                guard let tr = MeshTransportKind(rawValue: v) else { throw ConfigurationError("topology \(path): fetch.transport '\(v)' is not quic or tcp") }
+                fetch.transport = tr
+            }
+            fetch.originWriteThrough = f.origin_write_through ?? false
+        }
+        let t = Topology(name: file.name, ca: resolve(file.ca), replication: file.replication ?? 2, writeQuorum: file.write_quorum ?? 1,
+                         fetch: fetch, nodes: nodes)
         try t.validate(path: path)
         return t
     }
@@ -109,8 +151,11 @@ public struct Topology: Sendable {
                 throw ConfigurationError("topology \(path): node \(n.name) has unknown seed '\(s)'")
             }
         }
-        let tcp = nodes.map { "\($0.tcp)" }
+        let tcp = nodes.map { "\($0.advertiseTCP)" }
         if Set(tcp).count != tcp.count { throw ConfigurationError("topology \(path): two nodes share a tcp address") }
+        if fetch.originWriteThrough && origin == nil {
+            throw ConfigurationError("topology \(path): fetch.origin_write_through needs a node with role = \"origin\"")
+        }
     }
 
     /// The node configuration for `name` (TLS on, mTLS required: mesh-internal routes need node certificates).
@@ -129,4 +174,26 @@ public struct Topology: Sendable {
         c.ca = ca
         return c
     }
+}
+
+/// How a node that lacks a blob gets it.
+public enum FetchStrategy: String, Sendable, CaseIterable {
+    /// Best holder first, the next after an adaptive delay (a high percentile of recent fetches).
+    case hedged
+    /// Every holder and the origin at once; the first verified body wins.
+    case immediate
+    /// Holders one at a time (best RTT first); the origin only when every holder failed.
+    case peersOnly = "peers-only"
+    /// The origin only (the baseline without a mesh).
+    case originOnly = "origin-only"
+}
+
+/// Mesh-wide fetch settings (`[fetch]` in a topology).
+public struct FetchSettings: Sendable {
+    public var strategy: FetchStrategy = .hedged
+    /// Between nodes: HTTP/3 over QUIC with HTTP/2 fallback, or HTTP/2 only.
+    public var transport: MeshTransportKind = .quic
+    /// Every write is also copied to the origin, and acknowledged only once the origin has it.
+    public var originWriteThrough = false
+    public init() {}
 }

@@ -151,6 +151,16 @@ public final class REAPIService: Sendable {
         return resp
     }
 
+    /// A client wrote a blob here: in a mesh it is acknowledged only once the write quorum holds it.
+    func replicate(_ digest: StoreDigest) async throws {
+        guard let mesh else { return }
+        do {
+            try await mesh.stored(digest)
+        } catch {
+            throw GRPCStatus(.unavailable, "stored locally, but the write quorum was not reached: \(error)")
+        }
+    }
+
     /// The worker role: a blob a client needs but this node lacks is fetched from the mesh first.
     /// Returns whether the blob (of that size) is now local.
     func ensureLocal(_ d: Digest) async -> Bool {
@@ -187,7 +197,8 @@ public final class REAPIService: Sendable {
                 guard Int64(r.data.count) == d.size else {
                     throw GRPCStatus(.invalidArgument, "size mismatch for \(d.hash): digest says \(d.size), data has \(r.data.count) bytes")
                 }
-                _ = try await store.put(bytes: [UInt8](r.data), hash: d.hash)
+                let stored = try await store.put(bytes: [UInt8](r.data), hash: d.hash)
+                try await replicate(stored)
             }
             resp.responses.append(one)
         }
@@ -356,6 +367,7 @@ public final class REAPIService: Sendable {
                 if m.finishWrite {
                     uploads.finished(resource)
                     let digest = try upload.writer.commit()
+                    try await replicate(digest)
                     resp.committedSize = digest.size
                     return resp
                 }
