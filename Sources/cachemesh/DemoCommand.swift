@@ -70,6 +70,7 @@ struct DemoCommand: AsyncParsableCommand {
         for n in mesh.names {
             mesh.ports[n] = Self.freePort()
             toml += "\n[[nodes]]\nname = \"\(n)\"\nrole = \"\(n == "origin" ? "origin" : "peer")\"\ntcp = \"127.0.0.1:\(mesh.ports[n]!)\"\n"
+            toml += "quic = \"127.0.0.1:\(mesh.ports[n]!)\"\n"
             toml += "data_dir = \"data/\(n)\"\nmax_bytes = \"512M\"\ncert = \"certs/\(n).pem\"\nkey = \"certs/\(n).key\"\n"
             toml += "seeds = \(n == "origin" ? "[]" : "[\"origin\", \"peer1\"]")\n"
         }
@@ -86,7 +87,7 @@ struct DemoCommand: AsyncParsableCommand {
             p.standardError = FileHandle(forWritingAtPath: "\(dir)/\(n).log")
             try p.run()
             mesh.procs[n] = p
-            say("   \(n) pid \(p.processIdentifier) tcp 127.0.0.1:\(mesh.ports[n]!)")
+            say("   \(n) pid \(p.processIdentifier) tcp+udp(quic) 127.0.0.1:\(mesh.ports[n]!)")
         }
         func client(_ n: String, _ who: String = "client") async throws -> CacheClient {
             try await CacheClient.connect(ClientOptions(server: HostPort(host: "127.0.0.1", port: mesh.ports[n]!),
@@ -135,7 +136,7 @@ struct DemoCommand: AsyncParsableCommand {
             say("   \(n): \(e) locality entries")
         }
 
-        say("== 6. GET every blob at peer3 (the worker role races holders against the origin)")
+        say("== 6. GET every blob at peer3 (the worker role races holders against the origin, over QUIC between nodes)")
         let c3 = try await client("peer3")
         var sources: [String: Int] = [:]
         for d in digests {
