@@ -261,6 +261,41 @@ struct MeshTests {
         #expect(try await mesh.metric("peer3", "cachemesh_mesh_requests_total{transport=\"quic\"}") > 0)
     }
 
+    @Test("the origin behind a slow link (a 100 ms relay in front of it): the peer leg wins, the origin leg is cancelled",
+          .timeLimit(.minutes(3)))
+    func slowOriginLosesTheRace() async throws {
+        let originPort = try TestMesh.freePort(), relayPort = try TestMesh.freePort()
+        let relay = try ChildProcess([try Paths.cachemesh(), "relay", "--link", "127.0.0.1:\(relayPort)=127.0.0.1:\(originPort)", "--delay", "100ms"])
+        defer { relay.killAndWait() }
+        let ready = await eventually(timeout: 20) { relay.stdout.contains("relay: listening") }
+        try #require(ready, "relay did not start: \(relay.stderr)")
+        // Every other node reaches the origin only through the relay (TCP and QUIC).
+        let mesh = try await TestMesh(.init(strategy: "immediate", extra: [
+            "origin": "advertise_tcp = \"127.0.0.1:\(relayPort)\"\nadvertise_quic = \"127.0.0.1:\(relayPort)\"",
+        ], ports: ["origin": originPort]))
+        defer { mesh.stopAll() }
+        await mesh.converge()
+        let data = randomBytes(4_000_000)
+        let d = try await mesh.place(data, on: ["origin", "peer1"])
+        // peer3 knows both holders (two (digest, holder) entries) before it asks.
+        let learnt = await eventually(timeout: 20) {
+            ((try? await mesh.status("peer3")) ?? "").contains("\"locality_entries\": 2")
+        }
+        let peer3View = (try? await mesh.status("peer3")) ?? "-"
+        try #require(learnt, "peer3: \(peer3View)\n\(mesh.logs())")
+        let c = try await mesh.client("peer3")
+        let r = try await c.connection.request(.init(method: "GET", path: "/cas/\(d.hash)"))
+        #expect(r.status == 200)
+        #expect(r.headers["x-cachemesh-source"]?.hasPrefix("peer:peer1") == true, "source: \(r.headers["x-cachemesh-source"] ?? "-")")
+        #expect(Array(try await r.body.collect(upTo: 8 << 20).readableBytesView) == data)
+        await c.close()
+        #expect(try await mesh.metric("peer3", "cachemesh_fetch_wins_total{source=\"peer\"}") == 1)
+        #expect(try await mesh.metric("peer3", "cachemesh_fetch_wins_total{source=\"origin\"}") == 0)
+        // All legs started at once; the origin's was still in flight when peer1's body verified.
+        #expect(try await mesh.metric("peer3", "cachemesh_fetch_legs_cancelled_total") >= 1)
+        #expect(relay.stdout.contains("relay: listening"))
+    }
+
     @Test("origin write-through: a PUT at a peer is acknowledged only once the origin holds it too",
           .timeLimit(.minutes(3)))
     func originWriteThrough() async throws {
