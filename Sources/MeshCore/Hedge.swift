@@ -68,19 +68,47 @@ public enum RaceSource: Hashable, Sendable, CustomStringConvertible {
 
 public struct RaceLeg: Hashable, Sendable {
     public var source: RaceSource
-    /// Offset from the start of the race at which this leg starts (unless an earlier leg fails first).
-    public var startAfter: Duration
+    /// Offset from the start of the race at which this leg starts (unless an earlier leg fails
+    /// first); nil: only when the legs before it failed.
+    public var startAfter: Duration?
 
-    public init(source: RaceSource, startAfter: Duration) {
+    public init(source: RaceSource, startAfter: Duration?) {
         self.source = source
         self.startAfter = startAfter
     }
 }
 
+/// How the legs of a race are spaced.
+public enum LegSpacing: Sendable, Hashable {
+    /// Every leg at once.
+    case allAtOnce
+    /// Leg k at k × delay (unless an earlier one failed first).
+    case hedged(Duration)
+    /// One leg at a time: the next starts only when the running one fails.
+    case failoverOnly
+}
+
 public struct RacePlan: Hashable, Sendable {
     public var legs: [RaceLeg]
-    /// The hedge delay used (nil in `.immediate` mode).
+    /// The hedge delay used (nil unless hedged).
     public var hedgeDelay: Duration?
+
+    public init(legs: [RaceLeg], hedgeDelay: Duration?) {
+        self.legs = legs
+        self.hedgeDelay = hedgeDelay
+    }
+
+    /// `sources` (best first) spaced as `spacing` says.
+    public init(sources: [RaceSource], spacing: LegSpacing) {
+        switch spacing {
+        case .allAtOnce:
+            self.init(legs: sources.map { RaceLeg(source: $0, startAfter: .zero) }, hedgeDelay: nil)
+        case .hedged(let delay):
+            self.init(legs: sources.enumerated().map { RaceLeg(source: $1, startAfter: delay * $0) }, hedgeDelay: delay)
+        case .failoverOnly:
+            self.init(legs: sources.enumerated().map { RaceLeg(source: $1, startAfter: $0 == 0 ? .zero : nil) }, hedgeDelay: nil)
+        }
+    }
 }
 
 /// How a racing fetch starts its legs.
@@ -144,13 +172,12 @@ public struct HedgePolicy: Sendable, Hashable {
         let peerLegs = Swift.max(0, maximumLegs - (origin == nil ? 0 : 1))
         var sources = peers.prefix(peerLegs).map(RaceSource.peer)
         if let origin { sources.append(.origin(origin)) }
-        switch mode {
-        case .immediate:
-            return RacePlan(legs: sources.map { RaceLeg(source: $0, startAfter: .zero) }, hedgeDelay: nil)
-        case .hedged:
-            let delay = hedgeDelay(tracker)
-            return RacePlan(legs: sources.enumerated().map { RaceLeg(source: $1, startAfter: delay * $0) }, hedgeDelay: delay)
-        }
+        return RacePlan(sources: sources, spacing: spacing(tracker))
+    }
+
+    /// The leg spacing this policy gives now.
+    public func spacing(_ tracker: LatencyTracker) -> LegSpacing {
+        mode == .immediate ? .allAtOnce : .hedged(hedgeDelay(tracker))
     }
 }
 
@@ -201,9 +228,10 @@ public struct RaceDecision: Sendable {
     public mutating func tick(now: Duration) -> [RaceAction] {
         guard !isDone, committedLeg == nil else { return [] }
         var actions: [RaceAction] = []
-        for i in plan.legs.indices where states[i] == .pending && now >= startedAt + plan.legs[i].startAfter {
+        for i in plan.legs.indices where states[i] == .pending {
+            guard let after = plan.legs[i].startAfter, now >= startedAt + after else { continue }
             states[i] = .running
-            if i > 0 { hedgesFired += 1 }
+            if i > 0 && after > .zero { hedgesFired += 1 }
             actions.append(.startLeg(i, plan.legs[i].source))
         }
         return actions
@@ -212,7 +240,7 @@ public struct RaceDecision: Sendable {
     /// When the next pending leg is due (nil if none).
     public var nextDeadline: Duration? {
         guard !isDone, committedLeg == nil else { return nil }
-        return plan.legs.indices.filter { states[$0] == .pending }.map { startedAt + plan.legs[$0].startAfter }.min()
+        return plan.legs.indices.filter { states[$0] == .pending }.compactMap { plan.legs[$0].startAfter.map { startedAt + $0 } }.min()
     }
 
     public mutating func legFailed(_ i: Int, now: Duration) -> [RaceAction] {

@@ -126,6 +126,24 @@ struct HedgeTests {
         #expect(race.legSucceeded(1, now: .seconds(11)).isEmpty)
     }
 
+    @Test("race, failover only: no timer ever starts a leg; each failure starts the next; all at once is no hedge")
+    func raceFailoverOnly() {
+        let a = node("a"), b = node("b"), o = node("origin")
+        var race = RaceDecision(plan: RacePlan(sources: [.peer(a), .peer(b), .origin(o)], spacing: .failoverOnly), now: .zero)
+        #expect(race.start(now: .zero) == [.startLeg(0, .peer(a))])
+        #expect(race.nextDeadline == nil)
+        #expect(race.tick(now: .seconds(3600)).isEmpty)
+        #expect(race.legFailed(0, now: .seconds(1)) == [.startLeg(1, .peer(b))])
+        #expect(race.legFailed(1, now: .seconds(2)) == [.startLeg(2, .origin(o))])
+        #expect(race.legSucceeded(2, now: .seconds(3)) == [.finished(winner: 2, .origin(o))])
+        #expect(race.hedgesFired == 0 && race.legsCancelled == 0)
+
+        var all = RaceDecision(plan: RacePlan(sources: [.peer(a), .origin(o)], spacing: .allAtOnce), now: .zero)
+        #expect(all.start(now: .zero) == [.startLeg(0, .peer(a)), .startLeg(1, .origin(o))])
+        #expect(all.hedgesFired == 0)
+        #expect(all.legSucceeded(1, now: .milliseconds(5)) == [.cancelLeg(0, .peer(a)), .finished(winner: 1, .origin(o))])
+    }
+
     @Test("race: a failed leg starts the next at once; all failed → failed")
     func raceFallback() {
         let a = node("a"), o = node("origin")

@@ -1,5 +1,6 @@
 import BlobStore
 import Logging
+import MeshCore
 import MeshHTTP
 import Metrics
 import Synchronization
@@ -24,7 +25,7 @@ public struct FetchSource: Sendable, Hashable, CustomStringConvertible {
 }
 
 public struct FetchResult: Sendable {
-    public var digest: Digest
+    public var digest: StoreDigest
     /// The leg that won.
     public var source: FetchSource
     /// The transport the winning leg used.
@@ -50,16 +51,6 @@ public struct MeshReply: Sendable {
 /// Opens a request to another node (HTTP/3 preferred, HTTP/2 as fallback: `MeshTransport`).
 public protocol MeshRequester: Sendable {
     func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> MeshReply
-}
-
-/// How the legs of a race are spaced.
-public enum LegSpacing: Sendable, Equatable {
-    /// Every leg at once.
-    case allAtOnce
-    /// The next leg after this delay without a winner.
-    case hedged(Duration)
-    /// One leg at a time: the next starts only when one fails.
-    case failoverOnly
 }
 
 /// The worker role: fetch a blob this node lacks by racing the sources that should hold it.
@@ -107,65 +98,81 @@ public final class BlobFetcher: Sendable {
     }
 
     private enum Event: Sendable {
-        case won(Int, Digest, MeshTransportKind)
+        case won(Int, StoreDigest, MeshTransportKind)
         case failed(Int, any Error)
-        case hedgeTimer
+        case timer
     }
 
+    /// Runs MeshCore's `RaceDecision` (the pure race state machine) over real legs: it says which
+    /// leg starts when and which are cancelled; this shell runs them and reports outcomes.
     func race(hash: String, sources: [FetchSource]) async throws -> FetchResult {
         guard !sources.isEmpty else { throw BlobStoreError.notFound(hash) }
         let start = ContinuousClock.now
-        let spacing = self.spacing()
+        func now() -> Duration { ContinuousClock.now - start }
+        let plan = RacePlan(sources: sources.map { s in
+            let id = NodeID(name: s.name, uid: 0)
+            return s.isOrigin ? .origin(id) : .peer(id)
+        }, spacing: spacing())
+        var decision = RaceDecision(plan: plan, now: .zero)
         return try await withThrowingTaskGroup(of: Event.self) { group in
-            var next = 0
-            var running = 0
             var errors: [String] = []
-            func startLeg() {
-                let i = next
-                next += 1
-                running += 1
-                group.addTask {
-                    do {
-                        let (d, via) = try await self.leg(hash: hash, source: sources[i])
-                        return .won(i, d, via)
-                    } catch { return .failed(i, error) }
-                }
-            }
+            var timerArmed = false
+            var started = 0
             func armTimer() {
-                guard case .hedged(let delay) = spacing, next < sources.count else { return }
+                guard !timerArmed, let due = decision.nextDeadline else { return }
+                timerArmed = true
                 group.addTask {
-                    try? await Task.sleep(for: delay)
-                    return .hedgeTimer
+                    try? await Task.sleep(until: start + due)
+                    return .timer
                 }
             }
-            startLeg()
-            if spacing == .allAtOnce { while next < sources.count { startLeg() } } else { armTimer() }
+            /// Start the legs the decision asks for; the outcome if the race is over.
+            func apply(_ actions: [RaceAction]) -> Result<FetchResult, any Error>? {
+                for a in actions {
+                    switch a {
+                    case .startLeg(let i, _):
+                        started += 1
+                        group.addTask {
+                            do {
+                                let (d, via) = try await self.leg(hash: hash, source: sources[i])
+                                return .won(i, d, via)
+                            } catch { return .failed(i, error) }
+                        }
+                    case .cancelLeg:
+                        break   // every other leg is cancelled below, with the group
+                    case .finished:
+                        break
+                    case .failed:
+                        failures.increment()
+                        return .failure(BlobStoreError.notFound("\(hash) (tried \(errors.joined(separator: "; ")))"))
+                    }
+                }
+                armTimer()
+                return nil
+            }
+            if let done = apply(decision.start(now: now())) { return try done.get() }
             while let event = try await group.next() {
                 switch event {
                 case .won(let i, let digest, let via):
-                    let losers = running - 1
+                    _ = decision.legSucceeded(i, now: now())
                     group.cancelAll()
-                    cancelled.increment(by: Int64(losers))
+                    hedges.increment(by: Int64(decision.hedgesFired))
+                    cancelled.increment(by: Int64(decision.legsCancelled))
                     (sources[i].isOrigin ? wins.origin : wins.peer).increment()
-                    let took = ContinuousClock.now - start
+                    let took = now()
                     latency.recordNanoseconds(took.components.seconds * 1_000_000_000 + took.components.attoseconds / 1_000_000_000)
-                    logger.debug("fetched", metadata: ["hash": "\(hash)", "from": "\(sources[i])", "via": "\(via.rawValue)", "legs": "\(next)", "cancelled": "\(losers)"])
-                    return FetchResult(digest: digest, source: sources[i], transport: via, legsStarted: next, legsCancelled: losers)
+                    logger.debug("fetched", metadata: ["hash": "\(hash)", "from": "\(sources[i])", "via": "\(via.rawValue)",
+                                                       "legs": "\(started)", "cancelled": "\(decision.legsCancelled)"])
+                    return FetchResult(digest: digest, source: sources[i], transport: via, legsStarted: started, legsCancelled: decision.legsCancelled)
                 case .failed(let i, let error):
-                    running -= 1
                     errors.append("\(sources[i]): \(error)")
-                    if next < sources.count {
-                        startLeg()   // fail over at once
-                    } else if running == 0 {
-                        failures.increment()
-                        throw BlobStoreError.notFound("\(hash) (tried \(errors.joined(separator: "; ")))")
+                    if let done = apply(decision.legFailed(i, now: now())) {
+                        hedges.increment(by: Int64(decision.hedgesFired))
+                        return try done.get()
                     }
-                case .hedgeTimer:
-                    if next < sources.count {
-                        hedges.increment()
-                        startLeg()
-                        armTimer()
-                    }
+                case .timer:
+                    timerArmed = false
+                    if let done = apply(decision.tick(now: now())) { return try done.get() }
                 }
             }
             failures.increment()
@@ -174,7 +181,7 @@ public final class BlobFetcher: Sendable {
     }
 
     /// One leg: GET from `source`, stream into a store writer, commit only if the digest verifies.
-    func leg(hash: String, source: FetchSource) async throws -> (Digest, MeshTransportKind) {
+    func leg(hash: String, source: FetchSource) async throws -> (StoreDigest, MeshTransportKind) {
         let reply = try await requester.request(
             to: source, HTTPRequestHead(method: "GET", path: "/cas/\(hash)", headers: [Self.hopHeader: "1"]), body: .empty)
         let response = reply.response
