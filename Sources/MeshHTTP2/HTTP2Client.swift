@@ -43,11 +43,17 @@ public final class HTTP2Connection: HTTPClientTransport {
             let (handler, ready) = try await channel.eventLoop.submit { () -> (NIOLoopBound<HTTP2ClientHandler>, EventLoopFuture<PeerIdentity>) in
                 let promise = channel.eventLoop.makePromise(of: PeerIdentity.self)
                 let h = HTTP2ClientHandler(plaintext: credentials == nil, ready: promise, settings: settings, logger: logger)
-                if let credentials {
-                    try channel.pipeline.syncOperations.addHandler(
-                        GnuTLSHandler(credentials: credentials, mode: .client(serverName: serverName ?? host), alpn: ["h2"], logger: logger))
+                do {
+                    if let credentials {
+                        try channel.pipeline.syncOperations.addHandler(
+                            GnuTLSHandler(credentials: credentials, mode: .client(serverName: serverName ?? host), alpn: ["h2"], logger: logger))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(h)
+                } catch {
+                    // The connection closed before the pipeline was set up (e.g. reset at once).
+                    promise.fail(error)
+                    throw error
                 }
-                try channel.pipeline.syncOperations.addHandler(h)
                 if credentials == nil { h.channelActiveIfNeeded(channel: channel) }
                 return (NIOLoopBound(h, eventLoop: channel.eventLoop), promise.futureResult)
             }.get()
