@@ -152,6 +152,8 @@ extension LinkRelay.Link {
         let u = udpLink
         try? await udp.eventLoop.submit { u.shutdown() }.get()
         try? await tcp.close()
+        let core = u.core
+        try? await core.loop.submit { core.closeAllTCP() }.get()
         try? await udp.close()
     }
 }

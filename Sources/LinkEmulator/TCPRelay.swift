@@ -200,6 +200,7 @@ enum TCPRelay {
             .childChannelInitializer { child in
                 child.eventLoop.makeCompletedFuture {
                     try child.pipeline.syncOperations.addHandler(TCPSideHandler())
+                    core.track(child)
                     connect(core: core, client: child)
                 }
             }
@@ -223,6 +224,7 @@ enum TCPRelay {
                     core.logger.debug("connect to \(core.target) failed: \(error)")
                     client.close(promise: nil)
                 case .success(let server):
+                    core.track(server)
                     core.counters.tcpConnections.wrappingAdd(1, ordering: .relaxed)
                     guard let ch = try? client.pipeline.syncOperations.handler(type: TCPSideHandler.self),
                           let sh = try? server.pipeline.syncOperations.handler(type: TCPSideHandler.self) else {
