@@ -65,6 +65,8 @@ run() { # name transport server path size count
   run "4 KiB, TCP (H2), relay --delay 10ms" tcp 127.0.0.1:$R10_PORT /cas/$SMALL 4096 $DELAY_N
   run "4 KiB, QUIC (H3), relay --delay 10ms" quic 127.0.0.1:$R10_PORT /cas/$SMALL 4096 $DELAY_N
 } > "$T/table.md"
+# CPU time of the zero-delay relay (utime + stime) over everything it relayed.
+R0_CPU=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' /proc/$R0_PID/stat)
 # Stop the relays with SIGTERM: they print their counters and exit 0.
 kill -TERM $R0_PID $R10_PID; wait $R0_PID; wait $R10_PID
 {
@@ -74,6 +76,11 @@ kill -TERM $R0_PID $R10_PID; wait $R0_PID; wait $R10_PID
   echo '```'
   grep -h "^relay: counters" "$T/relay0.out" "$T/relay10.out"
   echo '```'
+  echo
+  R0_MIB=$(grep -h "^relay: counters" "$T/relay0.out" | grep -oE 'bytes_to_(target|client)=[0-9]+' | cut -d= -f2 |
+           awk '{s += $1} END {printf "%.0f", s / 1048576}')
+  echo "Zero-delay relay CPU: ${R0_CPU} s for ${R0_MIB} MiB relayed (TCP + UDP, both directions) =" \
+       "$(awk -v c="$R0_CPU" -v m="$R0_MIB" 'BEGIN {printf "%.2f", c * 1000 / m}') ms per MiB."
 } >> "$T/table.md"
 mkdir -p bench/results
 cp "$T/table.md" bench/results/relay-overhead.md
