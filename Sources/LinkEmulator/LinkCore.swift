@@ -7,6 +7,7 @@ final class LinkCore: @unchecked Sendable {
     let loop: any EventLoop
     let profile: LinkProfile
     let target: SocketAddress
+    let udpTarget: SocketAddress
     let counters: LinkCounters
     let logger: Logger
     /// Per direction ([toTarget, toClient]): the serialization/delay model, shared by all flows.
@@ -17,10 +18,11 @@ final class LinkCore: @unchecked Sendable {
     /// Open TCP channels of the link (both sides), closed by ``closeAllTCP()``.
     private var tcpChannels: [ObjectIdentifier: any Channel] = [:]
 
-    init(loop: any EventLoop, profile: LinkProfile, target: SocketAddress, udpIdleTimeout: TimeAmount, logger: Logger) {
+    init(loop: any EventLoop, profile: LinkProfile, target: SocketAddress, udpTarget: SocketAddress, udpIdleTimeout: TimeAmount, logger: Logger) {
         self.loop = loop
         self.profile = profile
         self.target = target
+        self.udpTarget = udpTarget
         self.counters = LinkCounters()
         self.logger = logger
         let s = LinkShaper(profile: profile, rng: SystemRandomNumberGenerator())

@@ -157,7 +157,7 @@ final class UDPLink {
                 m.pending.append((data, metadata))
                 return
             }
-            ch.write(AddressedEnvelope(remoteAddress: core.target, data: data, metadata: metadata), promise: nil)
+            ch.write(AddressedEnvelope(remoteAddress: core.udpTarget, data: data, metadata: metadata), promise: nil)
             if !dirtyUpstreams.contains(where: { $0 === ch }) { dirtyUpstreams.append(ch) }
         case .toClient:
             guard let l = listener else { return }
@@ -205,7 +205,7 @@ final class UDPLink {
 
     private func openUpstream(_ m: UDPMapping) {
         let bindHost: String
-        switch core.target {
+        switch core.udpTarget {
         case .v6: bindHost = "::"
         default: bindHost = "0.0.0.0"
         }
@@ -228,7 +228,7 @@ final class UDPLink {
                     let pending = m.pending
                     m.pending = []
                     for (data, metadata) in pending {
-                        ch.write(AddressedEnvelope(remoteAddress: core.target, data: data, metadata: metadata), promise: nil)
+                        ch.write(AddressedEnvelope(remoteAddress: core.udpTarget, data: data, metadata: metadata), promise: nil)
                     }
                     ch.flush()
                 case .failure(let error):
