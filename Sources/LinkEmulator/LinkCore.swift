@@ -7,6 +7,7 @@ final class LinkCore: @unchecked Sendable {
     let loop: any EventLoop
     let profile: LinkProfile
     let target: SocketAddress
+    let udpTarget: SocketAddress
     let counters: LinkCounters
     let logger: Logger
     /// Per direction ([toTarget, toClient]): the serialization/delay model, shared by all flows.
@@ -14,11 +15,14 @@ final class LinkCore: @unchecked Sendable {
     let transparent: Bool
     let queueLimit: Int
     let udpIdleTimeout: TimeAmount
+    /// Open TCP channels of the link (both sides), closed by ``closeAllTCP()``.
+    private var tcpChannels: [ObjectIdentifier: any Channel] = [:]
 
-    init(loop: any EventLoop, profile: LinkProfile, target: SocketAddress, udpIdleTimeout: TimeAmount, logger: Logger) {
+    init(loop: any EventLoop, profile: LinkProfile, target: SocketAddress, udpTarget: SocketAddress, udpIdleTimeout: TimeAmount, logger: Logger) {
         self.loop = loop
         self.profile = profile
         self.target = target
+        self.udpTarget = udpTarget
         self.counters = LinkCounters()
         self.logger = logger
         let s = LinkShaper(profile: profile, rng: SystemRandomNumberGenerator())
@@ -26,6 +30,18 @@ final class LinkCore: @unchecked Sendable {
         self.transparent = s.isTransparent
         self.queueLimit = profile.effectiveQueueLimit
         self.udpIdleTimeout = udpIdleTimeout
+    }
+
+    /// Remembers `ch` until it closes. On the loop.
+    func track(_ ch: any Channel) {
+        let id = ObjectIdentifier(ch)
+        tcpChannels[id] = ch
+        ch.closeFuture.assumeIsolatedUnsafeUnchecked().whenComplete { [self] _ in tcpChannels[id] = nil }
+    }
+
+    /// Closes every relayed TCP connection. On the loop.
+    func closeAllTCP() {
+        for ch in tcpChannels.values { ch.close(promise: nil) }
     }
 
     @inline(__always) static func now() -> Int64 {

@@ -9,13 +9,18 @@ public struct LinkSpec: Sendable, Equatable, CustomStringConvertible {
     public var listenPort: Int
     public var targetHost: String
     public var targetPort: Int
+    /// The target's UDP port when it differs from `targetPort` (e.g. a node started with
+    /// `--listen 127.0.0.1:0 --quic-listen 127.0.0.1:0`); nil = `targetPort`.
+    public var targetUDPPort: Int?
     public var profile: LinkProfile
 
-    public init(listenHost: String, listenPort: Int, targetHost: String, targetPort: Int, profile: LinkProfile = .transparent) {
+    public init(listenHost: String, listenPort: Int, targetHost: String, targetPort: Int, targetUDPPort: Int? = nil,
+                profile: LinkProfile = .transparent) {
         self.listenHost = listenHost
         self.listenPort = listenPort
         self.targetHost = targetHost
         self.targetPort = targetPort
+        self.targetUDPPort = targetUDPPort
         self.profile = profile
     }
 
@@ -27,8 +32,9 @@ public struct LinkSpec: Sendable, Equatable, CustomStringConvertible {
         host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
     }
 
-    /// `LISTEN=TARGET[,delay=D][,jitter=J][,loss=L][,rate=R][,queue=Q]`, where LISTEN and TARGET
-    /// are `host:port` (`[v6]:port`); the options override `defaults` for this link only.
+    /// `LISTEN=TARGET[,udp=PORT][,delay=D][,jitter=J][,loss=L][,rate=R][,queue=Q]`, where LISTEN and
+    /// TARGET are `host:port` (`[v6]:port`); `udp=PORT` sends UDP to another target port; the other
+    /// options override `defaults` for this link only.
     /// Example: `127.0.0.1:19440=127.0.0.1:9440,delay=5ms`.
     public init(parsing text: String, defaults: LinkProfile = .transparent) throws {
         var parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
@@ -41,13 +47,19 @@ public struct LinkSpec: Sendable, Equatable, CustomStringConvertible {
         let (th, tp) = try Self.hostPort(sides[1], what: "target address")
         guard tp != 0 else { throw LinkProfileError("bad target address '\(sides[1])': port 0") }
         var profile = defaults
+        var udp: Int?
         for p in parts {
             let kv = p.split(separator: "=", maxSplits: 1).map(String.init)
             guard kv.count == 2 else { throw LinkProfileError("bad link option '\(p)' in '\(text)': expected key=value") }
-            try profile.set(kv[0], kv[1])
+            if kv[0] == "udp" {
+                guard let u = Int(kv[1]), (1...65535).contains(u) else { throw LinkProfileError("bad udp port '\(kv[1])' in '\(text)'") }
+                udp = u
+            } else {
+                try profile.set(kv[0], kv[1])
+            }
         }
         try profile.validate()
-        self.init(listenHost: lh, listenPort: lp, targetHost: th, targetPort: tp, profile: profile)
+        self.init(listenHost: lh, listenPort: lp, targetHost: th, targetPort: tp, targetUDPPort: udp, profile: profile)
     }
 
     static func hostPort(_ s: String, what: String) throws -> (String, Int) {
@@ -107,9 +119,11 @@ public final class LinkRelay: Sendable {
         do {
             for spec in specs {
                 let target = try SocketAddress.makeAddressResolvingHost(spec.targetHost, port: spec.targetPort)
+                let udpTarget = try SocketAddress.makeAddressResolvingHost(spec.targetHost, port: spec.targetUDPPort ?? spec.targetPort)
                 let loop = g.next()
                 let idle = TimeAmount.nanoseconds(LinkProfile.nanoseconds(udpIdleTimeout))
-                let core = LinkCore(loop: loop, profile: spec.profile, target: target, udpIdleTimeout: idle, logger: logger)
+                let core = LinkCore(loop: loop, profile: spec.profile, target: target, udpTarget: udpTarget,
+                                    udpIdleTimeout: idle, logger: logger)
                 let (tcp, udp, udpLink) = try await bindBoth(core: core, host: spec.listenHost, port: spec.listenPort)
                 links.append(Link(spec: spec, listening: tcp.localAddress!, counters: core.counters, tcp: tcp, udp: udp, udpLink: udpLink))
             }
@@ -152,6 +166,8 @@ extension LinkRelay.Link {
         let u = udpLink
         try? await udp.eventLoop.submit { u.shutdown() }.get()
         try? await tcp.close()
+        let core = u.core
+        try? await core.loop.submit { core.closeAllTCP() }.get()
         try? await udp.close()
     }
 }

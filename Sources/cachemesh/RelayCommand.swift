@@ -20,7 +20,7 @@ struct RelayCommand: AsyncParsableCommand {
             the counters and exits 0.
             """)
 
-    @Option(name: .customLong("link"), help: "LISTEN=TARGET[,delay=D,jitter=J,loss=L,rate=R,queue=Q], host:port each (repeatable).")
+    @Option(name: .customLong("link"), help: "LISTEN=TARGET[,udp=PORT,delay=D,jitter=J,loss=L,rate=R,queue=Q], host:port each (repeatable); udp=PORT: the target's UDP port if it differs.")
     var links: [String] = []
     @Option(help: "One-way delay per direction, e.g. 20ms, 250us, 0.") var delay: String = "0"
     @Option(help: "Uniform jitter ±, e.g. 1ms (the delay is clamped at 0).") var jitter: String = "0"
@@ -76,7 +76,8 @@ struct RelayCommand: AsyncParsableCommand {
             print("relay: profile \(l.spec.listenHost):\(l.listening.port ?? l.spec.listenPort) \(l.spec.profile)")
         }
         for l in relay.links {
-            print("relay: listening \(LinkSpecFormat.address(l.spec.listenHost, l.listening.port ?? l.spec.listenPort)) -> \(LinkSpecFormat.address(l.spec.targetHost, l.spec.targetPort))")
+            let udp = l.spec.targetUDPPort.map { " (udp \($0))" } ?? ""
+            print("relay: listening \(LinkSpecFormat.address(l.spec.listenHost, l.listening.port ?? l.spec.listenPort)) -> \(LinkSpecFormat.address(l.spec.targetHost, l.spec.targetPort))\(udp)")
         }
         fflush(nil)
         let sig = await stop.wait()

@@ -69,7 +69,10 @@ import Testing
         #expect(o.targetHost == "localhost" && o.targetPort == 9441)
         #expect(o.profile == LinkProfile(delay: .milliseconds(5), loss: 0.01, rateBitsPerSecond: 100_000_000))
         #expect(o.description == "[::1]:0 -> localhost:9441")
-        for bad in ["127.0.0.1:1", "127.0.0.1:1=127.0.0.1", "a:1=b:0", "a:99999=b:1", "a:1=b:2,delay", "a:1=b:2,color=red", "::1:5=b:2"] {
+        #expect(o.targetUDPPort == nil)
+        let u = try LinkSpec(parsing: "127.0.0.1:0=127.0.0.1:9440,udp=9450,delay=1ms")
+        #expect(u.targetPort == 9440 && u.targetUDPPort == 9450 && u.profile.delay == .milliseconds(1))
+        for bad in ["127.0.0.1:1", "127.0.0.1:1=127.0.0.1", "a:1=b:0", "a:99999=b:1", "a:1=b:2,delay", "a:1=b:2,color=red", "::1:5=b:2", "a:1=b:2,udp=0", "a:1=b:2,udp=x"] {
             #expect(throws: LinkProfileError.self, "\(bad)") { try LinkSpec(parsing: bad) }
         }
     }
