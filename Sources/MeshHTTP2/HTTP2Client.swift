@@ -33,7 +33,9 @@ public final class HTTP2Connection: HTTPClientTransport {
         connectTimeout: TimeAmount = .seconds(10),
         logger: Logger = Logger(label: "cachemesh.h2client")
     ) async throws -> HTTP2Connection {
-        let settings = NGHTTP2Session.Settings(maxConcurrentStreams: 128, initialWindowSize: 1 << 20, connectionWindowSize: 32 << 20)
+        // Receive windows open only as the caller consumes, so large ones cost memory only when a
+        // consumer lags; 16 MiB per stream keeps a 64 MiB GET at full speed across a 20-80 ms WAN RTT.
+        let settings = NGHTTP2Session.Settings(maxConcurrentStreams: 128, initialWindowSize: 16 << 20, connectionWindowSize: 64 << 20)
         let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(connectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
