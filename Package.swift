@@ -100,10 +100,13 @@ let package = Package(
             "BlobStore",
             .product(name: "MetricsTestKit", package: "swift-metrics"),
         ]),
-        .testTarget(name: "MeshHTTP2Tests", dependencies: ["MeshHTTP2", "MeshHTTP", "MeshTLS"]),
+        // Shared by the test targets: repository root and the certificates certs/mkcerts.sh makes.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "MeshHTTP2Tests", dependencies: ["MeshHTTP2", "MeshHTTP", "MeshTLS", "TestSupport"]),
         .testTarget(name: "CacheNodeTests", dependencies: ["CacheNode", "BlobStore", "MeshGRPC", "MeshHTTP", "REAPI"]),
         .testTarget(name: "MeshCoreTests", dependencies: ["MeshCore"]),
         .testTarget(name: "MeshQUICTests", dependencies: [
+            "TestSupport",
             "MeshQUIC", "MeshHTTP", "MeshTLS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -115,6 +118,6 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
-        .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "MeshHTTP2", "MeshTLS", "MeshGRPC", "MeshHTTP", "REAPI", "BlobStore"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "MeshHTTP2", "MeshTLS", "MeshGRPC", "MeshHTTP", "REAPI", "BlobStore", "TestSupport"]),
     ]
 )

@@ -4,31 +4,14 @@ import MeshHTTP
 import MeshTLS
 import NIOCore
 import Synchronization
+import TestSupport
 @testable import MeshQUIC
 
-/// Certificates made once per test process with the repository's own certs/mkcerts.sh.
+/// The certificates certs/mkcerts.sh made for this test process.
 enum QUICTestCerts {
-    static let dir: String = {
-        let d = FileManager.default.temporaryDirectory.appendingPathComponent("cachemesh-quic-certs-\(getpid())").path
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = [script, "all", d]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try! p.run()
-        p.waitUntilExit()
-        precondition(p.terminationStatus == 0, "certs/mkcerts.sh failed")
-        return d
-    }()
-
-    /// certs/mkcerts.sh of the repository (this directory may be reached through a symlink).
-    static let repoRoot: String = {
-        var buf = [CChar](repeating: 0, count: Int(PATH_MAX))
-        let resolved = realpath(#filePath, &buf) != nil ? String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) : #filePath
-        return URL(fileURLWithPath: resolved).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
-    }()
-
-    static var script: String { "\(repoRoot)/certs/mkcerts.sh" }
+    static let dir: String = try! RepositoryCertificates.directory()
+    static var repoRoot: String { RepositoryCertificates.repositoryRoot }
+    static var script: String { RepositoryCertificates.script }
 
     static func path(_ name: String) -> String { "\(dir)/\(name)" }
 

@@ -1,6 +1,7 @@
 import BlobStore
 import CacheNode
 import Foundation
+import TestSupport
 import MeshHTTP
 import NIOCore
 #if canImport(Glibc)
@@ -11,11 +12,7 @@ import Glibc
 
 enum Paths {
     /// The package root (…/Tests/IntegrationTests/Support/TestNode.swift → root).
-    static let packageRoot: String = {
-        var url = URL(fileURLWithPath: #filePath)
-        for _ in 0..<4 { url.deleteLastPathComponent() }
-        return url.path
-    }()
+    static var packageRoot: String { RepositoryCertificates.repositoryRoot }
 
     /// The `cachemesh` binary: $CACHEMESH_BIN, else next to the running test executable.
     static func cachemesh() throws -> String {
@@ -56,27 +53,9 @@ struct Certs: Sendable {
     var nodeCert: String { path("node.pem") }
     var nodeKey: String { path("node.key") }
 
-    private static let made: Result<Certs, HarnessError> = {
-        let dir = (NSTemporaryDirectory() as NSString).appendingPathComponent("cachemesh-it-certs-\(getpid())-\(UUID().uuidString.prefix(6))")
-        let script = "\(Paths.packageRoot)/certs/mkcerts.sh"
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = [script, "all", dir]
-        p.standardOutput = FileHandle.nullDevice
-        let errPath = dir + ".err"
-        _ = FileManager.default.createFile(atPath: errPath, contents: nil)
-        p.standardError = FileHandle(forWritingAtPath: errPath)
-        do { try p.run() } catch { return .failure(HarnessError("cannot run \(script): \(error)")) }
-        p.waitUntilExit()
-        let err = (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? ""
-        try? FileManager.default.removeItem(atPath: errPath)
-        guard p.terminationStatus == 0, FileManager.default.fileExists(atPath: dir + "/stranger.pem") else {
-            return .failure(HarnessError("\(script) all \(dir) failed (\(p.terminationStatus)): \(err)"))
-        }
-        return .success(Certs(dir: dir))
-    }()
-
-    static func shared() throws -> Certs { try made.get() }
+    static func shared() throws -> Certs {
+        do { return Certs(dir: try RepositoryCertificates.directory()) } catch { throw HarnessError("\(error)") }
+    }
 }
 
 /// Who a client claims to be.
