@@ -195,6 +195,9 @@ public enum RaceAction: Hashable, Sendable {
 ///
 /// * Legs start at their planned offsets (`hedgesFired` counts legs started by timer, not the first).
 /// * A failed leg makes the next pending leg start at once (a fallback, not a hedge).
+/// * `legResponded(leg)`: a running leg answered (its body is arriving): hedging stops — no timer
+///   starts another leg — because a hedge is against a source that does not answer, not against a
+///   large body taking its time. Failures still start the next leg.
 /// * `commit(leg)`: bytes of that leg went to the caller; every other leg is cancelled and no further
 ///   leg starts (never switch source mid-body). If a committed leg then fails, the race fails.
 /// * The first `succeeded` leg wins; all other running legs are cancelled.
@@ -208,6 +211,9 @@ public struct RaceDecision: Sendable {
     public private(set) var legsCancelled = 0
     public private(set) var committedLeg: Int?
     public private(set) var isDone = false
+    private var respondedLegs: Set<Int> = []
+    /// A running leg answered: no more legs start by timer (until it fails).
+    public var answered: Bool { respondedLegs.contains { states[$0] == .running } }
 
     public init(plan: RacePlan, now: Duration) {
         self.plan = plan
@@ -226,7 +232,7 @@ public struct RaceDecision: Sendable {
     }
 
     public mutating func tick(now: Duration) -> [RaceAction] {
-        guard !isDone, committedLeg == nil else { return [] }
+        guard !isDone, committedLeg == nil, !answered else { return [] }
         var actions: [RaceAction] = []
         for i in plan.legs.indices where states[i] == .pending {
             guard let after = plan.legs[i].startAfter, now >= startedAt + after else { continue }
@@ -239,8 +245,14 @@ public struct RaceDecision: Sendable {
 
     /// When the next pending leg is due (nil if none).
     public var nextDeadline: Duration? {
-        guard !isDone, committedLeg == nil else { return nil }
+        guard !isDone, committedLeg == nil, !answered else { return nil }
         return plan.legs.indices.filter { states[$0] == .pending }.compactMap { plan.legs[$0].startAfter.map { startedAt + $0 } }.min()
+    }
+
+    /// Leg `i` answered with a body on its way.
+    public mutating func legResponded(_ i: Int, now: Duration) {
+        guard !isDone, states.indices.contains(i), states[i] == .running else { return }
+        respondedLegs.insert(i)
     }
 
     public mutating func legFailed(_ i: Int, now: Duration) -> [RaceAction] {

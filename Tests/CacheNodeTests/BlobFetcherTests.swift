@@ -10,6 +10,9 @@ import Testing
 /// An in-memory mesh: each source answers after a delay with some bytes (or an error).
 final class FakeMesh: MeshRequester {
     struct Behaviour: Sendable {
+        /// Before the response head.
+        var headDelay: Duration = .zero
+        /// Before each half of the body.
         var delay: Duration = .zero
         var status = 200
         var bytes: [UInt8]
@@ -25,6 +28,7 @@ final class FakeMesh: MeshRequester {
         requests.withLock { $0.append(source.name) }
         #expect(head.headers[BlobFetcher.hopHeader] == "1")
         let b = behaviours[source.name]!
+        try await Task.sleep(for: b.headDelay)
         let inbound = HTTPInboundBody()
         let feeder = Task {
             try await Task.sleep(for: b.delay)
@@ -58,15 +62,43 @@ final class FakeMesh: MeshRequester {
     @Test func hedgedRaceCancelsTheSlowLeg() async throws {
         defer { try? FileManager.default.removeItem(at: dir) }
         let s = try store()
-        let mesh = FakeMesh(["slow": .init(delay: .seconds(5), bytes: blob), "origin": .init(delay: .milliseconds(5), bytes: blob)])
+        let mesh = FakeMesh(["slow": .init(headDelay: .seconds(5), bytes: blob), "origin": .init(delay: .milliseconds(5), bytes: blob)])
         let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .hedged(.milliseconds(30)) })
         let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("slow"), src("origin", origin: true)])
         #expect(r.source.name == "origin")
         #expect(r.legsStarted == 2)
         #expect(r.legsCancelled == 1)
-        #expect(mesh.cancels.withLock { $0 } == ["slow"])
+        #expect(mesh.requests.withLock { $0 } == ["slow", "origin"])
         #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
         #expect(s.stats.reservedBytes == 0)   // the loser's writer was aborted
+    }
+
+    @Test func anAnsweringSourceIsNotHedgedEvenIfItsBodyIsSlow() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        // The peer answers at once and streams a "large" body slowly (2 × 120 ms), well past the
+        // 30 ms hedge delay: a hedge would only pull the blob from the origin a second time.
+        let mesh = FakeMesh(["peer": .init(delay: .milliseconds(120), bytes: blob), "origin": .init(bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .hedged(.milliseconds(30)) })
+        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("peer"), src("origin", origin: true)])
+        #expect(r.source.name == "peer")
+        #expect(r.legsStarted == 1)
+        #expect(mesh.requests.withLock { $0 } == ["peer"])
+        #expect(r.timeToFirstByte < .milliseconds(120))
+    }
+
+    @Test func bodyFailureAfterAnAnswerFailsOverToTheNextSource() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        var bad = blob
+        bad[99_999] ^= 1
+        // The liar answers at once (hedging stops), then its body fails verification: the next
+        // source starts at once.
+        let mesh = FakeMesh(["liar": .init(delay: .milliseconds(40), bytes: bad), "origin": .init(bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .hedged(.milliseconds(10)) })
+        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("liar"), src("origin", origin: true)])
+        #expect(r.source.isOrigin)
+        #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
     }
 
     @Test func corruptPeerLosesAndNothingCorruptIsStored() async throws {

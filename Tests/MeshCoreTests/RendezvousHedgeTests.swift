@@ -126,6 +126,21 @@ struct HedgeTests {
         #expect(race.legSucceeded(1, now: .seconds(11)).isEmpty)
     }
 
+    @Test("race: an answering leg stops the hedge timer; if it then fails, the next leg starts at once")
+    func raceAnswerStopsHedging() {
+        let a = node("a"), o = node("origin")
+        var race = RaceDecision(plan: RacePlan(sources: [.peer(a), .origin(o)], spacing: .hedged(.milliseconds(30))), now: .zero)
+        #expect(race.start(now: .zero) == [.startLeg(0, .peer(a))])
+        race.legResponded(0, now: .milliseconds(1))
+        #expect(race.answered)
+        #expect(race.nextDeadline == nil)
+        #expect(race.tick(now: .seconds(5)).isEmpty)
+        #expect(race.hedgesFired == 0)
+        #expect(race.legFailed(0, now: .seconds(6)) == [.startLeg(1, .origin(o))])
+        #expect(!race.answered)
+        #expect(race.legSucceeded(1, now: .seconds(7)) == [.finished(winner: 1, .origin(o))])
+    }
+
     @Test("race, failover only: no timer ever starts a leg; each failure starts the next; all at once is no hedge")
     func raceFailoverOnly() {
         let a = node("a"), b = node("b"), o = node("origin")

@@ -32,6 +32,8 @@ public struct FetchResult: Sendable {
     public var transport: MeshTransportKind
     public var legsStarted: Int
     public var legsCancelled: Int
+    /// From the start of the race until the winner's response head arrived.
+    public var timeToFirstByte: Duration
 }
 
 public enum MeshTransportKind: String, Sendable {
@@ -98,13 +100,16 @@ public final class BlobFetcher: Sendable {
     }
 
     private enum Event: Sendable {
+        case responded(Int, MeshReply)
         case won(Int, StoreDigest, MeshTransportKind)
         case failed(Int, any Error)
         case timer
     }
 
     /// Runs MeshCore's `RaceDecision` (the pure race state machine) over real legs: it says which
-    /// leg starts when and which are cancelled; this shell runs them and reports outcomes.
+    /// leg starts when and which are cancelled; this shell runs them and reports outcomes. A leg
+    /// runs in two steps — the request until the response head, then the body into a store
+    /// writer — so an answering source stops the hedging (a large body is not a slow source).
     func race(hash: String, sources: [FetchSource]) async throws -> FetchResult {
         guard !sources.isEmpty else { throw BlobStoreError.notFound(hash) }
         let start = ContinuousClock.now
@@ -118,6 +123,7 @@ public final class BlobFetcher: Sendable {
             var errors: [String] = []
             var timerArmed = false
             var started = 0
+            var firstByte: [Int: Duration] = [:]
             func armTimer() {
                 guard !timerArmed, let due = decision.nextDeadline else { return }
                 timerArmed = true
@@ -133,10 +139,7 @@ public final class BlobFetcher: Sendable {
                     case .startLeg(let i, _):
                         started += 1
                         group.addTask {
-                            do {
-                                let (d, via) = try await self.leg(hash: hash, source: sources[i])
-                                return .won(i, d, via)
-                            } catch { return .failed(i, error) }
+                            do { return .responded(i, try await self.ask(hash: hash, source: sources[i])) } catch { return .failed(i, error) }
                         }
                     case .cancelLeg:
                         break   // every other leg is cancelled below, with the group
@@ -153,6 +156,14 @@ public final class BlobFetcher: Sendable {
             if let done = apply(decision.start(now: now())) { return try done.get() }
             while let event = try await group.next() {
                 switch event {
+                case .responded(let i, let reply):
+                    firstByte[i] = now()
+                    decision.legResponded(i, now: now())
+                    group.addTask {
+                        do {
+                            return .won(i, try await self.receive(hash: hash, reply.response), reply.transport)
+                        } catch { return .failed(i, error) }
+                    }
                 case .won(let i, let digest, let via):
                     _ = decision.legSucceeded(i, now: now())
                     group.cancelAll()
@@ -163,7 +174,8 @@ public final class BlobFetcher: Sendable {
                     latency.recordNanoseconds(took.components.seconds * 1_000_000_000 + took.components.attoseconds / 1_000_000_000)
                     logger.debug("fetched", metadata: ["hash": "\(hash)", "from": "\(sources[i])", "via": "\(via.rawValue)",
                                                        "legs": "\(started)", "cancelled": "\(decision.legsCancelled)"])
-                    return FetchResult(digest: digest, source: sources[i], transport: via, legsStarted: started, legsCancelled: decision.legsCancelled)
+                    return FetchResult(digest: digest, source: sources[i], transport: via, legsStarted: started,
+                                       legsCancelled: decision.legsCancelled, timeToFirstByte: firstByte[i] ?? took)
                 case .failed(let i, let error):
                     errors.append("\(sources[i]): \(error)")
                     if let done = apply(decision.legFailed(i, now: now())) {
@@ -180,16 +192,22 @@ public final class BlobFetcher: Sendable {
         }
     }
 
-    /// One leg: GET from `source`, stream into a store writer, commit only if the digest verifies.
-    func leg(hash: String, source: FetchSource) async throws -> (StoreDigest, MeshTransportKind) {
+    /// A leg's first step: GET from `source` until the response head (a 200, or it failed).
+    func ask(hash: String, source: FetchSource) async throws -> MeshReply {
         let reply = try await requester.request(
             to: source, HTTPRequestHead(method: "GET", path: "/cas/\(hash)", headers: [Self.hopHeader: "1"]), body: .empty)
-        let response = reply.response
+        guard reply.response.status == 200 else {
+            reply.response.cancel()
+            throw BlobStoreError.notFound("\(hash) at \(source) (HTTP \(reply.response.status))")
+        }
+        return reply
+    }
+
+    /// A leg's second step: stream the body into a store writer; commit only if the digest verifies.
+    /// Cancelled (the race was won elsewhere) → the stream is reset and nothing is stored.
+    func receive(hash: String, _ response: HTTPClientResponse) async throws -> StoreDigest {
         var done = false
         defer { if !done { response.cancel() } }
-        guard response.status == 200 else {
-            throw BlobStoreError.notFound("\(hash) at \(source) (HTTP \(response.status))")
-        }
         let size = response.headers["content-length"].flatMap { Int64($0) }
         let writer = try await store.beginWrite(hash: hash, expectedSize: size)
         do {
@@ -200,7 +218,7 @@ public final class BlobFetcher: Sendable {
             try Task.checkCancellation()
             let d = try writer.commit()
             done = true
-            return (d, reply.transport)
+            return d
         } catch {
             writer.abort()
             throw error

@@ -245,10 +245,11 @@ public final class MeshService: MeshHooks, Sendable {
     public func fetchMissing(hash: String) async -> String? {
         let srcs = sources(for: hash)
         guard !srcs.isEmpty else { return nil }
-        let start = ContinuousClock.now
         do {
             let r = try await fetcher.fetch(hash: hash, sources: srcs)
-            latency.tracker.withLock { $0.recordFetchLatency(ContinuousClock.now - start) }
+            // The hedge delay is a percentile of time to first byte: a hedge is against a source
+            // that does not answer, not against a large body.
+            latency.tracker.withLock { $0.recordFetchLatency(r.timeToFirstByte) }
             announce(r.digest)
             return "\(r.source) via \(r.transport.rawValue)"
         } catch {
