@@ -115,6 +115,11 @@ final class QUICClientHandler: ChannelInboundHandler, QUICCoreDelegate {
     func handlerRemoved(context: ChannelHandlerContext) {
         core?.finalize(error: HTTPTransportError.connectionClosed)
         self.context = nil
+        // Removed before a core existed (its set-up threw): nobody else will answer the caller.
+        if let r = ready {
+            ready = nil
+            r.fail(HTTPTransportError.connectionClosed)
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
