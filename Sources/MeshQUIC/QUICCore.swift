@@ -25,7 +25,7 @@ public struct QUICSettings: Sendable {
     public var initialRTT: TimeAmount = .milliseconds(1)
     /// Advertised max_ack_delay (not below ~5 ms: fewer ACK-only packets under load).
     public var maxAckDelay: TimeAmount = .milliseconds(5)
-    /// Send runs of equal-size packets with UDP GSO (one syscall per up to 40 packets).
+    /// Send runs of equal-size packets with UDP GSO (one syscall per up to 64 packets).
     public var gso: Bool = true
     /// Receive coalesced datagrams (UDP GRO) where the kernel supports it.
     public var gro: Bool = true
@@ -473,9 +473,11 @@ final class QUICCore {
         let ts = QUICClock.now()
         let mtu = max(1200, ngtcp2_conn_get_max_tx_udp_payload_size(conn))
         let quantum = ngtcp2_conn_get_send_quantum(conn)
-        let maxPackets = max(1, min(40, quantum / mtu))
-        var out = allocator.buffer(capacity: mtu * min(maxPackets, 8))
+        let maxPackets = max(1, min(Self.maxBurstPackets, quantum / mtu))
+        // The whole burst in one buffer sized up front (no regrowth copies mid-burst).
+        var out = allocator.buffer(capacity: mtu * maxPackets)
         var sizes: [Int] = []
+        sizes.reserveCapacity(maxPackets)
         var vecs = [nghttp3_vec](repeating: nghttp3_vec(), count: 16)
         var fatal: Int32 = 0
         var fatalIsH3 = false
@@ -549,8 +551,20 @@ final class QUICCore {
             closeWith(e, error: QUICError.internalError("write: \(fatal)"))
             return
         }
-        updateTimer()
+        if sizes.count >= maxPackets {
+            // Stopped by the send quantum, not by congestion, flow control or pacing: go on
+            // with the next burst on the next loop turn (after pending reads, e.g. ACKs)
+            // instead of waiting for the pacing timer. ngtcp2 refuses (writes 0) when pacing
+            // really holds us back, and that write re-arms the expiry timer.
+            scheduleWrite()
+        } else {
+            updateTimer()
+        }
     }
+
+    /// Packets per write burst (one GSO send when they are of one size): the send quantum
+    /// allows ~45 full-size packets; Linux takes up to 64 segments per GSO send.
+    static let maxBurstPackets = 64
 
     private func updateTimer() {
         guard phase == .active else { return }
