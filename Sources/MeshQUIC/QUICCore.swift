@@ -394,6 +394,9 @@ final class QUICCore {
         case .active: break
         }
         let ts = QUICClock.now()
+        // Answer once per read burst (the handler calls `flushAfterRead`), not per datagram;
+        // set before reading so that writes asked for by callbacks join that flush.
+        needsWrite = true
         let rv = withPath(remote: remote) { path in
             buffer.withUnsafeReadableBytes { b in
                 cm_ngtcp2_conn_read_pkt(conn, path, b.baseAddress?.assumingMemoryBound(to: UInt8.self), b.count, ts)
@@ -404,8 +407,6 @@ final class QUICCore {
             return
         }
         processedAnyPacket = true
-        // Answer once per read burst (the handler calls `flushAfterRead`), not per datagram.
-        needsWrite = true
     }
 
     /// End of a read burst: write what the datagrams just read made necessary (ACKs, data).
@@ -456,7 +457,8 @@ final class QUICCore {
 
     /// Coalesce write requests from callbacks and other tasks into one write loop.
     func scheduleWrite() {
-        guard !writeScheduled, phase == .active else { return }
+        // In a read burst the burst's flush (`flushAfterRead`) writes anyway.
+        guard !writeScheduled, !needsWrite, phase == .active else { return }
         writeScheduled = true
         loop.assumeIsolated().execute {
             self.writeScheduled = false
@@ -1140,7 +1142,8 @@ final class QUICCore {
         } else if !hasBody {
             stopUploadIfUnfinished(s)
         }
-        writePackets()
+        // Coalesced: responses completed in the same loop turn share packets and one send.
+        scheduleWrite()
     }
 
     /// The response is complete but the client is still uploading (e.g. an early 4xx): ask it
@@ -1390,7 +1393,8 @@ final class QUICCore {
             continuation.resume(throwing: HTTPTransportError.protocolError("nghttp3_conn_submit_request: \(srv)"))
             ngtcp2_conn_shutdown_stream(conn, sid, UInt64(NGHTTP3_H3_INTERNAL_ERROR))
         }
-        writePackets()
+        // Coalesced: requests started in the same loop turn share packets and one send.
+        scheduleWrite()
     }
 
     private func scheduleStartPending() {
