@@ -25,7 +25,7 @@ public struct QUICSettings: Sendable {
     public var initialRTT: TimeAmount = .milliseconds(1)
     /// Advertised max_ack_delay (not below ~5 ms: fewer ACK-only packets under load).
     public var maxAckDelay: TimeAmount = .milliseconds(5)
-    /// Send runs of equal-size packets with UDP GSO (one syscall per up to 40 packets).
+    /// Send runs of equal-size packets with UDP GSO (one syscall per up to 64 packets).
     public var gso: Bool = true
     /// Receive coalesced datagrams (UDP GRO) where the kernel supports it.
     public var gro: Bool = true
@@ -394,6 +394,9 @@ final class QUICCore {
         case .active: break
         }
         let ts = QUICClock.now()
+        // Answer once per read burst (the handler calls `flushAfterRead`), not per datagram;
+        // set before reading so that writes asked for by callbacks join that flush.
+        needsWrite = true
         let rv = withPath(remote: remote) { path in
             buffer.withUnsafeReadableBytes { b in
                 cm_ngtcp2_conn_read_pkt(conn, path, b.baseAddress?.assumingMemoryBound(to: UInt8.self), b.count, ts)
@@ -404,8 +407,6 @@ final class QUICCore {
             return
         }
         processedAnyPacket = true
-        // Answer once per read burst (the handler calls `flushAfterRead`), not per datagram.
-        needsWrite = true
     }
 
     /// End of a read burst: write what the datagrams just read made necessary (ACKs, data).
@@ -456,7 +457,8 @@ final class QUICCore {
 
     /// Coalesce write requests from callbacks and other tasks into one write loop.
     func scheduleWrite() {
-        guard !writeScheduled, phase == .active else { return }
+        // In a read burst the burst's flush (`flushAfterRead`) writes anyway.
+        guard !writeScheduled, !needsWrite, phase == .active else { return }
         writeScheduled = true
         loop.assumeIsolated().execute {
             self.writeScheduled = false
@@ -473,9 +475,11 @@ final class QUICCore {
         let ts = QUICClock.now()
         let mtu = max(1200, ngtcp2_conn_get_max_tx_udp_payload_size(conn))
         let quantum = ngtcp2_conn_get_send_quantum(conn)
-        let maxPackets = max(1, min(40, quantum / mtu))
-        var out = allocator.buffer(capacity: mtu * min(maxPackets, 8))
+        let maxPackets = max(1, min(Self.maxBurstPackets, quantum / mtu))
+        // The whole burst in one buffer sized up front (no regrowth copies mid-burst).
+        var out = allocator.buffer(capacity: mtu * maxPackets)
         var sizes: [Int] = []
+        sizes.reserveCapacity(maxPackets)
         var vecs = [nghttp3_vec](repeating: nghttp3_vec(), count: 16)
         var fatal: Int32 = 0
         var fatalIsH3 = false
@@ -549,8 +553,20 @@ final class QUICCore {
             closeWith(e, error: QUICError.internalError("write: \(fatal)"))
             return
         }
-        updateTimer()
+        if sizes.count >= maxPackets {
+            // Stopped by the send quantum, not by congestion, flow control or pacing: go on
+            // with the next burst on the next loop turn (after pending reads, e.g. ACKs)
+            // instead of waiting for the pacing timer. ngtcp2 refuses (writes 0) when pacing
+            // really holds us back, and that write re-arms the expiry timer.
+            scheduleWrite()
+        } else {
+            updateTimer()
+        }
     }
+
+    /// Packets per write burst (one GSO send when they are of one size): the send quantum
+    /// allows ~45 full-size packets; Linux takes up to 64 segments per GSO send.
+    static let maxBurstPackets = 64
 
     private func updateTimer() {
         guard phase == .active else { return }
@@ -1126,7 +1142,8 @@ final class QUICCore {
         } else if !hasBody {
             stopUploadIfUnfinished(s)
         }
-        writePackets()
+        // Coalesced: responses completed in the same loop turn share packets and one send.
+        scheduleWrite()
     }
 
     /// The response is complete but the client is still uploading (e.g. an early 4xx): ask it
@@ -1376,7 +1393,8 @@ final class QUICCore {
             continuation.resume(throwing: HTTPTransportError.protocolError("nghttp3_conn_submit_request: \(srv)"))
             ngtcp2_conn_shutdown_stream(conn, sid, UInt64(NGHTTP3_H3_INTERNAL_ERROR))
         }
-        writePackets()
+        // Coalesced: requests started in the same loop turn share packets and one send.
+        scheduleWrite()
     }
 
     private func scheduleStartPending() {

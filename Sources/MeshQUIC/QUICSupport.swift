@@ -168,7 +168,7 @@ struct AckedBufferQueue {
 }
 
 /// Splits a run of packets written back to back into UDP sends: consecutive packets of the same
-/// size form one GSO send (the last of a run may be shorter), at most `maxSegments` each.
+/// size form one GSO send (the last of a run may be shorter), at most `maxSegments` each (Linux: UDP_MAX_SEGMENTS >= 64).
 enum GSOBatcher {
     struct Send: Equatable {
         var offset: Int
@@ -177,7 +177,7 @@ enum GSOBatcher {
         var segmentSize: Int?
     }
 
-    static func batches(sizes: [Int], maxSegments: Int = 40, enabled: Bool = true) -> [Send] {
+    static func batches(sizes: [Int], maxSegments: Int = 64, enabled: Bool = true) -> [Send] {
         var out: [Send] = []
         var i = 0
         var offset = 0
