@@ -84,8 +84,14 @@ let package = Package(
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "TOMLKit", package: "TOMLKit"),
         ]),
+        // Userspace link emulator (delay, jitter, loss, rate) for TCP and UDP: `cachemesh relay`.
+        .target(name: "LinkEmulator", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(name: "cachemesh", dependencies: [
-            "CacheNode", "CMeshSystem", "MeshCore", "BlobStore",
+            "CacheNode", "CMeshSystem", "MeshCore", "BlobStore", "LinkEmulator",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -104,6 +110,11 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "MeshGRPCTests", dependencies: ["MeshGRPC", "MeshHTTP"]),
+        .testTarget(name: "LinkEmulatorTests", dependencies: [
+            "LinkEmulator",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "MeshHTTP2", "MeshTLS", "MeshGRPC", "MeshHTTP", "REAPI", "BlobStore"]),
     ]
 )
