@@ -477,6 +477,7 @@ class Bench:
     def run(self):
         self.setup()
         self.raw = {}
+        load0 = os.getloadavg()[0]
         configs = [(f"direct-{t}", None, t, True) for t in self.sc.transports]
         configs += [(f"{s}/{t}", s, t, False) for s in self.sc.strategies for t in self.sc.transports]
         if self.args.only:
@@ -494,7 +495,7 @@ class Bench:
         meta = {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "nproc": os.cpu_count(), "kernel": os.uname().release, "scenario": os.path.relpath(self.sc.path, ROOT),
-            "scenario_name": self.sc.name, "command": self.args.command, "links": self.sc.links,
+            "scenario_name": self.sc.name, "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)], "command": self.args.command, "links": self.sc.links,
             "concurrency": self.sc.concurrency, "worker": self.sc.worker, "peers": self.sc.peers,
             "classes": {k: {"blobs": sum(1 for b in self.blobs if b.cls == k), "bytes": v} for k, v in self.class_bytes.items()},
         }
@@ -514,6 +515,9 @@ def markdown(meta, rows):
     L.append("")
     L.append(f"- date: {meta['date']}; machine: {meta['nproc']} CPUs, kernel {meta['kernel']}")
     L.append(f"- scenario: `{meta['scenario']}`; command: `{meta['command']}`")
+    if "loadavg_1m" in meta:
+        L.append(f"- 1-minute load average at start / end: {meta['loadavg_1m'][0]} / {meta['loadavg_1m'][1]} "
+                 f"(on {meta['nproc']} CPUs; anything else running on the machine shows up in every latency here)")
     links = meta["links"]
     L.append("- mesh: origin + " + ", ".join(meta["peers"]) + f" on loopback, every node behind its own `cachemesh relay`; "
              f"worker `{meta['worker']}` (cold, fresh data dirs per configuration); "
