@@ -14,7 +14,7 @@ import Testing
                               timeout: 600)
         #expect(r.status == 0, "\(r)")
         let csv = try String(contentsOfFile: out.file("mesh-bench.csv"), encoding: .utf8)
-        let lines = csv.split(separator: "\n").map(String.init)
+        let lines = csv.split(whereSeparator: \.isNewline).map(String.init)
         let header = lines[0].split(separator: ",").map(String.init)
         let rows = lines.dropFirst().map { line in
             Dictionary(uniqueKeysWithValues: zip(header, line.split(separator: ",", omittingEmptySubsequences: false).map(String.init)))
