@@ -103,6 +103,10 @@ def kill_all():
         STARTED.remove(p)
 
 
+class NodeCrash(RuntimeError):
+    pass
+
+
 class Scenario:
     def __init__(self, path):
         with open(path, "rb") as f:
@@ -227,8 +231,10 @@ class Mesh:
     def check_alive(self):
         for n, p in list(self.nodes.items()) + [("relay-" + k, v) for k, v in self.relays.items()]:
             if p.poll() is not None:
-                raise RuntimeError(f"{n} exited with {p.returncode}: "
-                                   f"{self.text(f'node-{n}.log' if not n.startswith('relay-') else f'{n}.out')[-2000:]}")
+                text = self.text(f"node-{n}.log" if not n.startswith("relay-") else f"{n}.out")
+                m = re.search(r"(Fatal error|fatal error|Crash|💣)", text)
+                what = text[max(0, m.start() - 300):m.start() + 2500] if m else text[-2000:]
+                raise NodeCrash(f"{self.label}: {n} exited with {p.returncode}: {what}")
 
     def curl(self, node, path):
         """GET over HTTP/2 + mTLS straight to the node's private port (a node certificate: /mesh/* needs one)."""
@@ -263,7 +269,7 @@ class Mesh:
             except (RuntimeError, ValueError, subprocess.TimeoutExpired):
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"{self.label}: timed out waiting for {what}")
+        raise NodeCrash(f"{self.label}: mesh not ready: timed out waiting for {what}")
 
     def converge_members(self):
         n = len(self.b.sc.nodes)
@@ -404,6 +410,13 @@ class Bench:
             result = self.driver(mesh, lines, hop=baseline, transport=transport if baseline else "tcp", label=label)
             c1 = mesh.cpu()
             m1 = {n: mesh.metrics(n) for n in self.sc.nodes}
+            if not baseline:
+                # Breakdown: the same peer-held small blobs again, now local at the worker (its own
+                # request + serve cost, without the mesh fetch).
+                again = [f"{b.cls} {b.hash} {b.size}" for b in self.blobs if b.cls == "peer-small"]
+                if again:
+                    r2 = self.driver(mesh, again, hop=False, transport="tcp", label=label + " (local)")
+                    result["local_peer_small_p50_ms"] = r2["classes"]["peer-small"]["p50_ms"]
             wire = mesh.shutdown()
             return self.row(label, strategy, transport, baseline, result, m0, m1, c0, c1, wire)
         finally:
@@ -467,6 +480,9 @@ class Bench:
             row[f"cpu_s_per_gib_{n}"] = round((c1[n] - c0[n]) / gib, 2) if gib else 0.0
         relays = sum(c1[k] - c0[k] for k in c1 if k.startswith("relay-"))
         row["cpu_s_per_gib_relays"] = round(relays / gib, 2) if gib else 0.0
+        row["worker_local_p50_ms"] = round(r.get("local_peer_small_p50_ms", 0.0), 3)
+        n_fetch = delta(w, "cachemesh_fetch_duration_seconds_count")
+        row["worker_mesh_fetch_mean_ms"] = round(1000 * delta(w, "cachemesh_fetch_duration_seconds_sum") / n_fetch, 3) if n_fetch else 0.0
         row["errors"] = " | ".join(r.get("errors", [])).replace(",", ";").replace("\n", " ")[:500]
         self.raw[label] = {k: {"latencies_ms": v["latencies_ms"], "sources": v["sources"]} for k, v in cls.items()}
         log(f"{label}: {r['verified']}/{r['requests']} verified, {r['mib_per_s']:.1f} MiB/s, "
@@ -484,12 +500,23 @@ class Bench:
             keep = set(self.args.only.split(","))
             configs = [c for c in configs if c[0] in keep]
         rows = []
+        self.crashes = []
         for label, strategy, transport, baseline in configs:
-            rows.append(self.run_config(label, strategy, transport, baseline))
+            for attempt in (1, 2):
+                try:
+                    rows.append(self.run_config(label, strategy, transport, baseline))
+                    break
+                except NodeCrash as e:
+                    # A node process died or the mesh never converged (the node's problem, not the
+                    # bench's): record it, retry once with a fresh mesh.
+                    log(f"{label}: {e}")
+                    self.crashes.append(str(e))
+                    if attempt == 2:
+                        raise
         os.makedirs(self.args.out, exist_ok=True)
         csv_path = os.path.join(self.args.out, "mesh-bench.csv")
         with open(csv_path, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()), lineterminator="\n")
             wr.writeheader()
             wr.writerows(rows)
         meta = {
@@ -497,6 +524,7 @@ class Bench:
             "nproc": os.cpu_count(), "kernel": os.uname().release, "scenario": os.path.relpath(self.sc.path, ROOT),
             "scenario_name": self.sc.name, "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)], "command": self.args.command, "links": self.sc.links,
             "concurrency": self.sc.concurrency, "worker": self.sc.worker, "peers": self.sc.peers,
+            "node_crashes": self.crashes,
             "classes": {k: {"blobs": sum(1 for b in self.blobs if b.cls == k), "bytes": v} for k, v in self.class_bytes.items()},
         }
         with open(os.path.join(self.args.out, "mesh-bench.json"), "w") as f:
@@ -527,6 +555,9 @@ def markdown(meta, rows):
              + f"; requests in a shuffled order, {meta['concurrency']} in flight; every body SHA-256-verified by the driver")
     L.append("- latency: per request at the driver (HdrHistogram); `direct-*` rows are the baselines: the driver GETs each blob "
              "straight from its holder (peer, or the origin for origin-only blobs) through that node's relay with `x-cachemesh-hop: 1`")
+    if meta.get("node_crashes"):
+        L.append(f"- **{len(meta['node_crashes'])} node crash(es) / mesh set-up failure(s)** during the run; each configuration hit was re-run once "
+                 "on a fresh mesh (details in mesh-bench.json, `meta.node_crashes`)")
     L.append("")
     L.append("| config | peer-small p50 / p90 / p99 ms | peer-large p50 ms | origin-only p50 / p90 / p99 ms | MiB/s | origin egress | egress on peer-held | peer hits | hedges | legs cancelled | CPU s/GiB worker / origin / holders | verified |")
     L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -543,8 +574,8 @@ def markdown(meta, rows):
     # Aims, side by side.
     L.append("## Aims (same run)")
     L.append("")
-    L.append("| transport | direct peer p50 | hedged peer-small p50 (× direct) | peers-only | immediate | origin-only | direct origin p50 | hedged origin-only p50 (× direct) | hedged origin egress |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("| transport | direct peer p50 | hedged peer-small p50 (× direct) | peers-only | immediate | origin-only | direct origin p50 | hedged origin-only p50 (× direct) | hedged origin egress | hedged: worker-local p50 / mean mesh fetch |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in ("quic", "tcp"):
         d = by.get(f"direct-{t}")
         h = by.get(f"hedged/{t}")
@@ -555,7 +586,8 @@ def markdown(meta, rows):
             r = by.get(f"{cfg}/{t}")
             return f"{r[key]:.2f} ms ({r[key] / d[key]:.2f}×)" if r and d[key] else "-"
         L.append(f"| {t} | {d['peer-small_p50_ms']:.2f} ms | {p('hedged')} | {p('peers-only')} | {p('immediate')} | {p('origin-only')} "
-                 f"| {d['origin-only_p50_ms']:.2f} ms | {p('hedged', 'origin-only_p50_ms')} | {h['origin_egress_pct']:.1f}% |")
+                 f"| {d['origin-only_p50_ms']:.2f} ms | {p('hedged', 'origin-only_p50_ms')} | {h['origin_egress_pct']:.1f}% "
+                 f"| {h.get('worker_local_p50_ms', 0):.2f} ms / {h.get('worker_mesh_fetch_mean_ms', 0):.1f} ms |")
     L.append("")
     L.append("Aims: peer-held p50 ≤ 1.2× the direct peer fetch; origin-only blobs ≤ 1.05× the direct origin fetch; "
              "origin egress ≤ 10% when peers hold the working set.")
@@ -564,6 +596,8 @@ def markdown(meta, rows):
              "(`cachemesh_store_bytes_out_total` delta) and as % of the bytes the worker fetched; *egress on peer-held* = that minus the "
              "origin-only blobs' bytes, as % of the peer-held bytes (what the mesh failed to spare the origin); *peer hits* = responses whose "
              "`x-cachemesh-source` is `peer:*`; *CPU s/GiB* = utime+stime over the fetch phase (/proc/PID/stat) ÷ GiB fetched by the worker. "
+             "*worker-local p50*: the same peer-held small blobs fetched a second time from the worker, now local (its own request + serve cost); "
+             "*mean mesh fetch*: the worker's `cachemesh_fetch_duration_seconds` sum/count (all classes). "
              "Full numbers (p90/p99 per class, wire bytes at the origin's relay, CPU of the relays, sources) are in `mesh-bench.csv`.")
     L.append("")
     return "\n".join(L)

@@ -21,6 +21,7 @@ struct BenchMeshDriverCommand: AsyncParsableCommand {
     @Flag(help: "Send x-cachemesh-hop: 1 (the node answers from its own store only: a direct fetch).") var hop = false
     @Option(help: "Label copied into the JSON output.") var label: String = ""
     @Option(help: "Warm-up GET /healthz per connection before timing.") var warmup: Int = 3
+    @Option(name: .customLong("request-timeout"), help: "Seconds before a request counts as failed (and is cancelled).") var requestTimeout: Double = 30
     @Option(name: .customLong("put-from"), help: "Instead of fetching: PUT every listed blob (the file DIR/HASH) to its TARGET as a mirror copy (x-cachemesh-mirror: 1; needs a node certificate), so it lands on exactly that node.") var putFrom: String?
     @OptionGroup var client: ClientFlags
 
@@ -70,6 +71,7 @@ struct BenchMeshDriverCommand: AsyncParsableCommand {
             return
         }
         let hop = self.hop
+        let timeout = Duration.milliseconds(Int64(requestTimeout * 1000))
         let next = NextIndex()
         let start = ContinuousClock.now
         let outcomes = try await withThrowingTaskGroup(of: [Outcome].self) { group in
@@ -77,7 +79,7 @@ struct BenchMeshDriverCommand: AsyncParsableCommand {
                 group.addTask {
                     var out: [Outcome] = []
                     while let i = next.take(items.count) {
-                        out.append(await Self.fetch(items[i], index: i, client: clients[items[i].target ?? ""]!, hop: hop))
+                        out.append(await Self.fetch(items[i], index: i, client: clients[items[i].target ?? ""]!, hop: hop, timeout: timeout))
                     }
                     return out
                 }
@@ -137,6 +139,29 @@ struct BenchMeshDriverCommand: AsyncParsableCommand {
             items.append(Item(cls: f[0], hash: f[1], size: size, target: f.count > 3 && f[3] != "-" ? f[3] : nil))
         }
         return items
+    }
+
+    /// One GET, failed (and cancelled) after `timeout`: a stalled fetch is recorded, not waited for.
+    static func fetch(_ item: Item, index: Int, client: CacheClient, hop: Bool, timeout: Duration) async -> Outcome {
+        let t0 = ContinuousClock.now
+        let once = Once()
+        // Unstructured on purpose: a request stuck in the node may not honour cancellation, and
+        // waiting for it (as a task group would) would stall the whole run.
+        return await withCheckedContinuation { (c: CheckedContinuation<Outcome, Never>) in
+            let work = Task {
+                let o = await fetch(item, index: index, client: client, hop: hop)
+                if once.claim() { c.resume(returning: o) }
+            }
+            Task {
+                try? await Task.sleep(for: timeout)
+                guard once.claim() else { return }
+                work.cancel()
+                let took = ContinuousClock.now - t0
+                let ns = UInt64(took.components.seconds) * 1_000_000_000 + UInt64(took.components.attoseconds / 1_000_000_000)
+                c.resume(returning: Outcome(index: index, nanos: ns, bytes: 0, verified: false, source: "timeout",
+                                            error: "no complete response within \(timeout)"))
+            }
+        }
     }
 
     static func fetch(_ item: Item, index: Int, client: CacheClient, hop: Bool) async -> Outcome {
@@ -220,6 +245,19 @@ final class NextIndex: @unchecked Sendable {
             guard i < count else { return nil }
             defer { i += 1 }
             return i
+        }
+    }
+}
+
+/// True for the first caller only.
+final class Once: @unchecked Sendable {
+    private let lock = NSLock()
+    private var done = false
+    func claim() -> Bool {
+        lock.withLock {
+            if done { return false }
+            done = true
+            return true
         }
     }
 }
