@@ -13,7 +13,7 @@ struct CacheMeshCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cachemesh",
         abstract: "A peer-to-peer, content-addressed build cache served over HTTP/2 + mutual TLS.",
-        subcommands: [NodeCommand.self, PutCommand.self, GetCommand.self, StatusCommand.self, DemoCommand.self, SimulateGossipCommand.self, BenchFetchCommand.self, RelayCommand.self])
+        subcommands: [NodeCommand.self, PutCommand.self, GetCommand.self, StatusCommand.self, DemoCommand.self, SimulateGossipCommand.self, BenchFetchCommand.self, RelayCommand.self, BenchMeshDriverCommand.self])
 }
 
 func bootstrapLogging(_ level: Logger.Level) {
