@@ -44,6 +44,13 @@ public actor HTTPConnectionPool<Connection: PooledHTTPConnection> {
         }
     }
 
+    /// Stop using the connection to `host:port` (it stalled): new requests open a fresh one; the
+    /// old one is closed, failing whatever still waits on it.
+    public func discard(host: String, port: Int) async {
+        guard let c = connections.removeValue(forKey: "\(host):\(port)") else { return }
+        await c.close()
+    }
+
     public func closeAll() async {
         let all = Array(connections.values)
         connections = [:]

@@ -21,6 +21,11 @@ final class FakeMesh: MeshRequester {
     let behaviours: [String: Behaviour]
     let requests = Mutex<[String]>([])
     let cancels = Mutex<[String]>([])
+    let stalls = Mutex<[String]>([])
+
+    func connectionStalled(to source: FetchSource, via transport: MeshTransportKind?) async {
+        stalls.withLock { $0.append(source.name) }
+    }
 
     init(_ behaviours: [String: Behaviour]) { self.behaviours = behaviours }
 
@@ -99,6 +104,22 @@ final class FakeMesh: MeshRequester {
         let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("liar"), src("origin", origin: true)])
         #expect(r.source.isOrigin)
         #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
+    }
+
+    @Test func stalledLegsFailAndTheNextSourceServes() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        // One source never answers; one answers and then sends no body bytes; neither may hang
+        // the fetch: with one leg at a time, each fails after the stall timeout.
+        let mesh = FakeMesh(["mute": .init(headDelay: .seconds(60), bytes: blob), "stuck": .init(delay: .seconds(60), bytes: blob),
+                             "origin": .init(bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), stallTimeout: .milliseconds(200), spacing: { .failoverOnly })
+        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("mute"), src("stuck"), src("origin", origin: true)])
+        #expect(r.source.isOrigin)
+        #expect(mesh.requests.withLock { $0 } == ["mute", "stuck", "origin"])
+        #expect(Set(mesh.stalls.withLock { $0 }) == ["mute", "stuck"])
+        #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
+        #expect(s.stats.reservedBytes == 0)
     }
 
     @Test func corruptPeerLosesAndNothingCorruptIsStored() async throws {

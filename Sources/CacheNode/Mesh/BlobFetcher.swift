@@ -53,6 +53,20 @@ public struct MeshReply: Sendable {
 /// Opens a request to another node (HTTP/3 preferred, HTTP/2 as fallback: `MeshTransport`).
 public protocol MeshRequester: Sendable {
     func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> MeshReply
+    /// A request to `source` over `transport` (nil: not known which) stalled: stop using that
+    /// connection for new work.
+    func connectionStalled(to source: FetchSource, via transport: MeshTransportKind?) async
+}
+
+extension MeshRequester {
+    public func connectionStalled(to source: FetchSource, via transport: MeshTransportKind?) async {}
+}
+
+/// A leg that made no progress (no response head, or no body bytes) for the stall timeout.
+public struct LegStalled: Error, CustomStringConvertible {
+    public var source: FetchSource
+    public var after: Duration
+    public var description: String { "\(source) made no progress for \(after)" }
 }
 
 /// The worker role: fetch a blob this node lacks by racing the sources that should hold it.
@@ -71,6 +85,8 @@ public final class BlobFetcher: Sendable {
     let requester: any MeshRequester
     let logger: Logger
     let spacing: @Sendable () -> LegSpacing
+    /// A leg with no response head, or no body bytes, for this long fails (the next source starts).
+    let stallTimeout: Duration
     private let inflight = Mutex<[String: Task<FetchResult, any Error>]>([:])
     private let wins: (origin: Counter, peer: Counter)
     private let hedges = Counter(label: "cachemesh_fetch_hedges_fired_total")
@@ -78,20 +94,23 @@ public final class BlobFetcher: Sendable {
     private let failures = Counter(label: "cachemesh_fetch_failures_total")
     private let latency = Metrics.Timer(label: "cachemesh_fetch_duration_seconds")
 
-    public init(store: BlobStore, requester: any MeshRequester, logger: Logger, spacing: @escaping @Sendable () -> LegSpacing) {
+    public init(store: BlobStore, requester: any MeshRequester, logger: Logger, stallTimeout: Duration = .seconds(10),
+                spacing: @escaping @Sendable () -> LegSpacing) {
         self.store = store
         self.requester = requester
         self.logger = logger
         self.spacing = spacing
+        self.stallTimeout = stallTimeout
         self.wins = (Counter(label: "cachemesh_fetch_wins_total", dimensions: [("source", "origin")]),
                      Counter(label: "cachemesh_fetch_wins_total", dimensions: [("source", "peer")]))
     }
 
     /// Fetch `hash` into the local store from `sources` (best first).
-    public func fetch(hash: String, sources: [FetchSource]) async throws -> FetchResult {
+    /// `spacing` overrides the fetcher's own leg spacing for this fetch.
+    public func fetch(hash: String, sources: [FetchSource], spacing: LegSpacing? = nil) async throws -> FetchResult {
         let (task, isNew) = inflight.withLock { m -> (Task<FetchResult, any Error>, Bool) in
             if let t = m[hash] { return (t, false) }
-            let t = Task { try await self.race(hash: hash, sources: sources) }
+            let t = Task { try await self.race(hash: hash, sources: sources, spacing: spacing ?? self.spacing()) }
             m[hash] = t
             return (t, true)
         }
@@ -110,14 +129,14 @@ public final class BlobFetcher: Sendable {
     /// leg starts when and which are cancelled; this shell runs them and reports outcomes. A leg
     /// runs in two steps — the request until the response head, then the body into a store
     /// writer — so an answering source stops the hedging (a large body is not a slow source).
-    func race(hash: String, sources: [FetchSource]) async throws -> FetchResult {
+    func race(hash: String, sources: [FetchSource], spacing: LegSpacing) async throws -> FetchResult {
         guard !sources.isEmpty else { throw BlobStoreError.notFound(hash) }
         let start = ContinuousClock.now
         func now() -> Duration { ContinuousClock.now - start }
         let plan = RacePlan(sources: sources.map { s in
             let id = NodeID(name: s.name, uid: 0)
             return s.isOrigin ? .origin(id) : .peer(id)
-        }, spacing: spacing())
+        }, spacing: spacing)
         var decision = RaceDecision(plan: plan, now: .zero)
         return try await withThrowingTaskGroup(of: Event.self) { group in
             var errors: [String] = []
@@ -161,7 +180,7 @@ public final class BlobFetcher: Sendable {
                     decision.legResponded(i, now: now())
                     group.addTask {
                         do {
-                            return .won(i, try await self.receive(hash: hash, reply.response), reply.transport)
+                            return .won(i, try await self.receive(hash: hash, reply, from: sources[i]), reply.transport)
                         } catch { return .failed(i, error) }
                     }
                 case .won(let i, let digest, let via):
@@ -194,8 +213,23 @@ public final class BlobFetcher: Sendable {
 
     /// A leg's first step: GET from `source` until the response head (a 200, or it failed).
     func ask(hash: String, source: FetchSource) async throws -> MeshReply {
-        let reply = try await requester.request(
-            to: source, HTTPRequestHead(method: "GET", path: "/cas/\(hash)", headers: [Self.hopHeader: "1"]), body: .empty)
+        let (requester, stall) = (self.requester, stallTimeout)
+        let reply = try await withThrowingTaskGroup(of: MeshReply?.self) { group in
+            group.addTask {
+                try await requester.request(
+                    to: source, HTTPRequestHead(method: "GET", path: "/cas/\(hash)", headers: [Self.hopHeader: "1"]), body: .empty)
+            }
+            group.addTask {
+                try await Task.sleep(for: stall)
+                return nil
+            }
+            defer { group.cancelAll() }
+            guard let first = try await group.next(), let reply = first else {
+                await requester.connectionStalled(to: source, via: nil)
+                throw LegStalled(source: source, after: stall)
+            }
+            return reply
+        }
         guard reply.response.status == 200 else {
             reply.response.cancel()
             throw BlobStoreError.notFound("\(hash) at \(source) (HTTP \(reply.response.status))")
@@ -205,15 +239,36 @@ public final class BlobFetcher: Sendable {
 
     /// A leg's second step: stream the body into a store writer; commit only if the digest verifies.
     /// Cancelled (the race was won elsewhere) → the stream is reset and nothing is stored.
-    func receive(hash: String, _ response: HTTPClientResponse) async throws -> StoreDigest {
+    func receive(hash: String, _ reply: MeshReply, from source: FetchSource) async throws -> StoreDigest {
+        let response = reply.response
         var done = false
         defer { if !done { response.cancel() } }
+        // Watchdog: no body bytes for the stall timeout → reset the stream (the loop below then
+        // fails) and tell the transport, so new work does not queue behind a stuck connection.
+        let progress = Atomic<Int64>(0)
+        let stalled = Atomic<Bool>(false)
+        let stall = stallTimeout
+        let watchdog = Task {
+            var last = progress.load(ordering: .relaxed)
+            while !Task.isCancelled {
+                try? await Task.sleep(for: stall)
+                let now = progress.load(ordering: .relaxed)
+                if now == last && !Task.isCancelled {
+                    stalled.store(true, ordering: .relaxed)
+                    response.cancel()
+                    return
+                }
+                last = now
+            }
+        }
+        defer { watchdog.cancel() }
         let size = response.headers["content-length"].flatMap { Int64($0) }
         let writer = try await store.beginWrite(hash: hash, expectedSize: size)
         do {
             for try await chunk in response.body {
                 try Task.checkCancellation()
                 try chunk.withUnsafeReadableBytes { try writer.write($0) }
+                progress.add(1, ordering: .relaxed)
             }
             try Task.checkCancellation()
             let d = try writer.commit()
@@ -221,6 +276,10 @@ public final class BlobFetcher: Sendable {
             return d
         } catch {
             writer.abort()
+            if stalled.load(ordering: .relaxed) {
+                await requester.connectionStalled(to: source, via: reply.transport)
+                throw LegStalled(source: source, after: stall)
+            }
             throw error
         }
     }

@@ -205,48 +205,55 @@ public final class MeshService: MeshHooks, Sendable {
     }
 
     /// Where to fetch `hash` from, best first: live holders by the locality map ranked by RTT,
-    /// then its rendezvous owners (a write a moment ago may not be gossiped yet), then the origin
-    /// (`origin-only`: the origin alone).
-    func sources(for hash: String) -> [FetchSource] {
+    /// then its rendezvous owners (a write a moment ago may not be gossiped yet; guesses, ranked by
+    /// RTT among themselves), then the origin (`origin-only`: the origin alone). `known` counts the
+    /// sources the map says hold it.
+    func sources(for hash: String) -> (sources: [FetchSource], known: Int) {
         let size = sizes.withLock { $0[hash] }
         let strategy = settings.fetch.strategy
-        let (holders, origin) = core.withLock { c -> ([(NodeID, FetchSource)], FetchSource?) in
+        let (holders, guesses, origin) = core.withLock { c -> ([(NodeID, FetchSource)], [(NodeID, FetchSource)], FetchSource?) in
             let originMember = c.membership.allMembers.first { $0.metadata.role == .origin && $0.status.isLive && $0.node != me }
             let origin = originMember.flatMap { target($0.node, in: c, isOrigin: true) }
-            guard strategy != .originOnly else { return ([], origin) }
+            guard strategy != .originOnly else { return ([], [], origin) }
+            var seen: Set<NodeID> = [me]
+            if let o = originMember { seen.insert(o.node) }
+            func pick(_ ids: [NodeID]) -> [(NodeID, FetchSource)] {
+                ids.compactMap { id in
+                    guard !seen.contains(id), let t = target(id, in: c) else { return nil }
+                    seen.insert(id)
+                    return (id, t)
+                }
+            }
             var hs: [(NodeID, FetchSource)] = []
-            var known: Set<NodeID> = [me]
-            if let o = originMember { known.insert(o.node) }
-            func add(_ id: NodeID) {
-                guard !known.contains(id), let t = target(id, in: c) else { return }
-                known.insert(id)
-                hs.append((id, t))
-            }
-            if let size, let d = MeshCore.Digest(hex: hash, sizeBytes: size) {
-                for h in c.holders(of: d, now: now()) { add(h) }
-            }
-            if let key = Self.placementKey(hash) {
-                for id in Rendezvous.top(settings.replication, for: key, over: c.membership.liveMembers) { add(id) }
-            }
-            return (hs, origin)
+            if let size, let d = MeshCore.Digest(hex: hash, sizeBytes: size) { hs = pick(c.holders(of: d, now: now())) }
+            var gs: [(NodeID, FetchSource)] = []
+            if let key = Self.placementKey(hash) { gs = pick(Rendezvous.top(settings.replication, for: key, over: c.membership.liveMembers)) }
+            return (hs, gs, origin)
         }
-        // Best measured RTT first (stable: equal RTTs keep map holders before rendezvous owners).
-        let ranked = latency.tracker.withLock { t in
-            holders.enumerated().sorted { a, b in
-                let ra = t.rtt(of: a.element.0) ?? .seconds(1), rb = t.rtt(of: b.element.0) ?? .seconds(1)
-                return ra != rb ? ra < rb : a.offset < b.offset
-            }.map(\.element.1)
+        // Best measured RTT first within each group (stable).
+        func ranked(_ list: [(NodeID, FetchSource)]) -> [FetchSource] {
+            latency.tracker.withLock { t in
+                list.enumerated().sorted { a, b in
+                    let ra = t.rtt(of: a.element.0) ?? .seconds(1), rb = t.rtt(of: b.element.0) ?? .seconds(1)
+                    return ra != rb ? ra < rb : a.offset < b.offset
+                }.map(\.element.1)
+            }
         }
-        var out = Array(ranked.prefix(settings.hedge.maximumLegs + settings.replication))
+        var out = Array(ranked(holders).prefix(settings.hedge.maximumLegs))
+        out += ranked(guesses)
+        let known = out.count - guesses.count
         if let origin = origin ?? originSource() { out.append(origin) }
-        return out
+        return (out, known)
     }
 
     public func fetchMissing(hash: String) async -> String? {
-        let srcs = sources(for: hash)
+        let (srcs, known) = sources(for: hash)
         guard !srcs.isEmpty else { return nil }
+        // Hedged, but no member is known to hold it: the owners are only guesses (a write not yet
+        // gossiped), so ask them and the origin at once instead of paying a 404 round trip first.
+        let spacing: LegSpacing? = settings.fetch.strategy == .hedged && known == 0 ? .allAtOnce : nil
         do {
-            let r = try await fetcher.fetch(hash: hash, sources: srcs)
+            let r = try await fetcher.fetch(hash: hash, sources: srcs, spacing: spacing)
             // The hedge delay is a percentile of time to first byte: a hedge is against a source
             // that does not answer, not against a large body.
             latency.tracker.withLock { $0.recordFetchLatency(r.timeToFirstByte) }

@@ -33,6 +33,7 @@ public final class MeshTransport: MeshRequester {
     private let quicDown = Mutex<[HostPort: ContinuousClock.Instant]>([:])
     private let requests: (quic: Counter, tcp: Counter)
     private let fallbacks = Counter(label: "cachemesh_mesh_quic_fallbacks_total")
+    private let stalls = Counter(label: "cachemesh_mesh_stalled_requests_total")
 
     public init(credentials: TLSCredentials, settings: Settings = Settings(), logger: Logger) {
         self.settings = settings
@@ -69,6 +70,13 @@ public final class MeshTransport: MeshRequester {
         let r = try await tcp.request(host: source.endpoint.host, port: source.endpoint.port, head, body: body)
         requests.tcp.increment()
         return MeshReply(r, via: .tcp)
+    }
+
+    public func connectionStalled(to source: FetchSource, via transport: MeshTransportKind?) async {
+        logger.warning("a request to \(source.name) stalled: reconnecting", metadata: ["transport": "\(transport?.rawValue ?? "any")"])
+        stalls.increment()
+        if transport != .quic { await tcp.discard(host: source.endpoint.host, port: source.endpoint.port) }
+        if transport != .tcp, let q = source.quicEndpoint { await quic?.discard(host: q.host, port: q.port) }
     }
 
     private func isUp(_ q: HostPort) -> Bool {
