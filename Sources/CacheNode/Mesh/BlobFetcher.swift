@@ -119,16 +119,30 @@ public final class BlobFetcher: Sendable {
     }
 
     private enum Event: Sendable {
-        case responded(Int, MeshReply)
+        case responded(Int)
         case won(Int, StoreDigest, MeshTransportKind)
         case failed(Int, any Error)
         case timer
     }
 
+    /// What the race loop knows of one running leg: progress (bumped on the response head and
+    /// every body chunk), the transport it answered on, and how to reset its stream.
+    final class Leg: Sendable {
+        let progress = Atomic<Int64>(0)
+        let answer = Mutex<(cancel: @Sendable () -> Void, via: MeshTransportKind)?>(nil)
+        let task = Mutex<Task<Void, Never>?>(nil)
+
+        func stop() {
+            task.withLock { $0 }?.cancel()
+            answer.withLock { $0 }?.cancel()
+        }
+    }
+
     /// Runs MeshCore's `RaceDecision` (the pure race state machine) over real legs: it says which
-    /// leg starts when and which are cancelled; this shell runs them and reports outcomes. A leg
-    /// runs in two steps — the request until the response head, then the body into a store
-    /// writer — so an answering source stops the hedging (a large body is not a slow source).
+    /// leg starts when and which are cancelled; this shell runs them and reports outcomes. Each
+    /// leg is one task (request, then the body into a store writer) reporting to one event stream;
+    /// an answering leg stops the hedging (a large body is not a slow source), and a leg without
+    /// progress for the stall timeout is stopped and counts as failed.
     func race(hash: String, sources: [FetchSource], spacing: LegSpacing) async throws -> FetchResult {
         guard !sources.isEmpty else { throw BlobStoreError.notFound(hash) }
         let start = ContinuousClock.now
@@ -138,148 +152,138 @@ public final class BlobFetcher: Sendable {
             return s.isOrigin ? .origin(id) : .peer(id)
         }, spacing: spacing)
         var decision = RaceDecision(plan: plan, now: .zero)
-        return try await withThrowingTaskGroup(of: Event.self) { group in
-            var errors: [String] = []
-            var timerArmed = false
-            var started = 0
-            var firstByte: [Int: Duration] = [:]
-            func armTimer() {
-                guard !timerArmed, let due = decision.nextDeadline else { return }
-                timerArmed = true
-                group.addTask {
-                    try? await Task.sleep(until: start + due)
-                    return .timer
+        let (events, sink) = AsyncStream<Event>.makeStream()
+        var legs: [Int: Leg] = [:]
+        var seen: [Int: (progress: Int64, at: Duration)] = [:]
+        var stalled: Set<Int> = []
+        var timer: (task: Task<Void, Never>, due: Duration)?
+        var errors: [String] = []
+        var started = 0
+        var firstByte: [Int: Duration] = [:]
+        defer {
+            for l in legs.values { l.stop() }
+            timer?.task.cancel()
+        }
+
+        func startLeg(_ i: Int) {
+            started += 1
+            let leg = Leg()
+            legs[i] = leg
+            seen[i] = (0, now())
+            leg.task.withLock { $0 = Task {
+                do {
+                    let (d, via) = try await self.leg(i, hash: hash, source: sources[i], leg: leg, events: sink)
+                    sink.yield(.won(i, d, via))
+                } catch {
+                    sink.yield(.failed(i, error))
                 }
-            }
-            /// Start the legs the decision asks for; the outcome if the race is over.
-            func apply(_ actions: [RaceAction]) -> Result<FetchResult, any Error>? {
-                for a in actions {
-                    switch a {
-                    case .startLeg(let i, _):
-                        started += 1
-                        group.addTask {
-                            do { return .responded(i, try await self.ask(hash: hash, source: sources[i])) } catch { return .failed(i, error) }
-                        }
-                    case .cancelLeg:
-                        break   // every other leg is cancelled below, with the group
-                    case .finished:
-                        break
-                    case .failed:
-                        failures.increment()
-                        return .failure(BlobStoreError.notFound("\(hash) (tried \(errors.joined(separator: "; ")))"))
-                    }
-                }
-                armTimer()
-                return nil
-            }
-            if let done = apply(decision.start(now: now())) { return try done.get() }
-            while let event = try await group.next() {
-                switch event {
-                case .responded(let i, let reply):
-                    firstByte[i] = now()
-                    decision.legResponded(i, now: now())
-                    group.addTask {
-                        do {
-                            return .won(i, try await self.receive(hash: hash, reply, from: sources[i]), reply.transport)
-                        } catch { return .failed(i, error) }
-                    }
-                case .won(let i, let digest, let via):
-                    _ = decision.legSucceeded(i, now: now())
-                    group.cancelAll()
+            } }
+        }
+        /// One timer for both the next hedge and the next stall check.
+        func armTimer() {
+            let running = decision.states.contains(.running)
+            let due = [decision.nextDeadline, running ? now() + stallTimeout / 2 : nil].compactMap { $0 }.min()
+            guard let due else { return }
+            if let t = timer, t.due <= due { return }
+            timer?.task.cancel()
+            timer = (Task {
+                try? await Task.sleep(until: start + due)
+                if !Task.isCancelled { sink.yield(.timer) }
+            }, due)
+        }
+        /// Start the legs the decision asks for; the outcome if the race is over.
+        func apply(_ actions: [RaceAction]) -> Result<FetchResult, any Error>? {
+            for a in actions {
+                switch a {
+                case .startLeg(let i, _): startLeg(i)
+                case .cancelLeg(let i, _): legs[i]?.stop()
+                case .finished: break
+                case .failed:
+                    failures.increment()
                     hedges.increment(by: Int64(decision.hedgesFired))
-                    cancelled.increment(by: Int64(decision.legsCancelled))
-                    (sources[i].isOrigin ? wins.origin : wins.peer).increment()
-                    let took = now()
-                    latency.recordNanoseconds(took.components.seconds * 1_000_000_000 + took.components.attoseconds / 1_000_000_000)
-                    logger.debug("fetched", metadata: ["hash": "\(hash)", "from": "\(sources[i])", "via": "\(via.rawValue)",
-                                                       "legs": "\(started)", "cancelled": "\(decision.legsCancelled)"])
-                    return FetchResult(digest: digest, source: sources[i], transport: via, legsStarted: started,
-                                       legsCancelled: decision.legsCancelled, timeToFirstByte: firstByte[i] ?? took)
-                case .failed(let i, let error):
-                    errors.append("\(sources[i]): \(error)")
-                    if let done = apply(decision.legFailed(i, now: now())) {
-                        hedges.increment(by: Int64(decision.hedgesFired))
-                        return try done.get()
-                    }
-                case .timer:
-                    timerArmed = false
-                    if let done = apply(decision.tick(now: now())) { return try done.get() }
+                    return .failure(BlobStoreError.notFound("\(hash) (tried \(errors.joined(separator: "; ")))"))
                 }
             }
-            failures.increment()
-            throw BlobStoreError.notFound(hash)
+            armTimer()
+            return nil
         }
+
+        if let done = apply(decision.start(now: now())) { return try done.get() }
+        for await event in events {
+            switch event {
+            case .responded(let i):
+                firstByte[i] = now()
+                decision.legResponded(i, now: now())
+            case .won(let i, let digest, let via):
+                _ = apply(decision.legSucceeded(i, now: now()))
+                hedges.increment(by: Int64(decision.hedgesFired))
+                cancelled.increment(by: Int64(decision.legsCancelled))
+                (sources[i].isOrigin ? wins.origin : wins.peer).increment()
+                let took = now()
+                latency.recordNanoseconds(took.components.seconds * 1_000_000_000 + took.components.attoseconds / 1_000_000_000)
+                logger.debug("fetched", metadata: ["hash": "\(hash)", "from": "\(sources[i])", "via": "\(via.rawValue)",
+                                                   "legs": "\(started)", "cancelled": "\(decision.legsCancelled)"])
+                return FetchResult(digest: digest, source: sources[i], transport: via, legsStarted: started,
+                                   legsCancelled: decision.legsCancelled, timeToFirstByte: firstByte[i] ?? took)
+            case .failed(let i, let error):
+                if stalled.contains(i) {
+                    let via = legs[i]?.answer.withLock { $0?.via }
+                    await requester.connectionStalled(to: sources[i], via: via)
+                    errors.append("\(LegStalled(source: sources[i], after: stallTimeout))")
+                } else {
+                    errors.append("\(sources[i]): \(error)")
+                }
+                if let done = apply(decision.legFailed(i, now: now())) { return try done.get() }
+            case .timer:
+                timer = nil
+                let t = now()
+                for (i, leg) in legs where decision.states[i] == .running && !stalled.contains(i) {
+                    let p = leg.progress.load(ordering: .relaxed)
+                    if let last = seen[i], p == last.progress {
+                        if t - last.at >= stallTimeout {
+                            stalled.insert(i)
+                            leg.stop()
+                        }
+                    } else {
+                        seen[i] = (p, t)
+                    }
+                }
+                if let done = apply(decision.tick(now: t)) { return try done.get() }
+            }
+        }
+        failures.increment()
+        throw BlobStoreError.notFound(hash)
     }
 
-    /// A leg's first step: GET from `source` until the response head (a 200, or it failed).
-    func ask(hash: String, source: FetchSource) async throws -> MeshReply {
-        let (requester, stall) = (self.requester, stallTimeout)
-        let reply = try await withThrowingTaskGroup(of: MeshReply?.self) { group in
-            group.addTask {
-                try await requester.request(
-                    to: source, HTTPRequestHead(method: "GET", path: "/cas/\(hash)", headers: [Self.hopHeader: "1"]), body: .empty)
-            }
-            group.addTask {
-                try await Task.sleep(for: stall)
-                return nil
-            }
-            defer { group.cancelAll() }
-            guard let first = try await group.next(), let reply = first else {
-                await requester.connectionStalled(to: source, via: nil)
-                throw LegStalled(source: source, after: stall)
-            }
-            return reply
-        }
-        guard reply.response.status == 200 else {
-            reply.response.cancel()
-            throw BlobStoreError.notFound("\(hash) at \(source) (HTTP \(reply.response.status))")
-        }
-        return reply
-    }
-
-    /// A leg's second step: stream the body into a store writer; commit only if the digest verifies.
-    /// Cancelled (the race was won elsewhere) → the stream is reset and nothing is stored.
-    func receive(hash: String, _ reply: MeshReply, from source: FetchSource) async throws -> StoreDigest {
+    /// One leg: GET from `source`, then stream the body into a store writer; commit only if the
+    /// digest verifies. Stopped (lost the race, or stalled) → the stream is reset, nothing stored.
+    private func leg(_ i: Int, hash: String, source: FetchSource, leg: Leg, events: AsyncStream<Event>.Continuation) async throws -> (StoreDigest, MeshTransportKind) {
+        let reply = try await requester.request(
+            to: source, HTTPRequestHead(method: "GET", path: "/cas/\(hash)", headers: [Self.hopHeader: "1"]), body: .empty)
         let response = reply.response
         var done = false
         defer { if !done { response.cancel() } }
-        // Watchdog: no body bytes for the stall timeout → reset the stream (the loop below then
-        // fails) and tell the transport, so new work does not queue behind a stuck connection.
-        let progress = Atomic<Int64>(0)
-        let stalled = Atomic<Bool>(false)
-        let stall = stallTimeout
-        let watchdog = Task {
-            var last = progress.load(ordering: .relaxed)
-            while !Task.isCancelled {
-                try? await Task.sleep(for: stall)
-                let now = progress.load(ordering: .relaxed)
-                if now == last && !Task.isCancelled {
-                    stalled.store(true, ordering: .relaxed)
-                    response.cancel()
-                    return
-                }
-                last = now
-            }
+        leg.answer.withLock { $0 = (response.cancel, reply.transport) }
+        leg.progress.add(1, ordering: .relaxed)
+        try Task.checkCancellation()
+        guard response.status == 200 else {
+            throw BlobStoreError.notFound("\(hash) at \(source) (HTTP \(response.status))")
         }
-        defer { watchdog.cancel() }
+        events.yield(.responded(i))
         let size = response.headers["content-length"].flatMap { Int64($0) }
         let writer = try await store.beginWrite(hash: hash, expectedSize: size)
         do {
             for try await chunk in response.body {
                 try Task.checkCancellation()
                 try chunk.withUnsafeReadableBytes { try writer.write($0) }
-                progress.add(1, ordering: .relaxed)
+                leg.progress.add(1, ordering: .relaxed)
             }
             try Task.checkCancellation()
             let d = try writer.commit()
             done = true
-            return d
+            return (d, reply.transport)
         } catch {
             writer.abort()
-            if stalled.load(ordering: .relaxed) {
-                await requester.connectionStalled(to: source, via: reply.transport)
-                throw LegStalled(source: source, after: stall)
-            }
             throw error
         }
     }
