@@ -7,24 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SMALL_N=${SMALL_N:-3000}
 LARGE_N=${LARGE_N:-10}
-if [ -z "${CACHEMESH_BIN:-}" ]; then swift build -c release --product cachemesh 2>&1 | tail -1; fi
-BIN=${CACHEMESH_BIN:-"$(swift build -c release --show-bin-path)/cachemesh"}
-T=$(mktemp -d /tmp/cachemesh-h3bench.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done; rm -rf "$T"; }
-trap cleanup EXIT
-bash certs/mkcerts.sh all "$T/certs" >/dev/null
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+BENCH_NAME=h3bench
+source bench/lib.sh
 NODE_PORT=$(free_port); GTLS_PORT=$(free_port)
 mkdir -p "$T/www"
 head -c 4096 /dev/urandom > "$T/www/small"; head -c $((64 << 20)) /dev/urandom > "$T/www/large"
 SMALL=$(sha256sum "$T/www/small" | cut -d' ' -f1); LARGE=$(sha256sum "$T/www/large" | cut -d' ' -f1)
-"$BIN" node --listen 127.0.0.1:$NODE_PORT --quic-listen 127.0.0.1:$NODE_PORT --data-dir "$T/data" --max-bytes 1G \
-  --cert "$T/certs/node.pem" --key "$T/certs/node.key" --ca "$T/certs/ca.pem" > "$T/node.out" 2> "$T/node.log" &
-PIDS+=($!)
+start_node $NODE_PORT
 gtlsserver -q -d "$T/www" --verify-client 127.0.0.1 $GTLS_PORT "$T/certs/node.key" "$T/certs/node.pem" > /dev/null 2>&1 &
 PIDS+=($!)
-for _ in $(seq 100); do grep -q "listening quic=" "$T/node.out" 2>/dev/null && break; sleep 0.1; done
 export CACHEMESH_CA="$T/certs/ca.pem" CACHEMESH_CERT="$T/certs/client.pem" CACHEMESH_KEY="$T/certs/client.key"
 "$BIN" put "$T/www/small" --server 127.0.0.1:$NODE_PORT >/dev/null
 "$BIN" put "$T/www/large" --server 127.0.0.1:$NODE_PORT >/dev/null

@@ -9,29 +9,17 @@ cd "$(dirname "$0")/.."
 SMALL_N=${SMALL_N:-3000}
 LARGE_N=${LARGE_N:-10}
 DELAY_N=${DELAY_N:-200}
-if [ -z "${CACHEMESH_BIN:-}" ]; then swift build -c release --product cachemesh 2>&1 | tail -1; fi
-BIN=${CACHEMESH_BIN:-"$(swift build -c release --show-bin-path)/cachemesh"}
-T=$(mktemp -d /tmp/cachemesh-relaybench.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; sleep 0.3
-            for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done; rm -rf "$T"; }
-trap cleanup EXIT
-# The node certificate has the IP SANs 127.0.0.1 and ::1 (mkcerts.sh always adds them), so a
-# client that connects to the relay's 127.0.0.1:PORT still verifies the node's name.
-bash certs/mkcerts.sh all "$T/certs" >/dev/null 2>&1
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+BENCH_NAME=relaybench
+source bench/lib.sh
 NODE_PORT=$(free_port); R0_PORT=$(free_port); R10_PORT=$(free_port)
 mkdir -p "$T/www"
 head -c 4096 /dev/urandom > "$T/www/small"; head -c $((64 << 20)) /dev/urandom > "$T/www/large"
 SMALL=$(sha256sum "$T/www/small" | cut -d' ' -f1); LARGE=$(sha256sum "$T/www/large" | cut -d' ' -f1)
-"$BIN" node --listen 127.0.0.1:$NODE_PORT --quic-listen 127.0.0.1:$NODE_PORT --data-dir "$T/data" --max-bytes 1G \
-  --cert "$T/certs/node.pem" --key "$T/certs/node.key" --ca "$T/certs/ca.pem" > "$T/node.out" 2> "$T/node.log" &
-PIDS+=($!)
+start_node $NODE_PORT
 "$BIN" relay --link 127.0.0.1:$R0_PORT=127.0.0.1:$NODE_PORT > "$T/relay0.out" 2> "$T/relay0.log" &
 PIDS+=($!); R0_PID=$!
 "$BIN" relay --link 127.0.0.1:$R10_PORT=127.0.0.1:$NODE_PORT --delay 10ms > "$T/relay10.out" 2> "$T/relay10.log" &
 PIDS+=($!); R10_PID=$!
-for _ in $(seq 100); do grep -q "listening quic=" "$T/node.out" 2>/dev/null && break; sleep 0.1; done
 for f in relay0 relay10; do
   for _ in $(seq 100); do grep -q "^relay: listening " "$T/$f.out" 2>/dev/null && break; sleep 0.1; done
   grep -q "^relay: listening " "$T/$f.out" || { echo "relay $f did not start:"; cat "$T/$f.out" "$T/$f.log"; exit 1; }

@@ -1,0 +1,25 @@
+# Shared by the single-node benchmarks (h3-vs-h2.sh, relay-overhead.sh): sourced, not run.
+# Sets BIN (release cachemesh, built unless CACHEMESH_BIN is given), T (a temp dir removed on exit),
+# PIDS (processes started with `bg`, TERM then KILL on exit), fresh certificates in $T/certs,
+# free_port, and start_node PORT (node on TCP + UDP PORT, waits until it listens).
+if [ -z "${CACHEMESH_BIN:-}" ]; then swift build -c release --product cachemesh 2>&1 | tail -1; fi
+BIN=${CACHEMESH_BIN:-"$(swift build -c release --show-bin-path)/cachemesh"}
+T=$(mktemp -d "/tmp/cachemesh-${BENCH_NAME:-bench}.XXXXXX")
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; sleep 0.3
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  rm -rf "$T"
+}
+trap cleanup EXIT
+# Node certificates carry the IP SANs 127.0.0.1 and ::1 (mkcerts.sh always adds them), so a client
+# connecting to 127.0.0.1 (directly or through a relay) verifies the node's name.
+bash certs/mkcerts.sh all "$T/certs" >/dev/null 2>&1
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+start_node() {
+  "$BIN" node --listen 127.0.0.1:$1 --quic-listen 127.0.0.1:$1 --data-dir "$T/data" --max-bytes 1G \
+    --cert "$T/certs/node.pem" --key "$T/certs/node.key" --ca "$T/certs/ca.pem" > "$T/node.out" 2> "$T/node.log" &
+  PIDS+=($!)
+  for _ in $(seq 100); do grep -q "listening quic=" "$T/node.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q "listening quic=" "$T/node.out" || { echo "node did not start:"; cat "$T/node.log"; exit 1; }
+}
