@@ -163,6 +163,7 @@ public final class BlobFetcher: Sendable {
         defer {
             for l in legs.values { l.stop() }
             timer?.task.cancel()
+            sink.finish()   // late events of stopped legs are dropped
         }
 
         func startLeg(_ i: Int) {
