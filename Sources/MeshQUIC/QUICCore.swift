@@ -200,51 +200,36 @@ final class QUICCore {
     // MARK: creation
 
     /// Server side: `hd` is the accepted client Initial (`ngtcp2_accept`).
-    init(server hd: ngtcp2_pkt_hd, authentication: ClientAuthentication, service: any HTTPService, tls tlsContext: QUICTLSContext,
-         settings: QUICSettings, local: SocketAddress, remote: SocketAddress, loop: any EventLoop, logger: Logger) throws {
-        self.role = .server(authentication, service)
-        self.isServer = true
-        self.loop = loop
-        self.settings = settings
-        self.logger = logger
-        self.localAddress = local
-        self.remoteAddress = remote
-        self.scid = .random()
-        self.tlsContext = tlsContext
-        self.connRef = .allocate(capacity: 1)
-        self.originalDCID = ConnectionID(hd.dcid)
-        connRef.initialize(to: ngtcp2_crypto_conn_ref(get_conn: { ref in
-            Unmanaged<QUICCore>.fromOpaque(ref!.pointee.user_data!).takeUnretainedValue().conn
-        }, user_data: nil))
-        connRef.pointee.user_data = Unmanaged.passUnretained(self).toOpaque()
-        try makeTLS()
-        var callbacks = Self.makeCallbacks(server: true)
-        var st = makeSettings()
-        var params = makeTransportParams()
-        params.original_dcid = hd.dcid
-        params.stateless_reset_token_present = 1
-        withUnsafeMutableBytes(of: &params.stateless_reset_token) { cm_gnutls_rnd($0.baseAddress!.assumingMemoryBound(to: UInt8.self), $0.count) }
-        params.disable_active_migration = 1
-        var dcid = hd.scid
-        var ourSCID = scid.ngtcp2
-        var c: OpaquePointer?
-        let rv = withPath(remote: remote) { path in
-            cm_ngtcp2_conn_server_new(&c, &dcid, &ourSCID, path, hd.version, &callbacks, &st, &params, Unmanaged.passUnretained(self).toOpaque())
-        }
-        guard rv == 0, let c else {
-            gnutls_deinit(tls)
-            connRef.deallocate()
-            throw QUICError.internalError("ngtcp2_conn_server_new: \(Self.errString(rv))")
-        }
-        conn = c
-        ngtcp2_conn_set_tls_native_handle(c, UnsafeMutableRawPointer(tls))
+    convenience init(server hd: ngtcp2_pkt_hd, authentication: ClientAuthentication, service: any HTTPService, tls tlsContext: QUICTLSContext,
+                     settings: QUICSettings, local: SocketAddress, remote: SocketAddress, loop: any EventLoop, logger: Logger) throws {
+        try self.init(side: .server(hd, authentication, service), tls: tlsContext, settings: settings, local: local, remote: remote,
+                      loop: loop, logger: logger)
     }
 
     /// Client side.
-    init(clientServerName serverName: String, tls tlsContext: QUICTLSContext, settings: QUICSettings,
-         local: SocketAddress, remote: SocketAddress, loop: any EventLoop, logger: Logger) throws {
-        self.role = .client(serverName: serverName)
-        self.isServer = false
+    convenience init(clientServerName serverName: String, tls tlsContext: QUICTLSContext, settings: QUICSettings,
+                     local: SocketAddress, remote: SocketAddress, loop: any EventLoop, logger: Logger) throws {
+        try self.init(side: .client(serverName), tls: tlsContext, settings: settings, local: local, remote: remote, loop: loop, logger: logger)
+    }
+
+    private enum Side {
+        case server(ngtcp2_pkt_hd, ClientAuthentication, any HTTPService)
+        case client(String)
+    }
+
+    /// Both sides: the same state, crypto conn_ref, TLS session and callbacks; they differ in the
+    /// transport parameters, the connection IDs and the ngtcp2 constructor.
+    private init(side: Side, tls tlsContext: QUICTLSContext, settings: QUICSettings, local: SocketAddress, remote: SocketAddress,
+                 loop: any EventLoop, logger: Logger) throws {
+        switch side {
+        case .server(let hd, let authentication, let service):
+            self.role = .server(authentication, service)
+            self.isServer = true
+            self.originalDCID = ConnectionID(hd.dcid)
+        case .client(let serverName):
+            self.role = .client(serverName: serverName)
+            self.isServer = false
+        }
         self.loop = loop
         self.settings = settings
         self.logger = logger
@@ -258,19 +243,36 @@ final class QUICCore {
         }, user_data: nil))
         connRef.pointee.user_data = Unmanaged.passUnretained(self).toOpaque()
         try makeTLS()
-        var callbacks = Self.makeCallbacks(server: false)
+        var callbacks = Self.makeCallbacks(server: isServer)
         var st = makeSettings()
         var params = makeTransportParams()
-        var dcid = ConnectionID.random().ngtcp2
         var ourSCID = scid.ngtcp2
         var c: OpaquePointer?
-        let rv = withPath(remote: remote) { path in
-            cm_ngtcp2_conn_client_new(&c, &dcid, &ourSCID, path, NGTCP2_PROTO_VER_V1, &callbacks, &st, &params, Unmanaged.passUnretained(self).toOpaque())
+        let user = Unmanaged.passUnretained(self).toOpaque()
+        let rv: Int32
+        let constructor: String
+        switch side {
+        case .server(let hd, _, _):
+            params.original_dcid = hd.dcid
+            params.stateless_reset_token_present = 1
+            withUnsafeMutableBytes(of: &params.stateless_reset_token) { cm_gnutls_rnd($0.baseAddress!.assumingMemoryBound(to: UInt8.self), $0.count) }
+            params.disable_active_migration = 1
+            var dcid = hd.scid
+            constructor = "ngtcp2_conn_server_new"
+            rv = withPath(remote: remote) { path in
+                cm_ngtcp2_conn_server_new(&c, &dcid, &ourSCID, path, hd.version, &callbacks, &st, &params, user)
+            }
+        case .client:
+            var dcid = ConnectionID.random().ngtcp2
+            constructor = "ngtcp2_conn_client_new"
+            rv = withPath(remote: remote) { path in
+                cm_ngtcp2_conn_client_new(&c, &dcid, &ourSCID, path, NGTCP2_PROTO_VER_V1, &callbacks, &st, &params, user)
+            }
         }
         guard rv == 0, let c else {
             gnutls_deinit(tls)
             connRef.deallocate()
-            throw QUICError.internalError("ngtcp2_conn_client_new: \(Self.errString(rv))")
+            throw QUICError.internalError("\(constructor): \(Self.errString(rv))")
         }
         conn = c
         ngtcp2_conn_set_tls_native_handle(c, UnsafeMutableRawPointer(tls))
