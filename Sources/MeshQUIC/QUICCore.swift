@@ -270,8 +270,8 @@ final class QUICCore {
             }
         }
         guard rv == 0, let c else {
-            gnutls_deinit(tls)
-            connRef.deallocate()
+            // Every stored property is set, so `deinit` runs after this throw and frees the TLS
+            // session and conn_ref (freeing them here too was a double free).
             throw QUICError.internalError("\(constructor): \(Self.errString(rv))")
         }
         conn = c
