@@ -212,11 +212,10 @@ public final class MeshService: MeshHooks, Sendable {
         let size = sizes.withLock { $0[hash] }
         let strategy = settings.fetch.strategy
         let (holders, guesses, origin) = core.withLock { c -> ([(NodeID, FetchSource)], [(NodeID, FetchSource)], FetchSource?) in
-            let originMember = c.membership.allMembers.first { $0.metadata.role == .origin && $0.status.isLive && $0.node != me }
-            let origin = originMember.flatMap { target($0.node, in: c, isOrigin: true) }
-            guard strategy != .originOnly else { return ([], [], origin) }
+            let origin = liveOrigin(in: c)
+            guard strategy != .originOnly else { return ([], [], origin?.source) }
             var seen: Set<NodeID> = [me]
-            if let o = originMember { seen.insert(o.node) }
+            if let o = origin { seen.insert(o.id) }
             func pick(_ ids: [NodeID]) -> [(NodeID, FetchSource)] {
                 ids.compactMap { id in
                     guard !seen.contains(id), let t = target(id, in: c) else { return nil }
@@ -228,7 +227,7 @@ public final class MeshService: MeshHooks, Sendable {
             if let size, let d = MeshCore.Digest(hex: hash, sizeBytes: size) { hs = pick(c.holders(of: d, now: now())) }
             var gs: [(NodeID, FetchSource)] = []
             if let key = Self.placementKey(hash) { gs = pick(Rendezvous.top(settings.replication, for: key, over: c.membership.liveMembers)) }
-            return (hs, gs, origin)
+            return (hs, gs, origin?.source)
         }
         // Best measured RTT first within each group (stable).
         func ranked(_ list: [(NodeID, FetchSource)]) -> [FetchSource] {
@@ -242,7 +241,7 @@ public final class MeshService: MeshHooks, Sendable {
         var out = Array(ranked(holders).prefix(settings.hedge.maximumLegs))
         out += ranked(guesses)
         let known = out.count - guesses.count
-        if let origin = origin ?? originSource() { out.append(origin) }
+        if let origin = origin ?? topologyOrigin() { out.append(origin) }
         return (out, known)
     }
 
@@ -298,11 +297,18 @@ public final class MeshService: MeshHooks, Sendable {
 
     /// The origin as a fetch/mirror target: from membership, or from the topology before gossip.
     func originSource() -> FetchSource? {
-        let live = core.withLock { c in
-            c.membership.allMembers.first { $0.metadata.role == .origin && $0.status.isLive && $0.node != me }
-                .flatMap { target($0.node, in: c, isOrigin: true) }
-        }
-        if let live { return live }
+        core.withLock { liveOrigin(in: $0)?.source } ?? topologyOrigin()
+    }
+
+    /// The origin as a live member other than this node.
+    private func liveOrigin(in c: MeshNode) -> (id: NodeID, source: FetchSource)? {
+        guard let m = c.membership.allMembers.first(where: { $0.metadata.role == .origin && $0.status.isLive && $0.node != me }),
+              let t = target(m.node, in: c, isOrigin: true) else { return nil }
+        return (m.node, t)
+    }
+
+    /// The origin the topology names (before gossip made it a member), unless this node is it.
+    private func topologyOrigin() -> FetchSource? {
         guard node.role != .origin, let o = topology.origin, o.name != node.name else { return nil }
         return FetchSource(name: o.name, endpoint: o.advertiseTCP, quicEndpoint: o.advertiseQUIC, isOrigin: true)
     }
