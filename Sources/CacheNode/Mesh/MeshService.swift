@@ -66,7 +66,7 @@ public final class MeshService: MeshHooks, Sendable {
             switch strategy {
             case .immediate: return .allAtOnce
             case .peersOnly, .originOnly: return .failoverOnly
-            case .hedged: return policy.mode == .immediate ? .allAtOnce : .hedged(latency.tracker.withLock { policy.hedgeDelay($0) })
+            case .hedged: return latency.tracker.withLock { policy.spacing($0) }
             }
         })
         self.mirror = Mirror(store: store, requester: transport, logger: logger)
