@@ -25,13 +25,21 @@ public final class BlobReader: Sendable {
     /// `nil` for the virtual empty blob (which holds no slot and no pin).
     private let store: BlobStore?
     private let path: String
-    /// The file descriptor, or -1 once closed. `pread` runs under this lock so `close` cannot race with it.
-    private let fd: Mutex<Int32>
+    /// The file descriptor (-1 once closed) and the mapping sent from, if one was asked for.
+    /// `pread` and `mappedBytes` run under this lock so `close` cannot race with them.
+    private let state: Mutex<State>
+
+    private struct State {
+        var fd: Int32
+        var mapping: BlobMapping?
+        /// No mapping to be had (small blob, mmap failed): callers use `read`.
+        var unmappable = false
+    }
 
     init(store: BlobStore?, hash: String, fd: Int32, path: String, offset: Int64, length: Int64, blobSize: Int64) {
         self.store = store
         self.hash = hash
-        self.fd = Mutex(fd)
+        self.state = Mutex(State(fd: fd))
         self.path = path
         self.offset = offset
         self.length = length
@@ -56,10 +64,10 @@ public final class BlobReader: Sendable {
         guard let store else {
             return 0  // The empty blob has nothing to read.
         }
-        return try fd.withLock { fd throws(BlobStoreError) -> Int in
-            guard fd >= 0 else { throw .closed }
+        return try state.withLock { state throws(BlobStoreError) -> Int in
+            guard state.fd >= 0 else { throw .closed }
             guard wanted > 0 else { return 0 }
-            let n = try Posix.pread(fd, UnsafeMutableRawBufferPointer(rebasing: buffer[..<wanted]), offset: position, path: path)
+            let n = try Posix.pread(state.fd, UnsafeMutableRawBufferPointer(rebasing: buffer[..<wanted]), offset: position, path: path)
             if n == 0 {
                 let error = BlobStoreError.io("read \(path): file ends at \(position), expected \(blobSize) bytes")
                 store.logger.warning("blob file truncated", metadata: ["hash": "\(hash)", "error": "\(error)"])
@@ -85,12 +93,38 @@ public final class BlobReader: Sendable {
         return result
     }
 
-    /// Closes the file, unpins the blob and releases the read slot. Idempotent.
+    /// Bytes `[position, position + n)` with `0 < n <= max`, straight from a read-only mapping of
+    /// the blob file (shared with other readers of the blob, see
+    /// ``BlobStoreConfiguration/mappedCacheBytes``), valid until ``close()``; nil if the range is
+    /// empty, the reader is closed, the blob is below ``BlobStoreConfiguration/mapMinimumBytes`` or
+    /// cannot be mapped (use ``read(at:into:)`` then). A transport hands these pages to the
+    /// encryption without copying them into a buffer first. Blob files are never modified in
+    /// place (written aside, then renamed; eviction unlinks), so a mapping cannot shrink under us.
+    public func mappedBytes(at position: Int64, max: Int) -> UnsafeRawBufferPointer? {
+        guard let store, position >= offset, position < end, max > 0 else { return nil }
+        let chunk = Swift.min(Int64(max), end - position)
+        let result = state.withLock { state -> UnsafeRawBufferPointer? in
+            guard state.fd >= 0, !state.unmappable else { return nil }
+            if state.mapping == nil {
+                state.mapping = store.mapping(hash: hash, fd: state.fd, size: blobSize)
+                if state.mapping == nil {
+                    state.unmappable = true
+                    return nil
+                }
+            }
+            return UnsafeRawBufferPointer(start: state.mapping!.base + Int(position), count: Int(chunk))
+        }
+        if result != nil { store.recordBytesOut(chunk) }
+        return result
+    }
+
+    /// Closes the file (and its mapping), unpins the blob and releases the read slot. Idempotent.
     public func close() {
-        let wasOpen = fd.withLock { fd -> Bool in
-            guard fd >= 0 else { return false }
-            Posix.closeQuietly(fd)
-            fd = -1
+        let wasOpen = state.withLock { state -> Bool in
+            state.mapping = nil
+            guard state.fd >= 0 else { return false }
+            Posix.closeQuietly(state.fd)
+            state.fd = -1
             return true
         }
         if wasOpen { store?.readerClosed(hash: hash) }

@@ -127,6 +127,7 @@ public final class BlobStore: Sendable {
     let readSlots: AsyncSemaphore
     private let state: Mutex<State>
     private let evictionHandler = Mutex<(@Sendable (Digest) -> Void)?>(nil)
+    private let mappings: Mutex<MappingLRU<BlobMapping>>
     private let metrics: StoreMetrics
     private let bytesInTotal = Atomic<Int64>(0)
     private let bytesOutTotal = Atomic<Int64>(0)
@@ -163,6 +164,7 @@ public final class BlobStore: Sendable {
         guard !directory.isEmpty else { throw BlobStoreError.io("invalid configuration: empty directory") }
 
         self.configuration = configuration
+        self.mappings = Mutex(MappingLRU(maxBytes: configuration.mappedCacheBytes))
         self.logger = logger
         casDirectory = directory + "/cas"
         acDirectory = directory + "/ac"
@@ -801,6 +803,7 @@ public final class BlobStore: Sendable {
             return true
         }
         if dropped {
+            dropMapping(key)
             logger.warning("blob file vanished from disk; dropped from index", metadata: ["hash": "\(key.hash)"])
         }
     }
@@ -864,7 +867,31 @@ public final class BlobStore: Sendable {
         evictionHandler.withLock { $0 = handler }
     }
 
+    /// A read-only mapping of the blob file open as `fd` (`size` bytes), shared by the readers of
+    /// a hot blob and kept while `mappedCacheBytes` allows; nil if the blob is below
+    /// `mapMinimumBytes` or cannot be mapped.
+    func mapping(hash: String, fd: Int32, size: Int64) -> BlobMapping? {
+        guard size >= configuration.mapMinimumBytes else { return nil }
+        if let m = mappings.withLock({ $0.get(hash) }), m.size == size { return m }
+        guard let m = BlobMapping(fd: fd, size: size) else { return nil }
+        let dropped = mappings.withLock { $0.insert(hash, m, size: size) }
+        _ = dropped  // unmapped here, outside the lock, unless a reader still sends from them
+        return m
+    }
+
+    /// Blobs whose mapping is kept for reuse (tests, diagnostics).
+    var mappedBlobCount: Int { mappings.withLock { $0.count } }
+
+    /// Forget the cached mapping of a blob that left the store (its pages are released once the
+    /// readers still sending from it are done).
+    private func dropMapping(_ key: EntryKey) {
+        guard key.kind == .cas else { return }
+        let old = mappings.withLock { $0.remove(key.hash) }
+        _ = old
+    }
+
     private func logEvictions(_ evicted: [Evicted]) {
+        for entry in evicted { dropMapping(entry.key) }
         if !evicted.isEmpty, let handler = evictionHandler.withLock({ $0 }) {
             for entry in evicted where entry.key.kind == .cas {
                 if let d = Digest(hash: entry.key.hash, size: entry.size) { handler(d) }

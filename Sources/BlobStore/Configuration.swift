@@ -11,6 +11,12 @@ public struct BlobStoreConfiguration: Sendable {
     /// How often (seconds) the recency of an entry is persisted to disk by bumping its mtime.
     /// Recency in memory is always exact; the mtime only orders the index after a restart.
     public var recencyPersistInterval: Int64 = 600
+    /// Blobs at least this large are sent from a read-only mapping of their file (no copy into a
+    /// buffer) where the transport can use one (HTTP/3); smaller ones are read with pread.
+    public var mapMinimumBytes: Int64 = 1 << 20
+    /// Address space of the mappings kept for reuse (least recently used unmapped first);
+    /// 0 maps and unmaps per response.
+    public var mappedCacheBytes: Int64 = 2 << 30
 
     public init(directory: String, maxBytes: Int64) {
         self.directory = directory

@@ -74,8 +74,16 @@ public protocol FileBodySource: Sendable {
     var start: Int64 { get }
     var length: Int64 { get }
     func read(at position: Int64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int
+    /// Bytes `[position, position + n)` with `0 < n <= max` as memory that stays valid until
+    /// `close()` (e.g. a read-only mapping of the file), or nil: then the transport uses `read`.
+    /// Lets a transport hand file pages to the encryption without copying them into a buffer.
+    func mappedBytes(at position: Int64, max: Int) -> UnsafeRawBufferPointer?
     /// Called exactly once by the transport when it is done (or the stream died).
     func close()
+}
+
+extension FileBodySource {
+    public func mappedBytes(at position: Int64, max: Int) -> UnsafeRawBufferPointer? { nil }
 }
 
 /// An outgoing body (a response on the server, a request on the client).

@@ -4,6 +4,7 @@ import Foundation
 import Testing
 #if canImport(Glibc)
 import Glibc
+import TestSupport
 #endif
 
 /// Large transfers, bursts and shutdown. Serialized: each of these saturates the (small) machine.

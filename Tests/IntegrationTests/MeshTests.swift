@@ -4,6 +4,7 @@ import Foundation
 import MeshHTTP
 import NIOCore
 import Testing
+import TestSupport
 
 /// An origin and three peers as real processes on loopback, mTLS, from a generated topology.
 final class TestMesh: @unchecked Sendable {

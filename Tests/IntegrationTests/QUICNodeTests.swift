@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// The real node with a QUIC listener beside TCP: the same routes over HTTP/3, driven by our CLI.
 @Suite("Node over QUIC + HTTP/3", .serialized)

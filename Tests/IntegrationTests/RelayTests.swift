@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `cachemesh relay` in front of a real node: TCP (H2) and QUIC (H3) through one relay port.
 @Suite("Node behind the link emulator", .serialized)

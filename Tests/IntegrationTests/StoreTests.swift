@@ -6,6 +6,7 @@ import NIOCore
 import Testing
 #if canImport(Glibc)
 import Glibc
+import TestSupport
 #endif
 
 /// The bounded store seen through the node: aborted uploads, eviction, restart, metrics.

@@ -62,11 +62,42 @@ final class PatternFile: FileBodySource, @unchecked Sendable {
     }
 }
 
+/// The pattern in memory, handed out through `mappedBytes` (as a mapped blob file is). `close()`
+/// zeroes the memory: a byte sent after the transport closed the source arrives corrupted.
+final class MappedPatternFile: FileBodySource, @unchecked Sendable {
+    let start: Int64 = 0
+    let length: Int64
+    private let memory: UnsafeMutableRawBufferPointer
+    let closes = Mutex(0)
+    let preads = Mutex(0)
+    init(length: Int64) {
+        self.length = length
+        memory = .allocate(byteCount: Int(length), alignment: 16)
+        _ = try? PatternFile(length: length).read(at: 0, into: memory)
+    }
+    deinit { memory.deallocate() }
+    func read(at position: Int64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        preads.withLock { $0 += 1 }
+        let n = min(buffer.count, Int(length - position))
+        buffer.baseAddress!.copyMemory(from: memory.baseAddress! + Int(position), byteCount: n)
+        return n
+    }
+    func mappedBytes(at position: Int64, max: Int) -> UnsafeRawBufferPointer? {
+        guard closes.withLock({ $0 }) == 0, position < length else { return nil }
+        return UnsafeRawBufferPointer(start: memory.baseAddress! + Int(position), count: min(max, Int(length - position)))
+    }
+    func close() {
+        closes.withLock { $0 += 1 }
+        memset(memory.baseAddress!, 0, memory.count)
+    }
+}
+
 /// A test service: echoes bodies, streams, serves a pattern, waits, reports cancellations.
 final class QUICTestService: HTTPService {
     let bodyErrors = Mutex<[String]>([])
     let started = Mutex(0)
     let files = Mutex<[PatternFile]>([])
+    let mapped = Mutex<[MappedPatternFile]>([])
 
     func handle(_ request: HTTPServerRequest) async -> HTTPResponse {
         started.withLock { $0 += 1 }
@@ -93,6 +124,10 @@ final class QUICTestService: HTTPService {
             }
         } else if path == "/whoami" {
             return .text(200, "\(request.peer.role?.rawValue ?? "none") \(request.peer.commonName ?? "-")")
+        } else if path.hasPrefix("/mapped/") {
+            let f = MappedPatternFile(length: Int64(path.dropFirst("/mapped/".count)) ?? 0)
+            mapped.withLock { $0.append(f) }
+            return HTTPResponse(status: 200, body: .file(f))
         } else if path.hasPrefix("/pattern/") {
             let n = Int64(path.dropFirst("/pattern/".count)) ?? 0
             let f = PatternFile(length: n)

@@ -67,30 +67,52 @@ final class FakeConn {}
 }
 
 @Suite struct ExpiryTimerTests {
-    @Test func schedulesOnlyWhenTheDeadlineChanges() {
+    @Test func reschedulesOnlyForAnEarlierDeadline() {
         var t = ExpiryTimerState()
-        let r8 = t.update(expiry: UInt64.max)
-        #expect(r8 == .none)
-        let r9 = t.update(expiry: 1_000)
-        #expect(r9 == .schedule(1_000))
-        let r10 = t.update(expiry: 1_000)
-        #expect(r10 == .none)
-        let r11 = t.update(expiry: 500)
-        #expect(r11 == .schedule(500))
-        let r12 = t.update(expiry: UInt64.max)
-        #expect(r12 == .cancel)
-        let r13 = t.update(expiry: UInt64.max)
-        #expect(r13 == .none)
+        let none = t.update(expiry: UInt64.max)
+        #expect(none == .none)
+        let first = t.update(expiry: 1_000)
+        #expect(first == .schedule(1_000))
+        let same = t.update(expiry: 1_000)
+        #expect(same == .none)
+        // Later deadlines keep the pending timer (it fires early and re-arms).
+        let later = t.update(expiry: 5_000)
+        #expect(later == .none)
+        #expect(t.scheduled == 1_000)
+        let earlier = t.update(expiry: 500)
+        #expect(earlier == .schedule(500))
+        // "No deadline" does not cancel: the pending timer fires once for nothing.
+        let cleared = t.update(expiry: UInt64.max)
+        #expect(cleared == .none)
+        #expect(t.scheduled == 500)
     }
 
-    @Test func firingClearsTheScheduledDeadline() {
+    @Test func anEarlyFiringReArmsForTheCurrentDeadline() {
         var t = ExpiryTimerState()
-        let r14 = t.update(expiry: 42)
-        #expect(r14 == .schedule(42))
-        t.fired()
+        _ = t.update(expiry: 1_000)
+        _ = t.update(expiry: 9_000)
+        // Fired at its own time, but ngtcp2's deadline has moved to 9_000.
+        let early = t.fired(now: 1_000, expiry: 9_000)
+        #expect(early == .rearm(9_000))
+        #expect(t.scheduled == 9_000)
+        // A deadline between now and the re-armed one replaces it.
+        let sooner = t.update(expiry: 4_000)
+        #expect(sooner == .schedule(4_000))
+        let due = t.fired(now: 4_001, expiry: 4_000)
+        #expect(due == .handleExpiry)
         #expect(t.scheduled == nil)
-        let r15 = t.update(expiry: 42)
-        #expect(r15 == .schedule(42))
+        let rescheduled = t.update(expiry: 42_000)
+        #expect(rescheduled == .schedule(42_000))
+    }
+
+    @Test func firingWithNoDeadlineLeavesTheTimerIdle() {
+        var t = ExpiryTimerState()
+        _ = t.update(expiry: 42)
+        let idle = t.fired(now: 50, expiry: UInt64.max)
+        #expect(idle == .idle)
+        #expect(t.scheduled == nil)
+        let next = t.update(expiry: 42)
+        #expect(next == .schedule(42))
     }
 
     @Test func delayIsZeroForPastDeadlines() {

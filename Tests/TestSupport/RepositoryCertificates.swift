@@ -42,3 +42,13 @@ public enum RepositoryCertificates {
     /// The directory holding ca.pem, node.pem/.key, client.pem/.key, reader.pem/.key, … (made once).
     public static func directory() throws -> String { try made.get() }
 }
+
+/// Polls `condition` every 50 ms until it holds or `timeout` seconds pass; returns whether it held.
+public func eventually(timeout: Double = 10, _ condition: () async throws -> Bool) async rethrows -> Bool {
+    let deadline = ContinuousClock.now + .milliseconds(Int(timeout * 1000))
+    while true {
+        if try await condition() { return true }
+        if ContinuousClock.now >= deadline { return false }
+        try? await Task.sleep(for: .milliseconds(50))
+    }
+}

@@ -1,6 +1,7 @@
 import Foundation
 #if canImport(Glibc)
 import Glibc
+import TestSupport
 #endif
 
 /// Errors raised by the test harness itself (not by the product).
@@ -149,15 +150,6 @@ func withDeadline<T: Sendable>(_ seconds: Double, _ what: String, _ body: @escap
     }
 }
 
-/// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether it held.
-func eventually(timeout: Double, _ condition: () async throws -> Bool) async rethrows -> Bool {
-    let deadline = Date().addingTimeInterval(timeout)
-    while true {
-        if try await condition() { return true }
-        if Date() >= deadline { return false }
-        try? await Task.sleep(for: .milliseconds(50))
-    }
-}
 
 // MARK: - Files
 

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 
 /// `cachemesh relay` in front of a target (a link emulator: delay, jitter, loss, rate), started on
 /// 127.0.0.1:0; ready once it printed `relay: listening 127.0.0.1:PORT -> …`.
