@@ -172,6 +172,7 @@ final class QUICCore {
     private(set) var phase = Phase.active
     private var timer: Scheduled<Void>?
     private var timerState = ExpiryTimerState()
+    private var inlineExpiries = 0
     private var closePacket: ByteBuffer?
     private var closeResends = 0
     private(set) var peer: PeerIdentity?
@@ -404,6 +405,7 @@ final class QUICCore {
         case .active: break
         }
         let ts = QUICClock.now()
+        inlineExpiries = 0
         // Answer once per read burst (the handler calls `flushAfterRead`), not per datagram;
         // set before reading so that writes asked for by callbacks join that flush.
         needsWrite = true
@@ -570,6 +572,7 @@ final class QUICCore {
             // really holds us back, and that write re-arms the expiry timer.
             scheduleWrite()
         } else {
+            inWrite = false  // updateTimer may write again (after handling an expiry inline)
             updateTimer()
         }
     }
@@ -580,10 +583,30 @@ final class QUICCore {
 
     private func updateTimer() {
         guard phase == .active else { return }
-        if case .schedule(let at) = timerState.update(expiry: ngtcp2_conn_get_expiry(conn)) {
+        var now = QUICClock.now()
+        var expiry = ngtcp2_conn_get_expiry(conn)
+        if expiry < now + ExpiryTimerState.minimumDelay, inlineExpiries < Self.maxInlineExpiries {
+            // Almost always the pacing deadline of the burst just sent: ngtcp2 clears it only in
+            // handle_expiry (and lets packets go up to 1 ms before it anyway). Handling it here
+            // saves a timer task, an epoll wake-up and a timerfd update per burst. A deadline that
+            // was really due (loss detection, ACK delay) may have queued packets: write again.
+            inlineExpiries += 1
+            guard handleExpiry(now: now) else { return }
+            if expiry <= now {
+                writePackets()
+                return
+            }
+            now = QUICClock.now()
+            expiry = ngtcp2_conn_get_expiry(conn)
+        }
+        if case .schedule(let at) = timerState.update(expiry: expiry, now: now) {
             armTimer(at: at)
         }
     }
+
+    /// Inline expiry handling in a row without a packet read or a timer firing in between
+    /// (bounds `updateTimer` → `writePackets` → `updateTimer`; beyond it the timer takes over).
+    static let maxInlineExpiries = 4
 
     private func armTimer(at deadline: UInt64) {
         timer?.cancel()
@@ -594,29 +617,34 @@ final class QUICCore {
 
     private func onTimer() {
         timer = nil
+        inlineExpiries = 0
         guard phase == .active else { return }
-        switch timerState.fired(now: QUICClock.now(), expiry: ngtcp2_conn_get_expiry(conn)) {
+        let now = QUICClock.now()
+        switch timerState.fired(now: now, expiry: ngtcp2_conn_get_expiry(conn)) {
         case .idle: return
         case .rearm(let at):
             armTimer(at: at)
             return
         case .handleExpiry: break
         }
-        let rv = ngtcp2_conn_handle_expiry(conn, QUICClock.now())
-        if rv != 0 {
-            switch rv {
-            case NGTCP2_ERR_IDLE_CLOSE:
-                finalize(error: QUICError.timeout)
-            case NGTCP2_ERR_HANDSHAKE_TIMEOUT:
-                finalize(error: QUICError.handshakeFailed("handshake timed out"))
-            default:
-                var e = ngtcp2_connection_close_error()
-                ngtcp2_connection_close_error_set_transport_error_liberr(&e, rv, nil, 0)
-                closeWith(e, error: QUICError.internalError(Self.errString(rv)))
-            }
-            return
+        if handleExpiry(now: now) { writePackets() }
+    }
+
+    /// `ngtcp2_conn_handle_expiry`; false if that ended the connection.
+    private func handleExpiry(now: UInt64) -> Bool {
+        let rv = ngtcp2_conn_handle_expiry(conn, now)
+        guard rv != 0 else { return true }
+        switch rv {
+        case NGTCP2_ERR_IDLE_CLOSE:
+            finalize(error: QUICError.timeout)
+        case NGTCP2_ERR_HANDSHAKE_TIMEOUT:
+            finalize(error: QUICError.handshakeFailed("handshake timed out"))
+        default:
+            var e = ngtcp2_connection_close_error()
+            ngtcp2_connection_close_error_set_transport_error_liberr(&e, rv, nil, 0)
+            closeWith(e, error: QUICError.internalError(Self.errString(rv)))
         }
-        writePackets()
+        return false
     }
 
     /// Congestion/RTT figures for logs.

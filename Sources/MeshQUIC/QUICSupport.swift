@@ -111,14 +111,25 @@ struct ExpiryTimerState: Equatable {
 
     private(set) var scheduled: UInt64?
 
+    /// Deadlines closer than this (or already past) are pushed out to it: the timer fires at most
+    /// once per millisecond. ngtcp2 folds its pacing deadline into the expiry, and right after a
+    /// write that deadline is a few microseconds ahead or already past; but ngtcp2 lets packets
+    /// go up to 1 ms before it (`NGTCP2_PKT_PACING_OVERHEAD`), so it never holds a write back.
+    /// Waking for it cost a timer task, an epoll wake-up, `handle_expiry` and an empty write —
+    /// about 1.5 per small request. A real deadline past at this point (loss detection, ACK
+    /// delay, idle) loses nothing on a LAN by firing at most 1 ms late; a due timer that fires
+    /// is handled at once (`fired`).
+    static let minimumDelay: UInt64 = 1_000_000
+
     init() {}
 
-    mutating func update(expiry: UInt64) -> Action {
+    mutating func update(expiry: UInt64, now: UInt64) -> Action {
         // No deadline: a pending timer may fire once for nothing, which is cheaper than cancelling it.
         guard expiry != UInt64.max else { return .none }
-        if let s = scheduled, s <= expiry { return .none }
-        scheduled = expiry
-        return .schedule(expiry)
+        let target = max(expiry, now + Self.minimumDelay)
+        if let s = scheduled, s <= target { return .none }
+        scheduled = target
+        return .schedule(target)
     }
 
     /// The timer fired at `now`; `expiry` is ngtcp2's current deadline.
@@ -126,8 +137,8 @@ struct ExpiryTimerState: Equatable {
         scheduled = nil
         if expiry == UInt64.max { return .idle }
         if expiry <= now { return .handleExpiry }
-        scheduled = expiry
-        return .rearm(expiry)
+        guard case .schedule(let at) = update(expiry: expiry, now: now) else { return .idle }
+        return .rearm(at)
     }
 
     /// Delay from `now` until `expiry` (zero if already due).

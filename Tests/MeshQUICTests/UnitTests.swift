@@ -67,52 +67,74 @@ final class FakeConn {}
 }
 
 @Suite struct ExpiryTimerTests {
+    static let ms: UInt64 = 1_000_000
+
     @Test func reschedulesOnlyForAnEarlierDeadline() {
+        let ms = Self.ms
         var t = ExpiryTimerState()
-        let none = t.update(expiry: UInt64.max)
+        let none = t.update(expiry: UInt64.max, now: 0)
         #expect(none == .none)
-        let first = t.update(expiry: 1_000)
-        #expect(first == .schedule(1_000))
-        let same = t.update(expiry: 1_000)
+        let first = t.update(expiry: 10 * ms, now: 0)
+        #expect(first == .schedule(10 * ms))
+        let same = t.update(expiry: 10 * ms, now: 1 * ms)
         #expect(same == .none)
         // Later deadlines keep the pending timer (it fires early and re-arms).
-        let later = t.update(expiry: 5_000)
+        let later = t.update(expiry: 50 * ms, now: 2 * ms)
         #expect(later == .none)
-        #expect(t.scheduled == 1_000)
-        let earlier = t.update(expiry: 500)
-        #expect(earlier == .schedule(500))
+        #expect(t.scheduled == 10 * ms)
+        let earlier = t.update(expiry: 5 * ms, now: 2 * ms)
+        #expect(earlier == .schedule(5 * ms))
         // "No deadline" does not cancel: the pending timer fires once for nothing.
-        let cleared = t.update(expiry: UInt64.max)
+        let cleared = t.update(expiry: UInt64.max, now: 3 * ms)
         #expect(cleared == .none)
-        #expect(t.scheduled == 500)
+        #expect(t.scheduled == 5 * ms)
+    }
+
+    @Test func deadlinesUnderOneMillisecondOrPastArePushedOut() {
+        let ms = Self.ms
+        var t = ExpiryTimerState()
+        // A pacing deadline 20 µs ahead: ngtcp2 would send anyway, so wake 1 ms from now at the earliest.
+        let pacing = t.update(expiry: 100 * ms + 20_000, now: 100 * ms)
+        #expect(pacing == .schedule(101 * ms))
+        // Already past right after a write (the pacing deadline again): not a wake-up at once either.
+        var u = ExpiryTimerState()
+        let past = u.update(expiry: 99 * ms, now: 100 * ms)
+        #expect(past == .schedule(101 * ms))
+        // Further out than 1 ms: exact.
+        var v = ExpiryTimerState()
+        let far = v.update(expiry: 103 * ms, now: 100 * ms)
+        #expect(far == .schedule(103 * ms))
     }
 
     @Test func anEarlyFiringReArmsForTheCurrentDeadline() {
+        let ms = Self.ms
         var t = ExpiryTimerState()
-        _ = t.update(expiry: 1_000)
-        _ = t.update(expiry: 9_000)
-        // Fired at its own time, but ngtcp2's deadline has moved to 9_000.
-        let early = t.fired(now: 1_000, expiry: 9_000)
-        #expect(early == .rearm(9_000))
-        #expect(t.scheduled == 9_000)
+        _ = t.update(expiry: 10 * ms, now: 0)
+        _ = t.update(expiry: 90 * ms, now: 1 * ms)
+        // Fired at its own time, but ngtcp2's deadline has moved to 90 ms.
+        let early = t.fired(now: 10 * ms, expiry: 90 * ms)
+        #expect(early == .rearm(90 * ms))
+        #expect(t.scheduled == 90 * ms)
         // A deadline between now and the re-armed one replaces it.
-        let sooner = t.update(expiry: 4_000)
-        #expect(sooner == .schedule(4_000))
-        let due = t.fired(now: 4_001, expiry: 4_000)
+        let sooner = t.update(expiry: 40 * ms, now: 11 * ms)
+        #expect(sooner == .schedule(40 * ms))
+        let due = t.fired(now: 40 * ms + 1, expiry: 40 * ms)
         #expect(due == .handleExpiry)
         #expect(t.scheduled == nil)
-        let rescheduled = t.update(expiry: 42_000)
-        #expect(rescheduled == .schedule(42_000))
+        // Fired just before a deadline under 1 ms away: re-armed 1 ms out, not spun on.
+        _ = t.update(expiry: 60 * ms, now: 41 * ms)
+        let close = t.fired(now: 60 * ms, expiry: 60 * ms + 300_000)
+        #expect(close == .rearm(61 * ms))
     }
 
     @Test func firingWithNoDeadlineLeavesTheTimerIdle() {
         var t = ExpiryTimerState()
-        _ = t.update(expiry: 42)
-        let idle = t.fired(now: 50, expiry: UInt64.max)
+        _ = t.update(expiry: 42 * Self.ms, now: 0)
+        let idle = t.fired(now: 50 * Self.ms, expiry: UInt64.max)
         #expect(idle == .idle)
         #expect(t.scheduled == nil)
-        let next = t.update(expiry: 42)
-        #expect(next == .schedule(42))
+        let next = t.update(expiry: 80 * Self.ms, now: 50 * Self.ms)
+        #expect(next == .schedule(80 * Self.ms))
     }
 
     @Test func delayIsZeroForPastDeadlines() {
