@@ -7,6 +7,11 @@ BIN=${CACHEMESH_BIN:-"$(swift build -c release --show-bin-path)/cachemesh"}
 T=$(mktemp -d "/tmp/cachemesh-${BENCH_NAME:-bench}.XXXXXX")
 PIDS=()
 cleanup() {
+  local rc=$?
+  if [ "$rc" != 0 ] && [ -f "$T/node.log" ]; then
+    echo "benchmark failed (exit $rc); node alive: $(for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && echo -n "$p "; done); last node log lines:" >&2
+    tail -20 "$T/node.log" >&2
+  fi
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; sleep 0.3
   for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   rm -rf "$T"

@@ -305,6 +305,34 @@ import Testing
         await server.close()
     }
 
+    @Test(arguments: [true, false])
+    func outstandingRequestsKeepTheConnectionAliveWithPings(keepAlive: Bool) async throws {
+        var quic = QUICSettings()
+        quic.idleTimeout = .milliseconds(300)
+        quic.keepAliveWhileBusy = keepAlive ? .milliseconds(100) : .zero
+        let server = HTTP3Server(configuration: .init(host: "127.0.0.1", port: 0, credentials: try QUICTestCerts.creds("node"), quic: quic),
+                                 service: QUICTestService(), logger: Logger(label: "test.h3"))
+        let port = try await server.start().port!
+        let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"), settings: quic)
+        // The answer takes three idle timeouts: only the client's PINGs keep the connection open meanwhile.
+        var answer: String?
+        do {
+            answer = String(buffer: try await c.request(HTTPRequestHead(method: "GET", path: "/sleep/900")).body.collect(upTo: 100))
+        } catch {
+            answer = nil
+        }
+        if keepAlive {
+            #expect(answer == "slept\n")
+            // Idle again: no more PINGs, so the idle timeout closes the connection.
+            let closed = await eventually(timeout: 5) { !c.isUsable }
+            #expect(closed)
+        } else {
+            #expect(answer == nil, "without PINGs the connection should have timed out under the request")
+        }
+        await c.close()
+        await server.close()
+    }
+
     @Test func manyConnectionsAtOnce() async throws {
         try await QUICTestServer.with { server, port, _ in
             try await withThrowingTaskGroup(of: Void.self) { group in

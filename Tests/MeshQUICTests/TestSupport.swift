@@ -148,6 +148,9 @@ final class QUICTestService: HTTPService {
                 out.finish(trailers: ["x-count": "100"])
             }
             return HTTPResponse(status: 200, body: .stream(out))
+        } else if path.hasPrefix("/sleep/") {
+            try? await Task.sleep(for: .milliseconds(Int(path.dropFirst("/sleep/".count)) ?? 0))
+            return .text(200, "slept")
         } else if path == "/slow" {
             try? await Task.sleep(for: .milliseconds(300))
             return .text(200, "slow done")
