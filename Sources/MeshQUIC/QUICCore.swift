@@ -587,21 +587,20 @@ final class QUICCore {
 
     private func updateTimer() {
         guard phase == .active else { return }
-        var now = QUICClock.now()
-        var expiry = ngtcp2_conn_get_expiry(conn)
+        let now = QUICClock.now()
+        let expiry = ngtcp2_conn_get_expiry(conn)
         if expiry < now + ExpiryTimerState.minimumDelay, inlineExpiries < Self.maxInlineExpiries {
             // Almost always the pacing deadline of the burst just sent: ngtcp2 clears it only in
             // handle_expiry (and lets packets go up to 1 ms before it anyway). Handling it here
-            // saves a timer task, an epoll wake-up and a timerfd update per burst. A deadline that
-            // was really due (loss detection, ACK delay) may have queued packets: write again.
+            // saves a timer task, an epoll wake-up and a timerfd update per burst. Then write
+            // again, always: data held back by pacing is no longer held back (and nothing would
+            // wake us for it now that the deadline is gone: skipping this write stalled
+            // transfers), and a deadline that was really due (loss detection, ACK delay) may
+            // have queued packets. That write ends by coming back here (bounded).
             inlineExpiries += 1
             guard handleExpiry(now: now) else { return }
-            if expiry <= now {
-                writePackets()
-                return
-            }
-            now = QUICClock.now()
-            expiry = ngtcp2_conn_get_expiry(conn)
+            writePackets()
+            return
         }
         if case .schedule(let at) = timerState.update(expiry: expiry, now: now) {
             armTimer(at: at)
