@@ -104,12 +104,7 @@ import Testing
         #expect(c.peer.role == .node)   // we verified gtlsserver's certificate (mesh CA, IP SAN)
         let r = try await c.request(HTTPRequestHead(method: "GET", path: "/blob"))
         #expect(r.status == 200)
-        var got: Int64 = 0
-        var ok = true
-        for try await chunk in r.body {
-            if ok && !PatternFile.matches(chunk, at: got) { ok = false }
-            got += Int64(chunk.readableBytes)
-        }
+        let (got, ok) = try await PatternFile.receive(r.body)
         #expect(got == n)
         #expect(ok)
         let missing = try await c.request(HTTPRequestHead(method: "GET", path: "/no-such-file"))

@@ -72,12 +72,7 @@ import Testing
             let c = try await Self.connect(port)
             let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/\(n)"))
             #expect(r.status == 200)
-            var got: Int64 = 0
-            var ok = true
-            for try await chunk in r.body {
-                if ok && !PatternFile.matches(chunk, at: got) { ok = false }
-                got += Int64(chunk.readableBytes)
-            }
+            let (got, ok) = try await PatternFile.receive(r.body)
             #expect(got == n)
             #expect(ok)
 
@@ -100,12 +95,7 @@ import Testing
             for size: Int64 in [n, 1, 5_000_000] {
                 let r = try await c.request(HTTPRequestHead(method: "GET", path: "/mapped/\(size)"))
                 #expect(r.status == 200)
-                var got: Int64 = 0
-                var ok = true
-                for try await chunk in r.body {
-                    if ok && !PatternFile.matches(chunk, at: got) { ok = false }
-                    got += Int64(chunk.readableBytes)
-                }
+                let (got, ok) = try await PatternFile.receive(r.body)
                 #expect(got == size)
                 // The memory is zeroed at close: a byte sent (or re-sent after a loss) later would break the pattern.
                 #expect(ok)

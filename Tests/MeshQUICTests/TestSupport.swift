@@ -45,6 +45,17 @@ final class PatternFile: FileBodySource, @unchecked Sendable {
     }
     func close() { closes.withLock { $0 += 1 } }
 
+    /// Reads a whole body: its length and whether it is the pattern from offset 0.
+    static func receive(_ body: HTTPInboundBody) async throws -> (count: Int64, matches: Bool) {
+        var got: Int64 = 0
+        var ok = true
+        for try await chunk in body {
+            if ok && !matches(chunk, at: got) { ok = false }
+            got += Int64(chunk.readableBytes)
+        }
+        return (got, ok)
+    }
+
     /// Whether `chunk` equals the pattern at `offset`.
     static func matches(_ chunk: ByteBuffer, at offset: Int64) -> Bool {
         chunk.withUnsafeReadableBytes { b in
