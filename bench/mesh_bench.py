@@ -204,7 +204,7 @@ class Mesh:
             self.relay_out[n] = out
         for n in b.sc.nodes:
             out = open(os.path.join(self.dir, f"node-{n}.log"), "w")
-            p = subprocess.Popen([b.bin, "node", "--topology", topo, "--name", n, "--log-level", "notice"],
+            p = subprocess.Popen([b.bin, "node", "--topology", topo, "--name", n, "--log-level", os.environ.get("MESH_BENCH_LOG_LEVEL", "notice")],
                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
             STARTED.append(p)
             self.nodes[n] = p
