@@ -57,6 +57,14 @@ public final class HTTP2Connection: HTTPClientTransport {
                     throw error
                 }
                 if credentials == nil { h.channelActiveIfNeeded(channel: channel) }
+                // A peer that accepts the TCP connection but never finishes the TLS/HTTP/2
+                // handshake must not hold the caller forever: the same bound as the TCP connect.
+                let deadline = channel.eventLoop.scheduleTask(in: connectTimeout) {
+                    promise.fail(HTTPTransportError.protocolError(
+                        "TLS/HTTP/2 handshake with \(host):\(port) did not finish within \(connectTimeout.nanoseconds / 1_000_000) ms"))
+                    channel.close(promise: nil)
+                }
+                promise.futureResult.whenComplete { _ in deadline.cancel() }
                 return (NIOLoopBound(h, eventLoop: channel.eventLoop), promise.futureResult)
             }.get()
             let peer = try await ready.get()

@@ -66,6 +66,23 @@ final class TestService: HTTPService {
         await server.close()
     }
 
+    // Without the handshake deadline this test hangs until its time limit.
+    @Test(.timeLimit(.minutes(1))) func aPeerThatNeverFinishesTheHandshakeIsGivenUpOn() async throws {
+        // Accepts TCP connections and never says a word (a wedged process, a half-open relay).
+        let silent = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { $0.eventLoop.makeSucceededVoidFuture() }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let port = silent.localAddress!.port!
+        do {
+            _ = try await HTTP2Connection.connect(host: "127.0.0.1", port: port, credentials: try Self.creds("client"),
+                                                  connectTimeout: .milliseconds(300))
+            Issue.record("connected to a server that never answered")
+        } catch let error as HTTPTransportError {
+            #expect("\(error)".contains("did not finish within 300 ms"), "\(error)")
+        }
+        try await silent.close()
+    }
+
     @Test func manyConcurrentStreamsOnOneConnection() async throws {
         try await Self.withServer { _, port, _ in
             let c = try await HTTP2Connection.connect(host: "127.0.0.1", port: port, credentials: try Self.creds("client"))
