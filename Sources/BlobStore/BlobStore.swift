@@ -874,8 +874,9 @@ public final class BlobStore: Sendable {
         guard size >= configuration.mapMinimumBytes else { return nil }
         if let m = mappings.withLock({ $0.get(hash) }), m.size == size { return m }
         guard let m = BlobMapping(fd: fd, size: size) else { return nil }
-        let dropped = mappings.withLock { $0.insert(hash, m, size: size) }
-        _ = dropped  // unmapped here, outside the lock, unless a reader still sends from them
+        // The mappings this pushes out are released (unmapped, unless a reader still sends from
+        // them) here, after the lock.
+        _ = mappings.withLock { $0.insert(hash, m, size: size) }
         return m
     }
 
@@ -886,8 +887,7 @@ public final class BlobStore: Sendable {
     /// readers still sending from it are done).
     private func dropMapping(_ key: EntryKey) {
         guard key.kind == .cas else { return }
-        let old = mappings.withLock { $0.remove(key.hash) }
-        _ = old
+        _ = mappings.withLock { $0.remove(key.hash) }
     }
 
     private func logEvictions(_ evicted: [Evicted]) {

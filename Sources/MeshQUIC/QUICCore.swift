@@ -1309,7 +1309,9 @@ final class QUICCore {
             }
             return 0
         }
-        func giveMapped(_ m: UnsafeRawBufferPointer, _ f: any FileBodySource, next: Int64, end: Int64) -> nghttp3_ssize {
+        /// The next chunk straight from the source's memory; nil if it has none to give.
+        func giveMapped(_ f: any FileBodySource, next: Int64, end: Int64) -> nghttp3_ssize? {
+            guard let m = f.mappedBytes(at: next, max: Int(min(Int64(Self.mappedChunk), end - next))) else { return nil }
             vec[0] = nghttp3_vec(base: UnsafeMutablePointer(mutating: m.baseAddress!.assumingMemoryBound(to: UInt8.self)), len: m.count)
             let newNext = next + Int64(m.count)
             s.source = .mapped(f, next: newNext, end: end)
@@ -1329,15 +1331,10 @@ final class QUICCore {
         case .mapped(let f, let next, let end):
             // At the end the source stays open (see `Source.mapped`); `streamClosed` closes it.
             guard next < end else { return eof(nil) }
-            guard let m = f.mappedBytes(at: next, max: Int(min(Int64(Self.mappedChunk), end - next))) else {
-                return failBody(s, sid, "file body mapping unavailable")
-            }
-            return giveMapped(m, f, next: next, end: end)
+            return giveMapped(f, next: next, end: end) ?? failBody(s, sid, "file body mapping unavailable")
         case .file(let f, let next, let end):
             // A source that can map its bytes is sent from the mapping from the first chunk on.
-            if next == f.start, next < end, let m = f.mappedBytes(at: next, max: Int(min(Int64(Self.mappedChunk), end - next))) {
-                return giveMapped(m, f, next: next, end: end)
-            }
+            if next == f.start, next < end, let r = giveMapped(f, next: next, end: end) { return r }
             if next >= end {
                 s.closeSource()
                 return eof(nil)
