@@ -14,17 +14,13 @@ ROUNDS=${ROUNDS:-5}
 BENCH_NAME=h3bench
 source bench/lib.sh
 NODE_PORT=$(free_port); GTLS_PORT=$(free_port)
-mkdir -p "$T/www"
-head -c 4096 /dev/urandom > "$T/www/small"; head -c $((64 << 20)) /dev/urandom > "$T/www/large"
-SMALL=$(sha256sum "$T/www/small" | cut -d' ' -f1); LARGE=$(sha256sum "$T/www/large" | cut -d' ' -f1)
+make_blobs
 start_node $NODE_PORT
 NODE_PID=${PIDS[-1]}
 gtlsserver -q -d "$T/www" --verify-client 127.0.0.1 $GTLS_PORT "$T/certs/node.key" "$T/certs/node.pem" > /dev/null 2>&1 &
 GTLS_PID=$!
 PIDS+=($GTLS_PID)
-export CACHEMESH_CA="$T/certs/ca.pem" CACHEMESH_CERT="$T/certs/client.pem" CACHEMESH_KEY="$T/certs/client.key"
-"$BIN" put "$T/www/small" --server 127.0.0.1:$NODE_PORT >/dev/null
-"$BIN" put "$T/www/large" --server 127.0.0.1:$NODE_PORT >/dev/null
+put_blobs $NODE_PORT
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 STEAL0=$(awk '/^cpu /{print $9}' /proc/stat); TOTAL0=$(awk '/^cpu /{s=0; for (i=2; i<=NF; i++) s+=$i; print s}' /proc/stat)
 run() { # name transport server-pid server path size count concurrency

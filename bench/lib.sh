@@ -1,7 +1,7 @@
 # Shared by the single-node benchmarks (h3-vs-h2.sh, relay-overhead.sh): sourced, not run.
 # Sets BIN (release cachemesh, built unless CACHEMESH_BIN is given), T (a temp dir removed on exit),
 # PIDS (processes started with `bg`, TERM then KILL on exit), fresh certificates in $T/certs,
-# free_port, and start_node PORT (node on TCP + UDP PORT, waits until it listens).
+# free_port, start_node PORT (node on TCP + UDP PORT, waits until it listens), make_blobs and put_blobs PORT.
 if [ -z "${CACHEMESH_BIN:-}" ]; then swift build -c release --product cachemesh 2>&1 | tail -1; fi
 BIN=${CACHEMESH_BIN:-"$(swift build -c release --show-bin-path)/cachemesh"}
 T=$(mktemp -d "/tmp/cachemesh-${BENCH_NAME:-bench}.XXXXXX")
@@ -27,4 +27,16 @@ start_node() {
   PIDS+=($!)
   for _ in $(seq 100); do grep -q "listening quic=" "$T/node.out" 2>/dev/null && break; sleep 0.1; done
   grep -q "listening quic=" "$T/node.out" || { echo "node did not start:"; cat "$T/node.log"; exit 1; }
+}
+# make_blobs: $T/www/small (4 KiB) and $T/www/large (64 MiB) of random bytes; SMALL and LARGE are their SHA-256.
+make_blobs() {
+  mkdir -p "$T/www"
+  head -c 4096 /dev/urandom > "$T/www/small"; head -c $((64 << 20)) /dev/urandom > "$T/www/large"
+  SMALL=$(sha256sum "$T/www/small" | cut -d' ' -f1); LARGE=$(sha256sum "$T/www/large" | cut -d' ' -f1)
+}
+# put_blobs PORT: our client's certificate in the environment (for bench-fetch too), both blobs stored on the node.
+put_blobs() {
+  export CACHEMESH_CA="$T/certs/ca.pem" CACHEMESH_CERT="$T/certs/client.pem" CACHEMESH_KEY="$T/certs/client.key"
+  "$BIN" put "$T/www/small" --server 127.0.0.1:$1 >/dev/null
+  "$BIN" put "$T/www/large" --server 127.0.0.1:$1 >/dev/null
 }

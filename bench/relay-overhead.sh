@@ -12,9 +12,7 @@ DELAY_N=${DELAY_N:-200}
 BENCH_NAME=relaybench
 source bench/lib.sh
 NODE_PORT=$(free_port); R0_PORT=$(free_port); R10_PORT=$(free_port)
-mkdir -p "$T/www"
-head -c 4096 /dev/urandom > "$T/www/small"; head -c $((64 << 20)) /dev/urandom > "$T/www/large"
-SMALL=$(sha256sum "$T/www/small" | cut -d' ' -f1); LARGE=$(sha256sum "$T/www/large" | cut -d' ' -f1)
+make_blobs
 start_node $NODE_PORT
 "$BIN" relay --link 127.0.0.1:$R0_PORT=127.0.0.1:$NODE_PORT > "$T/relay0.out" 2> "$T/relay0.log" &
 PIDS+=($!); R0_PID=$!
@@ -24,9 +22,7 @@ for f in relay0 relay10; do
   for _ in $(seq 100); do grep -q "^relay: listening " "$T/$f.out" 2>/dev/null && break; sleep 0.1; done
   grep -q "^relay: listening " "$T/$f.out" || { echo "relay $f did not start:"; cat "$T/$f.out" "$T/$f.log"; exit 1; }
 done
-export CACHEMESH_CA="$T/certs/ca.pem" CACHEMESH_CERT="$T/certs/client.pem" CACHEMESH_KEY="$T/certs/client.key"
-"$BIN" put "$T/www/small" --server 127.0.0.1:$NODE_PORT >/dev/null
-"$BIN" put "$T/www/large" --server 127.0.0.1:$NODE_PORT >/dev/null
+put_blobs $NODE_PORT
 run() { # name transport server path size count
   local line
   line=$("$BIN" bench-fetch --transport "$2" --server "$3" --path "$4" --size "$5" --count "$6" --concurrency 1)
