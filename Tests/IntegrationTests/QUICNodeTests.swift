@@ -8,20 +8,12 @@ struct QUICNodeTests {
     @Test("put/get/status over QUIC with mTLS; reader PUT 403; foreign certificate refused; TCP still serves the same blob",
           .timeLimit(.minutes(3)))
     func quicThroughTheCLI() async throws {
-        let certs = try Certs.shared()
         let dir = try TempDir("quic-node")
         defer { dir.remove() }
-        let node = try ChildProcess([try Paths.cachemesh(), "node", "--listen", "127.0.0.1:0", "--quic-listen", "127.0.0.1:0",
-                                     "--data-dir", dir.file("data"), "--max-bytes", "256M",
-                                     "--cert", certs.nodeCert, "--key", certs.nodeKey, "--ca", certs.ca])
-        defer { node.killAndWait() }
-        let ready = await eventually(timeout: 30) { node.stdout.contains("listening tcp=") && node.stdout.contains("listening quic=") }
-        try #require(ready, "node did not start: \(node.stderr.suffix(1500))")
-        func port(_ kind: String) -> String {
-            let line = node.stdout.split(separator: "\n").first { $0.hasPrefix("cachemesh: listening \(kind)=") }!
-            return String(line.split(separator: ":").last!)
-        }
-        let (tcp, udp) = (port("tcp"), port("quic"))
+        let node = try await TestNode.start(quic: true)
+        defer { node.cleanUp() }
+        let certs = node.certs
+        let (tcp, udp) = (String(node.port), String(node.quicPort!))
         func cli(_ who: String, _ args: [String], quicPort: String? = nil) async throws -> ProcessResult {
             try await run([try Paths.cachemesh()] + args + ["--server", "127.0.0.1:\(quicPort ?? udp)", "--transport", "quic",
                                                            "--cert", certs.path("\(who).pem"), "--key", certs.path("\(who).key"), "--ca", certs.ca])
@@ -52,8 +44,7 @@ struct QUICNodeTests {
         #expect(tcpGet.stdout == "200")
         #expect(try await sha256sum(dir.file("tcp-out")) == hash)
 
-        node.signal(SIGTERM)
-        let exit = await node.waitForExit(timeout: 60)
-        #expect(exit?.status == 0 && exit?.signalled == false, "\(String(describing: exit)) \(node.stderr.suffix(1000))")
+        let exit = await node.terminate()
+        #expect(exit?.status == 0 && exit?.signalled == false, "\(String(describing: exit)) \(node.logExcerpt())")
     }
 }

@@ -8,20 +8,10 @@ struct RelayTests {
     @Test("a 20 ms relay adds ≥ 40 ms per round trip over TCP and QUIC; SIGTERM prints counters and exits 0",
           .timeLimit(.minutes(3)))
     func nodeBehindADelayingRelay() async throws {
-        let certs = try Certs.shared()
-        let dir = try TempDir("relay-node")
-        defer { dir.remove() }
-        let node = try ChildProcess([try Paths.cachemesh(), "node", "--listen", "127.0.0.1:0", "--quic-listen", "127.0.0.1:0",
-                                     "--data-dir", dir.file("data"), "--max-bytes", "64M",
-                                     "--cert", certs.nodeCert, "--key", certs.nodeKey, "--ca", certs.ca])
-        defer { node.killAndWait() }
-        let ready = await eventually(timeout: 30) { node.stdout.contains("listening tcp=") && node.stdout.contains("listening quic=") }
-        try #require(ready, "node did not start: \(node.stderr.suffix(1500))")
-        func port(_ kind: String) -> Int {
-            let line = node.stdout.split(separator: "\n").first { $0.hasPrefix("cachemesh: listening \(kind)=") }!
-            return Int(line.split(separator: ":").last!)!
-        }
-        let relay = try await TestRelay.start(targetPort: port("tcp"), udpPort: port("quic"), profile: ["--delay", "20ms"])
+        let node = try await TestNode.start(maxBytes: "64M", quic: true)
+        defer { node.cleanUp() }
+        let certs = node.certs
+        let relay = try await TestRelay.start(targetPort: node.port, udpPort: node.quicPort!, profile: ["--delay", "20ms"])
         for transport in ["tcp", "quic"] {
             let t0 = Date()
             let r = try await run([try Paths.cachemesh(), "status", "--server", relay.address, "--transport", transport,

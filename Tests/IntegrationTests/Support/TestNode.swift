@@ -70,6 +70,8 @@ enum Identity: String, Sendable, CaseIterable {
 final class TestNode: @unchecked Sendable {
     let child: ChildProcess
     let port: Int
+    /// The UDP (QUIC) port, for a node started with `quic: true`.
+    let quicPort: Int?
     let dataDir: String
     let certs: Certs
     let binary: String
@@ -79,19 +81,21 @@ final class TestNode: @unchecked Sendable {
     var address: String { "127.0.0.1:\(port)" }
     var baseURL: String { "https://127.0.0.1:\(port)" }
 
-    private init(child: ChildProcess, port: Int, dataDir: String, certs: Certs, binary: String, ownsDataDir: Bool) {
+    private init(child: ChildProcess, port: Int, quicPort: Int?, dataDir: String, certs: Certs, binary: String, ownsDataDir: Bool) {
         self.child = child
         self.port = port
+        self.quicPort = quicPort
         self.dataDir = dataDir
         self.certs = certs
         self.binary = binary
         self.ownsDataDir = ownsDataDir
     }
 
-    /// Starts `cachemesh node` on 127.0.0.1:0 and waits for its "listening" line.
+    /// Starts `cachemesh node` on 127.0.0.1:0 (and a QUIC listener on UDP 127.0.0.1:0 with
+    /// `quic`) and waits for its "listening" lines.
     static func start(
         dataDir: String? = nil, maxBytes: String = "256M", allowUnauthenticatedReads: Bool = false,
-        openFilesLimit: Int? = nil, extraArguments: [String] = [], startupTimeout: Double = 60
+        openFilesLimit: Int? = nil, quic: Bool = false, extraArguments: [String] = [], startupTimeout: Double = 60
     ) async throws -> TestNode {
         let certs = try Certs.shared()
         let bin = try Paths.cachemesh()
@@ -100,6 +104,7 @@ final class TestNode: @unchecked Sendable {
         var args = [bin, "node", "--listen", "127.0.0.1:0", "--data-dir", dir, "--max-bytes", maxBytes,
                     "--cert", certs.nodeCert, "--key", certs.nodeKey, "--ca", certs.ca, "--log-level", "debug"]
         if allowUnauthenticatedReads { args.append("--allow-unauthenticated-reads") }
+        if quic { args += ["--quic-listen", "127.0.0.1:0"] }
         args += extraArguments
         let argv: [String]
         if let limit = openFilesLimit {
@@ -109,22 +114,23 @@ final class TestNode: @unchecked Sendable {
             argv = args
         }
         let child = try ChildProcess(argv)
-        let prefix = "cachemesh: listening tcp="
-        var port: Int?
-        _ = await eventually(timeout: startupTimeout) {
-            if let line = child.stdout.split(separator: "\n").first(where: { $0.hasPrefix(prefix) }),
-               let p = line.split(separator: ":").last.flatMap({ Int($0.trimmingCharacters(in: .whitespaces)) }) {
-                port = p
-                return true
-            }
-            return child.hasExited
+        func listening(_ kind: String) -> Int? {
+            child.stdout.split(separator: "\n").first { $0.hasPrefix("cachemesh: listening \(kind)=") }
+                .flatMap { $0.split(separator: ":").last }.flatMap { Int($0.trimmingCharacters(in: .whitespaces)) }
         }
-        guard let port, port > 0 else {
+        var port: Int?
+        var quicPort: Int?
+        _ = await eventually(timeout: startupTimeout) {
+            port = listening("tcp")
+            quicPort = quic ? listening("quic") : nil
+            return (port != nil && (!quic || quicPort != nil)) || child.hasExited
+        }
+        guard let port, port > 0, !quic || quicPort != nil else {
             child.killAndWait()
             let status = child.exitStatus.map { "exited \($0.status)" } ?? "still silent after \(startupTimeout) s (killed)"
             throw HarnessError("node did not report its port (\(status)): `\(child.commandLine)`\nstdout: \(child.stdout)\nstderr: \(child.stderr.suffix(3000))")
         }
-        return TestNode(child: child, port: port, dataDir: dir, certs: certs, binary: bin, ownsDataDir: ownsDir)
+        return TestNode(child: child, port: port, quicPort: quicPort, dataDir: dir, certs: certs, binary: bin, ownsDataDir: ownsDir)
     }
 
     /// `curl` with HTTP/2, TLS verification against the mesh CA and the given identity.
