@@ -12,22 +12,29 @@ import Testing
     static let gtlsclient = "/usr/bin/gtlsclient"
     static let gtlsserver = "/usr/sbin/gtlsserver"
 
-    static func run(_ path: String, _ args: [String], timeout: TimeInterval) throws -> (status: Int32, output: String) {
+    /// Runs a program to its end (SIGKILL after `timeout` seconds) without holding a thread of
+    /// the cooperative pool: on a 2-core machine that pool has two threads, and a test blocking
+    /// one of them for the seconds gtlsclient takes starves every other test running beside it.
+    static func run(_ path: String, _ args: [String], timeout: TimeInterval) async throws -> (status: Int32, output: String) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: path)
         p.arguments = args
         let out = Pipe()
         p.standardOutput = out
         p.standardError = out
+        let (exited, exit) = AsyncStream<Void>.makeStream()
+        p.terminationHandler = { _ in exit.finish() }
         try p.run()
-        let deadline = Date().addingTimeInterval(timeout)
         let data = LockedData()
-        let reader = Thread { data.set(out.fileHandleForReading.readDataToEndOfFile()) }
-        reader.start()
-        while p.isRunning && Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
-        if p.isRunning { kill(p.processIdentifier, SIGKILL) }
-        p.waitUntilExit()
-        while !data.done { Thread.sleep(forTimeInterval: 0.01) }
+        // The pipe is drained on a thread of its own (so a chatty child never blocks on a full pipe).
+        Thread { data.set(out.fileHandleForReading.readDataToEndOfFile()) }.start()
+        let killer = Task {
+            try await Task.sleep(for: .milliseconds(Int(timeout * 1000)))
+            kill(p.processIdentifier, SIGKILL)
+        }
+        for await _ in exited {}
+        killer.cancel()
+        while !data.done { try await Task.sleep(for: .milliseconds(10)) }
         return (p.terminationStatus, String(decoding: data.value, as: UTF8.self))
     }
 
@@ -50,7 +57,7 @@ import Testing
             let args = ["-q", "--key", QUICTestCerts.path("client.key"), "--cert", QUICTestCerts.path("client.pem"),
                         "--download", dir, "--exit-on-all-streams-close", "--timeout", "5s",
                         "127.0.0.1", String(port), "https://127.0.0.1:\(port)/pattern/\(n)"]
-            let (status, output) = try await Task.detached { try Self.run(Self.gtlsclient, args, timeout: 30) }.value
+            let (status, output) = try await Self.run(Self.gtlsclient, args, timeout: 30)
             #expect(status == 0, "gtlsclient: \(output.suffix(2000))")
             let data = FileManager.default.contents(atPath: "\(dir)/\(n)") ?? Data()
             #expect(data.count == n)
@@ -65,7 +72,7 @@ import Testing
         try await QUICTestServer.with { _, port, service in
             let args = ["-q", "--exit-on-all-streams-close", "--timeout", "3s",
                         "127.0.0.1", String(port), "https://127.0.0.1:\(port)/pattern/10"]
-            _ = try await Task.detached { try Self.run(Self.gtlsclient, args, timeout: 20) }.value
+            _ = try await Self.run(Self.gtlsclient, args, timeout: 20)
             #expect(service.started.withLock { $0 } == 0)
         }
     }
