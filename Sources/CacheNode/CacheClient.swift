@@ -18,6 +18,8 @@ public struct ClientOptions: Sendable {
     public var serverName: String?
     /// HTTP/2 over TLS/TCP (default) or HTTP/3 over QUIC (the node's UDP port).
     public var transport: Transport = .tcp
+    /// QUIC: the largest UDP payload to send (nil: 1452 with path MTU discovery).
+    public var quicMaxDatagram: Int?
 
     public enum Transport: String, Sendable, CaseIterable {
         case tcp, quic
@@ -68,8 +70,10 @@ public final class CacheClient: Sendable {
         }
         if options.transport == .quic {
             guard let credentials else { throw CacheClientError.usage("QUIC always uses TLS: --insecure is for TCP only") }
+            var settings = QUICSettings()
+            settings.maxDatagramSize = options.quicMaxDatagram
             let conn = try await HTTP3Connection.connect(host: options.server.host, port: options.server.port, credentials: credentials,
-                                                         serverName: options.serverName, logger: logger)
+                                                         serverName: options.serverName, settings: settings, logger: logger)
             return CacheClient(connection: conn, close: { await conn.close() })
         }
         let conn = try await HTTP2Connection.connect(

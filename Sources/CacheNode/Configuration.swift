@@ -1,4 +1,5 @@
 import Foundation
+import MeshQUIC
 import MeshTLS
 import TOMLKit
 
@@ -79,6 +80,9 @@ public struct NodeConfiguration: Sendable {
     public var maxConcurrentWrites = 64
     public var maxOpenReads = 512
     public var drainSeconds = 30
+    /// The largest UDP payload QUIC sends (nil: 1452 with path MTU discovery). Only for paths
+    /// known to carry it, e.g. 8952 on a LAN with 9000-byte jumbo frames. See `QUICSettings`.
+    public var quicMaxDatagram: Int?
 
     public init() {}
 
@@ -104,7 +108,8 @@ public struct NodeConfiguration: Sendable {
         }
         var c = NodeConfiguration()
         let known: Set<String> = ["name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
-                                  "insecure", "quic_listen", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds"]
+                                  "insecure", "quic_listen", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds",
+                                  "quic_max_datagram"]
         for key in table.keys where !known.contains(key) {
             throw ConfigurationError("config \(path): unknown key '\(key)' (known: \(known.sorted().joined(separator: ", ")))")
         }
@@ -147,6 +152,7 @@ public struct NodeConfiguration: Sendable {
         if let v = try int("max_concurrent_writes") { c.maxConcurrentWrites = v }
         if let v = try int("max_open_reads") { c.maxOpenReads = v }
         if let v = try int("drain_seconds") { c.drainSeconds = v }
+        if let v = try int("quic_max_datagram") { c.quicMaxDatagram = v }
         // Relative paths in a config file are relative to the file.
         let base = URL(fileURLWithPath: path).absoluteURL.deletingLastPathComponent()
         func resolve(_ p: String?) -> String? {
@@ -163,6 +169,7 @@ public struct NodeConfiguration: Sendable {
     /// Check for contradictions a user should hear about before anything starts.
     public func validate() throws {
         if maxBytes <= 0 { throw ConfigurationError("max_bytes must be positive") }
+        try Self.checkDatagramSize(quicMaxDatagram)
         if insecure {
             if allowUnauthenticatedReads { throw ConfigurationError("--allow-unauthenticated-reads needs TLS; it makes no sense with --insecure") }
             return
@@ -174,6 +181,21 @@ public struct NodeConfiguration: Sendable {
         if !missing.isEmpty {
             throw ConfigurationError("TLS needs \(missing.joined(separator: ", ")) (make them with certs/mkcerts.sh); plaintext only with --insecure")
         }
+    }
+
+    /// `quic_max_datagram` must be a UDP payload size QUIC allows.
+    public static func checkDatagramSize(_ n: Int?, key: String = "quic_max_datagram") throws {
+        let r = QUICSettings.datagramSizeRange
+        if let n, !r.contains(n) {
+            throw ConfigurationError("\(key) must be in \(r.lowerBound)...\(r.upperBound) bytes (8952 for 9000-byte jumbo frames), got \(n)")
+        }
+    }
+
+    /// The QUIC settings this configuration asks for.
+    public var quicSettings: QUICSettings {
+        var q = QUICSettings()
+        q.maxDatagramSize = quicMaxDatagram
+        return q
     }
 
     public var tlsFiles: TLSFiles? {

@@ -33,7 +33,10 @@ public final class CacheNode: Service {
         let credentials = try configuration.tlsFiles.map { try TLSCredentials(files: $0) }
         if let topology {
             guard let credentials else { throw ConfigurationError("a mesh node needs TLS (node certificates)") }
-            mesh = try MeshService(topology: topology, nodeName: configuration.name, store: store, credentials: credentials, logger: logger)
+            var settings = MeshService.Settings(replication: topology.replication, writeQuorum: topology.writeQuorum, fetch: topology.fetch)
+            settings.transport.quic = configuration.quicSettings
+            mesh = try MeshService(topology: topology, nodeName: configuration.name, store: store, credentials: credentials,
+                                   settings: settings, logger: logger)
         } else {
             mesh = nil
         }
@@ -51,7 +54,7 @@ public final class CacheNode: Service {
             quicServer = HTTP3Server(
                 configuration: .init(host: q.host, port: q.port, credentials: credentials,
                                      clientAuthentication: configuration.allowUnauthenticatedReads ? .optionalReadOnly : .require,
-                                     drainGracePeriod: .seconds(Int64(configuration.drainSeconds))),
+                                     quic: configuration.quicSettings, drainGracePeriod: .seconds(Int64(configuration.drainSeconds))),
                 service: service, logger: logger)
         } else {
             quicServer = nil

@@ -175,11 +175,11 @@ public typealias HTTP3ConnectionPool = HTTPConnectionPool<HTTP3Connection>
 
 extension HTTPConnectionPool where Connection == HTTP3Connection {
     /// `connectTimeout` bounds the handshake: a peer whose UDP is blocked fails this fast.
-    public init(credentials: TLSCredentials, connectTimeout: TimeAmount = .seconds(10),
+    public init(credentials: TLSCredentials, connectTimeout: TimeAmount = .seconds(10), settings: QUICSettings = QUICSettings(),
                 group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
                 logger: Logger = Logger(label: "cachemesh.h3pool")) {
         self.init { host, port in
-            try await HTTP3Connection.connect(host: host, port: port, credentials: credentials, group: group,
+            try await HTTP3Connection.connect(host: host, port: port, credentials: credentials, group: group, settings: settings,
                                               connectTimeout: connectTimeout, logger: logger)
         }
     }

@@ -9,6 +9,8 @@ import Synchronization
 /// Counters of the UDP front door (tests and metrics).
 public struct QUICServerStats: Sendable, Equatable {
     public var datagramsReceived = 0
+    /// The largest datagram received (bytes): shows the datagram size peers actually use.
+    public var largestDatagramReceived = 0
     /// Datagrams that could not be parsed or routed (garbage, unknown short-header CIDs, …).
     public var datagramsDropped = 0
     public var versionNegotiationsSent = 0
@@ -201,6 +203,7 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
         defer {
             stats.value.withLock {
                 $0.datagramsReceived += 1
+                $0.largestDatagramReceived = max($0.largestDatagramReceived, buffer.readableBytes)
                 if dropped { $0.datagramsDropped += 1 }
             }
         }
@@ -347,6 +350,12 @@ final class StatsBox: Sendable {
 
 enum QUICDatagramWriter {
     /// A UDP bootstrap with large socket buffers, vector reads and (where available) GRO.
+    /// Every message of a vector read gets a buffer for the largest UDP payload (64 KiB): a
+    /// peer may send datagrams of any size up to its max_udp_payload_size setting — even its
+    /// first Initial, before it knows ours — and a datagram larger than its buffer arrives
+    /// truncated and is lost. With GRO the kernel fills it with up to 64 KiB of coalesced datagrams.
+    static let receiveSlot = 65_536
+
     static func bootstrap(group: any EventLoopGroup, settings: QUICSettings) -> DatagramBootstrap {
         let gro = settings.gro && System.supportsUDPReceiveOffload
         var b = DatagramBootstrap(group: group)
@@ -355,14 +364,9 @@ enum QUICDatagramWriter {
         if gro {
             b = b.channelOption(.datagramReceiveOffload, value: true)
                 .channelOption(.datagramReceiveSegmentSize, value: true)
-                .channelOption(.datagramVectorReadMessageCount, value: 8)
-                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 8 * 65_536))
-        } else {
-            // NIO splits the buffer between the messages of one vector read: 2 KiB each.
-            b = b.channelOption(.datagramVectorReadMessageCount, value: 32)
-                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 32 * 2048))
         }
-        return b
+        return b.channelOption(.datagramVectorReadMessageCount, value: 8)
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 8 * receiveSlot))
     }
 
     /// The datagrams of one read: a GRO-coalesced buffer is split at its segment size.

@@ -35,6 +35,16 @@ public struct QUICSettings: Sendable {
     public var gro: Bool = true
     /// Congestion control.
     public var congestionControl: CongestionControl = .cubic
+    /// The largest UDP payload this side sends, for paths known to carry it (a LAN with jumbo
+    /// frames: 8952 for a 9000-byte MTU; loopback). nil: start at 1200 bytes and let path MTU
+    /// discovery grow it to at most 1452 (ngtcp2 0.12.1 probes no further). When set, every
+    /// packet may be this large from the handshake on, as with `gtlsserver
+    /// --max-udp-payload-size` (the peer's max_udp_payload_size still bounds it): on a path with
+    /// a smaller MTU the kernel fragments them, so set it only where the path takes it.
+    public var maxDatagramSize: Int?
+
+    /// Values `maxDatagramSize` may take (RFC 9000: at least 1200; a UDP payload at most 65527).
+    public static let datagramSizeRange = 1200...65_527
 
     public enum CongestionControl: Sendable {
         case cubic, bbr, bbr2, reno
@@ -342,7 +352,13 @@ final class QUICCore {
         case .bbr2: st.cc_algo = NGTCP2_CC_ALGO_BBR2
         case .reno: st.cc_algo = NGTCP2_CC_ALGO_RENO
         }
-        st.max_tx_udp_payload_size = 1452
+        if let n = settings.maxDatagramSize {
+            let r = QUICSettings.datagramSizeRange
+            st.max_tx_udp_payload_size = min(max(n, r.lowerBound), r.upperBound)
+            st.no_tx_udp_payload_size_shaping = 1
+        } else {
+            st.max_tx_udp_payload_size = 1452
+        }
         return st
     }
 

@@ -44,6 +44,7 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .customLong("mesh-transport"), help: "With --topology: override [fetch] transport between nodes (quic | tcp).") var meshTransport: String?
     @Option(help: "TCP listen address host:port (port 0 = any free port).") var listen: String?
     @Option(name: .customLong("quic-listen"), help: "UDP address host:port for QUIC + HTTP/3 (e.g. the same as --listen).") var quicListen: String?
+    @Option(name: .customLong("quic-max-datagram"), help: "Largest UDP payload QUIC sends (default 1452 with path MTU discovery; 8952 for 9000-byte jumbo frames, only where every path carries it).") var quicMaxDatagram: Int?
     @Option(name: .customLong("data-dir"), help: "Directory for blobs.") var dataDir: String?
     @Option(name: .customLong("max-bytes"), help: "Store capacity, e.g. 10G, 512M.") var maxBytes: String?
     @Option(help: "Node certificate chain (PEM).") var cert: String?
@@ -84,6 +85,7 @@ struct NodeCommand: AsyncParsableCommand {
             guard let hp = HostPort(quicListen) else { throw ValidationError("--quic-listen must be host:port, got \(quicListen)") }
             c.quicListen = hp
         }
+        if let quicMaxDatagram { c.quicMaxDatagram = quicMaxDatagram }
         if let dataDir { c.dataDirectory = dataDir }
         if let maxBytes {
             guard let n = ByteSize.parse(maxBytes) else { throw ValidationError("--max-bytes must be a size like 10G, got \(maxBytes)") }
@@ -119,6 +121,7 @@ struct ClientFlags: ParsableArguments {
     @Option(help: "Mesh CA certificate (PEM) (env CACHEMESH_CA).") var ca: String?
     @Flag(help: "Plaintext h2c (the node must run with --insecure).") var insecure = false
     @Option(help: "tcp (HTTP/2 over TLS) or quic (HTTP/3; the node's --quic-listen port).") var transport: ClientOptions.Transport = .tcp
+    @Option(name: .customLong("quic-max-datagram"), help: "With --transport quic: largest UDP payload to send (default 1452 with path MTU discovery).") var quicMaxDatagram: Int?
     @Option(name: .customLong("log-level")) var logLevel: Logger.Level = .warning
 
     func options() throws -> ClientOptions {
@@ -128,6 +131,8 @@ struct ClientFlags: ParsableArguments {
         var o = ClientOptions(server: hp, certificate: cert ?? env["CACHEMESH_CERT"], privateKey: key ?? env["CACHEMESH_KEY"],
                               ca: ca ?? env["CACHEMESH_CA"], insecure: insecure)
         o.transport = transport
+        do { try NodeConfiguration.checkDatagramSize(quicMaxDatagram, key: "--quic-max-datagram") } catch { throw ValidationError("\(error)") }
+        o.quicMaxDatagram = quicMaxDatagram
         return o
     }
 

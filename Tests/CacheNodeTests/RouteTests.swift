@@ -80,6 +80,49 @@ import BlobStore
         try noTLS.validate()
     }
 
+    @Test func quicDatagramSizeFromConfigAndTopology() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cm-dgram-\(UUID())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        func write(_ name: String, _ text: String) throws -> String {
+            let url = dir.appendingPathComponent(name)
+            try text.write(to: url, atomically: true, encoding: .utf8)
+            return url.path
+        }
+        let base = "cert = \"n.pem\"\nkey = \"n.key\"\nca = \"ca.pem\"\n"
+        let c = try NodeConfiguration.load(path: try write("ok.toml", base + "quic_max_datagram = 8952\n"))
+        #expect(c.quicMaxDatagram == 8952)
+        #expect(c.quicSettings.maxDatagramSize == 8952)
+        try c.validate()
+        #expect(NodeConfiguration().quicSettings.maxDatagramSize == nil)
+        for bad in [1199, 65_528] {
+            let b = try NodeConfiguration.load(path: try write("bad\(bad).toml", base + "quic_max_datagram = \(bad)\n"))
+            #expect { try b.validate() } throws: { "\($0)".contains("quic_max_datagram must be in 1200...65527") }
+        }
+
+        func topology(_ quic: String) -> String {
+            """
+            name = "t"
+            ca = "ca.pem"
+            \(quic)
+            [[nodes]]
+            name = "a"
+            tcp = "127.0.0.1:9001"
+            quic = "127.0.0.1:9001"
+            data_dir = "a"
+            cert = "a.pem"
+            key = "a.key"
+            """
+        }
+        let t = try Topology.load(path: try write("t.toml", topology("[quic]\nmax_datagram = 8952")))
+        #expect(t.quicMaxDatagram == 8952)
+        #expect(try t.configuration(for: "a").quicMaxDatagram == 8952)
+        #expect(try Topology.load(path: try write("t0.toml", topology(""))).quicMaxDatagram == nil)
+        #expect { try Topology.load(path: try write("t1.toml", topology("[quic]\nmax_datagram = 100"))) } throws: {
+            "\($0)".contains("[quic] max_datagram must be in 1200...65527")
+        }
+    }
+
     @Test func errorStatusMapping() {
         #expect(CacheService.status(for: BlobStoreError.digestMismatch(expected: "a", actual: "b")) == 400)
         #expect(CacheService.status(for: BlobStoreError.tooLarge(size: 2, limit: 1)) == 413)

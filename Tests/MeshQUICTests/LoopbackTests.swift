@@ -110,6 +110,37 @@ import Testing
         }
     }
 
+    /// Jumbo datagrams (`maxDatagramSize`) both ways, with and without GRO on the server, and
+    /// from a jumbo client to a server left at the default size (which still reads any datagram
+    /// whole: a client sends its first Initial at its own size, before it knows the server's).
+    @Test(arguments: [(Optional(8952), true), (8952, false), (nil, false), (nil, true)])
+    func jumboDatagrams(serverDatagram: Int?, serverGRO: Bool) async throws {
+        var serverQUIC = QUICSettings()
+        serverQUIC.maxDatagramSize = serverDatagram
+        serverQUIC.gro = serverGRO
+        let service = QUICTestService()
+        let server = HTTP3Server(configuration: .init(host: "127.0.0.1", port: 0, credentials: try QUICTestCerts.creds("node"), quic: serverQUIC),
+                                 service: service, logger: Logger(label: "test.h3"))
+        let port = try await server.start().port!
+        var clientQUIC = QUICSettings()
+        clientQUIC.maxDatagramSize = 8952
+        let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"), settings: clientQUIC)
+        let n: Int64 = 8 << 20
+        let up = PatternFile(length: n)
+        let u = try await c.request(HTTPRequestHead(method: "PUT", path: "/count"), body: .file(up))
+        #expect(u.status == 200)
+        #expect(String(buffer: try await u.body.collect(upTo: 1000)) == "\(n) pattern\n")
+        let largest = server.stats.largestDatagramReceived
+        #expect(largest > 1452, "the client should have sent datagrams larger than the default size")
+        #expect(largest <= 8952)
+        let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/\(n)"))
+        let (got, ok) = try await PatternFile.receive(r.body)
+        #expect(got == n)
+        #expect(ok)
+        await c.close()
+        await server.close()
+    }
+
     @Test func hundredConcurrentStreams() async throws {
         try await QUICTestServer.with { _, port, service in
             let c = try await Self.connect(port)

@@ -23,6 +23,8 @@ public final class MeshTransport: MeshRequester {
         public var quicConnectTimeout: Duration = .seconds(1)
         /// How long an endpoint whose QUIC handshake failed is reached over TCP only.
         public var quicRetryAfter: Duration = .seconds(30)
+        /// QUIC connection settings (e.g. the datagram size).
+        public var quic = QUICSettings()
         public init() {}
     }
 
@@ -42,7 +44,8 @@ public final class MeshTransport: MeshRequester {
         let c = settings.quicConnectTimeout.components
         quic = settings.preferred == .quic
             ? HTTP3ConnectionPool(credentials: credentials,
-                                  connectTimeout: .nanoseconds(c.seconds * 1_000_000_000 + c.attoseconds / 1_000_000_000), logger: logger)
+                                  connectTimeout: .nanoseconds(c.seconds * 1_000_000_000 + c.attoseconds / 1_000_000_000),
+                                  settings: settings.quic, logger: logger)
             : nil
         requests = (Counter(label: "cachemesh_mesh_requests_total", dimensions: [("transport", "quic")]),
                     Counter(label: "cachemesh_mesh_requests_total", dimensions: [("transport", "tcp")]))

@@ -25,6 +25,11 @@ import TOMLKit
 /// strategy = "hedged"               # hedged | immediate | peers-only | origin-only
 /// transport = "quic"                # quic (TCP fallback) | tcp
 /// origin_write_through = false      # also copy every write to the origin before acknowledging
+///
+/// [quic]                            # optional
+/// max_datagram = 8952               # UDP payload QUIC sends between (and to) these nodes; default:
+///                                   # 1452 with path MTU discovery. Only where every path carries
+///                                   # it (9000-byte jumbo frames: 8952).
 /// ```
 public struct Topology: Sendable {
     public enum Role: String, Sendable, Codable {
@@ -51,6 +56,8 @@ public struct Topology: Sendable {
     public var replication: Int
     public var writeQuorum: Int
     public var fetch: FetchSettings
+    /// `[quic] max_datagram` (nil: 1452 with path MTU discovery).
+    public var quicMaxDatagram: Int?
     public var nodes: [Node]
 
     public var origin: Node? { nodes.first { $0.role == .origin } }
@@ -63,7 +70,12 @@ public struct Topology: Sendable {
         var replication: Int?
         var write_quorum: Int?
         var fetch: FetchEntry?
+        var quic: QUICEntry?
         var nodes: [NodeEntry]
+    }
+
+    private struct QUICEntry: Decodable {
+        var max_datagram: Int?
     }
 
     private struct FetchEntry: Decodable {
@@ -135,7 +147,7 @@ public struct Topology: Sendable {
             fetch.originWriteThrough = f.origin_write_through ?? false
         }
         let t = Topology(name: file.name, ca: resolve(file.ca), replication: file.replication ?? 2, writeQuorum: file.write_quorum ?? 1,
-                         fetch: fetch, nodes: nodes)
+                         fetch: fetch, quicMaxDatagram: file.quic?.max_datagram, nodes: nodes)
         try t.validate(path: path)
         return t
     }
@@ -153,6 +165,7 @@ public struct Topology: Sendable {
         }
         let tcp = nodes.map { "\($0.advertiseTCP)" }
         if Set(tcp).count != tcp.count { throw ConfigurationError("topology \(path): two nodes share a tcp address") }
+        do { try NodeConfiguration.checkDatagramSize(quicMaxDatagram, key: "[quic] max_datagram") } catch { throw ConfigurationError("topology \(path): \(error)") }
         if fetch.originWriteThrough && origin == nil {
             throw ConfigurationError("topology \(path): fetch.origin_write_through needs a node with role = \"origin\"")
         }
@@ -172,6 +185,7 @@ public struct Topology: Sendable {
         c.certificate = n.certificate
         c.privateKey = n.privateKey
         c.ca = ca
+        c.quicMaxDatagram = quicMaxDatagram
         return c
     }
 }
