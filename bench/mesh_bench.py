@@ -259,25 +259,45 @@ class Mesh:
                 pass
         return out
 
-    def wait(self, what, cond, timeout):
+    def wait(self, what, cond, timeout, describe=None):
         deadline = time.time() + timeout
+        last_error = None
         while time.time() < deadline:
             self.check_alive()
             try:
                 if cond():
                     return True
-            except (RuntimeError, ValueError, subprocess.TimeoutExpired):
-                pass
+            except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+                last_error = e
             time.sleep(0.2)
-        raise NodeCrash(f"{self.label}: mesh not ready: timed out waiting for {what}")
+        detail = ""
+        if describe:
+            try:
+                detail = "; " + describe()
+            except Exception as e:  # the description is best effort: the timeout is the news
+                detail = f"; (no description: {e})"
+        if last_error:
+            detail += f"; last error: {last_error}"
+        raise NodeCrash(f"{self.label}: mesh not ready: timed out waiting for {what}{detail}")
+
+    def log_tail(self, node, lines=15):
+        """The node's last warning/error lines (what a convergence failure needs to be read)."""
+        text = self.text(f"node-{node}.log").splitlines()
+        return " | ".join([l for l in text if " warning " in l or " error " in l][-lines:])
 
     def converge_members(self):
         n = len(self.b.sc.nodes)
         for node in self.b.sc.nodes:
-            self.wait(f"{node} to see {n} live members",
-                      lambda: json.loads(self.curl(node, "/mesh/status"))["members"].__len__() >= n and
-                      sum(1 for m in json.loads(self.curl(node, "/mesh/status"))["members"] if m["status"] == "alive") >= n,
-                      45)
+            def live():
+                members = json.loads(self.curl(node, "/mesh/status"))["members"]
+                return sum(1 for m in members if m["status"] == "alive") >= n
+
+            def describe():
+                members = json.loads(self.curl(node, "/mesh/status"))["members"]
+                seen = ", ".join(f"{m.get('name')}={m.get('status')}/{m.get('incarnation')}" for m in members)
+                return f"{node} sees [{seen}]; its warnings: {self.log_tail(node) or 'none'}"
+
+            self.wait(f"{node} to see {n} live members", live, 45, describe)
 
     def place(self):
         """Every blob on the origin, plus each peer-held blob on its holder(s); mirror copies, not measured."""
