@@ -51,14 +51,28 @@ public final class CacheNode: Service {
             service: service, logger: logger)
         if let q = configuration.quicListen {
             guard let credentials else { throw ConfigurationError("QUIC needs TLS: --quic-listen cannot be used with --insecure") }
+            var quic = configuration.quicSettings
+            quic.statelessResetSecret = Self.statelessResetSecret(keyFile: configuration.privateKey)
             quicServer = HTTP3Server(
                 configuration: .init(host: q.host, port: q.port, credentials: credentials,
                                      clientAuthentication: configuration.allowUnauthenticatedReads ? .optionalReadOnly : .require,
-                                     quic: configuration.quicSettings, drainGracePeriod: .seconds(Int64(configuration.drainSeconds))),
+                                     quic: quic, drainGracePeriod: .seconds(Int64(configuration.drainSeconds))),
                 service: service, logger: logger)
         } else {
             quicServer = nil
         }
+    }
+
+    /// Stateless-reset tokens must outlive the process (after a restart the node resets the QUIC
+    /// connections its previous run had, and peers fail over at once instead of waiting out their
+    /// idle timeout), and must be unguessable: derived from the node's private key, which only
+    /// it holds. nil (a random secret per process) if the key cannot be read.
+    static func statelessResetSecret(keyFile: String?) -> StatelessResetSecret? {
+        guard let keyFile, let key = FileManager.default.contents(atPath: keyFile), !key.isEmpty else { return nil }
+        var h = SHA256Hasher()
+        h.update(bytes: Array("cachemesh QUIC stateless reset secret v1\n".utf8))
+        h.update(bytes: [UInt8](key))
+        return StatelessResetSecret(Array(h.finalize().utf8))
     }
 
     /// Bind the listener; returns the bound address.

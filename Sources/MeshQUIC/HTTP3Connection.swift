@@ -70,6 +70,11 @@ public final class HTTP3Connection: HTTPClientTransport {
         channel.isActive && !flags.goingAway.withLock { $0 } && !flags.closed.withLock { $0 }
     }
 
+    /// Why the connection closed, when QUIC says more than "closed" (requests on it fail with
+    /// `HTTPTransportError.connectionClosed`): `.statelessReset` (the server lost it, e.g.
+    /// restarted), `.timeout` (idle or handshake), `.closedByPeer`. nil while open.
+    public var closeReason: QUICError? { flags.closeReason.withLock { $0 } }
+
     /// Send a request; returns when the response head arrived. The response body streams.
     public func request(_ head: HTTPRequestHead, body: HTTPOutboundBody = .empty) async throws -> HTTPClientResponse {
         var head = head

@@ -17,6 +17,8 @@ public struct QUICServerStats: Sendable, Equatable {
     public var connectionsAccepted = 0
     /// New connections refused because of the handshake/connection limits.
     public var connectionsRefused = 0
+    /// Stateless Resets sent for short-header packets of connections we do not know.
+    public var statelessResetsSent = 0
     public init() {}
 }
 
@@ -35,8 +37,11 @@ public struct QUICServerStats: Sendable, Equatable {
 /// - at most `maxHandshakes` connections may be in the handshake and `maxConnections` open;
 ///   beyond that new Initials are dropped (`stats.connectionsRefused`);
 /// - handshakes time out after `quic.handshakeTimeout`, idle connections after `quic.idleTimeout`;
-/// - not enabled: Retry / address-validation tokens, stateless resets (unknown short-header
-///   packets are dropped silently), connection migration (`disable_active_migration`).
+/// - a short-header packet for a connection we do not know (we restarted, or dropped it) gets a
+///   Stateless Reset, always shorter than the packet and at most ~200 a second
+///   (`StatelessResetPolicy`); tokens come from `quic.statelessResetSecret`, so a restarted node
+///   with the same secret resets its previous run's connections and peers fail over at once;
+/// - not enabled: Retry / address-validation tokens, connection migration (`disable_active_migration`).
 ///
 /// Mutual TLS: with `.require` the client's chain is verified against the mesh CA inside the
 /// handshake (a client without a valid certificate never gets HANDSHAKE_DONE); the role comes
@@ -157,6 +162,7 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
     private var closeWaiters: [EventLoopPromise<Void>] = []
     /// Connections that read datagrams in the current read burst.
     private var dirty: [ObjectIdentifier: QUICCore] = [:]
+    private var resetPolicy = StatelessResetPolicy()
 
     init(config: HTTP3Server.Configuration, tls: QUICTLSContext, service: any HTTPService, stats: StatsBox, logger: Logger) {
         self.config = config
@@ -196,6 +202,7 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
         case versionNegotiation(dcid: [UInt8], scid: [UInt8])
         case existing(QUICCore)
         case new
+        case statelessReset(ConnectionID)
     }
 
     func route(_ buffer: ByteBuffer, from remote: SocketAddress) {
@@ -220,8 +227,9 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
             guard rv == 0 else { return .drop }
             let dcid = ConnectionID(pointer: vc.dcid, count: vc.dcidlen)
             if let core = table.lookup(dcid) { return .existing(core) }
-            // Unknown DCID: only a long-header packet (an Initial) may start a connection.
-            guard b[0] & 0x80 != 0 else { return .drop }
+            // Unknown DCID: only a long-header packet (an Initial) may start a connection; a
+            // short-header one is for a connection we lost (a CID of ours has our length).
+            guard b[0] & 0x80 != 0 else { return vc.dcidlen == Self.scidLength ? .statelessReset(dcid) : .drop }
             return .new
         }
         switch decision {
@@ -234,7 +242,27 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
             dirty[ObjectIdentifier(core)] = core
         case .new:
             if !accept(buffer, from: remote) { dropped = true }
+        case .statelessReset(let dcid):
+            dropped = true
+            sendStatelessReset(for: dcid, triggerLength: buffer.readableBytes, to: remote)
         }
+    }
+
+    private func sendStatelessReset(for dcid: ConnectionID, triggerLength: Int, to remote: SocketAddress) {
+        guard let context, let length = resetPolicy.resetLength(forTrigger: triggerLength, now: QUICClock.now()) else { return }
+        let secret = config.quic.statelessResetSecret ?? .process
+        var token = secret.token(for: dcid)
+        // Random bytes (the first gets a short header's fixed bits), then the token.
+        var random = [UInt8](repeating: 0, count: length - token.count)
+        random.withUnsafeMutableBufferPointer { cm_gnutls_rnd($0.baseAddress, $0.count) }
+        var out = context.channel.allocator.buffer(capacity: length)
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { dest in
+            let n = ngtcp2_pkt_write_stateless_reset(dest.baseAddress!.assumingMemoryBound(to: UInt8.self), length, &token, &random, random.count)
+            return n > 0 ? n : 0
+        }
+        guard out.readableBytes > 0 else { return }
+        stats.value.withLock { $0.statelessResetsSent += 1 }
+        context.writeAndFlush(wrapOutboundOut(AddressedEnvelope(remoteAddress: remote, data: out)), promise: nil)
     }
 
     private func accept(_ buffer: ByteBuffer, from remote: SocketAddress) -> Bool {

@@ -43,6 +43,11 @@ public struct QUICSettings: Sendable {
     /// a smaller MTU the kernel fragments them, so set it only where the path takes it.
     public var maxDatagramSize: Int?
 
+    /// The secret stateless-reset tokens are derived from (nil: one random secret per process).
+    /// A server should be given a stable one (the node derives it from its private key), so that
+    /// after a restart it can reset the connections its previous run had.
+    public var statelessResetSecret: StatelessResetSecret?
+
     /// Values `maxDatagramSize` may take (RFC 9000: at least 1200; a UDP payload at most 65527).
     public static let datagramSizeRange = 1200...65_527
 
@@ -58,6 +63,8 @@ public enum QUICError: Error, Sendable, CustomStringConvertible, Equatable {
     case handshakeFailed(String)
     case closedByPeer
     case timeout
+    /// The peer sent a Stateless Reset: it no longer knows this connection (it restarted).
+    case statelessReset
     case internalError(String)
 
     public var description: String {
@@ -65,6 +72,7 @@ public enum QUICError: Error, Sendable, CustomStringConvertible, Equatable {
         case .handshakeFailed(let s): "QUIC handshake failed: \(s)"
         case .closedByPeer: "QUIC connection closed by peer"
         case .timeout: "QUIC connection timed out"
+        case .statelessReset: "QUIC connection reset by the peer (stateless reset: it lost the connection, e.g. restarted)"
         case .internalError(let s): "QUIC internal error: \(s)"
         }
     }
@@ -194,6 +202,8 @@ final class QUICCore {
     /// Client: HANDSHAKE_DONE received (the server accepted us).
     private(set) var handshakeConfirmed = false
     private var processedAnyPacket = false
+    /// Client: a Stateless Reset matched one of the peer's tokens.
+    private var statelessResetReceived = false
     private var writeScheduled = false
     private var needsWrite = false
     /// Streams with `pendingInbound` bytes in this read burst.
@@ -274,7 +284,8 @@ final class QUICCore {
         case .server(let hd, _, _):
             params.original_dcid = hd.dcid
             params.stateless_reset_token_present = 1
-            withUnsafeMutableBytes(of: &params.stateless_reset_token) { cm_gnutls_rnd($0.baseAddress!.assumingMemoryBound(to: UInt8.self), $0.count) }
+            let secret = settings.statelessResetSecret ?? .process
+            withUnsafeMutableBytes(of: &params.stateless_reset_token) { secret.write(token: $0.baseAddress!.assumingMemoryBound(to: UInt8.self), for: scid) }
             params.disable_active_migration = 1
             var dcid = hd.scid
             constructor = "ngtcp2_conn_server_new"
@@ -451,6 +462,8 @@ final class QUICCore {
 
     private func handleLibraryError(_ rv: Int32) {
         switch rv {
+        case NGTCP2_ERR_DRAINING where statelessResetReceived:
+            enterDraining(error: QUICError.statelessReset)
         case NGTCP2_ERR_DRAINING:
             // The peer closed (CONNECTION_CLOSE received).
             enterDraining(error: handshakeConfirmed || (isServer && handshakeCompleted)
@@ -747,6 +760,7 @@ final class QUICCore {
 
     private func failAll(_ error: any Error) {
         flags.closed.withLock { $0 = true }
+        if let q = error as? QUICError { flags.closeReason.withLock { $0 = $0 ?? q } }
         let transportError: any Error = (error as? HTTPTransportError) ?? HTTPTransportError.connectionClosed
         let inFlight = activeRequestStreams
         if inFlight > 0, !(error is HTTPTransportError) {
@@ -872,8 +886,16 @@ final class QUICCore {
         cb.get_new_connection_id = { _, cid, token, cidlen, ud in
             withUnsafeMutableBytes(of: &cid!.pointee.data) { cm_gnutls_rnd($0.baseAddress!.assumingMemoryBound(to: UInt8.self), min(cidlen, $0.count)) }
             cid!.pointee.datalen = cidlen
-            cm_gnutls_rnd(token, Int(NGTCP2_STATELESS_RESET_TOKENLEN))
-            QUICCore.with(ud) { core in core.delegate?.quicCore(core, didIssue: ConnectionID(cid!.pointee)) }
+            let id = ConnectionID(cid!.pointee)
+            QUICCore.with(ud) { core in
+                (core.settings.statelessResetSecret ?? .process).write(token: token!, for: id)
+                core.delegate?.quicCore(core, didIssue: id)
+            }
+            return 0
+        }
+        cb.recv_stateless_reset = { _, _, ud in
+            // ngtcp2 checked the token; read_pkt now returns NGTCP2_ERR_DRAINING.
+            QUICCore.with(ud) { $0.statelessResetReceived = true }
             return 0
         }
         cb.remove_connection_id = { _, cid, ud in
@@ -1586,4 +1608,5 @@ func tlsCheck(_ rc: Int32, _ context: @autoclosure () -> String) throws {
 final class QUICConnectionFlags: Sendable {
     let goingAway = Mutex(false)
     let closed = Mutex(false)
+    let closeReason = Mutex<QUICError?>(nil)
 }

@@ -234,3 +234,85 @@ enum GSOBatcher {
         return out
     }
 }
+
+/// Stateless resets (RFC 9000 §10.3): a server that lost a connection's state (it restarted,
+/// or the connection was dropped) answers a packet for it with a Stateless Reset, so the peer
+/// gives the connection up at once instead of retransmitting into silence until its idle
+/// timeout. Tokens are derived from a static secret and the connection ID (HKDF inside
+/// `ngtcp2_crypto_generate_stateless_reset_token`), so a restarted node with the same secret
+/// produces the token the peer was given before; nobody without the secret can forge one.
+public struct StatelessResetSecret: Sendable, Equatable {
+    public let bytes: [UInt8]
+
+    public init(_ bytes: [UInt8]) {
+        precondition(bytes.count >= 16, "a stateless reset secret needs at least 16 bytes")
+        self.bytes = bytes
+    }
+
+    /// A fresh random secret: resets then work only within this process's lifetime (a client's
+    /// CIDs, or a server without a stable key).
+    public static func random() -> StatelessResetSecret {
+        var b = [UInt8](repeating: 0, count: 32)
+        b.withUnsafeMutableBufferPointer { cm_gnutls_rnd($0.baseAddress, $0.count) }
+        return StatelessResetSecret(b)
+    }
+
+    /// One per process, for endpoints that were not given a stable secret.
+    static let process = StatelessResetSecret.random()
+
+    /// The 16-byte token for `cid`.
+    func token(for cid: ConnectionID) -> [UInt8] {
+        var token = [UInt8](repeating: 0, count: Int(NGTCP2_STATELESS_RESET_TOKENLEN))
+        write(token: &token, for: cid)
+        return token
+    }
+
+    func write(token: UnsafeMutablePointer<UInt8>, for cid: ConnectionID) {
+        var c = cid.ngtcp2
+        let rv = bytes.withUnsafeBufferPointer { ngtcp2_crypto_generate_stateless_reset_token(token, $0.baseAddress, $0.count, &c) }
+        // HKDF over a fixed-size input cannot fail short of a broken crypto backend; a random
+        // token then only means this CID can never be reset.
+        if rv != 0 { cm_gnutls_rnd(token, Int(NGTCP2_STATELESS_RESET_TOKENLEN)) }
+    }
+
+    func write(token: inout [UInt8], for cid: ConnectionID) {
+        token.withUnsafeMutableBufferPointer { write(token: $0.baseAddress!, for: cid) }
+    }
+}
+
+/// When and how large a Stateless Reset may be sent (pure; the server's I/O asks it).
+///
+/// A reset is always shorter than the packet that triggered it, so two endpoints that both lost
+/// state cannot ping-pong resets forever and nothing is amplified (RFC 9000 §10.3.3); it is at
+/// least 5 random + 16 token bytes, so packets shorter than 22 bytes get nothing. A token
+/// bucket bounds how many resets per second a flood of junk short-header packets can draw.
+struct StatelessResetPolicy {
+    static let minimumLength = Int(NGTCP2_MIN_STATELESS_RESET_RANDLEN) + Int(NGTCP2_STATELESS_RESET_TOKENLEN)
+    /// Large enough to look like an ordinary short packet (RFC 9000 suggests 41 bytes or more).
+    static let preferredLength = 43
+
+    var ratePerSecond: Double = 200
+    var burst: Double = 100
+    private var tokens: Double
+    private var last: UInt64?
+
+    init(ratePerSecond: Double = 200, burst: Double = 100) {
+        self.ratePerSecond = ratePerSecond
+        self.burst = burst
+        self.tokens = burst
+    }
+
+    /// The length of the reset to send for a `triggerLength`-byte packet at `now` (nanoseconds),
+    /// or nil to stay silent.
+    mutating func resetLength(forTrigger triggerLength: Int, now: UInt64) -> Int? {
+        let length = min(triggerLength - 1, Self.preferredLength)
+        guard length >= Self.minimumLength else { return nil }
+        if let last, now > last {
+            tokens = min(burst, tokens + Double(now - last) / 1e9 * ratePerSecond)
+        }
+        last = now
+        guard tokens >= 1 else { return nil }
+        tokens -= 1
+        return length
+    }
+}

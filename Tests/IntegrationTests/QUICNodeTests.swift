@@ -1,4 +1,7 @@
+import CacheNode
 import Foundation
+import MeshHTTP
+import MeshQUIC
 import Testing
 import TestSupport
 
@@ -46,5 +49,42 @@ struct QUICNodeTests {
 
         let exit = await node.terminate()
         #expect(exit?.status == 0 && exit?.signalled == false, "\(String(describing: exit)) \(node.logExcerpt())")
+    }
+
+    @Test("kill -9 and a restart on the same ports: a client's old QUIC connection gets a stateless reset at once (not a 30 s idle timeout); a new connection works",
+          .timeLimit(.minutes(2)))
+    func aRestartedNodeResetsItsPreviousConnections() async throws {
+        let node = try await TestNode.start(quic: true)
+        var restarted: TestNode?
+        defer {
+            restarted?.cleanUp()
+            node.cleanUp()
+        }
+        let udp = node.quicPort!
+        var options = ClientOptions(server: HostPort(host: "127.0.0.1", port: udp), certificate: node.certs.path("client.pem"),
+                                    privateKey: node.certs.path("client.key"), ca: node.certs.ca)
+        options.transport = .quic
+        let old = try await CacheClient.connect(options)
+        #expect(try await old.connection.request(HTTPRequestHead(method: "GET", path: "/healthz")).status == 200)
+
+        node.kill()
+        // Same data, same key (so the same reset secret), same UDP port: a crash and a restart.
+        let again = try await TestNode.start(dataDir: node.dataDir, extraArguments: ["--quic-listen", "127.0.0.1:\(udp)"])
+        restarted = again
+        let started = ContinuousClock.now
+        do {
+            _ = try await old.connection.request(HTTPRequestHead(method: "GET", path: "/healthz"))
+            Issue.record("a request on a connection the restarted node never had should fail")
+        } catch {
+            #expect(error as? HTTPTransportError == .connectionClosed, "\(error)")
+            // Not a timeout: the restarted node recognised the connection's token and reset it.
+            #expect((old.connection as? HTTP3Connection)?.closeReason == .statelessReset,
+                    "closed by \(String(describing: (old.connection as? HTTP3Connection)?.closeReason)) after \(ContinuousClock.now - started)\n\(again.logExcerpt())")
+        }
+        await old.close()
+
+        let fresh = try await CacheClient.connect(options)
+        #expect(try await fresh.connection.request(HTTPRequestHead(method: "GET", path: "/healthz")).status == 200)
+        await fresh.close()
     }
 }

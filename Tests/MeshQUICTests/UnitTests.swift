@@ -199,3 +199,37 @@ final class FakeConn {}
         #expect(off == [.init(offset: 0, length: 1452, segmentSize: nil), .init(offset: 1452, length: 1452, segmentSize: nil)])
     }
 }
+
+@Suite struct StatelessResetTests {
+    @Test func tokensDependOnSecretAndConnectionIDOnly() {
+        let cid = ConnectionID.random()
+        let a = StatelessResetSecret(Array(repeating: 7, count: 32))
+        let sameBytes = StatelessResetSecret(Array(repeating: 7, count: 32))
+        let other = StatelessResetSecret(Array(repeating: 8, count: 32))
+        #expect(a.token(for: cid).count == 16)
+        // A restarted node with the same secret derives the token its previous run gave out.
+        #expect(a.token(for: cid) == sameBytes.token(for: cid))
+        #expect(a.token(for: cid) != other.token(for: cid))
+        #expect(a.token(for: cid) != a.token(for: ConnectionID.random()))
+        #expect(StatelessResetSecret.random() != StatelessResetSecret.random())
+    }
+
+    @Test func resetsAreShorterThanTheirTriggerAndRateLimited() {
+        var p = StatelessResetPolicy(ratePerSecond: 10, burst: 3)
+        let t0: UInt64 = 1_000_000_000
+        #expect(p.resetLength(forTrigger: 1200, now: t0) == StatelessResetPolicy.preferredLength)
+        #expect(p.resetLength(forTrigger: 30, now: t0) == 29)
+        // 21 bytes is the smallest reset: a 21-byte trigger would need a 20-byte answer.
+        #expect(p.resetLength(forTrigger: 21, now: t0) == nil)
+        #expect(p.resetLength(forTrigger: 22, now: t0) == 21)
+        // The burst (3) is spent; the refused 21-byte trigger did not cost a token.
+        #expect(p.resetLength(forTrigger: 1200, now: t0) == nil)
+        // 10 per second: one more after 100 ms, not before.
+        #expect(p.resetLength(forTrigger: 1200, now: t0 + 50_000_000) == nil)
+        #expect(p.resetLength(forTrigger: 1200, now: t0 + 110_000_000) != nil)
+        #expect(p.resetLength(forTrigger: 1200, now: t0 + 120_000_000) == nil)
+        // Refilled up to the burst, no further.
+        let later = t0 + 60_000_000_000
+        #expect((0..<5).compactMap { _ in p.resetLength(forTrigger: 100, now: later) }.count == 3)
+    }
+}
