@@ -66,6 +66,9 @@ static inline int cm_gnutls_init_quic(gnutls_session_t *s, int server) {
     return gnutls_init(s, flags);
 }
 
+/* Macros Swift cannot import (expressions). */
+static const size_t cm_max_retry_tokenlen = NGTCP2_CRYPTO_MAX_RETRY_TOKENLEN;
+
 static inline void cm_gnutls_rnd(uint8_t *dest, size_t len) { gnutls_rnd(GNUTLS_RND_RANDOM, dest, len); }
 static inline void cm_ngtcp2_conn_get_conn_stat(ngtcp2_conn *conn, ngtcp2_conn_stat *cstat) { ngtcp2_conn_get_conn_stat(conn, cstat); }
 #endif

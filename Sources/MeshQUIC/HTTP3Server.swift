@@ -19,6 +19,10 @@ public struct QUICServerStats: Sendable, Equatable {
     public var connectionsRefused = 0
     /// Stateless Resets sent for short-header packets of connections we do not know.
     public var statelessResetsSent = 0
+    /// Retry packets sent (address validation).
+    public var retriesSent = 0
+    /// Initials whose Retry token was forged, expired or for another address (dropped).
+    public var retryTokensRejected = 0
     public init() {}
 }
 
@@ -41,7 +45,8 @@ public struct QUICServerStats: Sendable, Equatable {
 ///   Stateless Reset, always shorter than the packet and at most ~200 a second
 ///   (`StatelessResetPolicy`); tokens come from `quic.statelessResetSecret`, so a restarted node
 ///   with the same secret resets its previous run's connections and peers fail over at once;
-/// - not enabled: Retry / address-validation tokens, connection migration (`disable_active_migration`).
+/// - address validation with Retry while more than 64 handshakes run (`addressValidation`);
+/// - not enabled: connection migration (`disable_active_migration`), NEW_TOKEN, 0-RTT.
 ///
 /// Mutual TLS: with `.require` the client's chain is verified against the mesh CA inside the
 /// handshake (a client without a valid certificate never gets HANDSHAKE_DONE); the role comes
@@ -58,10 +63,13 @@ public final class HTTP3Server: Sendable {
         public var maxConnections: Int
         /// Connections still in the handshake at once (handshake-flood bound).
         public var maxHandshakes: Int
+        /// When a client must prove its address with a Retry round trip first.
+        public var addressValidation: AddressValidation
 
         public init(host: String, port: Int, credentials: TLSCredentials, clientAuthentication: ClientAuthentication = .require,
                     quic: QUICSettings = QUICSettings(), drainGracePeriod: TimeAmount = .seconds(30),
-                    maxConnections: Int = 10_000, maxHandshakes: Int = 1_000) {
+                    maxConnections: Int = 10_000, maxHandshakes: Int = 1_000,
+                    addressValidation: AddressValidation = .whenHandshakesExceed(64)) {
             self.host = host
             self.port = port
             self.credentials = credentials
@@ -70,6 +78,29 @@ public final class HTTP3Server: Sendable {
             self.drainGracePeriod = drainGracePeriod
             self.maxConnections = maxConnections
             self.maxHandshakes = maxHandshakes
+            self.addressValidation = addressValidation
+        }
+    }
+
+    /// When the server makes a client prove it owns its source address (RFC 9000 §8.1.2) before
+    /// it keeps any state for it: a Retry packet with a token (bound to the address and the
+    /// client's first DCID, valid 10 s); the client repeats its Initial with the token. Costs
+    /// one round trip per new connection; an Initial with a forged source then costs the server
+    /// one small stateless packet and no handshake (and lifts the 3x amplification limit for
+    /// the validated client).
+    public enum AddressValidation: Sendable, Equatable {
+        case never
+        case always
+        /// Only while more than this many handshakes are under way (a flood, real or forged):
+        /// ordinary clients pay nothing.
+        case whenHandshakesExceed(Int)
+
+        func requiresRetry(handshaking: Int) -> Bool {
+            switch self {
+            case .never: false
+            case .always: true
+            case .whenHandshakesExceed(let n): handshaking > n
+            }
         }
     }
 
@@ -163,6 +194,9 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
     /// Connections that read datagrams in the current read burst.
     private var dirty: [ObjectIdentifier: QUICCore] = [:]
     private var resetPolicy = StatelessResetPolicy()
+    /// Retry tokens are only ever checked by this server within seconds: a per-run secret.
+    private let retrySecret = StatelessResetSecret.random().bytes
+    static let retryTokenLifetime: UInt64 = 10_000_000_000
 
     init(config: HTTP3Server.Configuration, tls: QUICTLSContext, service: any HTTPService, stats: StatsBox, logger: Logger) {
         self.config = config
@@ -271,6 +305,7 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
             stats.value.withLock { $0.connectionsRefused += 1 }
             return false
         }
+        var retried = false
         let created: QUICCore? = buffer.withUnsafeReadableBytes { b -> QUICCore? in
             var hd = ngtcp2_pkt_hd()
             let arv = ngtcp2_accept(&hd, b.baseAddress!.assumingMemoryBound(to: UInt8.self), b.count)
@@ -278,14 +313,27 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
                 logger.trace("QUIC: ngtcp2_accept refused a packet", metadata: ["error": "\(arv)", "size": "\(b.count)"])
                 return nil
             }
-            do { return try QUICCore(server: hd, authentication: config.clientAuthentication, service: service, tls: tls,
-                                 settings: config.quic, local: local, remote: remote, loop: context.eventLoop, logger: logger)
+            var retry: QUICCore.ValidatedRetry?
+            if hd.token.len > 0, hd.token.base[0] == UInt8(NGTCP2_CRYPTO_TOKEN_MAGIC_RETRY) {
+                guard let v = verifyRetryToken(hd, from: remote) else {
+                    stats.value.withLock { $0.retryTokensRejected += 1 }
+                    return nil
+                }
+                retry = v
+            }
+            // Other tokens (NEW_TOKEN: we issue none) are ignored, as if absent.
+            if retry == nil, config.addressValidation.requiresRetry(handshaking: handshaking) {
+                retried = sendRetry(hd, to: remote, triggerLength: b.count)
+                return nil
+            }
+            do { return try QUICCore(server: hd, retry: retry, authentication: config.clientAuthentication, service: service, tls: tls,
+                                     settings: config.quic, local: local, remote: remote, loop: context.eventLoop, logger: logger)
             } catch {
                 logger.debug("QUIC: cannot create connection", metadata: ["error": "\(error)"])
                 return nil
             }
         }
-        guard let core = created else { return false }
+        guard let core = created else { return retried }
         core.delegate = self
         cores[ObjectIdentifier(core)] = core
         table.add(core.scid, for: core)
@@ -300,6 +348,48 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
             return false
         }
         return true
+    }
+
+    /// A Retry for this Initial: a fresh SCID and a token binding the client's address and first
+    /// DCID to it. No state is kept. Returns whether it went out.
+    private func sendRetry(_ hd: ngtcp2_pkt_hd, to remote: SocketAddress, triggerLength: Int) -> Bool {
+        guard let context else { return false }
+        var h = hd
+        var scid = ConnectionID.random(length: Self.scidLength).ngtcp2
+        var token = [UInt8](repeating: 0, count: cm_max_retry_tokenlen)
+        let tokenLength = remote.withSockAddr { sa, salen in
+            retrySecret.withUnsafeBufferPointer { s in
+                ngtcp2_crypto_generate_retry_token(&token, s.baseAddress, s.count, h.version, sa, ngtcp2_socklen(salen), &scid, &h.dcid, QUICClock.now())
+            }
+        }
+        guard tokenLength > 0 else { return false }
+        // Never more than the Initial that drew it (which was at least 1200 bytes).
+        let capacity = min(triggerLength, 1200)
+        var out = context.channel.allocator.buffer(capacity: capacity)
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: capacity) { dest in
+            let n = ngtcp2_crypto_write_retry(dest.baseAddress!.assumingMemoryBound(to: UInt8.self), capacity, h.version,
+                                              &h.scid, &scid, &h.dcid, token, Int(tokenLength))
+            return n > 0 ? n : 0
+        }
+        guard out.readableBytes > 0 else { return false }
+        stats.value.withLock { $0.retriesSent += 1 }
+        context.writeAndFlush(wrapOutboundOut(AddressedEnvelope(remoteAddress: remote, data: out)), promise: nil)
+        return true
+    }
+
+    /// The client's first DCID if `hd` carries a Retry token we made for this address and for
+    /// the SCID of our Retry (the DCID of this Initial), less than 10 s ago.
+    private func verifyRetryToken(_ hd: ngtcp2_pkt_hd, from remote: SocketAddress) -> QUICCore.ValidatedRetry? {
+        var h = hd
+        var odcid = ngtcp2_cid()
+        let rv = remote.withSockAddr { sa, salen in
+            retrySecret.withUnsafeBufferPointer { s in
+                ngtcp2_crypto_verify_retry_token(&odcid, h.token.base, h.token.len, s.baseAddress, s.count, h.version,
+                                                 sa, ngtcp2_socklen(salen), &h.dcid, Self.retryTokenLifetime, QUICClock.now())
+            }
+        }
+        guard rv == 0 else { return nil }
+        return QUICCore.ValidatedRetry(originalDCID: odcid, token: Array(UnsafeBufferPointer(start: hd.token.base, count: hd.token.len)))
     }
 
     private func sendVersionNegotiation(dcid: [UInt8], scid: [UInt8], to remote: SocketAddress) {

@@ -228,11 +228,19 @@ final class QUICCore {
 
     // MARK: creation
 
-    /// Server side: `hd` is the accepted client Initial (`ngtcp2_accept`).
-    convenience init(server hd: ngtcp2_pkt_hd, authentication: ClientAuthentication, service: any HTTPService, tls tlsContext: QUICTLSContext,
-                     settings: QUICSettings, local: SocketAddress, remote: SocketAddress, loop: any EventLoop, logger: Logger) throws {
-        try self.init(side: .server(hd, authentication, service), tls: tlsContext, settings: settings, local: local, remote: remote,
+    /// Server side: `hd` is the accepted client Initial (`ngtcp2_accept`); `retry` is set when
+    /// that Initial carried a valid Retry token of ours (the client's address is validated).
+    convenience init(server hd: ngtcp2_pkt_hd, retry: ValidatedRetry? = nil, authentication: ClientAuthentication, service: any HTTPService,
+                     tls tlsContext: QUICTLSContext, settings: QUICSettings, local: SocketAddress, remote: SocketAddress,
+                     loop: any EventLoop, logger: Logger) throws {
+        try self.init(side: .server(hd, retry, authentication, service), tls: tlsContext, settings: settings, local: local, remote: remote,
                       loop: loop, logger: logger)
+    }
+
+    /// What a valid Retry token proved: the DCID of the client's first Initial and the token.
+    struct ValidatedRetry {
+        var originalDCID: ngtcp2_cid
+        var token: [UInt8]
     }
 
     /// Client side.
@@ -242,7 +250,7 @@ final class QUICCore {
     }
 
     private enum Side {
-        case server(ngtcp2_pkt_hd, ClientAuthentication, any HTTPService)
+        case server(ngtcp2_pkt_hd, ValidatedRetry?, ClientAuthentication, any HTTPService)
         case client(String)
     }
 
@@ -251,7 +259,7 @@ final class QUICCore {
     private init(side: Side, tls tlsContext: QUICTLSContext, settings: QUICSettings, local: SocketAddress, remote: SocketAddress,
                  loop: any EventLoop, logger: Logger) throws {
         switch side {
-        case .server(let hd, let authentication, let service):
+        case .server(let hd, _, let authentication, let service):
             self.role = .server(authentication, service)
             self.isServer = true
             self.originalDCID = ConnectionID(hd.dcid)
@@ -281,16 +289,28 @@ final class QUICCore {
         let rv: Int32
         let constructor: String
         switch side {
-        case .server(let hd, _, _):
-            params.original_dcid = hd.dcid
+        case .server(let hd, let retry, _, _):
+            if let retry {
+                // RFC 9000 §7.3: the first Initial's DCID, and the SCID our Retry gave the client.
+                params.original_dcid = retry.originalDCID
+                params.retry_scid = hd.dcid
+                params.retry_scid_present = 1
+            } else {
+                params.original_dcid = hd.dcid
+            }
             params.stateless_reset_token_present = 1
             let secret = settings.statelessResetSecret ?? .process
             withUnsafeMutableBytes(of: &params.stateless_reset_token) { secret.write(token: $0.baseAddress!.assumingMemoryBound(to: UInt8.self), for: scid) }
             params.disable_active_migration = 1
             var dcid = hd.scid
             constructor = "ngtcp2_conn_server_new"
-            rv = withPath(remote: remote) { path in
-                cm_ngtcp2_conn_server_new(&c, &dcid, &ourSCID, path, hd.version, &callbacks, &st, &params, user)
+            let token = retry?.token ?? []
+            rv = token.withUnsafeBufferPointer { t in
+                // ngtcp2 copies the token: a validated one lifts the 3x amplification limit.
+                if !t.isEmpty { st.token = ngtcp2_vec(base: UnsafeMutablePointer(mutating: t.baseAddress), len: t.count) }
+                return withPath(remote: remote) { path in
+                    cm_ngtcp2_conn_server_new(&c, &dcid, &ourSCID, path, hd.version, &callbacks, &st, &params, user)
+                }
             }
         case .client:
             var dcid = ConnectionID.random().ngtcp2

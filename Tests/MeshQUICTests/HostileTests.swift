@@ -1,3 +1,4 @@
+import CNgtcp2
 import Foundation
 import Logging
 import MeshHTTP
@@ -103,6 +104,36 @@ enum Garbage {
         #expect(server.stats.statelessResetsSent == 2)
         try await ch.close()
         await server.close()
+    }
+
+    /// Address validation: with `.always`, our client follows the Retry and gets its answer; an
+    /// Initial carrying a Retry token we never made is dropped without a connection.
+    @Test func retryValidatesAddressesAndForgedTokensAreRefused() async throws {
+        try await QUICTestServer.with(addressValidation: .always) { server, port, _ in
+            let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"))
+            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/5000"))
+            #expect(try await r.body.collect(upTo: 1 << 20).readableBytes == 5000)
+            #expect(server.stats.retriesSent == 1)
+            #expect(server.stats.connectionsAccepted == 1)
+            await c.close()
+
+            // An Initial (version 1, 1200 bytes) whose token starts like a Retry token of ours.
+            var p: [UInt8] = [0xC3] + withUnsafeBytes(of: UInt32(1).bigEndian) { Array($0) }
+            p += [18] + Garbage.random(18) + [8] + Garbage.random(8)
+            let token = [UInt8(NGTCP2_CRYPTO_TOKEN_MAGIC_RETRY)] + Garbage.random(60)
+            p += [UInt8(token.count)] + token
+            let rest = 1200 - p.count - 2
+            p += [UInt8(0x40 | ((rest >> 8) & 0x3f)), UInt8(rest & 0xff)] + Garbage.random(rest)
+            let (ch, raw) = try await RawUDP.open()
+            try await ch.writeAndFlush(AddressedEnvelope(remoteAddress: try SocketAddress(ipAddress: "127.0.0.1", port: port),
+                                                         data: ByteBuffer(bytes: p))).get()
+            let rejected = await eventually(timeout: 5) { server.stats.retryTokensRejected == 1 }
+            #expect(rejected)
+            #expect(server.stats.connectionsAccepted == 1)
+            #expect(server.stats.retriesSent == 1)
+            #expect(raw.received.withLock { $0.isEmpty })
+            try await ch.close()
+        }
     }
 
     @Test func garbageFloodDuringATransferChangesNothing() async throws {

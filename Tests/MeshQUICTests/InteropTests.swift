@@ -47,9 +47,10 @@ import Testing
         var value: Data { lock.lock(); defer { lock.unlock() }; return d }
     }
 
-    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: gtlsclient)))
-    func gtlsclientFetchesFromOurServer() async throws {
-        try await QUICTestServer.with { _, port, service in
+    /// Also with address validation on every connection: gtlsclient follows our Retry.
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: gtlsclient)), arguments: [false, true])
+    func gtlsclientFetchesFromOurServer(retry: Bool) async throws {
+        try await QUICTestServer.with(addressValidation: retry ? .always : .never) { server, port, service in
             let dir = FileManager.default.temporaryDirectory.appendingPathComponent("quic-interop-\(getpid())-\(port)").path
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -64,6 +65,8 @@ import Testing
             #expect(PatternFile.matches(ByteBuffer(bytes: data), at: 0))
             // It presented the client certificate: the service saw the client role.
             #expect(service.started.withLock { $0 } >= 1)
+            #expect(server.stats.retriesSent == (retry ? 1 : 0))
+            #expect(server.stats.connectionsAccepted == 1)
         }
     }
 
@@ -77,9 +80,10 @@ import Testing
         }
     }
 
-    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: gtlsserver)))
-    func ourClientFetchesFromGtlsserver() async throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("quic-htdocs-\(getpid())").path
+    /// Also against `gtlsserver --validate-addr` (a Retry before every connection): our client follows it.
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: gtlsserver)), arguments: [false, true])
+    func ourClientFetchesFromGtlsserver(validateAddress: Bool) async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("quic-htdocs-\(getpid())-\(validateAddress)").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let n: Int64 = 5_000_000
@@ -94,7 +98,7 @@ import Testing
 
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Self.gtlsserver)
-        p.arguments = ["-q", "-d", dir, "--verify-client", "127.0.0.1", String(port),
+        p.arguments = ["-q", "-d", dir, "--verify-client"] + (validateAddress ? ["--validate-addr"] : []) + ["127.0.0.1", String(port),
                        QUICTestCerts.path("node.key"), QUICTestCerts.path("node.pem")]
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle.nullDevice

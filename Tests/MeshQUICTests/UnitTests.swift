@@ -233,3 +233,12 @@ final class FakeConn {}
         #expect((0..<5).compactMap { _ in p.resetLength(forTrigger: 100, now: later) }.count == 3)
     }
 }
+
+@Suite struct AddressValidationTests {
+    @Test func retryIsAskedForAsConfigured() {
+        #expect(!HTTP3Server.AddressValidation.never.requiresRetry(handshaking: 10_000))
+        #expect(HTTP3Server.AddressValidation.always.requiresRetry(handshaking: 0))
+        #expect(!HTTP3Server.AddressValidation.whenHandshakesExceed(64).requiresRetry(handshaking: 64))
+        #expect(HTTP3Server.AddressValidation.whenHandshakesExceed(64).requiresRetry(handshaking: 65))
+    }
+}
