@@ -194,6 +194,11 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
     /// Connections that read datagrams in the current read burst.
     private var dirty: [ObjectIdentifier: QUICCore] = [:]
     private var resetPolicy = StatelessResetPolicy()
+    private var retiredRoutes = CircularBuffer<RetiredRoute>()
+    private struct RetiredRoute {
+        let cid: ConnectionID
+        weak var core: QUICCore?
+    }
     /// Retry tokens are only ever checked by this server within seconds: a per-run secret.
     private let retrySecret = StatelessResetSecret.random().bytes
     static let retryTokenLifetime: UInt64 = 10_000_000_000
@@ -420,9 +425,19 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
         table.add(cid, for: core)
     }
 
+    /// A retired CID keeps routing to its connection for a while: a packet the peer sent with it
+    /// before it switched (reordered, or in flight) must not draw a Stateless Reset, which the
+    /// peer would match against the retired CID's token and close a live connection. The
+    /// newest `retiredRouteLimit` retired routes are kept (all go when their connection closes).
     func quicCore(_ core: QUICCore, didRetire cid: ConnectionID) {
-        table.remove(cid, for: core)
+        retiredRoutes.append(RetiredRoute(cid: cid, core: core))
+        while retiredRoutes.count > Self.retiredRouteLimit {
+            let old = retiredRoutes.removeFirst()
+            if let c = old.core { table.remove(old.cid, for: c) }
+        }
     }
+
+    static let retiredRouteLimit = 1024
 
     func quicCoreHandshakeCompleted(_ core: QUICCore) {
         handshaking -= 1
