@@ -113,7 +113,10 @@ enum Garbage {
             let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"))
             let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/5000"))
             #expect(try await r.body.collect(upTo: 1 << 20).readableBytes == 5000)
-            #expect(server.stats.retriesSent == 1)
+            // One Retry per Initial without a token: a client that re-sent its first Initial
+            // before the Retry arrived (a loaded machine) draws a second, which it ignores.
+            let retries = server.stats.retriesSent
+            #expect(retries >= 1)
             #expect(server.stats.connectionsAccepted == 1)
             await c.close()
 
@@ -130,7 +133,7 @@ enum Garbage {
             let rejected = await eventually(timeout: 5) { server.stats.retryTokensRejected == 1 }
             #expect(rejected)
             #expect(server.stats.connectionsAccepted == 1)
-            #expect(server.stats.retriesSent == 1)
+            #expect(server.stats.retriesSent == retries)       // a bad token draws no Retry either
             #expect(raw.received.withLock { $0.isEmpty })
             try await ch.close()
         }

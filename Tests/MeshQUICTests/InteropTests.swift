@@ -65,7 +65,8 @@ import Testing
             #expect(PatternFile.matches(ByteBuffer(bytes: data), at: 0))
             // It presented the client certificate: the service saw the client role.
             #expect(service.started.withLock { $0 } >= 1)
-            #expect(server.stats.retriesSent == (retry ? 1 : 0))
+            // (gtlsclient may re-send its first Initial before the Retry arrives: one Retry each.)
+            #expect(retry ? server.stats.retriesSent >= 1 : server.stats.retriesSent == 0)
             #expect(server.stats.connectionsAccepted == 1)
         }
     }
