@@ -140,11 +140,6 @@ struct ExpiryTimerState: Equatable {
         guard case .schedule(let at) = update(expiry: expiry, now: now) else { return .idle }
         return .rearm(at)
     }
-
-    /// Delay from `now` until `expiry` (zero if already due).
-    static func delay(expiry: UInt64, now: UInt64) -> TimeAmount {
-        expiry <= now ? .zero : .nanoseconds(Int64(clamping: expiry - now))
-    }
 }
 
 /// Buffers handed to nghttp3 must stay valid until the peer acknowledged them: hold them in

@@ -136,12 +136,6 @@ final class FakeConn {}
         let next = t.update(expiry: 80 * Self.ms, now: 50 * Self.ms)
         #expect(next == .schedule(80 * Self.ms))
     }
-
-    @Test func delayIsZeroForPastDeadlines() {
-        #expect(ExpiryTimerState.delay(expiry: 100, now: 200) == .zero)
-        #expect(ExpiryTimerState.delay(expiry: 100, now: 100) == .zero)
-        #expect(ExpiryTimerState.delay(expiry: 5_000_000, now: 1_000_000) == .nanoseconds(4_000_000))
-    }
 }
 
 @Suite struct AckedBufferQueueTests {
