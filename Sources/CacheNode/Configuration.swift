@@ -61,6 +61,28 @@ public struct ConfigurationError: Error, CustomStringConvertible {
     public init(_ d: String) { description = d }
 }
 
+/// When a node makes new QUIC clients prove their source address with a Retry round trip
+/// (`HTTP3Server.AddressValidation`): `auto` only while more than 64 handshakes run at once (a
+/// flood; ordinary clients pay nothing), `always` (one extra round trip per new connection), `never`.
+public enum QUICAddressValidationMode: String, Sendable, CaseIterable {
+    case auto, always, never
+
+    public var policy: HTTP3Server.AddressValidation {
+        switch self {
+        case .auto: .whenHandshakesExceed(64)
+        case .always: .always
+        case .never: .never
+        }
+    }
+
+    static func parse(_ s: String, key: String) throws -> QUICAddressValidationMode {
+        guard let m = QUICAddressValidationMode(rawValue: s) else {
+            throw ConfigurationError("\(key) must be one of \(allCases.map(\.rawValue).joined(separator: ", ")), got '\(s)'")
+        }
+        return m
+    }
+}
+
 /// Everything a node needs to run. Built from a TOML file and/or command-line flags.
 public struct NodeConfiguration: Sendable {
     public var name = "node"
@@ -83,6 +105,8 @@ public struct NodeConfiguration: Sendable {
     /// The largest UDP payload QUIC sends (nil: 1452 with path MTU discovery). Only for paths
     /// known to carry it, e.g. 8952 on a LAN with 9000-byte jumbo frames. See `QUICSettings`.
     public var quicMaxDatagram: Int?
+    /// When a new QUIC client must first prove its address with a Retry round trip.
+    public var quicAddressValidation: QUICAddressValidationMode = .auto
 
     public init() {}
 
@@ -109,7 +133,7 @@ public struct NodeConfiguration: Sendable {
         var c = NodeConfiguration()
         let known: Set<String> = ["name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
                                   "insecure", "quic_listen", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds",
-                                  "quic_max_datagram"]
+                                  "quic_max_datagram", "quic_address_validation"]
         for key in table.keys where !known.contains(key) {
             throw ConfigurationError("config \(path): unknown key '\(key)' (known: \(known.sorted().joined(separator: ", ")))")
         }
@@ -153,6 +177,7 @@ public struct NodeConfiguration: Sendable {
         if let v = try int("max_open_reads") { c.maxOpenReads = v }
         if let v = try int("drain_seconds") { c.drainSeconds = v }
         if let v = try int("quic_max_datagram") { c.quicMaxDatagram = v }
+        if let v = try string("quic_address_validation") { c.quicAddressValidation = try QUICAddressValidationMode.parse(v, key: "config \(path): quic_address_validation") }
         // Relative paths in a config file are relative to the file.
         let base = URL(fileURLWithPath: path).absoluteURL.deletingLastPathComponent()
         func resolve(_ p: String?) -> String? {

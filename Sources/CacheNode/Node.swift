@@ -56,7 +56,8 @@ public final class CacheNode: Service {
             quicServer = HTTP3Server(
                 configuration: .init(host: q.host, port: q.port, credentials: credentials,
                                      clientAuthentication: configuration.allowUnauthenticatedReads ? .optionalReadOnly : .require,
-                                     quic: quic, drainGracePeriod: .seconds(Int64(configuration.drainSeconds))),
+                                     quic: quic, drainGracePeriod: .seconds(Int64(configuration.drainSeconds)),
+                                     addressValidation: configuration.quicAddressValidation.policy),
                 service: service, logger: logger)
         } else {
             quicServer = nil

@@ -26,6 +26,7 @@ func bootstrapLogging(_ level: Logger.Level) {
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 extension ClientOptions.Transport: ExpressibleByArgument {}
+extension QUICAddressValidationMode: ExpressibleByArgument {}
 
 /// Transfer buffers of a few hundred KiB are allocated and freed all the time. glibc would serve
 /// them with fresh mmaps (and trim the heap after frees), so every buffer paid page faults and
@@ -45,6 +46,7 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(help: "TCP listen address host:port (port 0 = any free port).") var listen: String?
     @Option(name: .customLong("quic-listen"), help: "UDP address host:port for QUIC + HTTP/3 (e.g. the same as --listen).") var quicListen: String?
     @Option(name: .customLong("quic-max-datagram"), help: "Largest UDP payload QUIC sends (default 1452 with path MTU discovery; 8952 for 9000-byte jumbo frames, only where every path carries it).") var quicMaxDatagram: Int?
+    @Option(name: .customLong("quic-address-validation"), help: "Retry before new QUIC connections: auto (only under a handshake flood), always, never.") var quicAddressValidation: QUICAddressValidationMode?
     @Option(name: .customLong("data-dir"), help: "Directory for blobs.") var dataDir: String?
     @Option(name: .customLong("max-bytes"), help: "Store capacity, e.g. 10G, 512M.") var maxBytes: String?
     @Option(help: "Node certificate chain (PEM).") var cert: String?
@@ -86,6 +88,7 @@ struct NodeCommand: AsyncParsableCommand {
             c.quicListen = hp
         }
         if let quicMaxDatagram { c.quicMaxDatagram = quicMaxDatagram }
+        if let quicAddressValidation { c.quicAddressValidation = quicAddressValidation }
         if let dataDir { c.dataDirectory = dataDir }
         if let maxBytes {
             guard let n = ByteSize.parse(maxBytes) else { throw ValidationError("--max-bytes must be a size like 10G, got \(maxBytes)") }
@@ -253,3 +256,4 @@ struct StatusCommand: AsyncParsableCommand {
         print(sb, terminator: "")
     }
 }
+

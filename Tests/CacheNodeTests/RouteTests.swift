@@ -80,7 +80,7 @@ import BlobStore
         try noTLS.validate()
     }
 
-    @Test func quicDatagramSizeFromConfigAndTopology() throws {
+    @Test func quicSettingsFromConfigAndTopology() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cm-dgram-\(UUID())")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
@@ -95,6 +95,13 @@ import BlobStore
         #expect(c.quicSettings.maxDatagramSize == 8952)
         try c.validate()
         #expect(NodeConfiguration().quicSettings.maxDatagramSize == nil)
+        #expect(c.quicAddressValidation == .auto)
+        #expect(c.quicAddressValidation.policy == .whenHandshakesExceed(64))
+        let always = try NodeConfiguration.load(path: try write("always.toml", base + "quic_address_validation = \"always\"\n"))
+        #expect(always.quicAddressValidation.policy == .always)
+        #expect { try NodeConfiguration.load(path: try write("sometimes.toml", base + "quic_address_validation = \"sometimes\"\n")) } throws: {
+            "\($0)".contains("quic_address_validation must be one of auto, always, never, got 'sometimes'")
+        }
         for bad in [1199, 65_528] {
             let b = try NodeConfiguration.load(path: try write("bad\(bad).toml", base + "quic_max_datagram = \(bad)\n"))
             #expect { try b.validate() } throws: { "\($0)".contains("quic_max_datagram must be in 1200...65527") }
@@ -114,9 +121,10 @@ import BlobStore
             key = "a.key"
             """
         }
-        let t = try Topology.load(path: try write("t.toml", topology("[quic]\nmax_datagram = 8952")))
+        let t = try Topology.load(path: try write("t.toml", topology("[quic]\nmax_datagram = 8952\naddress_validation = \"never\"")))
         #expect(t.quicMaxDatagram == 8952)
         #expect(try t.configuration(for: "a").quicMaxDatagram == 8952)
+        #expect(try t.configuration(for: "a").quicAddressValidation == .never)
         #expect(try Topology.load(path: try write("t0.toml", topology(""))).quicMaxDatagram == nil)
         #expect { try Topology.load(path: try write("t1.toml", topology("[quic]\nmax_datagram = 100"))) } throws: {
             "\($0)".contains("[quic] max_datagram must be in 1200...65527")

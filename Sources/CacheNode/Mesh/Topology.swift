@@ -30,6 +30,8 @@ import TOMLKit
 /// max_datagram = 8952               # UDP payload QUIC sends between (and to) these nodes; default:
 ///                                   # 1452 with path MTU discovery. Only where every path carries
 ///                                   # it (9000-byte jumbo frames: 8952).
+/// address_validation = "auto"       # Retry before new connections: auto (under a handshake
+///                                   # flood) | always | never
 /// ```
 public struct Topology: Sendable {
     public enum Role: String, Sendable, Codable {
@@ -58,6 +60,8 @@ public struct Topology: Sendable {
     public var fetch: FetchSettings
     /// `[quic] max_datagram` (nil: 1452 with path MTU discovery).
     public var quicMaxDatagram: Int?
+    /// `[quic] address_validation`.
+    public var quicAddressValidation: QUICAddressValidationMode = .auto
     public var nodes: [Node]
 
     public var origin: Node? { nodes.first { $0.role == .origin } }
@@ -76,6 +80,7 @@ public struct Topology: Sendable {
 
     private struct QUICEntry: Decodable {
         var max_datagram: Int?
+        var address_validation: String?
     }
 
     private struct FetchEntry: Decodable {
@@ -146,8 +151,11 @@ public struct Topology: Sendable {
             }
             fetch.originWriteThrough = f.origin_write_through ?? false
         }
-        let t = Topology(name: file.name, ca: resolve(file.ca), replication: file.replication ?? 2, writeQuorum: file.write_quorum ?? 1,
+        var t = Topology(name: file.name, ca: resolve(file.ca), replication: file.replication ?? 2, writeQuorum: file.write_quorum ?? 1,
                          fetch: fetch, quicMaxDatagram: file.quic?.max_datagram, nodes: nodes)
+        if let v = file.quic?.address_validation {
+            t.quicAddressValidation = try QUICAddressValidationMode.parse(v, key: "topology \(path): [quic] address_validation")
+        }
         try t.validate(path: path)
         return t
     }
@@ -186,6 +194,7 @@ public struct Topology: Sendable {
         c.privateKey = n.privateKey
         c.ca = ca
         c.quicMaxDatagram = quicMaxDatagram
+        c.quicAddressValidation = quicAddressValidation
         return c
     }
 }
