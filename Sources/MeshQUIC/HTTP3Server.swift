@@ -200,7 +200,7 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
         weak var core: QUICCore?
     }
     /// Retry tokens are only ever checked by this server within seconds: a per-run secret.
-    private let retrySecret = StatelessResetSecret.random().bytes
+    private let retrySecret = randomBytes(32)
     static let retryTokenLifetime: UInt64 = 10_000_000_000
 
     init(config: HTTP3Server.Configuration, tls: QUICTLSContext, service: any HTTPService, stats: StatsBox, logger: Logger) {
@@ -288,20 +288,30 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
     }
 
     private func sendStatelessReset(for dcid: ConnectionID, triggerLength: Int, to remote: SocketAddress) {
-        guard let context, let length = resetPolicy.resetLength(forTrigger: triggerLength, now: QUICClock.now()) else { return }
-        let secret = config.quic.statelessResetSecret ?? .process
-        var token = secret.token(for: dcid)
+        guard context != nil, let length = resetPolicy.resetLength(forTrigger: triggerLength, now: QUICClock.now()) else { return }
+        var token = config.quic.resetSecret.token(for: dcid)
         // Random bytes (the first gets a short header's fixed bits), then the token.
-        var random = [UInt8](repeating: 0, count: length - token.count)
-        random.withUnsafeMutableBufferPointer { cm_gnutls_rnd($0.baseAddress, $0.count) }
-        var out = context.channel.allocator.buffer(capacity: length)
-        out.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { dest in
-            let n = ngtcp2_pkt_write_stateless_reset(dest.baseAddress!.assumingMemoryBound(to: UInt8.self), length, &token, &random, random.count)
-            return n > 0 ? n : 0
+        var random = randomBytes(length - token.count)
+        sendStateless(capacity: length, to: remote, counting: \.statelessResetsSent) { dest in
+            ngtcp2_pkt_write_stateless_reset(dest, length, &token, &random, random.count)
         }
-        guard out.readableBytes > 0 else { return }
-        stats.value.withLock { $0.statelessResetsSent += 1 }
+    }
+
+    /// A packet no connection sends (Version Negotiation, Retry, Stateless Reset): `write` fills
+    /// at most `capacity` bytes and returns how many (≤ 0: nothing to send). Counted in `stat`.
+    /// Returns whether it went out.
+    @discardableResult
+    private func sendStateless(capacity: Int, to remote: SocketAddress, counting stat: WritableKeyPath<QUICServerStats, Int>,
+                               _ write: (UnsafeMutablePointer<UInt8>) -> Int) -> Bool {
+        guard let context else { return false }
+        var out = context.channel.allocator.buffer(capacity: capacity)
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: capacity) { dest in
+            max(0, write(dest.baseAddress!.assumingMemoryBound(to: UInt8.self)))
+        }
+        guard out.readableBytes > 0 else { return false }
+        stats.value.withLock { $0[keyPath: stat] += 1 }
         context.writeAndFlush(wrapOutboundOut(AddressedEnvelope(remoteAddress: remote, data: out)), promise: nil)
+        return true
     }
 
     private func accept(_ buffer: ByteBuffer, from remote: SocketAddress) -> Bool {
@@ -358,7 +368,6 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
     /// A Retry for this Initial: a fresh SCID and a token binding the client's address and first
     /// DCID to it. No state is kept. Returns whether it went out.
     private func sendRetry(_ hd: ngtcp2_pkt_hd, to remote: SocketAddress, triggerLength: Int) -> Bool {
-        guard let context else { return false }
         var h = hd
         var scid = ConnectionID.random(length: Self.scidLength).ngtcp2
         var token = [UInt8](repeating: 0, count: cm_max_retry_tokenlen)
@@ -370,16 +379,9 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
         guard tokenLength > 0 else { return false }
         // Never more than the Initial that drew it (which was at least 1200 bytes).
         let capacity = min(triggerLength, 1200)
-        var out = context.channel.allocator.buffer(capacity: capacity)
-        out.writeWithUnsafeMutableBytes(minimumWritableBytes: capacity) { dest in
-            let n = ngtcp2_crypto_write_retry(dest.baseAddress!.assumingMemoryBound(to: UInt8.self), capacity, h.version,
-                                              &h.scid, &scid, &h.dcid, token, Int(tokenLength))
-            return n > 0 ? n : 0
+        return sendStateless(capacity: capacity, to: remote, counting: \.retriesSent) { dest in
+            ngtcp2_crypto_write_retry(dest, capacity, h.version, &h.scid, &scid, &h.dcid, token, Int(tokenLength))
         }
-        guard out.readableBytes > 0 else { return false }
-        stats.value.withLock { $0.retriesSent += 1 }
-        context.writeAndFlush(wrapOutboundOut(AddressedEnvelope(remoteAddress: remote, data: out)), promise: nil)
-        return true
     }
 
     /// The client's first DCID if `hd` carries a Retry token we made for this address and for
@@ -398,20 +400,12 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
     }
 
     private func sendVersionNegotiation(dcid: [UInt8], scid: [UInt8], to remote: SocketAddress) {
-        guard let context else { return }
-        var out = context.channel.allocator.buffer(capacity: 256)
         var versions: [UInt32] = [NGTCP2_PROTO_VER_V1]
-        var random: UInt8 = 0
-        cm_gnutls_rnd(&random, 1)
-        out.writeWithUnsafeMutableBytes(minimumWritableBytes: 256) { dest in
+        let random = randomBytes(1)[0]
+        sendStateless(capacity: 256, to: remote, counting: \.versionNegotiationsSent) { dest in
             // The reply swaps the CIDs: its DCID is the client's SCID.
-            let n = ngtcp2_pkt_write_version_negotiation(dest.baseAddress!.assumingMemoryBound(to: UInt8.self), 256, random,
-                                                         scid, scid.count, dcid, dcid.count, &versions, versions.count)
-            return n > 0 ? n : 0
+            ngtcp2_pkt_write_version_negotiation(dest, 256, random, scid, scid.count, dcid, dcid.count, &versions, versions.count)
         }
-        guard out.readableBytes > 0 else { return }
-        stats.value.withLock { $0.versionNegotiationsSent += 1 }
-        context.writeAndFlush(wrapOutboundOut(AddressedEnvelope(remoteAddress: remote, data: out)), promise: nil)
     }
 
     // MARK: QUICCoreDelegate
@@ -482,13 +476,13 @@ final class StatsBox: Sendable {
 }
 
 enum QUICDatagramWriter {
-    /// A UDP bootstrap with large socket buffers, vector reads and (where available) GRO.
     /// Every message of a vector read gets a buffer for the largest UDP payload (64 KiB): a
     /// peer may send datagrams of any size up to its max_udp_payload_size setting — even its
     /// first Initial, before it knows ours — and a datagram larger than its buffer arrives
     /// truncated and is lost. With GRO the kernel fills it with up to 64 KiB of coalesced datagrams.
     static let receiveSlot = 65_536
 
+    /// A UDP bootstrap with large socket buffers, vector reads and (where available) GRO.
     static func bootstrap(group: any EventLoopGroup, settings: QUICSettings) -> DatagramBootstrap {
         let gro = settings.gro && System.supportsUDPReceiveOffload
         var b = DatagramBootstrap(group: group)

@@ -48,6 +48,9 @@ public struct QUICSettings: Sendable {
     /// after a restart it can reset the connections its previous run had.
     public var statelessResetSecret: StatelessResetSecret?
 
+    /// The secret in use: the one given, else the process's.
+    var resetSecret: StatelessResetSecret { statelessResetSecret ?? .process }
+
     /// Values `maxDatagramSize` may take (RFC 9000: at least 1200; a UDP payload at most 65527).
     public static let datagramSizeRange = 1200...65_527
 
@@ -299,8 +302,9 @@ final class QUICCore {
                 params.original_dcid = hd.dcid
             }
             params.stateless_reset_token_present = 1
-            let secret = settings.statelessResetSecret ?? .process
-            withUnsafeMutableBytes(of: &params.stateless_reset_token) { secret.write(token: $0.baseAddress!.assumingMemoryBound(to: UInt8.self), for: scid) }
+            withUnsafeMutableBytes(of: &params.stateless_reset_token) {
+                settings.resetSecret.write(token: $0.baseAddress!.assumingMemoryBound(to: UInt8.self), for: scid)
+            }
             params.disable_active_migration = 1
             var dcid = hd.scid
             constructor = "ngtcp2_conn_server_new"
@@ -908,7 +912,7 @@ final class QUICCore {
             cid!.pointee.datalen = cidlen
             let id = ConnectionID(cid!.pointee)
             QUICCore.with(ud) { core in
-                (core.settings.statelessResetSecret ?? .process).write(token: token!, for: id)
+                core.settings.resetSecret.write(token: token!, for: id)
                 core.delegate?.quicCore(core, didIssue: id)
             }
             return 0

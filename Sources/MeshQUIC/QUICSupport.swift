@@ -1,6 +1,13 @@
 import CNgtcp2
 import NIOCore
 
+/// `n` bytes from GnuTLS's CSPRNG (connection IDs, secrets, the random part of packets).
+func randomBytes(_ n: Int) -> [UInt8] {
+    var b = [UInt8](repeating: 0, count: n)
+    b.withUnsafeMutableBufferPointer { cm_gnutls_rnd($0.baseAddress, $0.count) }
+    return b
+}
+
 /// A QUIC connection ID as a hashable value (routing-table key).
 struct ConnectionID: Hashable, Sendable, CustomStringConvertible {
     var bytes: [UInt8]
@@ -25,9 +32,7 @@ struct ConnectionID: Hashable, Sendable, CustomStringConvertible {
     }
 
     static func random(length: Int = 18) -> ConnectionID {
-        var b = [UInt8](repeating: 0, count: length)
-        b.withUnsafeMutableBufferPointer { cm_gnutls_rnd($0.baseAddress, $0.count) }
-        return ConnectionID(b)
+        ConnectionID(randomBytes(length))
     }
 
     var ngtcp2: ngtcp2_cid {
@@ -247,9 +252,7 @@ public struct StatelessResetSecret: Sendable, Equatable {
     /// A fresh random secret: resets then work only within this process's lifetime (a client's
     /// CIDs, or a server without a stable key).
     public static func random() -> StatelessResetSecret {
-        var b = [UInt8](repeating: 0, count: 32)
-        b.withUnsafeMutableBufferPointer { cm_gnutls_rnd($0.baseAddress, $0.count) }
-        return StatelessResetSecret(b)
+        StatelessResetSecret(randomBytes(32))
     }
 
     /// One per process, for endpoints that were not given a stable secret.
@@ -286,8 +289,8 @@ struct StatelessResetPolicy {
     /// Large enough to look like an ordinary short packet (RFC 9000 suggests 41 bytes or more).
     static let preferredLength = 43
 
-    var ratePerSecond: Double = 200
-    var burst: Double = 100
+    let ratePerSecond: Double
+    let burst: Double
     private var tokens: Double
     private var last: UInt64?
 
