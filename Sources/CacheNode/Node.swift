@@ -33,7 +33,7 @@ public final class CacheNode: Service {
         let credentials = try configuration.tlsFiles.map { try TLSCredentials(files: $0) }
         if let topology {
             guard let credentials else { throw ConfigurationError("a mesh node needs TLS (node certificates)") }
-            var settings = MeshService.Settings(replication: topology.replication, writeQuorum: topology.writeQuorum, fetch: topology.fetch)
+            var settings = MeshService.Settings(topology: topology)
             settings.transport.quic = configuration.quicSettings
             mesh = try MeshService(topology: topology, nodeName: configuration.name, store: store, credentials: credentials,
                                    settings: settings, logger: logger)

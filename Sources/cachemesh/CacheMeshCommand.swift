@@ -256,4 +256,3 @@ struct StatusCommand: AsyncParsableCommand {
         print(sb, terminator: "")
     }
 }
-

@@ -27,6 +27,11 @@ public final class MeshService: MeshHooks, Sendable {
             self.fetch = fetch
             transport.preferred = fetch.transport
         }
+
+        /// What a topology asks for (replication, write quorum, fetch settings).
+        public init(topology: Topology) {
+            self.init(replication: topology.replication, writeQuorum: topology.writeQuorum, fetch: topology.fetch)
+        }
     }
 
     static let gossipPath = "/mesh/gossip"
@@ -54,7 +59,7 @@ public final class MeshService: MeshHooks, Sendable {
         guard let n = topology.node(named: nodeName) else { throw ConfigurationError("no node \(nodeName) in topology \(topology.name)") }
         self.node = n
         self.topology = topology
-        self.settings = settings ?? Settings(replication: topology.replication, writeQuorum: topology.writeQuorum, fetch: topology.fetch)
+        self.settings = settings ?? Settings(topology: topology)
         self.store = store
         self.logger = logger
         self.me = NodeID(name: n.name, uid: UInt64.random(in: 1...UInt64.max))
