@@ -79,31 +79,29 @@ enum Garbage {
         var quic = QUICSettings()
         let secret = StatelessResetSecret.random()
         quic.statelessResetSecret = secret
-        let server = HTTP3Server(configuration: .init(host: "127.0.0.1", port: 0, credentials: try QUICTestCerts.creds("node"), quic: quic),
-                                 service: QUICTestService(), logger: Logger(label: "test.h3"))
-        let port = try await server.start().port!
-        let (ch, raw) = try await RawUDP.open()
-        let target = try SocketAddress(ipAddress: "127.0.0.1", port: port)
-        var dcids: [ConnectionID] = []
-        for size in [100, 30, 21] {
-            let dcid = ConnectionID.random(length: QUICServerHandler.scidLength)
-            dcids.append(dcid)
-            let packet = [UInt8(0x40 | UInt8.random(in: 0...0x3f))] + dcid.bytes + Garbage.random(size - 1 - dcid.bytes.count)
-            try await ch.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: ByteBuffer(bytes: packet))).get()
-            _ = await eventually(timeout: 2) { raw.received.withLock { $0.count } >= min(dcids.count, 2) }
+        try await QUICTestServer.with(quic: quic) { server, port, _ in
+            let (ch, raw) = try await RawUDP.open()
+            let target = try SocketAddress(ipAddress: "127.0.0.1", port: port)
+            var dcids: [ConnectionID] = []
+            for size in [100, 30, 21] {
+                let dcid = ConnectionID.random(length: QUICServerHandler.scidLength)
+                dcids.append(dcid)
+                let packet = [UInt8(0x40 | UInt8.random(in: 0...0x3f))] + dcid.bytes + Garbage.random(size - 1 - dcid.bytes.count)
+                try await ch.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: ByteBuffer(bytes: packet))).get()
+                _ = await eventually(timeout: 2) { raw.received.withLock { $0.count } >= min(dcids.count, 2) }
+            }
+            try await Task.sleep(for: .milliseconds(200))
+            let got = raw.received.withLock { $0 }.map { Array($0.readableBytesView) }
+            // 43 bytes for the 100-byte packet, 29 for the 30-byte one (always shorter than the
+            // trigger), nothing for the 21-byte one (a reset cannot be shorter than 21 bytes).
+            #expect(got.map(\.count) == [43, 29])
+            for (reset, dcid) in zip(got, dcids) {
+                #expect(reset[0] & 0xC0 == 0x40, "a reset looks like a short-header packet")
+                #expect(Array(reset.suffix(16)) == secret.token(for: dcid), "the token is the one derived from the CID")
+            }
+            #expect(server.stats.statelessResetsSent == 2)
+            try await ch.close()
         }
-        try await Task.sleep(for: .milliseconds(200))
-        let got = raw.received.withLock { $0 }.map { Array($0.readableBytesView) }
-        // 43 bytes for the 100-byte packet, 29 for the 30-byte one (always shorter than the
-        // trigger), nothing for the 21-byte one (a reset cannot be shorter than 21 bytes).
-        #expect(got.map(\.count) == [43, 29])
-        for (reset, dcid) in zip(got, dcids) {
-            #expect(reset[0] & 0xC0 == 0x40, "a reset looks like a short-header packet")
-            #expect(Array(reset.suffix(16)) == secret.token(for: dcid), "the token is the one derived from the CID")
-        }
-        #expect(server.stats.statelessResetsSent == 2)
-        try await ch.close()
-        await server.close()
     }
 
     /// Address validation: with `.always`, our client follows the Retry and gets its answer; an

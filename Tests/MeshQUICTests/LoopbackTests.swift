@@ -118,27 +118,24 @@ import Testing
         var serverQUIC = QUICSettings()
         serverQUIC.maxDatagramSize = serverDatagram
         serverQUIC.gro = serverGRO
-        let service = QUICTestService()
-        let server = HTTP3Server(configuration: .init(host: "127.0.0.1", port: 0, credentials: try QUICTestCerts.creds("node"), quic: serverQUIC),
-                                 service: service, logger: Logger(label: "test.h3"))
-        let port = try await server.start().port!
-        var clientQUIC = QUICSettings()
-        clientQUIC.maxDatagramSize = 8952
-        let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"), settings: clientQUIC)
-        let n: Int64 = 8 << 20
-        let up = PatternFile(length: n)
-        let u = try await c.request(HTTPRequestHead(method: "PUT", path: "/count"), body: .file(up))
-        #expect(u.status == 200)
-        #expect(String(buffer: try await u.body.collect(upTo: 1000)) == "\(n) pattern\n")
-        let largest = server.stats.largestDatagramReceived
-        #expect(largest > 1452, "the client should have sent datagrams larger than the default size")
-        #expect(largest <= 8952)
-        let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/\(n)"))
-        let (got, ok) = try await PatternFile.receive(r.body)
-        #expect(got == n)
-        #expect(ok)
-        await c.close()
-        await server.close()
+        try await QUICTestServer.with(quic: serverQUIC) { server, port, _ in
+            var clientQUIC = QUICSettings()
+            clientQUIC.maxDatagramSize = 8952
+            let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"), settings: clientQUIC)
+            let n: Int64 = 8 << 20
+            let up = PatternFile(length: n)
+            let u = try await c.request(HTTPRequestHead(method: "PUT", path: "/count"), body: .file(up))
+            #expect(u.status == 200)
+            #expect(String(buffer: try await u.body.collect(upTo: 1000)) == "\(n) pattern\n")
+            let largest = server.stats.largestDatagramReceived
+            #expect(largest > 1452, "the client should have sent datagrams larger than the default size")
+            #expect(largest <= 8952)
+            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/\(n)"))
+            let (got, ok) = try await PatternFile.receive(r.body)
+            #expect(got == n)
+            #expect(ok)
+            await c.close()
+        }
     }
 
     @Test func hundredConcurrentStreams() async throws {
@@ -305,25 +302,22 @@ import Testing
     }
 
     @Test func idleConnectionsTimeOut() async throws {
-        let service = QUICTestService()
         var quic = QUICSettings()
         quic.idleTimeout = .milliseconds(300)
-        let server = HTTP3Server(configuration: .init(host: "127.0.0.1", port: 0, credentials: try QUICTestCerts.creds("node"), quic: quic),
-                                 service: service, logger: Logger(label: "test.h3"))
-        let port = try await server.start().port!
-        let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"), settings: quic)
-        let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/10"))
-        _ = try await r.body.collect(upTo: 100)
-        #expect(c.isUsable)
-        for _ in 0..<300 {
-            let open = await server.connectionCount()
-            if !c.isUsable && open == 0 { break }
-            try await Task.sleep(for: .milliseconds(10))
+        try await QUICTestServer.with(quic: quic) { server, port, _ in
+            let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"), settings: quic)
+            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/10"))
+            _ = try await r.body.collect(upTo: 100)
+            #expect(c.isUsable)
+            for _ in 0..<300 {
+                let open = await server.connectionCount()
+                if !c.isUsable && open == 0 { break }
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            #expect(!c.isUsable)
+            #expect(await server.connectionCount() == 0)
+            await c.close()
         }
-        #expect(!c.isUsable)
-        #expect(await server.connectionCount() == 0)
-        await c.close()
-        await server.close()
     }
 
     @Test(arguments: [true, false])
@@ -331,27 +325,25 @@ import Testing
         var quic = QUICSettings()
         quic.idleTimeout = .milliseconds(300)
         quic.keepAliveWhileBusy = keepAlive ? .milliseconds(100) : .zero
-        let server = HTTP3Server(configuration: .init(host: "127.0.0.1", port: 0, credentials: try QUICTestCerts.creds("node"), quic: quic),
-                                 service: QUICTestService(), logger: Logger(label: "test.h3"))
-        let port = try await server.start().port!
-        let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"), settings: quic)
-        // The answer takes three idle timeouts: only the client's PINGs keep the connection open meanwhile.
-        var answer: String?
-        do {
-            answer = String(buffer: try await c.request(HTTPRequestHead(method: "GET", path: "/sleep/900")).body.collect(upTo: 100))
-        } catch {
-            answer = nil
+        try await QUICTestServer.with(quic: quic) { server, port, _ in
+            let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"), settings: quic)
+            // The answer takes three idle timeouts: only the client's PINGs keep the connection open meanwhile.
+            var answer: String?
+            do {
+                answer = String(buffer: try await c.request(HTTPRequestHead(method: "GET", path: "/sleep/900")).body.collect(upTo: 100))
+            } catch {
+                answer = nil
+            }
+            if keepAlive {
+                #expect(answer == "slept\n")
+                // Idle again: no more PINGs, so the idle timeout closes the connection.
+                let closed = await eventually(timeout: 5) { !c.isUsable }
+                #expect(closed)
+            } else {
+                #expect(answer == nil, "without PINGs the connection should have timed out under the request")
+            }
+            await c.close()
         }
-        if keepAlive {
-            #expect(answer == "slept\n")
-            // Idle again: no more PINGs, so the idle timeout closes the connection.
-            let closed = await eventually(timeout: 5) { !c.isUsable }
-            #expect(closed)
-        } else {
-            #expect(answer == nil, "without PINGs the connection should have timed out under the request")
-        }
-        await c.close()
-        await server.close()
     }
 
     @Test func manyConnectionsAtOnce() async throws {

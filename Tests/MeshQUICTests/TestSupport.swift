@@ -173,12 +173,12 @@ final class QUICTestService: HTTPService {
 }
 
 enum QUICTestServer {
-    static func with(auth: ClientAuthentication = .require, grace: TimeAmount = .seconds(5),
+    static func with(auth: ClientAuthentication = .require, grace: TimeAmount = .seconds(5), quic: QUICSettings = QUICSettings(),
                      addressValidation: HTTP3Server.AddressValidation = .whenHandshakesExceed(64),
                      _ body: (HTTP3Server, Int, QUICTestService) async throws -> Void) async throws {
         let service = QUICTestService()
         let server = HTTP3Server(configuration: .init(host: "127.0.0.1", port: 0, credentials: try QUICTestCerts.creds("node"),
-                                                      clientAuthentication: auth, drainGracePeriod: grace,
+                                                      clientAuthentication: auth, quic: quic, drainGracePeriod: grace,
                                                       addressValidation: addressValidation),
                                  service: service, logger: { var l = Logger(label: "test.h3"); l.logLevel = .info; return l }())
         let addr = try await server.start()
