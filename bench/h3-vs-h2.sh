@@ -58,9 +58,9 @@ done > "$T/runs.txt"
 STEAL1=$(awk '/^cpu /{print $9}' /proc/stat); TOTAL1=$(awk '/^cpu /{s=0; for (i=2; i<=NF; i++) s+=$i; print s}' /proc/stat)
 STEAL_PCT=$(( (STEAL1 - STEAL0) * 100 / (TOTAL1 - TOTAL0 > 0 ? TOTAL1 - TOTAL0 : 1) ))
 mkdir -p bench/results
-python3 - "$T/runs.txt" "$SMALL_N" "$LARGE_N" "$ROUNDS" "$STEAL_PCT" > bench/results/h3-vs-h2.md <<'PY'
+python3 - "$T/runs.txt" "$SMALL_N" "$LARGE_N" "$ROUNDS" "$STEAL_PCT" "$JUMBO" > bench/results/h3-vs-h2.md <<'PY'
 import re, statistics as st, subprocess, sys, time, os
-path, small_n, large_n, rounds, steal = sys.argv[1:]
+path, small_n, large_n, rounds, steal, jumbo = sys.argv[1:]
 rows = {}
 for line in open(path):
     name, fig, cpu_ms, requests = line.rstrip("\n").split("|")
@@ -90,7 +90,7 @@ print(f"- 4 KiB, 16 in flight: our H3 {ratio('4 KiB, 16 in flight, ' + ours, '4 
 print(f"- 64 MiB: our H3 {ratio('64 MiB, ' + ours, '64 MiB, ' + gtls, 3):.2f}x gtlsserver's MiB/s, "
       f"server CPU {ratio('64 MiB, ' + ours, '64 MiB, ' + gtls, 4):.2f}x; "
       f"our H2 {ratio('64 MiB, ' + h2, '64 MiB, ' + ours, 3):.2f}x our H3's MiB/s")
-j = next(n[len("64 MiB, "):-len(ours) - 2] for n in med if n.endswith(ours) and "datagrams" in n)
+j = f"{jumbo}-byte datagrams"   # as in the run names above
 print(f"- 64 MiB with {j}: our H3 {ratio(f'64 MiB, {j}, ' + ours, f'64 MiB, {j}, ' + gtls, 3):.2f}x gtlsserver's MiB/s, "
       f"server CPU {ratio(f'64 MiB, {j}, ' + ours, f'64 MiB, {j}, ' + gtls, 4):.2f}x; "
       f"our H2 {ratio('64 MiB, ' + h2, f'64 MiB, {j}, ' + ours, 3):.2f}x our H3's MiB/s")
