@@ -55,6 +55,10 @@ public struct Membership: Sendable {
         public var tombstoneRetention: Duration = .seconds(300)
         /// How many members `leave` notifies directly (in addition to normal gossip).
         public var leaveFanout: Int = 8
+        /// Which nodes may be members (default: anyone; a node from a topology: its nodes).
+        public var admission: Admission = .anyone
+        /// Bounds on what a message may carry (see `Envelope.validate`).
+        public var limits = GossipLimits()
 
         public init() {}
 
@@ -91,6 +95,8 @@ public struct Membership: Sendable {
     public private(set) var metadata: NodeMetadata
     public private(set) var incarnation: UInt64 = 0
     public private(set) var isLeaving = false
+    /// Member updates dropped: about nodes that are not admitted (or with metadata not theirs).
+    public private(set) var refusedUpdates = 0
 
     private var members: [NodeID: Member] = [:]
     private var rng: SplitMix64
@@ -350,7 +356,7 @@ public struct Membership: Sendable {
         var actions: [MeshAction] = []
         guard !isLeaving else { return actions }
         isLeaving = true
-        incarnation += 1
+        incarnation = incarnation.incremented(upTo: configuration.limits.maxIncarnation)
         pendingProbe = nil
         var me = members[myself]!
         me.status = .left
@@ -369,7 +375,7 @@ public struct Membership: Sendable {
     public mutating func updateMetadata(_ newMetadata: NodeMetadata, now: Duration) -> [MeshAction] {
         var actions: [MeshAction] = []
         metadata = newMetadata
-        incarnation += 1
+        incarnation = incarnation.incremented(upTo: configuration.limits.maxIncarnation)
         var me = members[myself]!
         me.metadata = newMetadata
         me.incarnation = incarnation
@@ -454,8 +460,14 @@ public struct Membership: Sendable {
 
     /// The SWIM merge rules for one update.
     private mutating func apply(_ u: MemberUpdate, now: Duration, actions: inout [MeshAction]) {
+        guard configuration.admission.admits(u) else {
+            refusedUpdates += 1
+            return
+        }
         if u.node == myself {
-            // Refute anything that contradicts our own view, or an update with a newer incarnation.
+            // Refute anything that contradicts our own view, or an update with a newer incarnation
+            // (only a forger issues ours, but the rest of the mesh believes it until refuted).
+            // Saturating: a claim at the limit leaves us at the limit, never past it.
             let contradicts: Bool
             if isLeaving {
                 contradicts = u.status != .left && u.incarnation >= incarnation
@@ -463,7 +475,7 @@ public struct Membership: Sendable {
                 contradicts = u.status != .alive && u.incarnation >= incarnation
             }
             if contradicts || u.incarnation > incarnation {
-                incarnation = Swift.max(incarnation, u.incarnation) + 1
+                incarnation = Swift.max(incarnation, u.incarnation).incremented(upTo: configuration.limits.maxIncarnation)
                 var me = members[myself]!
                 me.incarnation = incarnation
                 me.metadata = metadata

@@ -26,6 +26,30 @@ public struct MeshNode: Sendable {
         return actions
     }
 
+    /// A message as it arrives from the network: validated against the membership configuration's
+    /// limits (refused whole with the reason), from an admitted sender only; updates about nodes
+    /// that are not admitted, or with metadata other than theirs, are dropped (`refusedUpdates`).
+    public mutating func receive(_ envelope: Envelope, now: Duration) throws(GossipRejection) -> [MeshAction] {
+        try envelope.validate(membership.configuration.limits)
+        let admission = membership.configuration.admission
+        guard admission.admits(name: envelope.from.name) else { throw .senderNotAdmitted(envelope.from.name) }
+        var message = envelope.message
+        if admission.expected != nil {
+            var dropped = 0
+            message = message.withLocality { facts in
+                let kept = facts.filter { admission.admits(name: $0.holder.name) }
+                dropped += facts.count - kept.count
+                return kept
+            }
+            refusedLocality += dropped
+        }
+        return receive(message, from: envelope.from, now: now)
+    }
+
+    /// Locality facts dropped because their holder is not admitted.
+    public private(set) var refusedLocality = 0
+
+    /// A message already checked (simulations and tests; the network path is `receive(_:now:)`).
     public mutating func receive(_ message: Message, from sender: NodeID, now: Duration) -> [MeshAction] {
         // Membership first, so that a holder's death in the same message is known before its facts.
         let actions = membership.receive(message, from: sender, now: now, piggyback: &locality)

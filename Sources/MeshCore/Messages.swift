@@ -82,6 +82,27 @@ public enum Message: Codable, Hashable, Sendable {
     /// Full-state anti-entropy; the receiver of a non-reply answers with its own state.
     case pushPull(PushPullState, isReply: Bool)
 
+    /// The same message with its locality facts replaced by `transform(facts)`.
+    public func withLocality(_ transform: ([LocalityUpdate]) -> [LocalityUpdate]) -> Message {
+        switch self {
+        case .ping(let seq, let target, var g):
+            g.locality = transform(g.locality)
+            return .ping(seq: seq, target: target, gossip: g)
+        case .ack(let seq, var g):
+            g.locality = transform(g.locality)
+            return .ack(seq: seq, gossip: g)
+        case .pingReq(let seq, let target, var g):
+            g.locality = transform(g.locality)
+            return .pingReq(seq: seq, target: target, gossip: g)
+        case .gossip(var g):
+            g.locality = transform(g.locality)
+            return .gossip(g)
+        case .pushPull(var s, let isReply):
+            s.locality = transform(s.locality)
+            return .pushPull(s, isReply: isReply)
+        }
+    }
+
     public var gossip: Gossip? {
         switch self {
         case .ping(_, _, let g), .ack(_, let g), .pingReq(_, _, let g), .gossip(let g): return g

@@ -54,6 +54,9 @@ public final class MeshService: MeshHooks, Sendable {
     private let mapEntries = Gauge(label: "cachemesh_locality_entries")
     private let mapBytes = Gauge(label: "cachemesh_locality_bytes")
     private let liveMembers = Gauge(label: "cachemesh_members_live")
+    /// Gossip messages refused (malformed, out of range, sender not admitted) and single updates dropped.
+    private let refusedGossip = Counter(label: "cachemesh_gossip_refused_total")
+    private let refusalLog = LogThrottle(interval: .seconds(1))
 
     public init(topology: Topology, nodeName: String, store: BlobStore, credentials: TLSCredentials, settings: Settings? = nil, logger: Logger) throws {
         guard let n = topology.node(named: nodeName) else { throw ConfigurationError("no node \(nodeName) in topology \(topology.name)") }
@@ -75,14 +78,22 @@ public final class MeshService: MeshHooks, Sendable {
             }
         })
         self.mirror = Mirror(store: store, requester: transport, logger: logger)
-        let meta = NodeMetadata(name: n.name, role: n.role == .origin ? .origin : .peer, tcpEndpoint: "\(n.advertiseTCP)",
-                                quicEndpoint: n.advertiseQUIC.map { "\($0)" } ?? "", certificateCN: n.name)
-        self.core = Mutex(MeshNode(myself: me, metadata: meta, membershipConfiguration: self.settings.membership,
+        // Only the topology's nodes may be members, each with the metadata the topology gives it.
+        var membership = self.settings.membership
+        membership.admission = Admission(expected: Dictionary(topology.nodes.map { ($0.name, Self.metadata(of: $0)) },
+                                                              uniquingKeysWith: { first, _ in first }))
+        self.core = Mutex(MeshNode(myself: me, metadata: Self.metadata(of: n), membershipConfiguration: membership,
                                    seed: UInt64.random(in: 0...UInt64.max)))
         store.onEviction { [weak self] d in self?.evicted(d) }
     }
 
     func now() -> Duration { ContinuousClock.now - started }
+
+    /// What a topology node gossips about itself (and all that others accept about it).
+    static func metadata(of n: Topology.Node) -> NodeMetadata {
+        NodeMetadata(name: n.name, role: n.role == .origin ? .origin : .peer, tcpEndpoint: "\(n.advertiseTCP)",
+                     quicEndpoint: n.advertiseQUIC.map { "\($0)" } ?? "", certificateCN: n.name)
+    }
 
     // MARK: run loop
 
@@ -158,7 +169,12 @@ public final class MeshService: MeshHooks, Sendable {
                 let r = try await transport.request(to: target,
                                                     HTTPRequestHead(method: "POST", path: Self.gossipPath, headers: ["content-type": "application/json"]),
                                                     body: .bytes(ByteBuffer(bytes: body)))
-                _ = try? await r.response.body.collect(upTo: 4096)
+                let answer = try? await r.response.body.collect(upTo: 4096)
+                // A refusal is a configuration problem (a certificate or topology that does not
+                // fit): say so, once in a while, instead of never joining in silence.
+                if r.response.status >= 300, self.refusalLog.allow("send \(target.name)", now: self.now()) {
+                    logger.warning("gossip to \(target.name) (\(target.endpoint)) refused: \(r.response.status) \(answer.map { String(buffer: $0) } ?? "")")
+                }
             } catch {
                 logger.trace("gossip send failed", metadata: ["to": "\(target.endpoint)", "error": "\(error)"])
             }
@@ -179,16 +195,44 @@ public final class MeshService: MeshHooks, Sendable {
             }
             // The certificate says who is talking: a node may only speak for itself.
             guard envelope.from.name == request.peer.commonName else {
-                return .text(403, "gossip from \(envelope.from.name) over a connection authenticated as \(request.peer.commonName ?? "-")")
+                return refuse(403, "gossip from \(String(reflecting: String(envelope.from.name.prefix(64)))) over a connection authenticated as \(String(reflecting: request.peer.commonName ?? "-"))")
             }
-            learnSizes(envelope.message)
-            perform(core.withLock { $0.receive(envelope.message, from: envelope.from, now: now()) })
-            return HTTPResponse(status: 204)
+            let at = now()
+            let result = core.withLock { c -> Result<([MeshAction], Int), GossipRejection> in
+                let refusedBefore = c.membership.refusedUpdates + c.refusedLocality
+                do throws(GossipRejection) {
+                    let actions = try c.receive(envelope, now: at)
+                    return .success((actions, c.membership.refusedUpdates + c.refusedLocality - refusedBefore))
+                } catch { return .failure(error) }
+            }
+            switch result {
+            case .failure(.senderNotAdmitted(let name)):
+                return refuse(403, "gossip refused: \(GossipRejection.senderNotAdmitted(name)) (not in topology \(topology.name))")
+            case .failure(let why):
+                return refuse(400, "gossip from \(envelope.from.name) refused: \(why)")
+            case .success(let (actions, dropped)):
+                if dropped > 0 {
+                    refusedGossip.increment(by: dropped)
+                    if refusalLog.allow("drop \(envelope.from.name)", now: at) {
+                        logger.warning("gossip from \(envelope.from.name): dropped \(dropped) update(s) about nodes that are not in topology \(topology.name), or with metadata the topology does not give them")
+                    }
+                }
+                learnSizes(envelope.message)
+                perform(actions)
+                return HTTPResponse(status: 204)
+            }
         case ("GET", "/mesh/status"):
             return .text(200, statusJSON())
         default:
             return .text(404, "unknown mesh route \(request.head.path.prefix(100))")
         }
+    }
+
+    /// Refuses a gossip request: counted, logged (at most once a second per kind), answered.
+    private func refuse(_ status: Int, _ why: String) -> HTTPResponse {
+        refusedGossip.increment()
+        if refusalLog.allow("refuse \(status)", now: now()) { logger.warning("\(why)") }
+        return .text(status, why)
     }
 
     private func learnSizes(_ message: Message) {
@@ -376,4 +420,21 @@ public final class MeshService: MeshHooks, Sendable {
 /// RTTs per member and recent fetch latencies (the hedge delay is a percentile of them).
 final class LatencyBox: Sendable {
     let tracker = Mutex(LatencyTracker())
+}
+
+/// At most one log line per key per `interval` (a flood of bad messages must not flood the log).
+final class LogThrottle: Sendable {
+    private let interval: Duration
+    private let last = Mutex<[String: Duration]>([:])
+
+    init(interval: Duration) { self.interval = interval }
+
+    func allow(_ key: String, now: Duration) -> Bool {
+        last.withLock { last in
+            if let t = last[key], now - t < interval { return false }
+            if last.count > 1024 { last.removeAll() }
+            last[key] = now
+            return true
+        }
+    }
 }
