@@ -37,6 +37,7 @@ let package = Package(
         .target(name: "MeshHTTP", dependencies: [
             "MeshTLS",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Metrics", package: "swift-metrics"),
         ]),
         // nghttp2 session wrapper, NIO handlers, HTTP/2 server and client.
         .target(name: "MeshHTTP2", dependencies: [

@@ -107,6 +107,9 @@ public struct NodeConfiguration: Sendable {
     public var quicMaxDatagram: Int?
     /// When a new QUIC client must first prove its address with a Retry round trip.
     public var quicAddressValidation: QUICAddressValidationMode = .auto
+    /// Largest decoded request header list (HTTP/2 and HTTP/3, name + value + 32 per field);
+    /// larger requests get 431, and a connection that keeps sending them is closed.
+    public var maxHeaderListBytes = 64 * 1024
 
     public init() {}
 
@@ -133,7 +136,7 @@ public struct NodeConfiguration: Sendable {
         var c = NodeConfiguration()
         let known: Set<String> = ["name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
                                   "insecure", "quic_listen", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds",
-                                  "quic_max_datagram", "quic_address_validation"]
+                                  "quic_max_datagram", "quic_address_validation", "max_header_list_bytes"]
         for key in table.keys where !known.contains(key) {
             throw ConfigurationError("config \(path): unknown key '\(key)' (known: \(known.sorted().joined(separator: ", ")))")
         }
@@ -177,6 +180,7 @@ public struct NodeConfiguration: Sendable {
         if let v = try int("max_open_reads") { c.maxOpenReads = v }
         if let v = try int("drain_seconds") { c.drainSeconds = v }
         if let v = try int("quic_max_datagram") { c.quicMaxDatagram = v }
+        if let v = try int("max_header_list_bytes") { c.maxHeaderListBytes = v }
         if let v = try string("quic_address_validation") { c.quicAddressValidation = try QUICAddressValidationMode.parse(v, key: "config \(path): quic_address_validation") }
         // Relative paths in a config file are relative to the file.
         let base = URL(fileURLWithPath: path).absoluteURL.deletingLastPathComponent()
@@ -194,6 +198,9 @@ public struct NodeConfiguration: Sendable {
     /// Check for contradictions a user should hear about before anything starts.
     public func validate() throws {
         if maxBytes <= 0 { throw ConfigurationError("max_bytes must be positive") }
+        if !(1024...(16 << 20)).contains(maxHeaderListBytes) {
+            throw ConfigurationError("max_header_list_bytes must be in 1024...16777216, got \(maxHeaderListBytes)")
+        }
         try Self.checkDatagramSize(quicMaxDatagram)
         if insecure {
             if allowUnauthenticatedReads { throw ConfigurationError("--allow-unauthenticated-reads needs TLS; it makes no sense with --insecure") }
@@ -220,6 +227,7 @@ public struct NodeConfiguration: Sendable {
     public var quicSettings: QUICSettings {
         var q = QUICSettings()
         q.maxDatagramSize = quicMaxDatagram
+        q.maxHeaderListSize = maxHeaderListBytes
         return q
     }
 

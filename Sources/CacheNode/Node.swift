@@ -42,13 +42,13 @@ public final class CacheNode: Service {
         }
         service = CacheService(store: store, registry: registry,
                                info: .init(name: configuration.name, listen: ["tcp": "\(configuration.listen)"]), mesh: mesh, logger: logger)
-        self.server = HTTP2Server(
-            configuration: .init(
-                host: configuration.listen.host, port: configuration.listen.port, credentials: credentials,
-                clientAuthentication: configuration.allowUnauthenticatedReads ? .optionalReadOnly : .require,
-                handshakeTimeout: .seconds(Int64(configuration.handshakeTimeoutSeconds)),
-                drainGracePeriod: .seconds(Int64(configuration.drainSeconds))),
-            service: service, logger: logger)
+        var h2 = HTTP2Server.Configuration(
+            host: configuration.listen.host, port: configuration.listen.port, credentials: credentials,
+            clientAuthentication: configuration.allowUnauthenticatedReads ? .optionalReadOnly : .require,
+            handshakeTimeout: .seconds(Int64(configuration.handshakeTimeoutSeconds)),
+            drainGracePeriod: .seconds(Int64(configuration.drainSeconds)))
+        h2.maxHeaderListBytes = configuration.maxHeaderListBytes
+        self.server = HTTP2Server(configuration: h2, service: service, logger: logger)
         if let q = configuration.quicListen {
             guard let credentials else { throw ConfigurationError("QUIC needs TLS: --quic-listen cannot be used with --insecure") }
             var quic = configuration.quicSettings

@@ -181,4 +181,10 @@ class HTTP2ChannelHandler: ChannelInboundHandler, NGHTTP2SessionDelegate {
     func streamClosed(stream: Int32, errorCode: UInt32) {}
     func goawayReceived(lastStreamID: Int32, errorCode: UInt32) {}
     func endOfStreamSent(stream: Int32) {}
+    /// A header block over the limit. Default (a client reading a response): reset the stream,
+    /// which fails the request with `streamReset(ENHANCE_YOUR_CALM)`.
+    func headerListTooLarge(stream: Int32, bytes: Int, isTrailers: Bool, endStream: Bool, closing: Bool) {
+        logger.warning("HTTP/2 response header list of \(bytes) bytes is over the limit of \(session?.maxHeaderListSize ?? 0): stream reset")
+        session?.resetStream(stream, errorCode: 0xb)
+    }
 }

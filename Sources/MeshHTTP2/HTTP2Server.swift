@@ -18,6 +18,8 @@ public final class HTTP2Server: Sendable {
         public var initialStreamWindow: UInt32
         public var connectionWindow: Int32
         public var drainGracePeriod: TimeAmount
+        /// Largest decoded request header list (RFC 9113 §6.5.2 size); larger ones get 431.
+        public var maxHeaderListBytes: Int = 64 * 1024
 
         public init(host: String, port: Int, credentials: TLSCredentials?, clientAuthentication: ClientAuthentication = .require,
                     handshakeTimeout: TimeAmount = .seconds(10), maxConcurrentStreams: UInt32 = 128,
@@ -54,7 +56,8 @@ public final class HTTP2Server: Sendable {
         let config = configuration
         let service = self.service
         let logger = self.logger
-        let settings = NGHTTP2Session.Settings(maxConcurrentStreams: config.maxConcurrentStreams, initialWindowSize: config.initialStreamWindow, connectionWindowSize: config.connectionWindow)
+        let settings = NGHTTP2Session.Settings(maxConcurrentStreams: config.maxConcurrentStreams, initialWindowSize: config.initialStreamWindow,
+                                               connectionWindowSize: config.connectionWindow, maxHeaderListSize: UInt32(clamping: config.maxHeaderListBytes))
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 4096)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)

@@ -103,6 +103,25 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         }
     }
 
+    /// The request's header list decoded to more than the limit: 431 (its fields were dropped as
+    /// they arrived); too-large trailers reset the stream; on repeat the session already sent
+    /// GOAWAY ENHANCE_YOUR_CALM and the connection closes once the answers are out.
+    override func headerListTooLarge(stream: Int32, bytes: Int, isTrailers: Bool, endStream: Bool, closing: Bool) {
+        guard let session else { return }
+        TransportRefusals.count("header_list_too_large", transport: "h2")
+        logger.notice("HTTP/2 request header list too large", metadata: [
+            "bytes": "\(bytes)", "limit": "\(session.maxHeaderListSize)", "peer": "\(peer?.commonName ?? "-")",
+            "remote": "\(remoteAddress ?? "-")", "action": "\(closing ? "GOAWAY ENHANCE_YOUR_CALM" : isTrailers ? "RST_STREAM" : "431")",
+        ])
+        if isTrailers {
+            session.resetStream(stream, errorCode: 0xb)
+            scheduleFlush()
+            return
+        }
+        streams[stream] = Stream(body: .complete(nil), requestEnded: endStream, isHead: false)
+        respond(stream: stream, response: TransportRefusals.headerListTooLarge(bytes: bytes, limit: session.maxHeaderListSize))
+    }
+
     private func respond(stream: Int32, response: HTTPResponse) {
         guard let s = streams[stream], let session else {
             // The stream died (reset, connection closed) while the service worked.

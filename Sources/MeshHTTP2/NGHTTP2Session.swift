@@ -6,6 +6,9 @@ import NIOCore
 protocol NGHTTP2SessionDelegate: AnyObject {
     /// A complete header block arrived. `isTrailers` is true for a second block on the stream.
     func headersReceived(stream: Int32, headers: [(name: String, value: String)], isTrailers: Bool, endStream: Bool)
+    /// A header block decoded to more than `maxHeaderListSize` (its fields were dropped). With
+    /// `closing`, the connection has had too many and is being closed (GOAWAY ENHANCE_YOUR_CALM).
+    func headerListTooLarge(stream: Int32, bytes: Int, isTrailers: Bool, endStream: Bool, closing: Bool)
     /// DATA arrived for `stream` (connection window already credited).
     func dataReceived(stream: Int32, data: ByteBuffer)
     /// The peer ended its side of `stream`.
@@ -47,7 +50,7 @@ final class NGHTTP2Session {
     }
 
     private struct InboundHeaders {
-        var fields: [(name: String, value: String)] = []
+        var block: InboundHeaderBlock
         var isTrailers = false
     }
 
@@ -59,10 +62,13 @@ final class NGHTTP2Session {
     /// Streams whose header block has been seen at least once (so a second block is trailers).
     private var headersSeen: Set<Int32> = []
     private var lastError: String?
+    let maxHeaderListSize: Int
+    private var headerPolicy = HeaderLimitPolicy()
 
     init(role: Role, settings: Settings, delegate: any NGHTTP2SessionDelegate) {
         self.role = role
         self.delegate = delegate
+        self.maxHeaderListSize = Int(settings.maxHeaderListSize)
         var callbacks: OpaquePointer?
         nghttp2_session_callbacks_new(&callbacks)
         defer { nghttp2_session_callbacks_del(callbacks) }
@@ -323,7 +329,7 @@ final class NGHTTP2Session {
         nghttp2_session_callbacks_set_on_begin_headers_callback(cb) { _, frame, user in
             let me = NGHTTP2Session.from(user)
             let id = frame!.pointee.hd.stream_id
-            var h = InboundHeaders()
+            var h = InboundHeaders(block: InboundHeaderBlock(limit: me.maxHeaderListSize))
             h.isTrailers = me.headersSeen.contains(id)
             me.headersSeen.insert(id)
             me.inboundHeaders[id] = h
@@ -332,9 +338,8 @@ final class NGHTTP2Session {
         nghttp2_session_callbacks_set_on_header_callback(cb) { _, frame, name, namelen, value, valuelen, _, user in
             let me = NGHTTP2Session.from(user)
             let id = frame!.pointee.hd.stream_id
-            let n = String(decoding: UnsafeBufferPointer(start: name, count: namelen), as: UTF8.self)
-            let v = String(decoding: UnsafeBufferPointer(start: value, count: valuelen), as: UTF8.self)
-            me.inboundHeaders[id]?.fields.append((n, v))
+            me.inboundHeaders[id]?.block.add(name: UnsafeRawBufferPointer(start: name, count: namelen),
+                                             value: UnsafeRawBufferPointer(start: value, count: valuelen))
             return 0
         }
         nghttp2_session_callbacks_set_on_frame_recv_callback(cb) { _, frame, user in
@@ -344,12 +349,19 @@ final class NGHTTP2Session {
             switch Int(hd.type) {
             case Int(NGHTTP2_HEADERS.rawValue):
                 if let h = me.inboundHeaders.removeValue(forKey: hd.stream_id) {
+                    if h.block.isTooLarge {
+                        let closing = me.headerPolicy.tooLarge() == .closeConnection
+                        if closing { nghttp2_session_terminate_session(me.session, UInt32(NGHTTP2_ENHANCE_YOUR_CALM.rawValue)) }
+                        me.delegate.headerListTooLarge(stream: hd.stream_id, bytes: h.block.bytes, isTrailers: h.isTrailers,
+                                                       endStream: endStream, closing: closing)
+                        return 0
+                    }
                     // Skip informational (1xx) responses.
-                    if me.role == .client, let s = h.fields.first(where: { $0.name == ":status" }), s.value.hasPrefix("1") {
+                    if me.role == .client, let s = h.block.fields.first(where: { $0.name == ":status" }), s.value.hasPrefix("1") {
                         me.headersSeen.remove(hd.stream_id)
                         return 0
                     }
-                    me.delegate.headersReceived(stream: hd.stream_id, headers: h.fields, isTrailers: h.isTrailers, endStream: endStream)
+                    me.delegate.headersReceived(stream: hd.stream_id, headers: h.block.fields, isTrailers: h.isTrailers, endStream: endStream)
                 }
                 if endStream { me.delegate.endOfStreamReceived(stream: hd.stream_id) }
             case Int(NGHTTP2_DATA.rawValue):

@@ -42,6 +42,9 @@ public struct QUICSettings: Sendable {
     /// --max-udp-payload-size` (the peer's max_udp_payload_size still bounds it): on a path with
     /// a smaller MTU the kernel fragments them, so set it only where the path takes it.
     public var maxDatagramSize: Int?
+    /// Largest decoded request (or response) header list, RFC 9114 §4.2.2 size; a larger request
+    /// gets 431, repeated ones close the connection with H3_EXCESSIVE_LOAD.
+    public var maxHeaderListSize: Int = 64 * 1024
 
     /// The secret stateless-reset tokens are derived from (nil: one random secret per process).
     /// A server should be given a stable one (the node derives it from its private key), so that
@@ -134,8 +137,11 @@ final class H3Stream {
     }
 
     let id: Int64
-    var headerFields: [(name: String, value: String)] = []
-    var trailerFields: [(name: String, value: String)] = []
+    /// The header block and the trailer block, each counted against the header-list limit as
+    /// nghttp3 decodes it (QPACK lets a small block decode to a huge one).
+    var headerBlock: InboundHeaderBlock
+    var trailerBlock: InboundHeaderBlock
+    var headerFields: [(name: String, value: String)] { headerBlock.fields }
     var inTrailers = false
     var body: HTTPInboundBody?
     var inboundEnded = false
@@ -150,7 +156,11 @@ final class H3Stream {
     var continuation: CheckedContinuation<HTTPClientResponse, any Error>?
     var token: RequestToken?
 
-    init(id: Int64) { self.id = id }
+    init(id: Int64, maxHeaderListSize: Int) {
+        self.id = id
+        headerBlock = InboundHeaderBlock(limit: maxHeaderListSize)
+        trailerBlock = InboundHeaderBlock(limit: maxHeaderListSize)
+    }
 
     func closeSource() {
         guard !sourceClosed else { return }
@@ -859,6 +869,7 @@ final class QUICCore {
         var st = nghttp3_settings()
         cm_nghttp3_settings_default(&st)
         st.qpack_max_dtable_capacity = 4096
+        st.max_field_section_size = UInt64(settings.maxHeaderListSize)
         st.qpack_blocked_streams = 100
         var c: OpaquePointer?
         let ud = Unmanaged.passUnretained(self).toOpaque()
@@ -1087,13 +1098,13 @@ final class QUICCore {
         }
         cb.begin_headers = { _, sid, ud, _ in
             QUICCore.with(ud) { core in
-                if core.isServer, core.streams[sid] == nil { core.streams[sid] = H3Stream(id: sid) }
-                core.streams[sid]?.headerFields = []
+                if core.isServer, core.streams[sid] == nil { core.streams[sid] = H3Stream(id: sid, maxHeaderListSize: core.settings.maxHeaderListSize) }
+                core.streams[sid]?.headerBlock = InboundHeaderBlock(limit: core.settings.maxHeaderListSize)
             }
             return 0
         }
         cb.recv_header = { _, sid, _, name, value, _, ud, _ in
-            QUICCore.with(ud) { $0.streams[sid]?.headerFields.append((QUICCore.string(name), QUICCore.string(value))) }
+            QUICCore.with(ud) { $0.streams[sid]?.headerBlock.add(name: QUICCore.bytes(name), value: QUICCore.bytes(value)) }
             return 0
         }
         cb.end_headers = { _, sid, fin, ud, _ in
@@ -1104,10 +1115,15 @@ final class QUICCore {
             return 0
         }
         cb.recv_trailer = { _, sid, _, name, value, _, ud, _ in
-            QUICCore.with(ud) { $0.streams[sid]?.trailerFields.append((QUICCore.string(name), QUICCore.string(value))) }
+            QUICCore.with(ud) { $0.streams[sid]?.trailerBlock.add(name: QUICCore.bytes(name), value: QUICCore.bytes(value)) }
             return 0
         }
-        cb.end_trailers = { _, _, _, _, _ in 0 }
+        cb.end_trailers = { _, sid, _, ud, _ in
+            QUICCore.with(ud) { core in
+                if let s = core.streams[sid], s.trailerBlock.isTooLarge { core.headerListTooLarge(s, bytes: s.trailerBlock.bytes, isTrailers: true, fin: true) }
+            }
+            return 0
+        }
         cb.stop_sending = { _, sid, code, ud, _ in
             ngtcp2_conn_shutdown_stream_read(QUICCore.with(ud) { $0.conn }, sid, code)
             return 0
@@ -1125,6 +1141,12 @@ final class QUICCore {
             return 0
         }
         return cb
+    }
+
+    /// The bytes of an nghttp3 buffer (valid for the callback's duration).
+    static func bytes(_ rc: OpaquePointer?) -> UnsafeRawBufferPointer {
+        let v = nghttp3_rcbuf_get_buf(rc)
+        return UnsafeRawBufferPointer(start: v.base, count: v.base == nil ? 0 : v.len)
     }
 
     static func string(_ rc: OpaquePointer?) -> String {
@@ -1181,12 +1203,49 @@ final class QUICCore {
         guard let s = streams[sid], !s.inboundEnded else { return }
         deliverInbound(s)
         s.inboundEnded = true
-        s.body?.finish(trailers: s.trailerFields.isEmpty ? nil : HTTPHeaders(s.trailerFields))
+        s.body?.finish(trailers: s.trailerBlock.fields.isEmpty ? nil : HTTPHeaders(s.trailerBlock.fields))
+    }
+
+    /// Header blocks over the limit on this connection (431 first, then H3_EXCESSIVE_LOAD).
+    private var headerPolicy = HeaderLimitPolicy()
+
+    /// A header or trailer block decoded to more than `maxHeaderListSize` (its fields were
+    /// dropped as they arrived). Server: 431 for a request head, a stream reset for trailers, and
+    /// on repeat the connection closes with H3_EXCESSIVE_LOAD. Client: the request fails.
+    private func headerListTooLarge(_ s: H3Stream, bytes: Int, isTrailers: Bool, fin: Bool) {
+        let limit = settings.maxHeaderListSize
+        guard isServer else {
+            ngtcp2_conn_shutdown_stream(conn, s.id, UInt64(NGHTTP3_H3_EXCESSIVE_LOAD))
+            let error = HTTPTransportError.protocolError("response header list of \(bytes) bytes is over the limit of \(limit)")
+            s.continuation?.resume(throwing: error)
+            s.continuation = nil
+            s.body?.fail(error)
+            return
+        }
+        TransportRefusals.count("header_list_too_large", transport: "h3")
+        let closing = headerPolicy.tooLarge() == .closeConnection
+        logger.notice("HTTP/3 request header list too large", metadata: [
+            "bytes": "\(bytes)", "limit": "\(limit)", "peer": "\(peer?.commonName ?? "-")", "remote": "\(remoteAddress)",
+            "action": "\(closing ? "H3_EXCESSIVE_LOAD" : isTrailers ? "stream reset" : "431")",
+        ])
+        if closing {
+            loop.assumeIsolated().execute { [weak self] in self?.closeApplication(code: UInt64(NGHTTP3_H3_EXCESSIVE_LOAD)) }
+        } else if isTrailers {
+            ngtcp2_conn_shutdown_stream(conn, s.id, UInt64(NGHTTP3_H3_EXCESSIVE_LOAD))
+            s.body?.fail(HTTPTransportError.streamReset(errorCode: UInt32(NGHTTP3_H3_EXCESSIVE_LOAD)))
+        } else {
+            s.inboundEnded = fin
+            respond(s.id, TransportRefusals.headerListTooLarge(bytes: bytes, limit: limit))
+        }
     }
 
     private func endHeaders(_ sid: Int64, fin: Bool) -> Int32 {
         guard let s = streams[sid] else { return 0 }
         if s.inTrailers { return 0 }
+        if s.headerBlock.isTooLarge {
+            headerListTooLarge(s, bytes: s.headerBlock.bytes, isTrailers: false, fin: fin)
+            return 0
+        }
         if isServer {
             serverRequest(s, fin: fin)
         } else {
@@ -1509,7 +1568,7 @@ final class QUICCore {
             continuation.resume(throwing: HTTPTransportError.protocolError("cannot open stream: \(Self.errString(rv))"))
             return
         }
-        let s = H3Stream(id: sid)
+        let s = H3Stream(id: sid, maxHeaderListSize: settings.maxHeaderListSize)
         ngtcp2_conn_set_keep_alive_timeout(conn, UInt64(max(0, settings.keepAliveWhileBusy.nanoseconds)))
         s.continuation = continuation
         s.token = token
@@ -1552,7 +1611,7 @@ final class QUICCore {
     private func clientResponseHead(_ s: H3Stream, fin: Bool) {
         let status = s.headerFields.first { $0.name == ":status" }.flatMap { Int($0.value) } ?? 0
         if (100..<200).contains(status) {
-            s.headerFields = []
+            s.headerBlock = InboundHeaderBlock(limit: settings.maxHeaderListSize)
             return
         }
         guard let cont = s.continuation else { return }

@@ -36,6 +36,10 @@ final class Recorder: NGHTTP2SessionDelegate {
     func streamClosed(stream: Int32, errorCode: UInt32) { closed[stream] = errorCode }
     func goawayReceived(lastStreamID: Int32, errorCode: UInt32) { goaways.append((lastStreamID, errorCode)) }
     func endOfStreamSent(stream: Int32) { sentEnd.insert(stream) }
+    var tooLarge: [(stream: Int32, bytes: Int, closing: Bool)] = []
+    func headerListTooLarge(stream: Int32, bytes: Int, isTrailers: Bool, endStream: Bool, closing: Bool) {
+        tooLarge.append((stream, bytes, closing))
+    }
 }
 
 /// A client and a server session wired back to back in memory.
@@ -185,5 +189,54 @@ final class Pair {
         #expect(throws: HTTPTransportError.self) {
             try server.receive(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
         }
+    }
+}
+
+@Suite("HTTP/2 header-list limit")
+struct HeaderListLimitTests {
+    /// 100 copies of one 2,000-byte header: HPACK indexes it once and then names it with one byte
+    /// each, so the block on the wire is a few KB while it decodes to ~200 KB.
+    static func bomb(_ i: Int) -> HTTPRequestHead {
+        var head = HTTPRequestHead(method: "GET", path: "/cas/\(i)", authority: "n")
+        let big = String(repeating: "x", count: 2000)
+        for _ in 0..<100 { head.headers.add("x-bomb", big) }
+        return head
+    }
+
+    @Test("a header block over the limit is counted while it decodes, its fields dropped, and reported; the third closes the connection")
+    func bombIsRefused() throws {
+        let p = Pair()
+        var ids: [Int32] = []
+        for i in 0..<2 {
+            ids.append(try p.client.submitRequest(head: Self.bomb(i), body: .empty))
+            try p.pump()
+        }
+        #expect(p.serverEvents.headers.isEmpty)
+        #expect(p.serverEvents.tooLarge.map(\.stream) == ids)
+        #expect(p.serverEvents.tooLarge.allSatisfy { $0.bytes > 200_000 && !$0.closing })
+        #expect(p.clientEvents.goaways.isEmpty)
+        // An ordinary request on the same connection still gets through.
+        let ok = try p.client.submitRequest(head: HTTPRequestHead(method: "GET", path: "/cas/ok", authority: "n"), body: .empty)
+        try p.pump()
+        #expect(p.serverEvents.headers[ok] != nil)
+        // The third oversized block: GOAWAY ENHANCE_YOUR_CALM.
+        _ = try p.client.submitRequest(head: Self.bomb(3), body: .empty)
+        try p.pump()
+        #expect(p.serverEvents.tooLarge.last?.closing == true)
+        #expect(p.clientEvents.goaways.contains { $0.1 == 0xb })
+    }
+
+    @Test("the size is counted as RFC 9113 does (name + value + 32) and memory stops at the limit")
+    func blockAccounting() {
+        var block = InboundHeaderBlock(limit: 100)
+        let name = Array("ab".utf8), value = Array("0123456789".utf8)
+        for _ in 0..<2 {
+            name.withUnsafeBytes { n in value.withUnsafeBytes { v in block.add(name: n, value: v) } }
+        }
+        #expect(block.bytes == 88 && block.fields.count == 2 && !block.isTooLarge)
+        name.withUnsafeBytes { n in value.withUnsafeBytes { v in block.add(name: n, value: v) } }
+        #expect(block.bytes == 132 && block.isTooLarge && block.fields.isEmpty)
+        var policy = HeaderLimitPolicy(maxRefusals: 2)
+        #expect([policy.tooLarge(), policy.tooLarge(), policy.tooLarge()] == [.refuseRequest, .refuseRequest, .closeConnection])
     }
 }

