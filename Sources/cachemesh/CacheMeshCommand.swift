@@ -7,6 +7,9 @@ import Logging
 import Metrics
 import Prometheus
 import ServiceLifecycle
+#if canImport(Glibc)
+import Glibc
+#endif
 
 @main
 struct CacheMeshCommand: AsyncParsableCommand {
@@ -220,25 +223,102 @@ struct PutCommand: AsyncParsableCommand {
 }
 
 struct GetCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "get", abstract: "Download a blob by digest (sha256 or sha256/size), verifying it.")
-    @Argument(help: "Digest: 64-hex SHA-256, optionally /size.") var digest: String
-    @Option(name: .shortAndLong, help: "Output file (default: stdout). Written only once verified.") var output: String?
+    static let configuration = CommandConfiguration(
+        commandName: "get", abstract: "Download a blob by digest (sha256 or sha256/size), verifying it.",
+        discussion: """
+        With -o PATH the blob goes to a temporary file beside PATH (PATH.cachemesh-partial-XXXXXXXX) \
+        and is renamed over PATH only once the whole body arrived and matched the digest (and SIZE). \
+        PATH may be a new file or an existing regular file; a directory, device, fifo, socket or a \
+        symbolic link to anything but a regular file is refused (a link to a regular file: that file \
+        is replaced, the link kept). A failure, SIGINT or SIGTERM removes the temporary file and \
+        leaves PATH as it was. Exit status: 0 ok, 1 failure (nothing written), 130/143 on SIGINT/SIGTERM.
+        """)
+    @Argument(help: "Digest: 64-hex SHA-256, optionally /size (a blob of another size is an error).") var digest: String
+    @Option(name: .shortAndLong, help: "Output file; - or none: stdout. Replaced only once verified; never a directory or device.") var output: String?
     @OptionGroup var client: ClientFlags
 
+    /// `HASH` or `HASH/SIZE`.
+    static func parse(_ digest: String) throws -> (hash: String, size: Int64?) {
+        let parts = digest.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count <= 2, Digest.isValidHash(parts[0]) else {
+            throw ValidationError("digest must be 64 lowercase hex characters (optionally /size), got \(digest)")
+        }
+        guard parts.count == 2 else { return (String(parts[0]), nil) }
+        guard !parts[1].isEmpty, parts[1].allSatisfy({ $0.isASCII && $0.isNumber }), let n = Int64(parts[1]) else {
+            throw ValidationError("the size after / must be a number of bytes, got \(parts[1]) in \(digest)")
+        }
+        return (String(parts[0]), n)
+    }
+
     func run() async throws {
-        let hash = String(digest.split(separator: "/").first ?? "")
-        guard Digest.isValidHash(hash) else { throw ValidationError("digest must be 64 lowercase hex characters (optionally /size), got \(digest)") }
+        let (hash, size) = try Self.parse(digest)
+        // Checked before connecting: a refused path costs no download and touches nothing.
+        let file: BlobOutputFile?
+        do {
+            file = try output.flatMap { $0 == "-" ? nil : try BlobOutputFile(path: $0) }
+        } catch {
+            throw CLIError("get \(hash): \(error)")
+        }
+        let cleanup = file.map { DownloadSignalCleanup($0) }
+        defer { cleanup?.cancel() }
         let c = try await client.connect()
         defer { Task { await c.close() } }
-        let progress = ProgressLine(label: "download", total: nil)
+        let progress = ProgressLine(label: "download", total: size)
         do {
-            let n = try await c.get(hash: hash, to: output) { done, total in progress.update(done, total) }
+            let n = try await c.get(hash: hash, size: size, into: file) { done, total in progress.update(done, total) }
             progress.finish()
-            if let output { FileHandle.standardError.write("wrote \(n) bytes to \(output)\n".data(using: .utf8)!) }
+            if let file { FileHandle.standardError.write("wrote \(n) bytes to \(file.path)\n".data(using: .utf8)!) }
         } catch {
             progress.finish()
+            cleanup?.waitIfInterrupted()
             throw CLIError("get \(hash) failed: \(error)")
         }
+    }
+}
+
+/// While `get -o` runs, SIGINT and SIGTERM remove the temporary file (the destination stays as it
+/// was) and then end the process by that signal (exit status 130 / 143 in a shell).
+final class DownloadSignalCleanup: @unchecked Sendable {
+    private var sources: [any DispatchSourceSignal] = []
+    private let lock = NSLock()
+    private var interrupted = false
+
+    init(_ file: BlobOutputFile) {
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            src.setEventHandler { [self] in
+                lock.withLock { interrupted = true }
+                let stopped = file.abort()
+                let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
+                let note = stopped
+                    ? "\ncachemesh: \(name): download stopped, partial file removed, \(file.path) left as it was\n"
+                    : "\ncachemesh: \(name)\n"
+                _ = note.utf8CString.withUnsafeBufferPointer { Glibc.write(STDERR_FILENO, $0.baseAddress, $0.count - 1) }
+                // Die by the signal itself, as an interrupted program should (the shell sees 128+N).
+                signal(sig, SIG_DFL)
+                kill(getpid(), sig)
+                usleep(500_000)
+                _exit(128 + sig)
+            }
+            src.resume()
+            sources.append(src)
+        }
+    }
+
+    /// The download failed: if that is because a signal aborted it, let the signal handler end the
+    /// process (by the signal) instead of exiting 1 with a "cancelled" error first.
+    func waitIfInterrupted() {
+        guard lock.withLock({ interrupted }) else { return }
+        while true { sleep(1) }
+    }
+
+    /// Back to the default actions (the download is over).
+    func cancel() {
+        for s in sources { s.cancel() }
+        sources = []
+        signal(SIGINT, SIG_DFL)
+        signal(SIGTERM, SIG_DFL)
     }
 }
 
