@@ -839,7 +839,8 @@ final class QUICCore {
                         logger.info("QUIC client certificate rejected")
                         return NGTCP2_ERR_CALLBACK_FAILURE
                     }
-                    peer = TLSSession.peerIdentity(of: tls) ?? .anonymousReader
+                    guard let p = TLSSession.peerIdentity(of: tls) else { return NGTCP2_ERR_CALLBACK_FAILURE }  // refused role: logged
+                    peer = p
                 } else {
                     peer = .anonymousReader
                 }

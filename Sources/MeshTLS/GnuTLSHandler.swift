@@ -92,12 +92,21 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
             let peer: PeerIdentity
             switch mode {
             case .server(let auth):
-                if auth == .optionalReadOnly {
-                    peer = try session.verifyOptionalPeer() ? (session.peerIdentity() ?? .anonymousReader) : .anonymousReader
-                } else if let p = session.peerIdentity() {
-                    peer = p
-                } else {
-                    throw TLSError(code: 0, context: "client presented no certificate")
+                do {
+                    // Optional mode: no certificate is an anonymous reader, but a certificate
+                    // that is sent must verify *and* pass the role rules like any other.
+                    if auth == .optionalReadOnly, try !session.verifyOptionalPeer() {
+                        peer = .anonymousReader
+                    } else if let p = try session.authenticatedPeer() {
+                        peer = p
+                    } else {
+                        throw TLSError(code: 0, context: "client presented no certificate")
+                    }
+                } catch let refused as PeerCertificateRefused {
+                    logger.warning("TLS: \(refused); connection closed (alert: \(refused.alertName))",
+                                   metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
+                    session.sendFatalAlert(refused.alert)
+                    throw refused
                 }
             case .client:
                 peer = session.peerIdentity() ?? PeerIdentity(commonName: nil, role: nil, authenticated: false)
@@ -179,6 +188,9 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
         let writes = pendingWrites
         pendingWrites = []
         for (_, p) in writes { p?.fail(ChannelError.ioOnClosedChannel) }
+        // Nothing more can go to or come from the peer: free the GnuTLS session now rather than
+        // whenever the pipeline is released (`close()` is idempotent; later calls are no-ops).
+        session?.close()
         context.fireChannelInactive()
     }
 

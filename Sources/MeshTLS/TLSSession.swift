@@ -1,12 +1,14 @@
 import CGnuTLS
+import Logging
 import NIOCore
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// One GnuTLS session driven through memory buffers (no socket): ciphertext comes in through
-/// `inbound`, goes out through `outbound`. Owns its `gnutls_session_t`; not thread-safe, it
-/// lives on one event loop (its handler's).
+/// `inbound`, goes out through `outbound`. Sole owner of its `gnutls_session_t`: `close()` frees
+/// it (idempotent; `deinit` calls it), nothing else does. Not thread-safe: it lives on one event
+/// loop (its handler's).
 public final class TLSSession {
     public enum Mode {
         case server(ClientAuthentication)
@@ -20,7 +22,8 @@ public final class TLSSession {
         case closed
     }
 
-    let session: gnutls_session_t
+    /// nil once closed.
+    private var session: gnutls_session_t?
     let credentials: TLSCredentials
     let mode: Mode
     /// Ciphertext received and not yet consumed by GnuTLS.
@@ -39,6 +42,8 @@ public final class TLSSession {
         }
         try TLSError.check(gnutls_init(&s, flags), "gnutls_init")
         guard let s else { throw TLSError(code: 0, context: "gnutls_init") }
+        // From here every stored property is set, so `deinit` runs (and frees `s`) if this init
+        // throws: the catch below must not free it itself (it did, and `deinit` freed it again).
         self.session = s
         self.credentials = credentials
         self.mode = mode
@@ -59,7 +64,7 @@ public final class TLSSession {
             }
             try Self.setALPN(s, alpn)
         } catch {
-            gnutls_deinit(s)
+            close()
             throw error
         }
         gnutls_transport_set_ptr(s, Unmanaged.passUnretained(self).toOpaque())
@@ -74,7 +79,7 @@ public final class TLSSession {
             let me = Unmanaged<TLSSession>.fromOpaque(ptr!).takeUnretainedValue()
             let n = min(len, me.inbound.readableBytes)
             if n == 0 {
-                gnutls_transport_set_errno(me.session, cm_errno_eagain())
+                if let s = me.session { gnutls_transport_set_errno(s, cm_errno_eagain()) }
                 return -1
             }
             me.inbound.withUnsafeReadableBytes { src in
@@ -86,7 +91,22 @@ public final class TLSSession {
     }
 
     deinit {
-        gnutls_deinit(session)
+        close()
+    }
+
+    /// Free the GnuTLS session now (idempotent). Every later call fails or does nothing; the
+    /// owner may call this as soon as the connection is gone instead of waiting for `deinit`.
+    public func close() {
+        guard let s = session else { return }
+        session = nil
+        gnutls_deinit(s)
+    }
+
+    public var isClosed: Bool { session == nil }
+
+    private func live(_ what: @autoclosure () -> String) throws -> gnutls_session_t {
+        guard let session else { throw TLSError(code: 0, context: "\(what()): session closed") }
+        return session
     }
 
     /// GnuTLS keeps a pointer to typed verification data (not a copy): it lives as long as the session.
@@ -105,6 +125,7 @@ public final class TLSSession {
     /// if any, is left in `outbound`).
     public func handshake() throws -> Bool {
         if handshakeComplete { return true }
+        let session = try live("handshake")
         while true {
             let rc = gnutls_handshake(session)
             if rc == GNUTLS_E_SUCCESS {
@@ -118,11 +139,12 @@ public final class TLSSession {
             if rc == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR || rc == GNUTLS_E_CERTIFICATE_ERROR {
                 context += " (\(verifyStatusDescription()))"
             }
-            throw TLSError(code: rc, context: context)
+            throw TLSError(code: rc, context: context + receivedAlert(rc))
         }
     }
 
     private func verifyStatusDescription() -> String {
+        guard let session else { return "session closed" }
         let status = gnutls_session_get_verify_cert_status(session)
         var out = gnutls_datum_t()
         guard gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) >= 0, let d = out.data else {
@@ -132,8 +154,16 @@ public final class TLSSession {
         return String(decoding: UnsafeRawBufferPointer(start: d, count: Int(out.size)), as: UTF8.self)
     }
 
+    /// For an error that is a fatal alert from the peer: which alert (e.g. the node's
+    /// "Access was denied" when it refused our certificate's role).
+    private func receivedAlert(_ code: Int32) -> String {
+        guard code == GNUTLS_E_FATAL_ALERT_RECEIVED, let session, let name = gnutls_alert_get_name(gnutls_alert_get(session)) else { return "" }
+        return " (peer sent alert: \(String(cString: name)))"
+    }
+
     /// Decrypt as much as possible from `inbound` into `plaintext`.
     public func receive(into plaintext: inout ByteBuffer) throws -> ReadResult {
+        let session = try live("receiving")
         var got = false
         while true {
             var rc = 0
@@ -148,12 +178,13 @@ public final class TLSSession {
             if code == GNUTLS_E_INTERRUPTED || code == GNUTLS_E_REHANDSHAKE { continue }
             if code == GNUTLS_E_PREMATURE_TERMINATION { return got ? .data : .closed }
             if gnutls_error_is_fatal(code) == 0 { continue }
-            throw TLSError(code: code, context: "receiving")
+            throw TLSError(code: code, context: "receiving" + receivedAlert(code))
         }
     }
 
     /// Encrypt `plaintext` into `outbound`.
     public func send(_ plaintext: ByteBuffer) throws {
+        let session = try live("sending")
         // Room for every record's header and tag up front: no regrowth while encrypting.
         let records = plaintext.readableBytes / 16384 + 1
         outbound.reserveCapacity(minimumWritableBytes: plaintext.readableBytes + records * 64)
@@ -171,9 +202,17 @@ public final class TLSSession {
 
     /// Queue close_notify into `outbound` (idempotent).
     public func bye() {
-        guard handshakeComplete, !closed else { return }
+        guard handshakeComplete, !closed, let session else { return }
         closed = true
         _ = gnutls_bye(session, GNUTLS_SHUT_WR)
+    }
+
+    /// Queue a fatal alert into `outbound` (e.g. after refusing the peer's certificate); the
+    /// caller flushes it and closes the connection.
+    public func sendFatalAlert(_ description: gnutls_alert_description_t) {
+        guard !closed, let session else { return }
+        closed = true
+        _ = gnutls_alert_send(session, GNUTLS_AL_FATAL, description)
     }
 
     /// Take what GnuTLS produced for the wire, if anything.
@@ -189,7 +228,7 @@ public final class TLSSession {
     /// The negotiated ALPN protocol, if any.
     public var negotiatedALPN: String? {
         var d = gnutls_datum_t()
-        guard gnutls_alpn_get_selected_protocol(session, &d) == 0, let p = d.data else { return nil }
+        guard let session, gnutls_alpn_get_selected_protocol(session, &d) == 0, let p = d.data else { return nil }
         return String(decoding: UnsafeRawBufferPointer(start: p, count: Int(d.size)), as: UTF8.self)
     }
 
@@ -197,6 +236,7 @@ public final class TLSSession {
     /// mesh CA (else the connection is refused); no certificate at all is allowed.
     /// Returns true if a verified certificate is present.
     public func verifyOptionalPeer() throws -> Bool {
+        let session = try live("verifying client certificate")
         var count: UInt32 = 0
         guard gnutls_certificate_get_peers(session, &count) != nil, count > 0 else { return false }
         var status: UInt32 = 0
@@ -207,37 +247,50 @@ public final class TLSSession {
         return true
     }
 
-    /// The peer's identity from its (already verified) certificate.
+    /// The peer's identity from its (already verified) certificate; nil when it sent none, or
+    /// when `RolePolicy` refuses it (`authenticatedPeer()` says why).
     public func peerIdentity() -> PeerIdentity? {
-        Self.peerIdentity(of: session)
+        try? authenticatedPeer()
     }
 
-    /// Role and name from the first certificate `session`'s peer presented (any transport).
-    package static func peerIdentity(of session: gnutls_session_t) -> PeerIdentity? {
+    /// The peer's identity from its (already verified) certificate: nil when the peer sent no
+    /// certificate; throws `PeerCertificateRefused` (subject + reason) when the certificate
+    /// carries no valid role under `RolePolicy` — the caller must then refuse the connection.
+    public func authenticatedPeer() throws -> PeerIdentity? {
+        guard let session else { return nil }
+        return try Self.authenticatedPeer(of: session)
+    }
+
+    /// `authenticatedPeer()` for any transport's session (QUIC drives its own).
+    package static func authenticatedPeer(of session: gnutls_session_t) throws -> PeerIdentity? {
         var count: UInt32 = 0
         guard let certs = gnutls_certificate_get_peers(session, &count), count > 0 else { return nil }
-        var crt: gnutls_x509_crt_t?
-        guard gnutls_x509_crt_init(&crt) >= 0, let crt else { return nil }
-        defer { gnutls_x509_crt_deinit(crt) }
-        guard gnutls_x509_crt_import(crt, certs, GNUTLS_X509_FMT_DER) >= 0 else { return nil }
-        let cn = Self.dnField(crt, GNUTLS_OID_X520_COMMON_NAME)
-        var role: PeerRole?
-        var i: UInt32 = 0
-        // Any OU naming a role counts; the highest wins if a certificate names several.
-        while let ou = Self.dnField(crt, GNUTLS_OID_X520_ORGANIZATIONAL_UNIT_NAME, index: i) {
-            if let r = PeerRole(rawValue: ou.lowercased()), r > (role ?? .reader) || role == nil { role = r }
-            i += 1
+        let cert: X509Certificate
+        do {
+            cert = try X509Certificate.importDER(certs)
+        } catch {
+            throw PeerCertificateRefused(subject: "(unparsable certificate)", reason: .unreadable("\(error)"))
         }
-        return PeerIdentity(commonName: cn, role: role, authenticated: true)
+        switch cert.role() {
+        case .success(let role):
+            return PeerIdentity(commonName: cert.commonName, role: role, authenticated: true)
+        case .failure(let reason):
+            throw PeerCertificateRefused(subject: cert.subject, reason: reason)
+        }
     }
 
-    private static func dnField(_ crt: gnutls_x509_crt_t, _ oid: String, index: UInt32 = 0) -> String? {
-        var size = 0
-        var rc = gnutls_x509_crt_get_dn_by_oid(crt, oid, index, 0, nil, &size)
-        guard rc == GNUTLS_E_SHORT_MEMORY_BUFFER, size > 0 else { return nil }
-        var buf = [UInt8](repeating: 0, count: size + 1)
-        rc = gnutls_x509_crt_get_dn_by_oid(crt, oid, index, 0, &buf, &size)
-        guard rc >= 0 else { return nil }
-        return String(decoding: buf.prefix(size), as: UTF8.self)
+    /// Where refusals are logged when the caller has no logger of its own (QUIC).
+    package static let logger = Logger(label: "cachemesh.tls")
+
+    /// Role and name from the first certificate `session`'s peer presented (any transport); nil
+    /// when there is none or `RolePolicy` refuses it — a refusal is logged (subject and reason),
+    /// and a server must then refuse the connection.
+    package static func peerIdentity(of session: gnutls_session_t, logger: Logger = TLSSession.logger) -> PeerIdentity? {
+        do {
+            return try authenticatedPeer(of: session)
+        } catch {
+            logger.warning("TLS: \(error); connection closed")
+            return nil
+        }
     }
 }
