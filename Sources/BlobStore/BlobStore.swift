@@ -74,6 +74,7 @@ public final class BlobStore: Sendable {
         case sizeMismatch = "size_mismatch"
         case tooLarge = "too_large"
         case insufficientStorage = "insufficient_storage"
+        case unverifiedLimit = "unverified_limit"
         case aborted = "aborted"
     }
 
@@ -133,6 +134,7 @@ public final class BlobStore: Sendable {
     private let bytesOutTotal = Atomic<Int64>(0)
 
     var maxBytes: Int64 { configuration.maxBytes }
+    var maxUnverifiedBytes: Int64 { min(configuration.maxUnverifiedBytes ?? configuration.maxBytes, configuration.maxBytes) }
 
     /// Granularity of incremental reservations for uploads of unknown size: at most
     /// 1 MiB, and small enough that all concurrent writers together over-reserve
@@ -409,6 +411,7 @@ public final class BlobStore: Sendable {
         } catch {
             writeSlots.release()
             if case .insufficientStorage = error { recordRejection(.insufficientStorage) }
+            if case .unverifiedLimit = error { recordRejection(.unverifiedLimit) }
             throw error
         }
         switch plan {
@@ -437,14 +440,19 @@ public final class BlobStore: Sendable {
                 pinLocked(&s, slot)
                 return .success(.dedup(pinned: true))
             }
-            guard let expectedSize, expectedSize > 0 else { return .success(.store(reserved: 0)) }
-            do throws(BlobStoreError) {
-                try reserveLocked(&s, expectedSize, &evicted)
-            } catch {
-                return .failure(error)
+            // Space is reserved as bytes arrive (`reserveAdditional`), never for the declared size up
+            // front: a client that declares gigabytes and sends nothing must not evict anything.
+            // What can already be told is refused now.
+            if let expectedSize, expectedSize > 0 {
+                let free = maxBytes - s.usedBytes - s.reservedBytes
+                if expectedSize > maxBytes - s.pinnedBytes {
+                    return .failure(.insufficientStorage(needed: expectedSize, available: max(0, maxBytes - s.pinnedBytes)))
+                }
+                if expectedSize > free, s.reservedBytes + expectedSize > maxUnverifiedBytes {
+                    return .failure(.unverifiedLimit(inFlight: s.reservedBytes, limit: maxUnverifiedBytes))
+                }
             }
-            publishLocked(&s)
-            return .success(.store(reserved: expectedSize))
+            return .success(.store(reserved: 0))
         }
         logEvictions(evicted)
         return try result.get()
@@ -689,7 +697,7 @@ public final class BlobStore: Sendable {
         }
         logEvictions(evicted)
         if case .failure(let error) = reserved {
-            recordRejection(.insufficientStorage)
+            recordRejection(error.rejectReason)
             throw error
         }
 
@@ -743,6 +751,10 @@ public final class BlobStore: Sendable {
     /// Reserves `needed` bytes, evicting least recently used unpinned entries first if necessary.
     private func reserveLocked(_ s: inout State, _ needed: Int64, _ evicted: inout [Evicted]) throws(BlobStoreError) {
         if s.usedBytes + s.reservedBytes + needed > maxBytes {
+            // Eviction on behalf of unverified bytes is bounded node-wide.
+            guard s.reservedBytes + needed <= maxUnverifiedBytes else {
+                throw .unverifiedLimit(inFlight: s.reservedBytes, limit: maxUnverifiedBytes)
+            }
             // Everything that is neither reserved nor pinned can be freed.
             let obtainable = maxBytes - s.reservedBytes - s.pinnedBytes
             guard needed <= obtainable else {

@@ -14,6 +14,10 @@ public enum BlobStoreError: Error, Sendable, CustomStringConvertible, Equatable 
     case tooLarge(size: Int64, limit: Int64)
     /// Not enough space can be freed (the rest is pinned or reserved); maps to HTTP 507.
     case insufficientStorage(needed: Int64, available: Int64)
+    /// Unverified uploads already hold all the space they may take by eviction
+    /// (``BlobStoreConfiguration/maxUnverifiedBytes``) and the store has no free space left; a
+    /// transient condition: maps to HTTP 503 / gRPC UNAVAILABLE.
+    case unverifiedLimit(inFlight: Int64, limit: Int64)
     /// No blob / action with this hash.
     case notFound(String)
     /// A read was requested past the end of the blob.
@@ -35,6 +39,8 @@ public enum BlobStoreError: Error, Sendable, CustomStringConvertible, Equatable 
             return "blob too large: \(size) bytes exceeds the store capacity of \(limit) bytes"
         case .insufficientStorage(let needed, let available):
             return "insufficient storage: need \(needed) bytes but only \(available) can be freed (the rest is in use by readers or pending uploads)"
+        case .unverifiedLimit(let inFlight, let limit):
+            return "the store is full and uploads in progress already hold \(inFlight) unverified bytes (limit \(limit), max_unverified_bytes); retry later"
         case .notFound(let hash):
             return "not found: \(BlobStoreError.truncate(hash))"
         case .offsetOutOfRange(let offset, let size):

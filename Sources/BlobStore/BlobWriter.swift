@@ -91,7 +91,8 @@ public final class BlobWriter: Sendable {
             if case .file(let fd, let path) = s.sink {
                 if newTotal > s.reserved {
                     let deficit = newTotal - s.reserved
-                    let preferred = max(deficit, store.reservationChunk)
+                    // A chunk at a time (fewer lock round trips), never beyond the declared size.
+                    let preferred = max(deficit, min(store.reservationChunk, (expectedSize ?? .max) - s.reserved))
                     do throws(BlobStoreError) {
                         s.reserved += try store.reserveAdditional(minimum: deficit, preferred: preferred)
                     } catch {
@@ -211,6 +212,7 @@ extension BlobStoreError {
         case .sizeMismatch: return .sizeMismatch
         case .tooLarge: return .tooLarge
         case .insufficientStorage: return .insufficientStorage
+        case .unverifiedLimit: return .unverifiedLimit
         default: return .aborted
         }
     }

@@ -17,6 +17,14 @@ public struct BlobStoreConfiguration: Sendable {
     /// Address space of the mappings kept for reuse (least recently used unmapped first);
     /// 0 maps and unmaps per response.
     public var mappedCacheBytes: Int64 = 2 << 30
+    /// Bound on the space uploads still being verified may free by evicting verified entries
+    /// (nil: `maxBytes`, no bound beyond the store's). Space is reserved as bytes arrive, never for
+    /// a declared size up front; while the reservations of all unverified uploads together exceed
+    /// this, an upload that needs more space gets it only from free space, never by eviction
+    /// (``BlobStoreError/unverifiedLimit(inFlight:limit:)`` otherwise). A node sets a quarter of
+    /// `maxBytes`: an upload that stalls, lies about its hash or about its size can then cost the
+    /// cache at most that much, and only for bytes it actually sent.
+    public var maxUnverifiedBytes: Int64?
 
     public init(directory: String, maxBytes: Int64) {
         self.directory = directory

@@ -202,11 +202,16 @@ public final class CacheService: HTTPService {
             case .invalidHash, .digestMismatch, .sizeMismatch, .offsetOutOfRange: 400
             case .tooLarge: 413
             case .insufficientStorage: 507
+            case .unverifiedLimit: 503
             case .notFound: 404
             case .io, .closed: 500
             }
         case let e as HTTPTransportError:
-            if case .tooLarge = e { 413 } else { 400 }
+            switch e {
+            case .tooLarge: 413
+            case .bodyIdleTimeout: 408
+            default: 400
+            }
         default: 500
         }
     }
@@ -284,8 +289,9 @@ public final class CacheService: HTTPService {
             return .text(201, "stored \(digest)")
         } catch let e as HTTPTransportError {
             writer.abort()
-            // The client went away mid-upload: nothing is stored; the response goes nowhere.
-            return .text(400, "upload incomplete: \(e)")
+            // The client stalled (408) or went away mid-upload (the response goes nowhere):
+            // nothing is stored, and the slot and reserved space are released.
+            return .text(Self.status(for: e), "upload incomplete: \(e)")
         } catch {
             writer.abort()
             return errorResponse(error)

@@ -110,6 +110,15 @@ public struct NodeConfiguration: Sendable {
     /// Largest decoded request header list (HTTP/2 and HTTP/3, name + value + 32 per field);
     /// larger requests get 431, and a connection that keeps sending them is closed.
     public var maxHeaderListBytes = 64 * 1024
+    /// Space that uploads not yet verified may free by evicting verified blobs (node-wide);
+    /// nil: a quarter of `maxBytes`. See `BlobStoreConfiguration.maxUnverifiedBytes`.
+    public var maxUnverifiedBytes: Int64?
+    /// An upload from which no byte arrives for this long is abandoned (408): its write slot
+    /// and reserved space are released.
+    public var requestBodyTimeoutSeconds = 30
+
+    /// The bound in effect.
+    public var effectiveMaxUnverifiedBytes: Int64 { min(maxUnverifiedBytes ?? maxBytes / 4, maxBytes) }
 
     public init() {}
 
@@ -136,7 +145,7 @@ public struct NodeConfiguration: Sendable {
         var c = NodeConfiguration()
         let known: Set<String> = ["name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
                                   "insecure", "quic_listen", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds",
-                                  "quic_max_datagram", "quic_address_validation", "max_header_list_bytes"]
+                                  "quic_max_datagram", "quic_address_validation", "max_header_list_bytes", "max_unverified_bytes", "request_body_timeout_seconds"]
         for key in table.keys where !known.contains(key) {
             throw ConfigurationError("config \(path): unknown key '\(key)' (known: \(known.sorted().joined(separator: ", ")))")
         }
@@ -165,11 +174,14 @@ public struct NodeConfiguration: Sendable {
             c.quicListen = hp
         }
         if let v = try string("data_dir") { c.dataDirectory = v }
-        if let v = table["max_bytes"] {
-            if let i = v.int { c.maxBytes = Int64(i) } else if let s = v.string, let n = ByteSize.parse(s) { c.maxBytes = n } else {
-                throw ConfigurationError("config \(path): max_bytes must be a number of bytes or a size like \"10G\"")
-            }
+        func size(_ k: String) throws -> Int64? {
+            guard let v = table[k] else { return nil }
+            if let i = v.int { return Int64(i) }
+            if let s = v.string, let n = ByteSize.parse(s) { return n }
+            throw ConfigurationError("config \(path): \(k) must be a number of bytes or a size like \"10G\"")
         }
+        if let v = try size("max_bytes") { c.maxBytes = v }
+        if let v = try size("max_unverified_bytes") { c.maxUnverifiedBytes = v }
         c.certificate = try string("cert")
         c.privateKey = try string("key")
         c.ca = try string("ca")
@@ -181,6 +193,7 @@ public struct NodeConfiguration: Sendable {
         if let v = try int("drain_seconds") { c.drainSeconds = v }
         if let v = try int("quic_max_datagram") { c.quicMaxDatagram = v }
         if let v = try int("max_header_list_bytes") { c.maxHeaderListBytes = v }
+        if let v = try int("request_body_timeout_seconds") { c.requestBodyTimeoutSeconds = v }
         if let v = try string("quic_address_validation") { c.quicAddressValidation = try QUICAddressValidationMode.parse(v, key: "config \(path): quic_address_validation") }
         // Relative paths in a config file are relative to the file.
         let base = URL(fileURLWithPath: path).absoluteURL.deletingLastPathComponent()
@@ -198,6 +211,8 @@ public struct NodeConfiguration: Sendable {
     /// Check for contradictions a user should hear about before anything starts.
     public func validate() throws {
         if maxBytes <= 0 { throw ConfigurationError("max_bytes must be positive") }
+        if requestBodyTimeoutSeconds <= 0 { throw ConfigurationError("request_body_timeout_seconds must be positive, got \(requestBodyTimeoutSeconds)") }
+        if let v = maxUnverifiedBytes, v <= 0 { throw ConfigurationError("max_unverified_bytes must be positive, got \(v)") }
         if !(1024...(16 << 20)).contains(maxHeaderListBytes) {
             throw ConfigurationError("max_header_list_bytes must be in 1024...16777216, got \(maxHeaderListBytes)")
         }
@@ -228,6 +243,7 @@ public struct NodeConfiguration: Sendable {
         var q = QUICSettings()
         q.maxDatagramSize = quicMaxDatagram
         q.maxHeaderListSize = maxHeaderListBytes
+        q.requestBodyIdleTimeout = .seconds(requestBodyTimeoutSeconds)
         return q
     }
 

@@ -29,6 +29,7 @@ public final class CacheNode: Service {
         var storeConfig = BlobStoreConfiguration(directory: configuration.dataDirectory, maxBytes: configuration.maxBytes)
         storeConfig.maxConcurrentWrites = configuration.maxConcurrentWrites
         storeConfig.maxOpenReads = configuration.maxOpenReads
+        storeConfig.maxUnverifiedBytes = configuration.effectiveMaxUnverifiedBytes
         self.store = try BlobStore(configuration: storeConfig, logger: logger)
         let credentials = try configuration.tlsFiles.map { try TLSCredentials(files: $0) }
         if let topology {
@@ -48,6 +49,7 @@ public final class CacheNode: Service {
             handshakeTimeout: .seconds(Int64(configuration.handshakeTimeoutSeconds)),
             drainGracePeriod: .seconds(Int64(configuration.drainSeconds)))
         h2.maxHeaderListBytes = configuration.maxHeaderListBytes
+        h2.requestBodyIdleTimeout = .seconds(configuration.requestBodyTimeoutSeconds)
         self.server = HTTP2Server(configuration: h2, service: service, logger: logger)
         if let q = configuration.quicListen {
             guard let credentials else { throw ConfigurationError("QUIC needs TLS: --quic-listen cannot be used with --insecure") }

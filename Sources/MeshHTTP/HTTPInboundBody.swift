@@ -15,6 +15,8 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
         var trailers: HTTPHeaders?
         var error: (any Error)?
         var waiter: CheckedContinuation<ByteBuffer?, any Error>?
+        /// When the sender last delivered a byte (or the body began).
+        var lastArrival = ContinuousClock.now
     }
 
     private let state = Mutex(State())
@@ -23,8 +25,29 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
     /// Called (from the consumer's task) with the byte count of each chunk handed to the consumer.
     private let onConsumed: @Sendable (Int) -> Void
 
-    public init(onConsumed: @escaping @Sendable (Int) -> Void = { _ in }) {
+    /// With `idleTimeout`, the body fails with `bodyIdleTimeout` when nothing arrives for that
+    /// long while nothing is buffered (the sender stalled, not our consumer): a stalled upload
+    /// must not hold its write slot and reserved space for as long as the connection lives.
+    /// Checked by `BodyWatchdog.shared` about once a second.
+    public init(onConsumed: @escaping @Sendable (Int) -> Void = { _ in }, idleTimeout: Duration? = nil) {
         self.onConsumed = onConsumed
+        self.idleTimeout = idleTimeout
+        if idleTimeout != nil { BodyWatchdog.shared.watch(self) }
+    }
+
+    private let idleTimeout: Duration?
+
+    /// Fails the body if the sender has been silent for longer than its idle timeout. Returns
+    /// whether the body is still worth watching (not ended, not failed).
+    func checkIdle(now: ContinuousClock.Instant) -> Bool {
+        guard let idleTimeout else { return false }
+        let expired = state.withLock { s -> Bool? in
+            guard !s.finished, s.error == nil else { return nil }
+            return s.buffered == 0 && now - s.lastArrival > idleTimeout
+        }
+        guard let expired else { return false }
+        if expired { fail(HTTPTransportError.bodyIdleTimeout(idleTimeout)) }
+        return !expired
     }
 
     /// An already complete body (tests, in-memory use).
@@ -42,6 +65,7 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
     public func append(_ chunk: ByteBuffer) -> Bool {
         let waiter: CheckedContinuation<ByteBuffer?, any Error>? = state.withLock { s in
             guard !s.finished, s.error == nil else { return nil }
+            if idleTimeout != nil { s.lastArrival = .now }
             if let w = s.waiter {
                 s.waiter = nil
                 return w
@@ -164,4 +188,44 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
     }
 
     public func makeAsyncIterator() -> AsyncIterator { AsyncIterator(body: self) }
+}
+
+/// Checks every request body that has an idle timeout about once a second (one task for the
+/// whole process, running only while there are bodies to watch).
+public final class BodyWatchdog: Sendable {
+    public static let shared = BodyWatchdog()
+
+    private struct Entry: @unchecked Sendable { weak var body: HTTPInboundBody? }
+    private let state = Mutex<(bodies: [ObjectIdentifier: Entry], running: Bool)>(([:], false))
+    private let interval: Duration = .seconds(1)
+
+    func watch(_ body: HTTPInboundBody) {
+        let start = state.withLock { s -> Bool in
+            s.bodies[ObjectIdentifier(body)] = Entry(body: body)
+            if s.running { return false }
+            s.running = true
+            return true
+        }
+        if start { Task.detached { await self.run() } }
+    }
+
+    /// Bodies being watched (tests, metrics).
+    public var count: Int { state.withLock { $0.bodies.count } }
+
+    private func run() async {
+        while true {
+            try? await Task.sleep(for: interval)
+            let entries = state.withLock { $0.bodies.map { ($0.key, $0.value.body) } }
+            let now = ContinuousClock.now
+            var done: [(ObjectIdentifier, HTTPInboundBody?)] = []
+            for (id, body) in entries where !(body?.checkIdle(now: now) ?? false) { done.append((id, body)) }
+            let stop = state.withLock { s -> Bool in
+                // Only the entry that was checked (an identifier may have been reused since).
+                for (id, body) in done where s.bodies[id]?.body === body { s.bodies[id] = nil }
+                if s.bodies.isEmpty { s.running = false }
+                return !s.running
+            }
+            if stop { return }
+        }
+    }
 }

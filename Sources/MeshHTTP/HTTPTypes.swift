@@ -173,6 +173,8 @@ public enum HTTPTransportError: Error, Sendable, CustomStringConvertible, Equata
     case connectionClosed
     case protocolError(String)
     case tooLarge(limit: Int)
+    /// No byte of the request body arrived for this long (a stalled upload).
+    case bodyIdleTimeout(Duration)
 
     public var description: String {
         switch self {
@@ -181,6 +183,7 @@ public enum HTTPTransportError: Error, Sendable, CustomStringConvertible, Equata
         case .connectionClosed: "connection closed"
         case .protocolError(let s): "protocol error: \(s)"
         case .tooLarge(let limit): "body larger than \(limit) bytes"
+        case .bodyIdleTimeout(let d): "no request body bytes arrived for \(d.components.seconds) s; upload abandoned"
         }
     }
 

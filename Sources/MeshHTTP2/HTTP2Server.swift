@@ -20,6 +20,9 @@ public final class HTTP2Server: Sendable {
         public var drainGracePeriod: TimeAmount
         /// Largest decoded request header list (RFC 9113 §6.5.2 size); larger ones get 431.
         public var maxHeaderListBytes: Int = 64 * 1024
+        /// A request body from which nothing arrives for this long fails (408; the stream is
+        /// reset): a stalled upload does not keep its write slot and reserved space. nil: never.
+        public var requestBodyIdleTimeout: Duration? = .seconds(30)
 
         public init(host: String, port: Int, credentials: TLSCredentials?, clientAuthentication: ClientAuthentication = .require,
                     handshakeTimeout: TimeAmount = .seconds(10), maxConcurrentStreams: UInt32 = 128,
@@ -73,7 +76,7 @@ public final class HTTP2Server: Sendable {
                     }
                     try channel.pipeline.syncOperations.addHandler(HTTP2ServerHandler(
                         service: service, plaintext: config.credentials == nil, settings: settings,
-                        gracePeriod: config.drainGracePeriod, logger: logger))
+                        gracePeriod: config.drainGracePeriod, bodyIdleTimeout: config.requestBodyIdleTimeout, logger: logger))
                 }
             }
         let channel = try await bootstrap.bind(host: config.host, port: config.port).get()

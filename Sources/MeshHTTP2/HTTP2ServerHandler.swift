@@ -19,9 +19,12 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     private var streams: [Int32: Stream] = [:]
     private var draining = false
     private let gracePeriod: TimeAmount
+    private let bodyIdleTimeout: Duration?
 
-    init(service: any HTTPService, plaintext: Bool, settings: NGHTTP2Session.Settings, gracePeriod: TimeAmount = .seconds(30), logger: Logger) {
+    init(service: any HTTPService, plaintext: Bool, settings: NGHTTP2Session.Settings, gracePeriod: TimeAmount = .seconds(30),
+         bodyIdleTimeout: Duration? = nil, logger: Logger) {
         self.service = service
+        self.bodyIdleTimeout = bodyIdleTimeout
         self.plaintext = plaintext
         self.gracePeriod = gracePeriod
         super.init(settings: settings, logger: logger)
@@ -86,7 +89,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
             respond(stream: stream, response: immediate)
             return
         }
-        let body = HTTPInboundBody(onConsumed: makeConsumedCallback(stream: stream))
+        let body = HTTPInboundBody(onConsumed: makeConsumedCallback(stream: stream), idleTimeout: endStream ? nil : bodyIdleTimeout)
         streams[stream] = Stream(body: body, requestEnded: endStream, isHead: head.method == "HEAD")
         if endStream {
             body.finish()

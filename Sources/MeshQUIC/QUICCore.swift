@@ -45,6 +45,9 @@ public struct QUICSettings: Sendable {
     /// Largest decoded request (or response) header list, RFC 9114 §4.2.2 size; a larger request
     /// gets 431, repeated ones close the connection with H3_EXCESSIVE_LOAD.
     public var maxHeaderListSize: Int = 64 * 1024
+    /// A request body from which nothing arrives for this long fails (server side; 408, the
+    /// stream is stopped). nil: never.
+    public var requestBodyIdleTimeout: Duration? = .seconds(30)
 
     /// The secret stateless-reset tokens are derived from (nil: one random secret per process).
     /// A server should be given a stable one (the node derives it from its private key), so that
@@ -1270,7 +1273,7 @@ final class QUICCore {
             respond(s.id, immediate)
             return
         }
-        let body = HTTPInboundBody(onConsumed: makeCredit(s.id))
+        let body = HTTPInboundBody(onConsumed: makeCredit(s.id), idleTimeout: fin ? nil : settings.requestBodyIdleTimeout)
         s.body = body
         if fin {
             s.inboundEnded = true

@@ -1,3 +1,4 @@
+import BlobStore
 import CacheNode
 import Foundation
 import MeshHTTP
@@ -129,5 +130,69 @@ struct AttackTests {
         await good.close()
         #expect(metrics.value("cachemesh_http_refused_total", labels: ["reason": "header_list_too_large", "transport": "h3"]) == 3)
         #expect(node.child.stderr.contains("HTTP/3 request header list too large"), "\(node.logExcerpt())")
+    }
+}
+
+@Suite("Uploads that lie or stall against a real node", .serialized)
+struct UnverifiedUploadAttackTests {
+    /// A node whose 64 MiB store is full of eight verified 8 MiB blobs.
+    static func fullNode(_ dir: TempDir) async throws -> (TestNode, [Digest]) {
+        let config = dir.file("node.toml")
+        try "request_body_timeout_seconds = 2\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let node = try await TestNode.start(maxBytes: "64M", extraArguments: ["--config", config])
+        var stored: [Digest] = []
+        try await withClient(node) { c in
+            for _ in 0..<8 { stored.append(try await c.put(bytes: randomBytes(8 << 20))) }
+        }
+        return (node, stored)
+    }
+
+    static func surviving(_ node: TestNode, _ blobs: [Digest]) -> Int {
+        blobs.filter { FileManager.default.fileExists(atPath: "\(node.dataDir)/cas/\($0.hash.prefix(2))/\($0.hash)") }.count
+    }
+
+    @Test("a stalled upload is dropped after the body timeout (408) and evicted only for the bytes it sent; other PUTs are served meanwhile; declared sizes reserve nothing; a lying hash costs at most max_unverified_bytes",
+          .timeLimit(.minutes(3)))
+    func stalledAndLyingUploads() async throws {
+        let dir = try TempDir("unverified")
+        defer { dir.remove() }
+        let (node, blobs) = try await Self.fullNode(dir)
+        defer { node.cleanUp() }
+        #expect(Self.surviving(node, blobs) == 8)
+
+        // Declares 12 MB, sends 1 MiB, then stalls for up to 20 s.
+        let started = ContinuousClock.now
+        async let stall = H2Attack.run("stalled-put", node: node, ["--path", "/cas/\(String(repeating: "ab", count: 32))",
+                                                                   "--content-length", "12000000", "--send", "1048576", "--hold", "20"])
+        try await Task.sleep(for: .milliseconds(500))
+        // Meanwhile an honest PUT is stored (before: 507 while a large declared upload stalled).
+        let honest = randomBytes(1 << 20)
+        let d = try await withClient(node) { try await $0.put(bytes: honest) }
+        #expect(d.hash == SHA256.hex(honest))
+        let stalled = try await stall
+        let elapsed = ContinuousClock.now - started
+        #expect(stalled.status.values.first == 408, "\(stalled)")
+        #expect(elapsed < .seconds(15), "the stalled upload was dropped after \(elapsed)")
+        // It cost at most one blob (1 MiB of bytes needed room); nothing stays reserved.
+        #expect(Self.surviving(node, blobs) >= 7)
+        let metrics = try await withClient(node) { try await $0.metrics() }
+        #expect(metrics.value("cachemesh_store_reserved_bytes") == 0)
+
+        // A declared 60 MiB on a full store would need more eviction than unverified uploads may
+        // cause (a quarter of 64 MiB): refused at once, nothing evicted.
+        let before = Self.surviving(node, blobs)
+        let big = try await H2Attack.run("stalled-put", node: node, ["--content-length", String(60 << 20), "--send", "0", "--hold", "5"])
+        #expect(big.status.values.first == 503, "\(big)")
+        #expect(Self.surviving(node, blobs) == before)
+
+        // 30 MB under a hash they do not have, no Content-Length: refused (400 or 503 once the
+        // bound is reached), and it evicted at most max_unverified_bytes (16 MiB = two blobs).
+        let liar = dir.file("liar")
+        try await makeRandomFile(liar, size: 30_000_000)
+        let r = try await curl(node, .client, ["-T", liar, "-H", "content-length:", "-H", "transfer-encoding:", node.url("/cas/\(String(repeating: "cd", count: 32))")])
+        #expect(r.httpCode != "201" && r.httpCode != "200", "\(r)")
+        #expect(Self.surviving(node, blobs) >= before - 2, "surviving \(Self.surviving(node, blobs)) of \(before)")
+        let after = try await withClient(node) { try await $0.metrics() }
+        #expect(after.value("cachemesh_store_reserved_bytes") == 0)
     }
 }

@@ -58,3 +58,32 @@ import Testing
         await #expect(throws: CancellationError.self) { _ = try await t.value }
     }
 }
+
+@Suite("Request body idle timeout")
+struct BodyIdleTimeoutTests {
+    @Test("a sender that stops fails the body; one that keeps sending, or a consumer that is behind, does not")
+    func idleBodiesFail() async throws {
+        let stalled = HTTPInboundBody(idleTimeout: .milliseconds(300))
+        stalled.append(ByteBuffer(string: "first"))
+        let behind = HTTPInboundBody(idleTimeout: .milliseconds(300))
+        behind.append(ByteBuffer(string: "unread"))   // buffered: our consumer is late, not the sender
+        let steady = HTTPInboundBody(idleTimeout: .milliseconds(300))
+        #expect(try await stalled.next()?.readableBytes == 5)
+        let started = ContinuousClock.now
+        let feeder = Task {
+            for _ in 0..<15 {
+                steady.append(ByteBuffer(string: "x"))
+                try? await Task.sleep(for: .milliseconds(100))
+            }
+            steady.finish()
+        }
+        await #expect(throws: HTTPTransportError.bodyIdleTimeout(.milliseconds(300))) { _ = try await stalled.next() }
+        #expect(ContinuousClock.now - started < .seconds(5))
+        var n = 0
+        for try await chunk in steady { n += chunk.readableBytes }
+        #expect(n == 15)
+        await feeder.value
+        #expect(behind.bufferedBytes == 6)
+        #expect(try await behind.next()?.readableBytes == 6)
+    }
+}

@@ -6,6 +6,8 @@ Used by the attack tests in Tests/IntegrationTests; prints one JSON line with wh
   header-bomb: every stream sends one header field (NAME: VALUE-SIZE bytes) COPIES times.
                HPACK indexes it once and then names it with one byte per copy, so a few KB
                on the wire decode to COPIES x VALUE-SIZE bytes at the server.
+  stalled-put: PUT PATH declaring CONTENT-LENGTH bytes, send SEND bytes of them, then hold the
+               stream open for HOLD seconds without sending more (or until the server ends it).
 """
 import argparse, json, socket, ssl, sys, time
 
@@ -80,9 +82,35 @@ def header_bomb(a):
     return out
 
 
+def stalled_put(a):
+    out = {"status": {}, "reset": {}, "goaway": None, "closed": None, "wire_bytes": 0}
+    s, conn = connect(a)
+    pump(s, conn, out, lambda: True, time.time() + 0.2)
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(":method", "PUT"), (":scheme", "https"), (":authority", "cachemesh"), (":path", a.path),
+                            ("content-length", str(a.content_length))])
+    s.sendall(conn.data_to_send())
+    sent = 0
+    chunk = b"\xa5" * 16384
+    deadline = time.time() + a.timeout
+    while sent < a.send and time.time() < deadline and not out["closed"]:
+        n = min(len(chunk), a.send - sent, conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+        if n <= 0:
+            pump(s, conn, out, lambda: conn.local_flow_control_window(sid) > 0 or str(sid) in out["reset"], time.time() + 1)
+            continue
+        conn.send_data(sid, chunk[:n])
+        s.sendall(conn.data_to_send())
+        sent += n
+    out["sent"] = sent
+    print(json.dumps({"event": "sent", "bytes": sent}), flush=True)
+    pump(s, conn, out, lambda: str(sid) in out["status"] or str(sid) in out["reset"], time.time() + a.hold)
+    s.close()
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("attack", choices=["header-bomb"])
+    p.add_argument("attack", choices=["header-bomb", "stalled-put"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", required=True)
@@ -93,8 +121,12 @@ def main():
     p.add_argument("--value-size", type=int, default=4000)
     p.add_argument("--name", default="x-bomb")
     p.add_argument("--timeout", type=float, default=30)
+    p.add_argument("--path", default="/cas/" + "0" * 64)
+    p.add_argument("--content-length", type=int, default=60 << 20)
+    p.add_argument("--send", type=int, default=1 << 20)
+    p.add_argument("--hold", type=float, default=10)
     a = p.parse_args()
-    out = {"header-bomb": header_bomb}[a.attack](a)
+    out = {"header-bomb": header_bomb, "stalled-put": stalled_put}[a.attack](a)
     print(json.dumps(out))
 
 

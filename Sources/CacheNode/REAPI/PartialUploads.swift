@@ -27,11 +27,37 @@ final class PartialUploads: Sendable {
     static let maxParked = 16
 
     private let parked = Mutex<[String: Parked]>([:])
+    /// Whether the expiry sweeper runs (one task, only while uploads are parked).
+    private let sweeping = Mutex(false)
+    /// How often parked uploads are checked for expiry.
+    let sweepInterval: Duration
+    let ttl: Duration
     private let active = Mutex<Set<String>>([])
     private let logger: Logger
 
-    init(logger: Logger) {
+    init(logger: Logger, ttl: Duration = PartialUploads.ttl, sweepInterval: Duration = .seconds(10)) {
         self.logger = logger
+        self.ttl = ttl
+        self.sweepInterval = sweepInterval
+    }
+
+    /// Parked uploads (each holds a write slot, a temp file and the space its bytes took).
+    var parkedCount: Int { parked.withLock { $0.count } }
+
+    /// Expires parked uploads on a timer, not only when another upload happens to arrive.
+    private func startSweeper() {
+        guard sweeping.withLock({ s in defer { s = true }; return !s }) else { return }
+        Task.detached { [weak self] in
+            while let me = self {
+                try? await Task.sleep(for: me.sweepInterval)
+                me.expire()
+                let done = me.parked.withLock { p in me.sweeping.withLock { s in
+                    if p.isEmpty { s = false }
+                    return !s
+                } }
+                if done { return }
+            }
+        }
     }
 
     /// Start, or resume a parked upload of `resource` at `offset`.
@@ -72,6 +98,7 @@ final class PartialUploads: Sendable {
             return out
         }
         evicted.forEach { $0.writer.abort() }
+        startSweeper()
     }
 
     func finished(_ resource: String) {
@@ -89,7 +116,7 @@ final class PartialUploads: Sendable {
     private func expire() {
         let now = ContinuousClock.now
         let old: [Upload] = parked.withLock { p in
-            let expired = p.filter { now - $0.value.since > Self.ttl }
+            let expired = p.filter { now - $0.value.since > ttl }
             for k in expired.keys { p.removeValue(forKey: k) }
             return expired.values.map(\.upload)
         }

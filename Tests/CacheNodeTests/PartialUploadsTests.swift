@@ -1,0 +1,40 @@
+import BlobStore
+import Foundation
+import Logging
+import Testing
+@testable import CacheNode
+
+@Suite struct PartialUploadsTests {
+    @Test("a parked ByteStream upload expires on a timer and gives back its slot, space and temp file (no other upload needed)")
+    func parkedUploadsExpireOnTheirOwn() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cm-parked-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var config = BlobStoreConfiguration(directory: dir.path, maxBytes: 64 << 20)
+        config.maxConcurrentWrites = 1
+        let store = try BlobStore(configuration: config, logger: Logger(label: "t"))
+        let uploads = PartialUploads(logger: Logger(label: "t"), ttl: .milliseconds(300), sweepInterval: .milliseconds(100))
+        let digest = try #require(Digest(hash: String(repeating: "ab", count: 32), size: 60_000_000))
+        let u = try await uploads.resume("uploads/x/blobs/\(digest.hash)/\(digest.size)", digest: digest, offset: 0, store: store)
+        try u.writer.write([1])
+        uploads.park("uploads/x/blobs/\(digest.hash)/\(digest.size)", u)
+        #expect(uploads.parkedCount == 1)
+        #expect(store.stats.activeWrites == 1)
+        // Declared 60 MB, sent one byte: only what it sent (a chunk at most) is reserved.
+        #expect(store.stats.reservedBytes <= 1 << 20)
+        let expired = await eventually(timeout: 5) { uploads.parkedCount == 0 && store.stats.activeWrites == 0 }
+        #expect(expired)
+        #expect(store.stats.reservedBytes == 0)
+        let tmp = try FileManager.default.contentsOfDirectory(atPath: dir.appendingPathComponent("tmp").path)
+        #expect(tmp.isEmpty)
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` seconds pass.
+private func eventually(timeout: Double, _ condition: () -> Bool) async -> Bool {
+    let deadline = ContinuousClock.now + .milliseconds(Int(timeout * 1000))
+    while ContinuousClock.now < deadline {
+        if condition() { return true }
+        try? await Task.sleep(for: .milliseconds(20))
+    }
+    return condition()
+}
