@@ -116,6 +116,9 @@ public struct NodeConfiguration: Sendable {
     /// An upload from which no byte arrives for this long is abandoned (408): its write slot
     /// and reserved space are released.
     public var requestBodyTimeoutSeconds = 30
+    /// A response the client takes nothing of (closed flow-control window) for this long is
+    /// reset, giving back its read slot.
+    public var responseStallTimeoutSeconds = 30
 
     /// The bound in effect.
     public var effectiveMaxUnverifiedBytes: Int64 { min(maxUnverifiedBytes ?? maxBytes / 4, maxBytes) }
@@ -145,7 +148,8 @@ public struct NodeConfiguration: Sendable {
         var c = NodeConfiguration()
         let known: Set<String> = ["name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
                                   "insecure", "quic_listen", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds",
-                                  "quic_max_datagram", "quic_address_validation", "max_header_list_bytes", "max_unverified_bytes", "request_body_timeout_seconds"]
+                                  "quic_max_datagram", "quic_address_validation", "max_header_list_bytes", "max_unverified_bytes", "request_body_timeout_seconds",
+                                  "response_stall_timeout_seconds"]
         for key in table.keys where !known.contains(key) {
             throw ConfigurationError("config \(path): unknown key '\(key)' (known: \(known.sorted().joined(separator: ", ")))")
         }
@@ -194,6 +198,7 @@ public struct NodeConfiguration: Sendable {
         if let v = try int("quic_max_datagram") { c.quicMaxDatagram = v }
         if let v = try int("max_header_list_bytes") { c.maxHeaderListBytes = v }
         if let v = try int("request_body_timeout_seconds") { c.requestBodyTimeoutSeconds = v }
+        if let v = try int("response_stall_timeout_seconds") { c.responseStallTimeoutSeconds = v }
         if let v = try string("quic_address_validation") { c.quicAddressValidation = try QUICAddressValidationMode.parse(v, key: "config \(path): quic_address_validation") }
         // Relative paths in a config file are relative to the file.
         let base = URL(fileURLWithPath: path).absoluteURL.deletingLastPathComponent()
@@ -211,6 +216,7 @@ public struct NodeConfiguration: Sendable {
     /// Check for contradictions a user should hear about before anything starts.
     public func validate() throws {
         if maxBytes <= 0 { throw ConfigurationError("max_bytes must be positive") }
+        if responseStallTimeoutSeconds <= 0 { throw ConfigurationError("response_stall_timeout_seconds must be positive, got \(responseStallTimeoutSeconds)") }
         if requestBodyTimeoutSeconds <= 0 { throw ConfigurationError("request_body_timeout_seconds must be positive, got \(requestBodyTimeoutSeconds)") }
         if let v = maxUnverifiedBytes, v <= 0 { throw ConfigurationError("max_unverified_bytes must be positive, got \(v)") }
         if !(1024...(16 << 20)).contains(maxHeaderListBytes) {
@@ -244,6 +250,7 @@ public struct NodeConfiguration: Sendable {
         q.maxDatagramSize = quicMaxDatagram
         q.maxHeaderListSize = maxHeaderListBytes
         q.requestBodyIdleTimeout = .seconds(requestBodyTimeoutSeconds)
+        q.responseStallTimeout = .seconds(responseStallTimeoutSeconds)
         return q
     }
 

@@ -50,6 +50,7 @@ public final class CacheNode: Service {
             drainGracePeriod: .seconds(Int64(configuration.drainSeconds)))
         h2.maxHeaderListBytes = configuration.maxHeaderListBytes
         h2.requestBodyIdleTimeout = .seconds(configuration.requestBodyTimeoutSeconds)
+        h2.responseStallTimeout = .seconds(configuration.responseStallTimeoutSeconds)
         self.server = HTTP2Server(configuration: h2, service: service, logger: logger)
         if let q = configuration.quicListen {
             guard let credentials else { throw ConfigurationError("QUIC needs TLS: --quic-listen cannot be used with --insecure") }

@@ -23,6 +23,9 @@ public final class HTTP2Server: Sendable {
         /// A request body from which nothing arrives for this long fails (408; the stream is
         /// reset): a stalled upload does not keep its write slot and reserved space. nil: never.
         public var requestBodyIdleTimeout: Duration? = .seconds(30)
+        /// A response the client takes no bytes of for this long (its window stays closed, or
+        /// its socket takes nothing) is reset, giving back its read slot. nil: never.
+        public var responseStallTimeout: Duration? = .seconds(30)
 
         public init(host: String, port: Int, credentials: TLSCredentials?, clientAuthentication: ClientAuthentication = .require,
                     handshakeTimeout: TimeAmount = .seconds(10), maxConcurrentStreams: UInt32 = 128,
@@ -76,7 +79,8 @@ public final class HTTP2Server: Sendable {
                     }
                     try channel.pipeline.syncOperations.addHandler(HTTP2ServerHandler(
                         service: service, plaintext: config.credentials == nil, settings: settings,
-                        gracePeriod: config.drainGracePeriod, bodyIdleTimeout: config.requestBodyIdleTimeout, logger: logger))
+                        gracePeriod: config.drainGracePeriod, bodyIdleTimeout: config.requestBodyIdleTimeout,
+                        responseStallTimeout: config.responseStallTimeout, logger: logger))
                 }
             }
         let channel = try await bootstrap.bind(host: config.host, port: config.port).get()

@@ -10,6 +10,9 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         var body: HTTPInboundBody
         var requestEnded = false
         var isHead = false
+        /// The service handling the request; cancelled when the stream goes away first (a reset
+        /// GET stops its mesh fetch, an abandoned upload stops waiting for a slot).
+        var task: Task<Void, Never>?
     }
 
     private let service: any HTTPService
@@ -20,11 +23,14 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     private var draining = false
     private let gracePeriod: TimeAmount
     private let bodyIdleTimeout: Duration?
+    private let responseStallTimeout: Duration?
+    private var stallCheck: RepeatedTask?
 
     init(service: any HTTPService, plaintext: Bool, settings: NGHTTP2Session.Settings, gracePeriod: TimeAmount = .seconds(30),
-         bodyIdleTimeout: Duration? = nil, logger: Logger) {
+         bodyIdleTimeout: Duration? = nil, responseStallTimeout: Duration? = nil, logger: Logger) {
         self.service = service
         self.bodyIdleTimeout = bodyIdleTimeout
+        self.responseStallTimeout = responseStallTimeout
         self.plaintext = plaintext
         self.gracePeriod = gracePeriod
         super.init(settings: settings, logger: logger)
@@ -46,6 +52,38 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         guard self.peer == nil else { return }
         self.peer = peer
         startSession(role: .server)
+        startStallCheck()
+    }
+
+    /// About once a second: responses the client stopped reading for longer than the stall
+    /// timeout are reset (CANCEL), which closes their file and gives back their read slot; a
+    /// connection whose socket takes nothing at all is closed.
+    private func startStallCheck() {
+        guard let timeout = responseStallTimeout, let context else { return }
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        stallCheck = context.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
+            let me = bound.value
+            guard let session = me.session, let context = me.context, !me.closing else { return }
+            let blocked = !context.channel.isWritable
+            let stalled = session.stalledResponses(now: .now, timeout: timeout, socketBlocked: blocked)
+            guard !stalled.isEmpty else { return }
+            for _ in stalled { TransportRefusals.count("response_stalled", transport: "h2") }
+            me.logger.notice("HTTP/2 client stopped reading: \(blocked ? "closing the connection" : "resetting \(stalled.count) stream(s)")", metadata: [
+                "timeout": "\(timeout)", "peer": "\(me.peer?.commonName ?? "-")", "remote": "\(me.remoteAddress ?? "-")",
+            ])
+            if blocked {
+                context.close(promise: nil)
+            } else {
+                for id in stalled { session.resetStream(id, errorCode: 8) }
+                me.flushOutput()
+            }
+        }
+    }
+
+    override func channelInactive(context: ChannelHandlerContext) {
+        stallCheck?.cancel()
+        stallCheck = nil
+        super.channelInactive(context: context)
     }
 
     override func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -100,7 +138,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         let service = self.service
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         let loop = context.eventLoop
-        Task {
+        streams[stream]?.task = Task {
             let response = await service.handle(request)
             loop.execute { bound.value.respond(stream: stream, response: response) }
         }
@@ -166,16 +204,19 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
 
     override func streamClosed(stream: Int32, errorCode: UInt32) {
         guard let s = streams.removeValue(forKey: stream) else { return }
+        // The body first, so a handler reading it learns the real reason; then the handler.
         if !s.requestEnded {
             s.body.fail(HTTPTransportError.streamReset(errorCode: errorCode))
         }
+        s.task?.cancel()
     }
 
     override func connectionFailed(_ error: any Error) {
         let all = streams
         streams = [:]
-        for (_, s) in all where !s.requestEnded {
-            s.body.fail(HTTPTransportError.connectionClosed)
+        for (_, s) in all {
+            if !s.requestEnded { s.body.fail(HTTPTransportError.connectionClosed) }
+            s.task?.cancel()
         }
     }
 }

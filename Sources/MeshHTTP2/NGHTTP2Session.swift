@@ -47,6 +47,8 @@ final class NGHTTP2Session {
         var position: Int64 = 0
         var end: Int64 = 0
         var trailers: HTTPHeaders?
+        /// When the peer last took response bytes (or the response began).
+        var lastProgress = ContinuousClock.now
     }
 
     private struct InboundHeaders {
@@ -224,6 +226,19 @@ final class NGHTTP2Session {
         return provider
     }
 
+    /// Streams whose response has not moved for longer than `timeout` because the peer does not
+    /// take it: its flow-control window (stream or connection) is closed, or — `socketBlocked` —
+    /// the socket itself stopped accepting bytes. A body waiting for its own producer (a mesh
+    /// fetch still arriving) with open windows is not stalled.
+    func stalledResponses(now: ContinuousClock.Instant, timeout: Duration, socketBlocked: Bool) -> [Int32] {
+        let connectionClosed = nghttp2_session_get_remote_window_size(session) <= 0
+        return outbound.compactMap { id, o in
+            guard now - o.lastProgress > timeout else { return nil }
+            let blocked = socketBlocked || connectionClosed || nghttp2_session_get_stream_remote_window_size(session, id) <= 0
+            return blocked ? id : nil
+        }
+    }
+
     private func dropOutbound(stream: Int32) {
         guard let o = outbound.removeValue(forKey: stream) else { return }
         o.file?.close()
@@ -310,6 +325,7 @@ final class NGHTTP2Session {
         } else {
             done = true
         }
+        if n > 0 { o.lastProgress = .now }
         if done {
             flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
             if let t = o.trailers {

@@ -48,6 +48,9 @@ public struct QUICSettings: Sendable {
     /// A request body from which nothing arrives for this long fails (server side; 408, the
     /// stream is stopped). nil: never.
     public var requestBodyIdleTimeout: Duration? = .seconds(30)
+    /// A response whose flow-control window the client keeps closed for this long is reset
+    /// (server side), giving back its read slot. nil: never.
+    public var responseStallTimeout: Duration? = .seconds(30)
 
     /// The secret stateless-reset tokens are derived from (nil: one random secret per process).
     /// A server should be given a stable one (the node derives it from its private key), so that
@@ -156,8 +159,12 @@ final class H3Stream {
     var pendingInbound: ByteBuffer?
     var isHead = false
     var responseSubmitted = false
+    /// When the peer last acknowledged response bytes (or the response began).
+    var lastProgress = ContinuousClock.now
     var continuation: CheckedContinuation<HTTPClientResponse, any Error>?
     var token: RequestToken?
+    /// Server side: the service handling the request, cancelled when the stream goes away first.
+    var handler: Task<Void, Never>?
 
     init(id: Int64, maxHeaderListSize: Int) {
         self.id = id
@@ -347,6 +354,7 @@ final class QUICCore {
 
     deinit {
         timer?.cancel()
+        stallCheck?.cancel()
         for (_, s) in streams { s.closeSource() }
         if let h3 { nghttp3_conn_del(h3) }
         if let conn { ngtcp2_conn_del(conn) }
@@ -790,6 +798,8 @@ final class QUICCore {
         failure = failure ?? error
         timer?.cancel()
         timer = nil
+        stallCheck?.cancel()
+        stallCheck = nil
         failAll(error ?? HTTPTransportError.connectionClosed)
         flags.closed.withLock { $0 = true }
         delegate?.quicCoreDidClose(self, error: failure)
@@ -814,6 +824,7 @@ final class QUICCore {
             s.pendingInbound = nil
             if !s.inboundEnded { s.body?.fail(transportError) }
             s.inboundEnded = true
+            s.handler?.cancel()
             if let c = s.continuation {
                 s.continuation = nil
                 c.resume(throwing: error is QUICError && !handshakeCompleted ? error : transportError)
@@ -1058,6 +1069,7 @@ final class QUICCore {
             let dropped = s.body?.fail(Self.resetError(code)) ?? 0
             if dropped > 0, phase == .active { ngtcp2_conn_extend_max_offset(conn, UInt64(dropped)) }
         }
+        s.handler?.cancel()
         if let c = s.continuation {
             s.continuation = nil
             if let g = goawayID, sid >= g {
@@ -1083,7 +1095,11 @@ final class QUICCore {
     static func makeH3Callbacks() -> nghttp3_callbacks {
         var cb = nghttp3_callbacks()
         cb.acked_stream_data = { _, sid, len, ud, _ in
-            _ = QUICCore.with(ud) { $0.streams[sid]?.held.ack(Int(len)) }
+            QUICCore.with(ud) { core in
+                guard let s = core.streams[sid] else { return }
+                _ = s.held.ack(Int(len))
+                s.lastProgress = .now
+            }
             return 0
         }
         cb.stream_close = { _, sid, code, ud, _ in
@@ -1212,6 +1228,31 @@ final class QUICCore {
 
     /// Header blocks over the limit on this connection (431 first, then H3_EXCESSIVE_LOAD).
     private var headerPolicy = HeaderLimitPolicy()
+    private var stallCheck: RepeatedTask?
+
+    /// Server side, about once a second: responses whose stream (or connection) flow-control
+    /// window stayed closed for longer than the stall timeout are reset, giving back their file
+    /// and read slot (a zero-window reader must not hold them for the connection's lifetime).
+    private func startStallCheck() {
+        guard isServer, stallCheck == nil, let timeout = settings.responseStallTimeout else { return }
+        let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+        stallCheck = loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { (_: RepeatedTask) in
+            guard let self = bound.value.core, self.phase == .active else { return }
+            let now = ContinuousClock.now
+            let connectionBlocked = ngtcp2_conn_get_max_data_left(self.conn) == 0
+            let stalled = self.streams.values.filter { s in
+                s.responseSubmitted && !s.sourceClosed && now - s.lastProgress > timeout
+                    && (connectionBlocked || ngtcp2_conn_get_max_stream_data_left(self.conn, s.id) == 0)
+            }
+            guard !stalled.isEmpty else { return }
+            for _ in stalled { TransportRefusals.count("response_stalled", transport: "h3") }
+            self.logger.notice("HTTP/3 client stopped reading: resetting \(stalled.count) stream(s)", metadata: [
+                "timeout": "\(timeout)", "peer": "\(self.peer?.commonName ?? "-")", "remote": "\(self.remoteAddress)",
+            ])
+            for s in stalled { ngtcp2_conn_shutdown_stream(self.conn, s.id, UInt64(NGHTTP3_H3_REQUEST_CANCELLED)) }
+            self.writePackets()
+        }
+    }
 
     /// A header or trailer block decoded to more than `maxHeaderListSize` (its fields were
     /// dropped as they arrived). Server: 431 for a request head, a stream reset for trailers, and
@@ -1283,7 +1324,7 @@ final class QUICCore {
         let bound = NIOLoopBound(weakSelf, eventLoop: loop)
         let loop = self.loop
         let sid = s.id
-        Task {
+        s.handler = Task {
             let response = await service.handle(request)
             loop.execute {
                 if let core = bound.value.core {
@@ -1300,6 +1341,8 @@ final class QUICCore {
             response.body.discard()
             return
         }
+        s.lastProgress = .now
+        startStallCheck()
         s.responseSubmitted = true
         var fields: [(name: String, value: String)] = [(":status", String(response.status))]
         for (n, v) in response.headers where !Self.connectionSpecific(n) { fields.append((n, v)) }

@@ -196,3 +196,41 @@ struct UnverifiedUploadAttackTests {
         #expect(after.value("cachemesh_store_reserved_bytes") == 0)
     }
 }
+
+@Suite("Readers that stop reading, against a real node", .serialized)
+struct StalledReaderAttackTests {
+    @Test("zero-window GET streams on four connections hold every read slot only until the stall timeout; a normal 4 MiB GET completes during the attack",
+          .timeLimit(.minutes(3)))
+    func zeroWindowReaders() async throws {
+        let dir = try TempDir("stalled-readers")
+        defer { dir.remove() }
+        let config = dir.file("node.toml")
+        try "max_open_reads = 16\nresponse_stall_timeout_seconds = 2\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let node = try await TestNode.start(extraArguments: ["--config", config])
+        defer { node.cleanUp() }
+        let data = randomBytes(4 << 20)
+        let d = try await withClient(node) { try await $0.put(bytes: data) }
+
+        // 4 connections × 16 streams that never open their window: 64 streams for 16 slots.
+        async let attacks = withThrowingTaskGroup(of: H2Attack.Outcome.self) { group in
+            for _ in 0..<4 {
+                group.addTask { try await H2Attack.run("zero-window", node: node, ["--path", "/cas/\(d.hash)", "--streams", "16", "--hold", "30"]) }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        try await Task.sleep(for: .milliseconds(800))
+        // A normal client during the attack gets the whole blob (before: 0 bytes in 20 s).
+        let started = ContinuousClock.now
+        let got = try await withClient(node) { try await $0.fetch("/cas/\(d.hash)") }
+        let waited = ContinuousClock.now - started
+        #expect(got.status == 200 && got.body == data)
+        #expect(waited < .seconds(20), "the normal GET took \(waited)")
+        let outcomes = try await attacks
+        // Every stalled stream was reset by the node (CANCEL), none left hanging.
+        let resets = outcomes.flatMap(\.reset.values)
+        #expect(resets.count == 64 && resets.allSatisfy { $0 == 8 }, "\(outcomes)")
+        let metrics = try await withClient(node) { try await $0.metrics() }
+        #expect((metrics.value("cachemesh_http_refused_total", labels: ["reason": "response_stalled", "transport": "h2"]) ?? 0) >= 16)
+        #expect(node.child.stderr.contains("HTTP/2 client stopped reading"), "\(node.logExcerpt())")
+    }
+}

@@ -11,10 +11,20 @@ import Testing
 final class TestService: HTTPService {
     let bodyErrors = Mutex<[String]>([])
     let started = Mutex(0)
+    /// Handlers of `/wait` that saw their task cancelled.
+    let cancelledHandlers = Mutex(0)
 
     func handle(_ request: HTTPServerRequest) async -> HTTPResponse {
         started.withLock { $0 += 1 }
         switch request.head.path {
+        case "/wait":
+            // A long piece of work (a mesh fetch, a slot wait): ends early only if cancelled.
+            do {
+                try await Task.sleep(for: .seconds(60))
+            } catch {
+                cancelledHandlers.withLock { $0 += 1 }
+            }
+            return .text(200, "waited")
         case "/echo":
             do {
                 let b = try await request.body.collect(upTo: 64 << 20)
@@ -122,6 +132,19 @@ final class TestService: HTTPService {
             let body = String(buffer: try await r.body.collect(upTo: 1 << 20))
             #expect(body.hasPrefix("chunk0;chunk1;"))
             #expect(body.hasSuffix("chunk99;"))
+            await c.close()
+        }
+    }
+
+    @Test("a stream the client resets cancels its handler on the server (it does not work on for nobody)")
+    func resetCancelsTheHandler() async throws {
+        try await Self.withServer { _, port, service in
+            let c = try await HTTP2Connection.connect(host: "127.0.0.1", port: port, credentials: try Self.creds("client"))
+            let t = Task { try await c.request(HTTPRequestHead(method: "GET", path: "/wait")) }
+            for _ in 0..<200 where service.started.withLock({ $0 }) == 0 { try await Task.sleep(for: .milliseconds(10)) }
+            t.cancel()
+            for _ in 0..<300 where service.cancelledHandlers.withLock({ $0 }) == 0 { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(service.cancelledHandlers.withLock { $0 } == 1)
             await c.close()
         }
     }

@@ -187,3 +187,49 @@ enum Garbage {
         }
     }
 }
+
+@Suite("HTTP/3 readers that stop reading")
+struct StalledReaderTests {
+    @Test("a response whose flow-control window the client keeps closed is reset after the stall timeout, and its file is closed")
+    func stalledReaderIsReset() async throws {
+        var server = QUICSettings()
+        server.responseStallTimeout = .seconds(1)
+        try await QUICTestServer.with(quic: server) { _, port, service in
+            var client = QUICSettings()
+            client.streamWindow = 64 << 10
+            client.connectionWindow = 256 << 10
+            client.maxConnectionWindow = 256 << 10
+            let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"),
+                                                      settings: client, connectTimeout: .seconds(5))
+            // Ask for 64 MiB and never read the body: the window closes after 64 KiB.
+            let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/\(64 << 20)"))
+            #expect(r.status == 200)
+            let closed = await eventually(timeout: 10) { service.files.withLock { $0.first?.closes.withLock { $0 } } == 1 }
+            #expect(closed, "the stalled response's file was not closed")
+            // The body fails (the stream was reset), it does not hang.
+            await #expect(throws: (any Error).self) { _ = try await r.body.collect(upTo: 128 << 20) }
+            // The connection itself still works.
+            let ok = try await c.request(HTTPRequestHead(method: "GET", path: "/whoami"))
+            #expect(ok.status == 200)
+            await c.close()
+        }
+    }
+}
+
+@Suite("HTTP/3 handlers follow their streams")
+struct HandlerCancellationTests {
+    @Test("a request the client cancels resets the stream and cancels its handler on the server")
+    func resetCancelsTheHandler() async throws {
+        try await QUICTestServer.with { _, port, service in
+            let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"),
+                                                      connectTimeout: .seconds(5))
+            let t = Task { try await c.request(HTTPRequestHead(method: "GET", path: "/sleep/60000")) }
+            let started = await eventually(timeout: 5) { service.started.withLock { $0 } == 1 }
+            #expect(started)
+            t.cancel()
+            let cancelled = await eventually(timeout: 5) { service.cancelledHandlers.withLock { $0 } == 1 }
+            #expect(cancelled)
+            await c.close()
+        }
+    }
+}

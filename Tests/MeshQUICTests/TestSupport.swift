@@ -109,6 +109,8 @@ final class QUICTestService: HTTPService {
     let started = Mutex(0)
     let files = Mutex<[PatternFile]>([])
     let mapped = Mutex<[MappedPatternFile]>([])
+    /// `/sleep/N` handlers whose task was cancelled (their stream went away).
+    let cancelledHandlers = Mutex(0)
 
     func handle(_ request: HTTPServerRequest) async -> HTTPResponse {
         started.withLock { $0 += 1 }
@@ -160,7 +162,11 @@ final class QUICTestService: HTTPService {
             }
             return HTTPResponse(status: 200, body: .stream(out))
         } else if path.hasPrefix("/sleep/") {
-            try? await Task.sleep(for: .milliseconds(Int(path.dropFirst("/sleep/".count)) ?? 0))
+            do {
+                try await Task.sleep(for: .milliseconds(Int(path.dropFirst("/sleep/".count)) ?? 0))
+            } catch {
+                cancelledHandlers.withLock { $0 += 1 }
+            }
             return .text(200, "slept")
         } else if path == "/slow" {
             try? await Task.sleep(for: .milliseconds(300))

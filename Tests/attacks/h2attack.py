@@ -6,12 +6,14 @@ Used by the attack tests in Tests/IntegrationTests; prints one JSON line with wh
   header-bomb: every stream sends one header field (NAME: VALUE-SIZE bytes) COPIES times.
                HPACK indexes it once and then names it with one byte per copy, so a few KB
                on the wire decode to COPIES x VALUE-SIZE bytes at the server.
+  zero-window: open STREAMS GETs of PATH with an initial window of 0 and never read: the
+               server can send headers but no body; prints how the streams ended after HOLD s.
   stalled-put: PUT PATH declaring CONTENT-LENGTH bytes, send SEND bytes of them, then hold the
                stream open for HOLD seconds without sending more (or until the server ends it).
 """
 import argparse, json, socket, ssl, sys, time
 
-import h2.config, h2.connection, h2.events, h2.exceptions
+import h2.config, h2.connection, h2.events, h2.exceptions, h2.settings
 
 
 def connect(a):
@@ -108,9 +110,28 @@ def stalled_put(a):
     return out
 
 
+def zero_window(a):
+    out = {"status": {}, "reset": {}, "goaway": None, "closed": None, "wire_bytes": 0}
+    s, conn = connect(a)
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    s.sendall(conn.data_to_send())
+    pump(s, conn, out, lambda: True, time.time() + 0.2)
+    ids = []
+    for _ in range(a.streams):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "GET"), (":scheme", "https"), (":authority", "cachemesh"), (":path", a.path)], end_stream=True)
+        ids.append(sid)
+    s.sendall(conn.data_to_send())
+    print(json.dumps({"event": "opened", "streams": len(ids)}), flush=True)
+    # Never acknowledge data: the connection window is never re-opened either.
+    pump(s, conn, out, lambda: all(str(i) in out["reset"] for i in ids), time.time() + a.hold)
+    s.close()
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("attack", choices=["header-bomb", "stalled-put"])
+    p.add_argument("attack", choices=["header-bomb", "stalled-put", "zero-window"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", required=True)
@@ -126,7 +147,7 @@ def main():
     p.add_argument("--send", type=int, default=1 << 20)
     p.add_argument("--hold", type=float, default=10)
     a = p.parse_args()
-    out = {"header-bomb": header_bomb, "stalled-put": stalled_put}[a.attack](a)
+    out = {"header-bomb": header_bomb, "stalled-put": stalled_put, "zero-window": zero_window}[a.attack](a)
     print(json.dumps(out))
 
 
