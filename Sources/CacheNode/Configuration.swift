@@ -3,24 +3,58 @@ import MeshQUIC
 import MeshTLS
 import TOMLKit
 
-/// Parses sizes like `10G`, `512M`, `64k`, `1024` (binary units).
+/// Sizes: an integer with an optional unit. Units are powers of 1024, case-insensitive:
+/// `K`/`KiB`/`KB` = 1024, `M`/`MiB`/`MB` = 1024², `G`/`GiB`/`GB` = 1024³, `T`/`TiB`/`TB` = 1024⁴;
+/// `B` or no unit: bytes. Refused (with the reason): negative numbers, fractions (`1.5G`: write
+/// `1536M`), exponents, `inf`/`nan`, other units, and anything above `Int64.max` bytes.
 public enum ByteSize {
-    public static func parse(_ s: String) -> Int64? {
-        let t = s.trimmingCharacters(in: .whitespaces).uppercased()
-        guard !t.isEmpty else { return nil }
-        let units: [(String, Int64)] = [("TIB", 1 << 40), ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10),
-                                        ("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10),
-                                        ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10), ("B", 1)]
-        for (suffix, mult) in units where t.hasSuffix(suffix) {
-            guard let n = Double(t.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)), n >= 0 else { return nil }
-            return Int64(n * Double(mult))
+    public struct ParseError: Error, CustomStringConvertible {
+        public var input: String
+        public var reason: String
+        public var description: String { "'\(input)' is not a size: \(reason)" }
+    }
+
+    /// What the error messages list.
+    public static let unitsHelp = "an integer with an optional unit K, M, G or T (powers of 1024; KiB, MiB, GiB, TiB, KB, MB, GB, TB mean the same; B or no unit: bytes), e.g. 10G, 512M"
+
+    static let units: [String: Int64] = [
+        "": 1, "B": 1,
+        "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10,
+        "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+        "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30,
+        "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40,
+    ]
+
+    /// The size `s` means, or nil (see `value(_:)` for why).
+    public static func parse(_ s: String) -> Int64? { try? value(s) }
+
+    /// The size `s` means; `ParseError` says why it is not one.
+    public static func value(_ s: String) throws -> Int64 {
+        func fail(_ reason: String) -> ParseError { ParseError(input: s, reason: reason) }
+        let t = s.trimmingCharacters(in: .whitespaces)
+        guard !t.isEmpty else { throw fail("it is empty; expected \(unitsHelp)") }
+        if t.hasPrefix("-") { throw fail("a size cannot be negative") }
+        let digits = t.prefix { $0.isASCII && $0.isNumber }
+        let rest = t.dropFirst(digits.count)
+        guard !digits.isEmpty else { throw fail("expected \(unitsHelp)") }
+        if rest.hasPrefix(".") || rest.hasPrefix(",") {
+            throw fail("use a whole number (e.g. 1536M rather than 1.5G); expected \(unitsHelp)")
         }
-        guard let n = Int64(t), n >= 0 else { return nil }
-        return n
+        let unit = rest.trimmingCharacters(in: .whitespaces)
+        guard let multiplier = units[unit.uppercased()] else {
+            throw fail("unknown unit '\(unit)'; expected \(unitsHelp)")
+        }
+        let maxText = multiplier == 1 ? "the largest size is \(Int64.max) bytes"
+            : "the largest size is \(Int64.max / multiplier)\(unit) (\(Int64.max) bytes)"
+        guard let n = Int64(digits) else { throw fail("too large; \(maxText)") }
+        let (product, overflow) = n.multipliedReportingOverflow(by: multiplier)
+        guard !overflow else { throw fail("too large; \(maxText)") }
+        return product
     }
 
     public static func format(_ n: Int64) -> String {
         let d = Double(n)
+        if n >= 1 << 40 { return String(format: "%.2f TiB", d / Double(1 << 40)) }
         if n >= 1 << 30 { return String(format: "%.2f GiB", d / Double(1 << 30)) }
         if n >= 1 << 20 { return String(format: "%.1f MiB", d / Double(1 << 20)) }
         if n >= 1 << 10 { return String(format: "%.1f KiB", d / Double(1 << 10)) }
@@ -56,9 +90,29 @@ public struct HostPort: Sendable, Hashable, CustomStringConvertible {
     public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
 }
 
+/// A configuration file, topology or flag is wrong (the CLI exits 2: nothing was started).
 public struct ConfigurationError: Error, CustomStringConvertible {
     public var description: String
     public init(_ d: String) { description = d }
+}
+
+/// "no such file or directory" rather than Foundation's "The file “x” couldn’t be opened…".
+func describeFileError(_ error: any Error) -> String {
+    let ns = error as NSError
+    if let underlying = ns.userInfo[NSUnderlyingErrorKey] as? NSError, underlying.domain == NSPOSIXErrorDomain {
+        return String(cString: strerror(Int32(underlying.code))).lowercasedFirst
+    }
+    if ns.domain == NSPOSIXErrorDomain { return String(cString: strerror(Int32(ns.code))).lowercasedFirst }
+    switch ns.code {
+    case NSFileReadNoSuchFileError: return "no such file or directory"
+    case NSFileReadNoPermissionError: return "permission denied"
+    case NSFileReadInapplicableStringEncodingError: return "it is not UTF-8 text"
+    default: return ns.localizedDescription
+    }
+}
+
+extension String {
+    var lowercasedFirst: String { prefix(1).lowercased() + dropFirst() }
 }
 
 /// When a node makes new QUIC clients prove their source address with a Retry round trip
@@ -73,13 +127,6 @@ public enum QUICAddressValidationMode: String, Sendable, CaseIterable {
         case .always: .always
         case .never: .never
         }
-    }
-
-    static func parse(_ s: String, key: String) throws -> QUICAddressValidationMode {
-        guard let m = QUICAddressValidationMode(rawValue: s) else {
-            throw ConfigurationError("\(key) must be one of \(allCases.map(\.rawValue).joined(separator: ", ")), got '\(s)'")
-        }
-        return m
     }
 }
 
@@ -120,6 +167,9 @@ public struct NodeConfiguration: Sendable {
     /// reset, giving back its read slot.
     public var responseStallTimeoutSeconds = 30
 
+    /// The smallest store a node runs with (a size without a unit is bytes, so `10` is refused).
+    public static let minimumMaxBytes: Int64 = 1 << 20
+
     /// The bound in effect.
     public var effectiveMaxUnverifiedBytes: Int64 { min(maxUnverifiedBytes ?? maxBytes / 4, maxBytes) }
 
@@ -139,67 +189,45 @@ public struct NodeConfiguration: Sendable {
     public static func load(path: String) throws -> NodeConfiguration {
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
-            throw ConfigurationError("cannot read config \(path): \(error.localizedDescription)")
+            throw ConfigurationError("cannot read config \(path): \(describeFileError(error))")
         }
-        let table: TOMLTable
-        do { table = try TOMLTable(string: text) } catch {
-            throw ConfigurationError("config \(path) is not valid TOML: \(error)")
-        }
+        return try load(text: text, path: path)
+    }
+
+    /// The keys a node config file may hold.
+    public static let fileKeys = [
+        "name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
+        "insecure", "quic_listen", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds",
+        "quic_max_datagram", "quic_address_validation", "max_header_list_bytes", "max_unverified_bytes", "request_body_timeout_seconds", "response_stall_timeout_seconds",
+    ]
+
+    /// `load(path:)` of a text already read (`path` names it in errors and anchors relative paths).
+    public static func load(text: String, path: String) throws -> NodeConfiguration {
+        let (_, t) = try StrictTOML.parse(text, what: "config \(path)")
+        try t.only(fileKeys)
         var c = NodeConfiguration()
-        let known: Set<String> = ["name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
-                                  "insecure", "quic_listen", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds",
-                                  "quic_max_datagram", "quic_address_validation", "max_header_list_bytes", "max_unverified_bytes", "request_body_timeout_seconds",
-                                  "response_stall_timeout_seconds"]
-        for key in table.keys where !known.contains(key) {
-            throw ConfigurationError("config \(path): unknown key '\(key)' (known: \(known.sorted().joined(separator: ", ")))")
+        if let v = try t.string("name") { c.name = v }
+        if let v = try t.hostPort("listen") { c.listen = v }
+        if let v = try t.hostPort("quic_listen") { c.quicListen = v }
+        if let v = try t.string("data_dir") { c.dataDirectory = v }
+        if let v = try t.size("max_bytes") { c.maxBytes = v }
+        if let v = try t.size("max_unverified_bytes") { c.maxUnverifiedBytes = v }
+        c.certificate = try t.string("cert")
+        c.privateKey = try t.string("key")
+        c.ca = try t.string("ca")
+        if let v = try t.bool("allow_unauthenticated_reads") { c.allowUnauthenticatedReads = v }
+        if let v = try t.bool("insecure") { c.insecure = v }
+        if let v = try t.int("handshake_timeout_seconds") { c.handshakeTimeoutSeconds = v }
+        if let v = try t.int("max_concurrent_writes") { c.maxConcurrentWrites = v }
+        if let v = try t.int("max_open_reads") { c.maxOpenReads = v }
+        if let v = try t.int("drain_seconds") { c.drainSeconds = v }
+        if let v = try t.int("quic_max_datagram") { c.quicMaxDatagram = v }
+        if let v = try t.int("max_header_list_bytes") { c.maxHeaderListBytes = v }
+        if let v = try t.int("request_body_timeout_seconds") { c.requestBodyTimeoutSeconds = v }
+        if let v = try t.int("response_stall_timeout_seconds") { c.responseStallTimeoutSeconds = v }
+        if let v = try t.choice("quic_address_validation", QUICAddressValidationMode.allCases.map { ($0.rawValue, $0) }) {
+            c.quicAddressValidation = v
         }
-        func string(_ k: String) throws -> String? {
-            guard let v = table[k] else { return nil }
-            guard let s = v.string else { throw ConfigurationError("config \(path): '\(k)' must be a string") }
-            return s
-        }
-        func int(_ k: String) throws -> Int? {
-            guard let v = table[k] else { return nil }
-            guard let i = v.int else { throw ConfigurationError("config \(path): '\(k)' must be an integer") }
-            return i
-        }
-        func bool(_ k: String) throws -> Bool? {
-            guard let v = table[k] else { return nil }
-            guard let b = v.bool else { throw ConfigurationError("config \(path): '\(k)' must be true or false") }
-            return b
-        }
-        if let v = try string("name") { c.name = v }
-        if let v = try string("listen") {
-            guard let hp = HostPort(v) else { throw ConfigurationError("config \(path): listen '\(v)' is not host:port") }
-            c.listen = hp
-        }
-        if let v = try string("quic_listen") {
-            guard let hp = HostPort(v) else { throw ConfigurationError("config \(path): quic_listen '\(v)' is not host:port") }
-            c.quicListen = hp
-        }
-        if let v = try string("data_dir") { c.dataDirectory = v }
-        func size(_ k: String) throws -> Int64? {
-            guard let v = table[k] else { return nil }
-            if let i = v.int { return Int64(i) }
-            if let s = v.string, let n = ByteSize.parse(s) { return n }
-            throw ConfigurationError("config \(path): \(k) must be a number of bytes or a size like \"10G\"")
-        }
-        if let v = try size("max_bytes") { c.maxBytes = v }
-        if let v = try size("max_unverified_bytes") { c.maxUnverifiedBytes = v }
-        c.certificate = try string("cert")
-        c.privateKey = try string("key")
-        c.ca = try string("ca")
-        if let v = try bool("allow_unauthenticated_reads") { c.allowUnauthenticatedReads = v }
-        if let v = try bool("insecure") { c.insecure = v }
-        if let v = try int("handshake_timeout_seconds") { c.handshakeTimeoutSeconds = v }
-        if let v = try int("max_concurrent_writes") { c.maxConcurrentWrites = v }
-        if let v = try int("max_open_reads") { c.maxOpenReads = v }
-        if let v = try int("drain_seconds") { c.drainSeconds = v }
-        if let v = try int("quic_max_datagram") { c.quicMaxDatagram = v }
-        if let v = try int("max_header_list_bytes") { c.maxHeaderListBytes = v }
-        if let v = try int("request_body_timeout_seconds") { c.requestBodyTimeoutSeconds = v }
-        if let v = try int("response_stall_timeout_seconds") { c.responseStallTimeoutSeconds = v }
-        if let v = try string("quic_address_validation") { c.quicAddressValidation = try QUICAddressValidationMode.parse(v, key: "config \(path): quic_address_validation") }
         // Relative paths in a config file are relative to the file.
         let base = URL(fileURLWithPath: path).absoluteURL.deletingLastPathComponent()
         func resolve(_ p: String?) -> String? {
@@ -215,7 +243,10 @@ public struct NodeConfiguration: Sendable {
 
     /// Check for contradictions a user should hear about before anything starts.
     public func validate() throws {
-        if maxBytes <= 0 { throw ConfigurationError("max_bytes must be positive") }
+        if maxBytes < Self.minimumMaxBytes {
+            // A bare number is bytes: `--max-bytes 10` is far more likely a forgotten unit than a wish.
+            throw ConfigurationError("max_bytes is \(maxBytes) bytes; a store needs at least 1 MiB (a size without a unit is bytes: write e.g. \(max(maxBytes, 1))G or \(max(maxBytes, 1))M)")
+        }
         if responseStallTimeoutSeconds <= 0 { throw ConfigurationError("response_stall_timeout_seconds must be positive, got \(responseStallTimeoutSeconds)") }
         if requestBodyTimeoutSeconds <= 0 { throw ConfigurationError("request_body_timeout_seconds must be positive, got \(requestBodyTimeoutSeconds)") }
         if let v = maxUnverifiedBytes, v <= 0 { throw ConfigurationError("max_unverified_bytes must be positive, got \(v)") }
@@ -257,5 +288,266 @@ public struct NodeConfiguration: Sendable {
     public var tlsFiles: TLSFiles? {
         guard !insecure, let certificate, let privateKey, let ca else { return nil }
         return TLSFiles(certificateChain: certificate, privateKey: privateKey, trustedCA: ca)
+    }
+}
+
+// MARK: - Strict TOML reading (node config and topology)
+
+/// One TOML document read strictly: every table says which keys it knows, so an unknown key (a
+/// typo) is refused instead of ignored, and every value is checked for its type. Errors name the
+/// document (`config PATH` / `topology PATH`), the line when it can be found, the table, the key
+/// and what was expected, e.g.
+/// `topology t.toml, line 9: [fetch] unknown key 'stratgy' (known: origin_write_through, strategy, transport)`.
+/// Used by `NodeConfiguration.load` and `Topology.load`.
+public struct StrictTOML: Sendable {
+    /// `config PATH` or `topology PATH`: how errors start.
+    public let what: String
+    let lines: TOMLKeyLines
+
+    /// Parses `text`; a syntax error is reported with its line and column.
+    public static func parse(_ text: String, what: String) throws -> (StrictTOML, StrictTOMLTable) {
+        let table: TOMLTable
+        do { table = try TOMLTable(string: text) } catch let e as TOMLParseError {
+            throw ConfigurationError("\(what), line \(e.source.begin.line), column \(e.source.begin.column): not valid TOML: \(e.description)")
+        } catch {
+            throw ConfigurationError("\(what) is not valid TOML: \(error)")
+        }
+        let doc = StrictTOML(what: what, lines: TOMLKeyLines(text))
+        return (doc, StrictTOMLTable(doc: doc, table: table, path: [], display: ""))
+    }
+}
+
+/// A table of a `StrictTOML` document. Create it with the keys it may hold (`known`); the typed
+/// accessors return nil for an absent key and throw for a value of the wrong type.
+public struct StrictTOMLTable {
+    let doc: StrictTOML
+    let table: TOMLTable
+    /// Where the table is, for finding lines: `[]` (root), `["fetch"]`, `["nodes#1"]`.
+    let path: [String]
+    /// How errors name the table: "" (root), "[fetch] ", "[[nodes]] #2 (peer1) ".
+    let display: String
+
+    /// The line of `key` in this table (or of the table's header, or nil).
+    func line(_ key: String?) -> Int? {
+        if let key {
+            // `key = …`, or a `[key]` / `[[key]]` header: a table under this one.
+            if let l = doc.lines.line(path: path, key: key) ?? doc.lines.line(path: path + [key], key: nil)
+                ?? doc.lines.line(path: path + ["\(key)#0"], key: nil) {
+                return l
+            }
+        }
+        return doc.lines.line(path: path, key: nil)
+    }
+
+    /// An error about `key` (nil: the table itself) in this table.
+    public func error(_ key: String?, _ message: String) -> ConfigurationError {
+        let at = line(key).map { ", line \($0)" } ?? ""
+        return ConfigurationError("\(doc.what)\(at): \(display)\(message)")
+    }
+
+    /// Refuses keys not in `known`.
+    public func only(_ known: [String]) throws {
+        let allowed = Set(known)
+        // In source order when the lines are known, so the first typo is the one reported.
+        let unknown = table.keys.filter { !allowed.contains($0) }
+            .sorted { (line($0) ?? .max, $0) < (line($1) ?? .max, $1) }
+        if let k = unknown.first {
+            throw error(k, "unknown key '\(k)' (known: \(known.sorted().joined(separator: ", ")))")
+        }
+    }
+
+    func value(_ key: String) -> TOMLValue? { table[key]?.tomlValue }
+
+    /// "a string", "an integer (3)", … for messages about a value of the wrong type.
+    static func describe(_ v: TOMLValue) -> String {
+        switch v.type {
+        case .string:
+            let s = v.string ?? ""
+            return "a string (\"\(s.count > 40 ? String(s.prefix(40)) + "…" : s)\")"
+        case .int: return "an integer (\(v.int.map(String.init) ?? "?"))"
+        case .double: return "a floating-point number (\(v.double.map { "\($0)" } ?? "?"))"
+        case .bool: return "a boolean (\(v.bool.map { "\($0)" } ?? "?"))"
+        case .table: return "a table"
+        case .array: return "an array"
+        case .date: return "a date"
+        case .time: return "a time"
+        case .dateTime: return "a date-time"
+        }
+    }
+
+    func wrongType(_ key: String, _ expected: String, _ v: TOMLValue) -> ConfigurationError {
+        error(key, "'\(key)' must be \(expected), got \(Self.describe(v))")
+    }
+
+    public func string(_ key: String) throws -> String? {
+        guard let v = value(key) else { return nil }
+        guard v.type == .string, let s = v.string else { throw wrongType(key, "a string", v) }
+        return s
+    }
+
+    public func int(_ key: String) throws -> Int? {
+        guard let v = value(key) else { return nil }
+        guard v.type == .int, let i = v.int else { throw wrongType(key, "an integer", v) }
+        return i
+    }
+
+    public func bool(_ key: String) throws -> Bool? {
+        guard let v = value(key) else { return nil }
+        guard v.type == .bool, let b = v.bool else { throw wrongType(key, "true or false", v) }
+        return b
+    }
+
+    /// A size: an integer (bytes) or a string with a unit (`ByteSize`).
+    public func size(_ key: String) throws -> Int64? {
+        guard let v = value(key) else { return nil }
+        if v.type == .int, let i = v.int {
+            guard i >= 0 else { throw error(key, "'\(key)' must not be negative, got \(i)") }
+            return Int64(i)
+        }
+        guard v.type == .string, let s = v.string else {
+            throw wrongType(key, "a size (an integer number of bytes, or a string like \"10G\")", v)
+        }
+        do { return try ByteSize.value(s) } catch { throw self.error(key, "'\(key)': \(error)") }
+    }
+
+    public func strings(_ key: String) throws -> [String]? {
+        guard let v = value(key) else { return nil }
+        guard v.type == .array, let a = v.array else { throw wrongType(key, "an array of strings", v) }
+        var out: [String] = []
+        for (i, e) in a.enumerated() {
+            let ev = e.tomlValue
+            guard ev.type == .string, let s = ev.string else {
+                throw error(key, "'\(key)' must be an array of strings, got \(Self.describe(ev)) at index \(i)")
+            }
+            out.append(s)
+        }
+        return out
+    }
+
+    /// One of `allowed` (given as a string).
+    public func choice<T>(_ key: String, _ allowed: [(String, T)]) throws -> T? {
+        guard let s = try string(key) else { return nil }
+        guard let hit = allowed.first(where: { $0.0 == s }) else {
+            throw error(key, "'\(key)' must be one of \(allowed.map(\.0).joined(separator: ", ")), got '\(s)'")
+        }
+        return hit.1
+    }
+
+    /// `host:port`.
+    public func hostPort(_ key: String) throws -> HostPort? {
+        guard let s = try string(key) else { return nil }
+        guard let hp = HostPort(s) else { throw error(key, "'\(key)' must be host:port (or [v6]:port), got '\(s)'") }
+        return hp
+    }
+
+    /// A key that must be present.
+    public func required<T>(_ key: String, _ kind: String, _ get: (String) throws -> T?) throws -> T {
+        guard let v = try get(key) else { throw error(nil, "'\(key)' is missing (\(kind))") }
+        return v
+    }
+
+    /// A sub-table `[key]` that may hold only `known` keys.
+    public func table(_ key: String, known: [String]) throws -> StrictTOMLTable? {
+        guard let v = value(key) else { return nil }
+        guard v.type == .table, let t = v.table else { throw wrongType(key, "a table ([\(key)])", v) }
+        let sub = StrictTOMLTable(doc: doc, table: t, path: path + [key], display: "\(display)[\(key)] ")
+        try sub.only(known)
+        return sub
+    }
+
+    /// An array of tables `[[key]]`, each of which may hold only `known` keys.
+    public func tables(_ key: String, known: [String]) throws -> [StrictTOMLTable]? {
+        guard let v = value(key) else { return nil }
+        guard v.type == .array, let a = v.array else { throw wrongType(key, "an array of tables ([[\(key)]])", v) }
+        var out: [StrictTOMLTable] = []
+        for (i, e) in a.enumerated() {
+            let ev = e.tomlValue
+            guard ev.type == .table, let t = ev.table else {
+                throw error(key, "'\(key)' must be an array of tables ([[\(key)]]), got \(Self.describe(ev)) at index \(i)")
+            }
+            let name = t["name"]?.tomlValue.string.map { " (\($0))" } ?? ""
+            let sub = StrictTOMLTable(doc: doc, table: t, path: path + ["\(key)#\(i)"], display: "\(display)[[\(key)]] #\(i + 1)\(name) ")
+            try sub.only(known)
+            out.append(sub)
+        }
+        return out
+    }
+}
+
+/// Where keys sit in a TOML text: TOMLKit keeps no source positions for values, so the text is
+/// scanned for table headers (`[a]`, `[[a]]`) and `key =` lines (dotted keys included). A key it
+/// cannot place (inline tables, unusual quoting) has no line; errors then name the table only.
+struct TOMLKeyLines: Sendable {
+    private var lines: [String: Int] = [:]
+
+    private static func id(_ path: [String], _ key: String?) -> String {
+        (path + [key ?? "\u{0}"]).joined(separator: "\u{1}")
+    }
+
+    func line(path: [String], key: String?) -> Int? { lines[Self.id(path, key)] }
+
+    /// Splits a dotted key (`a."b.c".d`) into its parts; nil if it is not a plain key.
+    static func keyParts(_ s: Substring) -> [String]? {
+        var parts: [String] = []
+        var cur = ""
+        var quote: Character?
+        for ch in s {
+            if let q = quote {
+                if ch == q { quote = nil } else { cur.append(ch) }
+            } else if ch == "\"" || ch == "'" {
+                quote = ch
+            } else if ch == "." {
+                parts.append(cur.trimmingCharacters(in: .whitespaces))
+                cur = ""
+            } else if ch.isLetter || ch.isNumber || ch == "_" || ch == "-" || ch == " " || ch == "\t" {
+                cur.append(ch)
+            } else {
+                return nil
+            }
+        }
+        if quote != nil { return nil }
+        parts.append(cur.trimmingCharacters(in: .whitespaces))
+        return parts.contains(where: \.isEmpty) ? nil : parts
+    }
+
+    init(_ text: String) {
+        var current: [String] = []
+        var arrayCounts: [String: Int] = [:]
+        var multiline: String? // inside a """ or ''' string
+        func record(_ path: [String], _ key: String?, _ line: Int) {
+            let k = Self.id(path, key)
+            if lines[k] == nil { lines[k] = line }
+        }
+        for (i, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let n = i + 1
+            if let m = multiline {
+                if raw.components(separatedBy: m).count % 2 == 0 { multiline = nil }
+                continue
+            }
+            let t = raw.trimmingCharacters(in: .whitespaces)
+            if t.isEmpty || t.hasPrefix("#") { continue }
+            if t.hasPrefix("[[") {
+                guard let close = t.range(of: "]]"), let parts = Self.keyParts(t[t.index(t.startIndex, offsetBy: 2)..<close.lowerBound]) else { continue }
+                let name = parts.joined(separator: ".")
+                let index = arrayCounts[name, default: 0]
+                arrayCounts[name] = index + 1
+                current = Array(parts.dropLast()) + ["\(parts.last!)#\(index)"]
+                record(current, nil, n)
+                continue
+            }
+            if t.hasPrefix("[") {
+                guard let close = t.firstIndex(of: "]"), let parts = Self.keyParts(t[t.index(after: t.startIndex)..<close]) else { continue }
+                current = parts
+                record(current, nil, n)
+                continue
+            }
+            guard let eq = t.firstIndex(of: "="), let parts = Self.keyParts(t[..<eq]) else { continue }
+            record(current + parts.dropLast(), parts.last!, n)
+            // A multi-line string starting on this line and not closed on it.
+            let value = t[t.index(after: eq)...]
+            for m in ["\"\"\"", "'''"] where value.components(separatedBy: m).count == 2 {
+                multiline = m
+            }
+        }
     }
 }

@@ -35,7 +35,9 @@ import BlobStore
         #expect(ByteSize.parse("10G") == 10 << 30)
         #expect(ByteSize.parse("512M") == 512 << 20)
         #expect(ByteSize.parse("64k") == 64 << 10)
-        #expect(ByteSize.parse("1.5GiB") == Int64(1_610_612_736))
+        // Fractions are refused (exact whole numbers only): 1.5GiB is written 1536MiB.
+        #expect(ByteSize.parse("1.5GiB") == nil)
+        #expect(ByteSize.parse("1536MiB") == Int64(1_610_612_736))
         #expect(ByteSize.parse("123") == 123)
         #expect(ByteSize.parse("-1") == nil)
         #expect(ByteSize.parse("ten") == nil)
@@ -100,7 +102,7 @@ import BlobStore
         let always = try NodeConfiguration.load(path: try write("always.toml", base + "quic_address_validation = \"always\"\n"))
         #expect(always.quicAddressValidation.policy == .always)
         #expect { try NodeConfiguration.load(path: try write("sometimes.toml", base + "quic_address_validation = \"sometimes\"\n")) } throws: {
-            "\($0)".contains("quic_address_validation must be one of auto, always, never, got 'sometimes'")
+            "\($0)".contains("'quic_address_validation' must be one of auto, always, never, got 'sometimes'")
         }
         for bad in [1199, 65_528] {
             let b = try NodeConfiguration.load(path: try write("bad\(bad).toml", base + "quic_max_datagram = \(bad)\n"))

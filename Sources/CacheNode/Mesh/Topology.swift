@@ -68,94 +68,63 @@ public struct Topology: Sendable {
 
     public func node(named n: String) -> Node? { nodes.first { $0.name == n } }
 
-    private struct File: Decodable {
-        var name: String
-        var ca: String
-        var replication: Int?
-        var write_quorum: Int?
-        var fetch: FetchEntry?
-        var quic: QUICEntry?
-        var nodes: [NodeEntry]
-    }
-
-    private struct QUICEntry: Decodable {
-        var max_datagram: Int?
-        var address_validation: String?
-    }
-
-    private struct FetchEntry: Decodable {
-        var strategy: String?
-        var transport: String?
-        var origin_write_through: Bool?
-    }
-
-    private struct NodeEntry: Decodable {
-        var name: String
-        var role: Role?
-        var tcp: String
-        var quic: String?
-        var advertise_tcp: String?
-        var advertise_quic: String?
-        var data_dir: String
-        var max_bytes: String?
-        var cert: String
-        var key: String
-        var seeds: [String]?
-    }
-
     public static func load(path: String) throws -> Topology {
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
-            throw ConfigurationError("cannot read topology \(path): \(error.localizedDescription)")
+            throw ConfigurationError("cannot read topology \(path): \(describeFileError(error))")
         }
-        let file: File
-        do { file = try TOMLDecoder().decode(File.self, from: text) } catch {
-            throw ConfigurationError("topology \(path) is not valid: \(error)")
-        }
+        return try load(text: text, path: path)
+    }
+
+    /// The keys a topology may hold, per table.
+    public static let fileKeys = ["name", "ca", "replication", "write_quorum", "fetch", "quic", "nodes"]
+    public static let nodeKeys = ["name", "role", "tcp", "quic", "advertise_tcp", "advertise_quic", "data_dir", "max_bytes", "cert", "key", "seeds"]
+    public static let fetchKeys = ["strategy", "transport", "origin_write_through"]
+    public static let quicKeys = ["max_datagram", "address_validation"]
+
+    /// `load(path:)` of a text already read (`path` names it in errors and anchors relative paths).
+    public static func load(text: String, path: String) throws -> Topology {
+        let (_, file) = try StrictTOML.parse(text, what: "topology \(path)")
+        try file.only(fileKeys)
         let base = URL(fileURLWithPath: path).absoluteURL.deletingLastPathComponent()
         func resolve(_ p: String) -> String { p.hasPrefix("/") ? p : base.appendingPathComponent(p).standardized.path }
-        var nodes: [Node] = []
-        for n in file.nodes {
-            guard let tcp = HostPort(n.tcp) else { throw ConfigurationError("topology \(path): node \(n.name): tcp '\(n.tcp)' is not host:port") }
-            func address(_ key: String, _ value: String?) throws -> HostPort? {
-                guard let value else { return nil }
-                guard let hp = HostPort(value) else { throw ConfigurationError("topology \(path): node \(n.name): \(key) '\(value)' is not host:port") }
-                return hp
-            }
-            let quic = try address("quic", n.quic)
-            let advertiseTCP = try address("advertise_tcp", n.advertise_tcp) ?? tcp
-            let advertiseQUIC = try address("advertise_quic", n.advertise_quic) ?? quic
-            if advertiseQUIC != nil && quic == nil {
-                throw ConfigurationError("topology \(path): node \(n.name): advertise_quic needs a quic listen address")
-            }
-            var maxBytes: Int64 = 10 << 30
-            if let m = n.max_bytes {
-                guard let v = ByteSize.parse(m) else { throw ConfigurationError("topology \(path): node \(n.name): max_bytes '\(m)' is not a size") }
-                maxBytes = v
-            }
-            nodes.append(Node(name: n.name, role: n.role ?? .peer, tcp: tcp, quic: quic, advertiseTCP: advertiseTCP, advertiseQUIC: advertiseQUIC,
-                              dataDirectory: resolve(n.data_dir),
-                              maxBytes: maxBytes, certificate: resolve(n.cert), privateKey: resolve(n.key), seeds: n.seeds ?? []))
-        }
+        let name = try file.required("name", "a string", file.string)
+        let ca = try file.required("ca", "the mesh CA certificate file, a string", file.string)
+        let replication = try file.int("replication") ?? 2
+        let writeQuorum = try file.int("write_quorum") ?? 1
         var fetch = FetchSettings()
-        if let f = file.fetch {
-            if let v = f.strategy {
-                guard let st = FetchStrategy(rawValue: v) else {
-                    throw ConfigurationError("topology \(path): fetch.strategy '\(v)' is not one of \(FetchStrategy.allCases.map(\.rawValue).joined(separator: ", "))")
-                }
-                fetch.strategy = st
-            }
-            if let v = f.transport {
-                guard let tr = MeshTransportKind(rawValue: v) else { throw ConfigurationError("topology \(path): fetch.transport '\(v)' is not quic or tcp") }
-                fetch.transport = tr
-            }
-            fetch.originWriteThrough = f.origin_write_through ?? false
+        if let f = try file.table("fetch", known: fetchKeys) {
+            if let v = try f.choice("strategy", FetchStrategy.allCases.map { ($0.rawValue, $0) }) { fetch.strategy = v }
+            if let v = try f.choice("transport", [("quic", MeshTransportKind.quic), ("tcp", MeshTransportKind.tcp)]) { fetch.transport = v }
+            fetch.originWriteThrough = try f.bool("origin_write_through") ?? false
         }
-        var t = Topology(name: file.name, ca: resolve(file.ca), replication: file.replication ?? 2, writeQuorum: file.write_quorum ?? 1,
-                         fetch: fetch, quicMaxDatagram: file.quic?.max_datagram, nodes: nodes)
-        if let v = file.quic?.address_validation {
-            t.quicAddressValidation = try QUICAddressValidationMode.parse(v, key: "topology \(path): [quic] address_validation")
+        var quicMaxDatagram: Int?
+        var quicAddressValidation = QUICAddressValidationMode.auto
+        if let q = try file.table("quic", known: quicKeys) {
+            quicMaxDatagram = try q.int("max_datagram")
+            if let v = try q.choice("address_validation", QUICAddressValidationMode.allCases.map { ($0.rawValue, $0) }) { quicAddressValidation = v }
         }
+        var nodes: [Node] = []
+        for n in try file.required("nodes", "at least one [[nodes]] table", { try file.tables($0, known: nodeKeys) }) {
+            let tcp = try n.required("tcp", "host:port", n.hostPort)
+            let quic = try n.hostPort("quic")
+            let advertiseQUIC = try n.hostPort("advertise_quic") ?? quic
+            if advertiseQUIC != nil && quic == nil {
+                throw n.error("advertise_quic", "advertise_quic needs a quic listen address")
+            }
+            nodes.append(Node(name: try n.required("name", "a string", n.string),
+                              role: try n.choice("role", [("origin", Role.origin), ("peer", Role.peer)]) ?? .peer,
+                              tcp: tcp, quic: quic,
+                              advertiseTCP: try n.hostPort("advertise_tcp") ?? tcp, advertiseQUIC: advertiseQUIC,
+                              dataDirectory: resolve(try n.required("data_dir", "a directory, a string", n.string)),
+                              maxBytes: try n.size("max_bytes") ?? 10 << 30,
+                              certificate: resolve(try n.required("cert", "the node certificate file, a string", n.string)),
+                              privateKey: resolve(try n.required("key", "the node private key file, a string", n.string)),
+                              seeds: try n.strings("seeds") ?? []))
+        }
+        var t = Topology(name: name, ca: resolve(ca), replication: replication, writeQuorum: writeQuorum,
+                         fetch: fetch, quicMaxDatagram: quicMaxDatagram, nodes: nodes)
+        t.quicAddressValidation = quicAddressValidation
         try t.validate(path: path)
         return t
     }
