@@ -166,6 +166,9 @@ public struct NodeConfiguration: Sendable {
     /// A response the client takes nothing of (closed flow-control window) for this long is
     /// reset, giving back its read slot.
     public var responseStallTimeoutSeconds = 30
+    /// Open TCP connections at once (HTTP/2). The node lowers it to fit its open-file limit
+    /// with a quarter of that limit kept for the store.
+    public var maxConnections = 4096
 
     /// The smallest store a node runs with (a size without a unit is bytes, so `10` is refused).
     public static let minimumMaxBytes: Int64 = 1 << 20
@@ -199,6 +202,7 @@ public struct NodeConfiguration: Sendable {
         "name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
         "insecure", "quic_listen", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds",
         "quic_max_datagram", "quic_address_validation", "max_header_list_bytes", "max_unverified_bytes", "request_body_timeout_seconds", "response_stall_timeout_seconds",
+        "max_connections",
     ]
 
     /// `load(path:)` of a text already read (`path` names it in errors and anchors relative paths).
@@ -225,6 +229,7 @@ public struct NodeConfiguration: Sendable {
         if let v = try t.int("max_header_list_bytes") { c.maxHeaderListBytes = v }
         if let v = try t.int("request_body_timeout_seconds") { c.requestBodyTimeoutSeconds = v }
         if let v = try t.int("response_stall_timeout_seconds") { c.responseStallTimeoutSeconds = v }
+        if let v = try t.int("max_connections") { c.maxConnections = v }
         if let v = try t.choice("quic_address_validation", QUICAddressValidationMode.allCases.map { ($0.rawValue, $0) }) {
             c.quicAddressValidation = v
         }
@@ -247,6 +252,7 @@ public struct NodeConfiguration: Sendable {
             // A bare number is bytes: `--max-bytes 10` is far more likely a forgotten unit than a wish.
             throw ConfigurationError("max_bytes is \(maxBytes) bytes; a store needs at least 1 MiB (a size without a unit is bytes: write e.g. \(max(maxBytes, 1))G or \(max(maxBytes, 1))M)")
         }
+        if maxConnections <= 0 { throw ConfigurationError("max_connections must be positive, got \(maxConnections)") }
         if responseStallTimeoutSeconds <= 0 { throw ConfigurationError("response_stall_timeout_seconds must be positive, got \(responseStallTimeoutSeconds)") }
         if requestBodyTimeoutSeconds <= 0 { throw ConfigurationError("request_body_timeout_seconds must be positive, got \(requestBodyTimeoutSeconds)") }
         if let v = maxUnverifiedBytes, v <= 0 { throw ConfigurationError("max_unverified_bytes must be positive, got \(v)") }

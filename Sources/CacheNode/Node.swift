@@ -51,6 +51,7 @@ public final class CacheNode: Service {
         h2.maxHeaderListBytes = configuration.maxHeaderListBytes
         h2.requestBodyIdleTimeout = .seconds(configuration.requestBodyTimeoutSeconds)
         h2.responseStallTimeout = .seconds(configuration.responseStallTimeoutSeconds)
+        h2.maxConnections = Self.connectionCap(configuration.maxConnections, logger: logger)
         self.server = HTTP2Server(configuration: h2, service: service, logger: logger)
         if let q = configuration.quicListen {
             guard let credentials else { throw ConfigurationError("QUIC needs TLS: --quic-listen cannot be used with --insecure") }
@@ -65,6 +66,19 @@ public final class CacheNode: Service {
         } else {
             quicServer = nil
         }
+    }
+
+    /// The connection cap that fits the open-file limit: a quarter of the descriptors (at least
+    /// 64) stay for the store's files, QUIC and the mesh's own connections.
+    static func connectionCap(_ configured: Int, logger: Logger) -> Int {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < rlim_t(Int32.max) else { return configured }
+        let descriptors = Int(clamping: limit.rlim_cur)
+        let fits = max(1, descriptors - max(64, descriptors / 4))
+        if fits < configured {
+            logger.notice("max_connections lowered to \(fits) to fit the open-file limit of \(descriptors) (ulimit -n)")
+        }
+        return min(configured, fits)
     }
 
     /// Stateless-reset tokens must outlive the process (after a restart the node resets the QUIC

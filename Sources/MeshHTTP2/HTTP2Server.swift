@@ -26,6 +26,11 @@ public final class HTTP2Server: Sendable {
         /// A response the client takes no bytes of for this long (its window stays closed, or
         /// its socket takes nothing) is reset, giving back its read slot. nil: never.
         public var responseStallTimeout: Duration? = .seconds(30)
+        /// Open connections at once (see `ConnectionLimiter`: the longest-idle one makes room
+        /// for a new one; when all are busy, accepting pauses).
+        public var maxConnections: Int = 4096
+        /// A connection without an open stream for this long is closed (GOAWAY). nil: never.
+        public var idleTimeout: Duration? = .seconds(300)
 
         public init(host: String, port: Int, credentials: TLSCredentials?, clientAuthentication: ClientAuthentication = .require,
                     handshakeTimeout: TimeAmount = .seconds(10), maxConcurrentStreams: UInt32 = 128,
@@ -62,11 +67,20 @@ public final class HTTP2Server: Sendable {
         let config = configuration
         let service = self.service
         let logger = self.logger
+        let limiter = ConnectionLimiter(maxConnections: max(1, config.maxConnections), logger: logger)
+        self.limiter.withLock { $0 = limiter }
         let settings = NGHTTP2Session.Settings(maxConcurrentStreams: config.maxConcurrentStreams, initialWindowSize: config.initialStreamWindow,
                                                connectionWindowSize: config.connectionWindow, maxHeaderListSize: UInt32(clamping: config.maxHeaderListBytes))
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 4096)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            // EMFILE/ENFILE while accepting: back off for a second instead of spinning.
+            .serverChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(AcceptBackoffHandler())
+                    try channel.pipeline.syncOperations.addHandler(limiter)
+                }
+            }
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: 256 * 1024, high: 1024 * 1024))
             .childChannelInitializer { [weak self] channel in
@@ -80,7 +94,8 @@ public final class HTTP2Server: Sendable {
                     try channel.pipeline.syncOperations.addHandler(HTTP2ServerHandler(
                         service: service, plaintext: config.credentials == nil, settings: settings,
                         gracePeriod: config.drainGracePeriod, bodyIdleTimeout: config.requestBodyIdleTimeout,
-                        responseStallTimeout: config.responseStallTimeout, logger: logger))
+                        responseStallTimeout: config.responseStallTimeout, idleTimeout: config.idleTimeout,
+                        limiter: limiter, logger: logger))
                 }
             }
         let channel = try await bootstrap.bind(host: config.host, port: config.port).get()
@@ -99,6 +114,8 @@ public final class HTTP2Server: Sendable {
     }
 
     public var connectionCount: Int { state.withLock { $0.connections.count } }
+
+    private let limiter = Mutex<ConnectionLimiter?>(nil)
 
     /// Stop accepting, send GOAWAY (notice, then final) on every connection, and wait until
     /// they closed (in-flight streams finish, bounded by the drain grace period).

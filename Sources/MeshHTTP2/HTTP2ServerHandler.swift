@@ -24,10 +24,17 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     private let gracePeriod: TimeAmount
     private let bodyIdleTimeout: Duration?
     private let responseStallTimeout: Duration?
+    private let idleTimeout: Duration?
+    private let limiter: ConnectionLimiter?
     private var stallCheck: RepeatedTask?
+    /// Since when no stream has been open (nil: streams are open).
+    private var idleSince: ContinuousClock.Instant? = .now
 
     init(service: any HTTPService, plaintext: Bool, settings: NGHTTP2Session.Settings, gracePeriod: TimeAmount = .seconds(30),
-         bodyIdleTimeout: Duration? = nil, responseStallTimeout: Duration? = nil, logger: Logger) {
+         bodyIdleTimeout: Duration? = nil, responseStallTimeout: Duration? = nil, idleTimeout: Duration? = nil,
+         limiter: ConnectionLimiter? = nil, logger: Logger) {
+        self.idleTimeout = idleTimeout
+        self.limiter = limiter
         self.service = service
         self.bodyIdleTimeout = bodyIdleTimeout
         self.responseStallTimeout = responseStallTimeout
@@ -59,11 +66,17 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     /// timeout are reset (CANCEL), which closes their file and gives back their read slot; a
     /// connection whose socket takes nothing at all is closed.
     private func startStallCheck() {
-        guard let timeout = responseStallTimeout, let context else { return }
+        guard responseStallTimeout != nil || idleTimeout != nil, let context else { return }
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         stallCheck = context.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
             let me = bound.value
             guard let session = me.session, let context = me.context, !me.closing else { return }
+            if let idle = me.idleTimeout, let since = me.idleSince, ContinuousClock.now - since > idle, !me.draining {
+                me.logger.debug("closing an idle HTTP/2 connection", metadata: ["remote": "\(me.remoteAddress ?? "-")"])
+                me.initiateGracefulShutdown()
+                return
+            }
+            guard let timeout = me.responseStallTimeout else { return }
             let blocked = !context.channel.isWritable
             let stalled = session.stalledResponses(now: .now, timeout: timeout, socketBlocked: blocked)
             guard !stalled.isEmpty else { return }
@@ -78,6 +91,14 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
                 me.flushOutput()
             }
         }
+    }
+
+    /// Tells the idle timer and the connection limiter whether streams are open.
+    private func streamsChanged() {
+        let idle = streams.isEmpty
+        guard idle != (idleSince != nil) else { return }
+        idleSince = idle ? .now : nil
+        if let limiter, let channel = context?.channel { limiter.update(channel, idle: idle) }
     }
 
     override func channelInactive(context: ChannelHandlerContext) {
@@ -124,11 +145,13 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         let fields = head.headers
         if endStream, let immediate = service.immediateResponse(head, peer: peer) {
             streams[stream] = Stream(body: .complete(nil), requestEnded: true, isHead: head.method == "HEAD")
+            streamsChanged()
             respond(stream: stream, response: immediate)
             return
         }
         let body = HTTPInboundBody(onConsumed: makeConsumedCallback(stream: stream), idleTimeout: endStream ? nil : bodyIdleTimeout)
         streams[stream] = Stream(body: body, requestEnded: endStream, isHead: head.method == "HEAD")
+        streamsChanged()
         if endStream {
             body.finish()
         } else if fields["expect"]?.lowercased() == "100-continue" {
@@ -160,6 +183,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
             return
         }
         streams[stream] = Stream(body: .complete(nil), requestEnded: endStream, isHead: false)
+        streamsChanged()
         respond(stream: stream, response: TransportRefusals.headerListTooLarge(bytes: bytes, limit: session.maxHeaderListSize))
     }
 
@@ -204,6 +228,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
 
     override func streamClosed(stream: Int32, errorCode: UInt32) {
         guard let s = streams.removeValue(forKey: stream) else { return }
+        streamsChanged()
         // The body first, so a handler reading it learns the real reason; then the handler.
         if !s.requestEnded {
             s.body.fail(HTTPTransportError.streamReset(errorCode: errorCode))

@@ -20,6 +20,9 @@ struct H2Attack {
     static var script: String { "\(Paths.packageRoot)/Tests/attacks/h2attack.py" }
 
     struct Outcome: Decodable {
+        var opened: Int?
+        var failed: Int?
+        var closed_by_server: Int?
         var status: [String: Int]
         var reset: [String: Int]
         var goaway: Int?
@@ -232,5 +235,48 @@ struct StalledReaderAttackTests {
         let metrics = try await withClient(node) { try await $0.metrics() }
         #expect((metrics.value("cachemesh_http_refused_total", labels: ["reason": "response_stalled", "transport": "h2"]) ?? 0) >= 16)
         #expect(node.child.stderr.contains("HTTP/2 client stopped reading"), "\(node.logExcerpt())")
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+func cpuSeconds(_ pid: Int32) -> Double? {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+          let close = stat.lastIndex(of: ")") else { return nil }
+    let fields = stat[stat.index(after: close)...].split(separator: " ")
+    guard fields.count > 13, let u = Double(fields[11]), let s = Double(fields[12]) else { return nil }
+    return (u + s) / Double(sysconf(Int32(_SC_CLK_TCK)))
+}
+
+func openDescriptors(_ pid: Int32) -> Int {
+    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count) ?? -1
+}
+
+@Suite("Connection floods against a real node", .serialized)
+struct ConnectionFloodTests {
+    @Test("400 idle TLS connections under ulimit -n 256: the node caps its connections below the descriptor limit, does not spin, displaces idle connections, and serves a working client",
+          .timeLimit(.minutes(3)))
+    func idleConnectionFlood() async throws {
+        let node = try await TestNode.start(openFilesLimit: 256)
+        defer { node.cleanUp() }
+        let data = randomBytes(1 << 20)
+        let d = try await withClient(node) { try await $0.put(bytes: data) }
+        #expect(node.child.stderr.contains("max_connections lowered to 192"), "\(node.logExcerpt())")
+
+        async let flood = H2Attack.run("idle-connections", node: node, ["--connections", "400", "--hold", "8"])
+        // Let the flood build up, then measure while it sits there.
+        _ = await eventually(timeout: 20) { openDescriptors(node.pid) > 150 }
+        let cpu0 = try #require(cpuSeconds(node.pid))
+        try await Task.sleep(for: .seconds(2))
+        let cpu1 = try #require(cpuSeconds(node.pid))
+        // A working client gets in and is served during the flood.
+        let got = try await withClient(node) { try await $0.fetch("/cas/\(d.hash)") }
+        #expect(got.status == 200 && got.body == data)
+        let outcome = try await flood
+        #expect(cpu1 - cpu0 < 1.0, "the node used \(cpu1 - cpu0) CPU seconds in 2 s of an idle flood")
+        #expect((outcome.opened ?? 0) + (outcome.failed ?? 0) == 400)
+        #expect((outcome.closed_by_server ?? 0) >= 400 - 192 - 8, "\(outcome)")
+        let metrics = try await withClient(node) { try await $0.metrics() }
+        #expect((metrics.value("cachemesh_http_refused_total", labels: ["reason": "idle_connection_displaced", "transport": "h2"]) ?? 0) >= 200)
+        #expect(node.child.stderr.contains("closing the longest-idle connection"), "\(node.logExcerpt())")
     }
 }

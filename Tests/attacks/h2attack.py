@@ -8,6 +8,8 @@ Used by the attack tests in Tests/IntegrationTests; prints one JSON line with wh
                on the wire decode to COPIES x VALUE-SIZE bytes at the server.
   zero-window: open STREAMS GETs of PATH with an initial window of 0 and never read: the
                server can send headers but no body; prints how the streams ended after HOLD s.
+  idle-connections: open CONNECTIONS TLS+HTTP/2 connections (handshake, preface, SETTINGS) and
+               hold them without a request for HOLD s; prints how many the server closed.
   stalled-put: PUT PATH declaring CONTENT-LENGTH bytes, send SEND bytes of them, then hold the
                stream open for HOLD seconds without sending more (or until the server ends it).
 """
@@ -129,9 +131,36 @@ def zero_window(a):
     return out
 
 
+def idle_connections(a):
+    socks, failed = [], 0
+    for _ in range(a.connections):
+        try:
+            s, conn = connect(a)
+            socks.append(s)
+        except (OSError, ssl.SSLError):
+            failed += 1
+    print(json.dumps({"event": "opened", "connections": len(socks), "failed": failed}), flush=True)
+    time.sleep(a.hold)
+    closed = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    closed += 1
+                    break
+        except (BlockingIOError, ssl.SSLWantReadError):
+            pass
+        except (OSError, ssl.SSLError):
+            closed += 1
+        s.close()
+    return {"status": {}, "reset": {}, "goaway": None, "closed": None, "opened": len(socks), "failed": failed, "closed_by_server": closed}
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("attack", choices=["header-bomb", "stalled-put", "zero-window"])
+    p.add_argument("attack", choices=["header-bomb", "stalled-put", "zero-window", "idle-connections"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", required=True)
@@ -146,8 +175,9 @@ def main():
     p.add_argument("--content-length", type=int, default=60 << 20)
     p.add_argument("--send", type=int, default=1 << 20)
     p.add_argument("--hold", type=float, default=10)
+    p.add_argument("--connections", type=int, default=100)
     a = p.parse_args()
-    out = {"header-bomb": header_bomb, "stalled-put": stalled_put, "zero-window": zero_window}[a.attack](a)
+    out = {"header-bomb": header_bomb, "stalled-put": stalled_put, "zero-window": zero_window, "idle-connections": idle_connections}[a.attack](a)
     print(json.dumps(out))
 
 
