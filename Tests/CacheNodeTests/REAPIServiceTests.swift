@@ -197,6 +197,42 @@ let BS = "/google.bytestream.ByteStream/"
         #expect(all.first == root)
     }
 
+    @Test("GetTree over a client-sized tree reads only what the page needs, and a 50,000-entry directory of missing children is walked once")
+    func getTreeWorkIsBoundedByThePage() async throws {
+        let h = try REAPIHarness()
+        var children: [Build_Bazel_Remote_Execution_V2_DirectoryNode] = []
+        for i in 0..<200 {
+            var d = Build_Bazel_Remote_Execution_V2_Directory()
+            d.files = [.with { $0.name = "f\(i)"; $0.digest = v2(Array("\(i)".utf8)) }]
+            let dd = try await h.put(try d.serializedBytes())
+            children.append(.with { $0.name = "d\(i)"; $0.digest = dd })
+        }
+        var root = Build_Bazel_Remote_Execution_V2_Directory()
+        root.directories = children
+        let rootDigest = try await h.put(try root.serializedBytes())
+        // Page 3 of 10: offset 20 → at most offset + page + 1 directories are read (plus the root check).
+        let lookups = h.store.stats.hits + h.store.stats.misses
+        let req = Build_Bazel_Remote_Execution_V2_GetTreeRequest.with { $0.rootDigest = rootDigest; $0.pageSize = 10; $0.pageToken = "20" }
+        let r = try await h.call(CAS + "GetTree", [req], as: Build_Bazel_Remote_Execution_V2_GetTreeResponse.self)
+        #expect(r.code == 0)
+        let page = try #require(r.messages.first)
+        #expect(page.directories.count == 10 && page.nextPageToken == "30")
+        #expect(page.directories.first?.files.first?.name == "f19")
+        let read = h.store.stats.hits + h.store.stats.misses - lookups
+        #expect(read <= 1 + 31, "GetTree read \(read) blobs for one page of 10 at offset 20")
+
+        // 50,000 subdirectory entries whose blobs do not exist: every one is looked up once and
+        // skipped (the walk is linear), and the answer is the root alone.
+        var wide = Build_Bazel_Remote_Execution_V2_Directory()
+        wide.directories = (0..<50_000).map { i in .with { $0.name = "m\(i)"; $0.digest = v2(Array("missing \(i)".utf8)) } }
+        let wideDigest = try await h.put(try wide.serializedBytes())
+        let before = h.store.stats.hits + h.store.stats.misses
+        let w = try await h.call(CAS + "GetTree", [Build_Bazel_Remote_Execution_V2_GetTreeRequest.with { $0.rootDigest = wideDigest }],
+                                 as: Build_Bazel_Remote_Execution_V2_GetTreeResponse.self)
+        #expect(w.code == 0 && w.messages.first?.directories.count == 1 && w.messages.first?.nextPageToken == "")
+        #expect(h.store.stats.hits + h.store.stats.misses - before == 50_002)
+    }
+
     func writeRequests(_ data: [UInt8], resource: String, chunk: Int, from: Int = 0, finish: Bool = true) -> [Google_Bytestream_WriteRequest] {
         var out: [Google_Bytestream_WriteRequest] = []
         var off = from

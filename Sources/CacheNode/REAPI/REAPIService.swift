@@ -233,22 +233,33 @@ public final class REAPIService: Sendable {
             offset = o
         }
         guard store.contains(root) else { throw GRPCStatus(.notFound, "root directory \(root) not found") }
-        // Breadth-first; parts missing from the CAS are omitted (REAPI GetTree semantics).
+        // Breadth-first; parts missing from the CAS are omitted (REAPI GetTree semantics). Linear
+        // in what it visits (a queue with a read index, each directory once), and a page stops the
+        // walk as soon as it knows whether another page follows: a client-sized tree costs work in
+        // proportion to the page asked for, never quadratic, and the walk yields to other requests.
+        let page = req.pageSize == 0 ? Self.maxTreePage : min(Int(req.pageSize), Self.maxTreePage)
+        let wanted = offset + page + 1
         var all: [Build_Bazel_Remote_Execution_V2_Directory] = []
         var queue: [Digest] = [root]
-        var seen: Set<Digest> = []
-        while !queue.isEmpty {
-            let d = queue.removeFirst()
-            guard seen.insert(d).inserted else { continue }
+        var next = 0
+        var seen: Set<Digest> = [root]
+        while next < queue.count, all.count < wanted {
+            let d = queue[next]
+            next += 1
+            if next % 256 == 0 {
+                try Task.checkCancellation()
+                await Task.yield()
+            }
             guard let bytes = try? await store.readAll(hash: d.hash) else { continue }
             let dir: Build_Bazel_Remote_Execution_V2_Directory
             do { dir = try .init(serializedBytes: bytes) } catch {
                 throw GRPCStatus(.invalidArgument, "blob \(d) is not a Directory message")
             }
             all.append(dir)
-            for sub in dir.directories { if let sd = Digest(hash: sub.digest.hash, size: sub.digest.sizeBytes) { queue.append(sd) } }
+            for sub in dir.directories {
+                if let sd = Digest(hash: sub.digest.hash, size: sub.digest.sizeBytes), seen.insert(sd).inserted { queue.append(sd) }
+            }
         }
-        let page = req.pageSize == 0 ? Self.maxTreePage : min(Int(req.pageSize), Self.maxTreePage)
         guard offset <= all.count else { throw GRPCStatus(.invalidArgument, "page_token beyond the tree") }
         var resp = Build_Bazel_Remote_Execution_V2_GetTreeResponse()
         let end = min(all.count, offset + page)
