@@ -268,6 +268,9 @@ public final class CacheClient: Sendable {
             guard let ca = options.ca else {
                 throw CacheClientError.usage("TLS needs --ca (and --cert/--key for mTLS); plaintext only with --insecure")
             }
+            if (options.certificate == nil) != (options.privateKey == nil) {
+                throw CacheClientError.usage(options.certificate == nil ? "--key needs --cert (the client certificate)" : "--cert needs --key (its private key)")
+            }
             credentials = try TLSCredentials(files: TLSFiles(certificateChain: options.certificate, privateKey: options.privateKey, trustedCA: ca))
         }
         if options.transport == .quic {

@@ -41,6 +41,9 @@ public enum ByteSize {
             throw fail("use a whole number (e.g. 1536M rather than 1.5G); expected \(unitsHelp)")
         }
         let unit = rest.trimmingCharacters(in: .whitespaces)
+        if let e = unit.first, e == "e" || e == "E", unit.dropFirst().first.map({ $0.isNumber || $0 == "+" || $0 == "-" }) == true {
+            throw fail("exponents are not accepted; write the whole number with a unit; expected \(unitsHelp)")
+        }
         guard let multiplier = units[unit.uppercased()] else {
             throw fail("unknown unit '\(unit)'; expected \(unitsHelp)")
         }
@@ -94,6 +97,17 @@ public struct HostPort: Sendable, Hashable, CustomStringConvertible {
 public struct ConfigurationError: Error, CustomStringConvertible {
     public var description: String
     public init(_ d: String) { description = d }
+}
+
+/// A listener that could not be opened: `cannot listen on 127.0.0.1:8443: address already in use`.
+public struct ListenFailure: Error, CustomStringConvertible {
+    public var address: String
+    /// "TCP", "UDP (QUIC)".
+    public var transport: String
+    public var reason: String
+    public var description: String {
+        "cannot listen on \(address)\(transport == "TCP" ? "" : " (\(transport))"): \(reason)"
+    }
 }
 
 /// "no such file or directory" rather than Foundation's "The file “x” couldn’t be opened…".
@@ -250,7 +264,7 @@ public struct NodeConfiguration: Sendable {
     public func validate() throws {
         if maxBytes < Self.minimumMaxBytes {
             // A bare number is bytes: `--max-bytes 10` is far more likely a forgotten unit than a wish.
-            throw ConfigurationError("max_bytes is \(maxBytes) bytes; a store needs at least 1 MiB (a size without a unit is bytes: write e.g. \(max(maxBytes, 1))G or \(max(maxBytes, 1))M)")
+            throw ConfigurationError("max_bytes (--max-bytes) is \(maxBytes) bytes; a store needs at least 1 MiB (a size without a unit is bytes: write e.g. \(max(maxBytes, 1))G or \(max(maxBytes, 1))M)")
         }
         if maxConnections <= 0 { throw ConfigurationError("max_connections must be positive, got \(maxConnections)") }
         if responseStallTimeoutSeconds <= 0 { throw ConfigurationError("response_stall_timeout_seconds must be positive, got \(responseStallTimeoutSeconds)") }

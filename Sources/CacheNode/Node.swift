@@ -96,10 +96,17 @@ public final class CacheNode: Service {
     /// Bind the listener; returns the bound address.
     @discardableResult
     public func start() async throws -> SocketAddress {
-        let addr = try await server.start()
+        let addr: SocketAddress
+        do { addr = try await server.start() } catch {
+            throw ListenFailure(address: "\(configuration.listen)", transport: "TCP", reason: SocketErrorText.describe(error))
+        }
         service.setListener("tcp", "\(configuration.listen.host):\(addr.port ?? configuration.listen.port)")
         if let quicServer, let q = configuration.quicListen {
-            let qa = try await quicServer.start()
+            let qa: SocketAddress
+            do { qa = try await quicServer.start() } catch {
+                await server.close()
+                throw ListenFailure(address: "\(q)", transport: "UDP (QUIC)", reason: SocketErrorText.describe(error))
+            }
             service.setListener("quic", "\(q.host):\(qa.port ?? q.port)")
             print("cachemesh: listening quic=\(q.host):\(qa.port ?? q.port)")
         }

@@ -4,6 +4,60 @@ import MeshTLS
 import NIOCore
 import NIOPosix
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A TCP connection that could not be made, said in words:
+/// `cannot connect to 127.0.0.1:1: connection refused`.
+public struct ConnectionFailure: Error, Sendable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+    /// Why, e.g. "connection refused", "no answer within 10 s".
+    public var reason: String
+
+    public init(host: String, port: Int, reason: String) {
+        self.host = host
+        self.port = port
+        self.reason = reason
+    }
+
+    public var description: String { "cannot connect to \(host.contains(":") ? "[\(host)]" : host):\(port): \(reason)" }
+}
+
+/// Socket errors (NIO's `IOError`, `NIOConnectionError`, …) in words, without library internals:
+/// "address already in use", "connection refused", "unknown host nowhere.example".
+public enum SocketErrorText {
+    public static func describe(_ error: any Error) -> String {
+        switch error {
+        case let e as IOError:
+            return errnoText(e.errnoCode)
+        case let e as NIOConnectionError:
+            // One reason per address tried (127.0.0.1 and ::1 may fail differently).
+            var reasons: [String] = []
+            for f in e.connectionErrors {
+                let r = describe(f.error)
+                if !reasons.contains(r) { reasons.append(r) }
+            }
+            if !reasons.isEmpty { return reasons.joined(separator: "; ") }
+            if let dns = e.dnsAError ?? e.dnsAAAAError { return "cannot resolve \(e.host): \(describe(dns))" }
+            return "no address found for \(e.host)"
+        case let e as ChannelError:
+            if case .connectTimeout(let t) = e { return "no answer within \(Double(t.nanoseconds) / 1e9) s (connect timeout)" }
+            return "\(e)"
+        case let e as SocketAddressError.UnknownHost:
+            return "unknown host \(e.host)"
+        default:
+            return "\(error)"
+        }
+    }
+
+    /// `strerror` with a lower-case first letter: "connection refused".
+    public static func errnoText(_ code: Int32) -> String {
+        let s = String(cString: strerror(code))
+        return s.prefix(1).lowercased() + s.dropFirst()
+    }
+}
 
 /// One multiplexed HTTP/2 connection to a server (TLS by default).
 ///
@@ -40,7 +94,12 @@ public final class HTTP2Connection: HTTPClientTransport {
             .connectTimeout(connectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(.writeBufferWaterMark, value: .init(low: 256 * 1024, high: 1024 * 1024))
-        let channel = try await bootstrap.connect(host: host, port: port).get()
+        let channel: any Channel
+        do {
+            channel = try await bootstrap.connect(host: host, port: port).get()
+        } catch {
+            throw ConnectionFailure(host: host, port: port, reason: SocketErrorText.describe(error))
+        }
         do {
             let (handler, ready) = try await channel.eventLoop.submit { () -> (NIOLoopBound<HTTP2ClientHandler>, EventLoopFuture<PeerIdentity>) in
                 let promise = channel.eventLoop.makePromise(of: PeerIdentity.self)

@@ -1,4 +1,34 @@
 import CGnuTLS
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A certificate or key file that cannot be read, said in words:
+/// `cannot read certificate file /x/y.pem: no such file or directory`.
+public struct TLSFileError: Error, Sendable, CustomStringConvertible {
+    /// "CA certificate", "certificate", "private key".
+    public var kind: String
+    public var path: String
+    public var reason: String
+
+    public var description: String { "cannot read \(kind) file \(path): \(reason)" }
+
+    /// Throws unless `path` is a file this process can open for reading.
+    static func checkReadable(_ path: String, _ kind: String) throws {
+        func fail(_ reason: String) -> TLSFileError { TLSFileError(kind: kind, path: path, reason: reason) }
+        func text(_ e: Int32) -> String {
+            let s = String(cString: strerror(e))
+            return s.prefix(1).lowercased() + s.dropFirst()
+        }
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw fail(text(errno)) }
+        if st.st_mode & S_IFMT == S_IFDIR { throw fail("it is a directory") }
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw fail(text(errno)) }
+        close(fd)
+        if st.st_mode & S_IFMT == S_IFREG && st.st_size == 0 { throw fail("it is empty") }
+    }
+}
 
 /// How a server treats client certificates.
 public enum ClientAuthentication: Sendable {
@@ -41,6 +71,10 @@ public final class TLSCredentials: @unchecked Sendable {
         try TLSError.check(gnutls_certificate_allocate_credentials(&creds), "allocating credentials")
         guard let creds else { throw TLSError(code: 0, context: "allocating credentials") }
         do {
+            // GnuTLS says only "Error while reading file. (-64)": find out what is wrong first.
+            try TLSFileError.checkReadable(files.trustedCA, "CA certificate")
+            if let chain = files.certificateChain { try TLSFileError.checkReadable(chain, "certificate") }
+            if let key = files.privateKey { try TLSFileError.checkReadable(key, "private key") }
             let n = gnutls_certificate_set_x509_trust_file(creds, files.trustedCA, GNUTLS_X509_FMT_PEM)
             if n < 0 { throw TLSError(code: n, context: "loading CA \(files.trustedCA)") }
             if n == 0 { throw TLSError(code: 0, context: "no CA certificate in \(files.trustedCA)") }
