@@ -4,6 +4,8 @@ import CacheNode
 import CMeshSystem
 import Foundation
 import Logging
+import MeshHTTP2
+import MeshTLS
 import Metrics
 import Prometheus
 import ServiceLifecycle
@@ -16,7 +18,81 @@ struct CacheMeshCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cachemesh",
         abstract: "A peer-to-peer, content-addressed build cache served over HTTP/2 + mutual TLS.",
+        discussion: "Exit status: 0 ok; 1 a runtime failure (one line: Error: …); 2 a usage error (a flag, argument, config file or topology is wrong; nothing was done).",
+        version: CacheMeshVersion.string,
         subcommands: [NodeCommand.self, PutCommand.self, GetCommand.self, StatusCommand.self, DemoCommand.self, SimulateGossipCommand.self, BenchFetchCommand.self, RelayCommand.self, BenchMeshDriverCommand.self])
+
+    /// Exit codes: 0 ok, 1 runtime failure (`Error: …`, one line, no usage), 2 usage error
+    /// (ArgumentParser's own 64 for parse/validation errors is mapped to 2), or a subcommand's
+    /// own `ExitCode` (e.g. 130 after SIGINT).
+    static func main() async {
+        let command: any ParsableCommand
+        do {
+            command = try await asyncParseAsRoot()
+        } catch {
+            exitAfterParsing(error)
+        }
+        do {
+            if var async = command as? any AsyncParsableCommand {
+                try await async.run()
+            } else {
+                var sync = command
+                try sync.run()
+            }
+        } catch {
+            exitAfterRunning(error, command: type(of: command))
+        }
+    }
+
+    /// Help and --version: stdout, 0. Parse and validation errors: message + usage on stderr, 2.
+    static func exitAfterParsing(_ error: any Error) -> Never {
+        guard exitCode(for: error) == .validationFailure else { exit(withError: error) }
+        printError(fullMessage(for: error))
+        Glibc.exit(ExitStatus.usage)
+    }
+
+    /// Errors thrown while a command runs: usage errors (a `ValidationError` or a wrong
+    /// configuration found only now) → 2 with a pointer to the command's help; anything else → 1.
+    static func exitAfterRunning(_ error: any Error, command: any ParsableCommand.Type) -> Never {
+        let name = command == Self.self ? "cachemesh" : "cachemesh \(command.configuration.commandName ?? "")"
+        if let e = error as? ExitCode { Glibc.exit(e.rawValue) }
+        // Help requests (`cachemesh help node` runs ArgumentParser's help command, which throws),
+        // CleanExit: as ArgumentParser does (stdout, 0).
+        if exitCode(for: error) == .success { exit(withError: error) }
+        switch error {
+        case let e as ValidationError:
+            printError("Error: \(oneLine(e.message))\n  See '\(name) --help' for more information.")
+            Glibc.exit(ExitStatus.usage)
+        case let e as ConfigurationError:
+            printError("Error: \(oneLine(e.description))")
+            Glibc.exit(ExitStatus.usage)
+        case _ where exitCode(for: error) == .validationFailure: // ArgumentParser's own parse errors
+            printError(fullMessage(for: error))
+            Glibc.exit(ExitStatus.usage)
+        default:
+            printError("Error: \(oneLine(describe(error)))")
+            Glibc.exit(ExitStatus.failure)
+        }
+    }
+
+    static func describe(_ error: any Error) -> String { String(describing: error) }
+
+    static func oneLine(_ s: String) -> String {
+        s.trimmingCharacters(in: .whitespacesAndNewlines).split(whereSeparator: \.isNewline).joined(separator: " ")
+    }
+
+    static func printError(_ s: String) {
+        FileHandle.standardError.write(Data((s.hasSuffix("\n") ? s : s + "\n").utf8))
+    }
+}
+
+/// The process exit statuses (README "Exit codes").
+enum ExitStatus {
+    static let success: Int32 = 0
+    /// A runtime failure: a connection, a file, the server, a download that did not verify.
+    static let failure: Int32 = 1
+    /// The command line, a config file or a topology is wrong; nothing was done.
+    static let usage: Int32 = 2
 }
 
 func bootstrapLogging(_ level: Logger.Level) {
@@ -51,13 +127,23 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .customLong("quic-max-datagram"), help: "Largest UDP payload QUIC sends (default 1452 with path MTU discovery; 8952 for 9000-byte jumbo frames, only where every path carries it).") var quicMaxDatagram: Int?
     @Option(name: .customLong("quic-address-validation"), help: "Retry before new QUIC connections: auto (only under a handshake flood), always, never.") var quicAddressValidation: QUICAddressValidationMode?
     @Option(name: .customLong("data-dir"), help: "Directory for blobs.") var dataDir: String?
-    @Option(name: .customLong("max-bytes"), help: "Store capacity, e.g. 10G, 512M.") var maxBytes: String?
+    // `.unconditional`: `--max-bytes -1` reaches `validate()` (and is refused as negative)
+    // instead of ArgumentParser taking -1 for a flag and saying "Missing value".
+    @Option(name: .customLong("max-bytes"), parsing: .unconditional,
+            help: "Store capacity: an integer with K, M, G or T (powers of 1024), e.g. 10G, 512M; at least 1M. A number without a unit is bytes. (default: 10G)")
+    var maxBytes: String?
     @Option(help: "Node certificate chain (PEM).") var cert: String?
     @Option(help: "Node private key (PEM).") var key: String?
     @Option(help: "Mesh CA certificate (PEM); client certificates must chain to it.") var ca: String?
     @Flag(name: .customLong("allow-unauthenticated-reads"), help: "TLS without a client certificate gets the read-only reader role.") var allowUnauthenticatedReads = false
     @Flag(help: "Plaintext HTTP/2 (h2c). Local experiments only.") var insecure = false
     @Option(name: .customLong("log-level")) var logLevel: Logger.Level = .info
+
+    func validate() throws {
+        if let maxBytes {
+            do { _ = try ByteSize.value(maxBytes) } catch { throw ValidationError("--max-bytes: \(error)") }
+        }
+    }
 
     func run() async throws {
         bootstrapLogging(logLevel)
@@ -94,8 +180,7 @@ struct NodeCommand: AsyncParsableCommand {
         if let quicAddressValidation { c.quicAddressValidation = quicAddressValidation }
         if let dataDir { c.dataDirectory = dataDir }
         if let maxBytes {
-            guard let n = ByteSize.parse(maxBytes) else { throw ValidationError("--max-bytes must be a size like 10G, got \(maxBytes)") }
-            c.maxBytes = n
+            do { c.maxBytes = try ByteSize.value(maxBytes) } catch { throw ValidationError("--max-bytes: \(error)") }
         }
         if let cert { c.certificate = cert }
         if let key { c.privateKey = key }
@@ -105,14 +190,16 @@ struct NodeCommand: AsyncParsableCommand {
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         let logger = Logger(label: "cachemesh.node.\(c.name)")
-        let node: CacheNode
-        do {
-            node = try CacheNode(configuration: c, topology: mesh, registry: registry, logger: logger)
-        } catch {
-            throw ValidationError("\(error)")
-        }
+        // Configuration mistakes (ConfigurationError) exit 2; a missing certificate, an unusable
+        // data directory and the like exit 1 (see CacheMeshCommand.main).
+        let node = try CacheNode(configuration: c, topology: mesh, registry: registry, logger: logger)
+        // Sizes without a unit are bytes: say what the capacity turned out to be.
+        logger.notice("store capacity \(ByteSize.format(c.maxBytes)) (\(c.maxBytes) bytes); unverified uploads may evict up to \(ByteSize.format(c.effectiveMaxUnverifiedBytes))")
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: node)],
+            services: [.init(service: node), .init(service: MemoryTrimmer(activity: { [store = node.store] in
+                let s = store.stats
+                return s.bytesIn &+ s.bytesOut
+            }, logger: logger))],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         try await group.run()
@@ -148,6 +235,12 @@ struct ClientFlags: ParsableArguments {
         let o = try options()
         do {
             return try await CacheClient.connect(o)
+        } catch let e as ConnectionFailure {
+            throw CLIError(e.description) // "cannot connect to HOST:PORT: connection refused"
+        } catch let e as TLSFileError {
+            throw CLIError(e.description) // "cannot read CA certificate file PATH: no such file or directory"
+        } catch CacheClientError.usage(let message) {
+            throw ValidationError(message)
         } catch {
             throw CLIError("cannot connect to \(o.server): \(error)")
         }

@@ -195,6 +195,7 @@ struct ConfigDecodingTests {
         #expect(why("9223372036854775808").contains("too large; the largest size is 9223372036854775807 bytes"))
         #expect(why("-1") == "'-1' is not a size: a size cannot be negative")
         #expect(why("1.5G").contains("use a whole number (e.g. 1536M rather than 1.5G)"))
+        #expect(why("1e30K").contains("exponents are not accepted"))
         for junk in ["infG", "nanM", "inf", "1e30K", "1e3", "ten", "", "0x10", "10Q", "10 G B", "+5"] {
             let w = why(junk)
             #expect(w.contains("is not a size") && w.contains("K, M, G or T"), "\(junk): \(w)")
