@@ -8,4 +8,9 @@ static inline void cm_tune_malloc(void) {
     mallopt(M_MMAP_THRESHOLD, 32 << 20);
     mallopt(M_TRIM_THRESHOLD, 256 << 20);
 }
+
+// Give freed heap memory back to the kernel (every arena, free pages inside the heap too).
+static inline int cm_trim_malloc(void) {
+    return malloc_trim(0);
+}
 #endif

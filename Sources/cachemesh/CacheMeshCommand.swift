@@ -196,7 +196,10 @@ struct NodeCommand: AsyncParsableCommand {
         // Sizes without a unit are bytes: say what the capacity turned out to be.
         logger.notice("store capacity \(ByteSize.format(c.maxBytes)) (\(c.maxBytes) bytes); unverified uploads may evict up to \(ByteSize.format(c.effectiveMaxUnverifiedBytes))")
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: node)],
+            services: [.init(service: node), .init(service: MemoryTrimmer(activity: { [store = node.store] in
+                let s = store.stats
+                return s.bytesIn &+ s.bytesOut
+            }, logger: logger))],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         try await group.run()

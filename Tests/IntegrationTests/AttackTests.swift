@@ -280,3 +280,34 @@ struct ConnectionFloodTests {
         #expect(node.child.stderr.contains("closing the longest-idle connection"), "\(node.logExcerpt())")
     }
 }
+
+@Suite("Memory after a burst", .serialized)
+struct MemoryReturnTests {
+    @Test("three bursts of 10,000 concurrent 64 KiB uploads over 1,000 connections: none fails, and once the node is quiet its RSS comes back near idle",
+          .timeLimit(.minutes(3)))
+    func memoryComesBack() async throws {
+        let dir = try TempDir("burst")
+        defer { dir.remove() }
+        let node = try await TestNode.start(maxBytes: "1G", extraArguments: ["--insecure"])
+        defer { node.cleanUp() }
+        let blob = dir.file("b64k")
+        try await makeRandomFile(blob, size: 64 << 10)
+        let hash = try await sha256sum(blob)
+        try await Task.sleep(for: .seconds(1))
+        let idle = try #require(residentBytes(node.pid))
+        var peak = idle
+        for _ in 0..<3 {
+            let r = try await run(["h2load", "-n", "10000", "-c", "1000", "-m", "10", "-t", "2", "-d", blob, "-H", ":method: PUT",
+                                   "http://127.0.0.1:\(node.port)/cas/\(hash)"], timeout: 120)
+            #expect(r.stdout.contains("10000 succeeded, 0 failed"), "\(r.stdout.suffix(800))")
+            peak = max(peak, residentBytes(node.pid) ?? 0)
+        }
+        // Quiet: within a few trim intervals the heap goes back.
+        var settled = peak
+        _ = await eventually(timeout: 30) {
+            settled = residentBytes(node.pid) ?? settled
+            return settled <= idle + (48 << 20)
+        }
+        #expect(settled <= max(idle + (48 << 20), peak / 2), "idle \(idle >> 20) MB, peak \(peak >> 20) MB, after 30 s quiet \(settled >> 20) MB")
+    }
+}
