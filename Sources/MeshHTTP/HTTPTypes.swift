@@ -183,7 +183,7 @@ public enum HTTPTransportError: Error, Sendable, CustomStringConvertible, Equata
         case .connectionClosed: "connection closed"
         case .protocolError(let s): "protocol error: \(s)"
         case .tooLarge(let limit): "body larger than \(limit) bytes"
-        case .bodyIdleTimeout(let d): "no request body bytes arrived for \(d.components.seconds) s; upload abandoned"
+        case .bodyIdleTimeout(let d): "no request body bytes arrived for \(d); upload abandoned"
         }
     }
 

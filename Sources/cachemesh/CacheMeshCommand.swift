@@ -196,10 +196,14 @@ struct NodeCommand: AsyncParsableCommand {
         // Sizes without a unit are bytes: say what the capacity turned out to be.
         logger.notice("store capacity \(ByteSize.format(c.maxBytes)) (\(c.maxBytes) bytes); unverified uploads may evict up to \(ByteSize.format(c.effectiveMaxUnverifiedBytes))")
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: node), .init(service: MemoryTrimmer(activity: { [store = node.store] in
-                let s = store.stats
-                return s.bytesIn &+ s.bytesOut
-            }, logger: logger))],
+            services: [
+                .init(service: node),
+                // A helper: its end (at shutdown) or failure never ends the node.
+                .init(service: MemoryTrimmer(activity: { [store = node.store] in
+                    let s = store.stats
+                    return s.bytesIn &+ s.bytesOut
+                }, logger: logger), successTerminationBehavior: .ignore, failureTerminationBehavior: .ignore),
+            ],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         try await group.run()

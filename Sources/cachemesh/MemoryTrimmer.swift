@@ -16,7 +16,8 @@ struct MemoryTrimmer: Service {
     let logger: Logger
 
     func run() async throws {
-        try await cancelWhenGracefulShutdown {
+        // Ends quietly at shutdown (the sleep is cancelled): not an error of the node.
+        try? await cancelWhenGracefulShutdown {
             var last = activity()
             var trimmedAt: Int64 = -1
             while !Task.isCancelled {
