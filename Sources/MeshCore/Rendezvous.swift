@@ -21,3 +21,26 @@ public enum Rendezvous {
         Array(rank(digest, over: members).prefix(Swift.max(0, count)))
     }
 }
+
+/// Restoring R after a member died or left, decided the same way on every holder.
+public enum Repair {
+    /// The members this node should copy a blob to so that it has `replicas` live copies again —
+    /// empty unless this node is the one responsible.
+    ///
+    /// - `holders`: the live members other than this node known to hold the blob (locality map).
+    /// - `live`: every live member (this node included or not).
+    ///
+    /// Among the live holders (this node included) the one ranked first by rendezvous hashing
+    /// copies, so one copy is made per missing replica, not one per holder; every holder computes
+    /// the same answer from the same map. The targets are the best-ranked live members that do
+    /// not hold it. This works wherever the copies are — the writer is often not one of the blob's
+    /// rendezvous owners (it keeps its own copy and mirrors to the R−1 best *other* members).
+    public static func targets(for key: Digest, me: NodeID, holders: [NodeID], live: [NodeID], replicas: Int) -> [NodeID] {
+        let liveSet = Set(live).union([me])
+        let holding = Set(holders).intersection(liveSet).union([me])
+        guard holding.count < replicas else { return [] }
+        guard Rendezvous.top(1, for: key, over: holding.sorted()).first == me else { return [] }
+        let candidates = liveSet.subtracting(holding).sorted()
+        return Rendezvous.top(replicas - holding.count, for: key, over: candidates)
+    }
+}

@@ -235,6 +235,33 @@ struct MeshTests {
         #expect(left, "origin's view after the drain: \(originView)\n\(mesh.logs())")
     }
 
+    @Test("kill -9 of one of a blob's two holders: the survivor copies it to a third node, so R = 2 live copies again — for a blob no other node ever fetched",
+          .timeLimit(.minutes(3)))
+    func deathRestoresR() async throws {
+        let mesh = try await TestMesh()
+        defer { mesh.stopAll() }
+        await mesh.converge()
+        // Exactly two copies, on two peers (mirror copies: nothing mirrors further, nobody reads it).
+        let digest = try await mesh.place(randomBytes(300_000), on: ["peer2", "peer3"])
+        #expect(mesh.names.filter { mesh.holds($0, digest.hash) } == ["peer2", "peer3"])
+        // Everyone learns both holders before the death.
+        for n in ["origin", "peer1", "peer2", "peer3"] {
+            let ok = await eventually(timeout: 20) { ((try? await mesh.status(n)) ?? "").contains("\"locality_entries\": 0") == false }
+            #expect(ok, "locality at \(n)")
+        }
+        try await Task.sleep(for: .seconds(1))
+        mesh.children["peer3"]!.signal(SIGKILL)
+        _ = await mesh.children["peer3"]!.waitForExit(timeout: 10)
+        let dead = await eventually(timeout: 30) { ((try? await mesh.status("peer2")) ?? "").contains("\"name\": \"peer3\", \"status\": \"dead\"") }
+        #expect(dead)
+        let restored = await eventually(timeout: 30) { mesh.names.filter { $0 != "peer3" && mesh.holds($0, digest.hash) }.count >= 2 }
+        let live = mesh.names.filter { $0 != "peer3" && mesh.holds($0, digest.hash) }
+        #expect(restored, "live copies: \(live)\n\(mesh.logs())")
+        #expect(mesh.children["peer2"]!.stderr.contains("re-replicated 1 blob(s) after peer3"), "\(mesh.children["peer2"]!.stderr.suffix(1500))")
+        // Exactly one copy was made (one responsible holder), on a node that did not have it.
+        #expect(live.count == 2 && live.contains("peer2"))
+    }
+
     @Test("QUIC blocked to one peer (its advertised UDP port unreachable): fetches from it still succeed, over TCP",
           .timeLimit(.minutes(3)))
     func blockedQUICFallsBackToTCP() async throws {

@@ -376,27 +376,32 @@ public final class MeshService: MeshHooks, Sendable {
         core.withLock { $0.lost(md, now: now()) }
     }
 
-    /// A member died or left: for every local blob whose rendezvous replica set included it, this
-    /// node (if it is the first live owner) copies the blob to the owner that replaces it.
+    /// A member died or left: every local blob that now has fewer than R live copies (by the
+    /// locality map) is copied to the best-ranked members that lack it, by the one live holder
+    /// `Repair.targets` makes responsible (see there). Logged with the count.
     func reReplicate(after gone: NodeID) async {
         guard settings.replication > 1 else { return }
-        var copied = 0
-        for d in store.allDigests() {
-            guard let md = Self.placementKey(d.hash) else { continue }
-            let (before, after) = core.withLock { c -> ([NodeID], [NodeID]) in
-                let live = c.membership.liveMembers
-                return (Rendezvous.top(settings.replication, for: md, over: live + [gone, me]),
-                        Rendezvous.top(settings.replication, for: md, over: live + [me]))
+        var copied = 0, failed = 0
+        for d in store.allDigests() where d.size > 0 {
+            guard let key = Self.placementKey(d.hash), let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { continue }
+            let sources = core.withLock { c -> [FetchSource] in
+                let holders = c.holders(of: md, now: now()).filter { $0 != gone }
+                let targets = Repair.targets(for: key, me: me, holders: holders, live: c.membership.liveMembers.filter { $0 != gone },
+                                             replicas: settings.replication)
+                return targets.compactMap { target($0, in: c) }
             }
-            guard before.contains(gone), after.first(where: { $0 != gone }) == me || after.first == me else { continue }
-            let targets = after.filter { $0 != me && !before.contains($0) }
-            let sources = core.withLock { c in targets.compactMap { target($0, in: c) } }
-            if !sources.isEmpty {
-                try? await mirror.replicate(d, to: sources, quorum: 0)
+            guard !sources.isEmpty else { continue }
+            do {
+                try await mirror.replicate(d, to: sources, quorum: sources.count)
                 copied += 1
+            } catch {
+                failed += 1
+                logger.warning("re-replication of \(d.hash) after \(gone.name) left failed: \(error)")
             }
         }
-        if copied > 0 { logger.info("re-replicating \(copied) blob(s) after \(gone.name) left the mesh") }
+        if copied + failed > 0 {
+            logger.notice("re-replicated \(copied) blob(s) after \(gone.name) left the mesh\(failed > 0 ? " (\(failed) failed)" : "")")
+        }
     }
 
     /// Drain hand-off: every local blob no other live member is known to hold goes to its
