@@ -38,8 +38,9 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
     private let idleTimeout: Duration?
 
     /// Fails the body if the sender has been silent for longer than its idle timeout. Returns
-    /// whether the body is still worth watching (not ended, not failed).
-    func checkIdle(now: ContinuousClock.Instant) -> Bool {
+    /// whether the body is still worth watching (not ended, not failed). `BodyWatchdog` calls it.
+    @discardableResult
+    public func checkIdle(now: ContinuousClock.Instant) -> Bool {
         guard let idleTimeout else { return false }
         let expired = state.withLock { s -> Bool? in
             guard !s.finished, s.error == nil else { return nil }
