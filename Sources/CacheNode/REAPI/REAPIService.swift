@@ -207,7 +207,8 @@ public final class REAPIService: Sendable {
     }
 
     func batchRead(_ req: Build_Bazel_Remote_Execution_V2_BatchReadBlobsRequest) async throws -> Build_Bazel_Remote_Execution_V2_BatchReadBlobsResponse {
-        try Self.checkBatchSize(req.digests.reduce(Int64(0)) { $0 + max(0, $1.sizeBytes) })
+        // Sizes are the client's: saturate instead of trapping on two near-Int64.max digests.
+        try Self.checkBatchSize(req.digests.reduce(Int64(0)) { let (t, o) = $0.addingReportingOverflow(max(0, $1.sizeBytes)); return o ? .max : t })
         var resp = Build_Bazel_Remote_Execution_V2_BatchReadBlobsResponse()
         for d in req.digests {
             var one = Build_Bazel_Remote_Execution_V2_BatchReadBlobsResponse.Response()
@@ -238,7 +239,9 @@ public final class REAPIService: Sendable {
         // walk as soon as it knows whether another page follows: a client-sized tree costs work in
         // proportion to the page asked for, never quadratic, and the walk yields to other requests.
         let page = req.pageSize == 0 ? Self.maxTreePage : min(Int(req.pageSize), Self.maxTreePage)
-        let wanted = offset + page + 1
+        // The page token is the client's: a token near Int.max must not overflow (it pages past the end).
+        let (wanted, overflow) = offset.addingReportingOverflow(page + 1)
+        if overflow { throw GRPCStatus(.invalidArgument, "page_token beyond the tree") }
         var all: [Build_Bazel_Remote_Execution_V2_Directory] = []
         var queue: [Digest] = [root]
         var next = 0
