@@ -211,13 +211,41 @@ public struct NodeConfiguration: Sendable {
         return try load(text: text, path: path)
     }
 
+    /// The budget keys: what a client or peer may make the node hold. The same keys are valid in a
+    /// node config file and in a topology's `[limits]` table.
+    public static let budgetKeys = [
+        "max_concurrent_writes", "max_open_reads", "max_header_list_bytes", "max_unverified_bytes",
+        "request_body_timeout_seconds", "response_stall_timeout_seconds", "max_connections",
+    ]
+
     /// The keys a node config file may hold.
     public static let fileKeys = [
         "name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
-        "insecure", "quic_listen", "handshake_timeout_seconds", "max_concurrent_writes", "max_open_reads", "drain_seconds",
-        "quic_max_datagram", "quic_address_validation", "max_header_list_bytes", "max_unverified_bytes", "request_body_timeout_seconds", "response_stall_timeout_seconds",
-        "max_connections",
-    ]
+        "insecure", "quic_listen", "handshake_timeout_seconds", "drain_seconds",
+        "quic_max_datagram", "quic_address_validation",
+    ] + budgetKeys
+
+    /// Reads the budget keys present in `t` (see `budgetKeys`).
+    public mutating func applyBudgets(from t: StrictTOMLTable) throws {
+        if let v = try t.int("max_concurrent_writes") { maxConcurrentWrites = v }
+        if let v = try t.int("max_open_reads") { maxOpenReads = v }
+        if let v = try t.int("max_header_list_bytes") { maxHeaderListBytes = v }
+        if let v = try t.size("max_unverified_bytes") { maxUnverifiedBytes = v }
+        if let v = try t.int("request_body_timeout_seconds") { requestBodyTimeoutSeconds = v }
+        if let v = try t.int("response_stall_timeout_seconds") { responseStallTimeoutSeconds = v }
+        if let v = try t.int("max_connections") { maxConnections = v }
+    }
+
+    /// Takes the budget values of `other` (a topology's `[limits]` for one of its nodes).
+    public mutating func copyBudgets(from other: NodeConfiguration) {
+        maxConcurrentWrites = other.maxConcurrentWrites
+        maxOpenReads = other.maxOpenReads
+        maxHeaderListBytes = other.maxHeaderListBytes
+        maxUnverifiedBytes = other.maxUnverifiedBytes
+        requestBodyTimeoutSeconds = other.requestBodyTimeoutSeconds
+        responseStallTimeoutSeconds = other.responseStallTimeoutSeconds
+        maxConnections = other.maxConnections
+    }
 
     /// `load(path:)` of a text already read (`path` names it in errors and anchors relative paths).
     public static func load(text: String, path: String) throws -> NodeConfiguration {
@@ -229,21 +257,15 @@ public struct NodeConfiguration: Sendable {
         if let v = try t.hostPort("quic_listen") { c.quicListen = v }
         if let v = try t.string("data_dir") { c.dataDirectory = v }
         if let v = try t.size("max_bytes") { c.maxBytes = v }
-        if let v = try t.size("max_unverified_bytes") { c.maxUnverifiedBytes = v }
         c.certificate = try t.string("cert")
         c.privateKey = try t.string("key")
         c.ca = try t.string("ca")
         if let v = try t.bool("allow_unauthenticated_reads") { c.allowUnauthenticatedReads = v }
         if let v = try t.bool("insecure") { c.insecure = v }
         if let v = try t.int("handshake_timeout_seconds") { c.handshakeTimeoutSeconds = v }
-        if let v = try t.int("max_concurrent_writes") { c.maxConcurrentWrites = v }
-        if let v = try t.int("max_open_reads") { c.maxOpenReads = v }
         if let v = try t.int("drain_seconds") { c.drainSeconds = v }
         if let v = try t.int("quic_max_datagram") { c.quicMaxDatagram = v }
-        if let v = try t.int("max_header_list_bytes") { c.maxHeaderListBytes = v }
-        if let v = try t.int("request_body_timeout_seconds") { c.requestBodyTimeoutSeconds = v }
-        if let v = try t.int("response_stall_timeout_seconds") { c.responseStallTimeoutSeconds = v }
-        if let v = try t.int("max_connections") { c.maxConnections = v }
+        try c.applyBudgets(from: t)
         if let v = try t.choice("quic_address_validation", QUICAddressValidationMode.allCases.map { ($0.rawValue, $0) }) {
             c.quicAddressValidation = v
         }

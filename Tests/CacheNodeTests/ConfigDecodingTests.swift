@@ -80,10 +80,38 @@ struct ConfigDecodingTests {
         #expect(single.maxBytes == 10 << 30)
     }
 
+    @Test("A topology's [limits] table sets the budgets of every node; its typos are refused like any other")
+    func topologyLimits() throws {
+        let text = Self.good.replacingOccurrences(of: "[quic]\n", with: """
+            [limits]
+            max_connections = 300
+            max_header_list_bytes = 16384
+            max_unverified_bytes = "64M"
+            request_body_timeout_seconds = 5
+            response_stall_timeout_seconds = 7
+            max_open_reads = 99
+            max_concurrent_writes = 9
+
+            [quic]
+
+            """)
+        let t = try Topology.load(text: text, path: "/m/t.toml")
+        for name in ["origin", "peer1"] {
+            let c = try t.configuration(for: name)
+            #expect(c.maxConnections == 300 && c.maxHeaderListBytes == 16384 && c.maxUnverifiedBytes == 64 << 20)
+            #expect(c.requestBodyTimeoutSeconds == 5 && c.responseStallTimeoutSeconds == 7 && c.maxOpenReads == 99 && c.maxConcurrentWrites == 9)
+        }
+        // Without [limits], the node defaults.
+        let plain = try Topology.load(text: Self.good, path: "/m/t.toml").configuration(for: "origin")
+        #expect(plain.maxConnections == NodeConfiguration().maxConnections && plain.maxHeaderListBytes == 64 * 1024)
+        let typo = topology(text.replacingOccurrences(of: "max_connections = 300", with: "max_conections = 300"))
+        #expect(typo.contains("[limits]") && typo.contains("max_conections"), "\(typo)")
+    }
+
     @Test("Typos in a topology are refused at every level, with the line, table and known keys")
     func topologyTypos() {
         let root = topology(Self.good.replacingOccurrences(of: "replication = 2", with: "replicaton = 2"))
-        #expect(root == "topology /m/t.toml, line 3: unknown key 'replicaton' (known: ca, fetch, name, nodes, quic, replication, write_quorum)", "\(root)")
+        #expect(root == "topology /m/t.toml, line 3: unknown key 'replicaton' (known: ca, fetch, limits, name, nodes, quic, replication, write_quorum)", "\(root)")
 
         let fetch = topology(Self.good.replacingOccurrences(of: "strategy = \"immediate\"", with: "stratgy = \"immediate\""))
         #expect(fetch == "topology /m/t.toml, line 7: [fetch] unknown key 'stratgy' (known: origin_write_through, strategy, transport)", "\(fetch)")

@@ -26,6 +26,9 @@ import TOMLKit
 /// transport = "quic"                # quic (TCP fallback) | tcp
 /// origin_write_through = false      # also copy every write to the origin before acknowledging
 ///
+/// [limits]                          # optional: the budget keys of a node config, for every
+///                                   # node (max_connections, max_header_list_bytes, …; README)
+///
 /// [quic]                            # optional
 /// max_datagram = 8952               # UDP payload QUIC sends between (and to) these nodes; default:
 ///                                   # 1452 with path MTU discovery. Only where every path carries
@@ -62,6 +65,8 @@ public struct Topology: Sendable {
     public var quicMaxDatagram: Int?
     /// `[quic] address_validation`.
     public var quicAddressValidation: QUICAddressValidationMode = .auto
+    /// `[limits]`: the budget keys of a node config (`NodeConfiguration.budgetKeys`) for every node.
+    public var limits = NodeConfiguration()
     public var nodes: [Node]
 
     public var origin: Node? { nodes.first { $0.role == .origin } }
@@ -77,7 +82,7 @@ public struct Topology: Sendable {
     }
 
     /// The keys a topology may hold, per table.
-    public static let fileKeys = ["name", "ca", "replication", "write_quorum", "fetch", "quic", "nodes"]
+    public static let fileKeys = ["name", "ca", "replication", "write_quorum", "fetch", "quic", "limits", "nodes"]
     public static let nodeKeys = ["name", "role", "tcp", "quic", "advertise_tcp", "advertise_quic", "data_dir", "max_bytes", "cert", "key", "seeds"]
     public static let fetchKeys = ["strategy", "transport", "origin_write_through"]
     public static let quicKeys = ["max_datagram", "address_validation"]
@@ -100,6 +105,8 @@ public struct Topology: Sendable {
         }
         var quicMaxDatagram: Int?
         var quicAddressValidation = QUICAddressValidationMode.auto
+        var limits = NodeConfiguration()
+        if let l = try file.table("limits", known: NodeConfiguration.budgetKeys) { try limits.applyBudgets(from: l) }
         if let q = try file.table("quic", known: quicKeys) {
             quicMaxDatagram = try q.int("max_datagram")
             if let v = try q.choice("address_validation", QUICAddressValidationMode.allCases.map { ($0.rawValue, $0) }) { quicAddressValidation = v }
@@ -125,6 +132,7 @@ public struct Topology: Sendable {
         var t = Topology(name: name, ca: resolve(ca), replication: replication, writeQuorum: writeQuorum,
                          fetch: fetch, quicMaxDatagram: quicMaxDatagram, nodes: nodes)
         t.quicAddressValidation = quicAddressValidation
+        t.limits = limits
         try t.validate(path: path)
         return t
     }
@@ -164,6 +172,7 @@ public struct Topology: Sendable {
         c.ca = ca
         c.quicMaxDatagram = quicMaxDatagram
         c.quicAddressValidation = quicAddressValidation
+        c.copyBudgets(from: limits)
         return c
     }
 }
