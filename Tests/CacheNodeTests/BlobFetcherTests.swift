@@ -70,7 +70,9 @@ final class FakeMesh: MeshRequester {
         // The slow source would answer only after a minute: it can win only if the hedge never
         // starts the origin (a 5 s head delay once lost to a CI machine starved for seconds).
         let mesh = FakeMesh(["slow": .init(headDelay: .seconds(60), bytes: blob), "origin": .init(delay: .milliseconds(5), bytes: blob)])
-        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .hedged(.milliseconds(30)) })
+        // No stall detection within the test (10 s by default): a starved test process once took
+        // longer than that, the slow leg counted as stalled, not cancelled.
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), stallTimeout: .seconds(600), spacing: { .hedged(.milliseconds(30)) })
         let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("slow"), src("origin", origin: true)])
         #expect(r.source.name == "origin")
         #expect(r.legsStarted == 2)

@@ -263,6 +263,36 @@ struct MeshTests {
         #expect(live.count == 2 && live.contains("peer2"))
     }
 
+    @Test("a frozen mirror target (SIGSTOP) does not hold writes: with W = 2 every PUT is acknowledged with a second live copy on another node",
+          .timeLimit(.minutes(3)))
+    func frozenMirrorTargetDoesNotHoldWrites() async throws {
+        let mesh = try await TestMesh()
+        defer {
+            mesh.children["peer3"]?.signal(SIGCONT)
+            mesh.stopAll()
+        }
+        await mesh.converge()
+        mesh.children["peer3"]!.signal(SIGSTOP)
+        let c = try await mesh.client("peer1")
+        var slowest: Duration = .zero
+        for _ in 0..<20 {
+            let data = randomBytes(50_000)
+            let started = ContinuousClock.now
+            let d = try await c.put(bytes: data)
+            slowest = max(slowest, ContinuousClock.now - started)
+            let holders = mesh.names.filter { mesh.holds($0, d.hash) }
+            // Acknowledged (W = 2): a second copy exists on a node that is not frozen.
+            #expect(holders.contains("peer1") && holders.contains { $0 != "peer1" && $0 != "peer3" }, "holders \(holders)")
+        }
+        await c.close()
+        // Before: a PUT whose mirror was the frozen node hung for the whole freeze (then 503).
+        #expect(slowest < .seconds(15), "slowest PUT took \(slowest)")
+        let hedged = try await mesh.metric("peer1", "cachemesh_mirror_hedges_total")
+        let failures = try await mesh.metric("peer1", "cachemesh_mirror_failures_total")
+        // With three other members, rendezvous aims about a third of the blobs at peer3 (none of 20: p ≈ 0.03%).
+        #expect(hedged + failures >= 1, "no copy was ever redirected: hedges \(hedged), failures \(failures)")
+    }
+
     @Test("QUIC blocked to one peer (its advertised UDP port unreachable): fetches from it still succeed, over TCP",
           .timeLimit(.minutes(3)))
     func blockedQUICFallsBackToTCP() async throws {

@@ -171,12 +171,13 @@ final class TestService: HTTPService {
     }
 
     @Test func goawayFinishesInFlightAndPoolMovesOn() async throws {
-        try await Self.withServer { server, port, _ in
+        try await Self.withServer { server, port, service in
             let pool = HTTP2ConnectionPool(credentials: try Self.creds("client"))
             let first = try await pool.connection(host: "127.0.0.1", port: port)
-            // An in-flight request that outlives the GOAWAY.
+            // An in-flight request that outlives the GOAWAY: wait until the server has it (a fixed
+            // 50 ms was not always enough on a loaded machine, and the request then met the notice).
             let slow = Task { try await first.request(HTTPRequestHead(method: "GET", path: "/slow")) }
-            try await Task.sleep(for: .milliseconds(50))
+            for _ in 0..<1000 where service.started.withLock({ $0 }) == 0 { try await Task.sleep(for: .milliseconds(10)) }
             server.goawayAllConnections()
             let r = try await slow.value
             #expect(r.status == 200)

@@ -151,6 +151,11 @@ public final class MeshService: MeshHooks, Sendable {
                 logger.info("member \(e.node.name): \(e.previous?.rawValue ?? "new") → \(e.status.rawValue)")
                 if !e.status.isLive, e.node != me {
                     latency.tracker.withLock { $0.forget(e.node) }
+                    // A dead member's connections fail what is in flight to it now (a left one
+                    // is draining: its in-flight requests still complete).
+                    if e.status == .dead, let t = core.withLock({ target(e.node, in: $0) }) {
+                        Task { await self.transport.dropConnections(to: t) }
+                    }
                     Task { await self.reReplicate(after: e.node) }
                 }
             case .rttMeasured(let id, let rtt):
@@ -329,10 +334,11 @@ public final class MeshService: MeshHooks, Sendable {
     /// which is required before the write is acknowledged (and counts toward W).
     public func stored(_ d: StoreDigest) async throws {
         announce(d)
-        var targets = mirrorTargets(for: d)
+        var targets = mirrorTargets(for: d, all: true)
         let quorum = max(0, settings.writeQuorum - 1)
+        let copies = settings.replication - 1
         guard settings.fetch.originWriteThrough, node.role != .origin else {
-            try await mirror.replicate(d, to: targets, quorum: quorum)
+            try await mirror.replicate(d, candidates: targets, copies: copies, quorum: quorum)
             return
         }
         guard let origin = originSource() else {
@@ -340,7 +346,7 @@ public final class MeshService: MeshHooks, Sendable {
         }
         targets.removeAll { $0.name == origin.name }
         async let toOrigin: Void = mirror.replicate(d, to: [origin], quorum: 1)
-        try await mirror.replicate(d, to: targets, quorum: max(0, quorum - 1))
+        try await mirror.replicate(d, candidates: targets, copies: copies - 1, quorum: max(0, quorum - 1))
         try await toOrigin
     }
 
@@ -362,11 +368,17 @@ public final class MeshService: MeshHooks, Sendable {
         return FetchSource(name: o.name, endpoint: o.advertiseTCP, quicEndpoint: o.advertiseQUIC, isOrigin: true)
     }
 
-    func mirrorTargets(for d: StoreDigest, excluding: Set<NodeID> = []) -> [FetchSource] {
+    /// The R−1 mirror targets by rendezvous hashing over the other live members; with `all`, every
+    /// other live member in that order (the ones after the first R−1 replace failed or slow
+    /// copies), suspects last.
+    func mirrorTargets(for d: StoreDigest, excluding: Set<NodeID> = [], all: Bool = false) -> [FetchSource] {
         guard settings.replication > 1, let md = Self.placementKey(d.hash) else { return [] }
         return core.withLock { c in
             let live = c.membership.liveMembers.filter { $0 != me && !excluding.contains($0) }
-            return Rendezvous.top(settings.replication - 1, for: md, over: live).compactMap { target($0, in: c) }
+            let alive = live.filter { c.membership.status(of: $0) == .alive }
+            let suspects = live.filter { c.membership.status(of: $0) != .alive }
+            let ranked = Rendezvous.rank(md, over: alive) + Rendezvous.rank(md, over: suspects)
+            return (all ? ranked : Array(ranked.prefix(settings.replication - 1))).compactMap { target($0, in: c) }
         }
     }
 

@@ -75,6 +75,13 @@ public final class MeshTransport: MeshRequester {
         return MeshReply(r, via: .tcp)
     }
 
+    /// Closes the connections to a member that membership declared dead: requests in flight to
+    /// it fail now (and go elsewhere) instead of when the connection times out.
+    public func dropConnections(to source: FetchSource) async {
+        await tcp.discard(host: source.endpoint.host, port: source.endpoint.port)
+        if let q = source.quicEndpoint { await quic?.discard(host: q.host, port: q.port) }
+    }
+
     public func connectionStalled(to source: FetchSource, via transport: MeshTransportKind?) async {
         logger.warning("a request to \(source.name) stalled: reconnecting", metadata: ["transport": "\(transport?.rawValue ?? "any")"])
         stalls.increment()
@@ -110,6 +117,7 @@ public final class Mirror: Sendable {
     private let pending = PendingCounter()
     private let copies = Counter(label: "cachemesh_mirror_copies_total")
     private let failures = Counter(label: "cachemesh_mirror_failures_total")
+    private let hedges = Counter(label: "cachemesh_mirror_hedges_total")
 
     public init(store: BlobStore, requester: any MeshRequester, logger: Logger) {
         self.store = store
@@ -142,6 +150,66 @@ public final class Mirror: Sendable {
         }
         throw BlobStoreError.io("only \(ok) of \(quorum) required mirror copies of \(digest) succeeded")
     }
+
+    /// Copy `digest` to `copies` of `candidates` (best first) and wait until `quorum` of them are
+    /// durable. A copy that fails is replaced by the next candidate at once; while the quorum is
+    /// not met, one more candidate is started every `hedgeAfter(size)` (a frozen or dead target
+    /// must not hold the write until its connection times out). Copies still running when the
+    /// quorum is met finish in the background (`flush`). Throws when the candidates run out.
+    public func replicate(_ digest: Digest, candidates: [FetchSource], copies: Int, quorum: Int) async throws {
+        let first = Array(candidates.prefix(max(0, copies)))
+        guard quorum > 0 else { return try await replicate(digest, to: first, quorum: 0) }
+        guard !candidates.isEmpty else { throw BlobStoreError.io("no live mirror target for \(digest) (need \(quorum))") }
+        let (results, sink) = AsyncStream<Bool?>.makeStream()   // nil: time to hedge
+        var next = 0, running = 0, ok = 0
+        var errors = 0
+        func launch() {
+            let target = candidates[next]
+            next += 1
+            running += 1
+            pending.add(1)
+            Task {
+                defer { pending.add(-1) }
+                sink.yield(await copy(digest, to: target))
+            }
+        }
+        while next < max(1, min(copies, candidates.count)) { launch() }
+        let hedge = Self.hedgeDelay(size: digest.size)
+        let ticker = Task {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: hedge)
+                sink.yield(nil)
+            }
+        }
+        defer {
+            ticker.cancel()
+            sink.finish()
+        }
+        for await result in results {
+            switch result {
+            case nil:
+                if next < candidates.count {
+                    hedges.increment()
+                    logger.info("mirror copy of \(digest) slow: also copying to \(candidates[next].name)")
+                    launch()
+                }
+            case true?:
+                running -= 1
+                ok += 1
+                if ok >= quorum { return }
+            case false?:
+                running -= 1
+                errors += 1
+                if next < candidates.count { launch() }
+            }
+            if running == 0 && next >= candidates.count { break }
+        }
+        throw BlobStoreError.io("only \(ok) of \(quorum) required mirror copies of \(digest) succeeded (\(errors) failed, \(candidates.count) candidates)")
+    }
+
+    /// How long a mirror copy may take before another candidate is started: 1 s plus the time
+    /// the body takes at 100 MB/s (a LAN copy of that size is well within it).
+    static func hedgeDelay(size: Int64) -> Duration { .seconds(1) + .milliseconds(size / 100_000) }
 
     func copy(_ digest: Digest, to target: FetchSource) async -> Bool {
         do {
