@@ -236,7 +236,18 @@ public final class CacheService: HTTPService {
 
     /// A miss is fetched from the mesh (worker role) unless the request itself comes from the mesh:
     /// a node asked by another node answers from its own store only (no re-race, no loops).
+    /// Set when the node drains (SIGTERM): a blob it does not hold is then answered 503, so a
+    /// client (or a racing peer) goes to another node instead of taking a 404 for a blob the mesh
+    /// holds.
+    private let draining = Mutex(false)
+
+    public func beginDrain() { draining.withLock { $0 = true } }
+
     private func getBlob(_ hash: String, fromMesh: Bool) async -> HTTPResponse {
+        if draining.withLock({ $0 }), store.size(of: hash) == nil {
+            return HTTPResponse(status: 503, headers: ["content-type": "text/plain; charset=utf-8", "retry-after": "0"],
+                                body: .bytes(ByteBuffer(string: "this node is draining and does not hold \(hash); ask another node\n")))
+        }
         var source = "local"
         if store.size(of: hash) == nil, !fromMesh, let mesh, let s = await mesh.fetchMissing(hash: hash) {
             source = s

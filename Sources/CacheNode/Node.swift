@@ -126,6 +126,7 @@ public final class CacheNode: Service {
         try? await gracefulShutdown()
         // Drain: LEAVING in gossip → GOAWAY (notice, final) → in-flight streams finish →
         // mirror queue flushed and sole copies handed off → exit.
+        service.beginDrain()
         if let mesh { await mesh.leave() }
         logger.notice("draining: GOAWAY to \(server.connectionCount) connection(s)")
         async let h3: Void = { await quicServer?.shutdownGracefully() }()

@@ -49,13 +49,17 @@ public struct NodeID: Hashable, Comparable, Codable, Sendable, CustomStringConve
 
     public var description: String { "\(name)#\(String(uid, radix: 16))" }
 
-    /// A stable (process-independent) 64-bit hash, used by rendezvous hashing.
-    public var stableHash: UInt64 {
+    /// A stable (process-independent) 64-bit hash of name and uid.
+    public var stableHash: UInt64 { SplitMix64.mix(nameHash ^ SplitMix64.mix(uid)) }
+
+    /// A stable hash of the name alone, used by rendezvous hashing: placement follows the node's
+    /// name, so a restarted node (a new uid) owns the same blobs as before it restarted.
+    public var nameHash: UInt64 {
         var h: UInt64 = 0xCBF2_9CE4_8422_2325  // FNV-1a over the UTF-8 name
         for byte in name.utf8 {
             h = (h ^ UInt64(byte)) &* 0x0000_0100_0000_01B3
         }
-        return SplitMix64.mix(h ^ SplitMix64.mix(uid))
+        return h
     }
 }
 

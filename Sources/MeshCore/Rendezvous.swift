@@ -1,11 +1,12 @@
 /// Highest-random-weight (rendezvous) hashing of digests over members.
 ///
-/// The weight of (digest, node) is a stable 64-bit mix of both (no per-process hash seeds), so every
-/// node computes the same order. Removing a node only moves the digests for which it ranked first
+/// The weight of (digest, node) is a stable 64-bit mix of the digest and the node's *name* (no
+/// per-process hash seeds, no uid), so every node computes the same order and a restarted node keeps
+/// its place. Removing a node only moves the digests for which it ranked first
 /// (their next-ranked node takes over); adding one only takes the digests it now wins.
 public enum Rendezvous {
     public static func weight(of digest: Digest, on node: NodeID) -> UInt64 {
-        SplitMix64.mix(digest.stableHash ^ SplitMix64.mix(node.stableHash &+ 0x632B_E59B_D9B4_E019))
+        SplitMix64.mix(digest.stableHash ^ SplitMix64.mix(SplitMix64.mix(node.nameHash) &+ 0x632B_E59B_D9B4_E019))
     }
 
     /// All `members` ordered by decreasing weight for `digest` (ties broken by NodeID).

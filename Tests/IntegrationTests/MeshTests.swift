@@ -293,6 +293,34 @@ struct MeshTests {
         #expect(hedged + failures >= 1, "no copy was ever redirected: hedges \(hedged), failures \(failures)")
     }
 
+    @Test("a draining node answers 503 (go elsewhere), not 404, for a blob it does not hold",
+          .timeLimit(.minutes(3)))
+    func drainingNodeSendsClientsElsewhere() async throws {
+        let mesh = try await TestMesh()
+        defer { mesh.stopAll() }
+        await mesh.converge()
+        // Blobs the mesh holds, but not peer2 (each GET uses the next one: a GET served before the
+        // drain began fetches its blob to peer2).
+        var blobs: [Digest] = []
+        for _ in 0..<40 { blobs.append(try await mesh.place(randomBytes(20_000), on: ["peer1", "origin"])) }
+        let c = try await mesh.client("peer2")
+        let warm = try await c.connection.request(.init(method: "HEAD", path: "/cas/\(blobs[0].hash)"))
+        #expect(warm.status == 404)   // HEAD answers from the local store only
+        mesh.children["peer2"]!.signal(SIGTERM)
+        // Until its GOAWAY arrives the connection still takes requests: they must not get a 404.
+        var statuses: [Int] = []
+        let deadline = ContinuousClock.now + .seconds(3)
+        for digest in blobs where ContinuousClock.now < deadline {
+            guard let r = try? await c.connection.request(.init(method: "GET", path: "/cas/\(digest.hash)")) else { break }
+            statuses.append(r.status)
+            _ = try? await r.body.collect(upTo: 1 << 20)
+            if r.status == 503 { break }
+        }
+        await c.close()
+        #expect(statuses.contains(503), "statuses while draining: \(statuses)")
+        #expect(!statuses.contains(404), "statuses while draining: \(statuses)")
+    }
+
     @Test("QUIC blocked to one peer (its advertised UDP port unreachable): fetches from it still succeed, over TCP",
           .timeLimit(.minutes(3)))
     func blockedQUICFallsBackToTCP() async throws {

@@ -52,3 +52,17 @@ struct RepairTests {
         #expect(Repair.targets(for: key(9), me: nodes[0], holders: [], live: [nodes[0]], replicas: 2).isEmpty)
     }
 }
+
+@Suite("Placement follows names")
+struct PlacementByNameTests {
+    @Test("a restarted node (same name, new uid) ranks exactly where it did before its restart")
+    func restartKeepsPlacement() {
+        let before = (1...5).map { NodeID(name: "n\($0)", uid: UInt64($0)) }
+        var after = before
+        after[2] = NodeID(name: "n3", uid: 0xDEAD_BEEF)   // n3 restarted
+        for i in 0..<200 {
+            let d = Digest(w0: UInt64(i) &* 0x9E37_79B9_7F4A_7C15, w1: 1, w2: 2, w3: UInt64(i), sizeBytes: 0)
+            #expect(Rendezvous.rank(d, over: before).map(\.name) == Rendezvous.rank(d, over: after).map(\.name))
+        }
+    }
+}
