@@ -209,7 +209,7 @@ public final class CacheService: HTTPService {
         case let e as HTTPTransportError:
             switch e {
             case .tooLarge: 413
-            case .bodyIdleTimeout: 408
+            case .bodyIdleTimeout, .bodyTooSlow: 408
             default: 400
             }
         default: 500

@@ -177,6 +177,9 @@ public struct NodeConfiguration: Sendable {
     /// An upload from which no byte arrives for this long is abandoned (408): its write slot
     /// and reserved space are released.
     public var requestBodyTimeoutSeconds = 30
+    /// An upload must also average this many bytes per second over each half of that timeout (a
+    /// trickle of single bytes would dodge the timeout and hold its slot for ever). 0: no minimum.
+    public var requestBodyMinRate = 16 * 1024
     /// A response the client takes nothing of (closed flow-control window) for this long is
     /// reset, giving back its read slot.
     public var responseStallTimeoutSeconds = 30
@@ -215,7 +218,7 @@ public struct NodeConfiguration: Sendable {
     /// node config file and in a topology's `[limits]` table.
     public static let budgetKeys = [
         "max_concurrent_writes", "max_open_reads", "max_header_list_bytes", "max_unverified_bytes",
-        "request_body_timeout_seconds", "response_stall_timeout_seconds", "max_connections",
+        "request_body_timeout_seconds", "request_body_min_rate", "response_stall_timeout_seconds", "max_connections",
     ]
 
     /// The keys a node config file may hold.
@@ -232,6 +235,7 @@ public struct NodeConfiguration: Sendable {
         if let v = try t.int("max_header_list_bytes") { maxHeaderListBytes = v }
         if let v = try t.size("max_unverified_bytes") { maxUnverifiedBytes = v }
         if let v = try t.int("request_body_timeout_seconds") { requestBodyTimeoutSeconds = v }
+        if let v = try t.size("request_body_min_rate") { requestBodyMinRate = Int(v) }
         if let v = try t.int("response_stall_timeout_seconds") { responseStallTimeoutSeconds = v }
         if let v = try t.int("max_connections") { maxConnections = v }
     }
@@ -243,6 +247,7 @@ public struct NodeConfiguration: Sendable {
         maxHeaderListBytes = other.maxHeaderListBytes
         maxUnverifiedBytes = other.maxUnverifiedBytes
         requestBodyTimeoutSeconds = other.requestBodyTimeoutSeconds
+        requestBodyMinRate = other.requestBodyMinRate
         responseStallTimeoutSeconds = other.responseStallTimeoutSeconds
         maxConnections = other.maxConnections
     }
@@ -323,6 +328,7 @@ public struct NodeConfiguration: Sendable {
         q.maxDatagramSize = quicMaxDatagram
         q.maxHeaderListSize = maxHeaderListBytes
         q.requestBodyIdleTimeout = .seconds(requestBodyTimeoutSeconds)
+        q.requestBodyMinRate = requestBodyMinRate
         q.responseStallTimeout = .seconds(responseStallTimeoutSeconds)
         return q
     }

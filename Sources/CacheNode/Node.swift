@@ -50,6 +50,7 @@ public final class CacheNode: Service {
             drainGracePeriod: .seconds(Int64(configuration.drainSeconds)))
         h2.maxHeaderListBytes = configuration.maxHeaderListBytes
         h2.requestBodyIdleTimeout = .seconds(configuration.requestBodyTimeoutSeconds)
+        h2.requestBodyMinRate = configuration.requestBodyMinRate
         h2.responseStallTimeout = .seconds(configuration.responseStallTimeoutSeconds)
         h2.maxConnections = Self.connectionCap(configuration.maxConnections, logger: logger)
         self.server = HTTP2Server(configuration: h2, service: service, logger: logger)

@@ -17,6 +17,9 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
         var waiter: CheckedContinuation<ByteBuffer?, any Error>?
         /// When the sender last delivered a byte (or the body began).
         var lastArrival = ContinuousClock.now
+        /// The current rate window: when it began and the bytes that arrived in it.
+        var windowStart = ContinuousClock.now
+        var windowBytes = 0
     }
 
     private let state = Mutex(State())
@@ -29,26 +32,47 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
     /// long while nothing is buffered (the sender stalled, not our consumer): a stalled upload
     /// must not hold its write slot and reserved space for as long as the connection lives.
     /// Checked by `BodyWatchdog.shared` about once a second.
-    public init(onConsumed: @escaping @Sendable (Int) -> Void = { _ in }, idleTimeout: Duration? = nil) {
+    ///
+    /// With `minimumRate` (bytes per second) as well, a sender that trickles — a byte now and then,
+    /// just often enough to dodge the idle timeout, holding a write slot forever — fails with
+    /// `bodyTooSlow` when less than that rate arrived over a window of half the idle timeout
+    /// (again only while nothing is buffered: a body held back by our own flow control is exempt).
+    public init(onConsumed: @escaping @Sendable (Int) -> Void = { _ in }, idleTimeout: Duration? = nil, minimumRate: Int = 0) {
         self.onConsumed = onConsumed
         self.idleTimeout = idleTimeout
+        self.minimumRate = minimumRate
         if idleTimeout != nil { BodyWatchdog.shared.watch(self) }
     }
 
     private let idleTimeout: Duration?
+    private let minimumRate: Int
 
     /// Fails the body if the sender has been silent for longer than its idle timeout. Returns
     /// whether the body is still worth watching (not ended, not failed). `BodyWatchdog` calls it.
     @discardableResult
     public func checkIdle(now: ContinuousClock.Instant) -> Bool {
         guard let idleTimeout else { return false }
-        let expired = state.withLock { s -> Bool? in
-            guard !s.finished, s.error == nil else { return nil }
-            return s.buffered == 0 && now - s.lastArrival > idleTimeout
+        let window = idleTimeout / 2
+        let verdict = state.withLock { s -> HTTPTransportError?? in
+            guard !s.finished, s.error == nil else { return .none }
+            guard s.buffered == 0 else {
+                // Our side is behind: not the sender's fault; start counting afresh.
+                s.windowStart = now
+                s.windowBytes = 0
+                return .some(nil)
+            }
+            if now - s.lastArrival > idleTimeout { return .some(.bodyIdleTimeout(idleTimeout)) }
+            if now - s.windowStart >= window {
+                let floor = Double(minimumRate) * (Double(window.components.seconds) + Double(window.components.attoseconds) / 1e18)
+                if minimumRate > 0, Double(s.windowBytes) < floor { return .some(.bodyTooSlow(minimumRate: minimumRate)) }
+                s.windowStart = now
+                s.windowBytes = 0
+            }
+            return .some(nil)
         }
-        guard let expired else { return false }
-        if expired { fail(HTTPTransportError.bodyIdleTimeout(idleTimeout)) }
-        return !expired
+        guard case .some(let error) = verdict else { return false }
+        if let error { fail(error) }
+        return error == nil
     }
 
     /// An already complete body (tests, in-memory use).
@@ -66,7 +90,10 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
     public func append(_ chunk: ByteBuffer) -> Bool {
         let waiter: CheckedContinuation<ByteBuffer?, any Error>? = state.withLock { s in
             guard !s.finished, s.error == nil else { return nil }
-            if idleTimeout != nil { s.lastArrival = .now }
+            if idleTimeout != nil {
+                s.lastArrival = .now
+                s.windowBytes += chunk.readableBytes
+            }
             if let w = s.waiter {
                 s.waiter = nil
                 return w

@@ -175,6 +175,8 @@ public enum HTTPTransportError: Error, Sendable, CustomStringConvertible, Equata
     case tooLarge(limit: Int)
     /// No byte of the request body arrived for this long (a stalled upload).
     case bodyIdleTimeout(Duration)
+    /// The request body arrived slower than this many bytes per second (a trickling upload).
+    case bodyTooSlow(minimumRate: Int)
 
     public var description: String {
         switch self {
@@ -184,6 +186,7 @@ public enum HTTPTransportError: Error, Sendable, CustomStringConvertible, Equata
         case .protocolError(let s): "protocol error: \(s)"
         case .tooLarge(let limit): "body larger than \(limit) bytes"
         case .bodyIdleTimeout(let d): "no request body bytes arrived for \(d); upload abandoned"
+        case .bodyTooSlow(let rate): "the request body arrived slower than \(rate) bytes/s (request_body_min_rate); upload abandoned"
         }
     }
 

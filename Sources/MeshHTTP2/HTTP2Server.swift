@@ -23,6 +23,9 @@ public final class HTTP2Server: Sendable {
         /// A request body from which nothing arrives for this long fails (408; the stream is
         /// reset): a stalled upload does not keep its write slot and reserved space. nil: never.
         public var requestBodyIdleTimeout: Duration? = .seconds(30)
+        /// With the idle timeout: a request body slower than this (bytes/s, over half the idle
+        /// timeout) fails too (a trickling upload). 0: no minimum.
+        public var requestBodyMinRate: Int = 16 * 1024
         /// A response the client takes no bytes of for this long (its window stays closed, or
         /// its socket takes nothing) is reset, giving back its read slot. nil: never.
         public var responseStallTimeout: Duration? = .seconds(30)
@@ -93,7 +96,7 @@ public final class HTTP2Server: Sendable {
                     }
                     try channel.pipeline.syncOperations.addHandler(HTTP2ServerHandler(
                         service: service, plaintext: config.credentials == nil, settings: settings,
-                        gracePeriod: config.drainGracePeriod, bodyIdleTimeout: config.requestBodyIdleTimeout,
+                        gracePeriod: config.drainGracePeriod, bodyIdleTimeout: config.requestBodyIdleTimeout, bodyMinRate: config.requestBodyMinRate,
                         responseStallTimeout: config.responseStallTimeout, idleTimeout: config.idleTimeout,
                         limiter: limiter, logger: logger))
                 }

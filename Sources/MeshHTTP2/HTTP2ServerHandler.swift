@@ -23,6 +23,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     private var draining = false
     private let gracePeriod: TimeAmount
     private let bodyIdleTimeout: Duration?
+    private let bodyMinRate: Int
     private let responseStallTimeout: Duration?
     private let idleTimeout: Duration?
     private let limiter: ConnectionLimiter?
@@ -31,12 +32,13 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     private var idleSince: ContinuousClock.Instant? = .now
 
     init(service: any HTTPService, plaintext: Bool, settings: NGHTTP2Session.Settings, gracePeriod: TimeAmount = .seconds(30),
-         bodyIdleTimeout: Duration? = nil, responseStallTimeout: Duration? = nil, idleTimeout: Duration? = nil,
+         bodyIdleTimeout: Duration? = nil, bodyMinRate: Int = 0, responseStallTimeout: Duration? = nil, idleTimeout: Duration? = nil,
          limiter: ConnectionLimiter? = nil, logger: Logger) {
         self.idleTimeout = idleTimeout
         self.limiter = limiter
         self.service = service
         self.bodyIdleTimeout = bodyIdleTimeout
+        self.bodyMinRate = bodyMinRate
         self.responseStallTimeout = responseStallTimeout
         self.plaintext = plaintext
         self.gracePeriod = gracePeriod
@@ -149,7 +151,8 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
             respond(stream: stream, response: immediate)
             return
         }
-        let body = HTTPInboundBody(onConsumed: makeConsumedCallback(stream: stream), idleTimeout: endStream ? nil : bodyIdleTimeout)
+        let body = HTTPInboundBody(onConsumed: makeConsumedCallback(stream: stream), idleTimeout: endStream ? nil : bodyIdleTimeout,
+                                   minimumRate: bodyMinRate)
         streams[stream] = Stream(body: body, requestEnded: endStream, isHead: head.method == "HEAD")
         streamsChanged()
         if endStream {

@@ -48,6 +48,8 @@ public struct QUICSettings: Sendable {
     /// A request body from which nothing arrives for this long fails (server side; 408, the
     /// stream is stopped). nil: never.
     public var requestBodyIdleTimeout: Duration? = .seconds(30)
+    /// With the idle timeout: a request body slower than this (bytes/s) fails too. 0: no minimum.
+    public var requestBodyMinRate: Int = 16 * 1024
     /// A response whose flow-control window the client keeps closed for this long is reset
     /// (server side), giving back its read slot. nil: never.
     public var responseStallTimeout: Duration? = .seconds(30)
@@ -1314,7 +1316,8 @@ final class QUICCore {
             respond(s.id, immediate)
             return
         }
-        let body = HTTPInboundBody(onConsumed: makeCredit(s.id), idleTimeout: fin ? nil : settings.requestBodyIdleTimeout)
+        let body = HTTPInboundBody(onConsumed: makeCredit(s.id), idleTimeout: fin ? nil : settings.requestBodyIdleTimeout,
+                                  minimumRate: settings.requestBodyMinRate)
         s.body = body
         if fin {
             s.inboundEnded = true

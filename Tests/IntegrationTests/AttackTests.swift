@@ -150,6 +150,25 @@ struct UnverifiedUploadAttackTests {
         return (node, stored)
     }
 
+    @Test("a trickling upload (a byte a second, dodging the idle timeout) is dropped for its rate (408) and gives back its slot",
+          .timeLimit(.minutes(2)))
+    func tricklingUpload() async throws {
+        let dir = try TempDir("trickle")
+        defer { dir.remove() }
+        let config = dir.file("node.toml")
+        try "request_body_timeout_seconds = 4\nrequest_body_min_rate = \"1K\"\nmax_concurrent_writes = 1\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let node = try await TestNode.start(extraArguments: ["--config", config])
+        defer { node.cleanUp() }
+        let started = ContinuousClock.now
+        let r = try await H2Attack.run("stalled-put", node: node, ["--content-length", "1000000", "--send", "0", "--trickle", "1", "--hold", "40"])
+        #expect(r.status.values.first == 408, "\(r)")
+        #expect(ContinuousClock.now - started < .seconds(30), "the trickle held its slot for \(ContinuousClock.now - started)")
+        // The only write slot is free again: a normal PUT is stored.
+        let data = randomBytes(100_000)
+        let d = try await withClient(node) { try await $0.put(bytes: data) }
+        #expect(d.hash == SHA256.hex(data))
+    }
+
     static func surviving(_ node: TestNode, _ blobs: [Digest]) -> Int {
         blobs.filter { FileManager.default.fileExists(atPath: "\(node.dataDir)/cas/\($0.hash.prefix(2))/\($0.hash)") }.count
     }

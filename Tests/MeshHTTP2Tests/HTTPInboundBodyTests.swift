@@ -81,6 +81,27 @@ struct BodyIdleTimeoutTests {
         #expect(try await done.next() == nil)
     }
 
+    @Test("a trickle — bytes often enough to dodge the idle timeout, far below the minimum rate — fails too; a body our side holds back does not")
+    func trickleFails() async throws {
+        let body = HTTPInboundBody(idleTimeout: .seconds(10), minimumRate: 1000)   // window: 5 s, floor 5,000 bytes
+        let start = ContinuousClock.now
+        body.append(ByteBuffer(bytes: [UInt8](repeating: 1, count: 200)))
+        #expect(try await body.next()?.readableBytes == 200)
+        #expect(body.checkIdle(now: start + .seconds(4)))                 // window not over yet
+        #expect(!body.checkIdle(now: ContinuousClock.now + .seconds(6)))   // 200 bytes in 5+ s < 5,000
+        await #expect(throws: HTTPTransportError.bodyTooSlow(minimumRate: 1000)) { _ = try await body.next() }
+
+        let fast = HTTPInboundBody(idleTimeout: .seconds(10), minimumRate: 1000)
+        fast.append(ByteBuffer(bytes: [UInt8](repeating: 1, count: 6000)))
+        #expect(try await fast.next()?.readableBytes == 6000)
+        #expect(fast.checkIdle(now: ContinuousClock.now + .seconds(6)))    // 6,000 ≥ 5,000: a new window starts
+        fast.finish()
+
+        let held = HTTPInboundBody(idleTimeout: .seconds(10), minimumRate: 1000)
+        held.append(ByteBuffer(bytes: [1]))                                // unread: our consumer is behind
+        #expect(held.checkIdle(now: ContinuousClock.now + .seconds(6)))
+    }
+
     @Test("the watchdog fails a stalled body on its own")
     func watchdogFailsStalledBodies() async throws {
         let stalled = HTTPInboundBody(idleTimeout: .milliseconds(300))

@@ -11,7 +11,8 @@ Used by the attack tests in Tests/IntegrationTests; prints one JSON line with wh
   idle-connections: open CONNECTIONS TLS+HTTP/2 connections (handshake, preface, SETTINGS) and
                hold them without a request for HOLD s; prints how many the server closed.
   stalled-put: PUT PATH declaring CONTENT-LENGTH bytes, send SEND bytes of them, then hold the
-               stream open for HOLD seconds without sending more (or until the server ends it).
+               stream open for HOLD seconds without sending more (or until the server ends it);
+               with --trickle N, one more byte every N seconds meanwhile.
 """
 import argparse, json, socket, ssl, sys, time
 
@@ -107,7 +108,21 @@ def stalled_put(a):
         sent += n
     out["sent"] = sent
     print(json.dumps({"event": "sent", "bytes": sent}), flush=True)
-    pump(s, conn, out, lambda: str(sid) in out["status"] or str(sid) in out["reset"], time.time() + a.hold)
+    end = time.time() + a.hold
+    ended = lambda: str(sid) in out["status"] or str(sid) in out["reset"] or out["closed"] is not None
+    if a.trickle > 0:
+        # One byte every TRICKLE seconds: often enough to dodge an idle timeout.
+        while time.time() < end and not ended():
+            pump(s, conn, out, ended, min(end, time.time() + a.trickle))
+            if ended() or conn.local_flow_control_window(sid) < 1:
+                continue
+            try:
+                conn.send_data(sid, b"\xa5")
+                s.sendall(conn.data_to_send())
+                out["sent"] += 1
+            except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError, OSError, ssl.SSLError):
+                break
+    pump(s, conn, out, ended, end)
     s.close()
     return out
 
@@ -175,6 +190,7 @@ def main():
     p.add_argument("--content-length", type=int, default=60 << 20)
     p.add_argument("--send", type=int, default=1 << 20)
     p.add_argument("--hold", type=float, default=10)
+    p.add_argument("--trickle", type=float, default=0, help="stalled-put: then one byte every N seconds")
     p.add_argument("--connections", type=int, default=100)
     a = p.parse_args()
     out = {"header-bomb": header_bomb, "stalled-put": stalled_put, "zero-window": zero_window, "idle-connections": idle_connections}[a.attack](a)
