@@ -26,12 +26,16 @@ public final class CacheNode: Service {
         try configuration.validate()
         self.configuration = configuration
         self.logger = logger
+        // TLS first: a certificate problem stops the node before it touches the data directory.
+        let credentials = try configuration.tlsFiles.map { try TLSCredentials(files: $0) }
+        if let cert = configuration.certificate, credentials != nil {
+            try Self.checkOwnCertificate(cert, name: topology == nil ? nil : configuration.name)
+        }
         var storeConfig = BlobStoreConfiguration(directory: configuration.dataDirectory, maxBytes: configuration.maxBytes)
         storeConfig.maxConcurrentWrites = configuration.maxConcurrentWrites
         storeConfig.maxOpenReads = configuration.maxOpenReads
         storeConfig.maxUnverifiedBytes = configuration.effectiveMaxUnverifiedBytes
         self.store = try BlobStore(configuration: storeConfig, logger: logger)
-        let credentials = try configuration.tlsFiles.map { try TLSCredentials(files: $0) }
         if let topology {
             guard let credentials else { throw ConfigurationError("a mesh node needs TLS (node certificates)") }
             var settings = MeshService.Settings(topology: topology)
@@ -66,6 +70,28 @@ public final class CacheNode: Service {
                 service: service, logger: logger)
         } else {
             quicServer = nil
+        }
+    }
+
+    /// A node serves with its certificate and, in a mesh, speaks for its name with it: one that
+    /// clients or peers would refuse (a `client` certificate, another node's) is refused at start,
+    /// with the reason, instead of a node that says "ready" and then fails everyone (or never joins).
+    static func checkOwnCertificate(_ path: String, name: String?) throws {
+        let cert: X509Certificate
+        do { cert = try X509Certificate.load(pemFile: path) } catch {
+            throw ConfigurationError("cannot read the node certificate \(path): \(error)")
+        }
+        let subject = cert.subject
+        switch RolePolicy.role(organizationalUnits: (try? cert.subjectValues("2.5.4.11")) ?? [], keyPurposes: (try? cert.keyPurposes()) ?? []) {
+        case .failure(let why):
+            throw ConfigurationError("the node certificate \(path) (\"\(subject)\") cannot serve: \(why); make one with certs/mkcerts.sh node NAME")
+        case .success(let role) where role != .node:
+            throw ConfigurationError("the node certificate \(path) (\"\(subject)\") has the role \(role.rawValue), not node: clients and peers would refuse it; make one with certs/mkcerts.sh node NAME")
+        case .success:
+            break
+        }
+        if let name, let cn = (try? cert.subjectValues("2.5.4.3"))?.first, cn != name {
+            throw ConfigurationError("the node certificate \(path) is for \"\(cn)\", but this node is \"\(name)\" in the topology: peers would refuse its gossip; use certs/mkcerts.sh node \(name)")
         }
     }
 

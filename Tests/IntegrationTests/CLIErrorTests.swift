@@ -111,6 +111,33 @@ struct CLIErrorTests {
         expectUsageError(c, ["config \(config), line 4: 'drain_seconds' must be an integer, got a string (\"5\")"])
     }
 
+    @Test("A node refuses to start with a certificate clients or peers would refuse: a client certificate, another node's name (exit 2, the reason)")
+    func ownCertificateChecked() async throws {
+        let dir = try TempDir("cli-own-cert")
+        defer { dir.remove() }
+        let certs = try Certs.shared()
+        let client = try await cachemesh(["node", "--listen", "127.0.0.1:0", "--data-dir", dir.file("d"), "--max-bytes", "1G",
+                                          "--cert", certs.path("client.pem"), "--key", certs.path("client.key"), "--ca", certs.ca])
+        expectUsageError(client, ["has the role client, not node", "certs/mkcerts.sh node"])
+        #expect(!client.stdout.contains("listening"), "\(client)")
+
+        // A mesh node "a" started with the certificate of a node called "node".
+        let topology = dir.file("t.toml")
+        try """
+        name = "t"
+        ca = "\(certs.ca)"
+        [[nodes]]
+        name = "a"
+        tcp = "127.0.0.1:0"
+        data_dir = "\(dir.file("a"))"
+        max_bytes = "1G"
+        cert = "\(certs.nodeCert)"
+        key = "\(certs.nodeKey)"
+        """.write(toFile: topology, atomically: true, encoding: .utf8)
+        let other = try await cachemesh(["node", "--topology", topology, "--name", "a"])
+        expectUsageError(other, ["is for \"node\", but this node is \"a\""])
+    }
+
     @Test("Connection refused and missing certificate files: exit 1, one line naming the address or file and the cause")
     func runtimeFailuresInWords() async throws {
         let certs = try Certs.shared()
