@@ -317,10 +317,13 @@ class Mesh:
         return len(lines)
 
     def converge_locality(self):
-        """Until the worker's locality map names every peer copy (and has stopped growing)."""
-        want = sum(len(bl.holders) for bl in self.b.blobs)
+        """Until the worker's locality map names every copy placed on another node — the origin's
+        too, which the map counts alongside the peers' (counting only the peer copies let the wait
+        end with a peer copy still unknown, and peers-only then went to the origin for it) — and
+        has stopped growing."""
         w = self.b.sc.worker
-        self.wait(f"the worker to learn {want} peer copies",
+        want = sum(len([n for n in ["origin"] + bl.holders if n != w]) for bl in self.b.blobs)
+        self.wait(f"the worker to learn {want} copies",
                   lambda: json.loads(self.curl(w, "/mesh/status"))["locality_entries"] >= want, 60)
         last, stable_since = -1, time.time()
         deadline = time.time() + 20

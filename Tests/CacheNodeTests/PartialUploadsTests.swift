@@ -28,6 +28,25 @@ import Testing
         let tmp = try FileManager.default.contentsOfDirectory(atPath: dir.appendingPathComponent("tmp").path)
         #expect(tmp.isEmpty)
     }
+
+    @Test("parked uploads hold at most a quarter of the write slots: the oldest is dropped to stay within it")
+    func parkedShareOfSlots() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cm-parked-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var config = BlobStoreConfiguration(directory: dir.path, maxBytes: 64 << 20)
+        config.maxConcurrentWrites = 8
+        let store = try BlobStore(configuration: config, logger: Logger(label: "t"))
+        #expect(PartialUploads.maxParked(writeSlots: 8) == 2 && PartialUploads.maxParked(writeSlots: 64) == 16 && PartialUploads.maxParked(writeSlots: 2) == 1)
+        let uploads = PartialUploads(logger: Logger(label: "t"), maxParked: PartialUploads.maxParked(writeSlots: 8))
+        for i in 0..<5 {
+            let digest = try #require(Digest(hash: String(repeating: String(format: "%02x", i), count: 32), size: 1000))
+            let u = try await uploads.resume("uploads/\(i)/blobs/\(digest.hash)/1000", digest: digest, offset: 0, store: store)
+            try u.writer.write([1])
+            uploads.park("uploads/\(i)/blobs/\(digest.hash)/1000", u)
+        }
+        #expect(uploads.parkedCount == 2)
+        #expect(store.stats.activeWrites == 2)   // 6 of the 8 slots stay free for everyone else
+    }
 }
 
 /// Polls `condition` every 20 ms until it holds or `timeout` seconds pass.

@@ -21,10 +21,14 @@ final class PartialUploads: Sendable {
         var since: ContinuousClock.Instant
     }
 
-    /// How long a broken upload waits for its client.
-    static let ttl: Duration = .seconds(300)
-    /// How many broken uploads may be parked (each holds a write slot and a temp file).
-    static let maxParked = 16
+    /// How long a broken upload waits for its client (Bazel resumes within seconds).
+    static let ttl: Duration = .seconds(120)
+    /// How many broken uploads may be parked at most (each holds a write slot and a temp file).
+    static let maxParkedLimit = 16
+
+    /// A quarter of the store's write slots, at most `maxParkedLimit`: parked uploads never hold
+    /// more than that share of the slots (with 16 slots, 16 parked uploads blocked every write).
+    static func maxParked(writeSlots: Int) -> Int { min(maxParkedLimit, max(1, writeSlots / 4)) }
 
     private let parked = Mutex<[String: Parked]>([:])
     /// Whether the expiry sweeper runs (one task, only while uploads are parked).
@@ -35,8 +39,11 @@ final class PartialUploads: Sendable {
     private let active = Mutex<Set<String>>([])
     private let logger: Logger
 
-    init(logger: Logger, ttl: Duration = PartialUploads.ttl, sweepInterval: Duration = .seconds(10)) {
+    let maxParked: Int
+
+    init(logger: Logger, ttl: Duration = PartialUploads.ttl, sweepInterval: Duration = .seconds(10), maxParked: Int = PartialUploads.maxParkedLimit) {
         self.logger = logger
+        self.maxParked = maxParked
         self.ttl = ttl
         self.sweepInterval = sweepInterval
     }
@@ -91,7 +98,7 @@ final class PartialUploads: Sendable {
         let evicted: [Upload] = parked.withLock { p in
             p[resource] = Parked(upload: upload, since: .now)
             var out: [Upload] = []
-            while p.count > Self.maxParked, let oldest = p.min(by: { $0.value.since < $1.value.since }) {
+            while p.count > maxParked, let oldest = p.min(by: { $0.value.since < $1.value.since }) {
                 out.append(oldest.value.upload)
                 p.removeValue(forKey: oldest.key)
             }

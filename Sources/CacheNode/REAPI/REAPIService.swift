@@ -31,7 +31,7 @@ public final class REAPIService: Sendable {
         self.store = store
         self.mesh = mesh
         self.logger = logger
-        self.uploads = PartialUploads(logger: logger)
+        self.uploads = PartialUploads(logger: logger, maxParked: PartialUploads.maxParked(writeSlots: store.configuration.maxConcurrentWrites))
         self.router = GRPCRouter(maxMessageSize: Int(Self.maxBatchTotalSize) + (1 << 20), mapError: Self.status(for:))
         register()
     }
