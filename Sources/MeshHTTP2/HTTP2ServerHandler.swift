@@ -13,7 +13,17 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         /// The service handling the request; cancelled when the stream goes away first (a reset
         /// GET stops its mesh fetch, an abandoned upload stops waiting for a slot).
         var task: Task<Void, Never>?
+        /// The response ended before the request body (an early 4xx): the rest of the body is
+        /// read and dropped, up to `lingerLimit` bytes.
+        var lingering = 0
     }
+
+    /// After an early response, a request body of up to this many more bytes (arriving within
+    /// `lingerTime`) is read and dropped instead of resetting the stream at once: curl 7.88 (Debian
+    /// 12) reports RST_STREAM(NO_ERROR) after a complete response as a framing error (exit 92)
+    /// instead of showing the 403/413. Beyond either bound the stream is reset (RFC 9113 §8.1).
+    static let lingerLimit = 256 * 1024
+    static let lingerTime: TimeAmount = .seconds(1)
 
     private let service: any HTTPService
     private let plaintext: Bool
@@ -207,6 +217,16 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     }
 
     override func dataReceived(stream: Int32, data: ByteBuffer) {
+        if var s = streams[stream], s.lingering > 0 {
+            session?.consumed(stream: stream, bytes: data.readableBytes)
+            s.lingering += data.readableBytes
+            streams[stream] = s
+            if s.lingering > Self.lingerLimit + 1 {
+                session?.resetStream(stream, errorCode: 0)
+                scheduleFlush()
+            }
+            return
+        }
         guard let s = streams[stream], s.body.append(data) else {
             // Nobody will read it: give the stream window back at once.
             session?.consumed(stream: stream, bytes: data.readableBytes)
@@ -222,11 +242,23 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     }
 
     override func endOfStreamSent(stream: Int32) {
-        // The response is complete but the client is still uploading (e.g. an early 4xx):
-        // tell it to stop (RST_STREAM NO_ERROR, RFC 9113 §8.1).
-        if let s = streams[stream], !s.requestEnded {
-            session?.resetStream(stream, errorCode: 0)
+        // The response is complete but the client is still uploading (e.g. an early 4xx): let a
+        // small rest of the body arrive (dropped), then tell it to stop (RST_STREAM NO_ERROR, RFC
+        // 9113 §8.1) if it has not finished by then (see `lingerLimit`).
+        guard var s = streams[stream], !s.requestEnded, let context else { return }
+        s.lingering = 1
+        streams[stream] = s
+        // Nobody reads the body any more: drop what is buffered and give its window back.
+        let dropped = s.body.fail(HTTPTransportError.streamReset(errorCode: 0))
+        if dropped > 0 { session?.consumed(stream: stream, bytes: dropped) }
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        context.eventLoop.scheduleTask(in: Self.lingerTime) {
+            let me = bound.value
+            guard let s = me.streams[stream], s.lingering > 0, !s.requestEnded else { return }
+            me.session?.resetStream(stream, errorCode: 0)
+            me.flushOutput()
         }
+        scheduleFlush()
     }
 
     override func streamClosed(stream: Int32, errorCode: UInt32) {

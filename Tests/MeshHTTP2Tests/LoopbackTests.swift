@@ -17,6 +17,9 @@ final class TestService: HTTPService {
     func handle(_ request: HTTPServerRequest) async -> HTTPResponse {
         started.withLock { $0 += 1 }
         switch request.head.path {
+        case "/reject":
+            // An early answer that never reads the request body.
+            return .text(403, "no")
         case "/wait":
             // A long piece of work (a mesh fetch, a slot wait): ends early only if cancelled.
             do {
@@ -145,6 +148,27 @@ final class TestService: HTTPService {
             t.cancel()
             for _ in 0..<300 where service.cancelledHandlers.withLock({ $0 }) == 0 { try await Task.sleep(for: .milliseconds(10)) }
             #expect(service.cancelledHandlers.withLock { $0 } == 1)
+            await c.close()
+        }
+    }
+
+    @Test("an early response lets a small rest of the request body arrive (no reset: curl 7.88 turns one into exit 92), and resets a client that keeps sending")
+    func earlyResponseLingersThenResets() async throws {
+        try await Self.withServer { _, port, _ in
+            let c = try await HTTP2Connection.connect(host: "127.0.0.1", port: port, credentials: try Self.creds("client"))
+            // Small: the whole request goes out, the 403 comes back, nothing is reset.
+            let small = try await c.request(HTTPRequestHead(method: "PUT", path: "/reject"), body: .bytes(ByteBuffer(bytes: [UInt8](repeating: 7, count: 7000))))
+            #expect(small.status == 403)
+            #expect(String(buffer: try await small.body.collect(upTo: 1024)).hasPrefix("no"))
+            // Endless: after the 403 and the linger bound the stream is reset, so writing fails.
+            let out = HTTPOutboundStream()
+            let t = Task { try await c.request(HTTPRequestHead(method: "PUT", path: "/reject"), body: .stream(out)) }
+            var failed = false
+            for _ in 0..<400 {   // up to 25 MB, far beyond the 256 KiB linger bound
+                do { try await out.write(ByteBuffer(bytes: [UInt8](repeating: 1, count: 64 * 1024))) } catch { failed = true; break }
+            }
+            #expect(failed, "the server never stopped an upload it had already answered")
+            #expect(try await t.value.status == 403)
             await c.close()
         }
     }
