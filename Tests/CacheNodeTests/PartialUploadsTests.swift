@@ -5,13 +5,18 @@ import Testing
 @testable import CacheNode
 
 @Suite struct PartialUploadsTests {
+    /// A store in a fresh temp directory with `writeSlots` write slots.
+    static func store(writeSlots: Int) throws -> (URL, BlobStore) {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cm-parked-\(UUID().uuidString.prefix(8))")
+        var config = BlobStoreConfiguration(directory: dir.path, maxBytes: 64 << 20)
+        config.maxConcurrentWrites = writeSlots
+        return (dir, try BlobStore(configuration: config, logger: Logger(label: "t")))
+    }
+
     @Test("a parked ByteStream upload expires on a timer and gives back its slot, space and temp file (no other upload needed)")
     func parkedUploadsExpireOnTheirOwn() async throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cm-parked-\(UUID().uuidString.prefix(8))")
+        let (dir, store) = try Self.store(writeSlots: 1)
         defer { try? FileManager.default.removeItem(at: dir) }
-        var config = BlobStoreConfiguration(directory: dir.path, maxBytes: 64 << 20)
-        config.maxConcurrentWrites = 1
-        let store = try BlobStore(configuration: config, logger: Logger(label: "t"))
         let uploads = PartialUploads(logger: Logger(label: "t"), ttl: .milliseconds(300), sweepInterval: .milliseconds(100))
         let digest = try #require(Digest(hash: String(repeating: "ab", count: 32), size: 60_000_000))
         let u = try await uploads.resume("uploads/x/blobs/\(digest.hash)/\(digest.size)", digest: digest, offset: 0, store: store)
@@ -31,11 +36,8 @@ import Testing
 
     @Test("parked uploads hold at most a quarter of the write slots: the oldest is dropped to stay within it")
     func parkedShareOfSlots() async throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cm-parked-\(UUID().uuidString.prefix(8))")
+        let (dir, store) = try Self.store(writeSlots: 8)
         defer { try? FileManager.default.removeItem(at: dir) }
-        var config = BlobStoreConfiguration(directory: dir.path, maxBytes: 64 << 20)
-        config.maxConcurrentWrites = 8
-        let store = try BlobStore(configuration: config, logger: Logger(label: "t"))
         #expect(PartialUploads.maxParked(writeSlots: 8) == 2 && PartialUploads.maxParked(writeSlots: 64) == 16 && PartialUploads.maxParked(writeSlots: 2) == 1)
         let uploads = PartialUploads(logger: Logger(label: "t"), maxParked: PartialUploads.maxParked(writeSlots: 8))
         for i in 0..<5 {
