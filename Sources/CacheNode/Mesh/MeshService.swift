@@ -338,7 +338,7 @@ public final class MeshService: MeshHooks, Sendable {
         let quorum = max(0, settings.writeQuorum - 1)
         let copies = settings.replication - 1
         guard settings.fetch.originWriteThrough, node.role != .origin else {
-            try await mirror.replicate(d, candidates: targets, copies: copies, quorum: quorum)
+            try await mirror.replicate(d, candidates: targets, copies: copies, quorum: quorum, isAlive: isAlive)
             return
         }
         guard let origin = originSource() else {
@@ -346,8 +346,18 @@ public final class MeshService: MeshHooks, Sendable {
         }
         targets.removeAll { $0.name == origin.name }
         async let toOrigin: Void = mirror.replicate(d, to: [origin], quorum: 1)
-        try await mirror.replicate(d, candidates: targets, copies: copies - 1, quorum: max(0, quorum - 1))
+        try await mirror.replicate(d, candidates: targets, copies: copies - 1, quorum: max(0, quorum - 1), isAlive: isAlive)
         try await toOrigin
+    }
+
+    /// Whether membership counts the member behind `source` alive (not suspect, dead or gone).
+    private var isAlive: @Sendable (FetchSource) -> Bool {
+        { [weak self] source in
+            guard let self else { return false }
+            return self.core.withLock { c in
+                c.membership.allMembers.contains { $0.node.name == source.name && $0.status == .alive }
+            }
+        }
     }
 
     /// The origin as a fetch/mirror target: from membership, or from the topology before gossip.

@@ -152,32 +152,37 @@ public final class Mirror: Sendable {
     }
 
     /// Copy `digest` to `copies` of `candidates` (best first) and wait until `quorum` of them are
-    /// durable. A copy that fails is replaced by the next candidate at once; while the quorum is
-    /// not met, one more candidate is started every `hedgeAfter(size)` (a frozen or dead target
-    /// must not hold the write until its connection times out). Copies still running when the
-    /// quorum is met finish in the background (`flush`). Throws when the candidates run out.
-    public func replicate(_ digest: Digest, candidates: [FetchSource], copies: Int, quorum: Int) async throws {
+    /// durable. A copy that fails is replaced by the next candidate at once. A copy still running
+    /// after `hedgeDelay(size)` is backed by the next candidate when membership no longer counts its
+    /// target alive (`isAlive`: a frozen node turns suspect within a couple of probe intervals),
+    /// and unconditionally after `slowDelay(size)` — so a dead or frozen target does not hold the
+    /// write, while a target that is merely slow under load gets no extra copy. Copies still
+    /// running when the quorum is met finish in the background (`flush`). Throws when the
+    /// candidates run out.
+    public func replicate(_ digest: Digest, candidates: [FetchSource], copies: Int, quorum: Int,
+                          isAlive: @escaping @Sendable (FetchSource) -> Bool = { _ in true }) async throws {
         let first = Array(candidates.prefix(max(0, copies)))
         guard quorum > 0 else { return try await replicate(digest, to: first, quorum: 0) }
         guard !candidates.isEmpty else { throw BlobStoreError.io("no live mirror target for \(digest) (need \(quorum))") }
-        let (results, sink) = AsyncStream<Bool?>.makeStream()   // nil: time to hedge
-        var next = 0, running = 0, ok = 0
-        var errors = 0
+        let (results, sink) = AsyncStream<(Int, Bool)?>.makeStream()   // nil: time to look at the running copies
+        var next = 0, ok = 0, errors = 0
+        var running: [Int: (started: ContinuousClock.Instant, backed: Bool)] = [:]
         func launch() {
-            let target = candidates[next]
+            let i = next
+            let target = candidates[i]
             next += 1
-            running += 1
+            running[i] = (.now, false)
             pending.add(1)
             Task {
                 defer { pending.add(-1) }
-                sink.yield(await copy(digest, to: target))
+                sink.yield((i, await copy(digest, to: target)))
             }
         }
         while next < max(1, min(copies, candidates.count)) { launch() }
-        let hedge = Self.hedgeDelay(size: digest.size)
+        let hedge = Self.hedgeDelay(size: digest.size), slow = Self.slowDelay(size: digest.size)
         let ticker = Task {
             while !Task.isCancelled {
-                try? await Task.sleep(for: hedge)
+                try? await Task.sleep(for: .milliseconds(250))
                 sink.yield(nil)
             }
         }
@@ -188,28 +193,37 @@ public final class Mirror: Sendable {
         for await result in results {
             switch result {
             case nil:
-                if next < candidates.count {
+                let now = ContinuousClock.now
+                for (i, r) in running.sorted(by: { $0.key < $1.key }) where !r.backed && next < candidates.count {
+                    let age = now - r.started
+                    guard age > slow || (age > hedge && !isAlive(candidates[i])) else { continue }
+                    running[i]?.backed = true
                     hedges.increment()
-                    logger.info("mirror copy of \(digest) slow: also copying to \(candidates[next].name)")
+                    logger.info("mirror copy of \(digest) to \(candidates[i].name) is not finishing: also copying to \(candidates[next].name)")
                     launch()
                 }
-            case true?:
-                running -= 1
+            case (let i, true)?:
+                running[i] = nil
                 ok += 1
                 if ok >= quorum { return }
-            case false?:
-                running -= 1
+            case (let i, false)?:
+                let backed = running[i]?.backed ?? false
+                running[i] = nil
                 errors += 1
-                if next < candidates.count { launch() }
+                if !backed, next < candidates.count { launch() }
             }
-            if running == 0 && next >= candidates.count { break }
+            if running.isEmpty && next >= candidates.count { break }
         }
         throw BlobStoreError.io("only \(ok) of \(quorum) required mirror copies of \(digest) succeeded (\(errors) failed, \(candidates.count) candidates)")
     }
 
-    /// How long a mirror copy may take before another candidate is started: 1 s plus the time
-    /// the body takes at 100 MB/s (a LAN copy of that size is well within it).
+    /// How long a mirror copy to a target membership no longer counts alive may run before another
+    /// candidate backs it: 1 s plus the time the body takes at 100 MB/s.
     static func hedgeDelay(size: Int64) -> Duration { .seconds(1) + .milliseconds(size / 100_000) }
+
+    /// How long any mirror copy may run before another candidate backs it: 10 s plus the time
+    /// the body takes at 10 MB/s (a live target that slow is as good as gone).
+    static func slowDelay(size: Int64) -> Duration { .seconds(10) + .milliseconds(size / 10_000) }
 
     func copy(_ digest: Digest, to target: FetchSource) async -> Bool {
         do {
