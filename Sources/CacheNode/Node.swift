@@ -82,7 +82,7 @@ public final class CacheNode: Service {
             throw ConfigurationError("cannot read the node certificate \(path): \(error)")
         }
         let subject = cert.subject
-        switch RolePolicy.role(organizationalUnits: (try? cert.subjectValues("2.5.4.11")) ?? [], keyPurposes: (try? cert.keyPurposes()) ?? []) {
+        switch cert.role() {
         case .failure(let why):
             throw ConfigurationError("the node certificate \(path) (\"\(subject)\") cannot serve: \(why); make one with certs/mkcerts.sh node NAME")
         case .success(let role) where role != .node:
@@ -90,7 +90,7 @@ public final class CacheNode: Service {
         case .success:
             break
         }
-        if let name, let cn = (try? cert.subjectValues("2.5.4.3"))?.first, cn != name {
+        if let name, let cn = cert.commonName, cn != name {
             throw ConfigurationError("the node certificate \(path) is for \"\(cn)\", but this node is \"\(name)\" in the topology: peers would refuse its gossip; use certs/mkcerts.sh node \(name)")
         }
     }
