@@ -349,6 +349,14 @@ public final class BlobStore: Sendable {
         return size
     }
 
+    /// Size of the blob `hash` if it is stored, without counting a hit or miss or touching its
+    /// recency (mesh bookkeeping — another node asking whether this one holds it — is not use).
+    public func peekSize(of hash: String) -> Int64? {
+        guard Digest.isValidHash(hash) else { return nil }
+        if hash == Digest.emptyHash { return 0 }
+        return state.withLock { s in s.index.lookup(EntryKey(kind: .cas, hash: hash)).map { s.index[$0].size } }
+    }
+
     /// `true` if the blob is present with exactly `digest.size` bytes. The empty digest is always present.
     /// Counts a hit or miss and marks the blob as recently used.
     public func contains(_ digest: Digest) -> Bool {

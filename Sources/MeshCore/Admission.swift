@@ -17,6 +17,8 @@ public struct GossipLimits: Sendable, Hashable {
     public var maxEndpointBytes = 300
     /// Largest blob size a locality fact may claim (1 PiB).
     public var maxBlobSize: Int64 = 1 << 50
+    /// Blobs in one holdings page (65,536 × 40 bytes ≈ 3.5 MB of base64).
+    public var maxHoldings = 65_536
 
     public init() {}
 }
@@ -74,6 +76,7 @@ extension Envelope {
             (members, locality) = (g.members, g.locality)
         case .pushPull(let s, _):
             (members, locality) = (s.members, s.locality)
+            if let h = s.holdings { try Self.check(h, limits) }
         }
         guard members.count <= limits.maxMembers else { throw .tooMany("member updates", count: members.count, limit: limits.maxMembers) }
         guard locality.count <= limits.maxLocality else { throw .tooMany("locality facts", count: locality.count, limit: limits.maxLocality) }
@@ -90,6 +93,16 @@ extension Envelope {
             guard u.version <= limits.maxVersion else { throw .outOfRange("locality version", value: "\(u.version)") }
             guard u.digest.sizeBytes >= 0, u.digest.sizeBytes <= limits.maxBlobSize else { throw .outOfRange("blob size", value: "\(u.digest.sizeBytes)") }
             try Self.check(name: u.holder.name, limits)
+        }
+    }
+
+    private static func check(_ h: HoldingsPage, _ limits: GossipLimits) throws(GossipRejection) {
+        guard h.count <= limits.maxHoldings else { throw .tooMany("held blobs", count: h.count, limit: limits.maxHoldings) }
+        guard h.version <= limits.maxVersion else { throw .outOfRange("holdings version", value: "\(h.version)") }
+        guard h.page >= 0, h.pages >= 0, h.page <= h.pages else { throw .outOfRange("holdings page", value: "\(h.page) of \(h.pages)") }
+        guard let digests = h.digests() else { throw .badString("holdings records (not base64 of 40-byte records)") }
+        for d in digests where d.sizeBytes < 0 || d.sizeBytes > limits.maxBlobSize {
+            throw .outOfRange("blob size", value: "\(d.sizeBytes)")
         }
     }
 

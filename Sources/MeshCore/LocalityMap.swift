@@ -7,9 +7,11 @@
 /// * Deltas: `gained`/`lost` and every newly learned fact are queued for piggybacking on membership
 ///   messages, each transmitted at most `retransmitMultiplier × ceil(log10(n + 1))` times by each node
 ///   (epidemic spread, like membership updates).
-/// * Anti-entropy: push-pull carries this node's own holdings (age 0: it re-asserts them, refreshing
-///   their TTL everywhere they are relayed) plus the freshest relayed facts, both bounded. Facts
-///   merged from push-pull are not re-gossiped (that would flood the mesh every 30 s).
+/// * Anti-entropy: push-pull carries one page of this node's own holdings (`HoldingsPage`, 40
+///   bytes per blob; successive push-pulls rotate through the whole store, re-asserting each blob
+///   and refreshing its TTL) plus the freshest relayed facts, both bounded. Facts merged from
+///   push-pull are not re-gossiped (that would flood the mesh every 30 s). A node that starts on
+///   a full store loads it with `loadOwn` (no per-blob deltas) and announces it in pages.
 /// * Ageing: a fact is dropped `ttl` after its holder asserted it (ages travel with the facts).
 /// * Memory: at most `maxEntries` (digest, holder) entries; beyond that the oldest are evicted down to
 ///   `(1 − evictionSlack) × maxEntries`. `entryCount` and `approximateBytes` report usage. This node's
@@ -24,8 +26,8 @@ public struct LocalityMap: Sendable {
         public var retransmitMultiplier: Int = 4
         /// Locality facts per piggybacked message.
         public var maxUpdatesPerMessage: Int = 64
-        /// Own holdings per push-pull (most recently changed first).
-        public var pushPullOwnLimit: Int = 4096
+        /// Own holdings per push-pull page (pages rotate through the store).
+        public var holdingsPageSize: Int = 32_768
         /// Relayed facts per push-pull (freshest first).
         public var pushPullRelayLimit: Int = 4096
         /// How often `expire` sweeps the whole map.
@@ -59,6 +61,9 @@ public struct LocalityMap: Sendable {
 
     private var own: [Digest: UInt64] = [:]
     private var ownVersion: UInt64 = 0
+    /// The own holdings being paged through (a snapshot taken when the previous rotation ended).
+    private var pageSnapshot: [Digest] = []
+    private var pageCursor = 0
     private var entries: [Digest: [Holding]] = [:]
     public private(set) var entryCount = 0
     private var broadcasts = BroadcastQueue<Key, Pending>()
@@ -82,6 +87,16 @@ public struct LocalityMap: Sendable {
         own[digest] = ownVersion
         broadcasts.enqueue(Pending(holder: myself, digest: digest, present: true, version: ownVersion, assertedAt: now),
                            for: Key(holder: myself, digest: digest))
+    }
+
+    /// This node holds all of `digests` already (a store found on disk at start): recorded without
+    /// a delta per blob; push-pull pages announce them.
+    public mutating func loadOwn(_ digests: [Digest]) {
+        for d in digests where own[d] == nil {
+            ownVersion += 1
+            own[d] = ownVersion
+        }
+        pageCursor = pageSnapshot.count   // the next page starts a rotation that includes them
     }
 
     /// This node no longer holds `digest`.
@@ -225,13 +240,35 @@ public struct LocalityMap: Sendable {
         }
     }
 
-    /// Bounded full state for push-pull: own holdings (age 0) + the freshest relayed present facts.
+    /// The next page of own holdings (nil when this node holds nothing). Pages rotate through a
+    /// snapshot of the store taken when the previous rotation ended; blobs gained since are
+    /// announced by their deltas and included in the next rotation.
+    public mutating func nextHoldingsPage() -> HoldingsPage? {
+        if pageCursor >= pageSnapshot.count {
+            pageSnapshot = own.keys.sorted()
+            pageCursor = 0
+        }
+        guard !pageSnapshot.isEmpty else { return nil }
+        let size = max(1, configuration.holdingsPageSize)
+        let end = min(pageCursor + size, pageSnapshot.count)
+        let page = pageSnapshot[pageCursor..<end].filter { own[$0] != nil }
+        let number = pageCursor / size
+        pageCursor = end
+        return HoldingsPage(version: ownVersion, page: number, pages: (pageSnapshot.count + size - 1) / size, digests: page)
+    }
+
+    /// Merges a holdings page from `holder` (its own store): each blob a `present` fact at the
+    /// page's version. Not re-gossiped. Returns how many changed the map.
+    @discardableResult
+    public mutating func merge(_ page: HoldingsPage, from holder: NodeID, now: Duration) -> Int {
+        guard let digests = page.digests() else { return 0 }
+        return merge(digests.map { LocalityUpdate(holder: holder, digest: $0, present: true, version: page.version, ageMs: 0) },
+                     now: now, rebroadcast: false)
+    }
+
+    /// Bounded relayed state for push-pull: the freshest relayed present facts.
     public func fullStateUpdates(now: Duration) -> [LocalityUpdate] {
         var out: [LocalityUpdate] = []
-        let ownSorted = own.sorted { $0.value > $1.value }.prefix(configuration.pushPullOwnLimit)
-        for (digest, version) in ownSorted {
-            out.append(LocalityUpdate(holder: myself, digest: digest, present: true, version: version, ageMs: 0))
-        }
         var relayed: [(Digest, Holding)] = []
         let cutoff = now - configuration.ttl
         for (digest, list) in entries {
@@ -255,5 +292,6 @@ extension LocalityMap: PiggybackProvider {
 
     public mutating func fullState(into state: inout PushPullState, now: Duration) {
         state.locality = fullStateUpdates(now: now)
+        state.holdings = nextHoldingsPage()
     }
 }

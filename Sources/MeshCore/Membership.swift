@@ -393,7 +393,7 @@ public struct Membership: Sendable {
         piggyback.piggyback(into: &g, now: now, clusterSize: n)
     }
 
-    private func localState<P: PiggybackProvider>(now: Duration, piggyback: inout P) -> PushPullState {
+    func localState<P: PiggybackProvider>(now: Duration, piggyback: inout P) -> PushPullState {
         var state = PushPullState(members: members.values.map(\.update).sorted { $0.node < $1.node })
         piggyback.fullState(into: &state, now: now)
         return state

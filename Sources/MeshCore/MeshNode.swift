@@ -23,7 +23,7 @@ public struct MeshNode: Sendable {
         locality.expire(now: now)
         let actions = membership.tick(now: now, piggyback: &locality)
         observe(actions)
-        return actions
+        return actions + welcome(actions, now: now)
     }
 
     /// A message as it arrives from the network: validated against the membership configuration's
@@ -52,16 +52,20 @@ public struct MeshNode: Sendable {
     /// A message already checked (simulations and tests; the network path is `receive(_:now:)`).
     public mutating func receive(_ message: Message, from sender: NodeID, now: Duration) -> [MeshAction] {
         // Membership first, so that a holder's death in the same message is known before its facts.
-        let actions = membership.receive(message, from: sender, now: now, piggyback: &locality)
+        var actions = membership.receive(message, from: sender, now: now, piggyback: &locality)
         observe(actions)
         switch message {
         case .pushPull(let state, _):
             locality.merge(acceptable(state.locality), now: now, rebroadcast: false)
+            if let page = state.holdings, membership.status(of: sender)?.isLive ?? true {
+                locality.merge(page, from: sender, now: now)
+            }
         default:
             if let g = message.gossip, !g.locality.isEmpty {
                 locality.merge(acceptable(g.locality), now: now, rebroadcast: true)
             }
         }
+        actions += welcome(actions, now: now)
         return actions
     }
 
@@ -74,6 +78,23 @@ public struct MeshNode: Sendable {
         observe(actions)
         return actions
     }
+
+    /// A member that became alive (new, or back after dead or left) gets this node's state at once:
+    /// a push-pull that asks no reply, carrying a page of this node's holdings. So a (re)started
+    /// node is told where blobs are, and everyone learns what its store holds, without waiting for
+    /// random push-pull partners.
+    private mutating func welcome(_ actions: [MeshAction], now: Duration) -> [MeshAction] {
+        var out: [MeshAction] = []
+        for case .memberChanged(let e) in actions where e.node != myself && e.status == .alive {
+            guard e.previous == nil || e.previous == .dead || e.previous == .left else { continue }
+            out.append(.send(.pushPull(membership.localState(now: now, piggyback: &locality), isReply: true), to: e.node))
+        }
+        return out
+    }
+
+    /// This node already holds `digests` (a store found on disk at start): announced by push-pull
+    /// pages, not one delta per blob.
+    public mutating func loadOwn(_ digests: [Digest]) { locality.loadOwn(digests) }
 
     /// This node stored `digest` (announced by gossip).
     public mutating func gained(_ digest: Digest, now: Duration) { locality.gained(digest, now: now) }

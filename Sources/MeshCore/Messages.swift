@@ -1,3 +1,5 @@
+import FoundationEssentials  // base64 of holdings pages
+
 /// Member status in the SWIM family. Precedence for equal incarnations: left > dead > suspect > alive.
 public enum MemberStatus: String, Codable, Sendable, Hashable {
     case alive
@@ -60,11 +62,58 @@ public struct Gossip: Codable, Hashable, Sendable {
 /// A full-state exchange for anti-entropy.
 public struct PushPullState: Codable, Hashable, Sendable {
     public var members: [MemberUpdate]
+    /// Relayed facts about other holders.
     public var locality: [LocalityUpdate]
+    /// The sender's own holdings, one page of them (absent from older senders).
+    public var holdings: HoldingsPage?
 
-    public init(members: [MemberUpdate] = [], locality: [LocalityUpdate] = []) {
+    public init(members: [MemberUpdate] = [], locality: [LocalityUpdate] = [], holdings: HoldingsPage? = nil) {
         self.members = members
         self.locality = locality
+        self.holdings = holdings
+    }
+}
+
+/// One page of the sender's own holdings, compact: 40 bytes per blob (32-byte SHA-256 and 8-byte
+/// big-endian size, base64) instead of a ~200-byte locality fact, so a node can announce a large
+/// store in a few messages. Every blob in the page is a `present` fact of the sender at `version`
+/// — the sender's counter when it sent the page, newer than every fact it sent before, so the
+/// page cannot undo a later `lost`, and a later `lost` replaces it.
+public struct HoldingsPage: Codable, Hashable, Sendable {
+    public var version: UInt64
+    /// This page's number and how many the sender's store takes at the current page size.
+    public var page: Int
+    public var pages: Int
+    public var records: String
+
+    public static let recordBytes = 40
+
+    public init(version: UInt64, page: Int, pages: Int, digests: [Digest]) {
+        self.version = version
+        self.page = page
+        self.pages = pages
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(digests.count * Self.recordBytes)
+        for d in digests {
+            for w in [d.w0, d.w1, d.w2, d.w3, UInt64(bitPattern: d.sizeBytes)] {
+                withUnsafeBytes(of: w.bigEndian) { bytes.append(contentsOf: $0) }
+            }
+        }
+        records = Data(bytes).base64EncodedString()
+    }
+
+    /// Records in the page, from the encoded length (no decoding).
+    public var count: Int { records.utf8.count / 4 * 3 / Self.recordBytes }
+
+    /// The digests, or nil when `records` is not base64 of whole records.
+    public func digests() -> [Digest]? {
+        guard let data = Data(base64Encoded: records), data.count % Self.recordBytes == 0 else { return nil }
+        return data.withUnsafeBytes { raw -> [Digest] in
+            stride(from: 0, to: raw.count, by: Self.recordBytes).map { o in
+                func word(_ i: Int) -> UInt64 { UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: o + 8 * i, as: UInt64.self)) }
+                return Digest(w0: word(0), w1: word(1), w2: word(2), w3: word(3), sizeBytes: Int64(bitPattern: word(4)))
+            }
+        }
     }
 }
 

@@ -23,25 +23,33 @@ public enum Rendezvous {
     }
 }
 
-/// Restoring R after a member died or left, decided the same way on every holder.
-public enum Repair {
-    /// The members this node should copy a blob to so that it has `replicas` live copies again —
-    /// empty unless this node is the one responsible.
+/// The placement invariant and how anti-entropy restores it.
+///
+/// Every blob belongs on its R *owners*: the R live members ranked first for it by rendezvous
+/// hashing (over names, so restarts do not move it). Other copies (the writer's own when it is not
+/// an owner, a reader's cached copy) are a bonus, not one of the R. Each node walks its store;
+/// for every blob it asks the owners it does not already know to hold it, then `copyTargets`
+/// says whether this node is the one responsible and where to copy.
+public enum Placement {
+    /// The blob's owners, best first: the `replicas` best-ranked of `live` (this node included
+    /// when it is live).
+    public static func owners(of key: Digest, live: [NodeID], replicas: Int) -> [NodeID] {
+        Rendezvous.top(replicas, for: key, over: Array(Set(live)))
+    }
+
+    /// The owners this node must copy a blob it holds to — empty unless it is responsible.
     ///
-    /// - `holders`: the live members other than this node known to hold the blob (locality map).
-    /// - `live`: every live member (this node included or not).
+    /// - `owners`: from `owners(of:live:replicas:)`.
+    /// - `holding`: the members other than this node known (asked, or by the locality map) to hold it.
     ///
-    /// Among the live holders (this node included) the one ranked first by rendezvous hashing
-    /// copies, so one copy is made per missing replica, not one per holder; every holder computes
-    /// the same answer from the same map. The targets are the best-ranked live members that do
-    /// not hold it. This works wherever the copies are — the writer is often not one of the blob's
-    /// rendezvous owners (it keeps its own copy and mirrors to the R−1 best *other* members).
-    public static func targets(for key: Digest, me: NodeID, holders: [NodeID], live: [NodeID], replicas: Int) -> [NodeID] {
-        let liveSet = Set(live).union([me])
-        let holding = Set(holders).intersection(liveSet).union([me])
-        guard holding.count < replicas else { return [] }
-        guard Rendezvous.top(1, for: key, over: holding.sorted()).first == me else { return [] }
-        let candidates = liveSet.subtracting(holding).sorted()
-        return Rendezvous.top(replicas - holding.count, for: key, over: candidates)
+    /// When an owner holds it, the best-ranked such owner is responsible (this node, if it is an
+    /// owner and no better-ranked owner holds it); when no owner holds it, every holder outside the
+    /// owners is (each copies; a duplicate PUT is harmless, a blob left off its owners is not).
+    /// The targets are the owners that do not hold it. Every holder computes this from the same
+    /// facts, so one copy is made per missing owner in the common case.
+    public static func copyTargets(owners: [NodeID], me: NodeID, holding: Set<NodeID>) -> [NodeID] {
+        let has = holding.union([me])
+        if let first = owners.first(where: { has.contains($0) }), first != me { return [] }
+        return owners.filter { !has.contains($0) }
     }
 }

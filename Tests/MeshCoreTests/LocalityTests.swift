@@ -104,8 +104,59 @@ struct LocalityTests {
         #expect(sent == 8)  // 4 × ceil(log10(11))
         map.merge([LocalityUpdate(holder: me, digest: digest(2), present: true, version: 99, ageMs: 0)], now: .zero, rebroadcast: true)
         #expect(map.entryCount == 0)
-        let state = map.fullStateUpdates(now: .seconds(5))
-        #expect(state == [LocalityUpdate(holder: me, digest: digest(1), present: true, version: 1, ageMs: 0)])
+        // Push-pull carries no relayed facts (none known) and a page with the one own blob.
+        #expect(map.fullStateUpdates(now: .seconds(5)).isEmpty)
+        let page = map.nextHoldingsPage()
+        #expect(page?.digests() == [digest(1)] && page?.version == 1)
+    }
+
+    @Test("a store loaded at start is announced in pages that rotate through all of it, at the newest version; a page cannot undo a later loss")
+    func holdingsPages() {
+        let me = node("me"), other = node("other")
+        var config = LocalityMap.Configuration()
+        config.holdingsPageSize = 100
+        var map = LocalityMap(myself: me, configuration: config)
+        let store = (0..<250).map { digest($0) }
+        map.loadOwn(store)
+        #expect(map.ownCount == 250 && map.pendingBroadcasts == 0)   // no delta per blob
+        var seen: [Digest] = []
+        var pages: [HoldingsPage] = []
+        for _ in 0..<3 {
+            let p = map.nextHoldingsPage()!
+            pages.append(p)
+            seen += p.digests()!
+        }
+        #expect(pages.map(\.page) == [0, 1, 2] && pages.allSatisfy { $0.pages == 3 && $0.version == 250 })
+        #expect(Set(seen) == Set(store) && seen.count == 250)
+        #expect(map.nextHoldingsPage()!.page == 0)   // the next rotation
+        // The receiver learns every blob from the pages.
+        var receiver = LocalityMap(myself: other)
+        for p in pages { receiver.merge(p, from: me, now: .seconds(1)) }
+        #expect(store.allSatisfy { receiver.holders(of: $0, now: .seconds(2)) == [me] })
+        // A loss after the page (a higher version) wins, and a late copy of the old page does not undo it.
+        map.lost(store[0], now: .seconds(3))
+        let loss = map.takeBroadcasts(now: .seconds(3), clusterSize: 2)
+        receiver.merge(loss, now: .seconds(3), rebroadcast: true)
+        receiver.merge(pages[0], from: me, now: .seconds(4))
+        #expect(receiver.holders(of: store[0], now: .seconds(4)).isEmpty)
+        #expect(receiver.holders(of: store[1], now: .seconds(4)) == [me])
+    }
+
+    @Test("a holdings page round-trips through its 40-byte records; garbage is refused by validation")
+    func holdingsWire() throws {
+        let ds = [digest(1), Digest(w0: .max, w1: 0, w2: 1, w3: 2, sizeBytes: 1 << 40)]
+        let p = HoldingsPage(version: 7, page: 0, pages: 1, digests: ds)
+        #expect(p.digests() == ds && p.count == 2)
+        var bad = p
+        bad.records = "not base64!"
+        #expect(bad.digests() == nil)
+        let env = Envelope(from: node("a"), message: .pushPull(PushPullState(holdings: bad), isReply: false))
+        #expect(throws: GossipRejection.self) { try env.validate(GossipLimits()) }
+        var huge = HoldingsPage(version: 7, page: 0, pages: 1, digests: [Digest(w0: 1, w1: 1, w2: 1, w3: 1, sizeBytes: Int64.max)])
+        #expect(throws: GossipRejection.self) { try Envelope(from: node("a"), message: .pushPull(PushPullState(holdings: huge), isReply: false)).validate(GossipLimits()) }
+        huge.version = 1 << 60
+        #expect(throws: GossipRejection.self) { try Envelope(from: node("a"), message: .pushPull(PushPullState(holdings: huge), isReply: false)).validate(GossipLimits()) }
+        try Envelope(from: node("a"), message: .pushPull(PushPullState(holdings: p), isReply: false)).validate(GossipLimits())
     }
 
     @Test("locality deltas converge across a simulated mesh, and so does a loss", arguments: seeds)

@@ -21,6 +21,7 @@ public final class MeshService: MeshHooks, Sendable {
         public var transport = MeshTransport.Settings()
         public var tick: Duration = .milliseconds(50)
         public var membership: Membership.Configuration = .lan
+        var antiEntropy = AntiEntropy.Settings()
         public init(replication: Int, writeQuorum: Int, fetch: FetchSettings = FetchSettings()) {
             self.replication = replication
             self.writeQuorum = writeQuorum
@@ -35,6 +36,7 @@ public final class MeshService: MeshHooks, Sendable {
     }
 
     static let gossipPath = "/mesh/gossip"
+    static let hasPath = "/mesh/has"
 
     public let me: NodeID
     let node: Topology.Node
@@ -45,7 +47,8 @@ public final class MeshService: MeshHooks, Sendable {
     let transport: MeshTransport
     let fetcher: BlobFetcher
     let mirror: Mirror
-    private let core: Mutex<MeshNode>
+    let antiEntropy: AntiEntropy
+    let core: Mutex<MeshNode>
     private let latency = LatencyBox()
     /// hash → size, learned from locality gossip (HTTP GETs name only the hash).
     private let sizes = Mutex<[String: Int64]>([:])
@@ -78,6 +81,7 @@ public final class MeshService: MeshHooks, Sendable {
             }
         })
         self.mirror = Mirror(store: store, requester: transport, logger: logger)
+        self.antiEntropy = AntiEntropy(settings: self.settings.antiEntropy)
         // Only the topology's nodes may be members, each with the metadata the topology gives it.
         var membership = self.settings.membership
         membership.admission = Admission(expected: Dictionary(topology.nodes.map { ($0.name, Self.metadata(of: $0)) },
@@ -85,6 +89,10 @@ public final class MeshService: MeshHooks, Sendable {
         self.core = Mutex(MeshNode(myself: me, metadata: Self.metadata(of: n), membershipConfiguration: membership,
                                    seed: UInt64.random(in: 0...UInt64.max)))
         store.onEviction { [weak self] d in self?.evicted(d) }
+        // What the store already holds (a restart on an old data dir) is announced by the
+        // holdings pages of push-pull and of the welcome each new member gets.
+        let held = store.allDigests().compactMap { MeshCore.Digest(hex: $0.hash, sizeBytes: $0.size) }
+        core.withLock { $0.loadOwn(held) }
     }
 
     func now() -> Duration { ContinuousClock.now - started }
@@ -101,6 +109,7 @@ public final class MeshService: MeshHooks, Sendable {
     public func run() async {
         let seeds = node.seeds.compactMap { topology.node(named: $0).map { "\($0.advertiseTCP)" } }
         perform(core.withLock { $0.join(seeds: seeds, now: now()) })
+        async let repairs: Void = antiEntropy.run(mesh: self, isRunning: { [weak self] in self?.isRunning ?? false })
         var lastJoin = now()
         while running.withLock({ $0 }) {
             try? await Task.sleep(for: settings.tick)
@@ -120,6 +129,7 @@ public final class MeshService: MeshHooks, Sendable {
             mapBytes.record(bytes)
             liveMembers.record(live)
         }
+        await repairs
     }
 
     /// Announce LEAVING and give the gossip a moment to spread.
@@ -128,13 +138,15 @@ public final class MeshService: MeshHooks, Sendable {
         try? await Task.sleep(for: .milliseconds(300))
     }
 
+    var isRunning: Bool { running.withLock { $0 } }
+
     public func stop() async {
         running.withLock { $0 = false }
         await transport.closeAll()
     }
 
     /// How to reach a member: its advertised TCP (and QUIC) endpoints from membership metadata.
-    private func target(_ id: NodeID, in c: MeshNode, isOrigin: Bool = false) -> FetchSource? {
+    func target(_ id: NodeID, in c: MeshNode, isOrigin: Bool = false) -> FetchSource? {
         guard let m = c.membership.member(id), let tcp = HostPort(m.metadata.tcpEndpoint) else { return nil }
         return FetchSource(name: id.name, endpoint: tcp, quicEndpoint: HostPort(m.metadata.quicEndpoint), isOrigin: isOrigin)
     }
@@ -149,6 +161,8 @@ public final class MeshService: MeshHooks, Sendable {
                 if let ep = HostPort(address) { send(m, to: FetchSource(name: address, endpoint: ep, isOrigin: false)) }
             case .memberChanged(let e):
                 logger.info("member \(e.node.name): \(e.previous?.rawValue ?? "new") → \(e.status.rawValue)")
+                // Any change moves some blobs' owners: anti-entropy restores the placement.
+                if e.node != me { antiEntropy.membershipChanged("\(e.node.name) \(e.status.rawValue)", now: now()) }
                 if !e.status.isLive, e.node != me {
                     latency.tracker.withLock { $0.forget(e.node) }
                     // A dead member's connections fail what is in flight to it now (a left one
@@ -156,7 +170,6 @@ public final class MeshService: MeshHooks, Sendable {
                     if e.status == .dead, let t = core.withLock({ target(e.node, in: $0) }) {
                         Task { await self.transport.dropConnections(to: t) }
                     }
-                    Task { await self.reReplicate(after: e.node) }
                 }
             case .rttMeasured(let id, let rtt):
                 latency.tracker.withLock { $0.recordRTT(rtt, for: id) }
@@ -226,11 +239,31 @@ public final class MeshService: MeshHooks, Sendable {
                 perform(actions)
                 return HTTPResponse(status: 204)
             }
+        case ("POST", Self.hasPath):
+            return await answerHas(request)
         case ("GET", "/mesh/status"):
             return .text(200, statusJSON())
         default:
             return .text(404, "unknown mesh route \(request.head.path.prefix(100))")
         }
+    }
+
+    /// `POST /mesh/has`: which of the listed blobs this node holds (anti-entropy's batched
+    /// existence check; recency and hit counts untouched).
+    private func answerHas(_ request: HTTPServerRequest) async -> HTTPResponse {
+        let asked: HasRequest
+        do {
+            let body = try await request.body.collect(upTo: HasRequest.maxRequestBytes)
+            asked = try JSONDecoder().decode(HasRequest.self, from: Data(body.readableBytesView))
+        } catch {
+            return .text(400, "bad existence check: \(error)")
+        }
+        guard asked.hashes.count <= HasRequest.maxHashes else {
+            return .text(400, "existence check lists \(asked.hashes.count) blobs (at most \(HasRequest.maxHashes))")
+        }
+        let held = asked.hashes.filter { store.peekSize(of: $0) != nil }
+        guard let body = try? JSONEncoder().encode(HasAnswer(held: held)) else { return .text(500, "encoding failed") }
+        return HTTPResponse(status: 200, headers: ["content-type": "application/json"], body: .bytes(ByteBuffer(bytes: body)))
     }
 
     /// Refuses a gossip request: counted, logged (at most once a second per kind), answered.
@@ -396,34 +429,6 @@ public final class MeshService: MeshHooks, Sendable {
     func evicted(_ d: StoreDigest) {
         guard let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { return }
         core.withLock { $0.lost(md, now: now()) }
-    }
-
-    /// A member died or left: every local blob that now has fewer than R live copies (by the
-    /// locality map) is copied to the best-ranked members that lack it, by the one live holder
-    /// `Repair.targets` makes responsible (see there). Logged with the count.
-    func reReplicate(after gone: NodeID) async {
-        guard settings.replication > 1 else { return }
-        var copied = 0, failed = 0
-        for d in store.allDigests() where d.size > 0 {
-            guard let key = Self.placementKey(d.hash), let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { continue }
-            let sources = core.withLock { c -> [FetchSource] in
-                let holders = c.holders(of: md, now: now()).filter { $0 != gone }
-                let targets = Repair.targets(for: key, me: me, holders: holders, live: c.membership.liveMembers.filter { $0 != gone },
-                                             replicas: settings.replication)
-                return targets.compactMap { target($0, in: c) }
-            }
-            guard !sources.isEmpty else { continue }
-            do {
-                try await mirror.replicate(d, to: sources, quorum: sources.count)
-                copied += 1
-            } catch {
-                failed += 1
-                logger.warning("re-replication of \(d.hash) after \(gone.name) left failed: \(error)")
-            }
-        }
-        if copied + failed > 0 {
-            logger.notice("re-replicated \(copied) blob(s) after \(gone.name) left the mesh\(failed > 0 ? " (\(failed) failed)" : "")")
-        }
     }
 
     /// Drain hand-off: every local blob no other live member is known to hold goes to its
