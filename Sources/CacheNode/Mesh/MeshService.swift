@@ -32,6 +32,8 @@ public final class MeshService: MeshHooks, Sendable {
         /// What a topology asks for (replication, write quorum, fetch settings).
         public init(topology: Topology) {
             self.init(replication: topology.replication, writeQuorum: topology.writeQuorum, fetch: topology.fetch)
+            antiEntropy.interval = .seconds(topology.repair.intervalSeconds)
+            antiEntropy.blobsPerSecond = topology.repair.blobsPerSecond
         }
     }
 
@@ -274,12 +276,15 @@ public final class MeshService: MeshHooks, Sendable {
     }
 
     private func learnSizes(_ message: Message) {
-        var updates: [LocalityUpdate] = message.gossip?.locality ?? []
-        if case .pushPull(let s, _) = message { updates += s.locality }
-        guard !updates.isEmpty else { return }
+        var present: [MeshCore.Digest] = (message.gossip?.locality ?? []).filter(\.present).map(\.digest)
+        if case .pushPull(let s, _) = message {
+            present += s.locality.filter(\.present).map(\.digest)
+            present += s.holdings?.digests() ?? []
+        }
+        guard !present.isEmpty else { return }
         sizes.withLock { m in
             if m.count > 1_000_000 { m.removeAll(keepingCapacity: true) }
-            for u in updates where u.present { m[u.digest.hex] = u.digest.sizeBytes }
+            for d in present { m[d.hex] = d.sizeBytes }
         }
     }
 

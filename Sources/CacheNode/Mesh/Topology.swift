@@ -29,6 +29,10 @@ import TOMLKit
 /// [limits]                          # optional: the budget keys of a node config, for every
 ///                                   # node (max_connections, max_header_list_bytes, …; README)
 ///
+/// [repair]                          # optional: anti-entropy (blobs onto their R owners)
+/// interval_seconds = 120            # between passes when membership does not change
+/// blobs_per_second = 20000          # the walk's rate bound
+///
 /// [quic]                            # optional
 /// max_datagram = 8952               # UDP payload QUIC sends between (and to) these nodes; default:
 ///                                   # 1452 with path MTU discovery. Only where every path carries
@@ -65,6 +69,8 @@ public struct Topology: Sendable {
     public var quicMaxDatagram: Int?
     /// `[quic] address_validation`.
     public var quicAddressValidation: QUICAddressValidationMode = .auto
+    /// `[repair]`: anti-entropy pacing.
+    public var repair = RepairSettings()
     /// `[limits]`: the budget keys of a node config (`NodeConfiguration.budgetKeys`) for every node.
     public var limits = NodeConfiguration()
     public var nodes: [Node]
@@ -82,10 +88,11 @@ public struct Topology: Sendable {
     }
 
     /// The keys a topology may hold, per table.
-    public static let fileKeys = ["name", "ca", "replication", "write_quorum", "fetch", "quic", "limits", "nodes"]
+    public static let fileKeys = ["name", "ca", "replication", "write_quorum", "fetch", "quic", "limits", "repair", "nodes"]
     public static let nodeKeys = ["name", "role", "tcp", "quic", "advertise_tcp", "advertise_quic", "data_dir", "max_bytes", "cert", "key", "seeds"]
     public static let fetchKeys = ["strategy", "transport", "origin_write_through"]
     public static let quicKeys = ["max_datagram", "address_validation"]
+    public static let repairKeys = ["interval_seconds", "blobs_per_second"]
 
     /// `load(path:)` of a text already read (`path` names it in errors and anchors relative paths).
     public static func load(text: String, path: String) throws -> Topology {
@@ -111,6 +118,17 @@ public struct Topology: Sendable {
             quicMaxDatagram = try q.int("max_datagram")
             if let v = try q.choice("address_validation", QUICAddressValidationMode.allCases.map { ($0.rawValue, $0) }) { quicAddressValidation = v }
         }
+        var repair = RepairSettings()
+        if let r = try file.table("repair", known: repairKeys) {
+            if let v = try r.int("interval_seconds") {
+                guard v >= 1 else { throw r.error("interval_seconds", "'interval_seconds' must be at least 1, got \(v)") }
+                repair.intervalSeconds = v
+            }
+            if let v = try r.int("blobs_per_second") {
+                guard v >= 1 else { throw r.error("blobs_per_second", "'blobs_per_second' must be at least 1, got \(v)") }
+                repair.blobsPerSecond = v
+            }
+        }
         var nodes: [Node] = []
         for n in try file.required("nodes", "at least one [[nodes]] table", { try file.tables($0, known: nodeKeys) }) {
             let tcp = try n.required("tcp", "host:port", n.hostPort)
@@ -133,6 +151,7 @@ public struct Topology: Sendable {
                          fetch: fetch, quicMaxDatagram: quicMaxDatagram, nodes: nodes)
         t.quicAddressValidation = quicAddressValidation
         t.limits = limits
+        t.repair = repair
         try t.validate(path: path)
         return t
     }
@@ -187,6 +206,15 @@ public enum FetchStrategy: String, Sendable, CaseIterable {
     case peersOnly = "peers-only"
     /// The origin only (the baseline without a mesh).
     case originOnly = "origin-only"
+}
+
+/// Anti-entropy pacing (`[repair]` in a topology).
+public struct RepairSettings: Sendable, Hashable {
+    /// Between passes when membership does not change (a change starts one after a second).
+    public var intervalSeconds = 120
+    /// Blobs examined per second at most.
+    public var blobsPerSecond = 20_000
+    public init() {}
 }
 
 /// Mesh-wide fetch settings (`[fetch]` in a topology).
