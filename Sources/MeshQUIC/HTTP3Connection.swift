@@ -42,6 +42,10 @@ public final class HTTP3Connection: HTTPClientTransport {
         settings.handshakeTimeout = connectTimeout
         let channel = try await QUICDatagramWriter.bootstrap(group: group, settings: settings)
             .bind(host: remote.protocol == .inet6 ? "::" : "0.0.0.0", port: 0).get()
+        do { try await QUICDatagramWriter.forbidFragmentation(channel) } catch {
+            try? await channel.close()
+            throw error
+        }
         let name = serverName ?? host
         let settingsCopy = settings
         do {

@@ -128,6 +128,7 @@ public final class HTTP3Server: Sendable {
         let channel = try await QUICDatagramWriter.bootstrap(group: group, settings: config.quic)
             .channelOption(.socketOption(.so_reuseaddr), value: 1)
             .bind(host: config.host, port: config.port).get()
+        try await QUICDatagramWriter.forbidFragmentation(channel)
         let handler = try await channel.eventLoop.submit { [statsBox] in
             let h = QUICServerHandler(config: config, tls: tlsContext, service: service, stats: statsBox, logger: logger)
             try channel.pipeline.syncOperations.addHandler(h)
@@ -494,6 +495,30 @@ enum QUICDatagramWriter {
         }
         return b.channelOption(.datagramVectorReadMessageCount, value: 8)
             .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 8 * receiveSlot))
+    }
+
+    /// Sets "don't fragment" on a bound UDP socket (IPv4 and, for IPv6 sockets, both families).
+    ///
+    /// Without it the kernel fragments a datagram larger than the link MTU: a path-MTU probe of
+    /// 1452 bytes on a 1400-byte link then *arrives* (in fragments), ngtcp2 takes 1452 as the
+    /// path's size, and every full-size packet after it is sent in GSO batches whose segments do
+    /// not fit the MTU — which Linux refuses whole (EINVAL) — so data stalls while the
+    /// handshake (≤ 1200-byte packets) worked. With DF a too-large probe is simply lost (EMSGSIZE
+    /// locally, or dropped with ICMP on the way) and path MTU discovery settles on what the path
+    /// carries, the way RFC 9000 §14 expects.
+    static func forbidFragmentation(_ channel: any Channel) async throws {
+        guard let local = channel.localAddress else { return }
+        let v4 = ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: CInt(IPPROTO_IP)),
+                                                   name: NIOBSDSocket.Option(rawValue: CInt(IP_MTU_DISCOVER)))
+        if local.protocol == .inet6 {
+            let v6 = ChannelOptions.Types.SocketOption(level: NIOBSDSocket.OptionLevel(rawValue: CInt(IPPROTO_IPV6)),
+                                                       name: NIOBSDSocket.Option(rawValue: CInt(IPV6_MTU_DISCOVER)))
+            try await channel.setOption(v6, value: Int(IPV6_PMTUDISC_DO)).get()
+            // A dual-stack socket also carries IPv4 (mapped) traffic.
+            try? await channel.setOption(v4, value: Int(IP_PMTUDISC_DO)).get()
+        } else {
+            try await channel.setOption(v4, value: Int(IP_PMTUDISC_DO)).get()
+        }
     }
 
     /// The datagrams of one read: a GRO-coalesced buffer is split at its segment size.
