@@ -53,6 +53,7 @@ let package = Package(
         // QUIC + HTTP/3 (ngtcp2 0.12.1 + nghttp3 0.8.0 + GnuTLS) server and client on NIO UDP.
         .target(name: "MeshQUIC", dependencies: [
             "CNgtcp2", "CGnuTLS", "MeshTLS", "MeshHTTP",
+            .product(name: "Metrics", package: "swift-metrics"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),

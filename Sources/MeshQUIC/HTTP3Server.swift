@@ -2,6 +2,7 @@ import CNgtcp2
 import Logging
 import MeshHTTP
 import MeshTLS
+import Metrics
 import NIOCore
 import NIOPosix
 import Synchronization
@@ -110,6 +111,9 @@ public final class HTTP3Server: Sendable {
     private let logger: Logger
     private let state = Mutex<(channel: (any Channel)?, handler: NIOLoopBound<QUICServerHandler>?)>((nil, nil))
     let statsBox = StatsBox()
+    /// Set by `shutdownGracefully`/`close`: the socket closing is then expected.
+    private let stopping = Mutex(false)
+    private let socketRestarts = Counter(label: "cachemesh_quic_socket_restarts_total")
 
     public init(configuration: Configuration, service: any HTTPService, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, logger: Logger) {
         self.configuration = configuration
@@ -121,14 +125,23 @@ public final class HTTP3Server: Sendable {
     /// Bind the UDP socket. Returns the bound address (port 0 picks a free port).
     @discardableResult
     public func start() async throws -> SocketAddress {
-        let tlsContext = try QUICTLSContext(credentials: configuration.credentials)
-        let config = configuration
+        let addr = try await open(configuration)
+        logger.info("HTTP/3 listening", metadata: ["address": "\(addr)"])
+        return addr
+    }
+
+    /// Binds the socket (don't-fragment set), installs the handler, and watches the socket.
+    private func open(_ config: Configuration) async throws -> SocketAddress {
+        let tlsContext = try QUICTLSContext(credentials: config.credentials)
         let service = self.service
         let logger = self.logger
         let channel = try await QUICDatagramWriter.bootstrap(group: group, settings: config.quic)
             .channelOption(.socketOption(.so_reuseaddr), value: 1)
             .bind(host: config.host, port: config.port).get()
-        try await QUICDatagramWriter.forbidFragmentation(channel)
+        do { try await QUICDatagramWriter.forbidFragmentation(channel) } catch {
+            try? await channel.close()
+            throw error
+        }
         let handler = try await channel.eventLoop.submit { [statsBox] in
             let h = QUICServerHandler(config: config, tls: tlsContext, service: service, stats: statsBox, logger: logger)
             try channel.pipeline.syncOperations.addHandler(h)
@@ -136,8 +149,38 @@ public final class HTTP3Server: Sendable {
         }.get()
         state.withLock { $0 = (channel, handler) }
         guard let addr = channel.localAddress else { throw HTTPTransportError.connectionClosed }
-        logger.info("HTTP/3 listening", metadata: ["address": "\(addr)"])
+        supervise(channel, port: addr.port ?? config.port)
         return addr
+    }
+
+    /// SwiftNIO closes a UDP channel on any send error but EMSGSIZE and EHOSTUNREACH — EPERM
+    /// from a local firewall rule toward one peer, ENETUNREACH when one client's route goes,
+    /// EINVAL — which would end HTTP/3 for every client of this node. When the socket closes
+    /// while the server is not stopping, it is opened again on the same port (its connections
+    /// are lost: their clients see silence and reconnect or fall back), with a growing pause
+    /// between attempts.
+    private func supervise(_ channel: any Channel, port: Int) {
+        channel.closeFuture.whenComplete { [weak self] _ in
+            guard let self, !self.stopping.withLock({ $0 }) else { return }
+            self.socketRestarts.increment()
+            self.logger.error("HTTP/3 socket on \(self.configuration.host):\(port) closed by a send error: opening it again (its connections are lost)")
+            Task {
+                var pause = Duration.milliseconds(100)
+                while !self.stopping.withLock({ $0 }) {
+                    try? await Task.sleep(for: pause)
+                    do {
+                        var again = self.configuration
+                        again.port = port
+                        let addr = try await self.open(again)
+                        self.logger.notice("HTTP/3 listening again", metadata: ["address": "\(addr)"])
+                        return
+                    } catch {
+                        self.logger.error("HTTP/3 socket on \(self.configuration.host):\(port) cannot be opened again: \(error) (retrying)")
+                        pause = min(pause * 2, .seconds(5))
+                    }
+                }
+            }
+        }
     }
 
     public var stats: QUICServerStats { statsBox.value.withLock { $0 } }
@@ -158,6 +201,7 @@ public final class HTTP3Server: Sendable {
     /// Stop accepting, GOAWAY every connection, wait until they closed after their in-flight
     /// requests (bounded by the drain grace period), then close the socket.
     public func shutdownGracefully() async {
+        stopping.withLock { $0 = true }
         guard let (channel, handler) = state.withLock({ s in s.channel.flatMap { c in s.handler.map { (c, $0) } } }) else { return }
         let grace = configuration.drainGracePeriod
         let done = try? await channel.eventLoop.submit { () -> EventLoopFuture<Void> in
@@ -170,6 +214,7 @@ public final class HTTP3Server: Sendable {
 
     /// Close the socket now (connections are dropped without a word).
     public func close() async {
+        stopping.withLock { $0 = true }
         let channel = state.withLock { $0.channel }
         try? await channel?.close()
     }

@@ -25,6 +25,12 @@ public struct QUICSettings: Sendable {
     /// long (zero: never). The ACK proves the path alive and makes both sides write whatever
     /// they hold (a response or flow-control credit) instead of waiting out the idle timeout.
     public var keepAliveWhileBusy: TimeAmount = .seconds(2)
+    /// A client whose requests are outstanding and that has heard nothing from the server for
+    /// this long (at least 3 PTOs) closes the connection with `QUICError.pathDark` instead of
+    /// waiting out the idle timeout: with keep-alive PINGs every `keepAliveWhileBusy`, any live
+    /// peer on a working path answers well within it, so silence means the path (UDP dropped
+    /// somewhere) or the peer is gone. nil: never.
+    public var darkPathTimeout: TimeAmount? = .seconds(3)
     /// RTT assumed before the first sample: a LAN, not the Internet's 333 ms.
     public var initialRTT: TimeAmount = .milliseconds(1)
     /// Advertised max_ack_delay (not below ~5 ms: fewer ACK-only packets under load).
@@ -79,6 +85,8 @@ public enum QUICError: Error, Sendable, CustomStringConvertible, Equatable {
     case timeout
     /// The peer sent a Stateless Reset: it no longer knows this connection (it restarted).
     case statelessReset
+    /// Nothing arrived from the peer for the dark-path timeout while requests were outstanding.
+    case pathDark(String)
     case internalError(String)
 
     public var description: String {
@@ -87,6 +95,7 @@ public enum QUICError: Error, Sendable, CustomStringConvertible, Equatable {
         case .closedByPeer: "QUIC connection closed by peer"
         case .timeout: "QUIC connection timed out"
         case .statelessReset: "QUIC connection reset by the peer (stateless reset: it lost the connection, e.g. restarted)"
+        case .pathDark(let s): "QUIC path went dark: \(s)"
         case .internalError(let s): "QUIC internal error: \(s)"
         }
     }
@@ -497,6 +506,7 @@ final class QUICCore {
             return
         }
         processedAnyPacket = true
+        lastHeard = ContinuousClock.now
     }
 
     /// End of a read burst: write what the datagrams just read made necessary (ACKs, data).
@@ -802,6 +812,8 @@ final class QUICCore {
         timer = nil
         stallCheck?.cancel()
         stallCheck = nil
+        darkCheck?.cancel()
+        darkCheck = nil
         failAll(error ?? HTTPTransportError.connectionClosed)
         flags.closed.withLock { $0 = true }
         delegate?.quicCoreDidClose(self, error: failure)
@@ -1256,6 +1268,35 @@ final class QUICCore {
         }
     }
 
+    /// Client side: when a packet from the server last arrived, and since when requests are
+    /// outstanding (silence counts from the later of the two).
+    private var lastHeard = ContinuousClock.now
+    private var busySince = ContinuousClock.now
+    private var darkCheck: RepeatedTask?
+
+    /// Client side, four times a second while the connection lives: outstanding requests and
+    /// silence from the server for `darkPathTimeout` (≥ 3 PTOs) close the connection with
+    /// `QUICError.pathDark`, failing those requests now so that callers can go over TCP or to
+    /// another node (the idle timeout would hold them for 30 s).
+    private func startDarkCheck() {
+        guard !isServer, darkCheck == nil, let timeout = settings.darkPathTimeout else { return }
+        let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+        darkCheck = loop.scheduleRepeatedTask(initialDelay: .milliseconds(250), delay: .milliseconds(250)) { (_: RepeatedTask) in
+            guard let self = bound.value.core, self.phase == .active else { return }
+            let outstanding = self.activeRequestStreams
+            guard outstanding > 0 else { return }
+            let pto = Duration.nanoseconds(Int64(clamping: ngtcp2_conn_get_pto(self.conn)))
+            let limit = max(Duration.nanoseconds(timeout.nanoseconds), pto * 3)
+            let silent = ContinuousClock.now - max(self.lastHeard, self.busySince)
+            guard silent > limit else { return }
+            let why = "nothing from \(self.remoteAddress) for \(silent.components.seconds).\(silent.components.attoseconds / 100_000_000_000_000_000) s while \(outstanding) request(s) were outstanding"
+            self.logger.notice("QUIC path went dark: closing the connection", metadata: ["why": "\(why)"])
+            var e = ngtcp2_connection_close_error()
+            ngtcp2_connection_close_error_set_application_error(&e, UInt64(NGHTTP3_H3_NO_ERROR), nil, 0)
+            self.closeWith(e, error: QUICError.pathDark(why))
+        }
+    }
+
     /// A header or trailer block decoded to more than `maxHeaderListSize` (its fields were
     /// dropped as they arrived). Server: 431 for a request head, a stream reset for trailers, and
     /// on repeat the connection closes with H3_EXCESSIVE_LOAD. Client: the request fails.
@@ -1620,6 +1661,8 @@ final class QUICCore {
         }
         let s = H3Stream(id: sid, maxHeaderListSize: settings.maxHeaderListSize)
         ngtcp2_conn_set_keep_alive_timeout(conn, UInt64(max(0, settings.keepAliveWhileBusy.nanoseconds)))
+        if activeRequestStreams == 0 { busySince = ContinuousClock.now }
+        startDarkCheck()
         s.continuation = continuation
         s.token = token
         s.isHead = head.method == "HEAD"

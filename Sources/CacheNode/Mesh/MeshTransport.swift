@@ -62,9 +62,15 @@ public final class MeshTransport: MeshRequester {
                 return MeshReply(r, via: .quic)
             } catch {
                 try Task.checkCancellation()
-                // Once a non-replayable body started flowing over QUIC it cannot be sent again.
+                // A handshake that failed, or a path that went dark under an established
+                // connection (UDP dropped on the way): TCP only for a while, one probe later.
+                let dark: Bool
+                if case QUICError.pathDark = error { dark = true } else { dark = false }
+                if !connected || dark { markDown(q) }
+                if dark { await quic.discard(host: q.host, port: q.port) }
+                // Once a non-replayable body started flowing over QUIC it cannot be sent again
+                // (the caller re-opens its source: `Mirror.copy` does).
                 if connected && !body.isReplayable { throw error }
-                if !connected { markDown(q) }
                 fallbacks.increment()
                 logger.info("QUIC to \(source.name) failed, using TCP", metadata: [
                     "endpoint": "\(q)", "stage": "\(connected ? "request" : "handshake")", "error": "\(error)"])
@@ -225,7 +231,24 @@ public final class Mirror: Sendable {
     /// the body takes at 10 MB/s (a live target that slow is as good as gone).
     static func slowDelay(size: Int64) -> Duration { .seconds(10) + .milliseconds(size / 10_000) }
 
+    /// One copy; a copy whose connection failed under it (a QUIC path gone dark, a reset) is
+    /// tried once more — its bytes are on local disk, and the transport has by then moved that
+    /// target to TCP if QUIC was at fault. A refusal (an HTTP status) is not retried.
     func copy(_ digest: Digest, to target: FetchSource) async -> Bool {
+        for attempt in 1...2 {
+            switch await copyOnce(digest, to: target) {
+            case .copied: return true
+            case .refused: return false
+            case .failed where attempt == 2 || Task.isCancelled: return false
+            case .failed: logger.info("mirror copy of \(digest) to \(target.name) failed in transit: trying once more")
+            }
+        }
+        return false
+    }
+
+    private enum CopyOutcome { case copied, refused, failed }
+
+    private func copyOnce(_ digest: Digest, to target: FetchSource) async -> CopyOutcome {
         do {
             let reader = try await store.openRead(hash: digest.hash)
             let r = try await requester.request(
@@ -235,14 +258,16 @@ public final class Mirror: Sendable {
                 body: .file(reader)).response
             _ = try? await r.body.collect(upTo: 64 * 1024)
             guard r.status == 201 || r.status == 200 else {
-                throw BlobStoreError.io("HTTP \(r.status)")
+                failures.increment()
+                logger.warning("mirror copy refused", metadata: ["digest": "\(digest)", "to": "\(target)", "status": "\(r.status)"])
+                return .refused
             }
             copies.increment()
-            return true
+            return .copied
         } catch {
             failures.increment()
             logger.warning("mirror copy failed", metadata: ["digest": "\(digest)", "to": "\(target)", "error": "\(error)"])
-            return false
+            return .failed
         }
     }
 
