@@ -74,11 +74,21 @@ enum Route: Equatable {
     }
 }
 
+/// How a fetch of a blob this node lacks ended.
+public enum MeshFetchOutcome: Sendable, Equatable {
+    /// Stored here; the source that won (e.g. `peer:peer2 via quic`, `origin:origin via tcp`).
+    case fetched(String)
+    /// Every source asked answered 404 (or the mesh knows no source): a final miss.
+    case notFound
+    /// The mesh could not tell (a source failed, this node has not joined yet): the client
+    /// should ask again or ask another node — never a 404 for a blob the mesh may hold.
+    case unavailable(String)
+}
+
 /// What the mesh layer offers the routes (the worker role, mirroring, mesh-internal routes).
 public protocol MeshHooks: Sendable {
-    /// Fetch a blob this node lacks into the local store. Returns a description of the source
-    /// that won (e.g. `peer:peer2`, `origin:origin`), or nil if no source had it.
-    func fetchMissing(hash: String) async -> String?
+    /// Fetch a blob this node lacks into the local store.
+    func fetchMissing(hash: String) async -> MeshFetchOutcome
     /// A client stored a blob here: announce it and copy it to the mirrors (returns once the
     /// write quorum is durable).
     func stored(_ digest: Digest) async throws
@@ -249,8 +259,14 @@ public final class CacheService: HTTPService {
                                 body: .bytes(ByteBuffer(string: "this node is draining and does not hold \(hash); ask another node\n")))
         }
         var source = "local"
-        if store.size(of: hash) == nil, !fromMesh, let mesh, let s = await mesh.fetchMissing(hash: hash) {
-            source = s
+        if store.size(of: hash) == nil, !fromMesh, let mesh {
+            switch await mesh.fetchMissing(hash: hash) {
+            case .fetched(let s): source = s
+            case .notFound: break
+            case .unavailable(let why):
+                return HTTPResponse(status: 503, headers: ["content-type": "text/plain; charset=utf-8", "retry-after": "1"],
+                                    body: .bytes(ByteBuffer(string: "\(hash) is not here and the mesh cannot tell where it is right now (\(why)); ask again or ask another node\n")))
+            }
         }
         do {
             let reader = try await store.openRead(hash: hash)

@@ -62,6 +62,21 @@ extension MeshRequester {
     public func connectionStalled(to source: FetchSource, via transport: MeshTransportKind?) async {}
 }
 
+/// Every source was asked and not all of them said 404 (a connection failed, a source answered
+/// 5xx or 503 while draining, a leg stalled): the blob may well exist — not a final miss.
+public struct FetchUnavailable: Error, CustomStringConvertible {
+    public var hash: String
+    public var tried: [String]
+    public var description: String { "\(hash) not fetched (tried \(tried.joined(separator: "; ")))" }
+}
+
+/// A source answered 404.
+struct LegNotFound: Error, CustomStringConvertible {
+    var hash: String
+    var source: FetchSource
+    var description: String { "not found (HTTP 404)" }
+}
+
 /// A leg that made no progress (no response head, or no body bytes) for the stall timeout.
 public struct LegStalled: Error, CustomStringConvertible {
     public var source: FetchSource
@@ -158,6 +173,8 @@ public final class BlobFetcher: Sendable {
         var stalled: Set<Int> = []
         var timer: (task: Task<Void, Never>, due: Duration)?
         var errors: [String] = []
+        /// Whether every failed leg failed with a 404 (then the race's failure is a final miss).
+        var allSaidNotFound = true
         var started = 0
         var firstByte: [Int: Duration] = [:]
         defer {
@@ -202,7 +219,8 @@ public final class BlobFetcher: Sendable {
                 case .failed:
                     failures.increment()
                     hedges.increment(by: Int64(decision.hedgesFired))
-                    return .failure(BlobStoreError.notFound("\(hash) (tried \(errors.joined(separator: "; ")))"))
+                    return .failure(allSaidNotFound ? BlobStoreError.notFound("\(hash) (tried \(errors.joined(separator: "; ")))")
+                                                    : FetchUnavailable(hash: hash, tried: errors))
                 }
             }
             armTimer()
@@ -227,6 +245,7 @@ public final class BlobFetcher: Sendable {
                 return FetchResult(digest: digest, source: sources[i], transport: via, legsStarted: started,
                                    legsCancelled: decision.legsCancelled, timeToFirstByte: firstByte[i] ?? took)
             case .failed(let i, let error):
+                if stalled.contains(i) || !(error is LegNotFound) { allSaidNotFound = false }
                 if stalled.contains(i) {
                     let via = legs[i]?.answer.withLock { $0?.via }
                     await requester.connectionStalled(to: sources[i], via: via)
@@ -268,7 +287,8 @@ public final class BlobFetcher: Sendable {
         leg.progress.add(1, ordering: .relaxed)
         try Task.checkCancellation()
         guard response.status == 200 else {
-            throw BlobStoreError.notFound("\(hash) at \(source) (HTTP \(response.status))")
+            if response.status == 404 { throw LegNotFound(hash: hash, source: source) }
+            throw BlobStoreError.io("\(hash) at \(source): HTTP \(response.status)")
         }
         events.yield(.responded(i))
         let size = response.headers["content-length"].flatMap { Int64($0) }

@@ -337,9 +337,15 @@ public final class MeshService: MeshHooks, Sendable {
         return (out, known)
     }
 
-    public func fetchMissing(hash: String) async -> String? {
+    public func fetchMissing(hash: String) async -> MeshFetchOutcome {
+        // Before this node has met any other member (just started, or cut off) a miss says
+        // nothing about the mesh: the client should ask again or ask another node.
+        let alone = core.withLock { c in !c.membership.liveMembers.contains { $0 != me } }
+        if alone && topology.nodes.count > 1 {
+            return .unavailable("this node has not met another member of mesh \(topology.name) yet")
+        }
         let (srcs, known) = sources(for: hash)
-        guard !srcs.isEmpty else { return nil }
+        guard !srcs.isEmpty else { return .notFound }
         // Hedged, but no member is known to hold it: the owners are only guesses (a write not yet
         // gossiped), so ask them and the origin at once instead of paying a 404 round trip first.
         let spacing: LegSpacing? = settings.fetch.strategy == .hedged && known == 0 ? .allAtOnce : nil
@@ -349,10 +355,14 @@ public final class MeshService: MeshHooks, Sendable {
             // that does not answer, not against a large body.
             latency.tracker.withLock { $0.recordFetchLatency(r.timeToFirstByte) }
             announce(r.digest)
-            return "\(r.source) via \(r.transport.rawValue)"
+            return .fetched("\(r.source) via \(r.transport.rawValue)")
+        } catch let e as FetchUnavailable {
+            logger.debug("mesh fetch failed", metadata: ["hash": "\(hash)", "error": "\(e)"])
+            return .unavailable("not every source answered: \(e.tried.joined(separator: "; ").prefix(300))")
         } catch {
             logger.debug("mesh fetch failed", metadata: ["hash": "\(hash)", "error": "\(error)"])
-            return nil
+            if case BlobStoreError.notFound = error { return .notFound }
+            return .unavailable("\(error)".prefix(300).description)
         }
     }
 

@@ -163,11 +163,17 @@ public final class REAPIService: Sendable {
     }
 
     /// The worker role: a blob a client needs but this node lacks is fetched from the mesh first.
-    /// Returns whether the blob (of that size) is now local.
-    func ensureLocal(_ d: Digest) async -> Bool {
+    /// Returns whether the blob (of that size) is now local; UNAVAILABLE when the mesh could
+    /// not tell (a source failed, the node has not joined yet): the client retries, instead of
+    /// taking NOT_FOUND for a blob the mesh may hold.
+    func ensureLocal(_ d: Digest) async throws -> Bool {
         if d.size == 0 || store.size(of: d.hash) == d.size { return true }
-        guard let mesh, await mesh.fetchMissing(hash: d.hash) != nil else { return false }
-        return store.size(of: d.hash) == d.size
+        guard let mesh else { return false }
+        switch await mesh.fetchMissing(hash: d.hash) {
+        case .fetched: return store.size(of: d.hash) == d.size
+        case .notFound: return false
+        case .unavailable(let why): throw GRPCStatus(.unavailable, "blob \(d) is not here and the mesh cannot tell where it is right now: \(why)")
+        }
     }
 
     static func checkBatchSize(_ total: Int64) throws {
@@ -216,7 +222,7 @@ public final class REAPIService: Sendable {
             var data = Data()
             one.status = await Self.perBlob {
                 let digest = try Self.digest(d)
-                guard await ensureLocal(digest) else { throw GRPCStatus(.notFound, "blob \(digest) not found") }
+                guard try await ensureLocal(digest) else { throw GRPCStatus(.notFound, "blob \(digest) not found") }
                 data = Data(try await store.readAll(hash: digest.hash))
             }
             one.data = data
@@ -298,7 +304,7 @@ public final class REAPIService: Sendable {
         if result.hasStderrDigest { refs.append(result.stderrDigest) }
         for dir in result.outputDirectories {
             guard let td = Digest(hash: dir.treeDigest.hash, size: dir.treeDigest.sizeBytes) else { return Digest.empty }
-            guard await ensureLocal(td), store.contains(td), let bytes = try? await store.readAll(hash: td.hash),
+            guard try await ensureLocal(td), store.contains(td), let bytes = try? await store.readAll(hash: td.hash),
                   let tree = try? Build_Bazel_Remote_Execution_V2_Tree(serializedBytes: bytes) else { return td }
             for d in [tree.root] + tree.children {
                 refs.append(contentsOf: d.files.map(\.digest))
@@ -306,7 +312,7 @@ public final class REAPIService: Sendable {
         }
         for r in refs {
             guard let d = Digest(hash: r.hash, size: r.sizeBytes) else { return Digest.empty }
-            if !store.contains(d), !(await ensureLocal(d)) { return d }
+            if !store.contains(d), !(try await ensureLocal(d)) { return d }
         }
         return nil
     }
@@ -339,7 +345,7 @@ public final class REAPIService: Sendable {
         guard req.readLimit >= 0 else { throw GRPCStatus(.invalidArgument, "read_limit \(req.readLimit) is negative") }
         guard req.readOffset <= d.size else { throw GRPCStatus(.outOfRange, "read_offset \(req.readOffset) is beyond the blob size \(d.size)") }
         if d.size == 0 { return }
-        guard await ensureLocal(d) else { throw GRPCStatus(.notFound, "blob \(d) not found") }
+        guard try await ensureLocal(d) else { throw GRPCStatus(.notFound, "blob \(d) not found") }
         let reader = try await store.openRead(hash: d.hash, offset: req.readOffset, limit: req.readLimit == 0 ? nil : req.readLimit)
         defer { reader.close() }
         var pos = reader.offset
