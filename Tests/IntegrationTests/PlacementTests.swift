@@ -89,3 +89,102 @@ struct PlacementTests {
         await reader.close()
     }
 }
+
+/// Churn under load with real processes: the mesh's promises while nodes come and go.
+@Suite("Churn under load on four real nodes", .serialized)
+struct ChurnTests {
+    @Test("rolling SIGTERM restart of every node (on its data directory) under reads and writes, clients retrying elsewhere as MeshClient does: zero failed requests, nothing acknowledged lost, R owners hold every blob afterwards",
+          .timeLimit(.minutes(5)))
+    func rollingRestartFailsNobody() async throws {
+        var options = TestMesh.Options()
+        options.repairInterval = 5
+        let mesh = try await TestMesh(options)
+        defer { mesh.stopAll() }
+        await mesh.converge()
+        let certs = mesh.certs
+        let clientOptions = ClientOptions(server: HostPort(host: "127.0.0.1", port: mesh.ports["origin"]!),
+                                          certificate: certs.path("client.pem"), privateKey: certs.path("client.key"), ca: certs.ca)
+        // Each client starts at another node and moves on when one is draining, gone or 5xx.
+        let clients = try (0..<4).map { k in
+            try MeshClient(nodes: (0..<4).map { HostPort(host: "127.0.0.1", port: mesh.ports[mesh.names[(k + $0) % 4]]!) }, options: clientOptions)
+        }
+        defer { for c in clients { Task { await c.close() } } }
+        // Blobs written before the churn.
+        var before: [String: [UInt8]] = [:]
+        for i in 0..<40 {
+            let data = randomBytes(10_000 + i * 1_000)
+            before[try await clients[i % 4].put(bytes: data).hash] = data
+        }
+        let written = Failures()       // acknowledged during the churn: "hash"
+        let failures = Failures()
+        let reads = Failures()         // completed reads: "k"
+        let stop = Flag()
+        let known = before
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for k in 0..<3 {
+                group.addTask {
+                    var i = 0
+                    while !stop.isSet {
+                        i += 1
+                        let (hash, data) = known.randomElement()!
+                        do {
+                            if try await clients[k].get(hash: hash) != data { failures.add("reader \(k) op \(i): wrong bytes for \(hash)") }
+                            reads.add("\(k)")
+                        } catch {
+                            failures.add("reader \(k) op \(i) GET \(hash): \(error)")
+                        }
+                    }
+                }
+            }
+            group.addTask {
+                var i = 0
+                while !stop.isSet {
+                    i += 1
+                    do {
+                        written.add(try await clients[3].put(bytes: randomBytes(30_000 + i * 100)).hash)
+                    } catch {
+                        failures.add("writer op \(i): \(error)")
+                    }
+                }
+            }
+            group.addTask {
+                defer { stop.set() }
+                for n in ["peer1", "peer2", "peer3", "origin"] {
+                    mesh.children[n]!.signal(SIGTERM)
+                    let exit = await mesh.children[n]!.waitForExit(timeout: 60)
+                    if exit?.status != 0 { failures.add("\(n) drain exit \(String(describing: exit))") }
+                    try mesh.start(n)
+                    _ = await eventually(timeout: 30) { mesh.children[n]!.stdout.contains("listening tcp=") }
+                    // Everyone sees it alive again before the next one goes.
+                    for other in mesh.names where other != n {
+                        _ = await eventually(timeout: 30) {
+                            ((try? await mesh.status(other)) ?? "").contains("\"name\": \"\(n)\", \"status\": \"alive\"")
+                        }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(failures.all.isEmpty, "\(failures.count) failed: \(failures.all.prefix(8))\n\(mesh.logs())")
+        // The load ran through the whole churn (hundreds of requests).
+        #expect(reads.count > 200 && written.count > 20, "reads \(reads.count), writes \(written.count)")
+        // Nothing acknowledged was lost, and anti-entropy puts every blob on its R = 2 owners.
+        let all = Array(known.keys) + written.all
+        for h in all {
+            #expect(mesh.names.contains { mesh.holds($0, h) }, "\(h) lost")
+        }
+        let placed = await eventually(timeout: 40) {
+            all.allSatisfy { h in PlacementOracle.owners(of: h, among: mesh.names, replicas: 2).allSatisfy { mesh.holds($0, h) } }
+        }
+        let misplaced = all.filter { h in !PlacementOracle.owners(of: h, among: mesh.names, replicas: 2).allSatisfy { mesh.holds($0, h) } }
+        #expect(placed, "\(misplaced.count) of \(all.count) blobs not on both owners")
+    }
+}
+
+/// A flag set once, read from any task.
+final class Flag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    func set() { lock.lock(); value = true; lock.unlock() }
+    var isSet: Bool { lock.lock(); defer { lock.unlock() }; return value }
+}
