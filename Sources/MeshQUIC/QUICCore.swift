@@ -213,7 +213,9 @@ final class QUICCore {
     let logger: Logger
     weak var delegate: QUICCoreDelegate?
     let localAddress: SocketAddress
-    let remoteAddress: SocketAddress
+    /// Where packets go: the handshake's address until ngtcp2 writes for another path (the
+    /// peer's address changed — NAT rebinding — and ngtcp2 validates the new one, RFC 9000 §9).
+    private(set) var remoteAddress: SocketAddress
     let scid: ConnectionID
     private(set) var originalDCID: ConnectionID?
 
@@ -568,6 +570,32 @@ final class QUICCore {
         }
     }
 
+    /// Sends packets `from...` of a burst (their sizes in `sizes`, laid out back to back in `out`).
+    private func sendBatch(_ out: ByteBuffer, sizes: [Int], from: Int, to destination: SocketAddress) {
+        let offset = sizes[..<from].reduce(0, +)
+        let slice = out.getSlice(at: out.readerIndex + offset, length: sizes[from...].reduce(0, +)) ?? out
+        delegate?.quicCore(self, send: slice, sends: GSOBatcher.batches(sizes: Array(sizes[from...]), enabled: settings.gso && Self.gsoSupported),
+                           to: destination)
+    }
+
+    /// The address in `addr` when it is not `current` (nil when it is: the common case, without
+    /// building an address).
+    static func differentRemote(_ addr: ngtcp2_addr, from current: SocketAddress) -> SocketAddress? {
+        guard let sa = addr.addr else { return nil }
+        let same = current.withSockAddr { p, len in
+            len == Int(addr.addrlen) && memcmp(p, sa, len) == 0
+        }
+        if same { return nil }
+        switch Int32(sa.pointee.sa_family) {
+        case AF_INET:
+            return UnsafeRawPointer(sa).withMemoryRebound(to: sockaddr_in.self, capacity: 1) { SocketAddress($0.pointee, host: "") }
+        case AF_INET6:
+            return UnsafeRawPointer(sa).withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { SocketAddress($0.pointee, host: "") }
+        default:
+            return nil
+        }
+    }
+
     /// Drain everything ngtcp2/nghttp3 want to send (bounded by the send quantum: pacing
     /// continues from the expiry timer), then re-arm the timer.
     func writePackets() {
@@ -587,6 +615,11 @@ final class QUICCore {
         var fatalIsH3 = false
         var ps = ngtcp2_path_storage()
         ngtcp2_path_storage_zero(&ps)
+        // The path of the packets gathered so far; a packet for another path (a PATH_CHALLENGE
+        // to a peer's new address, then everything once it is validated) sends what is gathered
+        // first and switches.
+        var destination = remoteAddress
+        var batchStart = 0
         outer: while sizes.count < maxPackets {
             var sid: Int64 = -1
             var fin: Int32 = 0
@@ -637,11 +670,22 @@ final class QUICCore {
                 if nghttp3_conn_add_write_offset(h3, sid, Int(ndatalen)) != 0 { fatal = -1; fatalIsH3 = true; break }
             }
             if nwrite == 0 { break }
+            if let other = Self.differentRemote(ps.path.remote, from: destination) {
+                if sizes.count > batchStart {
+                    sendBatch(out, sizes: sizes, from: batchStart, to: destination)
+                }
+                batchStart = sizes.count
+                destination = other
+                if remoteAddress != other {
+                    logger.debug("QUIC peer address changed", metadata: ["from": "\(remoteAddress)", "to": "\(other)"])
+                    remoteAddress = other
+                }
+            }
             sizes.append(nwrite)
         }
         if !sizes.isEmpty {
             packetsSent += sizes.count
-            delegate?.quicCore(self, send: out, sends: GSOBatcher.batches(sizes: sizes, enabled: settings.gso && Self.gsoSupported), to: remoteAddress)
+            if sizes.count > batchStart { sendBatch(out, sizes: sizes, from: batchStart, to: destination) }
             ngtcp2_conn_update_pkt_tx_time(conn, ts)
         }
         if fatal != 0 {
