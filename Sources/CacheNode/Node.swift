@@ -127,15 +127,16 @@ public final class CacheNode: Service {
         do { addr = try await server.start() } catch {
             throw ListenFailure(address: "\(configuration.listen)", transport: "TCP", reason: SocketErrorText.describe(error))
         }
-        service.setListener("tcp", "\(configuration.listen.host):\(addr.port ?? configuration.listen.port)")
+        service.setListener("tcp", "\(HostPort(host: configuration.listen.host, port: addr.port ?? configuration.listen.port))")
         if let quicServer, let q = configuration.quicListen {
             let qa: SocketAddress
             do { qa = try await quicServer.start() } catch {
                 await server.close()
                 throw ListenFailure(address: "\(q)", transport: "UDP (QUIC)", reason: SocketErrorText.describe(error))
             }
-            service.setListener("quic", "\(q.host):\(qa.port ?? q.port)")
-            print("cachemesh: listening quic=\(q.host):\(qa.port ?? q.port)")
+            let bound = HostPort(host: q.host, port: qa.port ?? q.port)
+            service.setListener("quic", "\(bound)")
+            print("cachemesh: listening quic=\(bound)")
         }
         return addr
     }
@@ -143,10 +144,10 @@ public final class CacheNode: Service {
     public func run() async throws {
         let addr = try await start()
         // A machine-readable line for scripts and tests (port 0 picks a free port).
-        print("cachemesh: listening tcp=\(configuration.listen.host):\(addr.port ?? configuration.listen.port)")
+        print("cachemesh: listening tcp=\(HostPort(host: configuration.listen.host, port: addr.port ?? configuration.listen.port))")
         fflush(nil)
         logger.notice("cachemesh node ready", metadata: [
-            "name": "\(configuration.name)", "tcp": "\(addr)", "data_dir": "\(configuration.dataDirectory)",
+            "name": "\(configuration.name)", "tcp": "\(addr.endpoint)", "data_dir": "\(configuration.dataDirectory)",
             "max_bytes": "\(configuration.maxBytes)", "tls": "\(!configuration.insecure)",
         ])
         let meshTask = mesh.map { m in Task { await m.run() } }

@@ -104,7 +104,7 @@ public final class HTTP2Server: Sendable {
         let channel = try await bootstrap.bind(host: config.host, port: config.port).get()
         state.withLock { $0.server = channel }
         guard let addr = channel.localAddress else { throw HTTPTransportError.connectionClosed }
-        logger.info("HTTP/2 listening", metadata: ["address": "\(addr)", "tls": "\(config.credentials != nil)"])
+        logger.info("HTTP/2 listening", metadata: ["address": "\(addr.endpoint)", "tls": "\(config.credentials != nil)"])
         return addr
     }
 

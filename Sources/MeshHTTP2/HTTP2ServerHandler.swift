@@ -57,12 +57,12 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
 
     override func handlerAdded(context: ChannelHandlerContext) {
         super.handlerAdded(context: context)
-        remoteAddress = context.remoteAddress.map { "\($0)" }
+        remoteAddress = context.remoteAddress.map(\.endpoint)
         if plaintext, context.channel.isActive { begin(peer: .insecure) }
     }
 
     override func channelActive(context: ChannelHandlerContext) {
-        remoteAddress = context.remoteAddress.map { "\($0)" }
+        remoteAddress = context.remoteAddress.map(\.endpoint)
         if plaintext { begin(peer: .insecure) }
         context.fireChannelActive()
     }

@@ -135,7 +135,7 @@ public final class HTTP3Server: Sendable {
         }.get()
         state.withLock { $0 = (channel, handler) }
         guard let addr = channel.localAddress else { throw HTTPTransportError.connectionClosed }
-        logger.info("HTTP/3 listening", metadata: ["address": "\(addr)"])
+        logger.info("HTTP/3 listening", metadata: ["address": "\(addr.endpoint)"])
         return addr
     }
 
@@ -435,7 +435,7 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
 
     func quicCoreHandshakeCompleted(_ core: QUICCore) {
         handshaking -= 1
-        logger.debug("QUIC connection established", metadata: ["peer": "\(core.peer?.description ?? "-")", "remote": "\(core.remoteAddress)"])
+        logger.debug("QUIC connection established", metadata: ["peer": "\(core.peer?.description ?? "-")", "remote": "\(core.remoteAddress.endpoint)"])
     }
 
     func quicCoreDidClose(_ core: QUICCore, error: (any Error)?) {

@@ -813,11 +813,20 @@ final class QUICCore {
         let transportError: any Error = (error as? HTTPTransportError) ?? HTTPTransportError.connectionClosed
         let inFlight = activeRequestStreams
         if inFlight > 0, !(error is HTTPTransportError) {
-            // Callers only see "connection closed": say here why it closed under them.
-            logger.warning("QUIC connection failed with requests in flight", metadata: [
-                "error": "\(error)", "requests": "\(inFlight)", "remote": "\(remoteAddress)", "server": "\(isServer)",
-                "stats": "\(statsDescription)",
-            ])
+            // A client that closes its connection (it has what it wanted, or it gave up) may leave
+            // streams the server still counts: its choice, not a failure worth a warning. Anything
+            // else: callers only see "connection closed", so say here why it closed under them.
+            // Congestion figures are for debugging only.
+            if isServer, (error as? QUICError) == .closedByPeer {
+                logger.debug("QUIC client closed its connection with \(inFlight) request stream(s) open", metadata: [
+                    "remote": "\(remoteAddress.endpoint)", "stats": "\(statsDescription)",
+                ])
+            } else {
+                logger.warning("QUIC connection failed with \(inFlight) request(s) in flight: \(error)", metadata: [
+                    "remote": "\(remoteAddress.endpoint)", "peer": "\(peer?.commonName ?? "-")",
+                ])
+                logger.debug("QUIC connection stats at the failure", metadata: ["remote": "\(remoteAddress.endpoint)", "stats": "\(statsDescription)"])
+            }
         }
         let all = streams
         streams = [:]
@@ -1249,7 +1258,7 @@ final class QUICCore {
             guard !stalled.isEmpty else { return }
             for _ in stalled { TransportRefusals.count("response_stalled", transport: "h3") }
             self.logger.notice("HTTP/3 client stopped reading: resetting \(stalled.count) stream(s)", metadata: [
-                "timeout": "\(timeout)", "peer": "\(self.peer?.commonName ?? "-")", "remote": "\(self.remoteAddress)",
+                "timeout": "\(timeout)", "peer": "\(self.peer?.commonName ?? "-")", "remote": "\(self.remoteAddress.endpoint)",
             ])
             for s in stalled { ngtcp2_conn_shutdown_stream(self.conn, s.id, UInt64(NGHTTP3_H3_REQUEST_CANCELLED)) }
             self.writePackets()
@@ -1272,7 +1281,7 @@ final class QUICCore {
         TransportRefusals.count("header_list_too_large", transport: "h3")
         let closing = headerPolicy.tooLarge() == .closeConnection
         logger.notice("HTTP/3 request header list too large", metadata: [
-            "bytes": "\(bytes)", "limit": "\(limit)", "peer": "\(peer?.commonName ?? "-")", "remote": "\(remoteAddress)",
+            "bytes": "\(bytes)", "limit": "\(limit)", "peer": "\(peer?.commonName ?? "-")", "remote": "\(remoteAddress.endpoint)",
             "action": "\(closing ? "H3_EXCESSIVE_LOAD" : isTrailers ? "stream reset" : "431")",
         ])
         if closing {
@@ -1323,7 +1332,7 @@ final class QUICCore {
             s.inboundEnded = true
             body.finish()
         }
-        let request = HTTPServerRequest(head: head, body: body, peer: peer, remoteAddress: "\(remoteAddress)")
+        let request = HTTPServerRequest(head: head, body: body, peer: peer, remoteAddress: "\(remoteAddress.endpoint)")
         let bound = NIOLoopBound(weakSelf, eventLoop: loop)
         let loop = self.loop
         let sid = s.id

@@ -60,7 +60,7 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
         timeoutTask = context.eventLoop.scheduleTask(in: timeout) {
             let (handler, context) = bound.value
             guard let s = handler.session, !s.handshakeComplete else { return }
-            logger.info("TLS handshake timed out", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
+            logger.info("TLS handshake timed out", metadata: ["peer": "\(context.remoteAddress.map(\.endpoint) ?? "?")"])
             handler.fail(context: context, error: TLSError(code: 0, context: "handshake timed out after \(timeout)"))
         }
         if case .client = mode { advanceHandshake(context: context) }
@@ -201,7 +201,7 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
         timeoutTask = nil
         // Send whatever alert GnuTLS queued, then close.
         flushCiphertext(context: context, promise: nil)
-        logger.debug("TLS failure", metadata: ["error": "\(error)", "peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
+        logger.debug("TLS failure", metadata: ["error": "\(error)", "peer": "\(context.remoteAddress.map(\.endpoint) ?? "?")"])
         context.fireErrorCaught(error)
         context.close(promise: nil)
     }

@@ -96,11 +96,7 @@ enum ExitStatus {
 }
 
 func bootstrapLogging(_ level: Logger.Level) {
-    LoggingSystem.bootstrap { label in
-        var h = StreamLogHandler.standardError(label: label)
-        h.logLevel = level
-        return h
-    }
+    LoggingSystem.bootstrap { label in CacheMeshLogHandler(label: label, level: level) }
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
@@ -119,25 +115,25 @@ struct NodeCommand: AsyncParsableCommand {
 
     @Option(help: "TOML config file; flags given on the command line override it.") var config: String?
     @Option(help: "Mesh topology file (topology/*.toml); with --name, run that node of the mesh.") var topology: String?
-    @Option(help: "Node name.") var name: String?
-    @Option(name: .customLong("fetch-strategy"), help: "With --topology: override [fetch] strategy (hedged | immediate | peers-only | origin-only).") var fetchStrategy: String?
-    @Option(name: .customLong("mesh-transport"), help: "With --topology: override [fetch] transport between nodes (quic | tcp).") var meshTransport: String?
-    @Option(help: "TCP listen address host:port (port 0 = any free port).") var listen: String?
-    @Option(name: .customLong("quic-listen"), help: "UDP address host:port for QUIC + HTTP/3 (e.g. the same as --listen).") var quicListen: String?
+    @Option(help: "Node name (default: node; with --topology, required).") var name: String?
+    @Option(name: .customLong("fetch-strategy"), help: "With --topology: override [fetch] strategy (hedged | immediate | peers-only | origin-only; default: the topology's, else hedged).") var fetchStrategy: String?
+    @Option(name: .customLong("mesh-transport"), help: "With --topology: override [fetch] transport between nodes (quic | tcp; default: the topology's).") var meshTransport: String?
+    @Option(help: "TCP listen address host:port; port 0 picks a free port (default: 127.0.0.1:8443).") var listen: String?
+    @Option(name: .customLong("quic-listen"), help: "UDP address host:port for QUIC + HTTP/3, e.g. the same as --listen (default: none, no QUIC).") var quicListen: String?
     @Option(name: .customLong("quic-max-datagram"), help: "Largest UDP payload QUIC sends (default 1452 with path MTU discovery; 8952 for 9000-byte jumbo frames, only where every path carries it).") var quicMaxDatagram: Int?
-    @Option(name: .customLong("quic-address-validation"), help: "Retry before new QUIC connections: auto (only under a handshake flood), always, never.") var quicAddressValidation: QUICAddressValidationMode?
-    @Option(name: .customLong("data-dir"), help: "Directory for blobs.") var dataDir: String?
+    @Option(name: .customLong("quic-address-validation"), help: "Retry before new QUIC connections: auto (only under a handshake flood), always, never (default: auto).") var quicAddressValidation: QUICAddressValidationMode?
+    @Option(name: .customLong("data-dir"), help: "Directory for blobs; created if absent, must be writable (default: ./cachemesh-data).") var dataDir: String?
     // `.unconditional`: `--max-bytes -1` reaches `validate()` (and is refused as negative)
     // instead of ArgumentParser taking -1 for a flag and saying "Missing value".
     @Option(name: .customLong("max-bytes"), parsing: .unconditional,
             help: "Store capacity: an integer with K, M, G or T (powers of 1024), e.g. 10G, 512M; at least 1M. A number without a unit is bytes. (default: 10G)")
     var maxBytes: String?
-    @Option(help: "Node certificate chain (PEM).") var cert: String?
-    @Option(help: "Node private key (PEM).") var key: String?
-    @Option(help: "Mesh CA certificate (PEM); client certificates must chain to it.") var ca: String?
+    @Option(help: "Node certificate chain (PEM; required unless --insecure).") var cert: String?
+    @Option(help: "Node private key (PEM; required with --cert).") var key: String?
+    @Option(help: "Mesh CA certificate (PEM); client certificates must chain to it (required unless --insecure).") var ca: String?
     @Flag(name: .customLong("allow-unauthenticated-reads"), help: "TLS without a client certificate gets the read-only reader role.") var allowUnauthenticatedReads = false
     @Flag(help: "Plaintext HTTP/2 (h2c). Local experiments only.") var insecure = false
-    @Option(name: .customLong("log-level")) var logLevel: Logger.Level = .info
+    @Option(name: .customLong("log-level"), help: "Least severe log messages written to stderr: trace, debug, info, notice, warning, error, critical.") var logLevel: Logger.Level = .info
 
     func validate() throws {
         if let maxBytes {
@@ -212,14 +208,14 @@ struct NodeCommand: AsyncParsableCommand {
 
 /// Connection options shared by the client commands (flags, or CACHEMESH_* environment variables).
 struct ClientFlags: ParsableArguments {
-    @Option(help: "Node address host:port (env CACHEMESH_SERVER).") var server: String?
+    @Option(help: "Node address host:port (env CACHEMESH_SERVER; default: 127.0.0.1:8443).") var server: String?
     @Option(help: "Client certificate (PEM) (env CACHEMESH_CERT).") var cert: String?
     @Option(help: "Client private key (PEM) (env CACHEMESH_KEY).") var key: String?
     @Option(help: "Mesh CA certificate (PEM) (env CACHEMESH_CA).") var ca: String?
-    @Flag(help: "Plaintext h2c (the node must run with --insecure).") var insecure = false
+    @Flag(help: "Plaintext h2c (the node must run with --insecure; default: TLS).") var insecure = false
     @Option(help: "tcp (HTTP/2 over TLS) or quic (HTTP/3; the node's --quic-listen port).") var transport: ClientOptions.Transport = .tcp
     @Option(name: .customLong("quic-max-datagram"), help: "With --transport quic: largest UDP payload to send (default 1452 with path MTU discovery).") var quicMaxDatagram: Int?
-    @Option(name: .customLong("log-level")) var logLevel: Logger.Level = .warning
+    @Option(name: .customLong("log-level"), help: "Least severe log messages written to stderr: trace, debug, info, notice, warning, error, critical.") var logLevel: Logger.Level = .warning
 
     func options() throws -> ClientOptions {
         let env = ProcessInfo.processInfo.environment
