@@ -383,6 +383,9 @@ final class QUICCore {
             switch role {
             case .server(let auth, _):
                 gnutls_certificate_server_set_request(s, auth == .require ? GNUTLS_CERT_REQUIRE : GNUTLS_CERT_REQUEST)
+                // No acceptable-CA list: a client with a certificate from another CA sends it anyway,
+                // and is told why it is refused (unknown_ca) instead of "certificate required".
+                gnutls_certificate_send_x509_rdn_sequence(s, 1)
                 // mTLS: the client chain is verified against the mesh CA inside the handshake.
                 if auth == .require { gnutls_session_set_verify_cert(s, nil, 0) }
             case .client(let serverName):
@@ -512,17 +515,41 @@ final class QUICCore {
         case NGTCP2_ERR_DRAINING where statelessResetReceived:
             enterDraining(error: QUICError.statelessReset)
         case NGTCP2_ERR_DRAINING:
-            // The peer closed (CONNECTION_CLOSE received).
-            enterDraining(error: handshakeConfirmed || (isServer && handshakeCompleted)
-                ? QUICError.closedByPeer
-                : QUICError.handshakeFailed("the peer closed the connection during the handshake (certificate refused?)"))
+            // The peer closed (CONNECTION_CLOSE received); during the handshake, a CRYPTO_ERROR
+            // says which TLS alert (e.g. the server refused our certificate: unknown CA).
+            if handshakeConfirmed || (isServer && handshakeCompleted) {
+                enterDraining(error: QUICError.closedByPeer)
+            } else {
+                var ccerr = ngtcp2_connection_close_error()
+                ngtcp2_conn_get_connection_close_error(conn, &ccerr)
+                let code = ccerr.error_code
+                if ccerr.type == NGTCP2_CONNECTION_CLOSE_ERROR_CODE_TYPE_TRANSPORT, code >= UInt64(NGTCP2_CRYPTO_ERROR), code <= UInt64(NGTCP2_CRYPTO_ERROR) + 0xff {
+                    let alert = TLSAlertReceived(alert: UInt32(code - UInt64(NGTCP2_CRYPTO_ERROR)), weAreClient: !isServer)
+                    enterDraining(error: QUICError.handshakeFailed("\(alert)"))
+                } else {
+                    enterDraining(error: QUICError.handshakeFailed("the peer closed the connection during the handshake (transport error \(code))"))
+                }
+            }
         case NGTCP2_ERR_RETRY, NGTCP2_ERR_DROP_CONN:
             finalize(error: QUICError.closedByPeer)
         case NGTCP2_ERR_CRYPTO:
-            let alert = ngtcp2_conn_get_tls_alert(conn)
+            // GnuTLS refused the handshake: say why (the peer's certificate did not verify, or
+            // none was sent) with the matching alert, as CRYPTO_ERROR 0x100 + alert.
+            var alert = ngtcp2_conn_get_tls_alert(conn)
+            var why = "TLS alert \(alert)\(verifyStatusDescription())"
+            if let refusal = certificateRefusal() {
+                alert = UInt8(refusal.alert)
+                why = refusal.description
+                if isServer { TLSRefusalLog.log(logger, remote: remoteAddress.endpoint, kind: "quic alert \(refusal.alert)", "\(refusal) (QUIC)") }
+            }
             var e = ngtcp2_connection_close_error()
             ngtcp2_connection_close_error_set_transport_error_tls_alert(&e, alert, nil, 0)
-            closeWith(e, error: QUICError.handshakeFailed("TLS alert \(alert)\(verifyStatusDescription())"))
+            closeWith(e, error: QUICError.handshakeFailed(why))
+        case NGTCP2_ERR_CALLBACK_FAILURE where refusalAlert != nil:
+            // onHandshakeCompleted refused the peer's certificate (logged there): tell it with the alert.
+            var e = ngtcp2_connection_close_error()
+            ngtcp2_connection_close_error_set_transport_error_tls_alert(&e, refusalAlert!, nil, 0)
+            closeWith(e, error: QUICError.handshakeFailed("peer certificate refused (TLS alert \(refusalAlert!))"))
         default:
             if isServer && !processedAnyPacket {
                 // A bogus first packet: forget it without a word.
@@ -533,6 +560,25 @@ final class QUICCore {
             ngtcp2_connection_close_error_set_transport_error_liberr(&e, rv, nil, 0)
             closeWith(e, error: QUICError.internalError(Self.errString(rv)))
         }
+    }
+
+    /// Set when this side refused the peer's certificate after the handshake (role rules,
+    /// optional-mode verification): the alert the connection close carries.
+    private var refusalAlert: UInt8?
+
+    /// Why GnuTLS failed the handshake, if it was the peer's certificate: it did not verify, or
+    /// (server requiring one) none was sent.
+    private func certificateRefusal() -> PeerCertificateRejected? {
+        guard let tls else { return nil }
+        let status = gnutls_session_get_verify_cert_status(tls)
+        if status != 0, status != PeerCertificateRejected.notVerified {
+            return PeerCertificateRejected.verificationFailed(status: status, subject: TLSVerifyStatus.peerSubject(tls), weAreClient: !isServer)
+        }
+        if case .server(let auth, _) = role, auth == .require {
+            var count: UInt32 = 0
+            if gnutls_certificate_get_peers(tls, &count) == nil || count == 0 { return PeerCertificateRejected.noClientCertificate() }
+        }
+        return nil
     }
 
     private func verifyStatusDescription() -> String {
@@ -853,6 +899,23 @@ final class QUICCore {
 
     // MARK: handshake
 
+    /// The client's identity; nil (logged, `refusalAlert` set) when its certificate is refused.
+    private func peerIdentityOrRefuse() -> PeerIdentity? {
+        do {
+            if let p = try TLSSession.authenticatedPeer(of: tls) { return p }
+            let refusal = PeerCertificateRejected.noClientCertificate()
+            TLSRefusalLog.log(logger, remote: remoteAddress.endpoint, kind: "quic alert \(refusal.alert)", "\(refusal) (QUIC)")
+            refusalAlert = UInt8(refusal.alert)
+        } catch let refused as PeerCertificateRefused {
+            TLSRefusalLog.log(logger, remote: remoteAddress.endpoint, kind: "quic role \(refused.subject)", "\(refused) (alert: \(refused.alertName)) (QUIC)")
+            refusalAlert = UInt8(refused.alert.rawValue)
+        } catch {
+            TLSRefusalLog.log(logger, remote: remoteAddress.endpoint, kind: "quic other", "\(error) (QUIC)")
+            refusalAlert = UInt8(GNUTLS_A_BAD_CERTIFICATE.rawValue)
+        }
+        return nil
+    }
+
     fileprivate func onHandshakeCompleted() -> Int32 {
         switch role {
         case .server(let auth, _):
@@ -861,16 +924,18 @@ final class QUICCore {
                 if gnutls_certificate_get_peers(tls, &count) != nil, count > 0 {
                     var status: UInt32 = 0
                     if gnutls_certificate_verify_peers3(tls, nil, &status) < 0 || status != 0 {
-                        logger.info("QUIC client certificate rejected")
+                        let refusal = PeerCertificateRejected.verificationFailed(status: status, subject: TLSVerifyStatus.peerSubject(tls), weAreClient: false)
+                        TLSRefusalLog.log(logger, remote: remoteAddress.endpoint, kind: "quic alert \(refusal.alert)", "\(refusal) (QUIC)")
+                        refusalAlert = UInt8(refusal.alert)
                         return NGTCP2_ERR_CALLBACK_FAILURE
                     }
-                    guard let p = TLSSession.peerIdentity(of: tls) else { return NGTCP2_ERR_CALLBACK_FAILURE }  // refused role: logged
+                    guard let p = peerIdentityOrRefuse() else { return NGTCP2_ERR_CALLBACK_FAILURE }
                     peer = p
                 } else {
                     peer = .anonymousReader
                 }
             } else {
-                guard let p = TLSSession.peerIdentity(of: tls) else { return NGTCP2_ERR_CALLBACK_FAILURE }
+                guard let p = peerIdentityOrRefuse() else { return NGTCP2_ERR_CALLBACK_FAILURE }
                 peer = p
             }
         case .client:

@@ -448,20 +448,3 @@ public final class MeshService: MeshHooks, Sendable {
 final class LatencyBox: Sendable {
     let tracker = Mutex(LatencyTracker())
 }
-
-/// At most one log line per key per `interval` (a flood of bad messages must not flood the log).
-final class LogThrottle: Sendable {
-    private let interval: Duration
-    private let last = Mutex<[String: Duration]>([:])
-
-    init(interval: Duration) { self.interval = interval }
-
-    func allow(_ key: String, now: Duration) -> Bool {
-        last.withLock { last in
-            if let t = last[key], now - t < interval { return false }
-            if last.count > 1024 { last.removeAll() }
-            last[key] = now
-            return true
-        }
-    }
-}
