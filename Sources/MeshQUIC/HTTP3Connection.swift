@@ -5,6 +5,9 @@ import MeshTLS
 import NIOCore
 import NIOPosix
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// One HTTP/3 connection (QUIC, mutual TLS) to a server, on its own UDP socket.
 ///
@@ -40,8 +43,11 @@ public final class HTTP3Connection: HTTPClientTransport {
         let tls = try QUICTLSContext(credentials: credentials)
         var settings = settings
         settings.handshakeTimeout = connectTimeout
+        // A connected UDP socket: the kernel then reports an ICMP port unreachable (nothing
+        // listens on that UDP port) as ECONNREFUSED, and the handshake fails at once instead of
+        // after `connectTimeout`.
         let channel = try await QUICDatagramWriter.bootstrap(group: group, settings: settings)
-            .bind(host: remote.protocol == .inet6 ? "::" : "0.0.0.0", port: 0).get()
+            .connect(to: remote).get()
         let name = serverName ?? host
         let settingsCopy = settings
         do {
@@ -142,6 +148,11 @@ final class QUICClientHandler: ChannelInboundHandler, QUICCoreDelegate {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         logger.debug("QUIC client socket error", metadata: ["error": "\(error)"])
+        // ICMP port unreachable on the connected socket: no QUIC listener at that address.
+        if let io = error as? IOError, io.errnoCode == ECONNREFUSED, let core, !core.handshakeCompleted {
+            core.finalize(error: QUICError.handshakeFailed(
+                "nothing listens on UDP \(core.remoteAddress.endpoint) (port unreachable); is the node running with --quic-listen?"))
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -763,7 +763,10 @@ final class QUICCore {
         case NGTCP2_ERR_IDLE_CLOSE:
             finalize(error: QUICError.timeout)
         case NGTCP2_ERR_HANDSHAKE_TIMEOUT:
-            finalize(error: QUICError.handshakeFailed("handshake timed out"))
+            let after = "\(settings.handshakeTimeout.nanoseconds / 1_000_000) ms"
+            finalize(error: QUICError.handshakeFailed(isServer
+                ? "handshake timed out after \(after)"
+                : "no answer over UDP from \(remoteAddress.endpoint) within \(after) (is UDP blocked on the way, or is the node running without --quic-listen?)"))
         default:
             var e = ngtcp2_connection_close_error()
             ngtcp2_connection_close_error_set_transport_error_liberr(&e, rv, nil, 0)
