@@ -21,6 +21,8 @@ public final class CacheNode: Service {
     let logger: Logger
     /// Set when the node runs as a member of a mesh (`--topology`).
     public let mesh: MeshService?
+    /// Requests cut by the end of the drain grace period (both transports).
+    public let drainCuts = DrainCuts()
 
     public init(configuration: NodeConfiguration, topology: Topology? = nil, registry: PrometheusCollectorRegistry?, logger: Logger) throws {
         try configuration.validate()
@@ -57,11 +59,13 @@ public final class CacheNode: Service {
         h2.requestBodyMinRate = configuration.requestBodyMinRate
         h2.responseStallTimeout = .seconds(configuration.responseStallTimeoutSeconds)
         h2.maxConnections = Self.connectionCap(configuration.maxConnections, logger: logger)
+        h2.drainCuts = drainCuts
         self.server = HTTP2Server(configuration: h2, service: service, logger: logger)
         if let q = configuration.quicListen {
             guard let credentials else { throw ConfigurationError("QUIC needs TLS: --quic-listen cannot be used with --insecure") }
             var quic = configuration.quicSettings
             quic.statelessResetSecret = Self.statelessResetSecret(keyFile: configuration.privateKey)
+            quic.drainCuts = drainCuts
             quicServer = HTTP3Server(
                 configuration: .init(host: q.host, port: q.port, credentials: credentials,
                                      clientAuthentication: configuration.allowUnauthenticatedReads ? .optionalReadOnly : .require,
@@ -156,7 +160,7 @@ public final class CacheNode: Service {
         // mirror queue flushed and sole copies handed off → exit.
         service.beginDrain()
         if let mesh { await mesh.leave() }
-        logger.notice("draining: GOAWAY to \(server.connectionCount) connection(s)")
+        logger.notice("draining: GOAWAY to \(server.connectionCount) connection(s); requests in flight get up to \(configuration.drainSeconds) s (a second SIGINT/SIGTERM stops at once)")
         async let h3: Void = { await quicServer?.shutdownGracefully() }()
         await server.shutdownGracefully()
         await h3
@@ -165,11 +169,26 @@ public final class CacheNode: Service {
             await mesh.stop()
         }
         meshTask?.cancel()
+        let cut = drainCuts.count
+        if cut > 0 {
+            logger.error("stopped: the drain grace period (\(configuration.drainSeconds) s) ended with \(cut) request(s) in flight; they were cut")
+            throw DrainIncomplete(requests: cut, graceSeconds: configuration.drainSeconds)
+        }
         logger.notice("stopped")
     }
 
     public func stop() async {
         await quicServer?.close()
         await server.close()
+    }
+}
+
+/// The drain's grace period ended with requests still in flight, and they were cut: the node
+/// stopped, but not cleanly (`cachemesh node` exits 3).
+public struct DrainIncomplete: Error, CustomStringConvertible {
+    public var requests: Int
+    public var graceSeconds: Int
+    public var description: String {
+        "the drain grace period (\(graceSeconds) s, drain_seconds) ended with \(requests) request(s) still in flight; they were cut"
     }
 }

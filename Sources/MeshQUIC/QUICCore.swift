@@ -12,6 +12,8 @@ import Glibc
 
 /// Tunables of a QUIC connection (both roles). Defaults are sized for a LAN.
 public struct QUICSettings: Sendable {
+    /// Counts requests cut when a server's drain grace period ends (nil: not counted).
+    public var drainCuts: DrainCuts?
     /// Initial (and auto-tuning maximum) per-stream receive window.
     public var streamWindow: UInt64 = 16 << 20
     /// Initial connection receive window; auto-tuning may grow it to `maxConnectionWindow`.
@@ -1511,7 +1513,14 @@ final class QUICCore {
             self.scheduleDrainCheck()
         }
         loop.assumeIsolated().scheduleTask(in: gracePeriod) { [weak self] in
-            self?.closeApplication()
+            guard let self, self.phase == .active else { return }
+            let inFlight = self.activeRequestStreams
+            if inFlight > 0 {
+                self.settings.drainCuts?.add(inFlight)
+                self.logger.warning("drain: the grace period (\(Double(gracePeriod.nanoseconds) / 1e9) s) ended with \(inFlight) request(s) in flight; closing the QUIC connection under them",
+                                    metadata: ["peer": "\(self.peer?.commonName ?? "-")", "remote": "\(self.remoteAddress.endpoint)"])
+            }
+            self.closeApplication()
         }
     }
 

@@ -9,6 +9,7 @@ import MeshTLS
 import Metrics
 import Prometheus
 import ServiceLifecycle
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -93,6 +94,8 @@ enum ExitStatus {
     static let failure: Int32 = 1
     /// The command line, a config file or a topology is wrong; nothing was done.
     static let usage: Int32 = 2
+    /// `node`: the drain's grace period ended with requests in flight, which were cut.
+    static let drainIncomplete: Int32 = 3
 }
 
 func bootstrapLogging(_ level: Logger.Level) {
@@ -202,7 +205,48 @@ struct NodeCommand: AsyncParsableCommand {
             ],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
-        try await group.run()
+        // A second SIGINT/SIGTERM (during the drain the first one started) stops at once.
+        let hardStop = SecondSignalStop()
+        defer { hardStop.cancel() }
+        do {
+            try await group.run()
+        } catch let e as DrainIncomplete {
+            CacheMeshCommand.printError("Error: \(e)")
+            throw ExitCode(ExitStatus.drainIncomplete)
+        }
+    }
+}
+
+/// Counts SIGINT and SIGTERM while the node runs. The first starts the drain (ServiceLifecycle);
+/// a second one ends the process at once: a message on stderr, exit status 128 + signal
+/// (130 for SIGINT, 143 for SIGTERM), connections and transfers in flight cut.
+final class SecondSignalStop: @unchecked Sendable {
+    private var sources: [any DispatchSourceSignal] = []
+    private let count = Mutex(0)
+
+    init() {
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            src.setEventHandler { [self] in
+                let n = self.count.withLock { n in
+                    n += 1
+                    return n
+                }
+                guard n >= 2 else { return }
+                let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
+                let note = "cachemesh: \(name) again during the drain: stopping now; requests in flight are cut (exit \(128 + sig))\n"
+                _ = note.utf8CString.withUnsafeBufferPointer { Glibc.write(STDERR_FILENO, $0.baseAddress, $0.count - 1) }
+                _exit(128 + sig)
+            }
+            src.resume()
+            sources.append(src)
+        }
+    }
+
+    func cancel() {
+        for s in sources { s.cancel() }
+        sources = []
     }
 }
 
