@@ -459,8 +459,31 @@ final class DownloadSignalCleanup: @unchecked Sendable {
     }
 }
 
+/// "2.17 s", "850 ms", "3 min 5 s": durations for people.
+func formatSeconds(_ d: Duration) -> String {
+    let c = d.components
+    let seconds = Double(c.seconds) + Double(c.attoseconds) / 1e18
+    return formatSeconds(seconds)
+}
+
+func formatSeconds(_ seconds: Double) -> String {
+    if seconds < 1 { return "\(Int((seconds * 1000).rounded())) ms" }
+    if seconds < 60 { return String(format: "%.2f s", seconds) }
+    let whole = Int(seconds.rounded())
+    if whole < 3600 { return "\(whole / 60) min \(whole % 60) s" }
+    if whole < 86400 { return "\(whole / 3600) h \(whole % 3600 / 60) min" }
+    return "\(whole / 86400) d \(whole % 86400 / 3600) h"
+}
+
 struct StatusCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "status", abstract: "Show a node's listeners, store usage and health.")
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "Show a node: role, listeners, store usage, hit ratio, mesh members and fetch wins.",
+        discussion: """
+        Prints a table; --json prints the node's /status document instead (fields: docs/cli.md). \
+        Any certificate (node, client, reader) sees the mesh members; a caller without one sees \
+        the counts only.
+        """)
+    @Flag(help: "Print the /status JSON document (for scripts) instead of the table.") var json = false
     @OptionGroup var client: ClientFlags
 
     func run() async throws {
@@ -468,8 +491,61 @@ struct StatusCommand: AsyncParsableCommand {
         defer { Task { await c.close() } }
         let (hs, hb) = try await c.getText("/healthz")
         let (ss, sb) = try await c.getText("/status")
-        print("server: \(try client.options().server)  healthz: \(hs) \(hb.trimmingCharacters(in: .whitespacesAndNewlines))")
-        guard ss == 200 else { throw CLIError("status failed: \(ss) \(sb)") }
-        print(sb, terminator: "")
+        guard ss == 200 else { throw CLIError("status failed: the node answered \(ss): \(CacheMeshCommand.oneLine(sb))") }
+        let status: NodeStatus
+        do {
+            status = try NodeStatus.decoder().decode(NodeStatus.self, from: Data(sb.utf8))
+        } catch {
+            throw CLIError("status failed: the node's /status is not a status document (\(error))")
+        }
+        if json {
+            print(sb, terminator: sb.hasSuffix("\n") ? "" : "\n")
+            return
+        }
+        let health = hs == 200 ? "healthy" : "unhealthy (\(hs) \(CacheMeshCommand.oneLine(hb)))"
+        print(Self.table(status, server: "\(try client.options().server)", health: health), terminator: "")
+    }
+
+    static func percent(_ r: Double?) -> String { r.map { String(format: "%.1f%%", $0 * 100) } ?? "n/a" }
+
+    /// The status for people: labelled lines, then one row per member.
+    static func table(_ s: NodeStatus, server: String, health: String) -> String {
+        var lines: [(String, String)] = []
+        let role = s.mesh.map { "\(s.role) in mesh \"\($0.topology)\"" } ?? "standalone node"
+        lines.append(("node", "\(s.name) (\(role)) at \(server), up \(formatSeconds(Double(s.uptimeSeconds))), \(health)\(s.draining ? ", DRAINING" : "")"))
+        lines.append(("listeners", [("tcp", s.listen.tcp), ("quic", s.listen.quic)].map { "\($0.0) \($0.1 ?? "-")" }.joined(separator: ", ")))
+        let st = s.store
+        let usedPct = st.maxBytes > 0 ? String(format: " (%.1f%%)", Double(st.usedBytes) * 100 / Double(st.maxBytes)) : ""
+        lines.append(("store", "\(ByteSize.format(st.usedBytes)) of \(ByteSize.format(st.maxBytes)) used\(usedPct), \(st.blobs) blobs, \(st.actions) actions, \(st.evictions) evictions"))
+        lines.append(("hits", "\(st.hits) hits, \(st.misses) misses: hit ratio \(percent(st.hitRatio))"))
+        if let m = s.mesh {
+            lines.append(("mesh", "replication \(m.replication), write quorum \(m.writeQuorum), fetch \(m.fetchStrategy) over \(m.transport); \(m.liveMembers) live member(s); \(m.localityEntries) locality entries"))
+            lines.append(("fetch wins", "peers \(m.fetch.peerWins), origin \(m.fetch.originWins) (\(percent(m.fetch.peerRatio)) from peers), \(m.fetch.failures) failed"))
+        }
+        let you = [s.you.role.map { "role \($0)" }, s.you.commonName.map { "CN \($0)" }].compactMap { $0 }.joined(separator: ", ")
+        lines.append(("you", you.isEmpty ? "no certificate" : you))
+        let width = lines.map(\.0.count).max() ?? 0
+        var out = lines.map { $0.0.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + $0.1 }.joined(separator: "\n") + "\n"
+        if let m = s.mesh {
+            if let members = m.members {
+                let header = ["MEMBER", "ROLE", "STATE", "TRANSPORT", "TCP", "QUIC"]
+                let rows = members.map { [$0.name, $0.role, $0.status, $0.transport, $0.tcp, $0.quic ?? "-"] }
+                out += "\n" + columns([header] + rows)
+            } else {
+                out += "\n(members: shown to callers with a certificate)\n"
+            }
+        }
+        // Names and certificate subjects come from the node: no control characters reach the terminal.
+        return String(String.UnicodeScalarView(out.unicodeScalars.map { ($0.value < 0x20 && $0 != "\n") || $0.value == 0x7f ? "?" : $0 }))
+    }
+
+    /// Left-aligned columns two spaces apart.
+    static func columns(_ rows: [[String]]) -> String {
+        let widths = (0..<(rows.first?.count ?? 0)).map { i in rows.map { $0[i].count }.max() ?? 0 }
+        return rows.map { row in
+            zip(row, widths).enumerated().map { i, cell in
+                i == row.count - 1 ? cell.0 : cell.0.padding(toLength: cell.1, withPad: " ", startingAt: 0)
+            }.joined(separator: "  ")
+        }.joined(separator: "\n") + "\n"
     }
 }
