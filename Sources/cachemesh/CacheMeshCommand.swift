@@ -296,26 +296,49 @@ struct CLIError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
-/// Progress on stderr, only when it is a terminal and the transfer is big enough to wait for.
+/// Progress on stderr, only when stderr is a terminal (no `\r` lines in pipes and logs) and the
+/// transfer is big enough to wait for: at least 8 MiB (known total), or once 8 MiB have moved
+/// (unknown total). `finish(done:)` draws a last, current line (100% on success) before the newline.
 final class ProgressLine: @unchecked Sendable {
+    /// Smaller transfers show no progress at all.
+    static let threshold: Int64 = 8 << 20
+
     private let label: String
-    private let enabled: Bool
+    private let terminal: Bool
     private let start = Date()
     private var last = Date.distantPast
+    private var shown = false
+    private var finished = false
+    private var total: Int64?
     private let lock = NSLock()
 
-    init(label: String, total: Int64?) {
+    init(label: String, total: Int64?, terminal: Bool = isatty(STDERR_FILENO) == 1) {
         self.label = label
-        self.enabled = isatty(STDERR_FILENO) == 1 && (total ?? Int64.max) >= 8 << 20
+        self.total = total
+        self.terminal = terminal
+    }
+
+    /// Whether a line is shown for `done` of `total` bytes.
+    static func worthShowing(done: Int64, total: Int64?) -> Bool {
+        if let total { return total >= threshold }
+        return done >= threshold
     }
 
     func update(_ done: Int64, _ total: Int64?, force: Bool = false) {
-        guard enabled else { return }
-        lock.lock()
-        defer { lock.unlock() }
-        let now = Date()
-        guard force || now.timeIntervalSince(last) > 0.2 else { return }
-        last = now
+        guard terminal else { return }
+        lock.withLock {
+            guard !finished else { return }
+            if let total { self.total = total }
+            guard Self.worthShowing(done: done, total: self.total) else { return }
+            let now = Date()
+            guard force || now.timeIntervalSince(last) > 0.2 else { return }
+            last = now
+            shown = true
+            draw(done, now: now)
+        }
+    }
+
+    private func draw(_ done: Int64, now: Date) {
         let secs = max(now.timeIntervalSince(start), 0.001)
         let rate = ByteSize.format(Int64(Double(done) / secs)) + "/s"
         let pct = total.map { $0 > 0 ? String(format: " %3.0f%%", Double(done) * 100 / Double($0)) : "" } ?? ""
@@ -323,9 +346,19 @@ final class ProgressLine: @unchecked Sendable {
         FileHandle.standardError.write("\r\(label)\(pct) \(ByteSize.format(done))\(tot) \(rate)   ".data(using: .utf8)!)
     }
 
-    func finish() {
-        guard enabled else { return }
-        FileHandle.standardError.write("\n".data(using: .utf8)!)
+    /// Ends the line. With `done` (the transfer succeeded: `done` bytes moved) the last line shown
+    /// is redrawn with that figure first, so it never ends on a stale 60%.
+    func finish(done: Int64? = nil) {
+        lock.withLock {
+            guard terminal, !finished else { return }
+            finished = true
+            if let done, shown || Self.worthShowing(done: done, total: total) {
+                if total == nil || total! < done { total = done }
+                shown = true
+                draw(done, now: Date())
+            }
+            if shown { FileHandle.standardError.write("\n".data(using: .utf8)!) }
+        }
     }
 }
 
@@ -349,8 +382,7 @@ struct PutCommand: AsyncParsableCommand {
         do {
             let d = try await c.put(file: file, source: source)
             ticker.cancel()
-            progress.update(source.length, source.length, force: true)
-            progress.finish()
+            progress.finish(done: source.length)
             print(d)
         } catch {
             progress.finish()
@@ -403,7 +435,7 @@ struct GetCommand: AsyncParsableCommand {
         let progress = ProgressLine(label: "download", total: size)
         do {
             let n = try await c.get(hash: hash, size: size, into: file) { done, total in progress.update(done, total) }
-            progress.finish()
+            progress.finish(done: n)
             if let file { FileHandle.standardError.write("wrote \(n) bytes to \(file.path)\n".data(using: .utf8)!) }
         } catch {
             progress.finish()
