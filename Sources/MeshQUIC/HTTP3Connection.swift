@@ -148,11 +148,15 @@ final class QUICClientHandler: ChannelInboundHandler, QUICCoreDelegate {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         logger.debug("QUIC client socket error", metadata: ["error": "\(error)"])
-        // ICMP port unreachable on the connected socket: no QUIC listener at that address.
-        if let io = error as? IOError, io.errnoCode == ECONNREFUSED, let core, !core.handshakeCompleted {
-            core.finalize(error: QUICError.handshakeFailed(
-                "nothing listens on UDP \(core.remoteAddress.endpoint) (port unreachable); is the node running with --quic-listen?"))
-        }
+        socketFailed(error)
+    }
+
+    /// ICMP port unreachable on the connected socket (reported by a read or by a send, which
+    /// also closes the channel): no QUIC listener at that address.
+    private func socketFailed(_ error: any Error) {
+        guard let io = error as? IOError, io.errnoCode == ECONNREFUSED, let core, !core.handshakeCompleted else { return }
+        core.finalize(error: QUICError.handshakeFailed(
+            "nothing listens on UDP \(core.remoteAddress.endpoint) (port unreachable); is the node running with --quic-listen?"))
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -162,7 +166,15 @@ final class QUICClientHandler: ChannelInboundHandler, QUICCoreDelegate {
 
     func quicCore(_ core: QUICCore, send buffer: ByteBuffer, sends: [GSOBatcher.Send], to remote: SocketAddress) {
         guard let context else { return }
-        QUICDatagramWriter.write(context: context, buffer: buffer, sends: sends, to: remote)
+        // Until the handshake is done, a failed send may be the port-unreachable answer.
+        var promise: EventLoopPromise<Void>?
+        if !core.handshakeCompleted {
+            let p = context.eventLoop.makePromise(of: Void.self)
+            let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+            p.futureResult.whenFailure { bound.value.socketFailed($0) }
+            promise = p
+        }
+        QUICDatagramWriter.write(context: context, buffer: buffer, sends: sends, to: remote, promise: promise)
     }
 
     func quicCore(_ core: QUICCore, didIssue cid: ConnectionID) {}

@@ -508,14 +508,20 @@ enum QUICDatagramWriter {
         }
     }
 
-    static func write(context: ChannelHandlerContext, buffer: ByteBuffer, sends: [GSOBatcher.Send], to remote: SocketAddress) {
-        for s in sends {
+    /// `promise` (optional) completes with the last datagram's write.
+    static func write(context: ChannelHandlerContext, buffer: ByteBuffer, sends: [GSOBatcher.Send], to remote: SocketAddress,
+                      promise: EventLoopPromise<Void>? = nil) {
+        var pending = promise
+        for (i, s) in sends.enumerated() {
             guard let slice = buffer.getSlice(at: buffer.readerIndex + s.offset, length: s.length) else { continue }
             let metadata = s.segmentSize.map {
                 AddressedEnvelope<ByteBuffer>.Metadata(ecnState: .transportNotCapable, packetInfo: nil, segmentSize: $0)
             }
-            context.write(NIOAny(AddressedEnvelope(remoteAddress: remote, data: slice, metadata: metadata)), promise: nil)
+            let p = i == sends.count - 1 ? pending : nil
+            if p != nil { pending = nil }
+            context.write(NIOAny(AddressedEnvelope(remoteAddress: remote, data: slice, metadata: metadata)), promise: p)
         }
+        pending?.succeed(())
         context.flush()
     }
 }
