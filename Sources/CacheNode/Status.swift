@@ -36,6 +36,12 @@ public struct NodeStatus: Codable, Sendable, Equatable {
         public var role: String?
         /// False without a verified certificate (anonymous reader, --insecure).
         public var authenticated: Bool
+
+        public init(commonName: String?, role: String?, authenticated: Bool) {
+            self.commonName = commonName
+            self.role = role
+            self.authenticated = authenticated
+        }
     }
 
     public struct Store: Codable, Sendable, Equatable {
