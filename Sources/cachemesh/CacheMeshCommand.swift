@@ -19,7 +19,7 @@ struct CacheMeshCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cachemesh",
         abstract: "A peer-to-peer, content-addressed build cache served over HTTP/2 + mutual TLS.",
-        discussion: "Exit status: 0 ok; 1 a runtime failure (one line: Error: …); 2 a usage error (a flag, argument, config file or topology is wrong; nothing was done).",
+        discussion: "Exit status: 0 ok; 1 a runtime failure (one line: Error: …); 2 a usage error (a flag, argument, config file or topology is wrong; nothing was done); node: 3 when its drain had to cut requests, 128+N after a second signal; get: 130/143 when interrupted. See docs/cli.md.",
         version: CacheMeshVersion.string,
         subcommands: [NodeCommand.self, PutCommand.self, GetCommand.self, StatusCommand.self, DemoCommand.self, SimulateGossipCommand.self, BenchFetchCommand.self, RelayCommand.self, BenchMeshDriverCommand.self])
 
@@ -114,7 +114,14 @@ func tuneAllocator() {
 }
 
 struct NodeCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "node", abstract: "Run a cache node until SIGTERM/SIGINT (then drain with GOAWAY).")
+    static let configuration = CommandConfiguration(
+        commandName: "node", abstract: "Run a cache node until SIGTERM/SIGINT (then drain with GOAWAY).",
+        discussion: """
+        The first SIGTERM or SIGINT drains: GOAWAY to every connection, requests in flight get up to \
+        drain_seconds (default 30) to finish, a mesh node hands off its sole copies; then exit 0. A \
+        second SIGTERM/SIGINT stops at once (exit 128+N: 130 for SIGINT, 143 for SIGTERM). If the \
+        grace period ends with requests in flight they are cut, logged, and the node exits 3.
+        """)
 
     @Option(help: "TOML config file; flags given on the command line override it.") var config: String?
     @Option(help: "Mesh topology file (topology/*.toml); with --name, run that node of the mesh.") var topology: String?
