@@ -175,17 +175,6 @@ public final class TLSSession {
         return TLSError(code: rc, context: "handshake failed")
     }
 
-    private func verifyStatusDescription() -> String {
-        guard let session else { return "session closed" }
-        let status = gnutls_session_get_verify_cert_status(session)
-        var out = gnutls_datum_t()
-        guard gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) >= 0, let d = out.data else {
-            return "certificate verification status \(status)"
-        }
-        defer { cm_gnutls_free(d) }
-        return String(decoding: UnsafeRawBufferPointer(start: d, count: Int(out.size)), as: UTF8.self)
-    }
-
     /// For an error that is a fatal alert from the peer: which alert (e.g. the node's
     /// "Access was denied" when it refused our certificate's role).
     private func receivedAlert(_ code: Int32) -> String {
