@@ -43,7 +43,9 @@ Options:
 Every command writes NAME.pem (certificate), NAME.key (private key, mode 600)
 and NAME.pkcs8.key (the same key, unencrypted PKCS#8, mode 600) - node, client
 and reader commands also make the CA first if it is absent.
-Environment: DAYS (leaf validity, default 825), CA_DAYS (default 3650).
+Environment: DAYS (leaf validity in days, default 825), CA_DAYS (default 3650);
+both must be positive whole numbers. Keys are written with openssl (32-byte
+private scalars, which every TLS stack loads).
 
 Examples:
   $PROG all /tmp/mesh-certs
@@ -57,6 +59,15 @@ log() { echo "$PROG: $*" >&2; }
 
 command -v certtool >/dev/null 2>&1 ||
     die "certtool not found (Debian package gnutls-bin; .ci/install-deps installs it)"
+
+# certtool takes -1 (and other negatives) for "never expires": only whole positive days here.
+for v in DAYS CA_DAYS; do
+    [[ ${!v} =~ ^[1-9][0-9]{0,5}$ ]] ||
+        die "$v must be a positive number of days (1-999999), got '${!v}'"
+done
+
+command -v openssl >/dev/null 2>&1 ||
+    die "openssl not found (Debian package openssl; .ci/install-deps installs it)"
 
 # ---- argument parsing: -o/--force may appear before or after the command ----
 OUT=""
@@ -87,25 +98,36 @@ valid_name() {
     esac
 }
 
-# make_key BASE [nop8]: OUT/BASE.key (ECDSA P-256) unless present, and (unless
-# nop8) BASE.pkcs8.key, the same key as unencrypted PKCS#8 (rewritten if older)
+# make_key BASE [nop8]: OUT/BASE.key (ECDSA P-256, SEC1 "EC PRIVATE KEY") unless
+# present, and (unless nop8) BASE.pkcs8.key, the same key as unencrypted PKCS#8
+# (rewritten if older). Keys are written by openssl: certtool 3.7.9 sometimes
+# encodes the private scalar in 33 bytes with a leading zero (RFC 5915 says 32),
+# which Python's cryptography (and other strict readers) refuse. A key such a
+# certtool wrote earlier is re-encoded in place (the same key, 32 bytes).
 make_key() {
     local base=$1 key="$OUT/$1.key" p8="$OUT/$1.pkcs8.key"
     if [[ ! -s $key ]]; then
         log "generating ECDSA P-256 key $key"
         ( umask 077
-          certtool --generate-privkey --key-type ecdsa --curve secp256r1 --no-text \
-                   --outfile "$TMPDIR_MK/$base.key" 2>/dev/null )
+          openssl ecparam -name prime256v1 -genkey -noout \
+                  -out "$TMPDIR_MK/$base.key" 2>/dev/null ) || die "openssl could not make a P-256 key"
         mv -f "$TMPDIR_MK/$base.key" "$key"
+    else
+        # openssl writes the scalar in exactly 32 bytes; replace the file only if that differs.
+        ( umask 077
+          openssl ec -in "$key" -out "$TMPDIR_MK/$base.sec1.key" 2>/dev/null ) ||
+            die "$key is not an EC private key openssl can read"
+        if ! cmp -s "$key" "$TMPDIR_MK/$base.sec1.key"; then
+            log "re-encoding $key (same key; 32-byte private scalar as RFC 5915 says)"
+            mv -f "$TMPDIR_MK/$base.sec1.key" "$key"
+        fi
     fi
     chmod 600 "$key"
     [[ ${2:-} == nop8 ]] && return 0
-    # PKCS#8, unencrypted. certtool 3.7.9: an empty --password (without
-    # --empty-password / --null-password, which both encrypt) gives plain PKCS#8.
     if [[ ! -s $p8 || $key -nt $p8 ]]; then
         ( umask 077
-          certtool --to-p8 --password "" --load-privkey "$key" --no-text \
-                   --outfile "$TMPDIR_MK/$base.pkcs8.key" 2>/dev/null )
+          openssl pkcs8 -topk8 -nocrypt -in "$key" \
+                  -out "$TMPDIR_MK/$base.pkcs8.key" 2>/dev/null ) || die "openssl could not write $p8"
         mv -f "$TMPDIR_MK/$base.pkcs8.key" "$p8"
     fi
     chmod 600 "$p8"

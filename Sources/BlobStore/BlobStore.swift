@@ -176,13 +176,21 @@ public final class BlobStore: Sendable {
         readSlots = AsyncSemaphore(permits: configuration.maxOpenReads)
         metrics = StoreMetrics(factory: metricsFactory ?? MetricsSystem.factory)
 
-        try Posix.makeDirectories(directory)
-        for sub in [casDirectory, acDirectory, tmpDirectory] { try Posix.makeDirectory(sub) }
+        // The layout, then a write probe: a directory the node cannot write to (read-only mount,
+        // immutable flag, permissions) stops it here, named, instead of failing every PUT later.
+        var prefixDirectories: [String] = []
         for prefix in 0..<256 {
             let xx = BlobStore.hexPrefix(prefix)
-            try Posix.makeDirectory(casDirectory + "/" + xx)
-            try Posix.makeDirectory(acDirectory + "/" + xx)
+            prefixDirectories += [casDirectory + "/" + xx, acDirectory + "/" + xx]
         }
+        do {
+            try Posix.makeDirectories(directory)
+            for sub in [casDirectory, acDirectory, tmpDirectory] + prefixDirectories { try Posix.makeDirectory(sub) }
+        } catch {
+            throw DataDirectoryError(path: directory, reason: error.ioText)
+        }
+        try DataDirectoryError.probe(directory: directory, temporary: tmpDirectory,
+                                     written: [directory, casDirectory, acDirectory] + prefixDirectories)
 
         let removedTemp = BlobStore.wipe(directory: tmpDirectory, logger: logger)
         let cas = BlobStore.scan(directory: casDirectory, kind: .cas, logger: logger)

@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 /// Errors reported by ``BlobStore``, ``BlobWriter`` and ``BlobReader``.
 ///
 /// The `description`s are meant to be sent to clients verbatim (HTTP bodies,
@@ -58,5 +64,47 @@ public enum BlobStoreError: Error, Sendable, CustomStringConvertible, Equatable 
             ($0.value < 0x20 || $0 == "\"" || $0 == "\\") ? "?" : $0
         }))
         return clean.unicodeScalars.count > limit ? String(clean.prefix(limit)) + "…" : clean
+    }
+}
+
+extension BlobStoreError {
+    /// The text of an `.io` error without the "I/O error: " prefix; else the description.
+    public var ioText: String {
+        if case .io(let text) = self { return text }
+        return description
+    }
+}
+
+/// The store's directory cannot be used: it cannot be created, or files cannot be created,
+/// renamed and removed in it. Thrown by `BlobStore.init`, so a node stops at start with the path
+/// and the cause instead of answering every PUT with a 500.
+public struct DataDirectoryError: Error, Sendable, CustomStringConvertible {
+    public var path: String
+    public var reason: String
+
+    public var description: String { "cannot use the data directory \(path): \(reason)" }
+
+    /// Creates, writes, renames and removes a file in `temporary` (what every upload does), and
+    /// asks the kernel whether each of `written` may be written to (`access(2)` refuses even root
+    /// for an immutable directory or a read-only file system).
+    static func probe(directory: String, temporary: String, written: [String]) throws(DataDirectoryError) {
+        let probe = temporary + "/.write-probe-\(getpid())"
+        let fd = open(probe, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw DataDirectoryError(path: directory, reason: "cannot create a file in \(temporary): \(Posix.errnoWords(errno))") }
+        var byte: UInt8 = 0
+        let n = write(fd, &byte, 1)
+        let writeErrno = errno
+        close(fd)
+        defer { unlink(probe) }
+        guard n == 1 else { throw DataDirectoryError(path: directory, reason: "cannot write to a file in \(temporary): \(Posix.errnoWords(writeErrno))") }
+        guard rename(probe, probe + ".renamed") == 0 else {
+            throw DataDirectoryError(path: directory, reason: "cannot rename a file in \(temporary): \(Posix.errnoWords(errno))")
+        }
+        guard unlink(probe + ".renamed") == 0 else {
+            throw DataDirectoryError(path: directory, reason: "cannot remove a file in \(temporary): \(Posix.errnoWords(errno))")
+        }
+        for d in written where access(d, W_OK | X_OK) != 0 {
+            throw DataDirectoryError(path: directory, reason: "cannot write to \(d): \(Posix.errnoWords(errno))")
+        }
     }
 }

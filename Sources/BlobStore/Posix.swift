@@ -14,6 +14,13 @@ enum Posix {
         "\(String(cString: strerror(code))) (errno \(code))"
     }
 
+    /// "operation not permitted", "read-only file system": strerror in lower case, no number.
+    static func errnoWords(_ code: Int32) -> String {
+        let s = String(cString: strerror(code))
+        guard let first = s.first else { return "errno \(code)" }
+        return first.lowercased() + s.dropFirst()
+    }
+
     /// Builds an I/O error for `operation` on `path` from the current `errno`.
     static func ioError(_ operation: String, _ path: String, _ code: Int32 = errno) -> BlobStoreError {
         .io("\(operation) \(path): \(errnoText(code))")
@@ -127,9 +134,9 @@ enum Posix {
         if code == EEXIST {
             var st = stat()
             if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR { return }
-            throw .io("mkdir \(path): exists and is not a directory")
+            throw .io("\(path) exists and is not a directory")
         }
-        throw ioError("mkdir", path, code)
+        throw .io("cannot create the directory \(path): \(errnoWords(code))")
     }
 
     /// Creates `path` and all missing parents.

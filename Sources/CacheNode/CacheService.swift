@@ -96,6 +96,9 @@ public protocol MeshHooks: Sendable {
     func received(_ digest: Digest)
     /// `/mesh/...` requests (node certificates only; checked before this is called).
     func handleMeshRequest(_ request: HTTPServerRequest) async -> HTTPResponse
+    /// This node's role in the mesh (`origin`, `peer`) and the mesh part of `/status`;
+    /// `members`: whether the member list is included.
+    func status(members: Bool) -> (role: String, mesh: NodeStatus.Mesh)
 }
 
 /// The node's routes: the Bazel HTTP cache protocol (`/cas`, `/ac`), `/metrics`, `/healthz`,
@@ -353,20 +356,33 @@ public final class CacheService: HTTPService {
         return HTTPResponse(status: 200, headers: ["content-type": "text/plain; version=0.0.4; charset=utf-8"], body: .bytes(ByteBuffer(bytes: bytes)))
     }
 
-    private func status(peer: PeerIdentity) -> HTTPResponse {
+    /// `/status` for `peer`. Any caller may read it (the client's `cachemesh status`, load
+    /// balancers); the member list only a caller with a verified certificate (node, client,
+    /// reader). Nothing secret is in it: no key, no file path, no locality map contents.
+    public func nodeStatus(peer: PeerIdentity) -> NodeStatus {
         let s = store.stats
         let info = self.info.withLock { $0 }
-        let listen = info.listen.sorted { $0.key < $1.key }.map { "\"\($0.key)\": \"\($0.value)\"" }.joined(separator: ", ")
-        let uptime = ContinuousClock.now - startTime
-        let json = """
-        {"name": "\(info.name)", "listen": {\(listen)}, "uptime_seconds": \(uptime.components.seconds), \
-        "you": "\(peer)", \
-        "store": {"used_bytes": \(s.usedBytes), "reserved_bytes": \(s.reservedBytes), "max_bytes": \(s.maxBytes), \
-        "blobs": \(s.blobCount), "actions": \(s.actionCount), "hits": \(s.hits), "misses": \(s.misses), \
-        "evictions": \(s.evictions), "bytes_in": \(s.bytesIn), "bytes_out": \(s.bytesOut), "rejected_writes": \(s.rejectedWrites)}}
-        """
-        var buf = ByteBuffer(string: json)
-        buf.writeString("\n")
-        return HTTPResponse(status: 200, headers: ["content-type": "application/json"], body: .bytes(buf))
+        let mesh = self.mesh?.status(members: peer.authenticated && peer.role != nil)
+        return NodeStatus(
+            name: info.name, role: mesh?.role ?? "standalone",
+            listen: .init(tcp: info.listen["tcp"], quic: info.listen["quic"]),
+            uptimeSeconds: (ContinuousClock.now - startTime).components.seconds,
+            draining: draining.withLock { $0 },
+            you: .init(commonName: peer.commonName, role: peer.role?.rawValue, authenticated: peer.authenticated),
+            store: .init(usedBytes: s.usedBytes, reservedBytes: s.reservedBytes, maxBytes: s.maxBytes,
+                         blobs: s.blobCount, actions: s.actionCount, hits: s.hits, misses: s.misses,
+                         hitRatio: NodeStatus.ratio(s.hits, of: s.hits + s.misses), evictions: s.evictions,
+                         bytesIn: s.bytesIn, bytesOut: s.bytesOut, rejectedWrites: s.rejectedWrites),
+            mesh: mesh?.mesh)
+    }
+
+    private func status(peer: PeerIdentity) -> HTTPResponse {
+        do {
+            var data = try NodeStatus.encoder().encode(nodeStatus(peer: peer))
+            data.append(UInt8(ascii: "\n"))
+            return HTTPResponse(status: 200, headers: ["content-type": "application/json"], body: .bytes(ByteBuffer(bytes: data)))
+        } catch {
+            return .text(500, "cannot encode the status: \(error)")
+        }
     }
 }

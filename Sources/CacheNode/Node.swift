@@ -21,6 +21,8 @@ public final class CacheNode: Service {
     let logger: Logger
     /// Set when the node runs as a member of a mesh (`--topology`).
     public let mesh: MeshService?
+    /// Requests cut by the end of the drain grace period (both transports).
+    public let drainCuts = DrainCuts()
 
     public init(configuration: NodeConfiguration, topology: Topology? = nil, registry: PrometheusCollectorRegistry?, logger: Logger) throws {
         try configuration.validate()
@@ -57,11 +59,13 @@ public final class CacheNode: Service {
         h2.requestBodyMinRate = configuration.requestBodyMinRate
         h2.responseStallTimeout = .seconds(configuration.responseStallTimeoutSeconds)
         h2.maxConnections = Self.connectionCap(configuration.maxConnections, logger: logger)
+        h2.drainCuts = drainCuts
         self.server = HTTP2Server(configuration: h2, service: service, logger: logger)
         if let q = configuration.quicListen {
             guard let credentials else { throw ConfigurationError("QUIC needs TLS: --quic-listen cannot be used with --insecure") }
             var quic = configuration.quicSettings
             quic.statelessResetSecret = Self.statelessResetSecret(keyFile: configuration.privateKey)
+            quic.drainCuts = drainCuts
             quicServer = HTTP3Server(
                 configuration: .init(host: q.host, port: q.port, credentials: credentials,
                                      clientAuthentication: configuration.allowUnauthenticatedReads ? .optionalReadOnly : .require,
@@ -127,15 +131,16 @@ public final class CacheNode: Service {
         do { addr = try await server.start() } catch {
             throw ListenFailure(address: "\(configuration.listen)", transport: "TCP", reason: SocketErrorText.describe(error))
         }
-        service.setListener("tcp", "\(configuration.listen.host):\(addr.port ?? configuration.listen.port)")
+        service.setListener("tcp", "\(HostPort(host: configuration.listen.host, port: addr.port ?? configuration.listen.port))")
         if let quicServer, let q = configuration.quicListen {
             let qa: SocketAddress
             do { qa = try await quicServer.start() } catch {
                 await server.close()
                 throw ListenFailure(address: "\(q)", transport: "UDP (QUIC)", reason: SocketErrorText.describe(error))
             }
-            service.setListener("quic", "\(q.host):\(qa.port ?? q.port)")
-            print("cachemesh: listening quic=\(q.host):\(qa.port ?? q.port)")
+            let bound = HostPort(host: q.host, port: qa.port ?? q.port)
+            service.setListener("quic", "\(bound)")
+            print("cachemesh: listening quic=\(bound)")
         }
         return addr
     }
@@ -143,10 +148,10 @@ public final class CacheNode: Service {
     public func run() async throws {
         let addr = try await start()
         // A machine-readable line for scripts and tests (port 0 picks a free port).
-        print("cachemesh: listening tcp=\(configuration.listen.host):\(addr.port ?? configuration.listen.port)")
+        print("cachemesh: listening tcp=\(HostPort(host: configuration.listen.host, port: addr.port ?? configuration.listen.port))")
         fflush(nil)
         logger.notice("cachemesh node ready", metadata: [
-            "name": "\(configuration.name)", "tcp": "\(addr)", "data_dir": "\(configuration.dataDirectory)",
+            "name": "\(configuration.name)", "tcp": "\(addr.endpoint)", "data_dir": "\(configuration.dataDirectory)",
             "max_bytes": "\(configuration.maxBytes)", "tls": "\(!configuration.insecure)",
         ])
         let meshTask = mesh.map { m in Task { await m.run() } }
@@ -155,7 +160,7 @@ public final class CacheNode: Service {
         // mirror queue flushed and sole copies handed off → exit.
         service.beginDrain()
         if let mesh { await mesh.leave() }
-        logger.notice("draining: GOAWAY to \(server.connectionCount) connection(s)")
+        logger.notice("draining: GOAWAY to \(server.connectionCount) connection(s); requests in flight get up to \(configuration.drainSeconds) s (a second SIGINT/SIGTERM stops at once)")
         async let h3: Void = { await quicServer?.shutdownGracefully() }()
         await server.shutdownGracefully()
         await h3
@@ -164,11 +169,26 @@ public final class CacheNode: Service {
             await mesh.stop()
         }
         meshTask?.cancel()
+        let cut = drainCuts.count
+        if cut > 0 {
+            logger.error("stopped: the drain grace period (\(configuration.drainSeconds) s) ended with \(cut) request(s) in flight; they were cut")
+            throw DrainIncomplete(requests: cut, graceSeconds: configuration.drainSeconds)
+        }
         logger.notice("stopped")
     }
 
     public func stop() async {
         await quicServer?.close()
         await server.close()
+    }
+}
+
+/// The drain's grace period ended with requests still in flight, and they were cut: the node
+/// stopped, but not cleanly (`cachemesh node` exits 3).
+public struct DrainIncomplete: Error, CustomStringConvertible {
+    public var requests: Int
+    public var graceSeconds: Int
+    public var description: String {
+        "the drain grace period (\(graceSeconds) s, drain_seconds) ended with \(requests) request(s) still in flight; they were cut"
     }
 }

@@ -32,6 +32,8 @@ public final class HTTP2Server: Sendable {
         /// Open connections at once (see `ConnectionLimiter`: the longest-idle one makes room
         /// for a new one; when all are busy, accepting pauses).
         public var maxConnections: Int = 4096
+        /// Counts requests cut when the drain grace period ends (nil: not counted).
+        public var drainCuts: DrainCuts?
         /// A connection without an open stream for this long is closed (GOAWAY). nil: never.
         public var idleTimeout: Duration? = .seconds(300)
 
@@ -98,13 +100,13 @@ public final class HTTP2Server: Sendable {
                         service: service, plaintext: config.credentials == nil, settings: settings,
                         gracePeriod: config.drainGracePeriod, bodyIdleTimeout: config.requestBodyIdleTimeout, bodyMinRate: config.requestBodyMinRate,
                         responseStallTimeout: config.responseStallTimeout, idleTimeout: config.idleTimeout,
-                        limiter: limiter, logger: logger))
+                        limiter: limiter, drainCuts: config.drainCuts, logger: logger))
                 }
             }
         let channel = try await bootstrap.bind(host: config.host, port: config.port).get()
         state.withLock { $0.server = channel }
         guard let addr = channel.localAddress else { throw HTTPTransportError.connectionClosed }
-        logger.info("HTTP/2 listening", metadata: ["address": "\(addr)", "tls": "\(config.credentials != nil)"])
+        logger.info("HTTP/2 listening", metadata: ["address": "\(addr.endpoint)", "tls": "\(config.credentials != nil)"])
         return addr
     }
 

@@ -37,14 +37,16 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     private let responseStallTimeout: Duration?
     private let idleTimeout: Duration?
     private let limiter: ConnectionLimiter?
+    private let drainCuts: DrainCuts?
     private var stallCheck: RepeatedTask?
     /// Since when no stream has been open (nil: streams are open).
     private var idleSince: ContinuousClock.Instant? = .now
 
     init(service: any HTTPService, plaintext: Bool, settings: NGHTTP2Session.Settings, gracePeriod: TimeAmount = .seconds(30),
          bodyIdleTimeout: Duration? = nil, bodyMinRate: Int = 0, responseStallTimeout: Duration? = nil, idleTimeout: Duration? = nil,
-         limiter: ConnectionLimiter? = nil, logger: Logger) {
+         limiter: ConnectionLimiter? = nil, drainCuts: DrainCuts? = nil, logger: Logger) {
         self.idleTimeout = idleTimeout
+        self.drainCuts = drainCuts
         self.limiter = limiter
         self.service = service
         self.bodyIdleTimeout = bodyIdleTimeout
@@ -57,12 +59,12 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
 
     override func handlerAdded(context: ChannelHandlerContext) {
         super.handlerAdded(context: context)
-        remoteAddress = context.remoteAddress.map { "\($0)" }
+        remoteAddress = context.remoteAddress.map(\.endpoint)
         if plaintext, context.channel.isActive { begin(peer: .insecure) }
     }
 
     override func channelActive(context: ChannelHandlerContext) {
-        remoteAddress = context.remoteAddress.map { "\($0)" }
+        remoteAddress = context.remoteAddress.map(\.endpoint)
         if plaintext { begin(peer: .insecure) }
         context.fireChannelActive()
     }
@@ -145,9 +147,16 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
             me.session?.submitGoaway()
             me.flushOutput()
         }
-        context.eventLoop.scheduleTask(in: gracePeriod) {
+        let grace = gracePeriod
+        context.eventLoop.scheduleTask(in: grace) {
             let me = bound.value
-            if !me.closing { me.context?.close(promise: nil) }
+            guard !me.closing, let context = me.context else { return }
+            if !me.streams.isEmpty {
+                me.drainCuts?.add(me.streams.count)
+                me.logger.warning("drain: the grace period (\(Double(grace.nanoseconds) / 1e9) s) ended with \(me.streams.count) request(s) in flight; closing the connection under them",
+                                  metadata: ["peer": "\(me.peer?.commonName ?? "-")", "remote": "\(me.remoteAddress ?? "-")"])
+            }
+            context.close(promise: nil)
         }
     }
 

@@ -5,6 +5,9 @@ import MeshTLS
 import NIOCore
 import NIOPosix
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// One HTTP/3 connection (QUIC, mutual TLS) to a server, on its own UDP socket.
 ///
@@ -40,8 +43,11 @@ public final class HTTP3Connection: HTTPClientTransport {
         let tls = try QUICTLSContext(credentials: credentials)
         var settings = settings
         settings.handshakeTimeout = connectTimeout
+        // A connected UDP socket: the kernel then reports an ICMP port unreachable (nothing
+        // listens on that UDP port) as ECONNREFUSED, and the handshake fails at once instead of
+        // after `connectTimeout`.
         let channel = try await QUICDatagramWriter.bootstrap(group: group, settings: settings)
-            .bind(host: remote.protocol == .inet6 ? "::" : "0.0.0.0", port: 0).get()
+            .connect(to: remote).get()
         do { try await QUICDatagramWriter.forbidFragmentation(channel) } catch {
             try? await channel.close()
             throw error
@@ -146,6 +152,15 @@ final class QUICClientHandler: ChannelInboundHandler, QUICCoreDelegate {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         logger.debug("QUIC client socket error", metadata: ["error": "\(error)"])
+        socketFailed(error)
+    }
+
+    /// ICMP port unreachable on the connected socket (reported by a read or by a send, which
+    /// also closes the channel): no QUIC listener at that address.
+    private func socketFailed(_ error: any Error) {
+        guard let io = error as? IOError, io.errnoCode == ECONNREFUSED, let core, !core.handshakeCompleted else { return }
+        core.finalize(error: QUICError.handshakeFailed(
+            "nothing listens on UDP \(core.remoteAddress.endpoint) (port unreachable); is the node running with --quic-listen?"))
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -155,7 +170,15 @@ final class QUICClientHandler: ChannelInboundHandler, QUICCoreDelegate {
 
     func quicCore(_ core: QUICCore, send buffer: ByteBuffer, sends: [GSOBatcher.Send], to remote: SocketAddress) {
         guard let context else { return }
-        QUICDatagramWriter.write(context: context, buffer: buffer, sends: sends, to: remote)
+        // Until the handshake is done, a failed send may be the port-unreachable answer.
+        var promise: EventLoopPromise<Void>?
+        if !core.handshakeCompleted {
+            let p = context.eventLoop.makePromise(of: Void.self)
+            let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+            p.futureResult.whenFailure { bound.value.socketFailed($0) }
+            promise = p
+        }
+        QUICDatagramWriter.write(context: context, buffer: buffer, sends: sends, to: remote, promise: promise)
     }
 
     func quicCore(_ core: QUICCore, didIssue cid: ConnectionID) {}

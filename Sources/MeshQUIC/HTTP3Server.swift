@@ -126,7 +126,7 @@ public final class HTTP3Server: Sendable {
     @discardableResult
     public func start() async throws -> SocketAddress {
         let addr = try await open(configuration)
-        logger.info("HTTP/3 listening", metadata: ["address": "\(addr)"])
+        logger.info("HTTP/3 listening", metadata: ["address": "\(addr.endpoint)"])
         return addr
     }
 
@@ -172,7 +172,7 @@ public final class HTTP3Server: Sendable {
                         var again = self.configuration
                         again.port = port
                         let addr = try await self.open(again)
-                        self.logger.notice("HTTP/3 listening again", metadata: ["address": "\(addr)"])
+                        self.logger.notice("HTTP/3 listening again", metadata: ["address": "\(addr.endpoint)"])
                         return
                     } catch {
                         self.logger.error("HTTP/3 socket on \(self.configuration.host):\(port) cannot be opened again: \(error) (retrying)")
@@ -481,7 +481,7 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
 
     func quicCoreHandshakeCompleted(_ core: QUICCore) {
         handshaking -= 1
-        logger.debug("QUIC connection established", metadata: ["peer": "\(core.peer?.description ?? "-")", "remote": "\(core.remoteAddress)"])
+        logger.debug("QUIC connection established", metadata: ["peer": "\(core.peer?.description ?? "-")", "remote": "\(core.remoteAddress.endpoint)"])
     }
 
     func quicCoreDidClose(_ core: QUICCore, error: (any Error)?) {
@@ -578,14 +578,20 @@ enum QUICDatagramWriter {
         }
     }
 
-    static func write(context: ChannelHandlerContext, buffer: ByteBuffer, sends: [GSOBatcher.Send], to remote: SocketAddress) {
-        for s in sends {
+    /// `promise` (optional) completes with the last datagram's write.
+    static func write(context: ChannelHandlerContext, buffer: ByteBuffer, sends: [GSOBatcher.Send], to remote: SocketAddress,
+                      promise: EventLoopPromise<Void>? = nil) {
+        var pending = promise
+        for (i, s) in sends.enumerated() {
             guard let slice = buffer.getSlice(at: buffer.readerIndex + s.offset, length: s.length) else { continue }
             let metadata = s.segmentSize.map {
                 AddressedEnvelope<ByteBuffer>.Metadata(ecnState: .transportNotCapable, packetInfo: nil, segmentSize: $0)
             }
-            context.write(NIOAny(AddressedEnvelope(remoteAddress: remote, data: slice, metadata: metadata)), promise: nil)
+            let p = i == sends.count - 1 ? pending : nil
+            if p != nil { pending = nil }
+            context.write(NIOAny(AddressedEnvelope(remoteAddress: remote, data: slice, metadata: metadata)), promise: p)
         }
+        pending?.succeed(())
         context.flush()
     }
 }

@@ -12,6 +12,8 @@ import Glibc
 
 /// Tunables of a QUIC connection (both roles). Defaults are sized for a LAN.
 public struct QUICSettings: Sendable {
+    /// Counts requests cut when a server's drain grace period ends (nil: not counted).
+    public var drainCuts: DrainCuts?
     /// Initial (and auto-tuning maximum) per-stream receive window.
     public var streamWindow: UInt64 = 16 << 20
     /// Initial connection receive window; auto-tuning may grow it to `maxConnectionWindow`.
@@ -394,6 +396,9 @@ final class QUICCore {
             switch role {
             case .server(let auth, _):
                 gnutls_certificate_server_set_request(s, auth == .require ? GNUTLS_CERT_REQUIRE : GNUTLS_CERT_REQUEST)
+                // No acceptable-CA list: a client with a certificate from another CA sends it anyway,
+                // and is told why it is refused (unknown_ca) instead of "certificate required".
+                gnutls_certificate_send_x509_rdn_sequence(s, 1)
                 // mTLS: the client chain is verified against the mesh CA inside the handshake.
                 if auth == .require { gnutls_session_set_verify_cert(s, nil, 0) }
             case .client(let serverName):
@@ -524,17 +529,41 @@ final class QUICCore {
         case NGTCP2_ERR_DRAINING where statelessResetReceived:
             enterDraining(error: QUICError.statelessReset)
         case NGTCP2_ERR_DRAINING:
-            // The peer closed (CONNECTION_CLOSE received).
-            enterDraining(error: handshakeConfirmed || (isServer && handshakeCompleted)
-                ? QUICError.closedByPeer
-                : QUICError.handshakeFailed("the peer closed the connection during the handshake (certificate refused?)"))
+            // The peer closed (CONNECTION_CLOSE received); during the handshake, a CRYPTO_ERROR
+            // says which TLS alert (e.g. the server refused our certificate: unknown CA).
+            if handshakeConfirmed || (isServer && handshakeCompleted) {
+                enterDraining(error: QUICError.closedByPeer)
+            } else {
+                var ccerr = ngtcp2_connection_close_error()
+                ngtcp2_conn_get_connection_close_error(conn, &ccerr)
+                let code = ccerr.error_code
+                if ccerr.type == NGTCP2_CONNECTION_CLOSE_ERROR_CODE_TYPE_TRANSPORT, code >= UInt64(NGTCP2_CRYPTO_ERROR), code <= UInt64(NGTCP2_CRYPTO_ERROR) + 0xff {
+                    let alert = TLSAlertReceived(alert: UInt32(code - UInt64(NGTCP2_CRYPTO_ERROR)), weAreClient: !isServer)
+                    enterDraining(error: QUICError.handshakeFailed("\(alert)"))
+                } else {
+                    enterDraining(error: QUICError.handshakeFailed("the peer closed the connection during the handshake (transport error \(code))"))
+                }
+            }
         case NGTCP2_ERR_RETRY, NGTCP2_ERR_DROP_CONN:
             finalize(error: QUICError.closedByPeer)
         case NGTCP2_ERR_CRYPTO:
-            let alert = ngtcp2_conn_get_tls_alert(conn)
+            // GnuTLS refused the handshake: say why (the peer's certificate did not verify, or
+            // none was sent) with the matching alert, as CRYPTO_ERROR 0x100 + alert.
+            var alert = ngtcp2_conn_get_tls_alert(conn)
+            var why = "TLS alert \(alert)\(verifyStatusDescription())"
+            if let refusal = certificateRefusal() {
+                alert = UInt8(refusal.alert)
+                why = refusal.description
+                if isServer { TLSRefusalLog.log(logger, remote: remoteAddress.endpoint, kind: "quic alert \(refusal.alert)", "\(refusal) (QUIC)") }
+            }
             var e = ngtcp2_connection_close_error()
             ngtcp2_connection_close_error_set_transport_error_tls_alert(&e, alert, nil, 0)
-            closeWith(e, error: QUICError.handshakeFailed("TLS alert \(alert)\(verifyStatusDescription())"))
+            closeWith(e, error: QUICError.handshakeFailed(why))
+        case NGTCP2_ERR_CALLBACK_FAILURE where refusalAlert != nil:
+            // onHandshakeCompleted refused the peer's certificate (logged there): tell it with the alert.
+            var e = ngtcp2_connection_close_error()
+            ngtcp2_connection_close_error_set_transport_error_tls_alert(&e, refusalAlert!, nil, 0)
+            closeWith(e, error: QUICError.handshakeFailed("peer certificate refused (TLS alert \(refusalAlert!))"))
         default:
             if isServer && !processedAnyPacket {
                 // A bogus first packet: forget it without a word.
@@ -545,6 +574,25 @@ final class QUICCore {
             ngtcp2_connection_close_error_set_transport_error_liberr(&e, rv, nil, 0)
             closeWith(e, error: QUICError.internalError(Self.errString(rv)))
         }
+    }
+
+    /// Set when this side refused the peer's certificate after the handshake (role rules,
+    /// optional-mode verification): the alert the connection close carries.
+    private var refusalAlert: UInt8?
+
+    /// Why GnuTLS failed the handshake, if it was the peer's certificate: it did not verify, or
+    /// (server requiring one) none was sent.
+    private func certificateRefusal() -> PeerCertificateRejected? {
+        guard let tls else { return nil }
+        let status = gnutls_session_get_verify_cert_status(tls)
+        if status != 0, status != PeerCertificateRejected.notVerified {
+            return PeerCertificateRejected.verificationFailed(status: status, subject: TLSVerifyStatus.peerSubject(tls), weAreClient: !isServer)
+        }
+        if case .server(let auth, _) = role, auth == .require {
+            var count: UInt32 = 0
+            if gnutls_certificate_get_peers(tls, &count) == nil || count == 0 { return PeerCertificateRejected.noClientCertificate() }
+        }
+        return nil
     }
 
     private func verifyStatusDescription() -> String {
@@ -771,7 +819,10 @@ final class QUICCore {
         case NGTCP2_ERR_IDLE_CLOSE:
             finalize(error: QUICError.timeout)
         case NGTCP2_ERR_HANDSHAKE_TIMEOUT:
-            finalize(error: QUICError.handshakeFailed("handshake timed out"))
+            let after = "\(settings.handshakeTimeout.nanoseconds / 1_000_000) ms"
+            finalize(error: QUICError.handshakeFailed(isServer
+                ? "handshake timed out after \(after)"
+                : "no answer over UDP from \(remoteAddress.endpoint) within \(after) (is UDP blocked on the way, or is the node running without --quic-listen?)"))
         default:
             var e = ngtcp2_connection_close_error()
             ngtcp2_connection_close_error_set_transport_error_liberr(&e, rv, nil, 0)
@@ -869,11 +920,20 @@ final class QUICCore {
         let transportError: any Error = (error as? HTTPTransportError) ?? HTTPTransportError.connectionClosed
         let inFlight = activeRequestStreams
         if inFlight > 0, !(error is HTTPTransportError) {
-            // Callers only see "connection closed": say here why it closed under them.
-            logger.warning("QUIC connection failed with requests in flight", metadata: [
-                "error": "\(error)", "requests": "\(inFlight)", "remote": "\(remoteAddress)", "server": "\(isServer)",
-                "stats": "\(statsDescription)",
-            ])
+            // A client that closes its connection (it has what it wanted, or it gave up) may leave
+            // streams the server still counts: its choice, not a failure worth a warning. Anything
+            // else: callers only see "connection closed", so say here why it closed under them.
+            // Congestion figures are for debugging only.
+            if isServer, (error as? QUICError) == .closedByPeer {
+                logger.debug("QUIC client closed its connection with \(inFlight) request stream(s) open", metadata: [
+                    "remote": "\(remoteAddress.endpoint)", "stats": "\(statsDescription)",
+                ])
+            } else {
+                logger.warning("QUIC connection failed with \(inFlight) request(s) in flight: \(error)", metadata: [
+                    "remote": "\(remoteAddress.endpoint)", "peer": "\(peer?.commonName ?? "-")",
+                ])
+                logger.debug("QUIC connection stats at the failure", metadata: ["remote": "\(remoteAddress.endpoint)", "stats": "\(statsDescription)"])
+            }
         }
         let all = streams
         streams = [:]
@@ -900,6 +960,23 @@ final class QUICCore {
 
     // MARK: handshake
 
+    /// The client's identity; nil (logged, `refusalAlert` set) when its certificate is refused.
+    private func peerIdentityOrRefuse() -> PeerIdentity? {
+        do {
+            if let p = try TLSSession.authenticatedPeer(of: tls) { return p }
+            let refusal = PeerCertificateRejected.noClientCertificate()
+            TLSRefusalLog.log(logger, remote: remoteAddress.endpoint, kind: "quic alert \(refusal.alert)", "\(refusal) (QUIC)")
+            refusalAlert = UInt8(refusal.alert)
+        } catch let refused as PeerCertificateRefused {
+            TLSRefusalLog.log(logger, remote: remoteAddress.endpoint, kind: "quic role \(refused.subject)", "\(refused) (alert: \(refused.alertName)) (QUIC)")
+            refusalAlert = UInt8(refused.alert.rawValue)
+        } catch {
+            TLSRefusalLog.log(logger, remote: remoteAddress.endpoint, kind: "quic other", "\(error) (QUIC)")
+            refusalAlert = UInt8(GNUTLS_A_BAD_CERTIFICATE.rawValue)
+        }
+        return nil
+    }
+
     fileprivate func onHandshakeCompleted() -> Int32 {
         switch role {
         case .server(let auth, _):
@@ -908,16 +985,18 @@ final class QUICCore {
                 if gnutls_certificate_get_peers(tls, &count) != nil, count > 0 {
                     var status: UInt32 = 0
                     if gnutls_certificate_verify_peers3(tls, nil, &status) < 0 || status != 0 {
-                        logger.info("QUIC client certificate rejected")
+                        let refusal = PeerCertificateRejected.verificationFailed(status: status, subject: TLSVerifyStatus.peerSubject(tls), weAreClient: false)
+                        TLSRefusalLog.log(logger, remote: remoteAddress.endpoint, kind: "quic alert \(refusal.alert)", "\(refusal) (QUIC)")
+                        refusalAlert = UInt8(refusal.alert)
                         return NGTCP2_ERR_CALLBACK_FAILURE
                     }
-                    guard let p = TLSSession.peerIdentity(of: tls) else { return NGTCP2_ERR_CALLBACK_FAILURE }  // refused role: logged
+                    guard let p = peerIdentityOrRefuse() else { return NGTCP2_ERR_CALLBACK_FAILURE }
                     peer = p
                 } else {
                     peer = .anonymousReader
                 }
             } else {
-                guard let p = TLSSession.peerIdentity(of: tls) else { return NGTCP2_ERR_CALLBACK_FAILURE }
+                guard let p = peerIdentityOrRefuse() else { return NGTCP2_ERR_CALLBACK_FAILURE }
                 peer = p
             }
         case .client:
@@ -1305,7 +1384,7 @@ final class QUICCore {
             guard !stalled.isEmpty else { return }
             for _ in stalled { TransportRefusals.count("response_stalled", transport: "h3") }
             self.logger.notice("HTTP/3 client stopped reading: resetting \(stalled.count) stream(s)", metadata: [
-                "timeout": "\(timeout)", "peer": "\(self.peer?.commonName ?? "-")", "remote": "\(self.remoteAddress)",
+                "timeout": "\(timeout)", "peer": "\(self.peer?.commonName ?? "-")", "remote": "\(self.remoteAddress.endpoint)",
             ])
             for s in stalled { ngtcp2_conn_shutdown_stream(self.conn, s.id, UInt64(NGHTTP3_H3_REQUEST_CANCELLED)) }
             self.writePackets()
@@ -1357,7 +1436,7 @@ final class QUICCore {
         TransportRefusals.count("header_list_too_large", transport: "h3")
         let closing = headerPolicy.tooLarge() == .closeConnection
         logger.notice("HTTP/3 request header list too large", metadata: [
-            "bytes": "\(bytes)", "limit": "\(limit)", "peer": "\(peer?.commonName ?? "-")", "remote": "\(remoteAddress)",
+            "bytes": "\(bytes)", "limit": "\(limit)", "peer": "\(peer?.commonName ?? "-")", "remote": "\(remoteAddress.endpoint)",
             "action": "\(closing ? "H3_EXCESSIVE_LOAD" : isTrailers ? "stream reset" : "431")",
         ])
         if closing {
@@ -1408,7 +1487,7 @@ final class QUICCore {
             s.inboundEnded = true
             body.finish()
         }
-        let request = HTTPServerRequest(head: head, body: body, peer: peer, remoteAddress: "\(remoteAddress)")
+        let request = HTTPServerRequest(head: head, body: body, peer: peer, remoteAddress: "\(remoteAddress.endpoint)")
         let bound = NIOLoopBound(weakSelf, eventLoop: loop)
         let loop = self.loop
         let sid = s.id
@@ -1519,7 +1598,14 @@ final class QUICCore {
             self.scheduleDrainCheck()
         }
         loop.assumeIsolated().scheduleTask(in: gracePeriod) { [weak self] in
-            self?.closeApplication()
+            guard let self, self.phase == .active else { return }
+            let inFlight = self.activeRequestStreams
+            if inFlight > 0 {
+                self.settings.drainCuts?.add(inFlight)
+                self.logger.warning("drain: the grace period (\(Double(gracePeriod.nanoseconds) / 1e9) s) ended with \(inFlight) request(s) in flight; closing the QUIC connection under them",
+                                    metadata: ["peer": "\(self.peer?.commonName ?? "-")", "remote": "\(self.remoteAddress.endpoint)"])
+            }
+            self.closeApplication()
         }
     }
 

@@ -1,3 +1,4 @@
+import CGnuTLS
 import Logging
 import NIOCore
 
@@ -60,7 +61,7 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
         timeoutTask = context.eventLoop.scheduleTask(in: timeout) {
             let (handler, context) = bound.value
             guard let s = handler.session, !s.handshakeComplete else { return }
-            logger.info("TLS handshake timed out", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
+            logger.info("TLS handshake timed out", metadata: ["peer": "\(context.remoteAddress.map(\.endpoint) ?? "?")"])
             handler.fail(context: context, error: TLSError(code: 0, context: "handshake timed out after \(timeout)"))
         }
         if case .client = mode { advanceHandshake(context: context) }
@@ -100,11 +101,13 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
                     } else if let p = try session.authenticatedPeer() {
                         peer = p
                     } else {
-                        throw TLSError(code: 0, context: "client presented no certificate")
+                        let refusal = PeerCertificateRejected.noClientCertificate()
+                        session.sendFatalAlert(gnutls_alert_description_t(refusal.alert))
+                        throw refusal
                     }
                 } catch let refused as PeerCertificateRefused {
-                    logger.warning("TLS: \(refused); connection closed (alert: \(refused.alertName))",
-                                   metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
+                    TLSRefusalLog.log(logger, remote: context.remoteAddress.map(\.endpoint) ?? "?", kind: "role \(refused.subject)",
+                                      "\(refused) (alert: \(refused.alertName))")
                     session.sendFatalAlert(refused.alert)
                     throw refused
                 }
@@ -118,6 +121,15 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
             if !writes.isEmpty { context.flush() }
             if session.inbound.readableBytes > 0 { readRecords(context: context) }
         } catch {
+            if case .server = mode {
+                let remote = context.remoteAddress.map(\.endpoint) ?? "?"
+                if let refused = error as? PeerCertificateRejected {
+                    TLSRefusalLog.log(logger, remote: remote, kind: "alert \(refused.alert)", "\(refused)")
+                } else if let alert = error as? TLSAlertReceived {
+                    // A client that refused this node's certificate (another CA, a name it did not dial).
+                    TLSRefusalLog.log(logger, remote: remote, kind: "peer alert \(alert.alert)", "\(alert)")
+                }
+            }
             fail(context: context, error: error)
         }
     }
@@ -201,7 +213,7 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
         timeoutTask = nil
         // Send whatever alert GnuTLS queued, then close.
         flushCiphertext(context: context, promise: nil)
-        logger.debug("TLS failure", metadata: ["error": "\(error)", "peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
+        logger.debug("TLS failure", metadata: ["error": "\(error)", "peer": "\(context.remoteAddress.map(\.endpoint) ?? "?")"])
         context.fireErrorCaught(error)
         context.close(promise: nil)
     }

@@ -55,6 +55,10 @@ public final class TLSSession {
             switch mode {
             case .server(let auth):
                 gnutls_certificate_server_set_request(s, auth == .require ? GNUTLS_CERT_REQUIRE : GNUTLS_CERT_REQUEST)
+                // No list of acceptable CAs in the CertificateRequest: a GnuTLS client would send
+                // no certificate at all when its own is from another CA, and then neither side
+                // could say which certificate was refused and why (unknown_ca, with its subject).
+                gnutls_certificate_send_x509_rdn_sequence(s, 1)
                 // mTLS: verify the client chain against the mesh CA during the handshake. In optional
                 // mode GnuTLS's automatic check would also reject a client that sent no certificate,
                 // so the chain is verified right after the handshake instead (`verifyOptionalPeer`).
@@ -135,23 +139,40 @@ public final class TLSSession {
             if rc == GNUTLS_E_AGAIN { return false }
             if rc == GNUTLS_E_INTERRUPTED { continue }
             if gnutls_error_is_fatal(rc) == 0 { continue }
-            var context = "handshake failed"
-            if rc == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR || rc == GNUTLS_E_CERTIFICATE_ERROR {
-                context += " (\(verifyStatusDescription()))"
-            }
-            throw TLSError(code: rc, context: context + receivedAlert(rc))
+            throw handshakeFailure(session, rc)
         }
     }
 
-    private func verifyStatusDescription() -> String {
-        guard let session else { return "session closed" }
-        let status = gnutls_session_get_verify_cert_status(session)
-        var out = gnutls_datum_t()
-        guard gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) >= 0, let d = out.data else {
-            return "certificate verification status \(status)"
+    private var isClient: Bool {
+        if case .client = mode { return true }
+        return false
+    }
+
+    /// The error for a fatal handshake result, after queueing the alert that tells the peer why
+    /// (GnuTLS sends none by itself): the alert the peer sent us, our refusal of its certificate
+    /// (unknown_ca, certificate_expired, certificate_required, …), or GnuTLS's own error.
+    private func handshakeFailure(_ session: gnutls_session_t, _ rc: Int32) -> any Error {
+        if rc == GNUTLS_E_FATAL_ALERT_RECEIVED {
+            closed = true
+            return TLSAlertReceived(alert: gnutls_alert_get(session).rawValue, weAreClient: isClient)
         }
-        defer { cm_gnutls_free(d) }
-        return String(decoding: UnsafeRawBufferPointer(start: d, count: Int(out.size)), as: UTF8.self)
+        let status = gnutls_session_get_verify_cert_status(session)
+        if rc == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR || rc == GNUTLS_E_CERTIFICATE_ERROR, status != 0, status != PeerCertificateRejected.notVerified {
+            let refusal = PeerCertificateRejected.verificationFailed(
+                status: status, subject: TLSVerifyStatus.peerSubject(session), weAreClient: isClient)
+            sendFatalAlert(gnutls_alert_description_t(refusal.alert))
+            return refusal
+        }
+        if !isClient, rc == GNUTLS_E_CERTIFICATE_REQUIRED || rc == GNUTLS_E_NO_CERTIFICATE_FOUND {
+            let refusal = PeerCertificateRejected.noClientCertificate()
+            sendFatalAlert(gnutls_alert_description_t(refusal.alert))
+            return refusal
+        }
+        if !closed {
+            closed = true
+            _ = gnutls_alert_send_appropriate(session, rc)
+        }
+        return TLSError(code: rc, context: "handshake failed")
     }
 
     /// For an error that is a fatal alert from the peer: which alert (e.g. the node's
@@ -178,6 +199,11 @@ public final class TLSSession {
             if code == GNUTLS_E_INTERRUPTED || code == GNUTLS_E_REHANDSHAKE { continue }
             if code == GNUTLS_E_PREMATURE_TERMINATION { return got ? .data : .closed }
             if gnutls_error_is_fatal(code) == 0 { continue }
+            if code == GNUTLS_E_FATAL_ALERT_RECEIVED {
+                // TLS 1.3: a client's handshake is over before the server checked its certificate;
+                // the server's refusal arrives as the first record.
+                throw TLSAlertReceived(alert: gnutls_alert_get(session).rawValue, weAreClient: isClient)
+            }
             throw TLSError(code: code, context: "receiving" + receivedAlert(code))
         }
     }
@@ -242,7 +268,9 @@ public final class TLSSession {
         var status: UInt32 = 0
         try TLSError.check(gnutls_certificate_verify_peers3(session, nil, &status), "verifying client certificate")
         if status != 0 {
-            throw TLSError(code: GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR, context: "client certificate rejected (\(verifyStatusDescription()))")
+            let refusal = PeerCertificateRejected.verificationFailed(status: status, subject: TLSVerifyStatus.peerSubject(session), weAreClient: isClient)
+            sendFatalAlert(gnutls_alert_description_t(refusal.alert))
+            throw refusal
         }
         return true
     }

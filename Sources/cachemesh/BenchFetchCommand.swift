@@ -6,7 +6,7 @@ import MeshHTTP
 /// Fetch one path repeatedly over HTTP/2 or HTTP/3 and print latency percentiles and throughput
 /// (the driver for bench/h3-vs-h2.sh; gtlsclient is timer-bound and not a latency baseline).
 struct BenchFetchCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "bench-fetch", abstract: "Benchmark GETs of one path (latency p50/p99 and throughput).")
+    static let configuration = CommandConfiguration(commandName: "bench-fetch", abstract: "Benchmark GETs of one path (latency p50/p99 and throughput).", shouldDisplay: false)
 
     @Option(help: "Path to GET, e.g. /cas/<sha256>.") var path: String
     @Option(help: "Requests in all.") var count: Int = 1000

@@ -14,7 +14,7 @@ import MeshHTTP
 struct BenchMeshDriverCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench-mesh-driver",
-        abstract: "Fetch a list of blobs from a node (or straight from holders), verify them, print latency per class as JSON.")
+        abstract: "Fetch a list of blobs from a node (or straight from holders), verify them, print latency per class as JSON.", shouldDisplay: false)
 
     @Option(help: "File with one blob per line: CLASS HASH SIZE [TARGET host:port].") var hashes: String
     @Option(help: "Requests in flight at once (1 = sequential, like a serial build step).") var concurrency: Int = 1

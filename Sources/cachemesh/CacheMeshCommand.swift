@@ -9,6 +9,7 @@ import MeshTLS
 import Metrics
 import Prometheus
 import ServiceLifecycle
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -18,7 +19,7 @@ struct CacheMeshCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cachemesh",
         abstract: "A peer-to-peer, content-addressed build cache served over HTTP/2 + mutual TLS.",
-        discussion: "Exit status: 0 ok; 1 a runtime failure (one line: Error: …); 2 a usage error (a flag, argument, config file or topology is wrong; nothing was done).",
+        discussion: "Exit status: 0 ok; 1 a runtime failure (one line: Error: …); 2 a usage error (a flag, argument, config file or topology is wrong; nothing was done); node: 3 when its drain had to cut requests, 128+N after a second signal; get: 130/143 when interrupted. See docs/cli.md.",
         version: CacheMeshVersion.string,
         subcommands: [NodeCommand.self, PutCommand.self, GetCommand.self, StatusCommand.self, DemoCommand.self, SimulateGossipCommand.self, BenchFetchCommand.self, RelayCommand.self, BenchMeshDriverCommand.self])
 
@@ -93,14 +94,12 @@ enum ExitStatus {
     static let failure: Int32 = 1
     /// The command line, a config file or a topology is wrong; nothing was done.
     static let usage: Int32 = 2
+    /// `node`: the drain's grace period ended with requests in flight, which were cut.
+    static let drainIncomplete: Int32 = 3
 }
 
 func bootstrapLogging(_ level: Logger.Level) {
-    LoggingSystem.bootstrap { label in
-        var h = StreamLogHandler.standardError(label: label)
-        h.logLevel = level
-        return h
-    }
+    LoggingSystem.bootstrap { label in CacheMeshLogHandler(label: label, level: level) }
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
@@ -115,29 +114,36 @@ func tuneAllocator() {
 }
 
 struct NodeCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "node", abstract: "Run a cache node until SIGTERM/SIGINT (then drain with GOAWAY).")
+    static let configuration = CommandConfiguration(
+        commandName: "node", abstract: "Run a cache node until SIGTERM/SIGINT (then drain with GOAWAY).",
+        discussion: """
+        The first SIGTERM or SIGINT drains: GOAWAY to every connection, requests in flight get up to \
+        drain_seconds (default 30) to finish, a mesh node hands off its sole copies; then exit 0. A \
+        second SIGTERM/SIGINT stops at once (exit 128+N: 130 for SIGINT, 143 for SIGTERM). If the \
+        grace period ends with requests in flight they are cut, logged, and the node exits 3.
+        """)
 
     @Option(help: "TOML config file; flags given on the command line override it.") var config: String?
     @Option(help: "Mesh topology file (topology/*.toml); with --name, run that node of the mesh.") var topology: String?
-    @Option(help: "Node name.") var name: String?
-    @Option(name: .customLong("fetch-strategy"), help: "With --topology: override [fetch] strategy (hedged | immediate | peers-only | origin-only).") var fetchStrategy: String?
-    @Option(name: .customLong("mesh-transport"), help: "With --topology: override [fetch] transport between nodes (quic | tcp).") var meshTransport: String?
-    @Option(help: "TCP listen address host:port (port 0 = any free port).") var listen: String?
-    @Option(name: .customLong("quic-listen"), help: "UDP address host:port for QUIC + HTTP/3 (e.g. the same as --listen).") var quicListen: String?
+    @Option(help: "Node name (default: node; with --topology, required).") var name: String?
+    @Option(name: .customLong("fetch-strategy"), help: "With --topology: override [fetch] strategy (hedged | immediate | peers-only | origin-only; default: the topology's, else hedged).") var fetchStrategy: String?
+    @Option(name: .customLong("mesh-transport"), help: "With --topology: override [fetch] transport between nodes (quic | tcp; default: the topology's).") var meshTransport: String?
+    @Option(help: "TCP listen address host:port; port 0 picks a free port (default: 127.0.0.1:8443).") var listen: String?
+    @Option(name: .customLong("quic-listen"), help: "UDP address host:port for QUIC + HTTP/3, e.g. the same as --listen (default: none, no QUIC).") var quicListen: String?
     @Option(name: .customLong("quic-max-datagram"), help: "Largest UDP payload QUIC sends (default 1452 with path MTU discovery; 8952 for 9000-byte jumbo frames, only where every path carries it).") var quicMaxDatagram: Int?
-    @Option(name: .customLong("quic-address-validation"), help: "Retry before new QUIC connections: auto (only under a handshake flood), always, never.") var quicAddressValidation: QUICAddressValidationMode?
-    @Option(name: .customLong("data-dir"), help: "Directory for blobs.") var dataDir: String?
+    @Option(name: .customLong("quic-address-validation"), help: "Retry before new QUIC connections: auto (only under a handshake flood), always, never (default: auto).") var quicAddressValidation: QUICAddressValidationMode?
+    @Option(name: .customLong("data-dir"), help: "Directory for blobs; created if absent, must be writable (default: ./cachemesh-data).") var dataDir: String?
     // `.unconditional`: `--max-bytes -1` reaches `validate()` (and is refused as negative)
     // instead of ArgumentParser taking -1 for a flag and saying "Missing value".
     @Option(name: .customLong("max-bytes"), parsing: .unconditional,
             help: "Store capacity: an integer with K, M, G or T (powers of 1024), e.g. 10G, 512M; at least 1M. A number without a unit is bytes. (default: 10G)")
     var maxBytes: String?
-    @Option(help: "Node certificate chain (PEM).") var cert: String?
-    @Option(help: "Node private key (PEM).") var key: String?
-    @Option(help: "Mesh CA certificate (PEM); client certificates must chain to it.") var ca: String?
+    @Option(help: "Node certificate chain (PEM; required unless --insecure).") var cert: String?
+    @Option(help: "Node private key (PEM; required with --cert).") var key: String?
+    @Option(help: "Mesh CA certificate (PEM); client certificates must chain to it (required unless --insecure).") var ca: String?
     @Flag(name: .customLong("allow-unauthenticated-reads"), help: "TLS without a client certificate gets the read-only reader role.") var allowUnauthenticatedReads = false
     @Flag(help: "Plaintext HTTP/2 (h2c). Local experiments only.") var insecure = false
-    @Option(name: .customLong("log-level")) var logLevel: Logger.Level = .info
+    @Option(name: .customLong("log-level"), help: "Least severe log messages written to stderr: trace, debug, info, notice, warning, error, critical.") var logLevel: Logger.Level = .info
 
     func validate() throws {
         if let maxBytes {
@@ -206,20 +212,61 @@ struct NodeCommand: AsyncParsableCommand {
             ],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
-        try await group.run()
+        // A second SIGINT/SIGTERM (during the drain the first one started) stops at once.
+        let hardStop = SecondSignalStop()
+        defer { hardStop.cancel() }
+        do {
+            try await group.run()
+        } catch let e as DrainIncomplete {
+            CacheMeshCommand.printError("Error: \(e)")
+            throw ExitCode(ExitStatus.drainIncomplete)
+        }
+    }
+}
+
+/// Counts SIGINT and SIGTERM while the node runs. The first starts the drain (ServiceLifecycle);
+/// a second one ends the process at once: a message on stderr, exit status 128 + signal
+/// (130 for SIGINT, 143 for SIGTERM), connections and transfers in flight cut.
+final class SecondSignalStop: @unchecked Sendable {
+    private var sources: [any DispatchSourceSignal] = []
+    private let count = Mutex(0)
+
+    init() {
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            src.setEventHandler { [self] in
+                let n = self.count.withLock { n in
+                    n += 1
+                    return n
+                }
+                guard n >= 2 else { return }
+                let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
+                let note = "cachemesh: \(name) again during the drain: stopping now; requests in flight are cut (exit \(128 + sig))\n"
+                _ = note.utf8CString.withUnsafeBufferPointer { Glibc.write(STDERR_FILENO, $0.baseAddress, $0.count - 1) }
+                _exit(128 + sig)
+            }
+            src.resume()
+            sources.append(src)
+        }
+    }
+
+    func cancel() {
+        for s in sources { s.cancel() }
+        sources = []
     }
 }
 
 /// Connection options shared by the client commands (flags, or CACHEMESH_* environment variables).
 struct ClientFlags: ParsableArguments {
-    @Option(help: "Node address host:port (env CACHEMESH_SERVER).") var server: String?
+    @Option(help: "Node address host:port (env CACHEMESH_SERVER; default: 127.0.0.1:8443).") var server: String?
     @Option(help: "Client certificate (PEM) (env CACHEMESH_CERT).") var cert: String?
     @Option(help: "Client private key (PEM) (env CACHEMESH_KEY).") var key: String?
     @Option(help: "Mesh CA certificate (PEM) (env CACHEMESH_CA).") var ca: String?
-    @Flag(help: "Plaintext h2c (the node must run with --insecure).") var insecure = false
+    @Flag(help: "Plaintext h2c (the node must run with --insecure; default: TLS).") var insecure = false
     @Option(help: "tcp (HTTP/2 over TLS) or quic (HTTP/3; the node's --quic-listen port).") var transport: ClientOptions.Transport = .tcp
     @Option(name: .customLong("quic-max-datagram"), help: "With --transport quic: largest UDP payload to send (default 1452 with path MTU discovery).") var quicMaxDatagram: Int?
-    @Option(name: .customLong("log-level")) var logLevel: Logger.Level = .warning
+    @Option(name: .customLong("log-level"), help: "Least severe log messages written to stderr: trace, debug, info, notice, warning, error, critical.") var logLevel: Logger.Level = .warning
 
     func options() throws -> ClientOptions {
         let env = ProcessInfo.processInfo.environment
@@ -256,26 +303,49 @@ struct CLIError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
-/// Progress on stderr, only when it is a terminal and the transfer is big enough to wait for.
+/// Progress on stderr, only when stderr is a terminal (no `\r` lines in pipes and logs) and the
+/// transfer is big enough to wait for: at least 8 MiB (known total), or once 8 MiB have moved
+/// (unknown total). `finish(done:)` draws a last, current line (100% on success) before the newline.
 final class ProgressLine: @unchecked Sendable {
+    /// Smaller transfers show no progress at all.
+    static let threshold: Int64 = 8 << 20
+
     private let label: String
-    private let enabled: Bool
+    private let terminal: Bool
     private let start = Date()
     private var last = Date.distantPast
+    private var shown = false
+    private var finished = false
+    private var total: Int64?
     private let lock = NSLock()
 
-    init(label: String, total: Int64?) {
+    init(label: String, total: Int64?, terminal: Bool = isatty(STDERR_FILENO) == 1) {
         self.label = label
-        self.enabled = isatty(STDERR_FILENO) == 1 && (total ?? Int64.max) >= 8 << 20
+        self.total = total
+        self.terminal = terminal
+    }
+
+    /// Whether a line is shown for `done` of `total` bytes.
+    static func worthShowing(done: Int64, total: Int64?) -> Bool {
+        if let total { return total >= threshold }
+        return done >= threshold
     }
 
     func update(_ done: Int64, _ total: Int64?, force: Bool = false) {
-        guard enabled else { return }
-        lock.lock()
-        defer { lock.unlock() }
-        let now = Date()
-        guard force || now.timeIntervalSince(last) > 0.2 else { return }
-        last = now
+        guard terminal else { return }
+        lock.withLock {
+            guard !finished else { return }
+            if let total { self.total = total }
+            guard Self.worthShowing(done: done, total: self.total) else { return }
+            let now = Date()
+            guard force || now.timeIntervalSince(last) > 0.2 else { return }
+            last = now
+            shown = true
+            draw(done, now: now)
+        }
+    }
+
+    private func draw(_ done: Int64, now: Date) {
         let secs = max(now.timeIntervalSince(start), 0.001)
         let rate = ByteSize.format(Int64(Double(done) / secs)) + "/s"
         let pct = total.map { $0 > 0 ? String(format: " %3.0f%%", Double(done) * 100 / Double($0)) : "" } ?? ""
@@ -283,9 +353,19 @@ final class ProgressLine: @unchecked Sendable {
         FileHandle.standardError.write("\r\(label)\(pct) \(ByteSize.format(done))\(tot) \(rate)   ".data(using: .utf8)!)
     }
 
-    func finish() {
-        guard enabled else { return }
-        FileHandle.standardError.write("\n".data(using: .utf8)!)
+    /// Ends the line. With `done` (the transfer succeeded: `done` bytes moved) the last line shown
+    /// is redrawn with that figure first, so it never ends on a stale 60%.
+    func finish(done: Int64? = nil) {
+        lock.withLock {
+            guard terminal, !finished else { return }
+            finished = true
+            if let done, shown || Self.worthShowing(done: done, total: total) {
+                if total == nil || total! < done { total = done }
+                shown = true
+                draw(done, now: Date())
+            }
+            if shown { FileHandle.standardError.write("\n".data(using: .utf8)!) }
+        }
     }
 }
 
@@ -309,8 +389,7 @@ struct PutCommand: AsyncParsableCommand {
         do {
             let d = try await c.put(file: file, source: source)
             ticker.cancel()
-            progress.update(source.length, source.length, force: true)
-            progress.finish()
+            progress.finish(done: source.length)
             print(d)
         } catch {
             progress.finish()
@@ -363,7 +442,7 @@ struct GetCommand: AsyncParsableCommand {
         let progress = ProgressLine(label: "download", total: size)
         do {
             let n = try await c.get(hash: hash, size: size, into: file) { done, total in progress.update(done, total) }
-            progress.finish()
+            progress.finish(done: n)
             if let file { FileHandle.standardError.write("wrote \(n) bytes to \(file.path)\n".data(using: .utf8)!) }
         } catch {
             progress.finish()
@@ -419,8 +498,31 @@ final class DownloadSignalCleanup: @unchecked Sendable {
     }
 }
 
+/// "2.17 s", "850 ms", "3 min 5 s": durations for people.
+func formatSeconds(_ d: Duration) -> String {
+    let c = d.components
+    let seconds = Double(c.seconds) + Double(c.attoseconds) / 1e18
+    return formatSeconds(seconds)
+}
+
+func formatSeconds(_ seconds: Double) -> String {
+    if seconds < 1 { return "\(Int((seconds * 1000).rounded())) ms" }
+    if seconds < 60 { return String(format: "%.2f s", seconds) }
+    let whole = Int(seconds.rounded())
+    if whole < 3600 { return "\(whole / 60) min \(whole % 60) s" }
+    if whole < 86400 { return "\(whole / 3600) h \(whole % 3600 / 60) min" }
+    return "\(whole / 86400) d \(whole % 86400 / 3600) h"
+}
+
 struct StatusCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "status", abstract: "Show a node's listeners, store usage and health.")
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "Show a node: role, listeners, store usage, hit ratio, mesh members and fetch wins.",
+        discussion: """
+        Prints a table; --json prints the node's /status document instead (fields: docs/cli.md). \
+        Any certificate (node, client, reader) sees the mesh members; a caller without one sees \
+        the counts only.
+        """)
+    @Flag(help: "Print the /status JSON document (for scripts) instead of the table.") var json = false
     @OptionGroup var client: ClientFlags
 
     func run() async throws {
@@ -428,8 +530,61 @@ struct StatusCommand: AsyncParsableCommand {
         defer { Task { await c.close() } }
         let (hs, hb) = try await c.getText("/healthz")
         let (ss, sb) = try await c.getText("/status")
-        print("server: \(try client.options().server)  healthz: \(hs) \(hb.trimmingCharacters(in: .whitespacesAndNewlines))")
-        guard ss == 200 else { throw CLIError("status failed: \(ss) \(sb)") }
-        print(sb, terminator: "")
+        guard ss == 200 else { throw CLIError("status failed: the node answered \(ss): \(CacheMeshCommand.oneLine(sb))") }
+        let status: NodeStatus
+        do {
+            status = try NodeStatus.decoder().decode(NodeStatus.self, from: Data(sb.utf8))
+        } catch {
+            throw CLIError("status failed: the node's /status is not a status document (\(error))")
+        }
+        if json {
+            print(sb, terminator: sb.hasSuffix("\n") ? "" : "\n")
+            return
+        }
+        let health = hs == 200 ? "healthy" : "unhealthy (\(hs) \(CacheMeshCommand.oneLine(hb)))"
+        print(Self.table(status, server: "\(try client.options().server)", health: health), terminator: "")
+    }
+
+    static func percent(_ r: Double?) -> String { r.map { String(format: "%.1f%%", $0 * 100) } ?? "n/a" }
+
+    /// The status for people: labelled lines, then one row per member.
+    static func table(_ s: NodeStatus, server: String, health: String) -> String {
+        var lines: [(String, String)] = []
+        let role = s.mesh.map { "\(s.role) in mesh \"\($0.topology)\"" } ?? "standalone node"
+        lines.append(("node", "\(s.name) (\(role)) at \(server), up \(formatSeconds(Double(s.uptimeSeconds))), \(health)\(s.draining ? ", DRAINING" : "")"))
+        lines.append(("listeners", [("tcp", s.listen.tcp), ("quic", s.listen.quic)].map { "\($0.0) \($0.1 ?? "-")" }.joined(separator: ", ")))
+        let st = s.store
+        let usedPct = st.maxBytes > 0 ? String(format: " (%.1f%%)", Double(st.usedBytes) * 100 / Double(st.maxBytes)) : ""
+        lines.append(("store", "\(ByteSize.format(st.usedBytes)) of \(ByteSize.format(st.maxBytes)) used\(usedPct), \(st.blobs) blobs, \(st.actions) actions, \(st.evictions) evictions"))
+        lines.append(("hits", "\(st.hits) hits, \(st.misses) misses: hit ratio \(percent(st.hitRatio))"))
+        if let m = s.mesh {
+            lines.append(("mesh", "replication \(m.replication), write quorum \(m.writeQuorum), fetch \(m.fetchStrategy) over \(m.transport); \(m.liveMembers) live member(s); \(m.localityEntries) locality entries"))
+            lines.append(("fetch wins", "peers \(m.fetch.peerWins), origin \(m.fetch.originWins) (\(percent(m.fetch.peerRatio)) from peers), \(m.fetch.failures) failed"))
+        }
+        let you = [s.you.role.map { "role \($0)" }, s.you.commonName.map { "CN \($0)" }].compactMap { $0 }.joined(separator: ", ")
+        lines.append(("you", you.isEmpty ? "no certificate" : you))
+        let width = lines.map(\.0.count).max() ?? 0
+        var out = lines.map { $0.0.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + $0.1 }.joined(separator: "\n") + "\n"
+        if let m = s.mesh {
+            if let members = m.members {
+                let header = ["MEMBER", "ROLE", "STATE", "TRANSPORT", "TCP", "QUIC"]
+                let rows = members.map { [$0.name, $0.role, $0.status, $0.transport, $0.tcp, $0.quic ?? "-"] }
+                out += "\n" + columns([header] + rows)
+            } else {
+                out += "\n(members: shown to callers with a certificate)\n"
+            }
+        }
+        // Names and certificate subjects come from the node: no control characters reach the terminal.
+        return String(String.UnicodeScalarView(out.unicodeScalars.map { ($0.value < 0x20 && $0 != "\n") || $0.value == 0x7f ? "?" : $0 }))
+    }
+
+    /// Left-aligned columns two spaces apart.
+    static func columns(_ rows: [[String]]) -> String {
+        let widths = (0..<(rows.first?.count ?? 0)).map { i in rows.map { $0[i].count }.max() ?? 0 }
+        return rows.map { row in
+            zip(row, widths).enumerated().map { i, cell in
+                i == row.count - 1 ? cell.0 : cell.0.padding(toLength: cell.1, withPad: " ", startingAt: 0)
+            }.joined(separator: "  ")
+        }.joined(separator: "\n") + "\n"
     }
 }

@@ -93,23 +93,35 @@ struct DemoCommand: AsyncParsableCommand {
             try await CacheClient.connect(ClientOptions(server: HostPort(host: "127.0.0.1", port: mesh.ports[n]!),
                                                         certificate: "\(dir)/certs/\(who).pem", privateKey: "\(dir)/certs/\(who).key", ca: "\(dir)/certs/ca.pem"))
         }
-        func meshStatus(_ n: String) async -> String {
-            guard let c = try? await client(n, "origin") else { return "" }
+        func meshStatus(_ n: String) async -> NodeStatus.Mesh? {
+            guard let c = try? await client(n, "origin") else { return nil }
             defer { Task { await c.close() } }
-            return (try? await c.getText("/mesh/status").body) ?? ""
+            guard let body = try? await c.getText("/mesh/status").body else { return nil }
+            return try? NodeStatus.decoder().decode(NodeStatus.Mesh.self, from: Data(body.utf8))
+        }
+        func aliveMembers(_ n: String) async -> Int {
+            await meshStatus(n)?.members?.filter { $0.status == "alive" }.count ?? 0
         }
 
         say("== 3. gossip: waiting until every node sees four live members")
+        // Lines redrawn with \r only on a terminal; a pipe or a log gets the final line alone.
+        let terminal = isatty(STDOUT_FILENO) == 1
         let t0 = ContinuousClock.now
+        var counts: [String] = []
+        var converged = false
         for _ in 0..<300 {
-            var counts: [String] = []
-            for n in mesh.names { counts.append("\(n)=\(await meshStatus(n).components(separatedBy: "\"alive\"").count - 1)") }
-            print("\r   alive members seen: \(counts.joined(separator: " "))   ", terminator: "")
-            fflush(nil)
-            if counts.allSatisfy({ $0.hasSuffix("=4") }) { break }
+            counts = []
+            for n in mesh.names { counts.append("\(n)=\(await aliveMembers(n))") }
+            converged = counts.allSatisfy({ $0.hasSuffix("=\(mesh.names.count)") })
+            if terminal {
+                print("\r   alive members seen: \(counts.joined(separator: " "))   ", terminator: "")
+                fflush(nil)
+            }
+            if converged { break }
             try await Task.sleep(for: .milliseconds(100))
         }
-        say("\n   converged after \(ContinuousClock.now - t0)")
+        if terminal { print("") } else { say("   alive members seen: \(counts.joined(separator: " "))") }
+        say("   \(converged ? "converged" : "NOT converged") after \(formatSeconds(ContinuousClock.now - t0))")
 
         say("== 4. \(blobs) blobs PUT at peer1 (R=2, W=2: acknowledged once a mirror holds a copy)")
         let c1 = try await client("peer1")
@@ -117,22 +129,24 @@ struct DemoCommand: AsyncParsableCommand {
         for i in 0..<blobs {
             let size = i % 5 == 0 ? 4 << 20 : 4096 + i * 1000
             digests.append(try await c1.put(bytes: (0..<size).map { _ in UInt8.random(in: 0...255) }))
-            print("\r   \(i + 1)/\(blobs)", terminator: "")
-            fflush(nil)
+            if terminal {
+                print("\r   \(i + 1)/\(blobs)", terminator: "")
+                fflush(nil)
+            }
         }
+        if terminal { print("") } else { say("   \(blobs)/\(blobs)") }
         await c1.close()
         func holders(_ d: Digest) -> [String] {
             mesh.names.filter { fm.fileExists(atPath: "\(dir)/data/\($0)/cas/\(d.hash.prefix(2))/\(d.hash)") }
         }
         var perNode: [String: Int] = [:]
         for d in digests { for h in holders(d) { perNode[h, default: 0] += 1 } }
-        say("\n   copies per node (rendezvous hashing picks the mirror): \(mesh.names.map { "\($0)=\(perNode[$0] ?? 0)" }.joined(separator: " "))")
+        say("   copies per node (rendezvous hashing picks the mirror): \(mesh.names.map { "\($0)=\(perNode[$0] ?? 0)" }.joined(separator: " "))")
 
         say("== 5. locality gossip: every node learns who holds what")
         try await Task.sleep(for: .seconds(1))
         for n in mesh.names {
-            let s = await meshStatus(n)
-            let e = s.range(of: "\"locality_entries\": ").map { s[$0.upperBound...].prefix { $0.isNumber } } ?? "?"
+            let e = await meshStatus(n).map { "\($0.localityEntries)" } ?? "?"
             say("   \(n): \(e) locality entries")
         }
 
@@ -160,7 +174,7 @@ struct DemoCommand: AsyncParsableCommand {
         say("   peer2 exited with status \(p2.terminationStatus); it held \(before.count) blobs, \(lost.count) of them now held nowhere else")
         try await Task.sleep(for: .seconds(1))
         let os = await meshStatus("origin")
-        say("   origin sees peer2 as: \(os.contains("\"name\": \"peer2\", \"status\": \"left\"") ? "left" : os)")
+        say("   origin sees peer2 as: \(os?.members?.first { $0.name == "peer2" }?.status ?? "(no answer from the origin)")")
 
         say("== summary")
         say("   membership converged, \(blobs) blobs stored with 2 copies each, peer3 served \(sources.filter { $0.key.hasPrefix("peer:") }.values.reduce(0, +)) from peers and \(sources.filter { $0.key.hasPrefix("origin:") }.values.reduce(0, +)) from the origin,")

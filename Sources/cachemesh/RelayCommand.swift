@@ -18,7 +18,7 @@ struct RelayCommand: AsyncParsableCommand {
             (head-of-line blocking as after a fast retransmit). UDP datagrams are dropped.
             Prints 'relay: listening LISTEN -> TARGET' per link when ready; on SIGTERM/SIGINT prints
             the counters and exits 0.
-            """)
+            """, shouldDisplay: false)
 
     @Option(name: .customLong("link"), help: "LISTEN=TARGET[,udp=PORT,delay=D,jitter=J,loss=L,rate=R,queue=Q], host:port each (repeatable); udp=PORT: the target's UDP port if it differs.")
     var links: [String] = []
@@ -29,7 +29,7 @@ struct RelayCommand: AsyncParsableCommand {
     @Option(name: .customLong("queue-limit"), help: "Per-direction queue limit, e.g. 8MiB (default: max(BDP, 4 MiB)).") var queueLimit: String?
     @Option(name: .customLong("udp-idle-timeout"), help: "Expire a UDP client mapping after this idle time.") var udpIdleTimeout: String = "60s"
     @Option(help: "Event loop threads (default: one per link, at most the number of cores).") var threads: Int?
-    @Option(name: .customLong("log-level")) var logLevel: Logger.Level = .warning
+    @Option(name: .customLong("log-level"), help: "Least severe log messages written to stderr: trace, debug, info, notice, warning, error, critical.") var logLevel: Logger.Level = .warning
 
     func profile() throws -> LinkProfile {
         var p = LinkProfile()

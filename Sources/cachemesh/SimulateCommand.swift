@@ -6,7 +6,7 @@ import MeshCore
 struct SimulateGossipCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "simulate-gossip",
-        abstract: "Virtual-time gossip convergence: rounds until 99% of nodes know a new holder, gossip bytes, memory per entry.")
+        abstract: "Virtual-time gossip convergence: rounds until 99% of nodes know a new holder, gossip bytes, memory per entry.", shouldDisplay: false)
 
     @Option(help: "Mesh sizes, comma separated.") var sizes: String = "16,64,256,1000"
     @Option(help: "Seed.") var seed: UInt64 = 42

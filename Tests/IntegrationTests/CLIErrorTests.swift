@@ -161,6 +161,57 @@ struct CLIErrorTests {
         expectRuntimeFailure(dirAsCA, "cannot read CA certificate file \(dir.path): it is a directory")
     }
 
+    @Test("An unusable data directory stops the node at start (exit 1, the path and the cause), never 'listening': a regular file, an immutable tmp/ or cas/ab (chattr +i: refused even to root)")
+    func unwritableDataDirectory() async throws {
+        let dir = try TempDir("cli-datadir")
+        let data = dir.file("data")
+        defer {
+            for d in ["\(data)/tmp", "\(data)/cas/ab", data] { _ = try? Process.run(URL(fileURLWithPath: "/usr/bin/chattr"), arguments: ["-i", d]).waitUntilExit() }
+            dir.remove()
+        }
+        let certs = try Certs.shared()
+        func node(_ path: String) async throws -> ProcessResult {
+            try await cachemesh(["node", "--listen", "127.0.0.1:0", "--data-dir", path, "--max-bytes", "1G",
+                                 "--cert", certs.nodeCert, "--key", certs.nodeKey, "--ca", certs.ca])
+        }
+        func chattr(_ flag: String, _ path: String) async throws {
+            let r = try await run(["chattr", flag, path])
+            try #require(r.status == 0, "chattr \(flag) \(path) (the test needs a file system with the immutable flag): \(r)")
+        }
+        // A regular file where the directory should be.
+        let file = dir.file("file")
+        try Data("x".utf8).write(to: URL(fileURLWithPath: file))
+        let r1 = try await node(file)
+        expectRuntimeFailure(r1, "cannot use the data directory \(file): \(file) exists and is not a directory")
+        #expect(!r1.stdout.contains("listening"), "\(r1)")
+
+        // No file can be created in tmp/ (where every upload starts): the write probe finds it.
+        try FileManager.default.createDirectory(atPath: "\(data)/tmp", withIntermediateDirectories: true)
+        try await chattr("+i", "\(data)/tmp")
+        let r2 = try await node(data)
+        expectRuntimeFailure(r2, "cannot use the data directory \(data): cannot create a file in \(data)/tmp: operation not permitted")
+        #expect(!r2.stdout.contains("listening"), "\(r2)")
+        try await chattr("-i", "\(data)/tmp")
+
+        // One of the 512 blob directories is not writable.
+        try await chattr("+i", "\(data)/cas/ab")
+        let r3 = try await node(data)
+        expectRuntimeFailure(r3, "cannot use the data directory \(data): cannot write to \(data)/cas/ab: operation not permitted")
+        try await chattr("-i", "\(data)/cas/ab")
+
+        // The data directory itself cannot take its layout.
+        let fresh = dir.file("fresh")
+        try FileManager.default.createDirectory(atPath: fresh, withIntermediateDirectories: true)
+        try await chattr("+i", fresh)
+        let r4 = try await node(fresh)
+        try await chattr("-i", fresh)
+        expectRuntimeFailure(r4, "cannot use the data directory \(fresh): cannot create the directory \(fresh)/cas: operation not permitted")
+
+        // Writable again: it starts.
+        let ok = try await TestNode.start(dataDir: data)
+        ok.cleanUp()
+    }
+
     @Test("A port in use: exit 1, 'cannot listen on ADDRESS: address already in use'")
     func addressInUse() async throws {
         try await withNode { first in

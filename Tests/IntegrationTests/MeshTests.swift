@@ -139,6 +139,12 @@ final class TestMesh: @unchecked Sendable {
         return try await c.getText("/mesh/status").body
     }
 
+    /// `/mesh/status` of node `n`, decoded (nil if it cannot be had).
+    func meshStatus(_ n: String) async -> NodeStatus.Mesh? {
+        guard let body = try? await status(n) else { return nil }
+        return try? NodeStatus.decoder().decode(NodeStatus.Mesh.self, from: Data(body.utf8))
+    }
+
     func stopAll() {
         for (_, c) in children { c.killAndWait() }
         dir.remove()
@@ -185,7 +191,7 @@ struct MeshTests {
 
         // Locality converges: every node learns a holder within a bounded time.
         for n in mesh.names where !holders.contains(n) {
-            let ok = await eventually(timeout: 20) { ((try? await mesh.status(n)) ?? "").contains("\"locality_entries\": 0") == false }
+            let ok = await eventually(timeout: 20) { (await mesh.meshStatus(n)?.localityEntries ?? 0) > 0 }
             #expect(ok, "locality at \(n)")
         }
 
@@ -209,7 +215,7 @@ struct MeshTests {
         let survivorHolder = holders.first { $0 != victim }!
         mesh.children[victim]!.signal(SIGKILL)
         _ = await mesh.children[victim]!.waitForExit(timeout: 10)
-        let dead = await eventually(timeout: 30) { ((try? await mesh.status(survivorHolder)) ?? "").contains("\"name\": \"\(victim)\", \"status\": \"dead\"") }
+        let dead = await eventually(timeout: 30) { await mesh.meshStatus(survivorHolder)?.members?.contains { $0.name == victim && $0.status == "dead" } == true }
         let survivorStatus = (try? await mesh.status(survivorHolder)) ?? ""
         #expect(dead, "\(victim) not declared dead: \(survivorStatus)")
         let restored = await eventually(timeout: 30) { mesh.names.filter { $0 != victim && mesh.holds($0, digest.hash) }.count >= 2 }
@@ -236,9 +242,59 @@ struct MeshTests {
             #expect(mesh.names.contains { $0 != drainer && $0 != victim && mesh.holds($0, h) }, "\(h) lost with the drained node")
         }
         // The others see it leave (left, not dead).
-        let left = await eventually(timeout: 20) { ((try? await mesh.status("origin")) ?? "").contains("\"name\": \"\(drainer)\", \"status\": \"left\"") }
+        let left = await eventually(timeout: 20) { await mesh.meshStatus("origin")?.members?.contains { $0.name == drainer && $0.status == "left" } == true }
         let originView = (try? await mesh.status("origin")) ?? ""
         #expect(left, "origin's view after the drain: \(originView)\n\(mesh.logs())")
+    }
+
+    @Test("cachemesh status with a client certificate: a table with role, listeners, members with state and transport, fetch wins; --json for scripts",
+          .timeLimit(.minutes(5)))
+    func statusForPeople() async throws {
+        let mesh = try await TestMesh()
+        defer { mesh.stopAll() }
+        await mesh.converge()
+        // One blob written at peer1 and fetched at a peer without a copy: one fetch won by a peer or the origin.
+        let c1 = try await mesh.client("peer1")
+        let d = try await c1.put(bytes: randomBytes(50_000))
+        await c1.close()
+        let target = try #require(["peer2", "peer3"].first { !mesh.holds($0, d.hash) }, "W = 2 left both peer2 and peer3 a copy")
+        let ct = try await mesh.client(target)
+        #expect(try await ct.fetch("/cas/\(d.hash)").status == 200)
+        await ct.close()
+
+        let port = mesh.ports[target]!
+        let cli = [try Paths.cachemesh(), "status", "--server", "127.0.0.1:\(port)", "--ca", mesh.certs.ca,
+                   "--cert", mesh.certs.path("client.pem"), "--key", mesh.certs.path("client.key")]
+        let json = try await run(cli + ["--json"])
+        #expect(json.status == 0, "\(json)")
+        let s = try NodeStatus.decoder().decode(NodeStatus.self, from: Data(json.stdout.utf8))
+        #expect(s.name == target && s.role == "peer" && s.you.role == "client" && s.you.commonName == "client")
+        #expect(s.listen.tcp == "127.0.0.1:\(port)" && s.listen.quic == "127.0.0.1:\(port)", "\(s.listen)")
+        let m = try #require(s.mesh)
+        #expect(m.topology == "it-mesh" && m.replication == 2 && m.writeQuorum == 2 && m.transport == "quic" && m.liveMembers == 4)
+        let members = try #require(m.members, "a client certificate sees the members")
+        #expect(members.map(\.name) == mesh.names, "\(members)")
+        for member in members {
+            #expect(member.status == "alive", "\(member)")
+            #expect(member.transport == (member.name == target ? "self" : "quic"), "\(member)")
+            #expect(member.role == (member.name == "origin" ? "origin" : "peer"), "\(member)")
+            #expect(member.tcp == "127.0.0.1:\(mesh.ports[member.name]!)", "\(member)")
+        }
+        #expect(m.fetch.peerWins + m.fetch.originWins == 1 && m.fetch.failures == 0, "\(m.fetch)")
+        #expect(s.store.blobs >= 1 && s.store.hitRatio != nil, "\(s.store)")
+
+        let table = try await run(cli)
+        #expect(table.status == 0, "\(table)")
+        let lines = table.stdout.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).joined(separator: " ") }
+        #expect(lines.contains { $0.hasPrefix("node \(target) (peer in mesh \"it-mesh\") at 127.0.0.1:\(port), up ") && $0.hasSuffix(", healthy") }, "\(table.stdout)")
+        #expect(lines.contains("listeners tcp 127.0.0.1:\(port), quic 127.0.0.1:\(port)"), "\(table.stdout)")
+        #expect(lines.contains { $0.hasPrefix("fetch wins peers ") }, "\(table.stdout)")
+        #expect(lines.contains("MEMBER ROLE STATE TRANSPORT TCP QUIC"), "\(table.stdout)")
+        for n in mesh.names {
+            let p = mesh.ports[n]!
+            let row = "\(n) \(n == "origin" ? "origin" : "peer") alive \(n == target ? "self" : "quic") 127.0.0.1:\(p) 127.0.0.1:\(p)"
+            #expect(lines.contains(row), "'\(row)' missing:\n\(table.stdout)")
+        }
     }
 
     @Test("kill -9 of one of a blob's two owners: the surviving owner copies it to the next-ranked node, so its R = 2 live owners hold it again — for a blob no other node ever fetched",
@@ -259,7 +315,7 @@ struct MeshTests {
         try await Task.sleep(for: .seconds(1))
         mesh.children["peer3"]!.signal(SIGKILL)
         _ = await mesh.children["peer3"]!.waitForExit(timeout: 10)
-        let dead = await eventually(timeout: 30) { ((try? await mesh.status("peer2")) ?? "").contains("\"name\": \"peer3\", \"status\": \"dead\"") }
+        let dead = await eventually(timeout: 30) { await mesh.meshStatus("peer2")?.members?.contains { $0.name == "peer3" && $0.status == "dead" } == true }
         #expect(dead)
         let survivors = mesh.names.filter { $0 != "peer3" }
         let owners = PlacementOracle.owners(of: digest.hash, among: survivors, replicas: 2)
@@ -345,7 +401,7 @@ struct MeshTests {
         var digests: [Digest] = []
         for b in blobs { digests.append(try await mesh.place(b, on: ["peer2"])) }
         let learnt = await eventually(timeout: 20) {
-            ((try? await mesh.status("peer3")) ?? "").contains("\"locality_entries\": 0") == false
+            (await mesh.meshStatus("peer3")?.localityEntries ?? 0) > 0
         }
         #expect(learnt, "peer3 never learnt peer2's blobs")
         let c = try await mesh.client("peer3")
@@ -434,7 +490,7 @@ struct MeshTests {
         let d = try await mesh.place(data, on: ["origin", "peer1"])
         // peer3 knows both holders (two (digest, holder) entries) before it asks.
         let learnt = await eventually(timeout: 20) {
-            ((try? await mesh.status("peer3")) ?? "").contains("\"locality_entries\": 2")
+            await mesh.meshStatus("peer3")?.localityEntries == 2
         }
         let peer3View = (try? await mesh.status("peer3")) ?? "-"
         try #require(learnt, "peer3: \(peer3View)\n\(mesh.logs())")

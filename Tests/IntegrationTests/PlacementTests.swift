@@ -60,7 +60,7 @@ struct PlacementTests {
         let d = try await mesh.place(bytes, on: ["peer3"])
         mesh.children["peer3"]!.signal(SIGKILL)
         _ = await mesh.children["peer3"]!.waitForExit(timeout: 10)
-        let dead = await eventually(timeout: 30) { ((try? await mesh.status("peer2")) ?? "").contains("\"name\": \"peer3\", \"status\": \"dead\"") }
+        let dead = await eventually(timeout: 30) { await mesh.meshStatus("peer2")?.members?.contains { $0.name == "peer3" && $0.status == "dead" } == true }
         #expect(dead)
         // While it is down nobody can serve it: peer2 answers 404 (its guesses and the origin lack it).
         let reader = try await mesh.client("peer2")
@@ -72,7 +72,7 @@ struct PlacementTests {
         let up = await eventually(timeout: 30) { mesh.children["peer3"]!.stdout.contains("listening tcp=") }
         try #require(up, "\(mesh.children["peer3"]!.stderr.suffix(1500))")
         let alive = await eventually(timeout: 30) {
-            ((try? await mesh.status("peer2")) ?? "").contains("\"name\": \"peer3\", \"status\": \"alive\"")
+            await mesh.meshStatus("peer2")?.members?.contains { $0.name == "peer3" && $0.status == "alive" } == true
         }
         try #require(alive, "\(mesh.logs())")
         // Push-pull with a random partner comes every 30 s; the welcome comes at once.
@@ -158,7 +158,7 @@ struct ChurnTests {
                     // Everyone sees it alive again before the next one goes.
                     for other in mesh.names where other != n {
                         _ = await eventually(timeout: 30) {
-                            ((try? await mesh.status(other)) ?? "").contains("\"name\": \"\(n)\", \"status\": \"alive\"")
+                            await mesh.meshStatus(other)?.members?.contains { $0.name == n && $0.status == "alive" } == true
                         }
                     }
                 }

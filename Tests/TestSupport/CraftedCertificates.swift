@@ -13,10 +13,14 @@ public enum CraftedCertificates {
         /// certtool key purpose keywords: `tls_www_client`, `tls_www_server`.
         public var purposes: [String]
 
-        public init(_ name: String, units: [String], purposes: [String]) {
+        /// Valid from 2020-01-01 to 2021-01-01 only: expired.
+        public var expired: Bool
+
+        public init(_ name: String, units: [String], purposes: [String], expired: Bool = false) {
             self.name = name
             self.units = units
             self.purposes = purposes
+            self.expired = expired
         }
 
         public var description: String { "\(name) (OU \(units), EKU \(purposes))" }
@@ -41,6 +45,9 @@ public enum CraftedCertificates {
         (Spec("node-server-eku", units: ["node"], purposes: [server]), "clientAuth"),
     ]
 
+    /// A client certificate of the mesh CA, right in every way but its dates: it expired in 2021.
+    public static let expiredClient = Spec("expired-client", units: ["client"], purposes: [client], expired: true)
+
     /// Made exactly like the refused ones, but as mkcerts.sh writes them: these must be accepted.
     public static let accepted: [(spec: Spec, role: String)] = [
         (Spec("crafted-client", units: ["client"], purposes: [client]), "client"),
@@ -62,7 +69,8 @@ public enum CraftedCertificates {
         try certtool(["--generate-privkey", "--key-type", "ecdsa", "--curve", "secp256r1", "--no-text", "--outfile", key])
         var lines = ["cn = \"\(spec.name)\"", "organization = \"CacheMesh\""]
         lines += spec.units.map { "unit = \"\($0)\"" }
-        lines += ["expiration_days = 2", "signing_key"] + spec.purposes
+        lines += spec.expired ? ["activation_date = \"2020-01-01 00:00:00\"", "expiration_date = \"2021-01-01 00:00:00\""] : ["expiration_days = 2"]
+        lines += ["signing_key"] + spec.purposes
         try (lines.joined(separator: "\n") + "\n").write(toFile: template, atomically: true, encoding: .utf8)
         try certtool(["--generate-certificate", "--load-privkey", key, "--load-ca-certificate", "\(ca)/ca.pem",
                       "--load-ca-privkey", "\(ca)/ca.key", "--template", template, "--no-text", "--outfile", pem])

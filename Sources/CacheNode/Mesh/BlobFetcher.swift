@@ -108,6 +108,11 @@ public final class BlobFetcher: Sendable {
     private let cancelled = Counter(label: "cachemesh_fetch_legs_cancelled_total")
     private let failures = Counter(label: "cachemesh_fetch_failures_total")
     private let latency = Metrics.Timer(label: "cachemesh_fetch_duration_seconds")
+    /// The same counts as the metrics above, for `/status`.
+    private let tally = Mutex<(originWins: Int64, peerWins: Int64, failures: Int64)>((0, 0, 0))
+
+    /// Races won by the origin and by peers, and fetches that failed, since the start.
+    public var counts: (originWins: Int64, peerWins: Int64, failures: Int64) { tally.withLock { $0 } }
 
     public init(store: BlobStore, requester: any MeshRequester, logger: Logger, stallTimeout: Duration = .seconds(10),
                 spacing: @escaping @Sendable () -> LegSpacing) {
@@ -218,6 +223,8 @@ public final class BlobFetcher: Sendable {
                 case .finished: break
                 case .failed:
                     failures.increment()
+        tally.withLock { $0.failures += 1 }
+                    tally.withLock { $0.failures += 1 }
                     hedges.increment(by: Int64(decision.hedgesFired))
                     return .failure(allSaidNotFound ? BlobStoreError.notFound("\(hash) (tried \(errors.joined(separator: "; ")))")
                                                     : FetchUnavailable(hash: hash, tried: errors))
@@ -238,6 +245,7 @@ public final class BlobFetcher: Sendable {
                 hedges.increment(by: Int64(decision.hedgesFired))
                 cancelled.increment(by: Int64(decision.legsCancelled))
                 (sources[i].isOrigin ? wins.origin : wins.peer).increment()
+                tally.withLock { if sources[i].isOrigin { $0.originWins += 1 } else { $0.peerWins += 1 } }
                 let took = now()
                 latency.recordNanoseconds(took.components.seconds * 1_000_000_000 + took.components.attoseconds / 1_000_000_000)
                 logger.debug("fetched", metadata: ["hash": "\(hash)", "from": "\(sources[i])", "via": "\(via.rawValue)",
@@ -272,6 +280,7 @@ public final class BlobFetcher: Sendable {
             }
         }
         failures.increment()
+        tally.withLock { $0.failures += 1 }
         throw BlobStoreError.notFound(hash)
     }
 

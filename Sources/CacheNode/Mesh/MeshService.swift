@@ -244,7 +244,13 @@ public final class MeshService: MeshHooks, Sendable {
         case ("POST", Self.hasPath):
             return await answerHas(request)
         case ("GET", "/mesh/status"):
-            return .text(200, statusJSON())
+            do {
+                var data = try NodeStatus.encoder().encode(status(members: true).mesh)
+                data.append(UInt8(ascii: "\n"))
+                return HTTPResponse(status: 200, headers: ["content-type": "application/json"], body: .bytes(ByteBuffer(bytes: data)))
+            } catch {
+                return .text(500, "cannot encode the status: \(error)")
+            }
         default:
             return .text(404, "unknown mesh route \(request.head.path.prefix(100))")
         }
@@ -288,12 +294,22 @@ public final class MeshService: MeshHooks, Sendable {
         }
     }
 
-    public func statusJSON() -> String {
-        let (members, entries, bytes) = core.withLock { c in
-            (c.membership.allMembers.map { "{\"name\": \"\($0.node.name)\", \"status\": \"\($0.status.rawValue)\", \"incarnation\": \($0.incarnation)}" },
-             c.locality.entryCount, c.locality.approximateBytes)
+    public func status(members withMembers: Bool) -> (role: String, mesh: NodeStatus.Mesh) {
+        let (members, entries, bytes) = core.withLock { c in (c.membership.allMembers, c.locality.entryCount, c.locality.approximateBytes) }
+        let list = members.sorted { $0.metadata.name < $1.metadata.name }.map { m in
+            NodeStatus.Member(name: m.metadata.name, role: m.metadata.role.rawValue, status: m.status.rawValue, incarnation: m.incarnation,
+                              tcp: m.metadata.tcpEndpoint, quic: m.metadata.quicEndpoint.isEmpty ? nil : m.metadata.quicEndpoint,
+                              transport: m.node == me ? "self" : transport.transport(toQUIC: HostPort(m.metadata.quicEndpoint)).rawValue)
         }
-        return "{\"node\": \"\(me.name)\", \"members\": [\(members.joined(separator: ", "))], \"locality_entries\": \(entries), \"locality_bytes\": \(bytes)}"
+        let f = fetcher.counts
+        let mesh = NodeStatus.Mesh(
+            topology: topology.name, replication: settings.replication, writeQuorum: settings.writeQuorum,
+            fetchStrategy: settings.fetch.strategy.rawValue, transport: settings.transport.preferred.rawValue,
+            liveMembers: members.filter { $0.status.isLive }.count, members: withMembers ? list : nil,
+            localityEntries: entries, localityBytes: bytes,
+            fetch: .init(peerWins: f.peerWins, originWins: f.originWins, failures: f.failures,
+                         peerRatio: NodeStatus.ratio(f.peerWins, of: f.peerWins + f.originWins)))
+        return (node.role == .origin ? "origin" : "peer", mesh)
     }
 
     /// Where to fetch `hash` from, best first: live holders by the locality map ranked by RTT,
@@ -467,21 +483,4 @@ public final class MeshService: MeshHooks, Sendable {
 /// RTTs per member and recent fetch latencies (the hedge delay is a percentile of them).
 final class LatencyBox: Sendable {
     let tracker = Mutex(LatencyTracker())
-}
-
-/// At most one log line per key per `interval` (a flood of bad messages must not flood the log).
-final class LogThrottle: Sendable {
-    private let interval: Duration
-    private let last = Mutex<[String: Duration]>([:])
-
-    init(interval: Duration) { self.interval = interval }
-
-    func allow(_ key: String, now: Duration) -> Bool {
-        last.withLock { last in
-            if let t = last[key], now - t < interval { return false }
-            if last.count > 1024 { last.removeAll() }
-            last[key] = now
-            return true
-        }
-    }
 }

@@ -51,6 +51,12 @@ public final class MeshTransport: MeshRequester {
                     Counter(label: "cachemesh_mesh_requests_total", dimensions: [("transport", "tcp")]))
     }
 
+    /// How a request to a member with this QUIC endpoint goes now (for `/status`).
+    func transport(toQUIC endpoint: HostPort?) -> MeshTransportKind {
+        if quic != nil, let endpoint, isUp(endpoint) { return .quic }
+        return .tcp
+    }
+
     public func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> MeshReply {
         if let quic, let q = source.quicEndpoint, isUp(q) {
             var connected = false

@@ -1,0 +1,126 @@
+import Foundation
+
+/// What `GET /status` answers (JSON, snake_case keys; docs/cli.md lists every field) and what
+/// `cachemesh status` shows. Built with `JSONEncoder` only: names and certificate subjects are
+/// escaped like any other string.
+public struct NodeStatus: Codable, Sendable, Equatable {
+    /// The node's name (`--name`, or its name in the topology).
+    public var name: String
+    /// `standalone` (no topology), or the mesh role: `origin` or `peer`.
+    public var role: String
+    public var listen: Listeners
+    public var uptimeSeconds: Int64
+    /// True once the node got SIGTERM/SIGINT and is draining.
+    public var draining: Bool
+    /// Who asked, as this node sees the caller's certificate.
+    public var you: Caller
+    public var store: Store
+    /// Present on a mesh node.
+    public var mesh: Mesh?
+
+    public struct Listeners: Codable, Sendable, Equatable {
+        /// HTTP/2 over TLS (or h2c with --insecure), "host:port".
+        public var tcp: String?
+        /// QUIC + HTTP/3 (UDP), "host:port"; absent without --quic-listen.
+        public var quic: String?
+        public init(tcp: String? = nil, quic: String? = nil) {
+            self.tcp = tcp
+            self.quic = quic
+        }
+    }
+
+    public struct Caller: Codable, Sendable, Equatable {
+        /// Subject CN of the caller's certificate; absent without one.
+        public var commonName: String?
+        /// `node`, `client` or `reader`; absent when the certificate carries no role.
+        public var role: String?
+        /// False without a verified certificate (anonymous reader, --insecure).
+        public var authenticated: Bool
+
+        public init(commonName: String?, role: String?, authenticated: Bool) {
+            self.commonName = commonName
+            self.role = role
+            self.authenticated = authenticated
+        }
+    }
+
+    public struct Store: Codable, Sendable, Equatable {
+        public var usedBytes: Int64
+        public var reservedBytes: Int64
+        public var maxBytes: Int64
+        public var blobs: Int
+        public var actions: Int
+        /// Lookups of this node's store that found the blob / did not.
+        public var hits: Int64
+        public var misses: Int64
+        /// hits / (hits + misses); absent before the first lookup.
+        public var hitRatio: Double?
+        public var evictions: Int64
+        public var bytesIn: Int64
+        public var bytesOut: Int64
+        public var rejectedWrites: Int64
+    }
+
+    public struct Mesh: Codable, Sendable, Equatable {
+        /// The topology's name.
+        public var topology: String
+        public var replication: Int
+        public var writeQuorum: Int
+        /// `hedged`, `immediate`, `peers-only` or `origin-only`.
+        public var fetchStrategy: String
+        /// Transport preferred between nodes: `quic` (TCP fallback) or `tcp`.
+        public var transport: String
+        /// Members in state alive or suspect, this node included.
+        public var liveMembers: Int
+        /// Every member this node knows, itself included. Absent for a caller without a
+        /// certificate (an anonymous reader): certificate holders only.
+        public var members: [Member]?
+        /// Digests (and bytes) of the locality map: who holds what, as gossiped.
+        public var localityEntries: Int
+        public var localityBytes: Int
+        public var fetch: Fetch
+    }
+
+    public struct Member: Codable, Sendable, Equatable {
+        public var name: String
+        /// `origin` or `peer`.
+        public var role: String
+        /// `alive`, `suspect`, `dead` or `left`.
+        public var status: String
+        public var incarnation: UInt64
+        /// Where other nodes reach it.
+        public var tcp: String
+        public var quic: String?
+        /// How this node reaches it now: `quic`, `tcp` (no QUIC endpoint, QUIC not preferred,
+        /// or its QUIC handshake failed lately), or `self`.
+        public var transport: String
+    }
+
+    /// Blobs this node lacked and fetched from the mesh (the worker role).
+    public struct Fetch: Codable, Sendable, Equatable {
+        /// Races won by a peer's copy / by the origin's.
+        public var peerWins: Int64
+        public var originWins: Int64
+        /// Fetches no source could serve.
+        public var failures: Int64
+        /// peerWins / (peerWins + originWins); absent before the first fetch.
+        public var peerRatio: Double?
+    }
+
+    public static func encoder() -> JSONEncoder {
+        let e = JSONEncoder()
+        e.keyEncodingStrategy = .convertToSnakeCase
+        e.outputFormatting = [.sortedKeys]
+        return e
+    }
+
+    public static func decoder() -> JSONDecoder {
+        let d = JSONDecoder()
+        d.keyDecodingStrategy = .convertFromSnakeCase
+        return d
+    }
+
+    static func ratio(_ part: Int64, of whole: Int64) -> Double? {
+        whole > 0 ? Double(part) / Double(whole) : nil
+    }
+}
