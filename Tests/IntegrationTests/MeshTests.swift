@@ -34,10 +34,7 @@ final class TestMesh: @unchecked Sendable {
         dir = try TempDir("mesh")
         certs = try Certs.shared()
         // Node certificates (CN = node name, OU=node) signed by the shared test CA.
-        for n in names {
-            let r = try await run(["/bin/bash", "\(Paths.packageRoot)/certs/mkcerts.sh", "-o", certs.dir, "node", n])
-            guard r.status == 0 else { throw HarnessError("mkcerts node \(n): \(r)") }
-        }
+        try await NodeCertificates.shared.ensure(names, in: certs.dir)
         for n in names { ports[n] = try options.ports[n] ?? Self.freePort() }
         var toml = "name = \"it-mesh\"\nca = \"\(certs.ca)\"\nreplication = \(options.replication)\nwrite_quorum = \(options.writeQuorum)\n"
         if let i = options.repairInterval { toml += "[repair]\ninterval_seconds = \(i)\n" }

@@ -86,10 +86,7 @@ struct DarkQUICPathTests {
         let dir = try TempDir("dark")
         defer { dir.remove() }
         let names = ["dark-a", "dark-b"], ports = ["dark-a": 9501, "dark-b": 9502]
-        for n in names {
-            let r = try await run(["/bin/bash", "\(Paths.packageRoot)/certs/mkcerts.sh", "-o", certs.dir, "node", n])
-            try #require(r.status == 0, "mkcerts \(n): \(r)")
-        }
+        try await NodeCertificates.shared.ensure(names, in: certs.dir)
         var toml = "name = \"dark\"\nca = \"\(certs.ca)\"\nreplication = 2\nwrite_quorum = 2\n[fetch]\ntransport = \"quic\"\n"
         for n in names {
             toml += """
