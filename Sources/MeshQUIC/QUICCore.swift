@@ -28,10 +28,11 @@ public struct QUICSettings: Sendable {
     /// they hold (a response or flow-control credit) instead of waiting out the idle timeout.
     public var keepAliveWhileBusy: TimeAmount = .seconds(2)
     /// A client whose requests are outstanding and that has heard nothing from the server for
-    /// this long (at least 3 PTOs) closes the connection with `QUICError.pathDark` instead of
-    /// waiting out the idle timeout: with keep-alive PINGs every `keepAliveWhileBusy`, any live
-    /// peer on a working path answers well within it, so silence means the path (UDP dropped
-    /// somewhere) or the peer is gone. nil: never.
+    /// this long (at least 3 PTOs, with at least two probe timeouts in a row) closes the
+    /// connection with `QUICError.pathDark` instead of waiting out the idle timeout: with
+    /// keep-alive PINGs every `keepAliveWhileBusy`, any live peer on a working path answers well
+    /// within it, so silence means the path (UDP dropped somewhere) or the peer is gone. Time
+    /// the client's own event loop did not run does not count. nil: never.
     public var darkPathTimeout: TimeAmount? = .seconds(3)
     /// RTT assumed before the first sample: a LAN, not the Internet's 333 ms.
     public var initialRTT: TimeAmount = .milliseconds(1)
@@ -1396,6 +1397,7 @@ final class QUICCore {
     private var lastHeard = ContinuousClock.now
     private var busySince = ContinuousClock.now
     private var darkCheck: RepeatedTask?
+    private var darkCheckTick = ContinuousClock.now
 
     /// Client side, four times a second while the connection lives: outstanding requests and
     /// silence from the server for `darkPathTimeout` (≥ 3 PTOs) close the connection with
@@ -1404,14 +1406,24 @@ final class QUICCore {
     private func startDarkCheck() {
         guard !isServer, darkCheck == nil, let timeout = settings.darkPathTimeout else { return }
         let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+        darkCheckTick = ContinuousClock.now
         darkCheck = loop.scheduleRepeatedTask(initialDelay: .milliseconds(250), delay: .milliseconds(250)) { (_: RepeatedTask) in
             guard let self = bound.value.core, self.phase == .active else { return }
+            let now = ContinuousClock.now
+            defer { self.darkCheckTick = now }
+            // This loop did not run for a while (a starved process): datagrams may be waiting
+            // in the socket, unread. Silence then proves nothing; count it from now.
+            if now - self.darkCheckTick > .seconds(1) { self.lastHeard = max(self.lastHeard, now) }
             let outstanding = self.activeRequestStreams
             guard outstanding > 0 else { return }
             let pto = Duration.nanoseconds(Int64(clamping: ngtcp2_conn_get_pto(self.conn)))
             let limit = max(Duration.nanoseconds(timeout.nanoseconds), pto * 3)
-            let silent = ContinuousClock.now - max(self.lastHeard, self.busySince)
+            let silent = now - max(self.lastHeard, self.busySince)
             guard silent > limit else { return }
+            // And the protocol agrees: probes (keep-alive PINGs, data) went unanswered.
+            var st = ngtcp2_conn_stat()
+            cm_ngtcp2_conn_get_conn_stat(self.conn, &st)
+            guard st.pto_count >= 2 else { return }
             let why = "nothing from \(self.remoteAddress) for \(silent.components.seconds).\(silent.components.attoseconds / 100_000_000_000_000_000) s while \(outstanding) request(s) were outstanding"
             self.logger.notice("QUIC path went dark: closing the connection", metadata: ["why": "\(why)"])
             var e = ngtcp2_connection_close_error()
