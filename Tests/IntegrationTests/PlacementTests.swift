@@ -39,7 +39,12 @@ struct PlacementTests {
         #expect(counted, "copies at peer1: \(copiesAtWriter)")
         try await Task.sleep(for: .seconds(5))   // two more passes
         #expect(try await mesh.metric("peer1", "cachemesh_antientropy_copies_total") == 2)
-        for o in owners { #expect(try await mesh.metric(o, "cachemesh_antientropy_copies_total") == 0) }
+        // An owner's own pass may overlap peer1's copies (it asks the other owner while peer1's
+        // copy to it is still in flight) and send one duplicate; never more, never elsewhere.
+        var byOwners = 0.0
+        for o in owners { byOwners += try await mesh.metric(o, "cachemesh_antientropy_copies_total") }
+        #expect(byOwners <= 1, "owners made \(byOwners) copies")
+        #expect(mesh.names.filter { mesh.holds($0, d.hash) }.sorted() == (owners + ["peer1"]).sorted())
         // The bytes on the owners are the blob.
         for o in owners {
             #expect(try await sha256sum(mesh.dir.file("\(o)/cas/\(d.hash.prefix(2))/\(d.hash)")) == d.hash)
