@@ -61,6 +61,9 @@ public final class MeshService: MeshHooks, Sendable {
     private let liveMembers = Gauge(label: "cachemesh_members_live")
     /// Gossip messages refused (malformed, out of range, sender not admitted) and single updates dropped.
     private let refusedGossip = Counter(label: "cachemesh_gossip_refused_total")
+    /// Gossip message bytes (JSON bodies of `POST /mesh/gossip`) this node sent and received.
+    private let gossipBytes = (sent: Counter(label: "cachemesh_gossip_bytes_total", dimensions: [("direction", "sent")]),
+                               received: Counter(label: "cachemesh_gossip_bytes_total", dimensions: [("direction", "received")]))
     private let refusalLog = LogThrottle(interval: .seconds(1))
 
     public init(topology: Topology, nodeName: String, store: BlobStore, credentials: TLSCredentials, settings: Settings? = nil, logger: Logger) throws {
@@ -182,6 +185,7 @@ public final class MeshService: MeshHooks, Sendable {
     private func send(_ message: Message, to target: FetchSource) {
         let envelope = Envelope(from: me, message: message)
         guard let body = try? JSONEncoder().encode(envelope) else { return }
+        gossipBytes.sent.increment(by: Int64(body.count))
         let transport = self.transport
         let logger = self.logger
         Task {
@@ -209,6 +213,7 @@ public final class MeshService: MeshHooks, Sendable {
             let envelope: Envelope
             do {
                 let body = try await request.body.collect(upTo: 8 << 20)
+                gossipBytes.received.increment(by: Int64(body.readableBytes))
                 envelope = try JSONDecoder().decode(Envelope.self, from: Data(body.readableBytesView))
             } catch {
                 return .text(400, "bad gossip message: \(error)")
