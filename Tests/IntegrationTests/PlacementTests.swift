@@ -186,6 +186,72 @@ struct ChurnTests {
     }
 }
 
+extension ChurnTests {
+    @Test("kill -9 of a peer while clients write (W = 2): nothing acknowledged is lost or corrupt, and within 10 s after the death is declared every blob is on its R = 2 live owners",
+          .timeLimit(.minutes(4)))
+    func killDuringWritesLosesNothing() async throws {
+        var options = TestMesh.Options()
+        options.repairInterval = 120   // only the death's own pass may restore R in time
+        let mesh = try await TestMesh(options)
+        defer { mesh.stopAll() }
+        await mesh.converge()
+        let certs = mesh.certs
+        let clientOptions = ClientOptions(server: HostPort(host: "127.0.0.1", port: mesh.ports["origin"]!),
+                                          certificate: certs.path("client.pem"), privateKey: certs.path("client.key"), ca: certs.ca)
+        let writers = ["peer1", "peer2", "origin"]
+        let clients = try writers.map { w in
+            try MeshClient(nodes: [HostPort(host: "127.0.0.1", port: mesh.ports[w]!)] + writers.filter { $0 != w }.map { HostPort(host: "127.0.0.1", port: mesh.ports[$0]!) },
+                           options: clientOptions)
+        }
+        defer { for c in clients { Task { await c.close() } } }
+        let acknowledged = Failures()
+        let refused = Failures()
+        let stop = Flag()
+        let victim = "peer3"
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (k, c) in clients.enumerated() {
+                group.addTask {
+                    var i = 0
+                    while !stop.isSet {
+                        i += 1
+                        do { acknowledged.add(try await c.put(bytes: randomBytes(40_000 + k * 1_000 + i)).hash) } catch { refused.add("\(error)") }
+                    }
+                }
+            }
+            group.addTask {
+                defer { stop.set() }
+                _ = await eventually(timeout: 30) { acknowledged.count >= 30 }
+                mesh.children[victim]!.signal(SIGKILL)
+                _ = await mesh.children[victim]!.waitForExit(timeout: 10)
+                try await Task.sleep(for: .seconds(3))   // writes go on while the death is detected
+            }
+            try await group.waitForAll()
+        }
+        let survivors = mesh.names.filter { $0 != victim }
+        let declared = await eventually(timeout: 30) {
+            var all = true
+            for n in survivors where await mesh.meshStatus(n)?.members?.contains(where: { $0.name == victim && $0.status == "dead" }) != true { all = false }
+            return all
+        }
+        try #require(declared, "\(victim) not declared dead everywhere\n\(mesh.logs())")
+        let hashes = acknowledged.all
+        #expect(hashes.count >= 30, "only \(hashes.count) writes acknowledged (\(refused.count) refused: \(refused.all.prefix(3)))")
+        // Nothing acknowledged is lost: each has a copy on a live node, and reads back intact.
+        let reader = try MeshClient(nodes: survivors.map { HostPort(host: "127.0.0.1", port: mesh.ports[$0]!) }, options: clientOptions)
+        defer { Task { await reader.close() } }
+        for h in hashes {
+            #expect(survivors.contains { mesh.holds($0, h) }, "\(h) has no live copy")
+            do { _ = try await reader.get(hash: h) } catch { Issue.record("GET \(h): \(error)") }
+        }
+        // R restored on the owners among the survivors, within 10 s after the declaration.
+        let placed = await eventually(timeout: 10) {
+            hashes.allSatisfy { h in PlacementOracle.owners(of: h, among: survivors, replicas: 2).allSatisfy { mesh.holds($0, h) } }
+        }
+        let short = hashes.filter { h in !PlacementOracle.owners(of: h, among: survivors, replicas: 2).allSatisfy { mesh.holds($0, h) } }
+        #expect(placed, "\(short.count) of \(hashes.count) blobs not on both live owners 10 s after the death was declared\n\(mesh.logs())")
+    }
+}
+
 /// A flag set once, read from any task.
 final class Flag: @unchecked Sendable {
     private let lock = NSLock()
