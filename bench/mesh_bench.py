@@ -175,7 +175,10 @@ class Mesh:
     def topology(self):
         sc, certs = self.b.sc, self.b.certs
         t = [f'name = "bench-{self.label}"', f'ca = "{certs}/ca.pem"', f"replication = {sc.replication}", "write_quorum = 1",
-             "[fetch]", f'strategy = "{self.strategy}"', f'transport = "{self.transport}"', ""]
+             "[fetch]", f'strategy = "{self.strategy}"', f'transport = "{self.transport}"',
+             # The scenario places blobs where it wants them (origin-only, peer-held): anti-entropy
+             # would move them onto their rendezvous owners.
+             "[repair]", "enabled = false", ""]
         for n in sc.nodes:
             seeds = [] if n == "origin" else ["origin"] + ([sc.peers[0]] if n != sc.peers[0] else [])
             t += ["[[nodes]]", f'name = "{n}"', f'role = "{"origin" if n == "origin" else "peer"}"',

@@ -28,6 +28,8 @@ final class AntiEntropy: Sendable {
         var batch = 512
         /// Copies in flight at once.
         var parallelCopies = 4
+        /// Off: no pass ever runs (`[repair] enabled = false`).
+        var enabled = true
     }
 
     struct PassResult: Sendable, Equatable {
@@ -74,6 +76,10 @@ final class AntiEntropy: Sendable {
     /// The loop: waits for a change (plus `settle`) or the interval, runs a pass, repeats until
     /// `isRunning` turns false.
     func run(mesh: MeshService, isRunning: @escaping @Sendable () -> Bool) async {
+        guard settings.enabled else {
+            mesh.logger.notice("anti-entropy is off ([repair] enabled = false): blobs stay where they were written")
+            return
+        }
         var nextPeriodic = mesh.now() + settings.interval
         while isRunning() {
             try? await Task.sleep(for: .milliseconds(100))

@@ -34,6 +34,7 @@ public final class MeshService: MeshHooks, Sendable {
             self.init(replication: topology.replication, writeQuorum: topology.writeQuorum, fetch: topology.fetch)
             antiEntropy.interval = .seconds(topology.repair.intervalSeconds)
             antiEntropy.blobsPerSecond = topology.repair.blobsPerSecond
+            antiEntropy.enabled = topology.repair.enabled
         }
     }
 

@@ -32,6 +32,8 @@ import TOMLKit
 /// [repair]                          # optional: anti-entropy (blobs onto their R owners)
 /// interval_seconds = 120            # between passes when membership does not change
 /// blobs_per_second = 20000          # the walk's rate bound
+/// enabled = true                    # false: blobs stay where they were written (benchmarks
+///                                   # that place blobs by hand; never in production)
 ///
 /// [quic]                            # optional
 /// max_datagram = 8952               # UDP payload QUIC sends between (and to) these nodes; default:
@@ -92,7 +94,7 @@ public struct Topology: Sendable {
     public static let nodeKeys = ["name", "role", "tcp", "quic", "advertise_tcp", "advertise_quic", "data_dir", "max_bytes", "cert", "key", "seeds"]
     public static let fetchKeys = ["strategy", "transport", "origin_write_through"]
     public static let quicKeys = ["max_datagram", "address_validation"]
-    public static let repairKeys = ["interval_seconds", "blobs_per_second"]
+    public static let repairKeys = ["interval_seconds", "blobs_per_second", "enabled"]
 
     /// `load(path:)` of a text already read (`path` names it in errors and anchors relative paths).
     public static func load(text: String, path: String) throws -> Topology {
@@ -124,6 +126,7 @@ public struct Topology: Sendable {
                 guard v >= 1 else { throw r.error("interval_seconds", "'interval_seconds' must be at least 1, got \(v)") }
                 repair.intervalSeconds = v
             }
+            repair.enabled = try r.bool("enabled") ?? true
             if let v = try r.int("blobs_per_second") {
                 guard v >= 1 else { throw r.error("blobs_per_second", "'blobs_per_second' must be at least 1, got \(v)") }
                 repair.blobsPerSecond = v
@@ -214,6 +217,8 @@ public struct RepairSettings: Sendable, Hashable {
     public var intervalSeconds = 120
     /// Blobs examined per second at most.
     public var blobsPerSecond = 20_000
+    /// Off: no pass runs, blobs stay where they were written (placement experiments only).
+    public var enabled = true
     public init() {}
 }
 
