@@ -1,8 +1,10 @@
 import BlobStore
 import CacheNode
 import Foundation
+import MeshGRPC
 import MeshHTTP
 import NIOCore
+import REAPI
 import Testing
 import TestSupport
 
@@ -373,18 +375,34 @@ struct MeshTests {
         let warm = try await c.connection.request(.init(method: "HEAD", path: "/cas/\(blobs[0].hash)"))
         #expect(warm.status == 404)   // HEAD answers from the local store only
         mesh.children["peer2"]!.signal(SIGTERM)
-        // Until its GOAWAY arrives the connection still takes requests: they must not get a 404.
+        // Until its GOAWAY arrives the connection still takes requests: they must not get a 404
+        // (HTTP) or NOT_FOUND (a gRPC ByteStream Read), but 503 / UNAVAILABLE.
         var statuses: [Int] = []
+        var grpcCodes: [String] = []
+        let grpc = GRPCClient(transport: c.connection)
         let deadline = ContinuousClock.now + .seconds(3)
-        for digest in blobs where ContinuousClock.now < deadline {
+        for (i, digest) in blobs.enumerated() where ContinuousClock.now < deadline && i % 2 == 0 && i + 1 < blobs.count {
             guard let r = try? await c.connection.request(.init(method: "GET", path: "/cas/\(digest.hash)")) else { break }
             statuses.append(r.status)
             _ = try? await r.body.collect(upTo: 1 << 20)
-            if r.status == 503 { break }
+            let other = blobs[i + 1]
+            do {
+                _ = try await grpc.serverStreaming("/google.bytestream.ByteStream/Read",
+                                                   Google_Bytestream_ReadRequest.with { $0.resourceName = "blobs/\(other.hash)/\(other.size)" },
+                                                   as: Google_Bytestream_ReadResponse.self)
+                grpcCodes.append("ok")
+            } catch let s as GRPCStatus {
+                grpcCodes.append("\(s.code)")
+            } catch {
+                break   // the connection went away (final GOAWAY)
+            }
+            if r.status == 503 && grpcCodes.last == "\(GRPCStatus.Code.unavailable)" { break }
         }
         await c.close()
         #expect(statuses.contains(503), "statuses while draining: \(statuses)")
         #expect(!statuses.contains(404), "statuses while draining: \(statuses)")
+        #expect(grpcCodes.contains("\(GRPCStatus.Code.unavailable)"), "gRPC reads while draining: \(grpcCodes)")
+        #expect(!grpcCodes.contains("\(GRPCStatus.Code.notFound)"), "gRPC reads while draining: \(grpcCodes)")
     }
 
     @Test("QUIC blocked to one peer (its advertised UDP port unreachable): fetches from it still succeed, over TCP",

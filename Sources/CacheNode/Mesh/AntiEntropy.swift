@@ -214,6 +214,55 @@ final class AntiEntropy: Sendable {
         }
     }
 
+    /// A draining node's hand-off: for every local blob, its owners among the *other* live
+    /// members are asked (one request per owner per batch); a blob none of them holds goes to the
+    /// best-ranked of them. Stops at `deadline` (the rest counts as unchecked). With R = 1 nothing
+    /// is handed off (one copy was asked for; the blobs come back with the node).
+    func handOff(mesh: MeshService, deadline: ContinuousClock.Instant) async -> (handed: Int, failed: Int, unchecked: Int) {
+        let replicas = mesh.settings.replication
+        guard replicas > 1 else { return (0, 0, 0) }
+        let me = mesh.me
+        let digests = mesh.store.allDigests().filter { $0.size > 0 }
+        var handed = 0, failed = 0, offset = 0
+        while offset < digests.count, ContinuousClock.now < deadline {
+            let batch = Array(digests[offset..<min(offset + settings.batch, digests.count)])
+            offset += batch.count
+            let (owners, endpoints) = mesh.core.withLock { c -> ([String: [NodeID]], [NodeID: FetchSource]) in
+                let others = c.membership.liveMembers.filter { $0 != me }
+                var owners: [String: [NodeID]] = [:], endpoints: [NodeID: FetchSource] = [:]
+                for d in batch {
+                    guard let key = MeshService.placementKey(d.hash) else { continue }
+                    let o = Placement.owners(of: key, live: others, replicas: replicas)
+                    owners[d.hash] = o
+                    for n in o where endpoints[n] == nil { endpoints[n] = mesh.target(n, in: c) }
+                }
+                return (owners, endpoints)
+            }
+            var askOf: [NodeID: [String]] = [:]
+            for (hash, o) in owners { for n in o { askOf[n, default: []].append(hash) } }
+            var held: [NodeID: Set<String>] = [:]
+            await withTaskGroup(of: (NodeID, Set<String>?).self) { group in
+                for (n, hashes) in askOf {
+                    guard let source = endpoints[n] else { continue }
+                    group.addTask { (n, await Self.ask(source, hashes, mesh: mesh)) }
+                }
+                for await (n, answer) in group { if let answer { held[n] = answer } }
+            }
+            for d in batch {
+                guard let o = owners[d.hash], !o.contains(where: { held[$0]?.contains(d.hash) == true }) else { continue }
+                // Nobody that owns it answered "held" (or could be asked): copy to the best owner
+                // that can be reached, the next one if that copy fails.
+                var done = false
+                for n in o {
+                    guard let t = endpoints[n] else { continue }
+                    if await mesh.mirror.copy(d, to: t) { done = true; break }
+                }
+                if done { handed += 1 } else { failed += 1 }
+            }
+        }
+        return (handed, failed, digests.count - offset)
+    }
+
     /// Which of `hashes` `source` holds (nil: no answer).
     static func ask(_ source: FetchSource, _ hashes: [String], mesh: MeshService) async -> Set<String>? {
         guard let body = try? JSONEncoder().encode(HasRequest(hashes: hashes)) else { return nil }

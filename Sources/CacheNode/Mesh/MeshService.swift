@@ -57,6 +57,7 @@ public final class MeshService: MeshHooks, Sendable {
     private let sizes = Mutex<[String: Int64]>([:])
     private let started = ContinuousClock.now
     private let running = Mutex(true)
+    private let leaving = Mutex(false)
     private let mapEntries = Gauge(label: "cachemesh_locality_entries")
     private let mapBytes = Gauge(label: "cachemesh_locality_bytes")
     private let liveMembers = Gauge(label: "cachemesh_members_live")
@@ -138,8 +139,10 @@ public final class MeshService: MeshHooks, Sendable {
         await repairs
     }
 
-    /// Announce LEAVING and give the gossip a moment to spread.
+    /// Announce LEAVING and give the gossip a moment to spread. From here on a miss is not
+    /// fetched: the node is going, clients should ask another (`fetchMissing` → unavailable).
     public func leave() async {
+        leaving.withLock { $0 = true }
         perform(core.withLock { $0.leave(now: now()) })
         try? await Task.sleep(for: .milliseconds(300))
     }
@@ -360,6 +363,7 @@ public final class MeshService: MeshHooks, Sendable {
     }
 
     public func fetchMissing(hash: String) async -> MeshFetchOutcome {
+        if leaving.withLock({ $0 }) { return .unavailable("this node is draining; ask another node") }
         // Before this node has met any other member (just started, or cut off) a miss says
         // nothing about the mesh: the client should ask again or ask another node.
         let alone = core.withLock { c in !c.membership.liveMembers.contains { $0 != me } }
@@ -468,21 +472,15 @@ public final class MeshService: MeshHooks, Sendable {
         core.withLock { $0.lost(md, now: now()) }
     }
 
-    /// Drain hand-off: every local blob no other live member is known to hold goes to its
-    /// rendezvous owner among the remaining members (waits for the copies, bounded).
+    /// Drain hand-off (`AntiEntropy.handOff`): every local blob that none of its owners among the
+    /// remaining members holds — asked, not taken from the locality map — goes to the best of
+    /// them (waits for the copies, bounded); their anti-entropy completes R after the leave.
     public func handOff(timeout: Duration) async {
-        var handed = 0
-        for d in store.allDigests() where d.size > 0 {
-            guard let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { continue }
-            let others = core.withLock { $0.holders(of: md, now: now()) }
-            if !others.isEmpty { continue }
-            let targets = mirrorTargets(for: d)
-            guard let first = targets.first else { continue }
-            try? await mirror.replicate(d, to: [first], quorum: 0)
-            handed += 1
-        }
+        let r = await antiEntropy.handOff(mesh: self, deadline: ContinuousClock.now + timeout)
         await mirror.flush(timeout: timeout)
-        logger.notice("drain: handed off \(handed) sole cop\(handed == 1 ? "y" : "ies")")
+        let extra = [r.failed > 0 ? "\(r.failed) failed" : nil, r.unchecked > 0 ? "\(r.unchecked) not checked before the deadline" : nil]
+            .compactMap { $0 }
+        logger.notice("drain: handed off \(r.handed) sole cop\(r.handed == 1 ? "y" : "ies")\(extra.isEmpty ? "" : " (\(extra.joined(separator: ", ")))")")
     }
 }
 
