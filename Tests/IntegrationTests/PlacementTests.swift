@@ -106,13 +106,8 @@ struct ChurnTests {
         let mesh = try await TestMesh(options)
         defer { mesh.stopAll() }
         await mesh.converge()
-        let certs = mesh.certs
-        let clientOptions = ClientOptions(server: HostPort(host: "127.0.0.1", port: mesh.ports["origin"]!),
-                                          certificate: certs.path("client.pem"), privateKey: certs.path("client.key"), ca: certs.ca)
         // Each client starts at another node and moves on when one is draining, gone or 5xx.
-        let clients = try (0..<4).map { k in
-            try MeshClient(nodes: (0..<4).map { HostPort(host: "127.0.0.1", port: mesh.ports[mesh.names[(k + $0) % 4]]!) }, options: clientOptions)
-        }
+        let clients = try (0..<4).map { k in try mesh.meshClient((0..<4).map { mesh.names[(k + $0) % 4] }) }
         defer { for c in clients { Task { await c.close() } } }
         // Blobs written before the churn.
         var before: [String: [UInt8]] = [:]
@@ -195,14 +190,8 @@ extension ChurnTests {
         let mesh = try await TestMesh(options)
         defer { mesh.stopAll() }
         await mesh.converge()
-        let certs = mesh.certs
-        let clientOptions = ClientOptions(server: HostPort(host: "127.0.0.1", port: mesh.ports["origin"]!),
-                                          certificate: certs.path("client.pem"), privateKey: certs.path("client.key"), ca: certs.ca)
         let writers = ["peer1", "peer2", "origin"]
-        let clients = try writers.map { w in
-            try MeshClient(nodes: [HostPort(host: "127.0.0.1", port: mesh.ports[w]!)] + writers.filter { $0 != w }.map { HostPort(host: "127.0.0.1", port: mesh.ports[$0]!) },
-                           options: clientOptions)
-        }
+        let clients = try writers.map { w in try mesh.meshClient([w] + writers.filter { $0 != w }) }
         defer { for c in clients { Task { await c.close() } } }
         let acknowledged = Failures()
         let refused = Failures()
@@ -237,7 +226,7 @@ extension ChurnTests {
         let hashes = acknowledged.all
         #expect(hashes.count >= 30, "only \(hashes.count) writes acknowledged (\(refused.count) refused: \(refused.all.prefix(3)))")
         // Nothing acknowledged is lost: each has a copy on a live node, and reads back intact.
-        let reader = try MeshClient(nodes: survivors.map { HostPort(host: "127.0.0.1", port: mesh.ports[$0]!) }, options: clientOptions)
+        let reader = try mesh.meshClient(survivors)
         defer { Task { await reader.close() } }
         for h in hashes {
             #expect(survivors.contains { mesh.holds($0, h) }, "\(h) has no live copy")
@@ -249,6 +238,15 @@ extension ChurnTests {
         }
         let short = hashes.filter { h in !PlacementOracle.owners(of: h, among: survivors, replicas: 2).allSatisfy { mesh.holds($0, h) } }
         #expect(placed, "\(short.count) of \(hashes.count) blobs not on both live owners 10 s after the death was declared\n\(mesh.logs())")
+    }
+}
+
+extension TestMesh {
+    /// A `MeshClient` (client certificate) over `nodes` in that order.
+    func meshClient(_ nodes: [String]) throws -> MeshClient {
+        try MeshClient(nodes: nodes.map { HostPort(host: "127.0.0.1", port: ports[$0]!) },
+                       options: ClientOptions(server: HostPort(host: "127.0.0.1", port: ports[nodes[0]]!),
+                                              certificate: certs.path("client.pem"), privateKey: certs.path("client.key"), ca: certs.ca))
     }
 }
 
