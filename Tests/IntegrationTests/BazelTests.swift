@@ -82,7 +82,7 @@ struct BazelTests {
             try #require(first.status == 0, "first build failed: \(first)\nnode log:\n\(node.logExcerpt())")
             #expect(Self.remoteHits(first.stderr) == 0, "cold cache: \(first.stderr.suffix(500))")
             let m = try await withClient(node) { try await $0.getText("/metrics").body }
-            #expect(m.contains("cachemesh_store_actions 4"), "4 action results stored:\n\(m)")
+            #expect(try PrometheusText(parsing: m).value("cachemesh_store_actions") == 4, "4 action results stored:\n\(m)")
 
             try await bazel.clean()
             let second = try await bazel.build(.client)
