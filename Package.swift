@@ -122,6 +122,6 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
-        .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "MeshHTTP2", "MeshTLS", "MeshGRPC", "MeshHTTP", "MeshQUIC", "REAPI", "BlobStore", "TestSupport"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "MeshCore", "MeshHTTP2", "MeshTLS", "MeshGRPC", "MeshHTTP", "MeshQUIC", "REAPI", "BlobStore", "TestSupport"]),
     ]
 )

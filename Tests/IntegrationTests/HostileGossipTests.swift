@@ -41,7 +41,7 @@ struct HostileGossipTests {
         // A node certificate from the mesh's own CA whose name the topology does not list.
         let mk = try await run(["/bin/bash", "\(Paths.packageRoot)/certs/mkcerts.sh", "-o", mesh.certs.dir, "node", "mallory"])
         try #require(mk.status == 0, "mkcerts node mallory: \(mk)")
-        await mesh.converge()
+        try await mesh.converge()
         let before = try await mesh.status("origin")
         try #require(before.components(separatedBy: "\"alive\"").count - 1 == 4, "membership: \(before)")
         let data = randomBytes(100_000)
