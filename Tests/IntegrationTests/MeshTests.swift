@@ -129,7 +129,8 @@ final class TestMesh: @unchecked Sendable {
             let r = try await c.connection.request(.init(method: "PUT", path: "/cas/\(hash)",
                                                          headers: ["content-length": String(data.count), CacheService.mirrorHeader: "1"]),
                                                    body: .bytes(ByteBuffer(bytes: data)))
-            guard r.status == 201 || r.status == 200 else { throw HarnessError("place on \(n): HTTP \(r.status)") }
+            // 201: a new copy (every caller places fresh bytes on nodes that lack them).
+            guard r.status == 201 else { throw HarnessError("place on \(n): HTTP \(r.status)") }
             _ = try? await r.body.collect(upTo: 1 << 16)
             digest = Digest(hash: hash, size: Int64(data.count))!
             await c.close()
