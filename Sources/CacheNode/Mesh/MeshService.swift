@@ -196,7 +196,7 @@ public final class MeshService: MeshHooks, Sendable {
                 let body = try await request.body.collect(upTo: 8 << 20)
                 envelope = try JSONDecoder().decode(Envelope.self, from: Data(body.readableBytesView))
             } catch {
-                return .text(400, "bad gossip message: \(error)")
+                return refuse(400, "bad gossip message: \(error)")
             }
             // The certificate says who is talking: a node may only speak for itself.
             guard envelope.from.name == request.peer.commonName else {
