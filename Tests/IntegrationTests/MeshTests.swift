@@ -533,19 +533,11 @@ struct MeshTests {
         let (status, counters) = await relay.stop()
         relayStopped = true
         #expect(status == 0, "relay: \(counters)")
-        let toClient = Self.counter("bytes_to_client", in: counters, section: "tcp") + Self.counter("bytes_to_client", in: counters, section: "udp")
+        let tcpBytes = try #require(TestRelay.counter("bytes_to_client", section: "tcp", in: counters), "\(counters)")
+        let udpBytes = try #require(TestRelay.counter("bytes_to_client", section: "udp", in: counters), "\(counters)")
+        let toClient = tcpBytes + udpBytes
         #expect(toClient > 0, "relay counters: \(counters)")
         #expect(toClient < 4_000_000, "the relay carried \(toClient) bytes from the origin after a cancelled leg: \(counters)")
-    }
-
-    /// A `key=value` of one section ("tcp" or "udp") of a relay counters line.
-    static func counter(_ key: String, in line: String, section: String) -> Int64 {
-        guard let part = line.components(separatedBy: "\(section): ").dropFirst().first else { return -1 }
-        for field in part.split(whereSeparator: { $0 == " " || $0 == ";" }) {
-            let kv = field.split(separator: "=")
-            if kv.count == 2 && kv[0] == key { return Int64(kv[1]) ?? -1 }
-        }
-        return -1
     }
 
     @Test("origin write-through: with R = 1 and W = 1 a PUT at a peer is acknowledged only once the origin — behind a 150 ms relay — holds it",
