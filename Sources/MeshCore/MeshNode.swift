@@ -107,13 +107,15 @@ public struct MeshNode: Sendable {
         locality.holders(of: digest, now: now).filter { membership.status(of: $0)?.isLive ?? true }
     }
 
-    /// Rendezvous-ranked mirror targets for `digest`: the `count` (= R−1) best live members other
-    /// than this node; the origin only when `includeOrigin`.
-    public func mirrorTargets(for digest: Digest, count: Int, includeOrigin: Bool = false) -> [NodeID] {
-        let candidates = membership.allMembers.filter { m in
-            m.node != myself && m.status == .alive && (includeOrigin || m.metadata.role != .origin)
-        }.map(\.node)
-        return Rendezvous.top(count, for: digest, over: candidates)
+    /// Every other live member as a mirror target for `key`, best first: the members counted alive
+    /// ranked by rendezvous, then the suspects ranked the same way; dead and departed members and
+    /// this node never. The origin is an ordinary member here. A write mirrors to the first R−1;
+    /// the ones after them replace failed or slow copies; a drain hands a sole copy to the first.
+    public func mirrorCandidates(for key: Digest) -> [NodeID] {
+        let live = membership.liveMembers.filter { $0 != myself }
+        let alive = live.filter { membership.status(of: $0) == .alive }
+        let suspects = live.filter { membership.status(of: $0) != .alive }
+        return Rendezvous.rank(key, over: alive) + Rendezvous.rank(key, over: suspects)
     }
 
     private func acceptable(_ updates: [LocalityUpdate]) -> [LocalityUpdate] {

@@ -140,6 +140,10 @@ public final class HTTP2Connection: HTTPClientTransport {
         channel.isActive && !flags.goingAway.withLock { $0 }
     }
 
+    /// True once the server sent GOAWAY (a graceful shutdown; a connection that merely closed or
+    /// was reset never sets it).
+    public var receivedGoaway: Bool { flags.goingAway.withLock { $0 } }
+
     /// Send a request; returns when the response head arrived. The response body streams.
     public func request(_ head: HTTPRequestHead, body: HTTPOutboundBody = .empty) async throws -> HTTPClientResponse {
         var head = head

@@ -24,6 +24,9 @@ public struct QUICServerStats: Sendable, Equatable {
     public var retriesSent = 0
     /// Initials whose Retry token was forged, expired or for another address (dropped).
     public var retryTokensRejected = 0
+    /// Connections that closed before their handshake completed (e.g. a client without an
+    /// acceptable certificate, a handshake timeout, a forged Initial that was accepted).
+    public var handshakesFailed = 0
     public init() {}
 }
 
@@ -485,7 +488,10 @@ final class QUICServerHandler: ChannelInboundHandler, QUICCoreDelegate {
     }
 
     func quicCoreDidClose(_ core: QUICCore, error: (any Error)?) {
-        if !core.handshakeCompleted { handshaking -= 1 }
+        if !core.handshakeCompleted {
+            handshaking -= 1
+            stats.value.withLock { $0.handshakesFailed += 1 }
+        }
         table.removeAll(for: core)
         cores[ObjectIdentifier(core)] = nil
         if cores.isEmpty {

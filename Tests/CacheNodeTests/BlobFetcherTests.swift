@@ -7,6 +7,10 @@ import Synchronization
 import Testing
 @testable import CacheNode
 
+final class ReplyState: Sendable {
+    let value = Mutex((finished: false, cancelled: false))
+}
+
 /// An in-memory mesh: each source answers after a delay with some bytes (or an error).
 final class FakeMesh: MeshRequester {
     struct Behaviour: Sendable {
@@ -14,6 +18,9 @@ final class FakeMesh: MeshRequester {
         var headDelay: Duration = .zero
         /// Before each half of the body.
         var delay: Duration = .zero
+        /// Before the second half only, instead of `delay` (a source that answers, sends part of
+        /// the body, then stalls).
+        var tailDelay: Duration? = nil
         var status = 200
         var bytes: [UInt8]
     }
@@ -33,22 +40,37 @@ final class FakeMesh: MeshRequester {
         requests.withLock { $0.append(source.name) }
         #expect(head.headers[BlobFetcher.hopHeader] == "1")
         let b = behaviours[source.name]!
-        try await Task.sleep(for: b.headDelay)
+        let name = source.name
+        do {
+            try await Task.sleep(for: b.headDelay)
+        } catch {
+            // The fetcher gave up on this leg before it answered (its task was cancelled).
+            cancels.withLock { $0.append("\(name) before head") }
+            throw error
+        }
         let inbound = HTTPInboundBody()
+        // Whether the body was sent to its end, and whether a cancel was already recorded: only
+        // a cancel of a response still sending counts (the fetcher may call cancel again, or on a
+        // finished winner, which a real transport ignores).
+        let state = ReplyState()
         let feeder = Task {
             try await Task.sleep(for: b.delay)
             // Two chunks, so a cancelled leg can be caught halfway.
             let half = b.bytes.count / 2
             inbound.append(ByteBuffer(bytes: b.bytes[..<half]))
-            try await Task.sleep(for: b.delay)
+            try await Task.sleep(for: b.tailDelay ?? b.delay)
             inbound.append(ByteBuffer(bytes: b.bytes[half...]))
+            state.value.withLock { $0.finished = true }
             inbound.finish()
         }
-        let name = source.name
         return MeshReply(HTTPClientResponse(status: b.status, headers: ["content-length": String(b.bytes.count)], body: inbound, cancel: { [self] in
             feeder.cancel()
             inbound.fail(CancellationError())
-            self.cancels.withLock { $0.append(name) }
+            let record = state.value.withLock { s in
+                defer { s.cancelled = true }
+                return !s.finished && !s.cancelled
+            }
+            if record { self.cancels.withLock { $0.append(name) } }
         }), via: .tcp)
     }
 }
@@ -63,6 +85,19 @@ final class FakeMesh: MeshRequester {
     func src(_ n: String, origin: Bool = false) -> FetchSource { FetchSource(name: n, endpoint: HostPort(host: "127.0.0.1", port: 1), isOrigin: origin) }
 
     let blob = (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 3) }
+
+    /// The store's upload directory (throws if it does not exist: an empty listing must mean empty).
+    func tempFiles() throws -> [String] { try FileManager.default.contentsOfDirectory(atPath: dir.path + "/tmp") }
+
+    /// Polls `condition` (every 10 ms, up to `timeout` s); whether it held.
+    func waitUntil(timeout: Double = 20, _ condition: () -> Bool) async -> Bool {
+        let deadline = ContinuousClock.now + .milliseconds(Int(timeout * 1000))
+        while ContinuousClock.now < deadline {
+            if condition() { return true }
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+        return condition()
+    }
 
     @Test func hedgedRaceCancelsTheSlowLeg() async throws {
         defer { try? FileManager.default.removeItem(at: dir) }
@@ -80,6 +115,36 @@ final class FakeMesh: MeshRequester {
         #expect(mesh.requests.withLock { $0 } == ["slow", "origin"])
         #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
         #expect(s.stats.reservedBytes == 0)   // the loser's writer was aborted
+        // The slow leg's request itself was cancelled (not merely outvoted and left running).
+        let cancelled = await waitUntil { mesh.cancels.withLock { $0 } == ["slow before head"] }
+        #expect(cancelled, "cancels: \(mesh.cancels.withLock { $0 })")
+    }
+
+    @Test(.timeLimit(.minutes(1)))
+    func aLegThatAnsweredAndStalledIsCancelledAndLeavesNoTempFile() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        // Both legs at once. "slow" answers at once and sends half its body, then stalls for ten
+        // minutes; the origin answers after 300 ms. Only a cancel of the slow leg's stream lets the
+        // fetch end with no temp file left (its writer holds half the blob until then).
+        let mesh = FakeMesh(["slow": .init(tailDelay: .seconds(600), bytes: blob),
+                             "origin": .init(headDelay: .milliseconds(300), bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), stallTimeout: .seconds(600), spacing: { .allAtOnce })
+        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("slow"), src("origin", origin: true)])
+        #expect(r.source.name == "origin")
+        #expect(r.legsStarted == 2)
+        #expect(r.legsCancelled == 1)
+        #expect(Set(mesh.requests.withLock { $0 }) == ["slow", "origin"])
+        // The fake saw the slow leg's response cancelled (the stream reset of a real transport).
+        let cancelled = await waitUntil { mesh.cancels.withLock { $0 } == ["slow"] }
+        #expect(cancelled, "cancels: \(mesh.cancels.withLock { $0 })")
+        #expect(mesh.stalls.withLock { $0 }.isEmpty)
+        let emptied = await waitUntil { ((try? tempFiles()) ?? ["?"]).isEmpty && s.stats.reservedBytes == 0 }
+        let left = try tempFiles()
+        #expect(emptied, "temp files: \(left), reserved \(s.stats.reservedBytes)")
+        #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
+        #expect(s.stats.blobCount == 1)
+        #expect(s.stats.usedBytes == Int64(blob.count))
     }
 
     @Test func anAnsweringSourceIsNotHedgedEvenIfItsBodyIsSlow() async throws {
@@ -137,7 +202,13 @@ final class FakeMesh: MeshRequester {
         let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("liar"), src("origin", origin: true)])
         #expect(r.source.name == "origin")   // failover at once after the digest check failed
         #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
-        #expect(s.size(of: SHA256.hex(bad)) == nil)
+        // Exactly one blob of the right size is stored, and the liar's bytes left no temp file.
+        // (Looking the corrupt bytes up by their own hash proves nothing: a fetch writes under the
+        // hash it asked for, so that lookup is nil whatever happens.)
+        #expect(s.stats.blobCount == 1)
+        #expect(s.stats.usedBytes == Int64(blob.count))
+        #expect(s.stats.reservedBytes == 0)
+        #expect(try tempFiles().isEmpty)
     }
 
     @Test func allAtOnceAndAllFailing() async throws {

@@ -82,7 +82,7 @@ struct BazelTests {
             try #require(first.status == 0, "first build failed: \(first)\nnode log:\n\(node.logExcerpt())")
             #expect(Self.remoteHits(first.stderr) == 0, "cold cache: \(first.stderr.suffix(500))")
             let m = try await withClient(node) { try await $0.getText("/metrics").body }
-            #expect(m.contains("cachemesh_store_actions 4"), "4 action results stored:\n\(m)")
+            #expect(try PrometheusText(parsing: m).value("cachemesh_store_actions") == 4, "4 action results stored:\n\(m)")
 
             try await bazel.clean()
             let second = try await bazel.build(.client)
@@ -101,15 +101,18 @@ struct BazelTests {
             #expect(Self.remoteHits(readerHits.stderr) == 4, "\(readerHits.stderr.suffix(800))")
             try await bazel.clean()
             let readerUpload = try await bazel.build(.reader)
-            #expect(readerUpload.status != 0)
+            // Exit 34: Bazel's "remote error" (the cache refused), not some other failure.
+            #expect(readerUpload.status == 34, "\(readerUpload.stderr.suffix(800))")
             #expect(readerUpload.stderr.contains("not authorized to write"), "\(readerUpload.stderr.suffix(800))")
 
             // No client certificate / a certificate from another CA: refused.
             let anonymous = try await bazel.build(.anonymous)
-            #expect(anonymous.status != 0)
+            #expect(anonymous.status == 34, "\(anonymous.stderr.suffix(800))")
+            #expect(anonymous.stderr.contains("Failed to query remote execution capabilities"), "\(anonymous.stderr.suffix(800))")
             #expect(Self.remoteHits(anonymous.stderr) == nil || Self.remoteHits(anonymous.stderr) == 0)
             let stranger = try await bazel.build(.stranger)
-            #expect(stranger.status != 0)
+            #expect(stranger.status == 34, "\(stranger.stderr.suffix(800))")
+            #expect(stranger.stderr.contains("Failed to query remote execution capabilities"), "\(stranger.stderr.suffix(800))")
 
             // The node is still serving.
             #expect(try await withClient(node) { try await $0.getText("/healthz").status } == 200)

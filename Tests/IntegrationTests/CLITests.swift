@@ -288,7 +288,7 @@ struct CLITests {
             // Not a size at all: a usage error, nothing written.
             for junk in ["12x", "-5", "", "+5", "1/2"] {
                 let r = try await cachemesh(node, ["get", "\(d.hash)/\(junk)", "-o", fresh])
-                #expect(r.status != 0, "/\(junk): \(r)")
+                #expect(r.status == 2 && !r.signalled, "/\(junk): \(r)")   // exit 2: usage error (README)
                 #expect(fileType(fresh) == nil)
             }
 

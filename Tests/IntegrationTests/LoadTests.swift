@@ -45,7 +45,9 @@ struct LoadTests {
             #expect(try await sha256sum(bOut) == hashB, "blob downloaded by `cachemesh get` differs")
 
             let m = try await withClient(node) { try await $0.metrics() }
-            #expect((m.value("cachemesh_store_used_bytes") ?? 0) >= Double(2 * size))
+            // Exactly the two blobs (nothing else is stored on this node).
+            #expect(m.value("cachemesh_store_used_bytes") == Double(2 * size))
+            #expect(m.value("cachemesh_store_blobs") == 2)
             #expect(m.value("cachemesh_store_reserved_bytes") == 0)
         }
     }
@@ -160,7 +162,7 @@ struct LoadTests {
             #expect(bad.isEmpty, "\(bad.count) of \(total) blobs unreadable, e.g. \(bad.prefix(5))")
 
             let m = try await pool8[0].metrics()
-            #expect((m.value("cachemesh_store_blobs") ?? 0) >= Double(total))
+            #expect(m.value("cachemesh_store_blobs") == Double(total))
             #expect(m.value("cachemesh_store_reserved_bytes") == 0)
             #expect(try await pool8[0].getText("/healthz").status == 200)
         }

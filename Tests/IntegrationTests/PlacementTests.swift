@@ -26,7 +26,7 @@ struct PlacementTests {
         options.repairInterval = 2
         let mesh = try await TestMesh(options)
         defer { mesh.stopAll() }
-        await mesh.converge()
+        try await mesh.converge()
         let bytes = data(ownedBy: { !$0.contains("peer1") }, among: mesh.names, replicas: 2)
         let d = try await mesh.place(bytes, on: ["peer1"])
         let owners = PlacementOracle.owners(of: d.hash, among: mesh.names, replicas: 2)
@@ -59,13 +59,13 @@ struct PlacementTests {
         options.writeQuorum = 1
         let mesh = try await TestMesh(options)
         defer { mesh.stopAll() }
-        await mesh.converge()
+        try await mesh.converge()
         // Held by peer3 alone; its owner (where a guess would look) is someone else.
         let bytes = data(ownedBy: { $0 != ["peer3"] }, among: mesh.names, replicas: 1)
         let d = try await mesh.place(bytes, on: ["peer3"])
         mesh.children["peer3"]!.signal(SIGKILL)
         _ = await mesh.children["peer3"]!.waitForExit(timeout: 10)
-        let dead = await eventually(timeout: 30) { await mesh.meshStatus("peer2")?.members?.contains { $0.name == "peer3" && $0.status == "dead" } == true }
+        let dead = await eventually(timeout: 30) { (try? await mesh.meshStatus("peer2"))?.members?.contains { $0.name == "peer3" && $0.status == "dead" } == true }
         #expect(dead)
         // While it is down nobody can serve it: peer2 answers 404 (its guesses and the origin lack it).
         let reader = try await mesh.client("peer2")
@@ -77,7 +77,7 @@ struct PlacementTests {
         let up = await eventually(timeout: 30) { mesh.children["peer3"]!.stdout.contains("listening tcp=") }
         try #require(up, "\(mesh.children["peer3"]!.stderr.suffix(1500))")
         let alive = await eventually(timeout: 30) {
-            await mesh.meshStatus("peer2")?.members?.contains { $0.name == "peer3" && $0.status == "alive" } == true
+            (try? await mesh.meshStatus("peer2"))?.members?.contains { $0.name == "peer3" && $0.status == "alive" } == true
         }
         try #require(alive, "\(mesh.logs())")
         // Push-pull with a random partner comes every 30 s; the welcome comes at once.
@@ -105,7 +105,7 @@ struct ChurnTests {
         options.repairInterval = 5
         let mesh = try await TestMesh(options)
         defer { mesh.stopAll() }
-        await mesh.converge()
+        try await mesh.converge()
         // Each client starts at another node and moves on when one is draining, gone or 5xx.
         let clients = try (0..<4).map { k in try mesh.meshClient((0..<4).map { mesh.names[(k + $0) % 4] }) }
         defer { for c in clients { Task { await c.close() } } }
@@ -158,7 +158,7 @@ struct ChurnTests {
                     // Everyone sees it alive again before the next one goes.
                     for other in mesh.names where other != n {
                         _ = await eventually(timeout: 30) {
-                            await mesh.meshStatus(other)?.members?.contains { $0.name == n && $0.status == "alive" } == true
+                            (try? await mesh.meshStatus(other))?.members?.contains { $0.name == n && $0.status == "alive" } == true
                         }
                     }
                 }
@@ -189,7 +189,7 @@ extension ChurnTests {
         options.repairInterval = 120   // only the death's own pass may restore R in time
         let mesh = try await TestMesh(options)
         defer { mesh.stopAll() }
-        await mesh.converge()
+        try await mesh.converge()
         let writers = ["peer1", "peer2", "origin"]
         let clients = try writers.map { w in try mesh.meshClient([w] + writers.filter { $0 != w }) }
         defer { for c in clients { Task { await c.close() } } }
@@ -219,7 +219,7 @@ extension ChurnTests {
         let survivors = mesh.names.filter { $0 != victim }
         let declared = await eventually(timeout: 30) {
             var all = true
-            for n in survivors where await mesh.meshStatus(n)?.members?.contains(where: { $0.name == victim && $0.status == "dead" }) != true { all = false }
+            for n in survivors where (try? await mesh.meshStatus(n))?.members?.contains(where: { $0.name == victim && $0.status == "dead" }) != true { all = false }
             return all
         }
         try #require(declared, "\(victim) not declared dead everywhere\n\(mesh.logs())")

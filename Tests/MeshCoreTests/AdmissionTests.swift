@@ -23,7 +23,7 @@ struct AdmissionTests {
     func maximalIncarnationRefused() throws {
         var na = mesh(topologyAdmission(["a", "b", "c"]), myself: a, members: [b, c])
         let forged = Envelope(from: b, message: .gossip(Gossip(members: [MemberUpdate(node: a, incarnation: .max, status: .dead, metadata: meta("a"))])))
-        #expect(throws: GossipRejection.self) { try na.receive(forged, now: .seconds(1)) }
+        #expect(throws: GossipRejection.outOfRange("incarnation of a", value: "\(UInt64.max)")) { try na.receive(forged, now: .seconds(1)) }
         #expect(na.membership.incarnation == 0)
         #expect(na.membership.status(of: a) == .alive)
     }
@@ -125,7 +125,17 @@ struct AdmissionTests {
             m.tcpEndpoint = String(repeating: "9", count: 301)
             g.members = [MemberUpdate(node: b, incarnation: 0, status: .alive, metadata: m)]
         }
-        #expect(throws: GossipRejection.self) { try Envelope(from: b, message: .gossip(g)).validate(limits) }
+        // The rejection for exactly this bound, not just any rejection.
+        let expected: [String: GossipRejection] = [
+            "members": .tooMany("member updates", count: 4, limit: 3),
+            "locality": .tooMany("locality facts", count: 4, limit: 3),
+            "version": .outOfRange("locality version", value: "\(limits.maxVersion + 1)"),
+            "size": .outOfRange("blob size", value: "-1"),
+            "name": .badString("node name \(String(reflecting: String(repeating: "x", count: 64)))"),
+            "control": .badString("node name \(String(reflecting: "a\nb"))"),
+            "endpoint": .badString("endpoint of b"),
+        ]
+        #expect(throws: expected[what]!) { try Envelope(from: b, message: .gossip(g)).validate(limits) }
         // The same message within bounds passes.
         #expect(throws: Never.self) { try Envelope(from: b, message: .gossip(Gossip(members: [alive(c)], locality: [LocalityUpdate(holder: b, digest: d, present: true, version: 1, ageMs: 0)]))).validate(limits) }
     }

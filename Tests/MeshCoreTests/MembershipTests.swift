@@ -95,12 +95,24 @@ struct MembershipTests {
         let me = node("me")
         let small = Membership(myself: me, metadata: meta("me"), initialMembers: (0..<9).map { alive(node("s\($0)")) }, seed: 1)
         let large = Membership(myself: me, metadata: meta("me"), initialMembers: (0..<99).map { alive(node("l\($0)")) }, seed: 1)
+        let huge = Membership(myself: me, metadata: meta("me"), initialMembers: (0..<999).map { alive(node("h\($0)")) }, seed: 1)
+        let tiny = Membership(myself: me, metadata: meta("me"), initialMembers: (0..<2).map { alive(node("t\($0)")) }, seed: 1)
+        let between = Membership(myself: me, metadata: meta("me"), initialMembers: (0..<315).map { alive(node("b\($0)")) }, seed: 1)
         #expect(small.clusterSize == 10)
         #expect(large.clusterSize == 100)
+        #expect(huge.clusterSize == 1000)
+        #expect(tiny.clusterSize == 3)
+        #expect(between.clusterSize == 316)
+        // Below 10 members the factor clamps to 1 (n = 3 and n = 10 share the floor); above it the
+        // timeout grows with log10(n) — n = 10 alone cannot tell scaling from a constant.
+        #expect(tiny.suspicionTimeout == .seconds(4))    // 4 × max(1, log10(3)) × 1 s
         #expect(small.suspicionTimeout == .seconds(4))   // 4 × log10(10) × 1 s
         #expect(large.suspicionTimeout == .seconds(8))   // 4 × log10(100) × 1 s
+        #expect(huge.suspicionTimeout == .seconds(12))   // 4 × log10(1000) × 1 s
+        #expect(between.suspicionTimeout == .milliseconds(9999))   // 4 × log10(316) = 9.9991 s, whole ms
         #expect(small.retransmitLimit == 8)              // 4 × ceil(log10(11))
         #expect(large.retransmitLimit == 12)             // 4 × ceil(log10(101))
+        #expect(huge.retransmitLimit == 16)              // 4 × ceil(log10(1001))
     }
 
     @Test("a suspect refutes with a higher incarnation and becomes alive again")

@@ -189,18 +189,40 @@ struct HedgeTests {
 
 @Suite("Mirror targets")
 struct MirrorTargetTests {
-    @Test("mirror targets are rendezvous-ranked alive peers, excluding self and (by default) the origin")
-    func mirrorTargets() {
-        var config = SimulatedMesh.Configuration(nodeCount: 6)  // node 0 is the origin
+    /// `MeshNode.mirrorCandidates` is what `MeshService` mirrors to (writes take the first R−1,
+    /// failed copies the next ones, a drain's hand-off the first).
+    @Test("mirror candidates: alive members by rendezvous, then suspects; never self or the dead; the origin is an ordinary member")
+    func mirrorCandidates() throws {
+        var config = SimulatedMesh.Configuration(nodeCount: 7)  // node 0 is the origin
         config.seed = 2
         var mesh = SimulatedMesh(config)
         mesh.crash(4)
-        mesh.run(until: .seconds(30))
-        let d = digest(3)
-        let targets = mesh.nodes[1].mirrorTargets(for: d, count: 2)
-        let expected = Rendezvous.top(2, for: d, over: [2, 3, 5].map { mesh.ids[$0] })
-        #expect(targets == expected)
-        let withOrigin = mesh.nodes[1].mirrorTargets(for: d, count: 10, includeOrigin: true)
-        #expect(Set(withOrigin) == Set([0, 2, 3, 5].map { mesh.ids[$0] }))
+        mesh.run(until: .seconds(60)) { $0.status(of: 4, seenBy: 1) == .dead }
+        try #require(mesh.status(of: 4, seenBy: 1) == .dead)
+        // Several digests, so that an order that ignored rendezvous (or put the origin last)
+        // would be caught on some of them.
+        var originFirst = 0
+        for k in 0..<40 {
+            let d = digest(k)
+            let alive = [0, 2, 3, 5, 6].map { mesh.ids[$0] }
+            let expected = Rendezvous.rank(d, over: alive)
+            #expect(mesh.nodes[1].mirrorCandidates(for: d) == expected, "digest \(k)")
+            if expected.first == mesh.ids[0] { originFirst += 1 }
+        }
+        #expect(originFirst > 0, "the origin never ranked first: the test would not see it excluded")
+
+        // A member that stops answering is suspect for a while before it is dead: it stays a
+        // candidate, but only after every member counted alive.
+        mesh.crash(6)
+        mesh.run(until: mesh.now + .seconds(60)) { $0.status(of: 6, seenBy: 1) == .suspect }
+        try #require(mesh.status(of: 6, seenBy: 1) == .suspect)
+        for k in 0..<40 {
+            let d = digest(k)
+            let expected = Rendezvous.rank(d, over: [0, 2, 3, 5].map { mesh.ids[$0] }) + [mesh.ids[6]]
+            #expect(mesh.nodes[1].mirrorCandidates(for: d) == expected, "digest \(k)")
+        }
+        mesh.run(until: mesh.now + .seconds(60)) { $0.status(of: 6, seenBy: 1) == .dead }
+        try #require(mesh.status(of: 6, seenBy: 1) == .dead)
+        #expect(mesh.nodes[1].mirrorCandidates(for: digest(0)) == Rendezvous.rank(digest(0), over: [0, 2, 3, 5].map { mesh.ids[$0] }))
     }
 }

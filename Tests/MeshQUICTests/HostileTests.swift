@@ -137,10 +137,17 @@ enum Garbage {
         }
     }
 
+    /// Bytes a download has received, and whether the flood beside it is over.
+    final class FloodProgress: Sendable {
+        let received = Atomic<Int64>(0)
+        let floodOver = Atomic<Bool>(false)
+    }
+
     @Test func garbageFloodDuringATransferChangesNothing() async throws {
         try await QUICTestServer.with { server, port, _ in
             let c = try await HTTP3Connection.connect(host: "127.0.0.1", port: port, credentials: try QUICTestCerts.creds("client"))
             let n: Int64 = 32 << 20
+            let progress = FloodProgress()
             let download = Task { () -> (Int64, Bool) in
                 let r = try await c.request(HTTPRequestHead(method: "GET", path: "/pattern/\(n)"))
                 var got: Int64 = 0
@@ -148,9 +155,18 @@ enum Garbage {
                 for try await chunk in r.body {
                     if ok && !PatternFile.matches(chunk, at: got) { ok = false }
                     got += Int64(chunk.readableBytes)
+                    progress.received.store(got, ordering: .relaxed)
+                    // The second half waits for the flood's end: on a fast machine 32 MiB could
+                    // otherwise arrive before the flood starts, and the test would prove nothing.
+                    while got >= n / 2 && !progress.floodOver.load(ordering: .relaxed) {
+                        try await Task.sleep(for: .milliseconds(5))
+                    }
                 }
                 return (got, ok)
             }
+            // The flood starts once the transfer is under way.
+            let started = await eventually(timeout: 30) { progress.received.load(ordering: .relaxed) > 0 }
+            try #require(started, "the download never started")
             let (ch, _) = try await RawUDP.open()
             let target = try SocketAddress(ipAddress: "127.0.0.1", port: port)
             for i in 0..<3000 {
@@ -170,6 +186,10 @@ enum Garbage {
                 }
             }
             ch.flush()
+            // The flood overlapped the transfer: it began after the first bytes and ended before the last.
+            let atFloodEnd = progress.received.load(ordering: .relaxed)
+            progress.floodOver.store(true, ordering: .relaxed)
+            #expect(atFloodEnd > 0 && atFloodEnd < n, "received \(atFloodEnd) of \(n) bytes when the flood ended")
             let (got, ok) = try await download.value
             #expect(got == n)
             #expect(ok)

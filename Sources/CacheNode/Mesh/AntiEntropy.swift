@@ -214,9 +214,11 @@ final class AntiEntropy: Sendable {
         }
     }
 
-    /// A draining node's hand-off: for every local blob, its owners among the *other* live
-    /// members are asked (one request per owner per batch); a blob none of them holds goes to the
-    /// best-ranked of them. Stops at `deadline` (the rest counts as unchecked). With R = 1 nothing
+    /// A draining node's hand-off of its sole copies: for every local blob, its owners among the
+    /// *other* live members and the holders the locality map names are asked (one request per
+    /// node per batch: a fact in the map may be stale); a blob none of them holds goes to the
+    /// best-ranked owner (the next if that copy fails). Blobs held elsewhere are left to the
+    /// others' anti-entropy, which the leave wakes. Stops at `deadline` (the rest counts as unchecked). With R = 1 nothing
     /// is handed off (one copy was asked for; the blobs come back with the node).
     func handOff(mesh: MeshService, deadline: ContinuousClock.Instant) async -> (handed: Int, failed: Int, unchecked: Int) {
         let replicas = mesh.settings.replication
@@ -227,19 +229,22 @@ final class AntiEntropy: Sendable {
         while offset < digests.count, ContinuousClock.now < deadline {
             let batch = Array(digests[offset..<min(offset + settings.batch, digests.count)])
             offset += batch.count
-            let (owners, endpoints) = mesh.core.withLock { c -> ([String: [NodeID]], [NodeID: FetchSource]) in
+            let (owners, asked, endpoints) = mesh.core.withLock { c -> ([String: [NodeID]], [String: [NodeID]], [NodeID: FetchSource]) in
                 let others = c.membership.liveMembers.filter { $0 != me }
-                var owners: [String: [NodeID]] = [:], endpoints: [NodeID: FetchSource] = [:]
+                var owners: [String: [NodeID]] = [:], asked: [String: [NodeID]] = [:], endpoints: [NodeID: FetchSource] = [:]
+                let now = mesh.now()
                 for d in batch {
-                    guard let key = MeshService.placementKey(d.hash) else { continue }
+                    guard let key = MeshService.placementKey(d.hash), let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { continue }
                     let o = Placement.owners(of: key, live: others, replicas: replicas)
                     owners[d.hash] = o
-                    for n in o where endpoints[n] == nil { endpoints[n] = mesh.target(n, in: c) }
+                    let ask = Array(Set(o + c.holders(of: md, now: now).filter { $0 != me }))
+                    asked[d.hash] = ask
+                    for n in ask where endpoints[n] == nil { endpoints[n] = mesh.target(n, in: c) }
                 }
-                return (owners, endpoints)
+                return (owners, asked, endpoints)
             }
             var askOf: [NodeID: [String]] = [:]
-            for (hash, o) in owners { for n in o { askOf[n, default: []].append(hash) } }
+            for (hash, nodes) in asked { for n in nodes { askOf[n, default: []].append(hash) } }
             var held: [NodeID: Set<String>] = [:]
             await withTaskGroup(of: (NodeID, Set<String>?).self) { group in
                 for (n, hashes) in askOf {
@@ -249,9 +254,9 @@ final class AntiEntropy: Sendable {
                 for await (n, answer) in group { if let answer { held[n] = answer } }
             }
             for d in batch {
-                guard let o = owners[d.hash], !o.contains(where: { held[$0]?.contains(d.hash) == true }) else { continue }
-                // Nobody that owns it answered "held" (or could be asked): copy to the best owner
-                // that can be reached, the next one if that copy fails.
+                guard let o = owners[d.hash], !(asked[d.hash] ?? []).contains(where: { held[$0]?.contains(d.hash) == true }) else { continue }
+                // Nobody asked answered "held" (or could be asked): a sole copy. Copy it to the
+                // best owner that can be reached, the next one if that copy fails.
                 var done = false
                 for n in o {
                     guard let t = endpoints[n] else { continue }

@@ -220,7 +220,7 @@ public final class MeshService: MeshHooks, Sendable {
                 gossipBytes.received.increment(by: Int64(body.readableBytes))
                 envelope = try JSONDecoder().decode(Envelope.self, from: Data(body.readableBytesView))
             } catch {
-                return .text(400, "bad gossip message: \(error)")
+                return refuse(400, "bad gossip message: \(error)")
             }
             // The certificate says who is talking: a node may only speak for itself.
             guard envelope.from.name == request.peer.commonName else {
@@ -452,16 +452,13 @@ public final class MeshService: MeshHooks, Sendable {
         return FetchSource(name: o.name, endpoint: o.advertiseTCP, quicEndpoint: o.advertiseQUIC, isOrigin: true)
     }
 
-    /// The R−1 mirror targets by rendezvous hashing over the other live members; with `all`, every
-    /// other live member in that order (the ones after the first R−1 replace failed or slow
-    /// copies), suspects last.
-    func mirrorTargets(for d: StoreDigest, excluding: Set<NodeID> = [], all: Bool = false) -> [FetchSource] {
+    /// The R−1 mirror targets (`MeshNode.mirrorCandidates`: rendezvous over the other live
+    /// members, suspects last); with `all`, every candidate in that order (the ones after the first
+    /// R−1 replace failed or slow copies).
+    func mirrorTargets(for d: StoreDigest, all: Bool = false) -> [FetchSource] {
         guard settings.replication > 1, let md = Self.placementKey(d.hash) else { return [] }
         return core.withLock { c in
-            let live = c.membership.liveMembers.filter { $0 != me && !excluding.contains($0) }
-            let alive = live.filter { c.membership.status(of: $0) == .alive }
-            let suspects = live.filter { c.membership.status(of: $0) != .alive }
-            let ranked = Rendezvous.rank(md, over: alive) + Rendezvous.rank(md, over: suspects)
+            let ranked = c.mirrorCandidates(for: md)
             return (all ? ranked : Array(ranked.prefix(settings.replication - 1))).compactMap { target($0, in: c) }
         }
     }

@@ -35,6 +35,18 @@ final class TestRelay: @unchecked Sendable {
         return TestRelay(child: child, port: port)
     }
 
+    /// The value of `key` in one section ("tcp" or "udp") of a counters line
+    /// (`relay: counters … tcp: connections=1 … bytes_to_client=…; udp: mappings=1 …`), parsed
+    /// as a number (a substring match would take `connections=1` for `connections=10`); nil if absent.
+    static func counter(_ key: String, section: String, in line: String) -> Int64? {
+        guard let part = line.components(separatedBy: "\(section): ").dropFirst().first else { return nil }
+        for field in part.split(whereSeparator: { $0 == " " || $0 == ";" }) {
+            let kv = field.split(separator: "=")
+            if kv.count == 2 && kv[0] == key { return Int64(kv[1]) }
+        }
+        return nil
+    }
+
     /// SIGTERM, wait; returns the exit status and the counters line(s) it printed.
     func stop() async -> (status: Int32?, counters: String) {
         child.signal(SIGTERM)

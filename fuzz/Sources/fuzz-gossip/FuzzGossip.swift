@@ -48,7 +48,7 @@ private func apply(_ envelopes: [Envelope], admission: Admission) {
     }
     let d = Digest(w0: 1, w1: 2, w2: 3, w3: 4, sizeBytes: 5)
     _ = node.holders(of: d, now: now + .seconds(400))
-    _ = node.mirrorTargets(for: d, count: 2)
+    _ = node.mirrorCandidates(for: d)
     _ = node.leave(now: now + .seconds(401))
 }
 
