@@ -147,19 +147,10 @@ final class TestMesh: @unchecked Sendable {
         children[n] = try ChildProcess([try Paths.cachemesh(), "node", "--topology", dir.file("topology.toml"), "--name", n, "--log-level", logLevel])
     }
 
+    /// A port free for both TCP and UDP, outside the ephemeral range (`LoopbackPorts`).
     static func freePort(udp: Bool = false) throws -> Int {
-        let fd = socket(AF_INET, Int32(udp ? SOCK_DGRAM.rawValue : SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        addr.sin_port = 0
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let ok = withUnsafeMutablePointer(to: &addr) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
-        }
-        guard ok else { throw HarnessError("no free port") }
-        return Int(UInt16(bigEndian: addr.sin_port))
+        guard let p = LoopbackPorts.pick() else { throw HarnessError("no free port") }
+        return p
     }
 
     func client(_ n: String, as who: String = "client") async throws -> CacheClient {
@@ -558,11 +549,13 @@ struct MeshTests {
         // at that moment — one, or two when gossip was beside a fetch — fell back to TCP once,
         // at the request stage, and nothing else did; nothing stalled.
         let peer3Log = mesh.children["peer3"]!.stderr
+        let remote = "remote=127.0.0.1:\(mesh.ports["peer2"]!)"
         let resets = peer3Log.split(separator: "\n").filter {
-            $0.contains("stateless reset") && $0.contains("127.0.0.1:\(mesh.ports["peer2"]!) ")
+            $0.contains("stateless reset") && $0.split(separator: " ").contains { $0 == remote }
         }
         try #require(resets.count == 1, "peer3's connection to peer2 was not reset once: \(resets)\n\(peer3Log.suffix(3000))")
-        let inFlight = resets[0].split(separator: " ").first { $0.hasPrefix("requests=") }.flatMap { Int($0.dropFirst("requests=".count)) }
+        // "QUIC connection failed with N request(s) in flight: …"
+        let inFlight = resets[0].range(of: "failed with ").flatMap { r in Int(resets[0][r.upperBound...].prefix { $0.isNumber }) }
         let fallbacks = try await mesh.metric("peer3", "cachemesh_mesh_quic_fallbacks_total") - fallbacksBefore
         let lines = fallbackLines().dropFirst(fallbackLinesBefore)
         #expect(inFlight != nil && fallbacks == Double(inFlight!) && lines.count == inFlight!, "\(fallbacks) fallbacks for \(resets[0]): \(lines)")

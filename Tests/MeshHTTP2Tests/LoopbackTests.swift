@@ -219,9 +219,14 @@ final class TestService: HTTPService {
 
     @Test func clientRefusesServerWithWrongName() async throws {
         try await Self.withServer { _, port, _ in
-            // A TLS verification failure, not just any error (a refused connect would pass too).
-            await #expect(throws: TLSError.self) {
+            // A refused server certificate, for its name — not just any error (a refused connect
+            // or another CA would pass too).
+            do {
                 _ = try await HTTP2Connection.connect(host: "127.0.0.1", port: port, credentials: try Self.creds("client"), serverName: "wrong.example")
+                Issue.record("connected to a server whose certificate is not for wrong.example")
+            } catch let e as PeerCertificateRejected {
+                #expect(e.weAreClient)
+                #expect(e.reason.contains("not for the name or address we connected to"), "\(e)")
             }
         }
     }
