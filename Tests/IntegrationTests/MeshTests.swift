@@ -33,6 +33,9 @@ final class TestMesh: @unchecked Sendable {
         var logLevel = "info"
         /// `[repair] interval_seconds` (nil: the default).
         var repairInterval: Int?
+        /// `[repair] enabled = false`: placed blobs stay where they were put (tests of other
+        /// features that place blobs off their owners on purpose).
+        var repairEnabled = true
     }
 
     let logLevel: String
@@ -50,7 +53,10 @@ final class TestMesh: @unchecked Sendable {
             ports[n] = port
         }
         var toml = "name = \"it-mesh\"\nca = \"\(certs.ca)\"\nreplication = \(options.replication)\nwrite_quorum = \(options.writeQuorum)\n"
-        if let i = options.repairInterval { toml += "[repair]\ninterval_seconds = \(i)\n" }
+        if options.repairInterval != nil || !options.repairEnabled {
+            toml += "[repair]\nenabled = \(options.repairEnabled)\n"
+            if let i = options.repairInterval { toml += "interval_seconds = \(i)\n" }
+        }
         toml += "[fetch]\nstrategy = \"\(options.strategy)\"\ntransport = \"quic\"\norigin_write_through = \(options.writeThrough)\n"
         for n in names {
             // Every node serves HTTP/3 on the UDP port with the TCP port's number.
@@ -262,7 +268,10 @@ struct MeshTests {
     @Test("SIGTERM of a peer: its connections get GOAWAY, it hands off exactly its sole copy (not blobs others hold), exits 0, and the others see it leave",
           .timeLimit(.minutes(3)))
     func sigtermHandsOffSoleCopies() async throws {
-        let mesh = try await TestMesh()
+        // Anti-entropy off: a pass before the SIGTERM would copy the sole blob onto its owners.
+        var options = TestMesh.Options()
+        options.repairEnabled = false
+        let mesh = try await TestMesh(options)
         defer { mesh.stopAll() }
         try await mesh.converge()
         let drainer = "peer2"
@@ -400,7 +409,10 @@ struct MeshTests {
         let c = try await mesh.client("peer1")
         var slowest: Duration = .zero
         for _ in 0..<20 {
-            let data = randomBytes(50_000)
+            // A blob whose first mirror candidate from peer1 is peer3, so every PUT aims a copy at
+            // the frozen node (until it turns suspect and ranks last).
+            var data = randomBytes(50_000)
+            while PlacementOracle.rank(SHA256.hex(data), over: ["origin", "peer2", "peer3"]).first != "peer3" { data = randomBytes(50_000) }
             let started = ContinuousClock.now
             let d = try await c.put(bytes: data)
             slowest = max(slowest, ContinuousClock.now - started)
@@ -420,7 +432,10 @@ struct MeshTests {
     @Test("a draining node answers 503 (go elsewhere), not 404, for a blob it does not hold",
           .timeLimit(.minutes(3)))
     func drainingNodeSendsClientsElsewhere() async throws {
-        let mesh = try await TestMesh()
+        // Anti-entropy off: it could copy the placed blobs onto peer2 (one of their owners).
+        var options = TestMesh.Options()
+        options.repairEnabled = false
+        let mesh = try await TestMesh(options)
         defer { mesh.stopAll() }
         try await mesh.converge()
         // Blobs the mesh holds, but not peer2 (each GET uses the next one: a GET served before the
