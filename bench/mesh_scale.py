@@ -536,9 +536,13 @@ class Bench:
         """Polls cond() until it returns a true value; (value, seconds) or raises BenchFailure."""
         t0 = time.time()
         last = None
+        rounds = []
         while time.time() - t0 < timeout:
             self.mesh.check_alive()
+            t = time.time()
             last = cond()
+            rounds.append(time.time() - t)
+            self.poll_rounds = rounds
             if last and last[0]:
                 return last, time.time() - t0
             time.sleep(interval)
@@ -583,7 +587,7 @@ class Bench:
         self.r["phases"]["membership"] = {
             "spawn_s": round(spawned, 2), "all_listening_s": round(listening, 2), "converged_s": round(total, 2),
             "per_node_p50_s": round(pct(list(first.values()), 50), 2), "per_node_max_s": round(max(first.values()), 2),
-            "poll_interval_s": 0.25,
+            "poll_interval_s": 0.25, "poll_round_s_mean": round(statistics.mean(self.poll_rounds), 2),
         }
         log(f"membership: all {len(m.names)} alive everywhere {total:.2f} s after the first spawn "
             f"(all listening at {listening:.2f} s)")
@@ -634,20 +638,45 @@ class Bench:
             "converged_after_first_put_s": round(time.time() - t_first, 2),
             "per_node_p50_s": round(pct(list(first_all.values()), 50), 2), "per_node_max_s": round(max(first_all.values()), 2),
             "copies_per_blob": {str(c): copies.count(c) for c in sorted(set(copies))},
+            "poll_round_s_mean": round(statistics.mean(self.poll_rounds), 2),
             "pairs_per_node_target_mean": round(statistics.mean(target.values()), 1),
             "entries_before": sum(base.values()),
         }
         log(f"locality: {len(digests)} blobs, every node knows every holder {took:.2f} s after the last ack")
 
-    def phase_gossip(self):
-        m, a = self.mesh, self.args
+    def gossip_rates(self, window):
+        m = self.mesh
         key_s, key_r = 'cachemesh_gossip_bytes_total{direction="sent"}', 'cachemesh_gossip_bytes_total{direction="received"}'
         m0, t0 = m.metrics(m.names), time.time()
-        time.sleep(a.steady)
-        m1, t1 = m.metrics(m.names), time.time()
+        # Sampled every 5 s as well: whether the rate is flat over the window (steady) or decays.
+        self.gossip_timeline = []
+        prev, tp = m0, t0
+        while time.time() - t0 < window - 0.5:
+            time.sleep(min(5.0, max(0.0, window - (time.time() - t0))))
+            cur, tc = m.metrics(m.names), time.time()
+            rates = [(cur[n].get(key_s, 0) - prev[n].get(key_s, 0)) / (tc - tp) for n in m.names if n in cur and n in prev]
+            if rates:
+                self.gossip_timeline.append((round(tc - t0, 1), round(statistics.mean(rates), 1)))
+            prev, tp = cur, tc
+        m1, t1 = prev, tp
         span = t1 - t0
         sent = {n: (m1[n].get(key_s, 0) - m0[n].get(key_s, 0)) / span for n in m.names if n in m0 and n in m1}
         recv = {n: (m1[n].get(key_r, 0) - m0[n].get(key_r, 0)) / span for n in m.names if n in m0 and n in m1}
+        return span, sent, recv
+
+    def phase_idle_gossip(self):
+        """Gossip of the converged mesh before any blob exists (closest to the simulation's set-up)."""
+        if self.args.idle_window <= 0:
+            return
+        time.sleep(3)  # the joins' alive updates finish their retransmissions
+        span, sent, _ = self.gossip_rates(self.args.idle_window)
+        self.r["phases"]["gossip_idle"] = {"window_s": round(span, 1), "timeline_5s": self.gossip_timeline, "sent_bytes_per_node_per_s_mean": round(statistics.mean(sent.values()), 1),
+                                           "sent_min": round(min(sent.values()), 1), "sent_max": round(max(sent.values()), 1)}
+        log(f"gossip, no blobs yet: {self.r['phases']['gossip_idle']['sent_bytes_per_node_per_s_mean']} B/node/s over {span:.0f} s")
+
+    def phase_gossip(self):
+        m, a = self.mesh, self.args
+        span, sent, recv = self.gossip_rates(a.steady)
         if not sent or all(v == 0 for v in sent.values()):
             self.problem("cachemesh_gossip_bytes_total is missing or did not move: is the binary older than the metric?")
         sim = self.simulation
@@ -657,6 +686,7 @@ class Bench:
             "sent_min": round(min(sent.values()), 1) if sent else None, "sent_max": round(max(sent.values()), 1) if sent else None,
             "origin_sent": round(sent.get("origin", 0), 1),
             "received_bytes_per_node_per_s_mean": round(statistics.mean(recv.values()), 1) if recv else None,
+            "timeline_5s": self.gossip_timeline,
             "simulation": sim,
         }
         g = self.r["phases"]["gossip"]
@@ -752,17 +782,30 @@ class Bench:
         load.s["phase"] = "after restart"
         acked_before_restart = self.blobs.snapshot()
         t_restart = time.time()
+        # The blobs acknowledged before the restart are checked from the restart on (also while
+        # the victims rejoin and the load goes on), every poll.
+        ch["gap_timeline_pre_restart_blobs"] = tl_pre = []
+        t_pre = None
+
+        def check_pre():
+            nonlocal t_pre
+            if t_pre is None:
+                g = self.placement_gaps(acked_before_restart, m.names, tl_pre)
+                if not g[0] and not g[1]:
+                    t_pre = time.time()
         for v in victims:
             m.expected_down.discard(v)
             m.spawn(v)
         m.wait_listening(victims, 60)
         self.wait_until("every node to see all members alive again",
-                        lambda: self.members_view(m.names, m.names)[:2], a.converge_timeout)
+                        lambda: (check_pre(), self.members_view(m.names, m.names)[:2])[1], a.converge_timeout)
         t_back = time.time()
         ch["rejoined_s"] = round(t_back - t_restart, 2)
         ch["down_s"] = round(t_restart - t_kill, 2)
         log(f"churn: victims restarted; all {len(m.names)} alive everywhere {t_back - t_restart:.2f} s after the restart")
-        time.sleep(a.after_restart_load)
+        while time.time() - t_back < a.after_restart_load:
+            check_pre()
+            time.sleep(0.5)
         load.stop_event.set()
         load.join(timeout=60)
         t_load_end = time.time()
@@ -770,18 +813,13 @@ class Bench:
         ch["acked_before_restart"] = len(acked_before_restart)
         ch["acked_total"] = len(final)
         ch["gap_timeline_all"] = tl = []
-        t_pre = None
         last_gaps = []
         try:
             def cond():
+                check_pre()
                 g = self.placement_gaps(final, m.names, tl)
                 if g[0]:
                     last_gaps[:] = g[0]
-                nonlocal t_pre
-                if t_pre is None:
-                    pre = set(acked_before_restart)
-                    if not any(d in pre for d, _, _ in g[0]) and not any(d in pre for d in g[1]):
-                        t_pre = time.time()
                 return not g[0] and not g[1], f"{len(g[0])} off their owners, {len(g[1])} with no copy"
             self.wait_until("every acknowledged blob to be on its owners among all nodes", cond, a.restore_timeout, interval=0.5)
             ch["restored_pre_restart_blobs_after_restart_s"] = round(t_pre - t_restart, 2) if t_pre else None
@@ -932,6 +970,7 @@ class Bench:
         failure = None
         try:
             self.phase_membership()
+            self.phase_idle_gossip()
             self.phase_locality()
             self.phase_gossip()
             self.phase_churn()
@@ -992,20 +1031,26 @@ def markdown(r):
     mem = ph.get("membership")
     if mem:
         L.append(f"| membership convergence (first spawn → every node lists all {meta['nodes']} alive) | **{mem['converged_s']} s** "
-                 f"(all listening at {mem['all_listening_s']} s; per node p50 {mem['per_node_p50_s']} s, max {mem['per_node_max_s']} s) |")
+                 f"(all listening at {mem['all_listening_s']} s; per node p50 {mem['per_node_p50_s']} s, max {mem['per_node_max_s']} s; "
+                 f"one poll of all nodes took {mem.get('poll_round_s_mean')} s + 0.25 s pause: the resolution) |")
     loc = ph.get("locality")
     if loc:
         L.append(f"| locality convergence ({loc['blobs']} PUTs at random nodes → every node's map holds every (blob, holder) pair on disk) | "
                  f"**{loc['converged_after_last_ack_s']} s** after the last ack ({loc['converged_after_first_put_s']} s after the first PUT; "
                  f"PUTs took {loc['puts_took_s']} s, p50 {loc['put_p50_ms']} ms; per node p50 {loc['per_node_p50_s']} s, max {loc['per_node_max_s']} s; "
+                 f"a poll round took {loc.get('poll_round_s_mean')} s; "
                  f"copies per blob {loc['copies_per_blob']}) |")
     g = ph.get("gossip")
     if g:
         sim = g.get("simulation") or {}
         L.append(f"| gossip bytes sent per node per second, steady state ({g['window_s']} s) | **{g['sent_bytes_per_node_per_s_mean']}** "
                  f"(min {g['sent_min']}, max {g['sent_max']}, origin {g['origin_sent']}; received mean {g['received_bytes_per_node_per_s_mean']}) "
-                 f"vs simulation for N = {meta['nodes']}: **{sim.get('bytes_per_node_per_s_mean', '—')}** (of which push-pull "
+                 f"(every 5 s: {', '.join(str(v) for _, v in g.get('timeline_5s', []))}) vs simulation for N = {meta['nodes']}: **{sim.get('bytes_per_node_per_s_mean', '—')}** (of which push-pull "
                  f"{sim.get('push_pull_bytes_per_node_per_s_mean', '—')}; mean of {sim.get('seeds', '?')} seeds) |")
+    gi = ph.get("gossip_idle")
+    if gi:
+        L.append(f"| gossip bytes sent per node per second, converged mesh before any blob ({gi['window_s']} s) | {gi['sent_bytes_per_node_per_s_mean']} "
+                 f"(min {gi['sent_min']}, max {gi['sent_max']}; every 5 s: {', '.join(str(v) for _, v in gi.get('timeline_5s', []))}) |")
     ch = ph.get("churn")
     if ch:
         ld = ch.get("load", {})
@@ -1091,6 +1136,7 @@ def main():
     ap.add_argument("--repair-interval", type=int, default=20, help="[repair] interval_seconds")
     ap.add_argument("--repair-rate", type=int, default=20000, help="[repair] blobs_per_second")
     ap.add_argument("--steady", type=float, default=30, help="gossip measurement window, seconds")
+    ap.add_argument("--idle-window", type=float, default=15, help="gossip window before any PUT, seconds (0: skip)")
     ap.add_argument("--kill-fraction", type=float, default=0.25)
     ap.add_argument("--load-rate", type=float, default=4, help="churn load, operations per second")
     ap.add_argument("--warm", type=float, default=8, help="load before the kill, seconds")
