@@ -451,7 +451,7 @@ class Load(threading.Thread):
         self.stop_event = threading.Event()
         self.s = {"puts": 0, "puts_acked": 0, "puts_failed": 0, "put_attempt_codes": {}, "put_latency_s": [],
                   "gets": 0, "gets_ok": 0, "gets_failed": 0, "gets_corrupt": 0, "get_attempt_codes": {},
-                  "get_latency_s": [], "failed_gets": [], "corrupt_gets": [], "phase": "warm-up"}
+                  "get_latency_s": [], "failed_gets": [], "corrupt_gets": [], "slow_puts": [], "phase": "warm-up"}
         self.tmpfile = os.path.join(mesh.tmp, "load-get.bin")
 
     def attempt_nodes(self):
@@ -478,12 +478,17 @@ class Load(threading.Thread):
         d, path = self.blobs.make()
         self.s["puts"] += 1
         t = time.time()
+        tries = []
         for node in self.attempt_nodes():
-            code, _, _ = self.mesh.put(node, path, d, timeout=15)
+            code, took, _ = self.mesh.put(node, path, d, timeout=15)
+            tries.append((node, code, round(took, 3)))
             self.count("put_attempt_codes", code)
             if code in (200, 201):
                 self.s["puts_acked"] += 1
                 self.s["put_latency_s"].append(time.time() - t)
+                if time.time() - t > 1.0:
+                    self.s["slow_puts"].append({"digest": d, "at_s": round(t - T0, 1), "took_s": round(time.time() - t, 2),
+                                                "attempts": tries, "phase": self.s["phase"]})
                 self.blobs.ack(d, self.s["phase"])
                 return
             if code not in (0, 502, 503, 504):
@@ -754,6 +759,7 @@ class Bench:
                                   lambda: self.members_view(survivors, survivors, victims)[:2], a.converge_timeout)
         t_dead = time.time()
         ch["declared_dead_s"] = round(t_dead - t_kill, 2)
+        ch["kill_at_s"], ch["dead_at_s"] = round(t_kill - T0, 1), round(t_dead - T0, 1)
         log(f"churn: all survivors declare the {k} victims dead {t_dead - t_kill:.2f} s after the kill")
 
         # R restored among the survivors, for the blobs acknowledged up to now that have a live copy.
@@ -801,6 +807,7 @@ class Bench:
                         lambda: (check_pre(), self.members_view(m.names, m.names)[:2])[1], a.converge_timeout)
         t_back = time.time()
         ch["rejoined_s"] = round(t_back - t_restart, 2)
+        ch["restart_at_s"] = round(t_restart - T0, 1)
         ch["down_s"] = round(t_restart - t_kill, 2)
         log(f"churn: victims restarted; all {len(m.names)} alive everywhere {t_back - t_restart:.2f} s after the restart")
         while time.time() - t_back < a.after_restart_load:
@@ -1166,6 +1173,9 @@ def main():
     try:
         bench = Bench(args)
         rc = bench.run()
+    except KeyboardInterrupt:
+        log("interrupted (SIGINT, or SIGTERM from the time bound): stopping every node this run started")
+        rc = 2
     finally:
         kill_all()
         if bench and not args.keep:
