@@ -726,7 +726,7 @@ final class QUICCore {
                 batchStart = sizes.count
                 destination = other
                 if remoteAddress != other {
-                    logger.debug("QUIC peer address changed", metadata: ["from": "\(remoteAddress)", "to": "\(other)"])
+                    logger.debug("QUIC peer address changed", metadata: ["from": "\(remoteAddress.endpoint)", "to": "\(other.endpoint)"])
                     remoteAddress = other
                 }
             }
@@ -1424,7 +1424,7 @@ final class QUICCore {
             var st = ngtcp2_conn_stat()
             cm_ngtcp2_conn_get_conn_stat(self.conn, &st)
             guard st.pto_count >= 2 else { return }
-            let why = "nothing from \(self.remoteAddress) for \(silent.components.seconds).\(silent.components.attoseconds / 100_000_000_000_000_000) s while \(outstanding) request(s) were outstanding"
+            let why = "nothing from \(self.remoteAddress.endpoint) for \(silent.components.seconds).\(silent.components.attoseconds / 100_000_000_000_000_000) s while \(outstanding) request(s) were outstanding"
             self.logger.notice("QUIC path went dark: closing the connection", metadata: ["why": "\(why)"])
             var e = ngtcp2_connection_close_error()
             ngtcp2_connection_close_error_set_application_error(&e, UInt64(NGHTTP3_H3_NO_ERROR), nil, 0)
