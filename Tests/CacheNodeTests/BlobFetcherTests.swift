@@ -150,10 +150,12 @@ final class FakeMesh: MeshRequester {
     @Test func anAnsweringSourceIsNotHedgedEvenIfItsBodyIsSlow() async throws {
         defer { try? FileManager.default.removeItem(at: dir) }
         let s = try store()
-        // The peer answers at once and streams a "large" body slowly (2 × 700 ms), well past the
-        // 500 ms hedge delay: a hedge would only pull the blob from the origin a second time.
-        let mesh = FakeMesh(["peer": .init(delay: .milliseconds(700), bytes: blob), "origin": .init(bytes: blob)])
-        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .hedged(.milliseconds(500)) })
+        // The peer answers at once and streams a "large" body slowly (2 × 3.5 s), well past the
+        // 3 s hedge delay: a hedge would only pull the blob from the origin a second time. (The
+        // delay leaves a starved 2-core CI run seconds to deliver the peer's answer: with 500 ms
+        // the hedge fired before the answer was processed.)
+        let mesh = FakeMesh(["peer": .init(delay: .milliseconds(3_500), bytes: blob), "origin": .init(bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .hedged(.seconds(3)) })
         let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("peer"), src("origin", origin: true)])
         #expect(r.source.name == "peer")
         #expect(r.legsStarted == 1)
