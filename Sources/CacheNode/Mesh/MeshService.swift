@@ -403,14 +403,18 @@ public final class MeshService: MeshHooks, Sendable {
         core.withLock { $0.gained(md, now: now()) }
     }
 
-    /// R−1 mirrors by rendezvous hashing over the other live members; acknowledged after W copies
-    /// (this one included) are durable. With origin write-through the origin also gets a copy,
+    /// Mirrors by rendezvous hashing over the other live members — R − 1 when this node is one of
+    /// the blob's owners, R when it is not, so the owners hold it without waiting for
+    /// anti-entropy; acknowledged after W copies (this one included) are durable. With origin write-through the origin also gets a copy,
     /// which is required before the write is acknowledged (and counts toward W).
     public func stored(_ d: StoreDigest) async throws {
         announce(d)
         var targets = mirrorTargets(for: d, all: true)
         let quorum = max(0, settings.writeQuorum - 1)
-        let copies = settings.replication - 1
+        // R − 1 others when this node is one of the blob's R owners; R when it is not (its own copy
+        // is then a bonus, and every owner is owed one — the copies beyond W finish in the
+        // background, so the acknowledgement does not wait for them).
+        let copies = settings.replication - (isOwner(of: d) ? 1 : 0)
         guard settings.fetch.originWriteThrough, node.role != .origin else {
             try await mirror.replicate(d, candidates: targets, copies: copies, quorum: quorum, isAlive: isAlive)
             return
@@ -422,6 +426,14 @@ public final class MeshService: MeshHooks, Sendable {
         async let toOrigin: Void = mirror.replicate(d, to: [origin], quorum: 1)
         try await mirror.replicate(d, candidates: targets, copies: copies - 1, quorum: max(0, quorum - 1), isAlive: isAlive)
         try await toOrigin
+    }
+
+    /// Whether this node is one of `d`'s R owners among the live members (`Placement`).
+    func isOwner(of d: StoreDigest) -> Bool {
+        guard let key = Self.placementKey(d.hash) else { return true }
+        return core.withLock { c in
+            Placement.owners(of: key, live: c.membership.liveMembers + [me], replicas: settings.replication).contains(me)
+        }
     }
 
     /// Whether membership counts the member behind `source` alive (not suspect, dead or gone).
