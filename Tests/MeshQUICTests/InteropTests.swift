@@ -67,9 +67,12 @@ import TestSupport
             defer { try? FileManager.default.removeItem(atPath: dir) }
             let n = 3_000_000
             let args = ["-q", "--key", QUICTestCerts.path("client.key"), "--cert", QUICTestCerts.path("client.pem"),
-                        "--download", dir, "--exit-on-all-streams-close", "--timeout", "5s",
+                        // gtlsclient's idle timeout: generous, a starved 2-core CI run once
+                        // left the connection silent for 5 s and gtlsclient gave up (exit 0,
+                        // nothing downloaded).
+                        "--download", dir, "--exit-on-all-streams-close", "--timeout", "30s",
                         "127.0.0.1", String(port), "https://127.0.0.1:\(port)/pattern/\(n)"]
-            let (status, output) = try await Self.run(gtlsclient, args, timeout: 30)
+            let (status, output) = try await Self.run(gtlsclient, args, timeout: 90)
             #expect(status == 0, "gtlsclient: \(output.suffix(2000))")
             let data = FileManager.default.contents(atPath: "\(dir)/\(n)") ?? Data()
             #expect(data.count == n)
@@ -86,9 +89,9 @@ import TestSupport
     @Test func gtlsclientWithoutCertificateIsRefused() async throws {
         let gtlsclient = try Self.tool(Self.gtlsclient, package: "ngtcp2-client")
         try await QUICTestServer.with { server, port, service in
-            let args = ["-q", "--exit-on-all-streams-close", "--timeout", "3s",
+            let args = ["-q", "--exit-on-all-streams-close", "--timeout", "20s",
                         "127.0.0.1", String(port), "https://127.0.0.1:\(port)/pattern/10"]
-            let (status, output) = try await Self.run(gtlsclient, args, timeout: 20)
+            let (status, output) = try await Self.run(gtlsclient, args, timeout: 60)
             // gtlsclient ran to its end (it exits 0 when the peer closes the connection; killed
             // by our timeout it would be 9) and saw our CONNECTION_CLOSE (its connection went to
             // the draining state) — not a timeout of a server it never reached. The server took
