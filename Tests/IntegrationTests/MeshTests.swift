@@ -314,8 +314,12 @@ struct MeshTests {
         defer { mesh.stopAll() }
         try await mesh.converge()
         // One blob written at peer1 and fetched at a peer without a copy: one fetch won by a peer or the origin.
+        // A blob peer1 owns (with one other node), so its one mirror copy leaves peer2 or peer3
+        // without it (a writer that is not an owner copies to both owners).
+        var bytes = randomBytes(50_000)
+        while !PlacementOracle.owners(of: SHA256.hex(bytes), among: mesh.names, replicas: 2).contains("peer1") { bytes = randomBytes(50_000) }
         let c1 = try await mesh.client("peer1")
-        let d = try await c1.put(bytes: randomBytes(50_000))
+        let d = try await c1.put(bytes: bytes)
         await c1.close()
         let target = try #require(["peer2", "peer3"].first { !mesh.holds($0, d.hash) }, "W = 2 left both peer2 and peer3 a copy")
         let ct = try await mesh.client(target)
