@@ -107,6 +107,7 @@ public final class CacheService: HTTPService {
     public struct Info: Sendable {
         public var name: String
         public var listen: [String: String]
+        public var localRole: String?
         public init(name: String, listen: [String: String]) {
             self.name = name
             self.listen = listen
@@ -134,6 +135,11 @@ public final class CacheService: HTTPService {
         self.info = Mutex(info)
         self.logger = logger
         self.requests = Metrics.Counter(label: "cachemesh_http_requests_total")
+    }
+
+    /// The role the local endpoint gives (nil: no local endpoint), for `/status`.
+    public func setLocalRole(_ role: String?) {
+        info.withLock { $0.localRole = role }
     }
 
     /// Record a bound listener (e.g. after binding port 0) for `/status`.
@@ -242,6 +248,28 @@ public final class CacheService: HTTPService {
         if head.method == "GET" { store.recordBytesOut(Int64(bytes.readableBytes)) }
         return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream", "x-cachemesh-source": "local"],
                             body: .bytes(bytes))
+    }
+
+    /// A PUT the node will refuse whatever its body: a role that may not write, a declared length
+    /// over what the store (or the action cache) takes. HTTP/1.1 answers it before reading the
+    /// body (instead of `100 Continue`).
+    public func earlyRefusal(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse? {
+        guard head.method == "PUT", !GRPCRouter.isGRPC(head), !head.path.hasPrefix("/mesh/") else { return nil }
+        let route = Route.parse(head.path)
+        switch route {
+        case .cas, .ac:
+            guard let role = peer.role else { return forbidden(peer, "no role in client certificate") }
+            guard role.canWrite else { return forbidden(peer, "role \(role.rawValue) may not write") }
+            guard let n = head.contentLength else { return nil }
+            if case .ac = route, n > Self.maxActionBytes {
+                return .text(413, "action cache entry too large: \(n) bytes (limit \(Self.maxActionBytes))")
+            }
+            let max = store.stats.maxBytes
+            if n > max { return .text(413, "\(BlobStoreError.tooLarge(size: n, limit: max))") }
+            return nil
+        default:
+            return nil
+        }
     }
 
     /// Header on mirror copies: the receiving node stores the blob but does not mirror it again.
@@ -365,7 +393,8 @@ public final class CacheService: HTTPService {
         let mesh = self.mesh?.status(members: peer.authenticated && peer.role != nil)
         return NodeStatus(
             name: info.name, role: mesh?.role ?? "standalone",
-            listen: .init(tcp: info.listen["tcp"], quic: info.listen["quic"]),
+            listen: .init(tcp: info.listen["tcp"], quic: info.listen["quic"], local: info.listen["local"],
+                          localSocket: info.listen["local_socket"], localRole: info.localRole),
             uptimeSeconds: (ContinuousClock.now - startTime).components.seconds,
             draining: draining.withLock { $0 },
             you: .init(commonName: peer.commonName, role: peer.role?.rawValue, authenticated: peer.authenticated),

@@ -1,0 +1,267 @@
+import BlobStore
+import Foundation
+import Testing
+
+// MARK: - Helpers for the local endpoint (plaintext HTTP/1.1, h2c, unix socket)
+
+extension TestNode {
+    /// The local endpoint's TCP port, from the "cachemesh: listening local=…" line.
+    var localPort: Int? {
+        child.stdout.split(separator: "\n").first { $0.hasPrefix("cachemesh: listening local=") }
+            .flatMap { $0.split(separator: " ")[2].split(separator: ":").last }.flatMap { Int($0) }
+    }
+
+    func localURL(_ path: String) -> String { "http://127.0.0.1:\(localPort ?? 0)\(path)" }
+
+    /// A TLS node (mTLS on its own port, as always) with a local endpoint on 127.0.0.1:0 and
+    /// optionally a unix socket.
+    static func startWithLocal(role: String? = nil, socket: String? = nil, maxBytes: String = "256M", extra: [String] = []) async throws -> TestNode {
+        var args = ["--local-listen", "127.0.0.1:0"]
+        if let role { args += ["--local-role", role] }
+        if let socket { args += ["--local-socket", socket] }
+        let node = try await TestNode.start(maxBytes: maxBytes, extraArguments: args + extra)
+        guard node.localPort != nil else {
+            node.cleanUp()
+            throw HarnessError("the node did not report its local endpoint: \(node.child.stdout)")
+        }
+        return node
+    }
+}
+
+/// Plain curl (no TLS options): for http:// URLs and unix sockets.
+func plainCurl(_ arguments: [String], timeout: Double = 120) async throws -> CurlResult {
+    let marker = "\n@@CURL@@ "
+    let r = try await run(["curl", "-sS", "--max-time", "60"] + arguments + ["-w", "\(marker)%{http_code} %{http_version}"], timeout: timeout)
+    let out = r.stdout
+    guard let range = out.range(of: marker, options: .backwards) else {
+        return CurlResult(exitCode: r.status, httpCode: "", httpVersion: "", body: out, stderr: r.stderr)
+    }
+    let tail = out[range.upperBound...].split(separator: " ")
+    return CurlResult(exitCode: r.status, httpCode: tail.first.map(String.init) ?? "",
+                      httpVersion: tail.count > 1 ? String(tail[1]) : "", body: String(out[..<range.lowerBound]), stderr: r.stderr)
+}
+
+/// Sends `request` (raw bytes) on one TCP connection (plaintext, or TLS with a client
+/// certificate when `tls` is given) and returns everything the server sent until it closed
+/// the connection, plus whether it did close it (within `seconds`).
+func rawHTTP(port: Int, _ request: [UInt8], tls: (ca: String, cert: String, key: String)? = nil, seconds: Double = 5) async throws -> (response: String, closed: Bool) {
+    let script = """
+    import socket, ssl, sys, time
+    port = int(sys.argv[1]); data = open(sys.argv[2], 'rb').read(); limit = float(sys.argv[3])
+    s = socket.create_connection(("127.0.0.1", port))
+    if len(sys.argv) > 4:
+        ctx = ssl.create_default_context(cafile=sys.argv[4]); ctx.load_cert_chain(sys.argv[5], sys.argv[6])
+        ctx.check_hostname = False; ctx.set_alpn_protocols(["http/1.1"])
+        s = ctx.wrap_socket(s)
+    s.sendall(data)
+    out = b""; closed = False; end = time.time() + limit
+    s.settimeout(0.2)
+    while time.time() < end:
+        try:
+            b = s.recv(65536)
+        except socket.timeout:
+            continue
+        except (ConnectionResetError, ssl.SSLError):
+            closed = True; break
+        if not b:
+            closed = True; break
+        out += b
+    sys.stdout.write(out.decode('latin1'))
+    sys.stdout.write("\\n@@CLOSED@@ %s" % closed)
+    """
+    let dir = try TempDir("raw")
+    defer { dir.remove() }
+    try Data(request).write(to: URL(fileURLWithPath: dir.file("req")))
+    var argv = ["python3", "-c", script, String(port), dir.file("req"), String(seconds)]
+    if let tls { argv += [tls.ca, tls.cert, tls.key] }
+    let r = try await run(argv, timeout: seconds + 30)
+    guard let range = r.stdout.range(of: "\n@@CLOSED@@ ", options: .backwards) else { throw HarnessError("raw client failed: \(r)") }
+    return (String(r.stdout[..<range.lowerBound]), r.stdout[range.upperBound...].hasPrefix("True"))
+}
+
+/// The status codes of the responses in a raw HTTP/1.1 byte stream, in order.
+func statusCodes(_ response: String) -> [Int] {
+    // A status line may follow a binary body directly (no CRLF between them).
+    response.components(separatedBy: "HTTP/1.1 ").dropFirst().compactMap { rest in Int(rest.prefix(3)) }
+}
+
+/// Requests whose framing is ambiguous or broken: each must get 400 and a closed connection.
+func smugglingAttempts(hash: String) -> [(String, String)] {
+    [
+        ("Content-Length with Transfer-Encoding",
+         "PUT /cas/\(hash) HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("Transfer-Encoding then Content-Length",
+         "PUT /cas/\(hash) HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"),
+        ("a bad chunk size", "PUT /cas/\(hash) HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
+        ("a chunk size with a sign", "PUT /cas/\(hash) HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n"),
+        ("obs-fold", "GET /cas/\(hash) HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n"),
+        ("two different Content-Lengths", "PUT /cas/\(hash) HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"),
+        ("a transfer coding other than chunked", "PUT /cas/\(hash) HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+        ("a space before the colon", "GET /cas/\(hash) HTTP/1.1\r\nHost: x\r\nContent-Length : 0\r\n\r\n"),
+        ("no Host header", "GET /cas/\(hash) HTTP/1.1\r\n\r\n"),
+        ("garbage", "NOT HTTP AT ALL\r\n\r\n"),
+        ("a bare LF inside a header value", "GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\nb\r\n\r\n"),
+    ]
+}
+
+@Suite("Local endpoint: HTTP/1.1, h2c and a unix socket against a real node", .serialized, .timeLimit(.minutes(5)))
+struct LocalEndpointTests {
+    @Test("curl --http1.1 on the local endpoint: PUT (100-continue), GET, HEAD, keep-alive reuse, chunked upload, large bodies")
+    func http1RoundTrip() async throws {
+        let node = try await TestNode.startWithLocal()
+        defer { node.cleanUp() }
+        let dir = try TempDir("local-h1")
+        defer { dir.remove() }
+        let file = dir.file("blob")
+        try await makeRandomFile(file, size: 3_000_000)
+        let hash = try await sha256sum(file)
+
+        let miss = try await plainCurl(["--http1.1", "-I", node.localURL("/cas/\(hash)")])
+        #expect(miss.httpCode == "404" && miss.httpVersion == "1.1", "\(miss)")
+
+        // curl sends Expect: 100-continue for an upload this size and waits for the 100.
+        let put = try await plainCurl(["--http1.1", "-v", "-T", file, node.localURL("/cas/\(hash)")])
+        #expect(put.exitCode == 0 && put.httpCode == "201" && put.httpVersion == "1.1", "\(put)")
+        #expect(put.stderr.contains("Expect: 100-continue") && put.stderr.contains("HTTP/1.1 100 Continue"), "\(put.stderr.suffix(1500))")
+
+        // Two GETs and a HEAD in one curl call share one connection (keep-alive).
+        let out1 = dir.file("o1"), out2 = dir.file("o2"), headers = dir.file("h")
+        let gets = try await plainCurl(["--http1.1", "-v", node.localURL("/cas/\(hash)"), "-o", out1, node.localURL("/cas/\(hash)"), "-o", out2])
+        #expect(gets.exitCode == 0 && gets.httpCode == "200", "\(gets)")
+        #expect(gets.stderr.contains("Re-using existing connection"), "the second GET must reuse the connection: \(gets.stderr.suffix(1500))")
+        let sum1 = try await sha256sum(out1), sum2 = try await sha256sum(out2)
+        #expect(sum1 == hash && sum2 == hash, "GET bodies differ from the upload")
+
+        let head = try await plainCurl(["--http1.1", "-I", "-D", headers, "-o", "/dev/null", node.localURL("/cas/\(hash)")])
+        #expect(head.httpCode == "200", "\(head)")
+        let headerText = (try? String(contentsOfFile: headers, encoding: .utf8))?.lowercased() ?? ""
+        #expect(headerText.contains("content-length: 3000000"), "HEAD: \(headerText)")
+
+        // A chunked upload (no Content-Length) streams in too.
+        let file2 = dir.file("blob2")
+        try await makeRandomFile(file2, size: 2_500_000)
+        let hash2 = try await sha256sum(file2)
+        let chunked = try await plainCurl(["--http1.1", "-H", "Transfer-Encoding: chunked", "-T", file2, node.localURL("/cas/\(hash2)")])
+        #expect(chunked.httpCode == "201", "\(chunked)")
+        let back = try await withClient(node) { try await $0.fetch("/cas/\(hash2)") }
+        #expect(back.status == 200 && SHA256.hex(back.body) == hash2, "chunked upload read back over mTLS HTTP/2")
+
+        // The action cache: PUT and GET.
+        let key = String(repeating: "5a", count: 32)
+        let ac = dir.file("ac")
+        try Data("an action result".utf8).write(to: URL(fileURLWithPath: ac))
+        let acPut = try await plainCurl(["--http1.1", "-T", ac, node.localURL("/ac/\(key)")])
+        #expect(acPut.httpCode == "201", "\(acPut)")
+        let acGet = try await plainCurl(["--http1.1", node.localURL("/ac/\(key)")])
+        #expect(acGet.httpCode == "200" && acGet.body == "an action result", "\(acGet)")
+    }
+
+    @Test("Pipelined requests are answered in order on one connection")
+    func pipelining() async throws {
+        let node = try await TestNode.startWithLocal()
+        defer { node.cleanUp() }
+        let bytes = randomBytes(100_000)
+        let hash = try await withClient(node) { try await $0.put(bytes: bytes).hash }
+        let missing = String(repeating: "0f", count: 32)
+        let req = "GET /cas/\(hash) HTTP/1.1\r\nHost: x\r\n\r\nHEAD /cas/\(missing) HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        let r = try await rawHTTP(port: node.localPort!, Array(req.utf8))
+        #expect(statusCodes(r.response) == [200, 404, 200], "\(r.response.prefix(300))")
+        #expect(r.closed, "Connection: close must close")
+        #expect(r.response.utf8.count > 100_000, "the first response carries the blob")
+    }
+
+    @Test("Smuggling attempts and malformed requests get 400 and a closed connection")
+    func smugglingRefused() async throws {
+        let node = try await TestNode.startWithLocal()
+        defer { node.cleanUp() }
+        let hash = String(repeating: "ab", count: 32)
+        for (what, request) in smugglingAttempts(hash: hash) {
+            let r = try await rawHTTP(port: node.localPort!, Array(request.utf8))
+            #expect(statusCodes(r.response) == [400], "\(what): \(r.response.prefix(400).debugDescription)")
+            #expect(r.closed, "\(what): the connection must be closed after the 400")
+        }
+        // A header list over the limit: 431, closed.
+        let big = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: \(String(repeating: "a", count: 70_000))\r\n\r\n"
+        let r = try await rawHTTP(port: node.localPort!, Array(big.utf8))
+        #expect(statusCodes(r.response).first.map { $0 == 431 || $0 == 400 } == true, "\(r.response.prefix(300))")
+        #expect(r.closed)
+        // Nothing was stored and the node still serves.
+        #expect(try await withClient(node) { try await $0.fetch("/cas/\(hash)").status } == 404)
+        let health = try await plainCurl(["--http1.1", node.localURL("/healthz")])
+        #expect(health.httpCode == "200", "\(health)")
+    }
+
+    @Test("An early refusal reaches curl as its status: reader PUT → 403, PUT over the store → 413 (20 tries each)")
+    func earlyRefusals() async throws {
+        let node = try await TestNode.startWithLocal(role: "reader", maxBytes: "4M")
+        defer { node.cleanUp() }
+        let dir = try TempDir("local-early")
+        defer { dir.remove() }
+        let file = dir.file("big")
+        try await makeRandomFile(file, size: 5_000_000)
+        let hash = try await sha256sum(file)
+        for i in 0..<20 {
+            // With and without Expect: 100-continue.
+            let expect = i % 2 == 0 ? [] : ["-H", "Expect:"]
+            let r = try await plainCurl(["--http1.1", "-T", file] + expect + [node.localURL("/cas/\(hash)")])
+            #expect(r.exitCode == 0 && r.httpCode == "403", "try \(i): \(r)")
+            #expect(r.body.contains("role reader may not write"), "try \(i): \(r)")
+        }
+        let client = try await TestNode.startWithLocal(maxBytes: "4M")
+        defer { client.cleanUp() }
+        for i in 0..<20 {
+            let expect = i % 2 == 0 ? [] : ["-H", "Expect:"]
+            let r = try await plainCurl(["--http1.1", "-T", file] + expect + [client.localURL("/cas/\(hash)")])
+            #expect(r.exitCode == 0 && r.httpCode == "413", "try \(i): \(r)")
+            #expect(r.body.contains("too large"), "try \(i): \(r)")
+        }
+        // The reader still reads.
+        let get = try await plainCurl(["--http1.1", node.localURL("/healthz")])
+        #expect(get.httpCode == "200")
+    }
+
+    @Test("h2c with prior knowledge and a unix socket (mode 0660) speak to the same store")
+    func h2cAndUnixSocket() async throws {
+        let dir = try TempDir("local-sock")
+        defer { dir.remove() }
+        let socket = dir.file("cachemesh.sock")
+        let node = try await TestNode.startWithLocal(socket: socket)
+        defer { node.cleanUp() }
+        let attrs = try FileManager.default.attributesOfItem(atPath: socket)
+        #expect((attrs[.posixPermissions] as? NSNumber)?.intValue == 0o660, "socket mode: \(attrs)")
+        #expect(attrs[.type] as? FileAttributeType == .typeSocket)
+
+        let file = dir.file("blob")
+        try await makeRandomFile(file, size: 1_000_000)
+        let hash = try await sha256sum(file)
+        let put = try await plainCurl(["--http2-prior-knowledge", "-T", file, node.localURL("/cas/\(hash)")])
+        #expect(put.httpCode == "201" && put.httpVersion == "2", "\(put)")
+        let out = dir.file("out")
+        let get = try await plainCurl(["--unix-socket", socket, "--http1.1", "-o", out, "http://localhost/cas/\(hash)"])
+        #expect(get.httpCode == "200" && get.httpVersion == "1.1", "\(get)")
+        #expect(try await sha256sum(out) == hash)
+        let h2 = try await plainCurl(["--unix-socket", socket, "--http2-prior-knowledge", "-I", "http://localhost/cas/\(hash)"])
+        #expect(h2.httpCode == "200" && h2.httpVersion == "2", "\(h2)")
+
+        // /status shows the local endpoint.
+        let status = try await plainCurl(["--http1.1", node.localURL("/status")])
+        #expect(status.body.contains("\"local\":\"127.0.0.1:\(node.localPort!)\""), "\(status.body)")
+        #expect(status.body.contains("\"local_role\":\"client\""), "\(status.body)")
+        let json = try JSONSerialization.jsonObject(with: Data(status.body.utf8)) as? [String: Any]
+        let listen = json?["listen"] as? [String: Any]
+        #expect(listen?["local_socket"] as? String == socket, "\(status.body)")
+    }
+
+    @Test("A non-loopback --local-listen is refused (exit 2, in words) unless --local-allow-remote")
+    func nonLoopbackRefused() async throws {
+        let bin = try Paths.cachemesh()
+        let dir = try TempDir("local-remote")
+        defer { dir.remove() }
+        let r = try await run([bin, "node", "--insecure", "--listen", "127.0.0.1:0", "--data-dir", dir.file("d"), "--local-listen", "0.0.0.0:0"], timeout: 30)
+        #expect(r.status == 2, "\(r)")
+        #expect(r.stderr.contains("not a loopback address") && r.stderr.contains("--local-allow-remote"), "\(r.stderr)")
+        let role = try await run([bin, "node", "--insecure", "--listen", "127.0.0.1:0", "--data-dir", dir.file("d"), "--local-listen", "127.0.0.1:0", "--local-role", "node"], timeout: 30)
+        #expect(role.status == 2, "\(role)")
+        #expect(role.stderr.contains("--local-role must be client or reader"), "\(role.stderr)")
+    }
+}
