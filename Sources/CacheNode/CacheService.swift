@@ -199,7 +199,15 @@ public final class CacheService: HTTPService {
             case "PUT":
                 guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not write") }
                 return await putAction(key, request)
-            default: return methodNotAllowed("GET, HEAD, PUT")
+            case "DELETE":
+                // ccache removes entries it finds stale; blobs (/cas) are immutable.
+                guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not delete") }
+                do {
+                    return try store.deleteAction(key: key) ? .text(200, "deleted action \(key)") : .text(404, "not found: action \(key)")
+                } catch {
+                    return errorResponse(error)
+                }
+            default: return methodNotAllowed("GET, HEAD, PUT, DELETE")
             }
         }
     }

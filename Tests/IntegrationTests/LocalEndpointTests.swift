@@ -252,6 +252,48 @@ struct LocalEndpointTests {
         #expect(listen?["local_socket"] as? String == socket, "\(status.body)")
     }
 
+    @Test("DELETE /ac/{key} for a writing role (ccache needs it); /cas stays immutable (405); a reader may not delete (403)")
+    func deleteAction() async throws {
+        let dir = try TempDir("local-delete")
+        defer { dir.remove() }
+        let socket = dir.file("reader.sock")
+        // The TCP endpoint gives client, a second node's socket gives reader.
+        let node = try await TestNode.startWithLocal()
+        defer { node.cleanUp() }
+        let key = String(repeating: "7c", count: 32)
+        let value = dir.file("v")
+        try Data("entry".utf8).write(to: URL(fileURLWithPath: value))
+        #expect(try await plainCurl(["--http1.1", "-T", value, node.localURL("/ac/\(key)")]).httpCode == "201")
+        #expect(try await plainCurl(["--http1.1", node.localURL("/ac/\(key)")]).httpCode == "200")
+        let del = try await plainCurl(["--http1.1", "-X", "DELETE", node.localURL("/ac/\(key)")])
+        #expect(del.httpCode == "200", "\(del)")
+        let gone = try await plainCurl(["--http1.1", node.localURL("/ac/\(key)")])
+        #expect(gone.httpCode == "404", "after DELETE: \(gone)")
+        let again = try await plainCurl(["--http1.1", "-X", "DELETE", node.localURL("/ac/\(key)")])
+        #expect(again.httpCode == "404", "\(again)")
+        let m = try await withClient(node) { try await $0.getText("/metrics").body }
+        #expect(m.contains("cachemesh_store_actions 0"), "the store no longer counts the entry")
+
+        // A blob cannot be deleted, over HTTP/1.1 or HTTP/2 with mTLS.
+        let bytes = randomBytes(10_000)
+        let hash = try await withClient(node) { try await $0.put(bytes: bytes).hash }
+        let casDel = try await plainCurl(["--http1.1", "-X", "DELETE", node.localURL("/cas/\(hash)")])
+        #expect(casDel.httpCode == "405", "\(casDel)")
+        let casDel2 = try await curl(node, .client, ["-X", "DELETE", node.url("/cas/\(hash)")])
+        #expect(casDel2.httpCode == "405", "\(casDel2)")
+        #expect(try await withClient(node) { try await $0.fetch("/cas/\(hash)").status } == 200)
+
+        // A reader may not delete (over mTLS with a reader certificate, and on a reader local socket).
+        #expect(try await plainCurl(["--http1.1", "-T", value, node.localURL("/ac/\(key)")]).httpCode == "201")
+        let readerDel = try await curl(node, .reader, ["-X", "DELETE", node.url("/ac/\(key)")])
+        #expect(readerDel.httpCode == "403", "\(readerDel)")
+        let readerNode = try await TestNode.startWithLocal(role: "reader", socket: socket)
+        defer { readerNode.cleanUp() }
+        let sockDel = try await plainCurl(["--unix-socket", socket, "-X", "DELETE", "http://localhost/ac/\(key)"])
+        #expect(sockDel.httpCode == "403", "\(sockDel)")
+        #expect(try await plainCurl(["--http1.1", node.localURL("/ac/\(key)")]).httpCode == "200", "the entry survives refused deletes")
+    }
+
     @Test("A non-loopback --local-listen is refused (exit 2, in words) unless --local-allow-remote")
     func nonLoopbackRefused() async throws {
         let bin = try Paths.cachemesh()
