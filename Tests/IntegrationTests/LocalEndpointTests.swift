@@ -307,3 +307,66 @@ struct LocalEndpointTests {
         #expect(role.stderr.contains("--local-role must be client or reader"), "\(role.stderr)")
     }
 }
+
+@Suite("HTTP/1.1 beside HTTP/2 on the TLS port (ALPN h2, http/1.1, none)", .serialized, .timeLimit(.minutes(5)))
+struct TLSHTTP1Tests {
+    @Test("curl --http1.1 over mTLS (a node without a local endpoint): PUT with 100-continue, GET, HEAD, keep-alive reuse; no ALPN is HTTP/1.1; h2 still HTTP/2")
+    func http1OverMutualTLS() async throws {
+        try await withNode { node in
+            let dir = try TempDir("tls-h1")
+            defer { dir.remove() }
+            let file = dir.file("blob")
+            try await makeRandomFile(file, size: 2_000_000)
+            let hash = try await sha256sum(file)
+            let put = try await curl(node, .client, ["--http1.1", "-v", "-T", file, node.url("/cas/\(hash)")])
+            #expect(put.exitCode == 0 && put.httpCode == "201" && put.httpVersion == "1.1", "\(put)")
+            #expect(put.stderr.contains("ALPN: server accepted http/1.1") || put.stderr.contains("ALPN, server accepted to use http/1.1"), "\(put.stderr.suffix(2000))")
+            #expect(put.stderr.contains("HTTP/1.1 100 Continue"), "\(put.stderr.suffix(1500))")
+
+            let o1 = dir.file("o1"), o2 = dir.file("o2")
+            let gets = try await curl(node, .client, ["--http1.1", "-v", node.url("/cas/\(hash)"), "-o", o1, node.url("/cas/\(hash)"), "-o", o2])
+            #expect(gets.exitCode == 0 && gets.httpCode == "200" && gets.httpVersion == "1.1", "\(gets)")
+            #expect(gets.stderr.contains("Re-using existing connection"), "\(gets.stderr.suffix(1500))")
+            let s1 = try await sha256sum(o1), s2 = try await sha256sum(o2)
+            #expect(s1 == hash && s2 == hash)
+
+            let head = try await curl(node, .client, ["--http1.1", "-I", node.url("/cas/\(hash)")])
+            #expect(head.httpCode == "200" && head.body.lowercased().contains("content-length: 2000000"), "\(head)")
+
+            // No ALPN at all: HTTP/1.1.
+            let noALPN = try await curl(node, .client, ["--http1.1", "--no-alpn", "-o", "/dev/null", node.url("/cas/\(hash)")])
+            #expect(noALPN.httpCode == "200" && noALPN.httpVersion == "1.1", "\(noALPN)")
+            // h2 as before.
+            let h2 = try await curl(node, .client, ["-o", "/dev/null", node.url("/cas/\(hash)")])
+            #expect(h2.httpCode == "200" && h2.httpVersion == "2", "\(h2)")
+            // The certificate still decides: a reader reads but may not write; 20 tries, every one a 403 with its message.
+            let big = dir.file("big")
+            try await makeRandomFile(big, size: 5_000_000)
+            let bigHash = try await sha256sum(big)
+            for i in 0..<20 {
+                let r = try await curl(node, .reader, ["--http1.1", "-T", big, node.url("/cas/\(bigHash)")])
+                #expect(r.exitCode == 0 && r.httpCode == "403" && r.body.contains("role reader may not write"), "try \(i): \(r)")
+            }
+            let readerGet = try await curl(node, .reader, ["--http1.1", "-o", "/dev/null", node.url("/cas/\(hash)")])
+            #expect(readerGet.httpCode == "200", "\(readerGet)")
+            // No certificate: refused in the handshake, as over HTTP/2.
+            let anonymous = try await curl(node, .anonymous, ["--http1.1", node.url("/cas/\(hash)")])
+            #expect(anonymous.exitCode != 0 && anonymous.httpCode != "200", "\(anonymous)")
+        }
+    }
+
+    @Test("Smuggling attempts over TLS + HTTP/1.1 get 400 and a closed connection")
+    func smugglingOverTLS() async throws {
+        try await withNode { node in
+            let c = node.certs
+            let tls = (ca: c.ca, cert: c.path("client.pem"), key: c.path("client.key"))
+            for (what, request) in smugglingAttempts(hash: String(repeating: "ab", count: 32)) {
+                let r = try await rawHTTP(port: node.port, Array(request.utf8), tls: tls)
+                #expect(statusCodes(r.response) == [400], "\(what): \(r.response.prefix(400).debugDescription)")
+                #expect(r.closed, "\(what): the connection must be closed after the 400")
+            }
+            let ok = try await rawHTTP(port: node.port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8), tls: tls)
+            #expect(statusCodes(ok.response) == [200] && ok.closed, "\(ok.response.prefix(300))")
+        }
+    }
+}
