@@ -124,7 +124,8 @@ public final class CacheService: HTTPService {
     let registry: PrometheusCollectorRegistry?
     let logger: Logger
     private let info: Mutex<Info>
-    private let requests: Metrics.Counter
+    /// `cachemesh_http_requests_total{protocol}`: requests served, by protocol (http1, h2, h3).
+    private let requests: [String: Metrics.Counter]
     private let startTime = ContinuousClock.now
 
     public init(store: BlobStore, registry: PrometheusCollectorRegistry?, info: Info, mesh: (any MeshHooks)? = nil, logger: Logger) {
@@ -134,12 +135,18 @@ public final class CacheService: HTTPService {
         self.registry = registry
         self.info = Mutex(info)
         self.logger = logger
-        self.requests = Metrics.Counter(label: "cachemesh_http_requests_total")
+        self.requests = Dictionary(uniqueKeysWithValues: ["http1", "h2", "h3"].map {
+            ($0, Metrics.Counter(label: "cachemesh_http_requests_total", dimensions: [("protocol", $0)]))
+        })
     }
 
     /// The role the local endpoint gives (nil: no local endpoint), for `/status`.
     public func setLocalRole(_ role: String?) {
         info.withLock { $0.localRole = role }
+    }
+
+    private func countRequest(_ head: HTTPRequestHead) {
+        (requests[head.protocolName] ?? requests["h2"]!).increment()
     }
 
     /// Record a bound listener (e.g. after binding port 0) for `/status`.
@@ -149,7 +156,7 @@ public final class CacheService: HTTPService {
 
     public func handle(_ request: HTTPServerRequest) async -> HTTPResponse {
         let response = await route(request)
-        requests.increment()
+        countRequest(request.head)
         if response.status >= 400 {
             logger.debug("request failed", metadata: [
                 "method": "\(request.head.method)", "path": "\(request.head.path.prefix(200))",
@@ -252,7 +259,7 @@ public final class CacheService: HTTPService {
         guard head.method == "GET" || head.method == "HEAD", peer.role != nil,
               case .cas(let hash, _) = Route.parse(head.path), let bytes = hot.get(hash),
               store.size(of: hash) == Int64(bytes.readableBytes) else { return nil }
-        requests.increment()
+        countRequest(head)
         if head.method == "GET" { store.recordBytesOut(Int64(bytes.readableBytes)) }
         return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream", "x-cachemesh-source": "local"],
                             body: .bytes(bytes))
@@ -262,6 +269,12 @@ public final class CacheService: HTTPService {
     /// over what the store (or the action cache) takes. HTTP/1.1 answers it before reading the
     /// body (instead of `100 Continue`).
     public func earlyRefusal(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse? {
+        guard let r = refusalFromHead(head, peer: peer) else { return nil }
+        countRequest(head)
+        return r
+    }
+
+    private func refusalFromHead(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse? {
         guard head.method == "PUT", !GRPCRouter.isGRPC(head), !head.path.hasPrefix("/mesh/") else { return nil }
         let route = Route.parse(head.path)
         switch route {

@@ -250,6 +250,9 @@ struct LocalEndpointTests {
         let json = try JSONSerialization.jsonObject(with: Data(status.body.utf8)) as? [String: Any]
         let listen = json?["listen"] as? [String: Any]
         #expect(listen?["local_socket"] as? String == socket, "\(status.body)")
+        // cachemesh status (over mTLS) shows it to people.
+        let cli = try await run([try Paths.cachemesh(), "status"] + node.cli(.client), timeout: 60)
+        #expect(cli.status == 0 && cli.stdout.contains("127.0.0.1:\(node.localPort!), unix:\(socket) (plaintext HTTP/1.1, h2c, gRPC; role client)"), "\(cli)")
     }
 
     @Test("DELETE /ac/{key} for a writing role (ccache needs it); /cas stays immutable (405); a reader may not delete (403)")
@@ -292,6 +295,29 @@ struct LocalEndpointTests {
         let sockDel = try await plainCurl(["--unix-socket", socket, "-X", "DELETE", "http://localhost/ac/\(key)"])
         #expect(sockDel.httpCode == "403", "\(sockDel)")
         #expect(try await plainCurl(["--http1.1", node.localURL("/ac/\(key)")]).httpCode == "200", "the entry survives refused deletes")
+    }
+
+    @Test("Metrics label the protocol: http1 (local and TLS), h2 (mTLS and h2c); HTTP/1.1 refusals are counted with transport http1")
+    func metricsByProtocol() async throws {
+        let node = try await TestNode.startWithLocal()
+        defer { node.cleanUp() }
+        func requests(_ p: String) async throws -> Double {
+            try await withClient(node) { try await $0.metrics() }.value("cachemesh_http_requests_total", labels: ["protocol": p]) ?? 0
+        }
+        let h1Before = try await requests("http1")
+        for _ in 0..<3 { #expect(try await plainCurl(["--http1.1", node.localURL("/healthz")]).httpCode == "200") }
+        #expect(try await curl(node, .client, ["--http1.1", node.url("/healthz")]).httpCode == "200")
+        let h1After = try await requests("http1")
+        #expect(h1After - h1Before == 4, "4 HTTP/1.1 requests (3 local, 1 over TLS): \(h1Before) → \(h1After)")
+        let h2Before = try await requests("h2")
+        #expect(try await plainCurl(["--http2-prior-knowledge", node.localURL("/healthz")]).httpCode == "200")
+        let h2After = try await requests("h2")
+        // The h2c request, and the /metrics request that read h2Before (our client speaks HTTP/2).
+        #expect(h2After - h2Before == 2, "\(h2Before) → \(h2After)")
+        #expect(try await requests("h3") == 0)
+        _ = try await rawHTTP(port: node.localPort!, Array("GARBAGE\r\n\r\n".utf8))
+        let m = try await withClient(node) { try await $0.metrics() }
+        #expect((m.value("cachemesh_http_refused_total", labels: ["reason": "malformed_request", "transport": "http1"]) ?? 0) >= 1)
     }
 
     @Test("A non-loopback --local-listen is refused (exit 2, in words) unless --local-allow-remote")
