@@ -1,6 +1,7 @@
 import BlobStore
 import Foundation
 import Testing
+import TestSupport
 
 // MARK: - Helpers for the local endpoint (plaintext HTTP/1.1, h2c, unix socket)
 
@@ -394,5 +395,49 @@ struct TLSHTTP1Tests {
             let ok = try await rawHTTP(port: node.port, Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8), tls: tls)
             #expect(statusCodes(ok.response) == [200] && ok.closed, "\(ok.response.prefix(300))")
         }
+    }
+}
+
+@Suite("Local endpoint of a mesh node (topology key local)", .serialized)
+struct LocalEndpointMeshTests {
+    @Test("A miss on a worker's local endpoint (curl --http1.1) is fetched from a peer, as on the TLS port", .timeLimit(.minutes(5)))
+    func localMissFetchesFromAPeer() async throws {
+        var options = TestMesh.Options()
+        var localPorts: [String: Int] = [:]
+        for n in ["origin", "peer1", "peer2", "peer3"] {
+            localPorts[n] = try TestMesh.freePort()
+            options.extra[n] = "local = \"127.0.0.1:\(localPorts[n]!)\""
+        }
+        let mesh = try await TestMesh(options)
+        defer { mesh.stopAll() }
+        await mesh.converge()
+        for n in mesh.names {
+            #expect(mesh.children[n]!.stdout.contains("cachemesh: listening local=127.0.0.1:\(localPorts[n]!) role=client"), "\(n): \(mesh.children[n]!.stdout)")
+        }
+        // A blob written at peer1 over its local endpoint (HTTP/1.1), held by peers only.
+        let dir = try TempDir("mesh-local")
+        defer { dir.remove() }
+        var hash = ""
+        var holders: [String] = []
+        for _ in 0..<30 {
+            let file = dir.file("blob")
+            try await makeRandomFile(file, size: 1_000_000)
+            hash = try await sha256sum(file)
+            let put = try await plainCurl(["--http1.1", "-T", file, "http://127.0.0.1:\(localPorts["peer1"]!)/cas/\(hash)"])
+            try #require(put.httpCode == "201", "\(put)")
+            holders = mesh.names.filter { mesh.holds($0, hash) }
+            #expect(holders.count == 2 && holders.contains("peer1"), "W = 2 over the local endpoint too: \(holders)")
+            if !holders.contains("origin") { break }
+        }
+        try #require(!holders.contains("origin"), "every blob was mirrored to the origin: \(holders)")
+        let worker = try #require(mesh.names.first { $0 != "origin" && !holders.contains($0) })
+        _ = await eventually(timeout: 20) { (await mesh.meshStatus(worker)?.localityEntries ?? 0) > 0 }
+        let headers = dir.file("headers"), out = dir.file("out")
+        let get = try await plainCurl(["--http1.1", "-D", headers, "-o", out, "http://127.0.0.1:\(localPorts[worker]!)/cas/\(hash)"])
+        #expect(get.httpCode == "200", "\(get)\n\(mesh.logs())")
+        let headerText = (try? String(contentsOfFile: headers, encoding: .utf8))?.lowercased() ?? ""
+        #expect(headerText.contains("x-cachemesh-source: peer:"), "the worker fetched it from a peer: \(headerText)")
+        #expect(try await sha256sum(out) == hash)
+        #expect(mesh.holds(worker, hash), "the worker keeps its copy")
     }
 }
