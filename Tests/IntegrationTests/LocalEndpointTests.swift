@@ -441,3 +441,25 @@ struct LocalEndpointMeshTests {
         #expect(mesh.holds(worker, hash), "the worker keeps its copy")
     }
 }
+
+@Suite("Early refusals reach curl as a status over HTTP/2 too", .serialized, .timeLimit(.minutes(5)))
+struct EarlyRefusalH2Tests {
+    @Test("curl --http2 with mTLS: a reader PUT of 5 MB → 403 with its message, a PUT larger than the store → 413, 20 tries each")
+    func earlyRefusalsOverH2() async throws {
+        try await withNode(maxBytes: "4M") { node in
+            let dir = try TempDir("h2-early")
+            defer { dir.remove() }
+            let file = dir.file("big")
+            try await makeRandomFile(file, size: 5_000_000)
+            let hash = try await sha256sum(file)
+            for i in 0..<20 {
+                let r = try await curl(node, .reader, ["-T", file, node.url("/cas/\(hash)")])
+                #expect(r.exitCode == 0 && r.httpCode == "403" && r.httpVersion == "2" && r.body.contains("role reader may not write"), "try \(i): \(r)")
+            }
+            for i in 0..<20 {
+                let r = try await curl(node, .client, ["-T", file, node.url("/cas/\(hash)")])
+                #expect(r.exitCode == 0 && r.httpCode == "413" && r.httpVersion == "2" && r.body.contains("too large"), "try \(i): \(r)")
+            }
+        }
+    }
+}
