@@ -180,6 +180,11 @@ final class ALPNSwitch: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is HTTP2GracefulShutdownEvent {
+            // Draining before the handshake finished: no request can be in flight.
+            context.close(promise: nil)
+            return
+        }
         guard let e = event as? TLSEstablishedEvent else {
             context.fireUserInboundEventTriggered(event)
             return

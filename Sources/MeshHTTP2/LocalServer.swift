@@ -190,6 +190,15 @@ final class ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler {
     func channelReadComplete(context: ChannelHandlerContext) {
         context.fireChannelReadComplete()
     }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is HTTP2GracefulShutdownEvent, !decided {
+            // Draining before the client said anything: nothing is in flight.
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
 }
 
 extension HTTP2Server.Configuration {
