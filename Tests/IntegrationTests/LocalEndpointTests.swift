@@ -157,6 +157,63 @@ struct LocalEndpointTests {
         #expect(acGet.httpCode == "200" && acGet.body == "an action result", "\(acGet)")
     }
 
+    @Test("Backpressure: a 64 MiB GET read slowly over HTTP/1.1 is sent as the client takes it (the node's memory does not grow by the blob)")
+    func slowReaderBackpressure() async throws {
+        let node = try await TestNode.startWithLocal(maxBytes: "512M")
+        defer { node.cleanUp() }
+        let dir = try TempDir("local-slow")
+        defer { dir.remove() }
+        let file = dir.file("blob")
+        try await makeRandomFile(file, size: 64 << 20)
+        let hash = try await sha256sum(file)
+        let put = try await plainCurl(["--http1.1", "-T", file, node.localURL("/cas/\(hash)")])
+        try #require(put.httpCode == "201", "\(put)")
+        let baseline = try #require(residentBytes(node.pid))
+        // 8 MiB/s: the download takes seconds; a server that queued the whole file would hold it all.
+        let get = try ChildProcess(["curl", "-sS", "--http1.1", "--limit-rate", "8M", "-o", dir.file("out"), node.localURL("/cas/\(hash)")])
+        defer { get.killAndWait() }
+        var peak = baseline
+        while !get.hasExited {
+            peak = max(peak, residentBytes(node.pid) ?? 0)
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(await get.waitForExit(timeout: 120)?.status == 0, "\(get.stderr)")
+        #expect(try await sha256sum(dir.file("out")) == hash)
+        #expect(peak - baseline < 24 << 20, "the node's RSS grew by \((peak - baseline) >> 20) MiB while a slow client read a 64 MiB blob")
+    }
+
+    @Test("Backpressure: a 64 MiB upload waiting for the only write slot is not read ahead into memory; it completes once the slot frees")
+    func uploadWaitingForASlotIsNotBuffered() async throws {
+        let dir = try TempDir("local-slot")
+        defer { dir.remove() }
+        try "max_concurrent_writes = 1\n".write(toFile: dir.file("node.toml"), atomically: true, encoding: .utf8)
+        let node = try await TestNode.startWithLocal(maxBytes: "512M", extra: ["--config", dir.file("node.toml")])
+        defer { node.cleanUp() }
+        let slow = dir.file("slow"), big = dir.file("big")
+        try await makeRandomFile(slow, size: 16 << 20)
+        try await makeRandomFile(big, size: 64 << 20)
+        let slowHash = try await sha256sum(slow), bigHash = try await sha256sum(big)
+        // The slot holder: 16 MiB at 2 MiB/s.
+        let holder = try ChildProcess(["curl", "-sS", "--http1.1", "--limit-rate", "2M", "-o", "/dev/null", "-T", slow, node.localURL("/cas/\(slowHash)")])
+        defer { holder.killAndWait() }
+        let holding = await eventually(timeout: 30) {
+            ((try? await withClient(node) { try await $0.metrics() })?.value("cachemesh_store_reserved_bytes") ?? 0) > 0
+        }
+        try #require(holding, "the first upload never took the write slot")
+        let baseline = try #require(residentBytes(node.pid))
+        let waiter = try ChildProcess(["curl", "-sS", "--http1.1", "-w", "%{http_code}", "-o", "/dev/null", "-T", big, node.localURL("/cas/\(bigHash)")])
+        defer { waiter.killAndWait() }
+        var peak = baseline
+        while !holder.hasExited {
+            peak = max(peak, residentBytes(node.pid) ?? 0)
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(peak - baseline < 24 << 20, "the node's RSS grew by \((peak - baseline) >> 20) MiB while a 64 MiB upload waited for a write slot")
+        #expect(await waiter.waitForExit(timeout: 120)?.status == 0)
+        #expect(waiter.stdout == "201", "the waiting upload completes: \(waiter.stdout) \(waiter.stderr)")
+        #expect(try await withClient(node) { try await $0.fetch("/cas/\(bigHash)", method: "HEAD").status } == 200)
+    }
+
     @Test("Pipelined requests are answered in order on one connection")
     func pipelining() async throws {
         let node = try await TestNode.startWithLocal()
