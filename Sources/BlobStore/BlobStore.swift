@@ -753,6 +753,25 @@ public final class BlobStore: Sendable {
         }
     }
 
+    /// Removes the action-cache entry for `key` (ccache deletes entries it finds stale).
+    /// Returns whether there was one. The file is unlinked under the lock, like the rename that
+    /// stores an entry, so a concurrent `putAction` is either removed whole or kept whole.
+    /// - Throws: ``BlobStoreError/invalidHash(_:)``, `io`.
+    @discardableResult
+    public func deleteAction(key: String) throws -> Bool {
+        guard Digest.isValidHash(key) else { throw BlobStoreError.invalidHash(key) }
+        let entryKey = EntryKey(kind: .ac, hash: key)
+        let path = path(for: entryKey)
+        let result = state.withLock { s -> Result<Bool, BlobStoreError> in
+            guard let slot = s.index.lookup(entryKey) else { return .success(false) }
+            if let code = Posix.unlinkIfPresent(path) { return .failure(Posix.ioError("unlink", path, code)) }
+            removeEntryLocked(&s, slot)
+            publishLocked(&s)
+            return .success(true)
+        }
+        return try result.get()
+    }
+
     // MARK: Bookkeeping (callers hold the lock for *Locked functions)
 
     /// Marks `slot` as most recently used. Returns the file path whose mtime should

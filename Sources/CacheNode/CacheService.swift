@@ -107,6 +107,7 @@ public final class CacheService: HTTPService {
     public struct Info: Sendable {
         public var name: String
         public var listen: [String: String]
+        public var localRole: String?
         public init(name: String, listen: [String: String]) {
             self.name = name
             self.listen = listen
@@ -123,7 +124,8 @@ public final class CacheService: HTTPService {
     let registry: PrometheusCollectorRegistry?
     let logger: Logger
     private let info: Mutex<Info>
-    private let requests: Metrics.Counter
+    /// `cachemesh_http_requests_total{protocol}`: requests served, by protocol (http1, h2, h3).
+    private let requests: [String: Metrics.Counter]
     private let startTime = ContinuousClock.now
 
     public init(store: BlobStore, registry: PrometheusCollectorRegistry?, info: Info, mesh: (any MeshHooks)? = nil, logger: Logger) {
@@ -133,7 +135,18 @@ public final class CacheService: HTTPService {
         self.registry = registry
         self.info = Mutex(info)
         self.logger = logger
-        self.requests = Metrics.Counter(label: "cachemesh_http_requests_total")
+        self.requests = Dictionary(uniqueKeysWithValues: ["http1", "h2", "h3"].map {
+            ($0, Metrics.Counter(label: "cachemesh_http_requests_total", dimensions: [("protocol", $0)]))
+        })
+    }
+
+    /// The role the local endpoint gives (nil: no local endpoint), for `/status`.
+    public func setLocalRole(_ role: String?) {
+        info.withLock { $0.localRole = role }
+    }
+
+    private func countRequest(_ head: HTTPRequestHead) {
+        (requests[head.protocolName] ?? requests["h2"]!).increment()
     }
 
     /// Record a bound listener (e.g. after binding port 0) for `/status`.
@@ -143,7 +156,7 @@ public final class CacheService: HTTPService {
 
     public func handle(_ request: HTTPServerRequest) async -> HTTPResponse {
         let response = await route(request)
-        requests.increment()
+        countRequest(request.head)
         if response.status >= 400 {
             logger.debug("request failed", metadata: [
                 "method": "\(request.head.method)", "path": "\(request.head.path.prefix(200))",
@@ -193,7 +206,15 @@ public final class CacheService: HTTPService {
             case "PUT":
                 guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not write") }
                 return await putAction(key, request)
-            default: return methodNotAllowed("GET, HEAD, PUT")
+            case "DELETE":
+                // ccache removes entries it finds stale; blobs (/cas) are immutable.
+                guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not delete") }
+                do {
+                    return try store.deleteAction(key: key) ? .text(200, "deleted action \(key)") : .text(404, "not found: action \(key)")
+                } catch {
+                    return errorResponse(error)
+                }
+            default: return methodNotAllowed("GET, HEAD, PUT, DELETE")
             }
         }
     }
@@ -238,10 +259,38 @@ public final class CacheService: HTTPService {
         guard head.method == "GET" || head.method == "HEAD", peer.role != nil,
               case .cas(let hash, _) = Route.parse(head.path), let bytes = hot.get(hash),
               store.size(of: hash) == Int64(bytes.readableBytes) else { return nil }
-        requests.increment()
+        countRequest(head)
         if head.method == "GET" { store.recordBytesOut(Int64(bytes.readableBytes)) }
         return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream", "x-cachemesh-source": "local"],
                             body: .bytes(bytes))
+    }
+
+    /// A PUT the node will refuse whatever its body: a role that may not write, a declared length
+    /// over what the store (or the action cache) takes. HTTP/1.1 answers it before reading the
+    /// body (instead of `100 Continue`).
+    public func earlyRefusal(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse? {
+        guard let r = refusalFromHead(head, peer: peer) else { return nil }
+        countRequest(head)
+        return r
+    }
+
+    private func refusalFromHead(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse? {
+        guard head.method == "PUT", !GRPCRouter.isGRPC(head), !head.path.hasPrefix("/mesh/") else { return nil }
+        let route = Route.parse(head.path)
+        switch route {
+        case .cas, .ac:
+            guard let role = peer.role else { return forbidden(peer, "no role in client certificate") }
+            guard role.canWrite else { return forbidden(peer, "role \(role.rawValue) may not write") }
+            guard let n = head.contentLength else { return nil }
+            if case .ac = route, n > Self.maxActionBytes {
+                return .text(413, "action cache entry too large: \(n) bytes (limit \(Self.maxActionBytes))")
+            }
+            let max = store.stats.maxBytes
+            if n > max { return .text(413, "\(BlobStoreError.tooLarge(size: n, limit: max))") }
+            return nil
+        default:
+            return nil
+        }
     }
 
     /// Header on mirror copies: the receiving node stores the blob but does not mirror it again.
@@ -365,7 +414,8 @@ public final class CacheService: HTTPService {
         let mesh = self.mesh?.status(members: peer.authenticated && peer.role != nil)
         return NodeStatus(
             name: info.name, role: mesh?.role ?? "standalone",
-            listen: .init(tcp: info.listen["tcp"], quic: info.listen["quic"]),
+            listen: .init(tcp: info.listen["tcp"], quic: info.listen["quic"], local: info.listen["local"],
+                          localSocket: info.listen["local_socket"], localRole: info.localRole),
             uptimeSeconds: (ContinuousClock.now - startTime).components.seconds,
             draining: draining.withLock { $0 },
             you: .init(commonName: peer.commonName, role: peer.role?.rawValue, authenticated: peer.authenticated),

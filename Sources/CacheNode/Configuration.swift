@@ -186,6 +186,14 @@ public struct NodeConfiguration: Sendable {
     /// Open TCP connections at once (HTTP/2). The node lowers it to fit its open-file limit
     /// with a quarter of that limit kept for the store.
     public var maxConnections = 4096
+    /// The local worker endpoint (plaintext HTTP/1.1, h2c, gRPC over h2c) for the build tools on
+    /// this machine: a TCP address (loopback unless `localAllowRemote`) and/or a unix socket.
+    public var localListen: HostPort?
+    public var localSocket: String?
+    /// The role the local endpoint's requests get (there is no certificate): client or reader.
+    public var localRole: PeerRole = .client
+    /// Allow a non-loopback `localListen` (anyone who reaches it gets `localRole` without a certificate).
+    public var localAllowRemote = false
 
     /// The smallest store a node runs with (a size without a unit is bytes, so `10` is refused).
     public static let minimumMaxBytes: Int64 = 1 << 20
@@ -226,6 +234,7 @@ public struct NodeConfiguration: Sendable {
         "name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
         "insecure", "quic_listen", "handshake_timeout_seconds", "drain_seconds",
         "quic_max_datagram", "quic_address_validation",
+        "local", "local_socket", "local_role", "local_allow_remote",
     ] + budgetKeys
 
     /// Reads the budget keys present in `t` (see `budgetKeys`).
@@ -270,6 +279,10 @@ public struct NodeConfiguration: Sendable {
         if let v = try t.int("handshake_timeout_seconds") { c.handshakeTimeoutSeconds = v }
         if let v = try t.int("drain_seconds") { c.drainSeconds = v }
         if let v = try t.int("quic_max_datagram") { c.quicMaxDatagram = v }
+        if let v = try t.hostPort("local") { c.localListen = v }
+        if let v = try t.string("local_socket") { c.localSocket = v }
+        if let v = try t.choice("local_role", [("client", PeerRole.client), ("reader", PeerRole.reader)]) { c.localRole = v }
+        if let v = try t.bool("local_allow_remote") { c.localAllowRemote = v }
         try c.applyBudgets(from: t)
         if let v = try t.choice("quic_address_validation", QUICAddressValidationMode.allCases.map { ($0.rawValue, $0) }) {
             c.quicAddressValidation = v
@@ -284,6 +297,7 @@ public struct NodeConfiguration: Sendable {
         c.privateKey = resolve(c.privateKey)
         c.ca = resolve(c.ca)
         c.dataDirectory = resolve(c.dataDirectory) ?? c.dataDirectory
+        c.localSocket = resolve(c.localSocket)
         return c
     }
 
@@ -301,6 +315,10 @@ public struct NodeConfiguration: Sendable {
             throw ConfigurationError("max_header_list_bytes must be in 1024...16777216, got \(maxHeaderListBytes)")
         }
         try Self.checkDatagramSize(quicMaxDatagram)
+        if let l = localListen, !localAllowRemote, !Self.isLoopback(l.host) {
+            throw ConfigurationError("the local endpoint \(l) (--local-listen, local) is not a loopback address: it is plaintext and gives every connection the \(localRole.rawValue) role without a certificate; listen on 127.0.0.1 or ::1, or pass --local-allow-remote (local_allow_remote = true) if the network is trusted")
+        }
+        if let p = localSocket, p.isEmpty { throw ConfigurationError("--local-socket (local_socket) must be a path") }
         if insecure {
             if allowUnauthenticatedReads { throw ConfigurationError("--allow-unauthenticated-reads needs TLS; it makes no sense with --insecure") }
             return
@@ -312,6 +330,19 @@ public struct NodeConfiguration: Sendable {
         if !missing.isEmpty {
             throw ConfigurationError("TLS needs \(missing.joined(separator: ", ")) (make them with certs/mkcerts.sh); plaintext only with --insecure")
         }
+    }
+
+    /// Whether `host` is a loopback address (127.0.0.0/8, ::1, localhost).
+    public static func isLoopback(_ host: String) -> Bool {
+        if host == "localhost" || host == "::1" { return true }
+        var v4 = in_addr()
+        if inet_pton(AF_INET, host, &v4) == 1 { return UInt32(bigEndian: v4.s_addr) >> 24 == 127 }
+        var v6 = in6_addr()
+        if inet_pton(AF_INET6, host, &v6) == 1 {
+            let bytes = withUnsafeBytes(of: &v6) { Array($0) }
+            return bytes == [UInt8](repeating: 0, count: 15) + [1]
+        }
+        return false
     }
 
     /// `quic_max_datagram` must be a UDP payload size QUIC allows.

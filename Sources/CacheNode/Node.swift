@@ -17,6 +17,8 @@ public final class CacheNode: Service {
     public let store: BlobStore
     let server: HTTP2Server
     let quicServer: HTTP3Server?
+    /// The local worker endpoint(s): loopback TCP and/or a unix socket.
+    let localServers: [LocalServer]
     let service: CacheService
     let logger: Logger
     /// Set when the node runs as a member of a mesh (`--topology`).
@@ -61,6 +63,15 @@ public final class CacheNode: Service {
         h2.maxConnections = Self.connectionCap(configuration.maxConnections, logger: logger)
         h2.drainCuts = drainCuts
         self.server = HTTP2Server(configuration: h2, service: service, logger: logger)
+        var locals: [LocalServer] = []
+        let localPeer = LocalServer.peer(role: configuration.localRole)
+        if let l = configuration.localListen {
+            locals.append(LocalServer(configuration: .init(address: .tcp(host: l.host, port: l.port), peer: localPeer, base: h2), service: service, logger: logger))
+        }
+        if let p = configuration.localSocket {
+            locals.append(LocalServer(configuration: .init(address: .unix(path: p), peer: localPeer, base: h2), service: service, logger: logger))
+        }
+        localServers = locals
         if let q = configuration.quicListen {
             guard let credentials else { throw ConfigurationError("QUIC needs TLS: --quic-listen cannot be used with --insecure") }
             var quic = configuration.quicSettings
@@ -142,6 +153,28 @@ public final class CacheNode: Service {
             service.setListener("quic", "\(bound)")
             print("cachemesh: listening quic=\(bound)")
         }
+        for local in localServers {
+            let bound: String
+            do {
+                let a = try await local.start()
+                switch local.configuration.address {
+                case .tcp(let host, let port):
+                    bound = "\(HostPort(host: host, port: a.port ?? port))"
+                    service.setListener("local", bound)
+                    print("cachemesh: listening local=\(bound) role=\(configuration.localRole.rawValue)")
+                case .unix(let path):
+                    bound = path
+                    service.setListener("local_socket", bound)
+                    print("cachemesh: listening local_socket=\(bound) role=\(configuration.localRole.rawValue)")
+                }
+            } catch {
+                for l in localServers { await l.close() }
+                await quicServer?.close()
+                await server.close()
+                throw ListenFailure(address: "\(local.configuration.address)", transport: "local endpoint", reason: SocketErrorText.describe(error))
+            }
+        }
+        service.setLocalRole(localServers.isEmpty ? nil : configuration.localRole.rawValue)
         return addr
     }
 
@@ -162,8 +195,11 @@ public final class CacheNode: Service {
         if let mesh { await mesh.leave() }
         logger.notice("draining: GOAWAY to \(server.connectionCount) connection(s); requests in flight get up to \(configuration.drainSeconds) s (a second SIGINT/SIGTERM stops at once)")
         async let h3: Void = { await quicServer?.shutdownGracefully() }()
+        let locals = localServers
+        async let local: Void = { for l in locals { await l.shutdownGracefully() } }()
         await server.shutdownGracefully()
         await h3
+        await local
         if let mesh {
             await mesh.handOff(timeout: .seconds(Int64(configuration.drainSeconds)))
             await mesh.stop()
@@ -178,6 +214,7 @@ public final class CacheNode: Service {
     }
 
     public func stop() async {
+        for l in localServers { await l.close() }
         await quicServer?.close()
         await server.close()
     }

@@ -23,9 +23,18 @@ public struct NodeStatus: Codable, Sendable, Equatable {
         public var tcp: String?
         /// QUIC + HTTP/3 (UDP), "host:port"; absent without --quic-listen.
         public var quic: String?
-        public init(tcp: String? = nil, quic: String? = nil) {
+        /// The local worker endpoint (plaintext HTTP/1.1, h2c, gRPC): "host:port"; absent without --local-listen.
+        public var local: String?
+        /// The local endpoint's unix socket path; absent without --local-socket.
+        public var localSocket: String?
+        /// The role the local endpoint gives its callers (`client` or `reader`); absent without one.
+        public var localRole: String?
+        public init(tcp: String? = nil, quic: String? = nil, local: String? = nil, localSocket: String? = nil, localRole: String? = nil) {
             self.tcp = tcp
             self.quic = quic
+            self.local = local
+            self.localSocket = localSocket
+            self.localRole = localRole
         }
     }
 

@@ -39,6 +39,8 @@ public struct HTTPRequestHead: Sendable {
     public var scheme: String
     public var authority: String
     public var headers: HTTPHeaders
+    /// The protocol the request came over: `http1`, `h2` or `h3` (metrics label it).
+    public var protocolName: String = "h2"
 
     public init(method: String, path: String, scheme: String = "https", authority: String = "", headers: HTTPHeaders = HTTPHeaders()) {
         self.method = method
@@ -158,10 +160,15 @@ public protocol HTTPService: Sendable {
     /// A response that can be given at once, on the connection's event loop, without a task and
     /// without a body (hot GET/HEAD). nil = go through `handle`.
     func immediateResponse(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse?
+    /// A refusal known from the head alone of a request with a body (a role that may not write,
+    /// a declared length over a limit): HTTP/1.1 answers it instead of `100 Continue` and before
+    /// reading the body. nil = read the body and go through `handle`.
+    func earlyRefusal(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse?
 }
 
 extension HTTPService {
     public func immediateResponse(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse? { nil }
+    public func earlyRefusal(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse? { nil }
 }
 
 /// Errors surfaced by transports to callers.

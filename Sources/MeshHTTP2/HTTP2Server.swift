@@ -91,16 +91,39 @@ public final class HTTP2Server: Sendable {
             .childChannelInitializer { [weak self] channel in
                 self?.track(channel)
                 return channel.eventLoop.makeCompletedFuture {
-                    if let creds = config.credentials {
-                        try channel.pipeline.syncOperations.addHandler(GnuTLSHandler(
-                            credentials: creds, mode: .server(config.clientAuthentication), alpn: ["h2"],
-                            handshakeTimeout: config.handshakeTimeout, logger: logger))
+                    let h1 = config.http1Limits
+                    let makeH2 = { (peer: PeerIdentity) in
+                        HTTP2ServerHandler(
+                            service: service, plaintext: config.credentials == nil, plaintextPeer: peer, settings: settings,
+                            gracePeriod: config.drainGracePeriod, bodyIdleTimeout: config.requestBodyIdleTimeout, bodyMinRate: config.requestBodyMinRate,
+                            responseStallTimeout: config.responseStallTimeout, idleTimeout: config.idleTimeout,
+                            limiter: limiter, drainCuts: config.drainCuts, logger: logger)
                     }
-                    try channel.pipeline.syncOperations.addHandler(HTTP2ServerHandler(
-                        service: service, plaintext: config.credentials == nil, settings: settings,
-                        gracePeriod: config.drainGracePeriod, bodyIdleTimeout: config.requestBodyIdleTimeout, bodyMinRate: config.requestBodyMinRate,
-                        responseStallTimeout: config.responseStallTimeout, idleTimeout: config.idleTimeout,
-                        limiter: limiter, drainCuts: config.drainCuts, logger: logger))
+                    if let creds = config.credentials {
+                        // ALPN h2 → HTTP/2; http/1.1 or none → HTTP/1.1 (curl --http1.1, Bazel's
+                        // HTTP cache client, ccache-like tools), with the certificate's role.
+                        try channel.pipeline.syncOperations.addHandler(GnuTLSHandler(
+                            credentials: creds, mode: .server(config.clientAuthentication), alpn: ["h2", "http/1.1"],
+                            handshakeTimeout: config.handshakeTimeout, logger: logger))
+                        try channel.pipeline.syncOperations.addHandler(ALPNSwitch { pipeline, event in
+                            if event.alpn == "h2" {
+                                try pipeline.addHandler(makeH2(.insecure))
+                            } else {
+                                try addHTTP1Handlers(to: pipeline, service: service, peer: event.peer, tls: true, limits: h1,
+                                                     limiter: limiter, drainCuts: config.drainCuts, logger: logger)
+                            }
+                        })
+                    } else {
+                        // --insecure: h2c with prior knowledge, or HTTP/1.1, told apart on the first bytes.
+                        try channel.pipeline.syncOperations.addHandler(ProtocolSniffer { pipeline, isH2 in
+                            if isH2 {
+                                try pipeline.addHandler(makeH2(.insecure))
+                            } else {
+                                try addHTTP1Handlers(to: pipeline, service: service, peer: .insecure, tls: false, limits: h1,
+                                                     limiter: limiter, drainCuts: config.drainCuts, logger: logger)
+                            }
+                        })
+                    }
                 }
             }
         let channel = try await bootstrap.bind(host: config.host, port: config.port).get()
@@ -143,5 +166,36 @@ public final class HTTP2Server: Sendable {
         let (server, conns) = state.withLock { ($0.server, Array($0.connections.values)) }
         try? await server?.close()
         for c in conns { try? await c.close() }
+    }
+}
+
+/// After the TLS handshake, installs the protocol ALPN chose (HTTP/2 for `h2`, HTTP/1.1 for
+/// `http/1.1` or no ALPN) behind itself, hands it the handshake's event and leaves.
+final class ALPNSwitch: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    private let install: (ChannelPipeline.SynchronousOperations, TLSEstablishedEvent) throws -> Void
+
+    init(install: @escaping (ChannelPipeline.SynchronousOperations, TLSEstablishedEvent) throws -> Void) {
+        self.install = install
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is HTTP2GracefulShutdownEvent {
+            // Draining before the handshake finished: no request can be in flight.
+            context.close(promise: nil)
+            return
+        }
+        guard let e = event as? TLSEstablishedEvent else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        do {
+            try install(context.pipeline.syncOperations, e)
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }

@@ -27,6 +27,8 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
 
     private let service: any HTTPService
     private let plaintext: Bool
+    /// Who a plaintext connection's requests come from (no certificate to tell).
+    private let plaintextPeer: PeerIdentity
     private var peer: PeerIdentity?
     private var remoteAddress: String?
     private var streams: [Int32: Stream] = [:]
@@ -42,7 +44,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     /// Since when no stream has been open (nil: streams are open).
     private var idleSince: ContinuousClock.Instant? = .now
 
-    init(service: any HTTPService, plaintext: Bool, settings: NGHTTP2Session.Settings, gracePeriod: TimeAmount = .seconds(30),
+    init(service: any HTTPService, plaintext: Bool, plaintextPeer: PeerIdentity = .insecure, settings: NGHTTP2Session.Settings, gracePeriod: TimeAmount = .seconds(30),
          bodyIdleTimeout: Duration? = nil, bodyMinRate: Int = 0, responseStallTimeout: Duration? = nil, idleTimeout: Duration? = nil,
          limiter: ConnectionLimiter? = nil, drainCuts: DrainCuts? = nil, logger: Logger) {
         self.idleTimeout = idleTimeout
@@ -53,6 +55,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         self.bodyMinRate = bodyMinRate
         self.responseStallTimeout = responseStallTimeout
         self.plaintext = plaintext
+        self.plaintextPeer = plaintextPeer
         self.gracePeriod = gracePeriod
         super.init(settings: settings, logger: logger)
     }
@@ -60,12 +63,12 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     override func handlerAdded(context: ChannelHandlerContext) {
         super.handlerAdded(context: context)
         remoteAddress = context.remoteAddress.map(\.endpoint)
-        if plaintext, context.channel.isActive { begin(peer: .insecure) }
+        if plaintext, context.channel.isActive { begin(peer: plaintextPeer) }
     }
 
     override func channelActive(context: ChannelHandlerContext) {
         remoteAddress = context.remoteAddress.map(\.endpoint)
-        if plaintext { begin(peer: .insecure) }
+        if plaintext { begin(peer: plaintextPeer) }
         context.fireChannelActive()
     }
 

@@ -1481,7 +1481,8 @@ final class QUICCore {
 
     private func serverRequest(_ s: H3Stream, fin: Bool) {
         guard case .server(_, let service) = role else { return }
-        let head = HTTPRequestHead(fields: s.headerFields)
+        var head = HTTPRequestHead(fields: s.headerFields)
+        head.protocolName = "h3"
         s.isHead = head.method == "HEAD"
         guard let peer else {
             ngtcp2_conn_shutdown_stream(conn, s.id, UInt64(NGHTTP3_H3_INTERNAL_ERROR))

@@ -143,6 +143,10 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(help: "Mesh CA certificate (PEM); client certificates must chain to it (required unless --insecure).") var ca: String?
     @Flag(name: .customLong("allow-unauthenticated-reads"), help: "TLS without a client certificate gets the read-only reader role.") var allowUnauthenticatedReads = false
     @Flag(help: "Plaintext HTTP/2 (h2c). Local experiments only.") var insecure = false
+    @Option(name: .customLong("local-listen"), help: "Local worker endpoint host:port for this machine's build tools (Bazel http:// and grpc:// caches, ccache): plaintext HTTP/1.1, h2c and gRPC; loopback only unless --local-allow-remote (default: none).") var localListen: String?
+    @Option(name: .customLong("local-socket"), help: "The local endpoint on a unix domain socket at PATH (mode 0660; same protocols) (default: none).") var localSocket: String?
+    @Option(name: .customLong("local-role"), help: "The role the local endpoint's requests get, having no certificate: client (read and write) or reader (default: client).") var localRole: String?
+    @Flag(name: .customLong("local-allow-remote"), help: "Allow a non-loopback --local-listen address: anyone who reaches it gets --local-role without a certificate.") var localAllowRemote = false
     @Option(name: .customLong("log-level"), help: "Least severe log messages written to stderr: trace, debug, info, notice, warning, error, critical.") var logLevel: Logger.Level = .info
 
     func validate() throws {
@@ -193,6 +197,19 @@ struct NodeCommand: AsyncParsableCommand {
         if let ca { c.ca = ca }
         if allowUnauthenticatedReads { c.allowUnauthenticatedReads = true }
         if insecure { c.insecure = true }
+        if let localListen {
+            guard let hp = HostPort(localListen) else { throw ValidationError("--local-listen must be host:port, got \(localListen)") }
+            c.localListen = hp
+        }
+        if let localSocket { c.localSocket = localSocket }
+        if let localRole {
+            guard let r = PeerRole(rawValue: localRole), r != .node else { throw ValidationError("--local-role must be client or reader, got \(localRole)") }
+            c.localRole = r
+        }
+        if localAllowRemote { c.localAllowRemote = true }
+        if localRole != nil || localAllowRemote, c.localListen == nil, c.localSocket == nil {
+            throw ValidationError("--local-role and --local-allow-remote need --local-listen or --local-socket")
+        }
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         let logger = Logger(label: "cachemesh.node.\(c.name)")
@@ -553,6 +570,10 @@ struct StatusCommand: AsyncParsableCommand {
         let role = s.mesh.map { "\(s.role) in mesh \"\($0.topology)\"" } ?? "standalone node"
         lines.append(("node", "\(s.name) (\(role)) at \(server), up \(formatSeconds(Double(s.uptimeSeconds))), \(health)\(s.draining ? ", DRAINING" : "")"))
         lines.append(("listeners", [("tcp", s.listen.tcp), ("quic", s.listen.quic)].map { "\($0.0) \($0.1 ?? "-")" }.joined(separator: ", ")))
+        if s.listen.local != nil || s.listen.localSocket != nil {
+            let at = [s.listen.local, s.listen.localSocket.map { "unix:\($0)" }].compactMap { $0 }.joined(separator: ", ")
+            lines.append(("local", "\(at) (plaintext HTTP/1.1, h2c, gRPC; role \(s.listen.localRole ?? "client"))"))
+        }
         let st = s.store
         let usedPct = st.maxBytes > 0 ? String(format: " (%.1f%%)", Double(st.usedBytes) * 100 / Double(st.maxBytes)) : ""
         lines.append(("store", "\(ByteSize.format(st.usedBytes)) of \(ByteSize.format(st.maxBytes)) used\(usedPct), \(st.blobs) blobs, \(st.actions) actions, \(st.evictions) evictions"))

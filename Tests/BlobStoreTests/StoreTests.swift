@@ -249,6 +249,23 @@ import MetricsTestKit
         }
     }
 
+    @Test func deleteActionRemovesTheEntryAndItsBytes() async throws {
+        try await withTempDir { dir in
+            let store = try makeStore(dir, maxBytes: 1000)
+            let key = hashOf(Array("action-d".utf8))
+            try await store.putAction(key: key, value: blob(40, size: 300))
+            #expect(store.stats.actionCount == 1 && store.stats.usedBytes == 300)
+            #expect(try store.deleteAction(key: key))
+            #expect(try await store.getAction(key: key) == nil)
+            #expect(store.stats.actionCount == 0 && store.stats.usedBytes == 0)
+            #expect(try store.deleteAction(key: key) == false)
+            #expect(throws: BlobStoreError.self) { try store.deleteAction(key: "nope") }
+            // After a restart the entry stays gone (the file was removed, not only the index entry).
+            let reopened = try makeStore(dir, maxBytes: 1000)
+            #expect(try await reopened.getAction(key: key) == nil)
+        }
+    }
+
     @Test func actionCacheSharesTheLRU() async throws {
         try await withTempDir { dir in
             let store = try makeStore(dir, maxBytes: 1000)

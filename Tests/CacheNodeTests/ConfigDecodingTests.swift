@@ -121,7 +121,7 @@ struct ConfigDecodingTests {
 
         // `seed` in the second [[nodes]] entry (line 35 of the file).
         let node = topology(Self.good.replacingOccurrences(of: "seeds = [\"origin\"]", with: "seed = [\"origin\"]"))
-        #expect(node.hasPrefix("topology /m/t.toml, line 35: [[nodes]] #2 (peer1) unknown key 'seed' (known: advertise_quic, advertise_tcp, cert, data_dir, key, max_bytes, name, quic, role, seeds, tcp)"), "\(node)")
+        #expect(node.hasPrefix("topology /m/t.toml, line 35: [[nodes]] #2 (peer1) unknown key 'seed' (known: advertise_quic, advertise_tcp, cert, data_dir, key, local, local_role, local_socket, max_bytes, name, quic, role, seeds, tcp)"), "\(node)")
 
         // A table nobody knows.
         let table = topology(Self.good + "\n[fech]\nstrategy = \"hedged\"\n")
@@ -154,6 +154,33 @@ struct ConfigDecodingTests {
         #expect(address.contains("line 30: [[nodes]] #2 (peer1) 'tcp' must be host:port"), "\(address)")
         let syntax = topology("name = \"t\"\nca = \n")
         #expect(syntax.hasPrefix("topology /m/t.toml, line 2, column"), "\(syntax)")
+    }
+
+    @Test("The local endpoint's keys: node config (local, local_socket, local_role, local_allow_remote) and per topology node; non-loopback refused unless allowed")
+    func localEndpointKeys() throws {
+        let c = try NodeConfiguration.load(text: """
+            insecure = true
+            local = "127.0.0.1:9080"
+            local_socket = "run/cm.sock"
+            local_role = "reader"
+            """, path: "/m/n.toml")
+        #expect(c.localListen == HostPort(host: "127.0.0.1", port: 9080) && c.localSocket == "/m/run/cm.sock" && c.localRole == .reader && !c.localAllowRemote)
+        try c.validate()
+        let role = config("local_role = \"node\"\n")
+        #expect(role.contains("'local_role' must be one of client, reader, got 'node'"), "\(role)")
+        var remote = c
+        remote.localListen = HostPort(host: "0.0.0.0", port: 9080)
+        #expect(throws: ConfigurationError.self) { try remote.validate() }
+        remote.localAllowRemote = true
+        try remote.validate()
+        for host in ["127.0.0.1", "127.1.2.3", "::1", "localhost"] { #expect(NodeConfiguration.isLoopback(host), "\(host)") }
+        for host in ["0.0.0.0", "10.0.0.5", "::", "example.org"] { #expect(!NodeConfiguration.isLoopback(host), "\(host)") }
+
+        let text = Self.good.replacingOccurrences(of: "seeds = [\"origin\"]", with: "seeds = [\"origin\"]\nlocal = \"127.0.0.1:9080\"\nlocal_socket = \"peer1.sock\"")
+        let t = try Topology.load(text: text, path: "/m/t.toml")
+        let p = try t.configuration(for: "peer1")
+        #expect(p.localListen == HostPort(host: "127.0.0.1", port: 9080) && p.localSocket == "/m/peer1.sock" && p.localRole == .client)
+        #expect(try t.configuration(for: "origin").localListen == nil)
     }
 
     @Test("Node config: unknown keys and wrong types with line and expected type; every key still works")

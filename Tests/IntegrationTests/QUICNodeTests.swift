@@ -47,6 +47,10 @@ struct QUICNodeTests {
                                     "-o", dir.file("tcp-out"), "-w", "%{http_code}", "https://127.0.0.1:\(tcp)/cas/\(hash)"])
         #expect(tcpGet.stdout == "200")
         #expect(try await sha256sum(dir.file("tcp-out")) == hash)
+        // Requests are counted by the protocol they came over.
+        let metrics = try await withClient(node) { try await $0.metrics() }
+        #expect((metrics.value("cachemesh_http_requests_total", labels: ["protocol": "h3"]) ?? 0) >= 3, "h3 requests (put, get, status)")
+        #expect((metrics.value("cachemesh_http_requests_total", labels: ["protocol": "h2"]) ?? 0) >= 1, "the curl GET over h2")
 
         let exit = await node.terminate()
         #expect(exit?.status == 0 && exit?.signalled == false, "\(String(describing: exit)) \(node.logExcerpt())")

@@ -1,4 +1,5 @@
 import Foundation
+import MeshTLS
 import TOMLKit
 
 /// A mesh described in one TOML file (`topology/*.toml`): its CA, replication, and every node.
@@ -20,6 +21,9 @@ import TOMLKit
 /// cert = "../certs/out/origin.pem"
 /// key = "../certs/out/origin.key"
 /// seeds = []
+/// local = "127.0.0.1:9080"          # plaintext endpoint for this machine's build tools; optional
+/// local_socket = "/run/cachemesh.sock"  # the same on a unix socket (mode 0660); optional
+/// local_role = "client"             # the role the local endpoint gives (client | reader)
 ///
 /// [fetch]                           # optional; these are the defaults
 /// strategy = "hedged"               # hedged | immediate | peers-only | origin-only
@@ -60,6 +64,10 @@ public struct Topology: Sendable {
         public var certificate: String
         public var privateKey: String
         public var seeds: [String]
+        /// The local worker endpoint (loopback TCP, unix socket) and its role; optional.
+        public var local: HostPort? = nil
+        public var localSocket: String? = nil
+        public var localRole: PeerRole = .client
     }
 
     public var name: String
@@ -91,7 +99,7 @@ public struct Topology: Sendable {
 
     /// The keys a topology may hold, per table.
     public static let fileKeys = ["name", "ca", "replication", "write_quorum", "fetch", "quic", "limits", "repair", "nodes"]
-    public static let nodeKeys = ["name", "role", "tcp", "quic", "advertise_tcp", "advertise_quic", "data_dir", "max_bytes", "cert", "key", "seeds"]
+    public static let nodeKeys = ["name", "role", "tcp", "quic", "advertise_tcp", "advertise_quic", "data_dir", "max_bytes", "cert", "key", "seeds", "local", "local_socket", "local_role"]
     public static let fetchKeys = ["strategy", "transport", "origin_write_through"]
     public static let quicKeys = ["max_datagram", "address_validation"]
     public static let repairKeys = ["interval_seconds", "blobs_per_second", "enabled"]
@@ -148,7 +156,10 @@ public struct Topology: Sendable {
                               maxBytes: try n.size("max_bytes") ?? 10 << 30,
                               certificate: resolve(try n.required("cert", "the node certificate file, a string", n.string)),
                               privateKey: resolve(try n.required("key", "the node private key file, a string", n.string)),
-                              seeds: try n.strings("seeds") ?? []))
+                              seeds: try n.strings("seeds") ?? [],
+                              local: try n.hostPort("local"),
+                              localSocket: try n.string("local_socket").map(resolve),
+                              localRole: try n.choice("local_role", [("client", PeerRole.client), ("reader", PeerRole.reader)]) ?? .client))
         }
         var t = Topology(name: name, ca: resolve(ca), replication: replication, writeQuorum: writeQuorum,
                          fetch: fetch, quicMaxDatagram: quicMaxDatagram, nodes: nodes)
@@ -195,6 +206,9 @@ public struct Topology: Sendable {
         c.quicMaxDatagram = quicMaxDatagram
         c.quicAddressValidation = quicAddressValidation
         c.copyBudgets(from: limits)
+        c.localListen = n.local
+        c.localSocket = n.localSocket
+        c.localRole = n.localRole
         return c
     }
 }
