@@ -293,7 +293,11 @@ struct ConnectionFloodTests {
         let got = try await withClient(node) { try await $0.fetch("/cas/\(d.hash)") }
         #expect(got.status == 200 && got.body == data)
         let outcome = try await flood
-        #expect(cpu1 - cpu0 < 1.0, "the node used \(cpu1 - cpu0) CPU seconds in 2 s of an idle flood")
+        // The accept loop spinning (the bug) is a whole core: 2.0 CPU seconds in 2 s. The window
+        // also holds TLS handshakes of the flood's later connections and the displacement of
+        // idle ones (up to ~1.0 s on this 2-core machine once HTTP/1.1 joined the TLS port), so
+        // the bound is three quarters of a core.
+        #expect(cpu1 - cpu0 < 1.5, "the node used \(cpu1 - cpu0) CPU seconds in 2 s of an idle flood")
         #expect((outcome.opened ?? 0) + (outcome.failed ?? 0) == 400)
         #expect((outcome.closed_by_server ?? 0) >= 400 - 192 - 8, "\(outcome)")
         let metrics = try await withClient(node) { try await $0.metrics() }
