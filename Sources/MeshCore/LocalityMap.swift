@@ -13,9 +13,12 @@
 ///   push-pull are not re-gossiped (that would flood the mesh every 30 s). A node that starts on
 ///   a full store loads it with `loadOwn` (no per-blob deltas) and announces it in pages.
 /// * Ageing: a fact is dropped `ttl` after its holder asserted it (ages travel with the facts).
-/// * Memory: at most `maxEntries` (digest, holder) entries; beyond that the oldest are evicted down to
-///   `(1 − evictionSlack) × maxEntries`. `entryCount` and `approximateBytes` report usage. This node's
-///   own holdings are kept separately (`ownCount`): they mirror the local store.
+/// * Memory: facts live in a `LocalityTable` (flat arrays, ~20–30 bytes per (digest, holder); digests
+///   keyed by their first 64 bits — see there). At most `maxEntries` entries; beyond that the oldest
+///   are evicted down to `(1 − evictionSlack) × maxEntries`. `entryCount` and `approximateBytes` (the
+///   arrays' allocated capacity) report usage. Push-pull relays come from a fixed ring of the last
+///   `pushPullRelayLimit` facts learned (full digests), not from the table. This node's own holdings
+///   are kept separately (`ownCount`): they mirror the local store.
 /// * A stale entry costs one wasted race leg, never a wrong answer; the map is never used to claim
 ///   that a blob exists.
 public struct LocalityMap: Sendable {
@@ -34,13 +37,6 @@ public struct LocalityMap: Sendable {
         public var sweepInterval: Duration = .seconds(10)
 
         public init() {}
-    }
-
-    struct Holding: Sendable, Hashable {
-        var holder: NodeID
-        var present: Bool
-        var version: UInt64
-        var assertedAt: Duration
     }
 
     struct Key: Hashable, Sendable {
@@ -64,8 +60,13 @@ public struct LocalityMap: Sendable {
     /// The own holdings being paged through (a snapshot taken when the previous rotation ended).
     private var pageSnapshot: [Digest] = []
     private var pageCursor = 0
-    private var entries: [Digest: [Holding]] = [:]
-    public private(set) var entryCount = 0
+    private var table = LocalityTable()
+    private var holderIDs = HolderTable()
+    /// Stamps are milliseconds after `epoch` (set at the first fact, rebased every ~49 days).
+    private var epoch: Duration?
+    /// The last facts learned, full digests, for push-pull relays (a ring).
+    private var recent: [Pending] = []
+    private var recentNext = 0
     private var broadcasts = BroadcastQueue<Key, Pending>()
     private var nextSweep: Duration = .zero
     /// Holders whose facts are refused (dead or left members).
@@ -113,21 +114,27 @@ public struct LocalityMap: Sendable {
 
     // MARK: - Queries
 
-    /// Other nodes believed to hold `digest` (unexpired `present` facts), sorted by NodeID.
+    /// Other nodes believed to hold `digest` (unexpired `present` facts), sorted by NodeID. Matches
+    /// on the digest's first 64 bits (see `LocalityTable`); the size is not compared.
     public func holders(of digest: Digest, now: Duration) -> [NodeID] {
-        guard let list = entries[digest] else { return [] }
-        return list.filter { $0.present && $0.assertedAt + configuration.ttl > now }.map(\.holder).sorted()
+        guard let epoch else { return [] }
+        let live = Self.stamp(now - configuration.ttl, epoch: epoch)
+        var out: [NodeID] = []
+        table.forEach(of: digest.w0) { e in
+            if table.isPresent(e), table.stamp[e] > live {
+                out.append(holderIDs.id(table.holder(e)))
+            }
+        }
+        return out.sorted()
     }
 
-    /// Approximate heap bytes used by the map's entries (excluding own holdings): per entry the
-    /// holding record, per digest the key, array header and hash-table slack.
-    public var approximateBytes: Int {
-        let perHolding = MemoryLayout<Holding>.stride
-        let perDigest = (MemoryLayout<Digest>.stride + MemoryLayout<[Holding]>.stride) * 4 / 3 + 32
-        return entryCount * perHolding + entries.count * perDigest
-    }
+    public var entryCount: Int { table.count }
 
-    public var digestCount: Int { entries.count }
+    /// Heap bytes the map's entries hold (the table's allocated capacity; own holdings and the
+    /// fixed relay ring are not included).
+    public var approximateBytes: Int { table.allocatedBytes }
+
+    public var digestCount: Int { table.digestCount }
 
     public var pendingBroadcasts: Int { broadcasts.count }
 
@@ -136,15 +143,10 @@ public struct LocalityMap: Sendable {
     /// Drops every fact about `holder` and refuses new ones (a dead or left member).
     public mutating func removeHolder(_ holder: NodeID) {
         excluded.insert(holder)
-        var emptied: [Digest] = []
-        for (digest, list) in entries {
-            if list.contains(where: { $0.holder == holder }) {
-                let kept = list.filter { $0.holder != holder }
-                entryCount -= list.count - kept.count
-                if kept.isEmpty { emptied.append(digest) } else { entries[digest] = kept }
-            }
+        if let h = holderIDs.lookup(holder) {
+            table.removeAll { $0.holder == h }
+            holderIDs.release(holder)
         }
-        for d in emptied { entries[d] = nil }
         broadcasts.removeAll { key, _ in key.holder == holder }
     }
 
@@ -160,36 +162,31 @@ public struct LocalityMap: Sendable {
     @discardableResult
     public mutating func merge(_ updates: [LocalityUpdate], now: Duration, rebroadcast: Bool) -> Int {
         var changed = 0
+        let epoch = prepareEpoch(now: now)
         for u in updates {
             guard u.holder != myself, !excluded.contains(u.holder) else { continue }
             let assertedAt = now - .milliseconds(Int64(u.ageMs))
-            guard assertedAt + configuration.ttl > now else { continue }
-            var list = entries[u.digest] ?? []
-            var isNew = false
-            if let i = list.firstIndex(where: { $0.holder == u.holder }) {
-                if u.version > list[i].version {
-                    list[i] = Holding(holder: u.holder, present: u.present, version: u.version, assertedAt: assertedAt)
-                    isNew = true
-                } else if u.version == list[i].version, assertedAt > list[i].assertedAt {
-                    list[i].assertedAt = assertedAt  // a refresh: extends the TTL, not re-gossiped
+            guard assertedAt + configuration.ttl > now, let h = holderIDs.intern(u.holder) else { continue }
+            let stamp = Self.stamp(assertedAt, epoch: epoch)
+            let version = UInt32(truncatingIfNeeded: u.version)
+            if let e = table.find(u.digest.w0, holder: h) {
+                if Self.isNewer(version, than: table.version[e]) {
+                    table.set(e, present: u.present, version: version, stamp: stamp)
+                } else if version == table.version[e], stamp > table.stamp[e] {
+                    table.setStamp(e, stamp)   // a refresh: extends the TTL, not re-gossiped
+                    continue
                 } else {
                     continue
                 }
             } else {
-                list.append(Holding(holder: u.holder, present: u.present, version: u.version, assertedAt: assertedAt))
-                entryCount += 1
-                isNew = true
+                table.insert(u.digest.w0, holder: h, present: u.present, version: version, stamp: stamp)
             }
-            entries[u.digest] = list
-            if isNew {
-                changed += 1
-                if rebroadcast {
-                    broadcasts.enqueue(Pending(holder: u.holder, digest: u.digest, present: u.present, version: u.version, assertedAt: assertedAt),
-                                       for: Key(holder: u.holder, digest: u.digest))
-                }
-            }
+            changed += 1
+            let fact = Pending(holder: u.holder, digest: u.digest, present: u.present, version: u.version, assertedAt: assertedAt)
+            if rebroadcast { broadcasts.enqueue(fact, for: Key(holder: u.holder, digest: u.digest)) }
+            if u.present { remember(fact) }
         }
-        if entryCount > configuration.maxEntries { evictOldest() }
+        if table.count > configuration.maxEntries { evictOldest() }
         return changed
     }
 
@@ -197,36 +194,73 @@ public struct LocalityMap: Sendable {
     public mutating func expire(now: Duration, force: Bool = false) {
         guard force || now >= nextSweep else { return }
         nextSweep = now + configuration.sweepInterval
+        guard let epoch else { return }
         let cutoff = now - configuration.ttl
-        var emptied: [Digest] = []
-        var updates: [(Digest, [Holding])] = []
-        for (digest, list) in entries where list.contains(where: { $0.assertedAt <= cutoff }) {
-            let kept = list.filter { $0.assertedAt > cutoff }
-            expiredCount += list.count - kept.count
-            entryCount -= list.count - kept.count
-            if kept.isEmpty { emptied.append(digest) } else { updates.append((digest, kept)) }
-        }
-        for d in emptied { entries[d] = nil }
-        for (d, l) in updates { entries[d] = l }
+        guard cutoff >= epoch else { return }
+        let limit = Self.stamp(cutoff, epoch: epoch)
+        expiredCount += table.removeAll { $0.stamp <= limit }
     }
 
     private mutating func evictOldest() {
         let target = Int(Double(configuration.maxEntries) * (1 - configuration.evictionSlack))
-        let toRemove = entryCount - target
+        var toRemove = table.count - target
         guard toRemove > 0 else { return }
-        var all: [(Duration, Digest, NodeID)] = []
-        all.reserveCapacity(entryCount)
-        for (digest, list) in entries { for h in list { all.append((h.assertedAt, digest, h.holder)) } }
-        all.sort { $0 < $1 }
-        var victims: [Digest: Set<NodeID>] = [:]
-        for (_, digest, holder) in all.prefix(toRemove) { victims[digest, default: []].insert(holder) }
-        for (digest, holders) in victims {
-            let list = entries[digest]!
-            let kept = list.filter { !holders.contains($0.holder) }
-            entryCount -= list.count - kept.count
-            evictedCount += list.count - kept.count
-            entries[digest] = kept.isEmpty ? nil : kept
+        var live: [UInt32] = []
+        live.reserveCapacity(table.count)
+        table.forEachEntry { live.append($0.stamp) }
+        live.sort()
+        let cutoff = live[toRemove - 1]
+        let below = table.removeAll { $0.stamp < cutoff }
+        toRemove -= below
+        let atCutoff = toRemove > 0 ? table.removeAll {
+            guard toRemove > 0, $0.stamp == cutoff else { return false }
+            toRemove -= 1
+            return true
+        } : 0
+        evictedCount += below + atCutoff
+    }
+
+    // MARK: - Time and versions
+
+    /// The epoch, set on first use so every live stamp is ≥ 0, and moved forward (stamps rebased)
+    /// before milliseconds since it would overflow 32 bits.
+    private mutating func prepareEpoch(now: Duration) -> Duration {
+        guard let e = epoch else {
+            let e = now - configuration.ttl - .seconds(1)
+            epoch = e
+            return e
         }
+        if (now - e) > .milliseconds(Int64(UInt32.max) - 3_600_000) {
+            let moved = now - configuration.ttl - .seconds(1)
+            if moved - e >= .milliseconds(Int64(UInt32.max)) {
+                expiredCount += table.removeAll { _ in true }   // all of it expired long ago
+                epoch = moved
+            } else {
+                let delta = (moved - e).clampedMilliseconds
+                expiredCount += table.rebase(by: delta)
+                epoch = e + .milliseconds(Int64(delta))
+            }
+            return epoch!
+        }
+        return e
+    }
+
+    static func stamp(_ t: Duration, epoch: Duration) -> UInt32 {
+        t <= epoch ? 0 : UInt32(clamping: (t - epoch).clampedMilliseconds)
+    }
+
+    /// Serial-number comparison (RFC 1982) of 32-bit versions.
+    static func isNewer(_ a: UInt32, than b: UInt32) -> Bool { Int32(bitPattern: a &- b) > 0 }
+
+    private mutating func remember(_ fact: Pending) {
+        let limit = configuration.pushPullRelayLimit
+        guard limit > 0 else { return }
+        if recent.count < limit {
+            recent.append(fact)
+        } else {
+            recent[recentNext] = fact
+        }
+        recentNext = (recentNext + 1) % limit
     }
 
     // MARK: - Wire
@@ -266,22 +300,27 @@ public struct LocalityMap: Sendable {
                      now: now, rebroadcast: false)
     }
 
-    /// Bounded relayed state for push-pull: the freshest relayed present facts.
+    /// Bounded relayed state for push-pull: the freshest relayed present facts that still hold,
+    /// from the ring of facts learned last.
     public func fullStateUpdates(now: Duration) -> [LocalityUpdate] {
-        var out: [LocalityUpdate] = []
-        var relayed: [(Digest, Holding)] = []
-        let cutoff = now - configuration.ttl
-        for (digest, list) in entries {
-            for h in list where h.present && h.assertedAt > cutoff { relayed.append((digest, h)) }
+        guard let epoch else { return [] }
+        let live = Self.stamp(now - configuration.ttl, epoch: epoch)
+        var seen: Set<Key> = []
+        var relayed: [(Pending, UInt32)] = []
+        for fact in recent {
+            guard !excluded.contains(fact.holder), let h = holderIDs.lookup(fact.holder),
+                  let e = table.find(fact.digest.w0, holder: h), table.isPresent(e),
+                  table.version[e] == UInt32(truncatingIfNeeded: fact.version), table.stamp[e] > live,
+                  seen.insert(Key(holder: fact.holder, digest: fact.digest)).inserted else { continue }
+            relayed.append((fact, table.stamp[e]))
         }
         relayed.sort { a, b in
-            a.1.assertedAt != b.1.assertedAt ? a.1.assertedAt > b.1.assertedAt : (a.0, a.1.holder) < (b.0, b.1.holder)
+            a.1 != b.1 ? a.1 > b.1 : (a.0.digest, a.0.holder) < (b.0.digest, b.0.holder)
         }
-        for (digest, h) in relayed.prefix(configuration.pushPullRelayLimit) {
-            out.append(LocalityUpdate(holder: h.holder, digest: digest, present: true, version: h.version,
-                                      ageMs: (now - h.assertedAt).clampedMilliseconds))
+        return relayed.prefix(configuration.pushPullRelayLimit).map { fact, stamp in
+            LocalityUpdate(holder: fact.holder, digest: fact.digest, present: true, version: fact.version,
+                           ageMs: (now - (epoch + .milliseconds(Int64(stamp)))).clampedMilliseconds)
         }
-        return out
     }
 }
 

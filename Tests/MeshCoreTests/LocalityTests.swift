@@ -225,3 +225,112 @@ struct LocalityTests {
         }
     }
 }
+
+@Suite("LocalityMap storage")
+struct LocalityStorageTests {
+    @Test("a (digest, holder) fact costs at most 32 bytes with two or more holders per digest, 48 with one")
+    func bytesPerEntry() {
+        let holders = (0..<24).map { node("n\($0)") }
+        for (perDigest, bound) in [(1, 48), (2, 32), (3, 32)] {
+            var config = LocalityMap.Configuration()
+            config.maxEntries = 10_000_000
+            var map = LocalityMap(myself: node("me"), configuration: config)
+            var batch: [LocalityUpdate] = []
+            for i in 0..<60_000 {
+                for k in 0..<perDigest {
+                    batch.append(LocalityUpdate(holder: holders[(i + k * 7) % 24], digest: digest(i), present: true, version: 1, ageMs: 0))
+                }
+                if batch.count >= 4096 { map.merge(batch, now: .seconds(1), rebroadcast: false); batch = [] }
+            }
+            map.merge(batch, now: .seconds(1), rebroadcast: false)
+            #expect(map.entryCount == 60_000 * perDigest)
+            #expect(map.digestCount == 60_000)
+            let perEntry = Double(map.approximateBytes) / Double(map.entryCount)
+            #expect(perEntry <= Double(bound), "\(perDigest) holder(s) per digest: \(perEntry) bytes per entry")
+        }
+    }
+
+    @Test("random gains, losses, deaths and expiry agree with a plain dictionary model", arguments: [UInt64(1), 2, 3])
+    func matchesModel(seed: UInt64) {
+        var rng = SplitMix64(seed: seed)
+        var config = LocalityMap.Configuration()
+        config.ttl = .seconds(50)
+        var map = LocalityMap(myself: node("me"), configuration: config)
+        struct Fact { var present: Bool; var version: UInt64; var at: Duration }
+        var model: [NodeID: [Int: Fact]] = [:]
+        let holders = (0..<6).map { node("h\($0)") }
+        var dead: Set<NodeID> = []
+        var versions: [NodeID: UInt64] = [:]
+        var now = Duration.seconds(1)
+        for step in 0..<6000 {
+            now += .milliseconds(Int64(rng.next() % 40))
+            let h = holders[Int(rng.next() % 6)]
+            let d = Int(rng.next() % 300)
+            switch rng.next() % 20 {
+            case 0:
+                map.removeHolder(h); dead.insert(h); model[h] = nil
+            case 1:
+                map.readmitHolder(h); dead.remove(h)
+            case 2:
+                map.expire(now: now, force: true)
+            default:
+                let v = versions[h, default: 0] + 1 + rng.next() % 3
+                versions[h] = v
+                let stale = rng.next() % 5 == 0   // an old fact arriving late
+                let version = stale && v > 3 ? v - 3 : v
+                let present = rng.next() % 4 != 0
+                let age = UInt32(rng.next() % 3000)
+                map.merge([LocalityUpdate(holder: h, digest: digest(d), present: present, version: version, ageMs: age)], now: now, rebroadcast: step % 2 == 0)
+                guard !dead.contains(h) else { break }
+                let at = now - .milliseconds(Int64(age))
+                if let old = model[h]?[d] {
+                    if version > old.version { model[h]![d] = Fact(present: present, version: version, at: at) }
+                    else if version == old.version, at > old.at { model[h]![d]!.at = at }
+                } else {
+                    model[h, default: [:]][d] = Fact(present: present, version: version, at: at)
+                }
+            }
+            if step % 97 == 0 {
+                for d in 0..<300 {
+                    let expected = holders.filter { h in
+                        guard let f = model[h]?[d] else { return false }
+                        return f.present && f.at + config.ttl > now
+                    }.sorted()
+                    #expect(map.holders(of: digest(d), now: now) == expected, "step \(step) digest \(d)")
+                }
+            }
+        }
+    }
+
+    @Test("versions compare across the 32-bit wrap, and times across the 49-day epoch rebase")
+    func wrapAndRebase() {
+        let h = node("h")
+        var map = LocalityMap(myself: node("me"))
+        let d = digest(1)
+        map.merge([LocalityUpdate(holder: h, digest: d, present: true, version: UInt64(UInt32.max), ageMs: 0)], now: .seconds(1), rebroadcast: false)
+        map.merge([LocalityUpdate(holder: h, digest: d, present: false, version: UInt64(UInt32.max) + 2, ageMs: 0)], now: .seconds(2), rebroadcast: false)
+        #expect(map.holders(of: d, now: .seconds(2)).isEmpty)   // the later version wins past the wrap
+        // Sixty days later (past 2^32 ms), facts are kept and expire as before.
+        let later = Duration.seconds(60 * 86_400)
+        map.merge([LocalityUpdate(holder: h, digest: d, present: true, version: UInt64(UInt32.max) + 3, ageMs: 1000)], now: later, rebroadcast: false)
+        #expect(map.holders(of: d, now: later) == [h])
+        #expect(map.holders(of: d, now: later + .seconds(598)) == [h])
+        #expect(map.holders(of: d, now: later + .seconds(599)).isEmpty)
+        #expect(map.fullStateUpdates(now: later).map(\.ageMs) == [1000])
+    }
+
+    @Test("push-pull relays the freshest facts still held, from the ring of facts learned last")
+    func relaysFromRing() {
+        var config = LocalityMap.Configuration()
+        config.pushPullRelayLimit = 3
+        var map = LocalityMap(myself: node("me"), configuration: config)
+        for i in 0..<5 {
+            map.merge([LocalityUpdate(holder: node("a"), digest: digest(i), present: true, version: UInt64(i + 1), ageMs: 0)], now: .seconds(Int64(i + 1)), rebroadcast: false)
+        }
+        #expect(map.fullStateUpdates(now: .seconds(6)).map(\.digest) == [digest(4), digest(3), digest(2)])
+        map.merge([LocalityUpdate(holder: node("a"), digest: digest(3), present: false, version: 9, ageMs: 0)], now: .seconds(7), rebroadcast: false)
+        #expect(map.fullStateUpdates(now: .seconds(7)).map(\.digest) == [digest(4), digest(2)])
+        map.removeHolder(node("a"))
+        #expect(map.fullStateUpdates(now: .seconds(7)).isEmpty)
+    }
+}

@@ -53,8 +53,6 @@ public final class MeshService: MeshHooks, Sendable {
     let antiEntropy: AntiEntropy
     let core: Mutex<MeshNode>
     private let latency = LatencyBox()
-    /// hash → size, learned from locality gossip (HTTP GETs name only the hash).
-    private let sizes = Mutex<[String: Int64]>([:])
     private let started = ContinuousClock.now
     private let running = Mutex(true)
     private let leaving = Mutex(false)
@@ -246,7 +244,6 @@ public final class MeshService: MeshHooks, Sendable {
                         logger.warning("gossip from \(envelope.from.name): dropped \(dropped) update(s) about nodes that are not in topology \(topology.name), or with metadata the topology does not give them")
                     }
                 }
-                learnSizes(envelope.message)
                 perform(actions)
                 return HTTPResponse(status: 204)
             }
@@ -290,19 +287,6 @@ public final class MeshService: MeshHooks, Sendable {
         return .text(status, why)
     }
 
-    private func learnSizes(_ message: Message) {
-        var present: [MeshCore.Digest] = (message.gossip?.locality ?? []).filter(\.present).map(\.digest)
-        if case .pushPull(let s, _) = message {
-            present += s.locality.filter(\.present).map(\.digest)
-            present += s.holdings?.digests() ?? []
-        }
-        guard !present.isEmpty else { return }
-        sizes.withLock { m in
-            if m.count > 1_000_000 { m.removeAll(keepingCapacity: true) }
-            for d in present { m[d.hex] = d.sizeBytes }
-        }
-    }
-
     public func status(members withMembers: Bool) -> (role: String, mesh: NodeStatus.Mesh) {
         let (members, entries, bytes) = core.withLock { c in (c.membership.allMembers, c.locality.entryCount, c.locality.approximateBytes) }
         let list = members.sorted { $0.metadata.name < $1.metadata.name }.map { m in
@@ -326,7 +310,6 @@ public final class MeshService: MeshHooks, Sendable {
     /// RTT among themselves), then the origin (`origin-only`: the origin alone). `known` counts the
     /// sources the map says hold it.
     func sources(for hash: String) -> (sources: [FetchSource], known: Int) {
-        let size = sizes.withLock { $0[hash] }
         let strategy = settings.fetch.strategy
         let (holders, guesses, origin) = core.withLock { c -> ([(NodeID, FetchSource)], [(NodeID, FetchSource)], FetchSource?) in
             let origin = liveOrigin(in: c)
@@ -341,7 +324,7 @@ public final class MeshService: MeshHooks, Sendable {
                 }
             }
             var hs: [(NodeID, FetchSource)] = []
-            if let size, let d = MeshCore.Digest(hex: hash, sizeBytes: size) { hs = pick(c.holders(of: d, now: now())) }
+            if let d = MeshCore.Digest(hex: hash, sizeBytes: 0) { hs = pick(c.holders(of: d, now: now())) }   // matched by hash
             var gs: [(NodeID, FetchSource)] = []
             if let key = Self.placementKey(hash) { gs = pick(Rendezvous.top(settings.replication, for: key, over: c.membership.liveMembers)) }
             return (hs, gs, origin?.source)
