@@ -169,20 +169,7 @@ final class AntiEntropy: Sendable {
         // One existence request per owner for the whole batch.
         var askOf: [NodeID: [String]] = [:]
         for p in plans { for o in p.ask { askOf[o, default: []].append(p.digest.hash) } }
-        var held: [NodeID: Set<String>] = [:]
-        var unreachable: Set<NodeID> = []
-        await withTaskGroup(of: (NodeID, Set<String>?).self) { group in
-            for (owner, hashes) in askOf {
-                guard let source = endpoints[owner] ?? nil else {
-                    unreachable.insert(owner)
-                    continue
-                }
-                group.addTask { (owner, await Self.ask(source, hashes, mesh: mesh)) }
-            }
-            for await (owner, answer) in group {
-                if let answer { held[owner] = answer } else { unreachable.insert(owner) }
-            }
-        }
+        let (held, unreachable) = await Self.askAll(askOf, endpoints: endpoints, mesh: mesh)
         var copyJobs: [(StoreDigest, [FetchSource])] = []
         for i in plans.indices {
             for o in plans[i].ask where held[o]?.contains(plans[i].digest.hash) == true { plans[i].holding.insert(o) }
@@ -190,7 +177,7 @@ final class AntiEntropy: Sendable {
             guard !targets.isEmpty else { continue }
             result.underReplicated += 1
             if targets.contains(where: unreachable.contains) { result.unreachable += 1 }
-            let reachable = targets.filter { !unreachable.contains($0) }.compactMap { endpoints[$0] ?? nil }
+            let reachable = targets.filter { !unreachable.contains($0) }.compactMap { endpoints[$0] }
             if !reachable.isEmpty { copyJobs.append((plans[i].digest, reachable)) }
         }
         // Copies, a few at a time.
@@ -245,14 +232,7 @@ final class AntiEntropy: Sendable {
             }
             var askOf: [NodeID: [String]] = [:]
             for (hash, nodes) in asked { for n in nodes { askOf[n, default: []].append(hash) } }
-            var held: [NodeID: Set<String>] = [:]
-            await withTaskGroup(of: (NodeID, Set<String>?).self) { group in
-                for (n, hashes) in askOf {
-                    guard let source = endpoints[n] else { continue }
-                    group.addTask { (n, await Self.ask(source, hashes, mesh: mesh)) }
-                }
-                for await (n, answer) in group { if let answer { held[n] = answer } }
-            }
+            let (held, _) = await Self.askAll(askOf, endpoints: endpoints, mesh: mesh)
             for d in batch {
                 guard let o = owners[d.hash], !(asked[d.hash] ?? []).contains(where: { held[$0]?.contains(d.hash) == true }) else { continue }
                 // Nobody asked answered "held" (or could be asked): a sole copy. Copy it to the
@@ -266,6 +246,27 @@ final class AntiEntropy: Sendable {
             }
         }
         return (handed, failed, digests.count - offset)
+    }
+
+    /// Asks every node in `askOf` which of its hashes it holds, one request per node, all at once.
+    /// `unreachable`: nodes without an endpoint or without an answer.
+    static func askAll(_ askOf: [NodeID: [String]], endpoints: [NodeID: FetchSource],
+                       mesh: MeshService) async -> (held: [NodeID: Set<String>], unreachable: Set<NodeID>) {
+        var held: [NodeID: Set<String>] = [:]
+        var unreachable: Set<NodeID> = []
+        await withTaskGroup(of: (NodeID, Set<String>?).self) { group in
+            for (node, hashes) in askOf {
+                guard let source = endpoints[node] else {
+                    unreachable.insert(node)
+                    continue
+                }
+                group.addTask { (node, await ask(source, hashes, mesh: mesh)) }
+            }
+            for await (node, answer) in group {
+                if let answer { held[node] = answer } else { unreachable.insert(node) }
+            }
+        }
+        return (held, unreachable)
     }
 
     /// Which of `hashes` `source` holds (nil: no answer).
