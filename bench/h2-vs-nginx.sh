@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# bench/h2-vs-nginx.sh - HTTP/2 GET throughput of a cachemesh node against nginx,
-# same machine, same certificates, same files, same h2load runs, one run.
+# bench/h2-vs-nginx.sh - HTTP/2 (or, with PROTO=h1, HTTP/1.1) GET throughput of a cachemesh
+# node against nginx over TLS, same machine, same certificates, same files, same h2load runs, one run.
 #
 # A benchmark, not a test: it always exits 0 once it got numbers, and does not
 # judge them. Loopback only (127.0.0.1). See bench/README.md.
 #
 # Environment:
+#   PROTO=h2         h2 (ALPN h2) or h1 (h2load --h1: ALPN http/1.1, one request at a time per
+#                    connection unless SMALL_M > 1 pipelines; defaults become SMALL_C=64 SMALL_M=1
+#                    and RESULTS=bench/results/h1-vs-nginx.md)
 #   SMALL_N=200000   requests of the 4 KiB GET run (h2load -n), c=16 m=10
 #   LARGE_N=20       requests of the 64 MiB GET run (h2load -n), c=1 m=1
 #   SMALL_C=16 SMALL_M=10 LARGE_C=1 LARGE_M=1
@@ -23,10 +26,16 @@ set -euo pipefail
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$SCRIPT_DIR/.." && pwd)
 
+PROTO=${PROTO:-h2}
+case $PROTO in
+    h2) PROTO_FLAGS=(); CURL_PROTO=--http2; DEFAULT_C=16; DEFAULT_M=10; PROTO_NAME=HTTP/2 ;;
+    h1) PROTO_FLAGS=(--h1); CURL_PROTO=--http1.1; DEFAULT_C=64; DEFAULT_M=1; PROTO_NAME=HTTP/1.1 ;;
+    *) echo "[bench] error: PROTO must be h2 or h1" >&2; exit 2 ;;
+esac
 SMALL_N=${SMALL_N:-200000}
 LARGE_N=${LARGE_N:-20}
-SMALL_C=${SMALL_C:-16}
-SMALL_M=${SMALL_M:-10}
+SMALL_C=${SMALL_C:-$DEFAULT_C}
+SMALL_M=${SMALL_M:-$DEFAULT_M}
 LARGE_C=${LARGE_C:-1}
 LARGE_M=${LARGE_M:-1}
 WARMUP_N=${WARMUP_N:-2000}
@@ -35,7 +44,7 @@ SKIP_NGINX=${SKIP_NGINX:-0}
 PIN=${PIN:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 H2LOAD_TIMEOUT=${H2LOAD_TIMEOUT:-600}
-RESULTS=${RESULTS:-$REPO/bench/results/h2-vs-nginx.md}
+RESULTS=${RESULTS:-$REPO/bench/results/$PROTO-vs-nginx.md}
 
 log() { echo "[bench] $*" >&2; }
 die() { echo "[bench] error: $*" >&2; exit 1; }
@@ -124,7 +133,7 @@ log "64 MiB file sha256 $LARGE_SHA"
 # check_get BASEURL SHA NAME: an unauthenticated GET (like h2load's) returns the right bytes
 check_get() {
     local url="$1/cas/$2" got
-    got=$(curl -sS --fail --http2 --max-time 60 --cacert "$CERTS/ca.pem" "$url" | sha256sum | cut -d' ' -f1) ||
+    got=$(curl -sS --fail "$CURL_PROTO" --max-time 60 --cacert "$CERTS/ca.pem" "$url" | sha256sum | cut -d' ' -f1) ||
         die "$3: GET $url failed"
     [[ $got == "$2" ]] || die "$3: GET $url returned sha256 $got"
 }
@@ -220,8 +229,8 @@ fi
 run_h2load() {
     local name=$1 url="$2/cas/$3" n=$4 c=$5 m=$6
     local out="$TMP/h2load-$name.txt"
-    log "h2load $name: -n $n -c $c -m $m -t 1 $url"
-    timeout "$H2LOAD_TIMEOUT" "${CLIENT_CPU[@]}" h2load -n "$n" -c "$c" -m "$m" -t 1 "$url" >"$out" 2>&1 || true
+    log "h2load $name: ${PROTO_FLAGS[*]} -n $n -c $c -m $m -t 1 $url"
+    timeout "$H2LOAD_TIMEOUT" "${CLIENT_CPU[@]}" h2load "${PROTO_FLAGS[@]}" -n "$n" -c "$c" -m "$m" -t 1 "$url" >"$out" 2>&1 || true
     python3 - "$out" "$n" <<'PY'
 import re, sys
 text = open(sys.argv[1], errors="replace").read()
@@ -281,11 +290,11 @@ ratio() {  # ratio TEST KEY
 NGINX_VER=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //' || true)
 H2LOAD_VER=$(h2load --version 2>&1 | head -n1)
 {
-    echo "# h2 GET throughput: cachemesh vs nginx"
+    echo "# $PROTO_NAME GET throughput over TLS: cachemesh vs nginx"
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- kernel: $(uname -r), CPUs: $(nproc)$( [[ $PIN == 1 ]] && echo ', servers pinned to CPU 1, h2load to CPU 0')"
-    echo "- $NGINX_VER (worker_processes 1, TLSv1.3, no client auth); $H2LOAD_VER (-t 1)"
+    echo "- $NGINX_VER (worker_processes 1, TLSv1.3, no client auth); $H2LOAD_VER (-t 1 ${PROTO_FLAGS[*]})"
     echo "- cachemesh: $( [[ $SKIP_NODE == 1 ]] && echo 'not run (SKIP_NODE=1)' || echo "$CM_BIN (--allow-unauthenticated-reads)")"
     echo "- 4 KiB: h2load -n $SMALL_N -c $SMALL_C -m $SMALL_M; 64 MiB: h2load -n $LARGE_N -c $LARGE_C -m $LARGE_M; warm-up $WARMUP_N x 4 KiB each"
     echo "- MB/s is h2load's figure (2^20 bytes/s, response headers and framing included); ratio = cachemesh / nginx"

@@ -95,8 +95,8 @@ struct LocalityTable: Sendable {
     /// otherwise grown by half (so a grown index is about half used) or shrunk to half full.
     private func fittedSlots(for used: Int, current n: Int) -> Int {
         if used == 0 { return 0 }
-        if used * 4 > n * 3 { return max(16, n + n / 2, used * 3 / 2) }
-        if n > 16, used * 4 <= n { return max(16, used * 2) }
+        if used * 4 > n * 3 { return max(8, n + n / 2, used * 3 / 2) }
+        if n > 8, used * 4 <= n { return max(8, used * 2) }
         return n
     }
 
@@ -154,7 +154,7 @@ struct LocalityTable: Sendable {
             // Grow all four by a quarter before any is full (an append to a full array would double it).
             let room = min(holderBits.capacity, version.capacity, stamp.capacity, next.capacity)
             if holderBits.count == room {
-                let grown = room + room / 4 + 64
+                let grown = room + room / 4 + 16
                 holderBits.reserveCapacity(grown)
                 version.reserveCapacity(grown)
                 stamp.reserveCapacity(grown)
@@ -235,7 +235,7 @@ struct LocalityTable: Sendable {
         fitIndex(adding: 0)
         guard holderBits.capacity >= 256, count * 2 <= holderBits.capacity else { return }
         var hb: [UInt16] = [], ve: [UInt32] = [], st: [UInt32] = [], nx: [UInt32] = []
-        let cap = count + count / 4 + 64
+        let cap = count + count / 4 + 16
         hb.reserveCapacity(cap); ve.reserveCapacity(cap); st.reserveCapacity(cap); nx.reserveCapacity(cap)
         for s in slotKey.indices where slotHead[s] != Self.none {
             var e = slotHead[s]
