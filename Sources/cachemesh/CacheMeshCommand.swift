@@ -127,7 +127,7 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(help: "Mesh topology file (topology/*.toml); with --name, run that node of the mesh.") var topology: String?
     @Option(help: "Node name (default: node; with --topology, required).") var name: String?
     @Option(name: .customLong("fetch-strategy"), help: "With --topology: override [fetch] strategy (hedged | immediate | peers-only | origin-only; default: the topology's, else hedged).") var fetchStrategy: String?
-    @Option(name: .customLong("mesh-transport"), help: "With --topology: override [fetch] transport between nodes (quic | tcp; default: the topology's).") var meshTransport: String?
+    @Option(name: .customLong("mesh-transport"), help: "With --topology: override [fetch] transport between nodes (quic | tcp | adaptive; default: the topology's).") var meshTransport: String?
     @Option(help: "TCP listen address host:port; port 0 picks a free port (default: 127.0.0.1:8443).") var listen: String?
     @Option(name: .customLong("quic-listen"), help: "UDP address host:port for QUIC + HTTP/3, e.g. the same as --listen (default: none, no QUIC).") var quicListen: String?
     @Option(name: .customLong("quic-max-datagram"), help: "Largest UDP payload QUIC sends (default 1452 with path MTU discovery; 8952 for 9000-byte jumbo frames, only where every path carries it).") var quicMaxDatagram: Int?
@@ -167,8 +167,14 @@ struct NodeCommand: AsyncParsableCommand {
             mesh?.fetch.strategy = st
         }
         if let v = meshTransport {
-            guard let tr = MeshTransportKind(rawValue: v) else { throw ValidationError("--mesh-transport must be quic or tcp, got \(v)") }
-            mesh?.fetch.transport = tr
+            if v == "adaptive" {
+                mesh?.fetch.transport = .quic
+                mesh?.fetch.adaptiveTransport = true
+            } else {
+                guard let tr = MeshTransportKind(rawValue: v) else { throw ValidationError("--mesh-transport must be quic, tcp or adaptive, got \(v)") }
+                mesh?.fetch.transport = tr
+                mesh?.fetch.adaptiveTransport = false
+            }
         }
         if (fetchStrategy != nil || meshTransport != nil) && mesh == nil {
             throw ValidationError("--fetch-strategy and --mesh-transport need --topology")

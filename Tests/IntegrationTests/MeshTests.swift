@@ -18,8 +18,9 @@ final class TestMesh: @unchecked Sendable {
     let certs: Certs
 
     struct Options {
-        /// `[fetch]` strategy.
+        /// `[fetch]` strategy and transport between nodes.
         var strategy = "hedged"
+        var transport = "quic"
         /// Nodes that advertise a QUIC endpoint nobody listens on (UDP "blocked").
         var quicBlocked: Set<String> = []
         /// Extra TOML lines per node (e.g. advertise addresses of a relay in front of it).
@@ -57,7 +58,7 @@ final class TestMesh: @unchecked Sendable {
             toml += "[repair]\nenabled = \(options.repairEnabled)\n"
             if let i = options.repairInterval { toml += "interval_seconds = \(i)\n" }
         }
-        toml += "[fetch]\nstrategy = \"\(options.strategy)\"\ntransport = \"quic\"\norigin_write_through = \(options.writeThrough)\n"
+        toml += "[fetch]\nstrategy = \"\(options.strategy)\"\ntransport = \"\(options.transport)\"\norigin_write_through = \(options.writeThrough)\n"
         for n in names {
             // Every node serves HTTP/3 on the UDP port with the TCP port's number.
             var quic = "quic = \"127.0.0.1:\(ports[n]!)\""

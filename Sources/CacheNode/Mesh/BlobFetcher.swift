@@ -56,10 +56,19 @@ public protocol MeshRequester: Sendable {
     /// A request to `source` over `transport` (nil: not known which) stalled: stop using that
     /// connection for new work.
     func connectionStalled(to source: FetchSource, via transport: MeshTransportKind?) async
+    /// A request expected to move about `expectedBytes` (an upload's size, or a blob's known size):
+    /// an adaptive transport chooses by it.
+    func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody, expectedBytes: Int64?) async throws -> MeshReply
+    /// `bytes` of a response body from `source` arrived over `transport` in `duration` (measured goodput).
+    func transferred(from source: FetchSource, via transport: MeshTransportKind, bytes: Int64, duration: Duration)
 }
 
 extension MeshRequester {
     public func connectionStalled(to source: FetchSource, via transport: MeshTransportKind?) async {}
+    public func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody, expectedBytes: Int64?) async throws -> MeshReply {
+        try await request(to: source, head, body: body)
+    }
+    public func transferred(from source: FetchSource, via transport: MeshTransportKind, bytes: Int64, duration: Duration) {}
 }
 
 /// Every source was asked and not all of them said 404 (a connection failed, a source answered
@@ -300,6 +309,7 @@ public final class BlobFetcher: Sendable {
             throw BlobStoreError.io("\(hash) at \(source): HTTP \(response.status)")
         }
         events.yield(.responded(i))
+        let bodyStarted = ContinuousClock.now
         let size = response.headers["content-length"].flatMap { Int64($0) }
         let writer = try await store.beginWrite(hash: hash, expectedSize: size)
         do {
@@ -311,6 +321,7 @@ public final class BlobFetcher: Sendable {
             try Task.checkCancellation()
             let d = try writer.commit()
             done = true
+            requester.transferred(from: source, via: reply.transport, bytes: d.size, duration: ContinuousClock.now - bodyStarted)
             return (d, reply.transport)
         } catch {
             writer.abort()

@@ -27,6 +27,7 @@ public final class MeshService: MeshHooks, Sendable {
             self.writeQuorum = writeQuorum
             self.fetch = fetch
             transport.preferred = fetch.transport
+            transport.adaptive = fetch.adaptiveTransport
         }
 
         /// What a topology asks for (replication, write quorum, fetch settings).
@@ -172,6 +173,7 @@ public final class MeshService: MeshHooks, Sendable {
                 if e.node != me { antiEntropy.membershipChanged("\(e.node.name) \(e.status.rawValue)", now: now()) }
                 if !e.status.isLive, e.node != me {
                     latency.tracker.withLock { $0.forget(e.node) }
+                    transport.forgetMeasurements(of: e.node.name)
                     // A dead member's connections fail what is in flight to it now (a left one
                     // is draining: its in-flight requests still complete).
                     if e.status == .dead, let t = core.withLock({ target(e.node, in: $0) }) {
@@ -297,7 +299,7 @@ public final class MeshService: MeshHooks, Sendable {
         let f = fetcher.counts
         let mesh = NodeStatus.Mesh(
             topology: topology.name, replication: settings.replication, writeQuorum: settings.writeQuorum,
-            fetchStrategy: settings.fetch.strategy.rawValue, transport: settings.transport.preferred.rawValue,
+            fetchStrategy: settings.fetch.strategy.rawValue, transport: settings.transport.adaptive ? "adaptive" : settings.transport.preferred.rawValue,
             liveMembers: members.filter { $0.status.isLive }.count, members: withMembers ? list : nil,
             localityEntries: entries, localityBytes: bytes,
             fetch: .init(peerWins: f.peerWins, originWins: f.originWins, failures: f.failures,

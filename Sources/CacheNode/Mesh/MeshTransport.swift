@@ -1,5 +1,6 @@
 import BlobStore
 import Logging
+import struct MeshCore.TransportChooser
 import MeshHTTP
 import MeshHTTP2
 import MeshQUIC
@@ -11,7 +12,8 @@ import Synchronization
 /// with the node's own certificate (role `node`).
 ///
 /// HTTP/3 over QUIC is preferred when the target advertises a QUIC endpoint; HTTP/2 over TLS/TCP is
-/// the fallback. A QUIC handshake that fails (blocked UDP, nothing listening) marks that endpoint
+/// the fallback. With `adaptive`, a `TransportChooser` picks between the two per peer from the
+/// latency and goodput the last requests measured (by expected size), the fallback rules unchanged. A QUIC handshake that fails (blocked UDP, nothing listening) marks that endpoint
 /// down for `quicRetryAfter`, so later requests go straight to TCP instead of waiting for a
 /// handshake timeout each time; a request that fails on QUIC before any body was sent is retried
 /// on TCP once.
@@ -25,6 +27,9 @@ public final class MeshTransport: MeshRequester {
         public var quicRetryAfter: Duration = .seconds(30)
         /// QUIC connection settings (e.g. the datagram size).
         public var quic = QUICSettings()
+        /// Choose per peer between QUIC and TCP by measured latency and goodput (`[fetch] transport = "adaptive"`).
+        public var adaptive = false
+        public var chooser = TransportChooser.Configuration()
         public init() {}
     }
 
@@ -36,6 +41,7 @@ public final class MeshTransport: MeshRequester {
     private let requests: (quic: Counter, tcp: Counter)
     private let fallbacks = Counter(label: "cachemesh_mesh_quic_fallbacks_total")
     private let stalls = Counter(label: "cachemesh_mesh_stalled_requests_total")
+    private let chooser: Mutex<TransportChooser>
 
     public init(credentials: TLSCredentials, settings: Settings = Settings(), logger: Logger) {
         self.settings = settings
@@ -49,6 +55,37 @@ public final class MeshTransport: MeshRequester {
             : nil
         requests = (Counter(label: "cachemesh_mesh_requests_total", dimensions: [("transport", "quic")]),
                     Counter(label: "cachemesh_mesh_requests_total", dimensions: [("transport", "tcp")]))
+        chooser = Mutex(TransportChooser(preferred: .quic, configuration: settings.chooser))
+    }
+
+    /// Counts an adaptive choice (`cachemesh_mesh_transport_choices_total{transport,reason}`).
+    private func counted(_ kind: TransportChooser.Kind, _ reason: TransportChooser.Reason) {
+        Counter(label: "cachemesh_mesh_transport_choices_total", dimensions: [("transport", kind.rawValue), ("reason", reason.rawValue)]).increment()
+    }
+
+    private func record(_ source: FetchSource, _ kind: MeshTransportKind, started: ContinuousClock.Instant, expectedBytes: Int64?, uploaded: Bool) {
+        guard settings.adaptive else { return }
+        let elapsed = ContinuousClock.now - started
+        let k: TransportChooser.Kind = kind == .quic ? .quic : .tcp
+        let large = (expectedBytes ?? 0) >= settings.chooser.largeBytes
+        chooser.withLock { c in
+            // A large upload's time to the response head is its transfer time, not a latency.
+            if uploaded, large, let n = expectedBytes {
+                c.record(peer: source.name, kind: k, headLatency: nil, bytes: n, transferTime: elapsed)
+            } else {
+                c.record(peer: source.name, kind: k, headLatency: elapsed)
+            }
+        }
+    }
+
+    public func transferred(from source: FetchSource, via transport: MeshTransportKind, bytes: Int64, duration: Duration) {
+        guard settings.adaptive else { return }
+        chooser.withLock { $0.record(peer: source.name, kind: transport == .quic ? .quic : .tcp, headLatency: nil, bytes: bytes, transferTime: duration) }
+    }
+
+    /// Drops what was measured about a member (it died: a new incarnation starts unmeasured).
+    func forgetMeasurements(of name: String) {
+        chooser.withLock { $0.forget(peer: name) }
     }
 
     /// How a request to a member with this QUIC endpoint goes now (for `/status`).
@@ -58,13 +95,30 @@ public final class MeshTransport: MeshRequester {
     }
 
     public func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> MeshReply {
-        if let quic, let q = source.quicEndpoint, isUp(q) {
+        try await request(to: source, head, body: body, expectedBytes: nil)
+    }
+
+    public func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody, expectedBytes: Int64?) async throws -> MeshReply {
+        var useQUIC = false
+        if quic != nil, let q = source.quicEndpoint, isUp(q) {
+            useQUIC = true
+            if settings.adaptive {
+                let (kind, reason) = chooser.withLock { $0.choose(peer: source.name, expectedBytes: expectedBytes) }
+                counted(kind, reason)
+                useQUIC = kind == .quic
+            }
+        }
+        let uploaded: Bool
+        if case .empty = body { uploaded = false } else { uploaded = true }
+        if useQUIC, let quic, let q = source.quicEndpoint {
             var connected = false
             do {
                 _ = try await quic.connection(host: q.host, port: q.port)
                 connected = true
+                let started = ContinuousClock.now
                 let r = try await quic.request(host: q.host, port: q.port, head, body: body)
                 requests.quic.increment()
+                record(source, .quic, started: started, expectedBytes: expectedBytes, uploaded: uploaded)
                 return MeshReply(r, via: .quic)
             } catch {
                 try Task.checkCancellation()
@@ -82,8 +136,10 @@ public final class MeshTransport: MeshRequester {
                     "endpoint": "\(q)", "stage": "\(connected ? "request" : "handshake")", "error": "\(error)"])
             }
         }
+        let started = ContinuousClock.now
         let r = try await tcp.request(host: source.endpoint.host, port: source.endpoint.port, head, body: body)
         requests.tcp.increment()
+        record(source, .tcp, started: started, expectedBytes: expectedBytes, uploaded: uploaded)
         return MeshReply(r, via: .tcp)
     }
 
@@ -261,7 +317,7 @@ public final class Mirror: Sendable {
                 to: target,
                 HTTPRequestHead(method: "PUT", path: "/cas/\(digest.hash)",
                                 headers: ["content-length": String(digest.size), CacheService.mirrorHeader: "1"]),
-                body: .file(reader)).response
+                body: .file(reader), expectedBytes: digest.size).response
             _ = try? await r.body.collect(upTo: 64 * 1024)
             guard r.status == 201 || r.status == 200 else {
                 failures.increment()

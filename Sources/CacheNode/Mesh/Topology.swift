@@ -27,7 +27,7 @@ import TOMLKit
 ///
 /// [fetch]                           # optional; these are the defaults
 /// strategy = "hedged"               # hedged | immediate | peers-only | origin-only
-/// transport = "quic"                # quic (TCP fallback) | tcp
+/// transport = "quic"                # quic (TCP fallback) | tcp | adaptive (per peer, by measured latency/goodput)
 /// origin_write_through = false      # also copy every write to the origin before acknowledging
 ///
 /// [limits]                          # optional: the budget keys of a node config, for every
@@ -117,7 +117,10 @@ public struct Topology: Sendable {
         var fetch = FetchSettings()
         if let f = try file.table("fetch", known: fetchKeys) {
             if let v = try f.choice("strategy", FetchStrategy.allCases.map { ($0.rawValue, $0) }) { fetch.strategy = v }
-            if let v = try f.choice("transport", [("quic", MeshTransportKind.quic), ("tcp", MeshTransportKind.tcp)]) { fetch.transport = v }
+            if let v = try f.choice("transport", [("quic", (MeshTransportKind.quic, false)), ("tcp", (MeshTransportKind.tcp, false)),
+                                                  ("adaptive", (MeshTransportKind.quic, true))]) {
+                (fetch.transport, fetch.adaptiveTransport) = v
+            }
             fetch.originWriteThrough = try f.bool("origin_write_through") ?? false
         }
         var quicMaxDatagram: Int?
@@ -241,6 +244,9 @@ public struct FetchSettings: Sendable {
     public var strategy: FetchStrategy = .hedged
     /// Between nodes: HTTP/3 over QUIC with HTTP/2 fallback, or HTTP/2 only.
     public var transport: MeshTransportKind = .quic
+    /// `transport = "adaptive"`: QUIC or TCP per peer by what the last requests measured
+    /// (`TransportChooser`), the QUIC fallback rules unchanged.
+    public var adaptiveTransport = false
     /// Every write is also copied to the origin, and acknowledged only once the origin has it.
     public var originWriteThrough = false
     public init() {}
