@@ -72,7 +72,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var nextID = 0
     private var readPending = false
     private var closing = false
-    private var draining = false
+    /// The graceful close when the node drains (no GOAWAY: `connection: close`, or a cut).
+    private var drain = ConnectionDrain()
     private var idleSince: ContinuousClock.Instant? = .now
     private var unwritableSince: ContinuousClock.Instant?
     private var timer: RepeatedTask?
@@ -193,7 +194,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let chunked = h.headers.contains(name: "transfer-encoding")
         let length = h.headers.first(name: "content-length").flatMap { Int64($0) } ?? 0
         let hasBody = chunked || length > 0
-        let keepAlive = h.isKeepAlive && !draining
+        let keepAlive = h.isKeepAlive && !drain.isDraining
         let isHead = h.method == .HEAD
         nextID += 1
         let id = nextID
@@ -308,18 +309,24 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is HTTP2GracefulShutdownEvent {
-            draining = true
-            if current == nil {
+            switch drain.begin(canSendGoaway: false, inFlight: current == nil ? 0 : 1) {
+            case .close:
                 close(context)
-            } else {
+            case .awaitRequests:
                 let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-                let cuts = drainCuts
-                context.eventLoop.scheduleTask(in: limits.drainGracePeriod) {
+                let grace = limits.drainGracePeriod
+                context.eventLoop.scheduleTask(in: grace) {
                     let me = bound.value
                     guard !me.closing, let context = me.context else { return }
-                    if me.current != nil { cuts?.add(1) }
+                    if case .cut(let inFlight) = me.drain.graceEnded(inFlight: me.current == nil ? 0 : 1) {
+                        me.drainCuts?.add(inFlight)
+                        me.logger.warning("\(ConnectionDrain.cutMessage(gracePeriod: grace, inFlight: inFlight))",
+                                          metadata: ["remote": "\(me.remoteAddress ?? "-")"])
+                    }
                     me.close(context)
                 }
+            default:
+                break
             }
         }
         context.fireUserInboundEventTriggered(event)
@@ -499,7 +506,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
         c.responseDone = true
         if c.requestEnded {
             current = nil
-            let closeAfter = !c.keepAlive || c.lingered != nil || draining
+            let closeAfter = !c.keepAlive || c.lingered != nil || drain.isDraining
             if closeAfter {
                 closing = true
                 context.writeAndFlush(wrapOutboundOut(.end(trailers))).whenComplete { _ in context.close(promise: nil) }
@@ -536,7 +543,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func finish(context: ChannelHandlerContext) {
         guard let c = current else { return }
         current = nil
-        if !c.keepAlive || c.lingered != nil || draining {
+        if !c.keepAlive || c.lingered != nil || drain.isDraining {
             close(context)
             return
         }
