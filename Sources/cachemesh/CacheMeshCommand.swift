@@ -4,6 +4,7 @@ import CacheNode
 import CMeshSystem
 import Foundation
 import Logging
+import MeshHTTP
 import MeshHTTP2
 import MeshTLS
 import Metrics
