@@ -224,11 +224,8 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
             response.body.discard()
             return
         }
-        var headers = response.headers
-        if headers["content-length"] == nil, let n = response.body.knownLength, response.status != 204, response.status != 304 {
-            headers.add("content-length", String(n))
-        }
-        if !session.submitResponse(stream: stream, status: response.status, headers: headers, body: response.body, trailers: response.trailers, headOnly: s.isHead) {
+        let head = ResponseHead(response, framing: .frames)
+        if !session.submitResponse(stream: stream, head: head, body: response.body, trailers: response.trailers, headOnly: s.isHead) {
             session.resetStream(stream, errorCode: 2)
         }
         scheduleFlush()

@@ -23,17 +23,6 @@ final class WeakCore {
 
 /// One HTTP/3 request stream (either role).
 final class H3Stream {
-    enum Source {
-        case none
-        case bytes(ByteBuffer)
-        case file(any FileBodySource, next: Int64, end: Int64)
-        /// A file whose bytes are handed to nghttp3 straight from memory (`mappedBytes`): nothing
-        /// is copied or held, and the source stays open until the stream closes, because ngtcp2
-        /// points into it until the peer acknowledged the data.
-        case mapped(any FileBodySource, next: Int64, end: Int64)
-        case stream(HTTPOutboundStream)
-    }
-
     let id: Int64
     /// The header block and the trailer block, each counted against the header-list limit as
     /// nghttp3 decodes it (QPACK lets a small block decode to a huge one).
@@ -43,9 +32,10 @@ final class H3Stream {
     var inTrailers = false
     var body: HTTPInboundBody?
     var inboundEnded = false
-    var source: Source = .none
-    var sourceClosed = false
-    var pendingTrailers: HTTPHeaders?
+    /// What this side sends after its head (a response, or a client's request body).
+    var pump = OutboundBodyPump(.empty)
+    /// The body's source was released (read to its end, or the stream went away).
+    var sourceClosed: Bool { pump.isClosed }
     var held = AckedBufferQueue()
     /// Body bytes of the current read burst, not yet handed to `body`.
     var pendingInbound: ByteBuffer?
@@ -65,13 +55,6 @@ final class H3Stream {
     }
 
     func closeSource() {
-        guard !sourceClosed else { return }
-        sourceClosed = true
-        switch source {
-        case .file(let f, _, _), .mapped(let f, _, _): f.close()
-        case .stream(let s): s.cancel(HTTPTransportError.streamReset(errorCode: UInt32(NGHTTP3_H3_REQUEST_CANCELLED)))
-        case .none, .bytes: break
-        }
-        source = .none
+        pump.close(HTTPTransportError.streamReset(errorCode: UInt32(NGHTTP3_H3_REQUEST_CANCELLED)))
     }
 }

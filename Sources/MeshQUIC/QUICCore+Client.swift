@@ -51,15 +51,14 @@ extension QUICCore {
         var fields: [(name: String, value: String)] = [
             (":method", head.method), (":scheme", head.scheme), (":authority", head.authority), (":path", head.path),
         ]
-        for (n, v) in head.headers where !Self.connectionSpecific(n) { fields.append((n, v)) }
+        for (n, v) in head.headers where !ResponseHead.isHopByHop(n) { fields.append((n, v)) }
         if head.headers["content-length"] == nil, let n = body.knownLength, n > 0 || head.method == "PUT" || head.method == "POST" {
             fields.append(("content-length", String(n)))
         }
-        setSource(s, body)
-        let hasBody: Bool
-        if case .none = s.source { hasBody = false } else { hasBody = true }
+        setBody(s, body)
+        let hasBody = !s.pump.isEmpty
         var dr = nghttp3_data_reader(read_data: Self.readData)
-        let srv = Self.withNV(fields) { nva, n in
+        let srv = withHeaderFields(fields, nghttp3NV) { nva, n in
             hasBody ? nghttp3_conn_submit_request(h3, sid, nva, n, &dr, nil) : nghttp3_conn_submit_request(h3, sid, nva, n, nil, nil)
         }
         if srv != 0 {

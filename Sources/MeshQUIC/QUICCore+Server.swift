@@ -58,22 +58,17 @@ extension QUICCore {
         s.lastProgress = .now
         startStallCheck()
         s.responseSubmitted = true
-        var fields: [(name: String, value: String)] = [(":status", String(response.status))]
-        for (n, v) in response.headers where !Self.connectionSpecific(n) { fields.append((n, v)) }
-        if response.headers["content-length"] == nil, let n = response.body.knownLength, response.status != 204, response.status != 304 {
-            fields.append(("content-length", String(n)))
-        }
+        let head = ResponseHead(response, framing: .frames)
         var hasBody = true
         if s.isHead {
             response.body.discard()
             hasBody = false
         } else {
-            setSource(s, response.body)
-            s.pendingTrailers = response.trailers
-            if case .none = s.source, response.trailers == nil { hasBody = false }
+            setBody(s, response.body, trailers: response.trailers)
+            hasBody = !s.pump.isEmpty
         }
         var dr = nghttp3_data_reader(read_data: Self.readData)
-        let rv = Self.withNV(fields) { nva, n in
+        let rv = withHeaderFields(head.fields, nghttp3NV) { nva, n in
             hasBody ? nghttp3_conn_submit_response(h3, sid, nva, n, &dr) : nghttp3_conn_submit_response(h3, sid, nva, n, nil)
         }
         if rv != 0 {
@@ -99,9 +94,6 @@ extension QUICCore {
         }
     }
 
-    static func connectionSpecific(_ n: String) -> Bool {
-        n == "connection" || n == "transfer-encoding" || n == "keep-alive" || n == "upgrade" || n == "proxy-connection" || n == "host"
-    }
 
     /// Server drain (`ConnectionDrain`): GOAWAY notice now, final GOAWAY `goawayGap` later,
     /// CONNECTION_CLOSE once the requests in flight completed (or `gracePeriod` ran out).
