@@ -139,7 +139,8 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     /// flight finished, or the grace period ends and the connection closes under them.
     func initiateGracefulShutdown() {
         guard let context else { return }
-        switch drain.begin(canSendGoaway: session != nil, inFlight: streams.count) {
+        // No session yet (plaintext before the preface, TLS before the handshake): close.
+        switch drain.begin(canSendGoaway: session != nil, inFlight: session == nil ? 0 : streams.count) {
         case .sendNotice:
             session?.submitShutdownNotice()
             flushOutput()

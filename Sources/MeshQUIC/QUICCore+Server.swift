@@ -99,7 +99,8 @@ extension QUICCore {
     /// CONNECTION_CLOSE once the requests in flight completed (or `gracePeriod` ran out).
     func startGracefulShutdown(gracePeriod: TimeAmount) {
         guard isServer, isActive else { return }
-        switch drain.begin(canSendGoaway: h3 != nil, inFlight: activeRequestStreams) {
+        // No HTTP/3 yet (handshake): no request can be in flight; close.
+        switch drain.begin(canSendGoaway: h3 != nil, inFlight: h3 == nil ? 0 : activeRequestStreams) {
         case .sendNotice:
             _ = nghttp3_conn_submit_shutdown_notice(h3)
             writePackets()
