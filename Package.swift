@@ -27,15 +27,15 @@ let package = Package(
                        providers: [.apt(["libngtcp2-crypto-gnutls-dev", "libngtcp2-dev", "libnghttp3-dev"])]),
         .systemLibrary(name: "CNghttp2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
 
-        // GnuTLS credentials, sessions, peer identity + role, SHA-256.
+        // GnuTLS credentials, sessions, the peer identity + role a certificate proves, SHA-256.
         .target(name: "MeshTLS", dependencies: [
-            "CGnuTLS",
+            "CGnuTLS", "MeshHTTP",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        // Transport-neutral HTTP types: request head, response, bodies, service protocol.
+        // Transport-neutral HTTP (no C library): request head, response, bodies, service protocol,
+        // peer identity and role, the drain state machine, response heads, outbound body pump.
         .target(name: "MeshHTTP", dependencies: [
-            "MeshTLS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Metrics", package: "swift-metrics"),
         ]),

@@ -1,5 +1,4 @@
 import MeshHTTP
-import MeshTLS
 import NIOCore
 import SwiftProtobuf
 import Synchronization

@@ -1,4 +1,3 @@
-import MeshTLS
 import NIOCore
 
 /// An ordered list of header fields; names are lowercase (HTTP/2 and HTTP/3 require it).

@@ -72,7 +72,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var nextID = 0
     private var readPending = false
     private var closing = false
-    private var draining = false
+    /// The graceful close when the node drains (no GOAWAY: `connection: close`, or a cut).
+    private var drain = ConnectionDrain()
     private var idleSince: ContinuousClock.Instant? = .now
     private var unwritableSince: ContinuousClock.Instant?
     private var timer: RepeatedTask?
@@ -193,7 +194,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let chunked = h.headers.contains(name: "transfer-encoding")
         let length = h.headers.first(name: "content-length").flatMap { Int64($0) } ?? 0
         let hasBody = chunked || length > 0
-        let keepAlive = h.isKeepAlive && !draining
+        let keepAlive = h.isKeepAlive && !drain.isDraining
         let isHead = h.method == .HEAD
         nextID += 1
         let id = nextID
@@ -308,18 +309,24 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is HTTP2GracefulShutdownEvent {
-            draining = true
-            if current == nil {
+            switch drain.begin(canSendGoaway: false, inFlight: current == nil ? 0 : 1) {
+            case .close:
                 close(context)
-            } else {
+            case .awaitRequests:
                 let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-                let cuts = drainCuts
-                context.eventLoop.scheduleTask(in: limits.drainGracePeriod) {
+                let grace = limits.drainGracePeriod
+                context.eventLoop.scheduleTask(in: grace) {
                     let me = bound.value
                     guard !me.closing, let context = me.context else { return }
-                    if me.current != nil { cuts?.add(1) }
+                    if case .cut(let inFlight) = me.drain.graceEnded(inFlight: me.current == nil ? 0 : 1) {
+                        me.drainCuts?.add(inFlight)
+                        me.logger.warning("\(ConnectionDrain.cutMessage(gracePeriod: grace, inFlight: inFlight))",
+                                          metadata: ["remote": "\(me.remoteAddress ?? "-")"])
+                    }
                     me.close(context)
                 }
+            default:
+                break
             }
         }
         context.fireUserInboundEventTriggered(event)
@@ -367,118 +374,75 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
             if readPending { readPending = false; context.read() }
         }
         current = c
+        let head = ResponseHead(response, framing: .http1(isHead: c.isHead))
         var headers = NIOHTTP1.HTTPHeaders()
-        for (n, v) in response.headers where n != "content-length" && n != "transfer-encoding" && n != "connection" {
-            headers.add(name: n, value: v)
-        }
-        let noBody = response.status == 204 || response.status == 304 || (100..<200).contains(response.status)
+        for (n, v) in head.fields { headers.add(name: n, value: v) }
         var chunked = false
-        if let given = response.headers["content-length"], c.isHead {
-            headers.add(name: "content-length", value: given)
-        } else if let n = response.body.knownLength {
-            if !noBody { headers.add(name: "content-length", value: String(n)) }
-        } else if c.version.minor >= 1 {
-            headers.add(name: "transfer-encoding", value: "chunked")
-            chunked = true
-        } else {
-            c.keepAlive = false   // HTTP/1.0 without a length: the close ends the body.
-            current = c
+        if head.lengthUnknown {
+            if c.version.minor >= 1 {
+                headers.add(name: "transfer-encoding", value: "chunked")
+                chunked = true
+            } else {
+                c.keepAlive = false   // HTTP/1.0 without a length: the close ends the body.
+                current = c
+            }
         }
         if !c.keepAlive { headers.add(name: "connection", value: "close") }
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: c.version, status: .init(statusCode: response.status), headers: headers))), promise: nil)
-        let trailers: NIOHTTP1.HTTPHeaders? = chunked ? response.trailers.map { t in
-            var h = NIOHTTP1.HTTPHeaders()
-            for (n, v) in t { h.add(name: n, value: v) }
-            return h
-        } : nil
-        if c.isHead || noBody {
+        if c.isHead || ResponseHead.forbidsBody(status: response.status) {
             response.body.discard()
             end(id: id, trailers: nil, context: context)
             return
         }
-        switch response.body {
-        case .empty:
-            end(id: id, trailers: trailers, context: context)
-        case .bytes(let b):
-            context.write(wrapOutboundOut(.body(.byteBuffer(b))), promise: nil)
-            end(id: id, trailers: trailers, context: context)
-        case .file(let f):
-            sendFile(f, id: id, trailers: trailers, context: context)
-        case .stream(let s):
-            sendStream(s, id: id, context: context, chunked: chunked)
-        }
+        sendBody(OutboundBodyPump(response.body, trailers: response.trailers), id: id, chunked: chunked, context: context)
     }
 
-    private static let fileChunk = 256 * 1024
+    private static let chunk = 256 * 1024
 
-    private func sendFile(_ f: any FileBodySource, id: Int, trailers: NIOHTTP1.HTTPHeaders?, context: ChannelHandlerContext) {
-        var position = f.start
-        let end = f.start + f.length
-        var closed = false
-        let closeFile = { if !closed { closed = true; f.close() } }
-        pumpClose = closeFile
-        pump = { [unowned self] in
-            while position < end, context.channel.isWritable {
-                let n = min(Self.fileChunk, Int(end - position))
-                var buf = context.channel.allocator.buffer(capacity: n)
-                do {
-                    let got = try buf.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { try f.read(at: position, into: UnsafeMutableRawBufferPointer(rebasing: $0.prefix(n))) }
-                    guard got > 0 else { throw HTTPTransportError.connectionClosed }
-                    position += Int64(got)
-                } catch {
-                    logger.warning("HTTP/1.1 response body read failed; closing", metadata: ["error": "\(error)"])
-                    pump = nil
-                    pumpClose = nil
-                    closeFile()
-                    close(context)
-                    return
-                }
-                context.write(wrapOutboundOut(.body(.byteBuffer(buf))), promise: nil)
-            }
-            if position >= end {
-                pump = nil
-                pumpClose = nil
-                closeFile()
-                self.end(id: id, trailers: trailers, context: context)
-            } else {
-                context.flush()
-            }
-        }
-        pump?()
-    }
-
-    private func sendStream(_ s: HTTPOutboundStream, id: Int, context: ChannelHandlerContext, chunked: Bool) {
-        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        let loop = context.eventLoop
-        pumpClose = { s.cancel(HTTPTransportError.connectionClosed) }
+    /// Writes the body while the socket takes it (`pump` resumes it when it is writable again,
+    /// or when a streamed body's producer has more), then the end with trailers if chunked.
+    private func sendBody(_ body: OutboundBodyPump, id: Int, chunked: Bool, context: ChannelHandlerContext) {
+        var body = body
+        let allocator = context.channel.allocator
+        pumpClose = { body.close(HTTPTransportError.connectionClosed) }
         pump = { [unowned self] in
             while context.channel.isWritable {
-                switch s.read(max: Self.fileChunk) {
-                case .data(let b):
+                switch body.next(max: Self.chunk, allocator: allocator) {
+                case .buffer(let b, let last):
                     context.write(wrapOutboundOut(.body(.byteBuffer(b))), promise: nil)
-                case .wouldBlock:
-                    context.flush()
-                    return
-                case .end(let t):
+                    guard last else { continue }
+                    fallthrough
+                case .end:
                     pump = nil
                     pumpClose = nil
-                    let trailers: NIOHTTP1.HTTPHeaders? = chunked ? t.map { t in
+                    let trailers: NIOHTTP1.HTTPHeaders? = chunked ? body.trailers.map { t in
                         var h = NIOHTTP1.HTTPHeaders()
                         for (n, v) in t { h.add(name: n, value: v) }
                         return h
                     } : nil
                     self.end(id: id, trailers: trailers, context: context)
                     return
-                case .failed:
+                case .wouldBlock:
+                    context.flush()
+                    return
+                case .failed(let why):
+                    if let why { logger.warning("HTTP/1.1 response body failed; closing", metadata: ["error": "\(why)"]) }
                     pump = nil
                     pumpClose = nil
+                    body.close(HTTPTransportError.connectionClosed)
                     close(context)
                     return
+                case .mapped:
+                    preconditionFailure("no mapping was asked for")
                 }
             }
             context.flush()
         }
-        s.setOnReadable { loop.execute { bound.value.pump?() } }
+        if let s = body.stream {
+            let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+            let loop = context.eventLoop
+            s.setOnReadable { loop.execute { bound.value.pump?() } }
+        }
         pump?()
     }
 
@@ -499,7 +463,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
         c.responseDone = true
         if c.requestEnded {
             current = nil
-            let closeAfter = !c.keepAlive || c.lingered != nil || draining
+            let closeAfter = !c.keepAlive || c.lingered != nil || drain.isDraining
             if closeAfter {
                 closing = true
                 context.writeAndFlush(wrapOutboundOut(.end(trailers))).whenComplete { _ in context.close(promise: nil) }
@@ -536,7 +500,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func finish(context: ChannelHandlerContext) {
         guard let c = current else { return }
         current = nil
-        if !c.keepAlive || c.lingered != nil || draining {
+        if !c.keepAlive || c.lingered != nil || drain.isDraining {
             close(context)
             return
         }

@@ -57,7 +57,7 @@ public final class HTTP2Server: Sendable {
     private let service: any HTTPService
     private let group: any EventLoopGroup
     private let logger: Logger
-    private let state = Mutex<(server: (any Channel)?, connections: [ObjectIdentifier: any Channel])>((nil, [:]))
+    private let connections = ServerConnections()
 
     public init(configuration: Configuration, service: any HTTPService, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, logger: Logger) {
         self.configuration = configuration
@@ -74,98 +74,64 @@ public final class HTTP2Server: Sendable {
         let logger = self.logger
         let limiter = ConnectionLimiter(maxConnections: max(1, config.maxConnections), logger: logger)
         self.limiter.withLock { $0 = limiter }
-        let settings = NGHTTP2Session.Settings(maxConcurrentStreams: config.maxConcurrentStreams, initialWindowSize: config.initialStreamWindow,
-                                               connectionWindowSize: config.connectionWindow, maxHeaderListSize: UInt32(clamping: config.maxHeaderListBytes))
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 4096)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            // EMFILE/ENFILE while accepting: back off for a second instead of spinning.
-            .serverChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(AcceptBackoffHandler())
-                    try channel.pipeline.syncOperations.addHandler(limiter)
-                }
+        let bootstrap = connections.bootstrap(group: group, backlog: 4096, limiter: limiter) { channel in
+            try channel.syncOptions?.setOption(.tcpOption(.tcp_nodelay), value: 1)
+            let h1 = config.http1Limits
+            let makeH2 = { (peer: PeerIdentity) in
+                config.makeHTTP2Handler(service: service, plaintext: config.credentials == nil, plaintextPeer: peer, limiter: limiter, logger: logger)
             }
-            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-            .childChannelOption(.writeBufferWaterMark, value: .init(low: 256 * 1024, high: 1024 * 1024))
-            .childChannelInitializer { [weak self] channel in
-                self?.track(channel)
-                return channel.eventLoop.makeCompletedFuture {
-                    let h1 = config.http1Limits
-                    let makeH2 = { (peer: PeerIdentity) in
-                        HTTP2ServerHandler(
-                            service: service, plaintext: config.credentials == nil, plaintextPeer: peer, settings: settings,
-                            gracePeriod: config.drainGracePeriod, bodyIdleTimeout: config.requestBodyIdleTimeout, bodyMinRate: config.requestBodyMinRate,
-                            responseStallTimeout: config.responseStallTimeout, idleTimeout: config.idleTimeout,
-                            limiter: limiter, drainCuts: config.drainCuts, logger: logger)
-                    }
-                    if let creds = config.credentials {
-                        // ALPN h2 → HTTP/2; http/1.1 or none → HTTP/1.1 (curl --http1.1, Bazel's
-                        // HTTP cache client, ccache-like tools), with the certificate's role.
-                        try channel.pipeline.syncOperations.addHandler(GnuTLSHandler(
-                            credentials: creds, mode: .server(config.clientAuthentication), alpn: ["h2", "http/1.1"],
-                            handshakeTimeout: config.handshakeTimeout, logger: logger))
-                        try channel.pipeline.syncOperations.addHandler(ALPNSwitch { pipeline, event in
-                            if event.alpn == "h2" {
-                                try pipeline.addHandler(makeH2(.insecure))
-                            } else {
-                                try addHTTP1Handlers(to: pipeline, service: service, peer: event.peer, tls: true, limits: h1,
-                                                     limiter: limiter, drainCuts: config.drainCuts, logger: logger)
-                            }
-                        })
+            if let creds = config.credentials {
+                // ALPN h2 → HTTP/2; http/1.1 or none → HTTP/1.1 (curl --http1.1, Bazel's
+                // HTTP cache client, ccache-like tools), with the certificate's role.
+                try channel.pipeline.syncOperations.addHandler(GnuTLSHandler(
+                    credentials: creds, mode: .server(config.clientAuthentication), alpn: ["h2", "http/1.1"],
+                    handshakeTimeout: config.handshakeTimeout, logger: logger))
+                try channel.pipeline.syncOperations.addHandler(ALPNSwitch { pipeline, event in
+                    if event.alpn == "h2" {
+                        try pipeline.addHandler(makeH2(.insecure))
                     } else {
-                        // --insecure: h2c with prior knowledge, or HTTP/1.1, told apart on the first bytes.
-                        try channel.pipeline.syncOperations.addHandler(ProtocolSniffer { pipeline, isH2 in
-                            if isH2 {
-                                try pipeline.addHandler(makeH2(.insecure))
-                            } else {
-                                try addHTTP1Handlers(to: pipeline, service: service, peer: .insecure, tls: false, limits: h1,
-                                                     limiter: limiter, drainCuts: config.drainCuts, logger: logger)
-                            }
-                        })
+                        try addHTTP1Handlers(to: pipeline, service: service, peer: event.peer, tls: true, limits: h1,
+                                             limiter: limiter, drainCuts: config.drainCuts, logger: logger)
                     }
-                }
+                })
+            } else {
+                // --insecure: h2c with prior knowledge, or HTTP/1.1, told apart on the first bytes.
+                try channel.pipeline.syncOperations.addHandler(ProtocolSniffer { pipeline, isH2 in
+                    if isH2 {
+                        try pipeline.addHandler(makeH2(.insecure))
+                    } else {
+                        try addHTTP1Handlers(to: pipeline, service: service, peer: .insecure, tls: false, limits: h1,
+                                             limiter: limiter, drainCuts: config.drainCuts, logger: logger)
+                    }
+                })
             }
+        }
         let channel = try await bootstrap.bind(host: config.host, port: config.port).get()
-        state.withLock { $0.server = channel }
+        connections.listening(on: channel)
         guard let addr = channel.localAddress else { throw HTTPTransportError.connectionClosed }
         logger.info("HTTP/2 listening", metadata: ["address": "\(addr.endpoint)", "tls": "\(config.credentials != nil)"])
         return addr
     }
 
-    private func track(_ channel: any Channel) {
-        let id = ObjectIdentifier(channel)
-        state.withLock { $0.connections[id] = channel }
-        channel.closeFuture.whenComplete { [weak self] _ in
-            self?.state.withLock { _ = $0.connections.removeValue(forKey: id) }
-        }
-    }
-
-    public var connectionCount: Int { state.withLock { $0.connections.count } }
+    public var connectionCount: Int { connections.count }
 
     private let limiter = Mutex<ConnectionLimiter?>(nil)
 
     /// Stop accepting, send GOAWAY (notice, then final) on every connection, and wait until
     /// they closed (in-flight streams finish, bounded by the drain grace period).
     public func shutdownGracefully() async {
-        let (server, conns) = state.withLock { ($0.server, Array($0.connections.values)) }
-        try? await server?.close()
-        for c in conns { c.pipeline.fireUserInboundEventTriggered(HTTP2GracefulShutdownEvent()) }
-        for c in conns { try? await c.closeFuture.get() }
+        await connections.shutdownGracefully()
     }
 
     /// Start a graceful GOAWAY on every open connection but keep accepting new ones
     /// (tests, and a drain phase that hands clients to fresh connections).
     public func goawayAllConnections() {
-        let conns = state.withLock { Array($0.connections.values) }
-        for c in conns { c.pipeline.fireUserInboundEventTriggered(HTTP2GracefulShutdownEvent()) }
+        connections.goawayAll()
     }
 
     /// Close the listener and every connection now.
     public func close() async {
-        let (server, conns) = state.withLock { ($0.server, Array($0.connections.values)) }
-        try? await server?.close()
-        for c in conns { try? await c.close() }
+        await connections.close()
     }
 }
 

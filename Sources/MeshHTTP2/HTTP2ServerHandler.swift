@@ -32,7 +32,8 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     private var peer: PeerIdentity?
     private var remoteAddress: String?
     private var streams: [Int32: Stream] = [:]
-    private var draining = false
+    /// The graceful close when the node drains (GOAWAY notice, final GOAWAY, close).
+    private var drain = ConnectionDrain()
     private let gracePeriod: TimeAmount
     private let bodyIdleTimeout: Duration?
     private let bodyMinRate: Int
@@ -88,7 +89,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         stallCheck = context.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
             let me = bound.value
             guard let session = me.session, let context = me.context, !me.closing else { return }
-            if let idle = me.idleTimeout, let since = me.idleSince, ContinuousClock.now - since > idle, !me.draining {
+            if let idle = me.idleTimeout, let since = me.idleSince, ContinuousClock.now - since > idle, !me.drain.isDraining {
                 me.logger.debug("closing an idle HTTP/2 connection", metadata: ["remote": "\(me.remoteAddress ?? "-")"])
                 me.initiateGracefulShutdown()
                 return
@@ -133,20 +134,26 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         context.fireUserInboundEventTriggered(event)
     }
 
-    /// GOAWAY in two steps: a shutdown notice now, the final GOAWAY (last processed stream id)
-    /// shortly after, then close once in-flight streams finished or the grace period ran out.
+    /// GOAWAY in two steps (`ConnectionDrain`): a shutdown notice now, the final GOAWAY (last
+    /// processed stream id) `goawayGap` later; nghttp2 ends the session once the streams in
+    /// flight finished, or the grace period ends and the connection closes under them.
     func initiateGracefulShutdown() {
-        guard !draining, let context else { return }
-        draining = true
-        guard let session else {
+        guard let context else { return }
+        // No session yet (plaintext before the preface, TLS before the handshake): close.
+        switch drain.begin(canSendGoaway: session != nil, inFlight: session == nil ? 0 : streams.count) {
+        case .sendNotice:
+            session?.submitShutdownNotice()
+            flushOutput()
+        case .close:
             context.close(promise: nil)
             return
+        default:
+            return
         }
-        session.submitShutdownNotice()
-        flushOutput()
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        context.eventLoop.scheduleTask(in: .milliseconds(200)) {
+        context.eventLoop.scheduleTask(in: ConnectionDrain.goawayGap) {
             let me = bound.value
+            guard me.drain.finalGoawayDue() == .sendFinalGoaway else { return }
             me.session?.submitGoaway()
             me.flushOutput()
         }
@@ -154,9 +161,9 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         context.eventLoop.scheduleTask(in: grace) {
             let me = bound.value
             guard !me.closing, let context = me.context else { return }
-            if !me.streams.isEmpty {
-                me.drainCuts?.add(me.streams.count)
-                me.logger.warning("drain: the grace period (\(Double(grace.nanoseconds) / 1e9) s) ended with \(me.streams.count) request(s) in flight; closing the connection under them",
+            if case .cut(let inFlight) = me.drain.graceEnded(inFlight: me.streams.count) {
+                me.drainCuts?.add(inFlight)
+                me.logger.warning("\(ConnectionDrain.cutMessage(gracePeriod: grace, inFlight: inFlight))",
                                   metadata: ["peer": "\(me.peer?.commonName ?? "-")", "remote": "\(me.remoteAddress ?? "-")"])
             }
             context.close(promise: nil)
@@ -218,11 +225,8 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
             response.body.discard()
             return
         }
-        var headers = response.headers
-        if headers["content-length"] == nil, let n = response.body.knownLength, response.status != 204, response.status != 304 {
-            headers.add("content-length", String(n))
-        }
-        if !session.submitResponse(stream: stream, status: response.status, headers: headers, body: response.body, trailers: response.trailers, headOnly: s.isHead) {
+        let head = ResponseHead(response, framing: .frames)
+        if !session.submitResponse(stream: stream, head: head, body: response.body, trailers: response.trailers, headOnly: s.isHead) {
             session.resetStream(stream, errorCode: 2)
         }
         scheduleFlush()

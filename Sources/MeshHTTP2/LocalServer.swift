@@ -42,7 +42,7 @@ public final class LocalServer: Sendable {
     private let service: any HTTPService
     private let group: any EventLoopGroup
     private let logger: Logger
-    private let state = Mutex<(server: (any Channel)?, connections: [ObjectIdentifier: any Channel])>((nil, [:]))
+    private let connections = ServerConnections()
 
     public init(configuration: Configuration, service: any HTTPService, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, logger: Logger) {
         self.configuration = configuration
@@ -64,39 +64,21 @@ public final class LocalServer: Sendable {
         let service = self.service
         let logger = self.logger
         let limiter = ConnectionLimiter(maxConnections: max(1, base.maxConnections), logger: logger)
-        let settings = NGHTTP2Session.Settings(maxConcurrentStreams: base.maxConcurrentStreams, initialWindowSize: base.initialStreamWindow,
-                                               connectionWindowSize: base.connectionWindow, maxHeaderListSize: UInt32(clamping: base.maxHeaderListBytes))
         let h1 = base.http1Limits
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 1024)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(AcceptBackoffHandler())
-                    try channel.pipeline.syncOperations.addHandler(limiter)
-                }
+        let bootstrap = connections.bootstrap(group: group, backlog: 1024, limiter: limiter) { channel in
+            if case .tcp = config.address {
+                try channel.syncOptions?.setOption(.tcpOption(.tcp_nodelay), value: 1)
             }
-            .childChannelOption(.writeBufferWaterMark, value: .init(low: 256 * 1024, high: 1024 * 1024))
-            .childChannelInitializer { [weak self] channel in
-                self?.track(channel)
-                return channel.eventLoop.makeCompletedFuture {
-                    if case .tcp = config.address {
-                        try channel.syncOptions?.setOption(.tcpOption(.tcp_nodelay), value: 1)
-                    }
-                    try channel.pipeline.syncOperations.addHandler(ProtocolSniffer { pipeline, isH2 in
-                        if isH2 {
-                            try pipeline.addHandler(HTTP2ServerHandler(
-                                service: service, plaintext: true, plaintextPeer: config.peer, settings: settings,
-                                gracePeriod: base.drainGracePeriod, bodyIdleTimeout: base.requestBodyIdleTimeout, bodyMinRate: base.requestBodyMinRate,
-                                responseStallTimeout: base.responseStallTimeout, idleTimeout: base.idleTimeout,
-                                limiter: limiter, drainCuts: base.drainCuts, logger: logger))
-                        } else {
-                            try addHTTP1Handlers(to: pipeline, service: service, peer: config.peer, tls: false, limits: h1,
-                                                 limiter: limiter, drainCuts: base.drainCuts, logger: logger)
-                        }
-                    })
+            try channel.pipeline.syncOperations.addHandler(ProtocolSniffer { pipeline, isH2 in
+                if isH2 {
+                    try pipeline.addHandler(base.makeHTTP2Handler(service: service, plaintext: true, plaintextPeer: config.peer,
+                                                                  limiter: limiter, logger: logger))
+                } else {
+                    try addHTTP1Handlers(to: pipeline, service: service, peer: config.peer, tls: false, limits: h1,
+                                         limiter: limiter, drainCuts: base.drainCuts, logger: logger)
                 }
-            }
+            })
+        }
         let channel: any Channel
         switch config.address {
         case .tcp(let host, let port):
@@ -109,37 +91,26 @@ public final class LocalServer: Sendable {
                 throw IOError(errnoCode: code, reason: "chmod 0660 \(path)")
             }
         }
-        state.withLock { $0.server = channel }
+        connections.listening(on: channel)
         guard let addr = channel.localAddress else { throw HTTPTransportError.connectionClosed }
         logger.info("local endpoint listening", metadata: ["address": "\(config.address)", "role": "\(config.peer.role?.rawValue ?? "-")"])
         return addr
     }
 
-    private func track(_ channel: any Channel) {
-        let id = ObjectIdentifier(channel)
-        state.withLock { $0.connections[id] = channel }
-        channel.closeFuture.whenComplete { [weak self] _ in
-            self?.state.withLock { _ = $0.connections.removeValue(forKey: id) }
-        }
-    }
-
-    public var connectionCount: Int { state.withLock { $0.connections.count } }
+    public var connectionCount: Int { connections.count }
 
     /// Stop accepting; HTTP/2 connections get GOAWAY, HTTP/1.1 ones close after the response in
     /// flight (or at once when idle); waits until every connection closed.
     public func shutdownGracefully() async {
-        let (server, conns) = state.withLock { ($0.server, Array($0.connections.values)) }
-        try? await server?.close()
-        if case .unix(let path) = configuration.address { unlink(path) }
-        for c in conns { c.pipeline.fireUserInboundEventTriggered(HTTP2GracefulShutdownEvent()) }
-        for c in conns { try? await c.closeFuture.get() }
+        await connections.shutdownGracefully(afterListenerClosed: removeSocketFile)
     }
 
     public func close() async {
-        let (server, conns) = state.withLock { ($0.server, Array($0.connections.values)) }
-        try? await server?.close()
+        await connections.close(afterListenerClosed: removeSocketFile)
+    }
+
+    private func removeSocketFile() {
         if case .unix(let path) = configuration.address { unlink(path) }
-        for c in conns { try? await c.close() }
     }
 }
 
@@ -198,19 +169,5 @@ final class ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler {
             return
         }
         context.fireUserInboundEventTriggered(event)
-    }
-}
-
-extension HTTP2Server.Configuration {
-    /// The same budgets for an HTTP/1.1 connection.
-    public var http1Limits: HTTP1Limits {
-        var l = HTTP1Limits()
-        l.maxHeaderListBytes = maxHeaderListBytes
-        l.bodyIdleTimeout = requestBodyIdleTimeout
-        l.bodyMinRate = requestBodyMinRate
-        l.responseStallTimeout = responseStallTimeout
-        l.idleTimeout = idleTimeout
-        l.drainGracePeriod = drainGracePeriod
-        return l
     }
 }

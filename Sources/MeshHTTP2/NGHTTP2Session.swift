@@ -41,12 +41,7 @@ final class NGHTTP2Session {
 
     /// What a stream is sending (response on server, request body on client).
     private struct Outbound {
-        var bytes: ByteBuffer?
-        var file: (any FileBodySource)?
-        var stream: HTTPOutboundStream?
-        var position: Int64 = 0
-        var end: Int64 = 0
-        var trailers: HTTPHeaders?
+        var pump: OutboundBodyPump
         /// When the peer last took response bytes (or the response began).
         var lastProgress = ContinuousClock.now
     }
@@ -97,10 +92,7 @@ final class NGHTTP2Session {
     }
 
     deinit {
-        for (_, o) in outbound {
-            o.file?.close()
-            o.stream?.cancel(HTTPTransportError.connectionClosed)
-        }
+        for (_, var o) in outbound { o.pump.close(HTTPTransportError.connectionClosed) }
         nghttp2_session_del(session)
     }
 
@@ -140,12 +132,11 @@ final class NGHTTP2Session {
 
     // MARK: - submitting
 
-    func submitResponse(stream: Int32, status: Int, headers: HTTPHeaders, body: HTTPOutboundBody, trailers: HTTPHeaders? = nil, headOnly: Bool = false) -> Bool {
-        var fields: [(String, String)] = [(":status", String(status))]
-        fields.append(contentsOf: headers.fields)
+    /// A response: `head` is its fields (`ResponseHead`, `:status` first).
+    func submitResponse(stream: Int32, head: ResponseHead, body: HTTPOutboundBody, trailers: HTTPHeaders? = nil, headOnly: Bool = false) -> Bool {
         if headOnly { body.discard() }
         let provider = headOnly ? nil : prepareOutbound(stream: stream, body: body, trailers: trailers)
-        let rc = withNV(fields) { nva, count in
+        let rc = withHeaderFields(head.fields, Self.nv) { nva, count in
             if var p = provider {
                 return nghttp2_submit_response(session, stream, nva, count, &p)
             }
@@ -157,14 +148,14 @@ final class NGHTTP2Session {
 
     /// Informational response (e.g. 100 Continue).
     func submitInformational(stream: Int32, status: Int) {
-        _ = withNV([(":status", String(status))]) { nva, count in
+        _ = withHeaderFields([(":status", String(status))], Self.nv) { nva, count in
             nghttp2_submit_headers(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream, nil, nva, count, nil)
         }
     }
 
     /// Submit a request; returns the stream id or throws.
     func submitRequest(head: HTTPRequestHead, body: HTTPOutboundBody) throws -> Int32 {
-        var fields: [(String, String)] = [(":method", head.method), (":scheme", head.scheme), (":authority", head.authority), (":path", head.path)]
+        var fields: [(name: String, value: String)] = [(":method", head.method), (":scheme", head.scheme), (":authority", head.authority), (":path", head.path)]
         fields.append(contentsOf: head.headers.fields)
         let hasBody: Bool
         if case .empty = body { hasBody = false } else { hasBody = true }
@@ -172,7 +163,7 @@ final class NGHTTP2Session {
         // then move it. nghttp2 calls read_callback only after submit returns.
         var provider = nghttp2_data_provider()
         provider.read_callback = Self.readCallback
-        let id = withNV(fields) { nva, count in
+        let id = withHeaderFields(fields, Self.nv) { nva, count in
             hasBody
                 ? nghttp2_submit_request(session, nil, nva, count, &provider, nil)
                 : nghttp2_submit_request(session, nil, nva, count, nil, nil)
@@ -205,21 +196,9 @@ final class NGHTTP2Session {
     }
 
     private func prepareOutbound(stream: Int32, body: HTTPOutboundBody, trailers: HTTPHeaders?) -> nghttp2_data_provider? {
-        var o = Outbound()
-        o.trailers = trailers
-        switch body {
-        case .empty:
-            guard trailers != nil else { return nil }
-        case .bytes(let b):
-            o.bytes = b
-        case .file(let f):
-            o.file = f
-            o.position = f.start
-            o.end = f.start + f.length
-        case .stream(let s):
-            o.stream = s
-            s.setOnReadable(delegate.makeResumeCallback(stream: stream))
-        }
+        if case .empty = body, trailers == nil { return nil }
+        let o = Outbound(pump: OutboundBodyPump(body, trailers: trailers))
+        o.pump.stream?.setOnReadable(delegate.makeResumeCallback(stream: stream))
         outbound[stream] = o
         var provider = nghttp2_data_provider()
         provider.read_callback = Self.readCallback
@@ -240,29 +219,13 @@ final class NGHTTP2Session {
     }
 
     private func dropOutbound(stream: Int32) {
-        guard let o = outbound.removeValue(forKey: stream) else { return }
-        o.file?.close()
-        o.stream?.cancel(HTTPTransportError.streamReset(errorCode: 8))
+        guard var o = outbound.removeValue(forKey: stream) else { return }
+        o.pump.close(HTTPTransportError.streamReset(errorCode: 8))
     }
 
-    private func withNV<R>(_ fields: [(String, String)], _ body: (UnsafePointer<nghttp2_nv>, Int) -> R) -> R {
-        var storage = [UInt8]()
-        var ranges: [(Int, Int, Int, Int)] = []
-        for (n, v) in fields {
-            let ns = storage.count
-            storage.append(contentsOf: n.utf8)
-            let vs = storage.count
-            storage.append(contentsOf: v.utf8)
-            ranges.append((ns, vs - ns, vs, storage.count - vs))
-        }
-        storage.append(0)
-        return storage.withUnsafeMutableBufferPointer { buf in
-            let base = buf.baseAddress!
-            let nva = ranges.map { r in
-                nghttp2_nv(name: base + r.0, value: base + r.2, namelen: r.1, valuelen: r.3, flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue))
-            }
-            return nva.withUnsafeBufferPointer { body($0.baseAddress!, $0.count) }
-        }
+    /// One `nghttp2_nv` for `withHeaderFields`.
+    private static func nv(_ name: UnsafeMutablePointer<UInt8>, _ nameLength: Int, _ value: UnsafeMutablePointer<UInt8>, _ valueLength: Int) -> nghttp2_nv {
+        nghttp2_nv(name: name, value: value, namelen: nameLength, valuelen: valueLength, flags: UInt8(NGHTTP2_NV_FLAG_NONE.rawValue))
     }
 
     // MARK: - callbacks
@@ -281,62 +244,24 @@ final class NGHTTP2Session {
             flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
             return 0
         }
-        var n = 0
-        var done = false
-        if var b = o.bytes {
-            n = min(buf.count, b.readableBytes)
-            b.readWithUnsafeReadableBytes { src in
-                buf.copyMemory(from: UnsafeRawBufferPointer(rebasing: src.prefix(n)))
-                return n
-            }
-            o.bytes = b
-            done = b.readableBytes == 0
-        } else if let f = o.file {
-            let want = Int(min(Int64(buf.count), o.end - o.position))
-            if want > 0 {
-                do {
-                    n = try f.read(at: o.position, into: UnsafeMutableRawBufferPointer(rebasing: buf.prefix(want)))
-                } catch {
-                    lastError = "\(error)"
-                    return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
+        let n: Int
+        switch o.pump.copy(into: buf) {
+        case .wouldBlock:
+            return Int(NGHTTP2_ERR_DEFERRED.rawValue)
+        case .failed(let why):
+            lastError = why
+            return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
+        case .bytes(let count, let last):
+            n = count
+            if last {
+                flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
+                if let t = o.pump.trailers {
+                    flags.pointee |= NGHTTP2_DATA_FLAG_NO_END_STREAM.rawValue
+                    _ = withHeaderFields(t.fields, Self.nv) { nva, count in nghttp2_submit_trailer(session, stream, nva, count) }
                 }
-                if n == 0 {
-                    // The file is shorter than promised: never send a truncated body as complete.
-                    lastError = "file ended early"
-                    return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
-                }
-                o.position += Int64(n)
             }
-            done = o.position >= o.end
-        } else if let s = o.stream {
-            switch s.read(max: buf.count) {
-            case .data(let b):
-                n = b.readableBytes
-                b.withUnsafeReadableBytes { buf.copyMemory(from: $0) }
-            case .wouldBlock:
-                return Int(NGHTTP2_ERR_DEFERRED.rawValue)
-            case .end(let trailers):
-                done = true
-                if let trailers { o.trailers = trailers }
-            case .failed(let e):
-                lastError = "\(e)"
-                return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
-            }
-        } else {
-            done = true
         }
         if n > 0 { o.lastProgress = .now }
-        if done {
-            flags.pointee |= NGHTTP2_DATA_FLAG_EOF.rawValue
-            if let t = o.trailers {
-                flags.pointee |= NGHTTP2_DATA_FLAG_NO_END_STREAM.rawValue
-                _ = withNV(t.fields) { nva, count in nghttp2_submit_trailer(session, stream, nva, count) }
-            }
-            o.file?.close()
-            o.file = nil
-            o.bytes = nil
-            o.stream = nil
-        }
         outbound[stream] = o
         return n
     }

@@ -1,5 +1,6 @@
 import CGnuTLS
 import Logging
+import MeshHTTP
 import NIOCore
 
 /// Fired down the pipeline once the handshake has completed and the peer is known.

@@ -1,4 +1,5 @@
 import CGnuTLS
+import MeshHTTP
 
 /// Extended key usage OIDs (RFC 5280 §4.2.1.12) the role rules look at.
 public enum KeyPurpose {

@@ -1,5 +1,6 @@
 import CGnuTLS
 import Logging
+import MeshHTTP
 import NIOCore
 #if canImport(Glibc)
 import Glibc

@@ -1,6 +1,7 @@
 import CGnuTLS
 #if canImport(Glibc)
 import Glibc
+import MeshHTTP
 #endif
 
 /// One parsed X.509 certificate. Sole owner of its `gnutls_x509_crt_t`, freed once in `deinit`:

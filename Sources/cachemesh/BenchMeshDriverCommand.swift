@@ -4,6 +4,7 @@ import CacheNode
 import Foundation
 import Histogram
 import MeshHTTP
+import Synchronization
 
 /// The driver of bench/mesh-bench.sh: GET a list of blobs (like a build asking for its inputs),
 /// verify every body's SHA-256, and record per-request latency in an HdrHistogram per blob class.
@@ -237,11 +238,10 @@ struct BenchMeshDriverCommand: AsyncParsableCommand {
 }
 
 /// Hands out list indices to the workers, in order.
-final class NextIndex: @unchecked Sendable {
-    private let lock = NSLock()
-    private var i = 0
+final class NextIndex: Sendable {
+    private let next = Mutex(0)
     func take(_ count: Int) -> Int? {
-        lock.withLock {
+        next.withLock { i in
             guard i < count else { return nil }
             defer { i += 1 }
             return i
@@ -250,11 +250,10 @@ final class NextIndex: @unchecked Sendable {
 }
 
 /// True for the first caller only.
-final class Once: @unchecked Sendable {
-    private let lock = NSLock()
-    private var done = false
+final class Once: Sendable {
+    private let done = Mutex(false)
     func claim() -> Bool {
-        lock.withLock {
+        done.withLock { done in
             if done { return false }
             done = true
             return true

@@ -4,6 +4,7 @@ import CacheNode
 import CMeshSystem
 import Foundation
 import Logging
+import MeshHTTP
 import MeshHTTP2
 import MeshTLS
 import Metrics
@@ -329,22 +330,25 @@ struct CLIError: Error, CustomStringConvertible {
 /// Progress on stderr, only when stderr is a terminal (no `\r` lines in pipes and logs) and the
 /// transfer is big enough to wait for: at least 8 MiB (known total), or once 8 MiB have moved
 /// (unknown total). `finish(done:)` draws a last, current line (100% on success) before the newline.
-final class ProgressLine: @unchecked Sendable {
+final class ProgressLine: Sendable {
     /// Smaller transfers show no progress at all.
     static let threshold: Int64 = 8 << 20
+
+    private struct State {
+        var last = Date.distantPast
+        var shown = false
+        var finished = false
+        var total: Int64?
+    }
 
     private let label: String
     private let terminal: Bool
     private let start = Date()
-    private var last = Date.distantPast
-    private var shown = false
-    private var finished = false
-    private var total: Int64?
-    private let lock = NSLock()
+    private let state: Mutex<State>
 
     init(label: String, total: Int64?, terminal: Bool = isatty(STDERR_FILENO) == 1) {
         self.label = label
-        self.total = total
+        self.state = Mutex(State(total: total))
         self.terminal = terminal
     }
 
@@ -356,19 +360,19 @@ final class ProgressLine: @unchecked Sendable {
 
     func update(_ done: Int64, _ total: Int64?, force: Bool = false) {
         guard terminal else { return }
-        lock.withLock {
-            guard !finished else { return }
-            if let total { self.total = total }
-            guard Self.worthShowing(done: done, total: self.total) else { return }
+        state.withLock { st in
+            guard !st.finished else { return }
+            if let total { st.total = total }
+            guard Self.worthShowing(done: done, total: st.total) else { return }
             let now = Date()
-            guard force || now.timeIntervalSince(last) > 0.2 else { return }
-            last = now
-            shown = true
-            draw(done, now: now)
+            guard force || now.timeIntervalSince(st.last) > 0.2 else { return }
+            st.last = now
+            st.shown = true
+            draw(done, total: st.total, now: now)
         }
     }
 
-    private func draw(_ done: Int64, now: Date) {
+    private func draw(_ done: Int64, total: Int64?, now: Date) {
         let secs = max(now.timeIntervalSince(start), 0.001)
         let rate = ByteSize.format(Int64(Double(done) / secs)) + "/s"
         let pct = total.map { $0 > 0 ? String(format: " %3.0f%%", Double(done) * 100 / Double($0)) : "" } ?? ""
@@ -379,15 +383,15 @@ final class ProgressLine: @unchecked Sendable {
     /// Ends the line. With `done` (the transfer succeeded: `done` bytes moved) the last line shown
     /// is redrawn with that figure first, so it never ends on a stale 60%.
     func finish(done: Int64? = nil) {
-        lock.withLock {
-            guard terminal, !finished else { return }
-            finished = true
-            if let done, shown || Self.worthShowing(done: done, total: total) {
-                if total == nil || total! < done { total = done }
-                shown = true
-                draw(done, now: Date())
+        state.withLock { st in
+            guard terminal, !st.finished else { return }
+            st.finished = true
+            if let done, st.shown || Self.worthShowing(done: done, total: st.total) {
+                if st.total == nil || st.total! < done { st.total = done }
+                st.shown = true
+                draw(done, total: st.total, now: Date())
             }
-            if shown { FileHandle.standardError.write("\n".data(using: .utf8)!) }
+            if st.shown { FileHandle.standardError.write("\n".data(using: .utf8)!) }
         }
     }
 }
@@ -479,15 +483,14 @@ struct GetCommand: AsyncParsableCommand {
 /// was) and then end the process by that signal (exit status 130 / 143 in a shell).
 final class DownloadSignalCleanup: @unchecked Sendable {
     private var sources: [any DispatchSourceSignal] = []
-    private let lock = NSLock()
-    private var interrupted = false
+    private let interrupted = Mutex(false)
 
     init(_ file: BlobOutputFile) {
         for sig in [SIGINT, SIGTERM] {
             signal(sig, SIG_IGN)
             let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
             src.setEventHandler { [self] in
-                lock.withLock { interrupted = true }
+                interrupted.withLock { $0 = true }
                 let stopped = file.abort()
                 let name = sig == SIGINT ? "SIGINT" : "SIGTERM"
                 let note = stopped
@@ -508,7 +511,7 @@ final class DownloadSignalCleanup: @unchecked Sendable {
     /// The download failed: if that is because a signal aborted it, let the signal handler end the
     /// process (by the signal) instead of exiting 1 with a "cancelled" error first.
     func waitIfInterrupted() {
-        guard lock.withLock({ interrupted }) else { return }
+        guard interrupted.withLock({ $0 }) else { return }
         while true { sleep(1) }
     }
 

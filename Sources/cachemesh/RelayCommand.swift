@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import LinkEmulator
 import Logging
+import Synchronization
 
 /// A userspace link emulator in front of nodes (this kernel has no netem): every link listens on
 /// one port for TCP and UDP and forwards to its target through delay, jitter, loss and a rate.
@@ -97,36 +98,39 @@ enum LinkSpecFormat {
 }
 
 /// Waits for the first of some signals (dispatch sources; the default action is disabled).
+/// `@unchecked`: only because Dispatch's signal sources are not marked Sendable; they are set
+/// once in `init` and never touched again, and the state is behind a `Mutex`.
 final class SignalWaiter: @unchecked Sendable {
-    private var sources: [any DispatchSourceSignal] = []
-    private let lock = NSLock()
-    private var fired: Int32?
-    private var waiter: CheckedContinuation<Int32, Never>?
+    private let sources: [any DispatchSourceSignal]
+    private let state = Mutex<(fired: Int32?, waiter: CheckedContinuation<Int32, Never>?)>((nil, nil))
 
     init(_ signals: [Int32]) {
+        var sources: [any DispatchSourceSignal] = []
         for s in signals {
             signal(s, SIG_IGN)
-            let src = DispatchSource.makeSignalSource(signal: s, queue: .global())
+            sources.append(DispatchSource.makeSignalSource(signal: s, queue: .global()))
+        }
+        self.sources = sources
+        for (s, src) in zip(signals, sources) {
             src.setEventHandler { [weak self] in self?.fire(s) }
             src.resume()
-            sources.append(src)
         }
     }
 
     private func fire(_ s: Int32) {
-        let w: CheckedContinuation<Int32, Never>? = lock.withLock {
-            if fired == nil { fired = s }
-            defer { waiter = nil }
-            return waiter
+        let w: CheckedContinuation<Int32, Never>? = state.withLock { st in
+            if st.fired == nil { st.fired = s }
+            defer { st.waiter = nil }
+            return st.waiter
         }
         w?.resume(returning: s)
     }
 
     func wait() async -> Int32 {
         await withCheckedContinuation { c in
-            let done: Int32? = lock.withLock {
-                if let f = fired { return f }
-                waiter = c
+            let done: Int32? = state.withLock { st in
+                if let f = st.fired { return f }
+                st.waiter = c
                 return nil
             }
             if let done { c.resume(returning: done) }

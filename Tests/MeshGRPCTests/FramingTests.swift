@@ -1,6 +1,5 @@
 import MeshGRPC
 import MeshHTTP
-import MeshTLS
 import NIOCore
 import SwiftProtobuf
 import Testing

@@ -240,3 +240,11 @@ struct HeaderListLimitTests {
         #expect([policy.tooLarge(), policy.tooLarge(), policy.tooLarge()] == [.refuseRequest, .refuseRequest, .closeConnection])
     }
 }
+
+extension NGHTTP2Session {
+    /// A response from its parts, its head built as the server handler builds it.
+    func submitResponse(stream: Int32, status: Int, headers: HTTPHeaders, body: HTTPOutboundBody, trailers: HTTPHeaders? = nil) -> Bool {
+        let head = ResponseHead(HTTPResponse(status: status, headers: headers, body: body, trailers: trailers), framing: .frames)
+        return submitResponse(stream: stream, head: head, body: body, trailers: trailers)
+    }
+}

@@ -1,5 +1,6 @@
 import CGnuTLS
 import Foundation
+import MeshHTTP
 @testable import MeshTLS
 import NIOCore
 import TestSupport

@@ -1,3 +1,4 @@
+import MeshHTTP
 import MeshTLS
 import NIOCore
 import Testing
