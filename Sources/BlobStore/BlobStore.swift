@@ -66,6 +66,17 @@ public final class BlobStore: Sendable {
         var misses: Int64 = 0
         var evictions: Int64 = 0
         var rejectedWrites: Int64 = 0
+        /// The startup scan has indexed every file (until then a lookup that misses asks the disk).
+        var scanComplete = false
+        /// Prefix directories (of 512) the scan has finished.
+        var scannedDirectories = 0
+        /// Entries the scan has added (the rest of the index came from lookups and writes).
+        var scannedEntries = 0
+        var scanWaiters: [CheckedContinuation<Void, Never>] = []
+        /// While the scan runs: an upper bound on the bytes of files not indexed yet (the file
+        /// system's used space at start, less what has been indexed since), so writes before the
+        /// scan completes never take the store past `maxBytes`. 0 once the scan is done.
+        var unscannedEstimate: Int64 = 0
     }
 
     /// Label values of the `reason` dimension of `cachemesh_store_rejected_writes_total`.
@@ -75,6 +86,8 @@ public final class BlobStore: Sendable {
         case tooLarge = "too_large"
         case insufficientStorage = "insufficient_storage"
         case unverifiedLimit = "unverified_limit"
+        case indexing = "indexing"
+        case diskFull = "disk_full"
         case aborted = "aborted"
     }
 
@@ -126,12 +139,13 @@ public final class BlobStore: Sendable {
     let tmpDirectory: String
     let writeSlots: AsyncSemaphore
     let readSlots: AsyncSemaphore
-    private let state: Mutex<State>
+    let state: Mutex<State>
     private let evictionHandler = Mutex<(@Sendable (Digest) -> Void)?>(nil)
     private let mappings: Mutex<MappingLRU<BlobMapping>>
-    private let metrics: StoreMetrics
+    let metrics: StoreMetrics
     private let bytesInTotal = Atomic<Int64>(0)
     private let bytesOutTotal = Atomic<Int64>(0)
+    let removedTempFiles: Int
 
     var maxBytes: Int64 { configuration.maxBytes }
     var maxUnverifiedBytes: Int64 { min(configuration.maxUnverifiedBytes ?? configuration.maxBytes, configuration.maxBytes) }
@@ -192,53 +206,27 @@ public final class BlobStore: Sendable {
         try DataDirectoryError.probe(directory: directory, temporary: tmpDirectory,
                                      written: [directory, casDirectory, acDirectory] + prefixDirectories)
 
-        let removedTemp = BlobStore.wipe(directory: tmpDirectory, logger: logger)
-        let cas = BlobStore.scan(directory: casDirectory, kind: .cas, logger: logger)
-        let ac = BlobStore.scan(directory: acDirectory, kind: .ac, logger: logger)
-
+        removedTempFiles = BlobStore.wipe(directory: tmpDirectory, logger: logger)
         var initial = State()
-        let entries = (cas.entries + ac.entries).sorted {
-            ($0.mtimeSeconds, $0.mtimeNanoseconds, $0.key.hash) < ($1.mtimeSeconds, $1.mtimeNanoseconds, $1.key.hash)
-        }
-        for entry in entries {
-            initial.index.insert(entry.key, size: entry.size, persistedMtime: entry.mtimeSeconds)
-            initial.usedBytes += entry.size
-            if entry.key.kind == .cas { initial.blobCount += 1 } else { initial.actionCount += 1 }
-        }
+        // Allocated blocks are never fewer than the bytes of the files in them.
+        initial.unscannedEstimate = Posix.fileSystemSpace(directory).map { $0.total - $0.free } ?? configuration.maxBytes
         state = Mutex(initial)
-
-        // Shrink to the (possibly lowered) limit.
-        var evicted: [Evicted] = []
-        let summary = state.withLock { s -> (blobCount: Int, actionCount: Int, usedBytes: Int64) in
-            var cursor = s.index.head
-            while s.usedBytes > configuration.maxBytes && cursor != LRUIndex.none {
-                let next = s.index[cursor].next
-                evictLocked(&s, cursor, &evicted)
-                cursor = next
-            }
-            metrics.limitBytes.record(configuration.maxBytes)
-            publishLocked(&s)
-            return (s.blobCount, s.actionCount, s.usedBytes)
+        metrics.limitBytes.record(configuration.maxBytes)
+        state.withLock { publishLocked(&$0) }
+        if configuration.scanInBackground {
+            // Requests are served meanwhile: a blob not indexed yet is looked up on disk.
+            Posix.startThread { [self] in self.runScan() }
+        } else {
+            runScan()
         }
-        logEvictions(evicted)
-        logger.info("blob store index rebuilt", metadata: [
-            "directory": "\(directory)",
-            "blobs": "\(summary.blobCount)",
-            "actions": "\(summary.actionCount)",
-            "used_bytes": "\(summary.usedBytes)",
-            "max_bytes": "\(configuration.maxBytes)",
-            "evicted_over_limit": "\(evicted.count)",
-            "removed_temp_files": "\(removedTemp)",
-            "removed_stray_files": "\(cas.removed + ac.removed)",
-        ])
     }
 
-    private static func hexPrefix(_ value: Int) -> String {
+    static func hexPrefix(_ value: Int) -> String {
         let s = String(value, radix: 16)
         return s.count == 1 ? "0" + s : s
     }
 
-    private static func isHexPrefix(_ s: String) -> Bool {
+    static func isHexPrefix(_ s: String) -> Bool {
         s.utf8.count == 2 && s.utf8.allSatisfy {
             ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) || ($0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "f"))
         }
@@ -257,55 +245,6 @@ public final class BlobStore: Sendable {
             }
         }
         return removed
-    }
-
-    private struct ScannedEntry {
-        var key: EntryKey
-        var size: Int64
-        var mtimeSeconds: Int64
-        var mtimeNanoseconds: Int64
-    }
-
-    /// Collects valid entries of `cas/` or `ac/`, removing files that do not belong there.
-    private static func scan(directory: String, kind: EntryKind, logger: Logger) -> (entries: [ScannedEntry], removed: Int) {
-        let fm = FileManager.default
-        var entries: [ScannedEntry] = []
-        var removed = 0
-        func remove(_ path: String, _ why: String) {
-            do {
-                try fm.removeItem(atPath: path)
-                removed += 1
-                logger.debug("removed stray file from blob store", metadata: ["path": "\(path)", "reason": "\(why)"])
-            } catch {
-                logger.warning("cannot remove stray file from blob store", metadata: ["path": "\(path)", "error": "\(error)"])
-            }
-        }
-        let top = (try? fm.contentsOfDirectory(atPath: directory)) ?? []
-        for prefix in top {
-            let prefixPath = directory + "/" + prefix
-            guard let info = Posix.fileInfo(prefixPath) else { continue }
-            guard info.isDirectory, isHexPrefix(prefix) else {
-                // Unknown directories are left alone; stray files are removed.
-                if !info.isDirectory { remove(prefixPath, "not a hash") }
-                continue
-            }
-            for name in (try? fm.contentsOfDirectory(atPath: prefixPath)) ?? [] {
-                let path = prefixPath + "/" + name
-                guard let file = Posix.fileInfo(path) else { continue }
-                guard file.isRegularFile, Digest.isValidHash(name), name.hasPrefix(prefix) else {
-                    remove(path, "not a valid hash file")
-                    continue
-                }
-                if kind == .cas && (name == Digest.emptyHash || file.size == 0) {
-                    // The empty blob is virtual; any other zero-length blob is a torn write.
-                    remove(path, name == Digest.emptyHash ? "empty blob is virtual" : "zero-length blob")
-                    continue
-                }
-                entries.append(ScannedEntry(key: EntryKey(kind: kind, hash: name), size: file.size,
-                                            mtimeSeconds: file.mtimeSeconds, mtimeNanoseconds: file.mtimeNanoseconds))
-            }
-        }
-        return (entries, removed)
     }
 
     // MARK: Paths
@@ -346,12 +285,12 @@ public final class BlobStore: Sendable {
         }
         let now = Posix.nowSeconds()
         let (size, touchPath) = state.withLock { s -> (Int64?, String?) in
-            guard let slot = s.index.lookup(EntryKey(kind: .cas, hash: hash)) else {
+            guard let slot = findLocked(&s, EntryKey(kind: .cas, hash: hash), now: now) else {
                 countLookupLocked(&s, hit: false)
                 return (nil, nil)
             }
             countLookupLocked(&s, hit: true)
-            return (s.index[slot].size, touchLocked(&s, slot, now: now))
+            return (s.index.size(slot), touchLocked(&s, slot, now: now))
         }
         if let touchPath { Posix.touch(touchPath) }
         return size
@@ -362,7 +301,7 @@ public final class BlobStore: Sendable {
     public func peekSize(of hash: String) -> Int64? {
         guard Digest.isValidHash(hash) else { return nil }
         if hash == Digest.emptyHash { return 0 }
-        return state.withLock { s in s.index.lookup(EntryKey(kind: .cas, hash: hash)).map { s.index[$0].size } }
+        return state.withLock { s in findLocked(&s, EntryKey(kind: .cas, hash: hash), now: Posix.nowSeconds()).map { s.index.size($0) } }
     }
 
     /// `true` if the blob is present with exactly `digest.size` bytes. The empty digest is always present.
@@ -375,7 +314,7 @@ public final class BlobStore: Sendable {
         }
         let now = Posix.nowSeconds()
         let (hit, touchPath) = state.withLock { s -> (Bool, String?) in
-            guard let slot = s.index.lookup(EntryKey(kind: .cas, hash: digest.hash)), s.index[slot].size == digest.size else {
+            guard let slot = findLocked(&s, EntryKey(kind: .cas, hash: digest.hash), now: now), s.index.size(slot) == digest.size else {
                 countLookupLocked(&s, hit: false)
                 return (false, nil)
             }
@@ -420,6 +359,11 @@ public final class BlobStore: Sendable {
                 throw BlobStoreError.tooLarge(size: expectedSize, limit: maxBytes)
             }
         }
+        // While the startup scan runs nothing is evicted: an upload that may need room waits for it.
+        let mayNeedRoom = state.withLock { s in
+            !s.scanComplete && s.usedBytes + s.reservedBytes + s.unscannedEstimate + max(expectedSize ?? reservationChunk, 1) > maxBytes
+        }
+        if mayNeedRoom { await waitUntilIndexed() }
         try await writeSlots.acquire()
         let plan: WritePlan
         do {
@@ -428,6 +372,7 @@ public final class BlobStore: Sendable {
             writeSlots.release()
             if case .insufficientStorage = error { recordRejection(.insufficientStorage) }
             if case .unverifiedLimit = error { recordRejection(.unverifiedLimit) }
+            if case .indexing = error { recordRejection(.indexing) }
             throw error
         }
         switch plan {
@@ -452,7 +397,7 @@ public final class BlobStore: Sendable {
         if hash == Digest.emptyHash { return .dedup(pinned: false) }
         var evicted: [Evicted] = []
         let result = state.withLock { s -> Result<WritePlan, BlobStoreError> in
-            if let slot = s.index.lookup(EntryKey(kind: .cas, hash: hash)) {
+            if let slot = findLocked(&s, EntryKey(kind: .cas, hash: hash), now: Posix.nowSeconds()) {
                 pinLocked(&s, slot)
                 return .success(.dedup(pinned: true))
             }
@@ -481,7 +426,7 @@ public final class BlobStore: Sendable {
         var evicted: [Evicted] = []
         let result = state.withLock { s -> Result<Int64, BlobStoreError> in
             var amount = minimum
-            if s.usedBytes + s.reservedBytes + preferred <= maxBytes {
+            if s.usedBytes + s.reservedBytes + s.unscannedEstimate + preferred <= maxBytes {
                 amount = preferred
                 s.reservedBytes += preferred
             } else {
@@ -584,12 +529,12 @@ public final class BlobStore: Sendable {
         let key = EntryKey(kind: .cas, hash: hash)
         let now = Posix.nowSeconds()
         let lookup = state.withLock { s -> Result<(size: Int64, touch: String?), BlobStoreError> in
-            guard let slot = s.index.lookup(key) else {
+            guard let slot = findLocked(&s, key, now: now) else {
                 countLookupLocked(&s, hit: false)
                 return .failure(.notFound(hash))
             }
             countLookupLocked(&s, hit: true)
-            let size = s.index[slot].size
+            let size = s.index.size(slot)
             guard offset >= 0, offset <= size else { return .failure(.offsetOutOfRange(offset: offset, size: size)) }
             pinLocked(&s, slot)
             return .success((size, touchLocked(&s, slot, now: now)))
@@ -649,7 +594,7 @@ public final class BlobStore: Sendable {
         let now = Posix.nowSeconds()
         // The file is opened under the lock, so a concurrent eviction cannot race with it.
         let opened = state.withLock { s -> Result<(fd: Int32, size: Int64, touch: String?)?, BlobStoreError> in
-            guard let slot = s.index.lookup(entryKey) else {
+            guard let slot = findLocked(&s, entryKey, now: now) else {
                 countLookupLocked(&s, hit: false)
                 return .success(nil)
             }
@@ -665,7 +610,7 @@ public final class BlobStore: Sendable {
                 return .failure(Posix.ioError("open", path, code))
             }
             countLookupLocked(&s, hit: true)
-            return .success((fd, s.index[slot].size, touchLocked(&s, slot, now: now)))
+            return .success((fd, s.index.size(slot), touchLocked(&s, slot, now: now)))
         }
         let found: (fd: Int32, size: Int64, touch: String?)?
         do {
@@ -763,7 +708,7 @@ public final class BlobStore: Sendable {
         let entryKey = EntryKey(kind: .ac, hash: key)
         let path = path(for: entryKey)
         let result = state.withLock { s -> Result<Bool, BlobStoreError> in
-            guard let slot = s.index.lookup(entryKey) else { return .success(false) }
+            guard let slot = findLocked(&s, entryKey, now: Posix.nowSeconds()) else { return .success(false) }
             if let code = Posix.unlinkIfPresent(path) { return .failure(Posix.ioError("unlink", path, code)) }
             removeEntryLocked(&s, slot)
             publishLocked(&s)
@@ -776,19 +721,25 @@ public final class BlobStore: Sendable {
 
     /// Marks `slot` as most recently used. Returns the file path whose mtime should
     /// be bumped (outside the lock) if the persisted recency is stale.
-    private func touchLocked(_ s: inout State, _ slot: Int, now: Int64) -> String? {
+    func touchLocked(_ s: inout State, _ slot: Int, now: Int64) -> String? {
         s.index.touch(slot)
-        guard now - s.index[slot].persistedMtime >= configuration.recencyPersistInterval else { return nil }
-        s.index[slot].persistedMtime = now
-        return path(for: s.index[slot].key)
+        guard now - s.index.persistedMtime(slot) >= configuration.recencyPersistInterval else { return nil }
+        s.index.setPersistedMtime(slot, now)
+        return path(for: s.index.key(slot))
     }
 
     /// Reserves `needed` bytes, evicting least recently used unpinned entries first if necessary.
-    private func reserveLocked(_ s: inout State, _ needed: Int64, _ evicted: inout [Evicted]) throws(BlobStoreError) {
-        if s.usedBytes + s.reservedBytes + needed > maxBytes {
+    func reserveLocked(_ s: inout State, _ needed: Int64, _ evicted: inout [Evicted]) throws(BlobStoreError) {
+        if s.usedBytes + s.reservedBytes + s.unscannedEstimate + needed > maxBytes {
             // Eviction on behalf of unverified bytes is bounded node-wide.
             guard s.reservedBytes + needed <= maxUnverifiedBytes else {
                 throw .unverifiedLimit(inFlight: s.reservedBytes, limit: maxUnverifiedBytes)
+            }
+            // Before the scan is done the LRU order is unknown (and so is the size of what is not
+            // scanned yet): evict nothing. `beginWrite` waits for the scan when space is short; a
+            // writer that still gets here is told to come back.
+            guard s.scanComplete else {
+                throw .indexing(scannedDirectories: s.scannedDirectories, totalDirectories: BlobStore.scanDirectoryCount)
             }
             // Everything that is neither reserved nor pinned can be freed.
             let obtainable = maxBytes - s.reservedBytes - s.pinnedBytes
@@ -797,8 +748,8 @@ public final class BlobStore: Sendable {
             }
             var cursor = s.index.head
             while s.usedBytes + s.reservedBytes + needed > maxBytes && cursor != LRUIndex.none {
-                let next = s.index[cursor].next
-                if s.index[cursor].pins == 0 { evictLocked(&s, cursor, &evicted) }
+                let next = s.index.next(cursor)
+                if s.index.pins(cursor) == 0 { evictLocked(&s, cursor, &evicted) }
                 cursor = next
             }
             guard s.usedBytes + s.reservedBytes + needed <= maxBytes else {
@@ -808,31 +759,29 @@ public final class BlobStore: Sendable {
         s.reservedBytes += needed
     }
 
-    private func evictLocked(_ s: inout State, _ slot: Int, _ evicted: inout [Evicted]) {
-        let node = s.index[slot]
-        removeEntryLocked(&s, slot)
+    func evictLocked(_ s: inout State, _ slot: Int, _ evicted: inout [Evicted]) {
+        let node = removeEntryLocked(&s, slot)
         s.evictions += 1
         metrics.evictions.increment()
         evicted.append(Evicted(key: node.key, size: node.size, unlinkErrno: Posix.unlinkIfPresent(path(for: node.key))))
     }
 
     /// Removes an entry from the index and the accounting (not from disk).
-    private func removeEntryLocked(_ s: inout State, _ slot: Int) {
+    @discardableResult
+    func removeEntryLocked(_ s: inout State, _ slot: Int) -> (key: EntryKey, size: Int64) {
         let node = s.index.remove(slot)
         s.usedBytes -= node.size
         if node.pins > 0 { s.pinnedBytes -= node.size }
         if node.key.kind == .cas { s.blobCount -= 1 } else { s.actionCount -= 1 }
+        return (node.key, node.size)
     }
 
-    private func pinLocked(_ s: inout State, _ slot: Int) {
-        if s.index[slot].pins == 0 { s.pinnedBytes += s.index[slot].size }
-        s.index[slot].pins += 1
+    func pinLocked(_ s: inout State, _ slot: Int) {
+        if s.index.pin(slot) == 1 { s.pinnedBytes += s.index.size(slot) }
     }
 
-    private func unpinLocked(_ s: inout State, _ slot: Int) {
-        precondition(s.index[slot].pins > 0, "unbalanced unpin")
-        s.index[slot].pins -= 1
-        if s.index[slot].pins == 0 { s.pinnedBytes -= s.index[slot].size }
+    func unpinLocked(_ s: inout State, _ slot: Int) {
+        if s.index.unpin(slot) == 0 { s.pinnedBytes -= s.index.size(slot) }
     }
 
     func unpin(_ key: EntryKey) {
@@ -844,7 +793,7 @@ public final class BlobStore: Sendable {
     /// Drops an entry whose file disappeared from disk (unless it is pinned).
     private func dropVanished(_ key: EntryKey) {
         let dropped = state.withLock { s -> Bool in
-            guard let slot = s.index.lookup(key), s.index[slot].pins == 0 else { return false }
+            guard let slot = s.index.lookup(key), s.index.pins(slot) == 0 else { return false }
             removeEntryLocked(&s, slot)
             publishLocked(&s)
             return true
@@ -855,7 +804,7 @@ public final class BlobStore: Sendable {
         }
     }
 
-    private func countLookupLocked(_ s: inout State, hit: Bool) {
+    func countLookupLocked(_ s: inout State, hit: Bool) {
         if hit {
             s.hits += 1
             metrics.hits.increment()
@@ -865,7 +814,7 @@ public final class BlobStore: Sendable {
         }
     }
 
-    private func recordLookup(hit: Bool) {
+    func recordLookup(hit: Bool) {
         state.withLock { countLookupLocked(&$0, hit: hit) }
     }
 
@@ -886,9 +835,9 @@ public final class BlobStore: Sendable {
     public func allDigests() -> [Digest] {
         state.withLock { s in
             s.index.slotsInOrder().compactMap { slot -> Digest? in
-                let n = s.index.nodes[slot]
-                guard n.key.kind == .cas else { return nil }
-                return Digest(validatedHash: n.key.hash, size: n.size)
+                let key = s.index.key(slot)
+                guard key.kind == .cas else { return nil }
+                return Digest(validatedHash: key.hash, size: s.index.size(slot))
             }
         }
     }
@@ -901,7 +850,7 @@ public final class BlobStore: Sendable {
     }
 
     /// Updates the gauges; called under the lock so that they never go backwards in time.
-    private func publishLocked(_ s: inout State) {
+    func publishLocked(_ s: inout State) {
         metrics.usedBytes.record(s.usedBytes)
         metrics.reservedBytes.record(s.reservedBytes)
         metrics.blobs.record(s.blobCount)
@@ -932,12 +881,12 @@ public final class BlobStore: Sendable {
 
     /// Forget the cached mapping of a blob that left the store (its pages are released once the
     /// readers still sending from it are done).
-    private func dropMapping(_ key: EntryKey) {
+    func dropMapping(_ key: EntryKey) {
         guard key.kind == .cas else { return }
         _ = mappings.withLock { $0.remove(key.hash) }
     }
 
-    private func logEvictions(_ evicted: [Evicted]) {
+    func logEvictions(_ evicted: [Evicted]) {
         for entry in evicted { dropMapping(entry.key) }
         if !evicted.isEmpty, let handler = evictionHandler.withLock({ $0 }) {
             for entry in evicted where entry.key.kind == .cas {

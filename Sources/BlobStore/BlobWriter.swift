@@ -213,6 +213,8 @@ extension BlobStoreError {
         case .tooLarge: return .tooLarge
         case .insufficientStorage: return .insufficientStorage
         case .unverifiedLimit: return .unverifiedLimit
+        case .indexing: return .indexing
+        case .diskFull: return .diskFull
         default: return .aborted
         }
     }

@@ -1,3 +1,5 @@
+import Synchronization
+
 /// Settings of a ``BlobStore``.
 public struct BlobStoreConfiguration: Sendable {
     /// Root directory; the store uses `cas/`, `ac/` and `tmp/` below it.
@@ -25,6 +27,16 @@ public struct BlobStoreConfiguration: Sendable {
     /// `maxBytes`: an upload that stalls, lies about its hash or about its size can then cost the
     /// cache at most that much, and only for bytes it actually sent.
     public var maxUnverifiedBytes: Int64?
+
+    /// Index the files on disk on a background thread (``BlobStore/indexProgress``) instead of in
+    /// `init`. Meanwhile a lookup that misses the index checks the disk (and indexes what it
+    /// finds), and an upload that would need eviction waits for the scan to finish.
+    public var scanInBackground = false
+    /// Files the startup scan examines per second at most (0: no bound): bounds its I/O.
+    public var scanRate = 250_000
+
+    /// Tests: holds the scan before each directory while closed.
+    var scanGate: ScanGate?
 
     public init(directory: String, maxBytes: Int64) {
         self.directory = directory
@@ -68,4 +80,11 @@ public struct BlobStoreStats: Sendable, Equatable, CustomStringConvertible {
             + "hits=\(hits) misses=\(misses) evictions=\(evictions) in=\(bytesIn) out=\(bytesOut) rejected=\(rejectedWrites) "
             + "pinned=\(pinnedBytes) writes=\(activeWrites) reads=\(activeReads)"
     }
+}
+
+/// Holds the startup scan (tests that check what a store does while its index is incomplete).
+final class ScanGate: Sendable {
+    private let closed = Mutex(true)
+    func open() { closed.withLock { $0 = false } }
+    var isClosed: Bool { closed.withLock { $0 } }
 }

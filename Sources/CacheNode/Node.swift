@@ -39,6 +39,9 @@ public final class CacheNode: Service {
         storeConfig.maxConcurrentWrites = configuration.maxConcurrentWrites
         storeConfig.maxOpenReads = configuration.maxOpenReads
         storeConfig.maxUnverifiedBytes = configuration.effectiveMaxUnverifiedBytes
+        // Listen first: the index is built on a background thread (lookups meanwhile ask the disk).
+        storeConfig.scanInBackground = true
+        storeConfig.scanRate = configuration.scanRate
         self.store = try BlobStore(configuration: storeConfig, logger: logger)
         if let topology {
             guard let credentials else { throw ConfigurationError("a mesh node needs TLS (node certificates)") }
