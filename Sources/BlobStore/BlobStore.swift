@@ -146,6 +146,9 @@ public final class BlobStore: Sendable {
     private let bytesInTotal = Atomic<Int64>(0)
     private let bytesOutTotal = Atomic<Int64>(0)
     let removedTempFiles: Int
+    /// Shares the syncs of concurrent commits (``Durability/fsync``; its thread starts on first use).
+    var committer: GroupCommitter { groupCommitter! }
+    private let groupCommitter: GroupCommitter?
 
     var maxBytes: Int64 { configuration.maxBytes }
     var maxUnverifiedBytes: Int64 { min(configuration.maxUnverifiedBytes ?? configuration.maxBytes, configuration.maxBytes) }
@@ -207,6 +210,7 @@ public final class BlobStore: Sendable {
                                      written: [directory, casDirectory, acDirectory] + prefixDirectories)
 
         removedTempFiles = BlobStore.wipe(directory: tmpDirectory, logger: logger)
+        groupCommitter = configuration.durability == .fsync ? GroupCommitter(gate: configuration.commitGate) : nil
         var initial = State()
         // Allocated blocks are never fewer than the bytes of the files in them.
         initial.unscannedEstimate = Posix.fileSystemSpace(directory).map { $0.total - $0.free } ?? configuration.maxBytes
@@ -486,6 +490,61 @@ public final class BlobStore: Sendable {
         }
     }
 
+    /// Publishes a verified upload on the calling thread: with ``Durability/fsync`` the file's data
+    /// is synced before the rename and the directory after. Owns `fd` and `reserved`.
+    func commitVerified(hash: String, size: Int64, fd: Int32, tempPath: String, reserved: Int64) throws(BlobStoreError) {
+        func fail(_ error: BlobStoreError) -> BlobStoreError {
+            Posix.unlinkIfPresent(tempPath)
+            releaseReservation(reserved)
+            recordRejection(error.rejectReason)
+            logger.warning("cannot commit blob", metadata: ["hash": "\(hash)", "error": "\(error)"])
+            return error
+        }
+        let durable = configuration.durability == .fsync
+        if durable, fdatasync(fd) != 0 {
+            let error = Posix.writeError("fdatasync", tempPath)
+            Posix.closeQuietly(fd)
+            throw fail(error)
+        }
+        if close(fd) != 0 { throw fail(Posix.writeError("close", tempPath)) }
+        let deduplicated: Bool
+        do throws(BlobStoreError) {
+            deduplicated = try commitFile(hash: hash, size: size, tempPath: tempPath, reserved: reserved)
+        } catch {
+            recordRejection(.aborted)
+            throw error
+        }
+        if durable && !deduplicated {
+            let directory = casDirectory + "/" + hash.prefix(2)
+            if let error = Posix.syncDirectory(directory) {
+                recordRejection(.aborted)
+                logger.warning("cannot sync the directory of a committed blob", metadata: ["hash": "\(hash)", "error": "\(error)"])
+                throw error
+            }
+        }
+    }
+
+    /// Publishes a verified upload through the group committer (``Durability/fsync``).
+    func commitDurably(hash: String, size: Int64, fd: Int32, tempPath: String, reserved: Int64) async throws(BlobStoreError) {
+        let published = Atomic<Bool>(false)
+        let result = await committer.commit(fd: fd, path: tempPath) { [self] in
+            published.store(true, ordering: .relaxed)
+            do throws(BlobStoreError) {
+                let deduplicated = try commitFile(hash: hash, size: size, tempPath: tempPath, reserved: reserved)
+                return .success(deduplicated ? nil : casDirectory + "/" + hash.prefix(2))
+            } catch {
+                return .failure(error)
+            }
+        }
+        if case .failure(let error) = result {
+            // A failed data sync never reached the rename: the reservation is still held.
+            if !published.load(ordering: .relaxed) { releaseReservation(reserved) }
+            recordRejection(error.rejectReason)
+            logger.warning("cannot commit blob", metadata: ["hash": "\(hash)", "error": "\(error)"])
+            throw error
+        }
+    }
+
     /// Marks the existing blob `hash` as used after a verified duplicate upload and drops the writer's pin.
     func finishDeduplicatedWrite(hash: String, pinned: Bool) {
         guard pinned else { return }
@@ -504,7 +563,7 @@ public final class BlobStore: Sendable {
     public func put(bytes: [UInt8], hash: String) async throws -> Digest {
         let writer = try await beginWrite(hash: hash, expectedSize: Int64(bytes.count))
         try writer.write(bytes)
-        return try writer.commit()
+        return try await writer.commit()
     }
 
     // MARK: CAS reads
@@ -663,13 +722,30 @@ public final class BlobStore: Sendable {
         }
 
         let temp: (fd: Int32, path: String)
-        do {
+        let durable = configuration.durability == .fsync
+        do throws(BlobStoreError) {
             temp = try Posix.createTempFile(in: tmpDirectory)
-            defer { Posix.closeQuietly(temp.fd) }
-            try value.withUnsafeBytes { buffer in try Posix.writeAll(temp.fd, buffer, path: temp.path) }
+            let failure = value.withUnsafeBytes { buffer -> BlobStoreError? in
+                do throws(BlobStoreError) {
+                    try Posix.writeAll(temp.fd, buffer, path: temp.path)
+                    return nil
+                } catch {
+                    return error
+                }
+            }
+            if let failure {
+                Posix.closeQuietly(temp.fd)
+                Posix.unlinkIfPresent(temp.path)
+                throw failure
+            }
+            if !durable, close(temp.fd) != 0 {
+                let error = Posix.writeError("close", temp.path)
+                Posix.unlinkIfPresent(temp.path)
+                throw error
+            }
         } catch {
             releaseReservation(size)
-            recordRejection(.aborted)
+            recordRejection(error.rejectReason)
             logger.warning("cannot write action cache entry", metadata: ["key": "\(key)", "error": "\(error)"])
             throw error
         }
@@ -678,21 +754,36 @@ public final class BlobStore: Sendable {
         let entryKey = EntryKey(kind: .ac, hash: key)
         let destination = path(for: entryKey)
         let now = Posix.nowSeconds()
-        let renamed = state.withLock { s -> Result<Void, BlobStoreError> in
-            s.reservedBytes -= size
-            defer { publishLocked(&s) }
-            if rename(temp.path, destination) != 0 {
-                return .failure(Posix.ioError("rename into", destination))
+        let published = Atomic<Bool>(false)
+        let publish = { @Sendable [self] () -> Result<String?, BlobStoreError> in
+            published.store(true, ordering: .relaxed)
+            let renamed = state.withLock { s -> Result<Void, BlobStoreError> in
+                s.reservedBytes -= size
+                defer { publishLocked(&s) }
+                if rename(temp.path, destination) != 0 {
+                    return .failure(Posix.writeError("rename into", destination))
+                }
+                if let old = s.index.lookup(entryKey) { removeEntryLocked(&s, old) }
+                s.index.insert(entryKey, size: size, persistedMtime: now)
+                s.usedBytes += size
+                s.actionCount += 1
+                return .success(())
             }
-            if let old = s.index.lookup(entryKey) { removeEntryLocked(&s, old) }
-            s.index.insert(entryKey, size: size, persistedMtime: now)
-            s.usedBytes += size
-            s.actionCount += 1
-            return .success(())
+            if case .failure(let e) = renamed {
+                Posix.unlinkIfPresent(temp.path)
+                return .failure(e)
+            }
+            return .success(acDirectory + "/" + key.prefix(2))
         }
-        if case .failure(let error) = renamed {
-            Posix.unlinkIfPresent(temp.path)
-            recordRejection(.aborted)
+        let result: Result<Void, BlobStoreError>
+        if durable {
+            result = await committer.commit(fd: temp.fd, path: temp.path, publish: publish)
+        } else {
+            result = publish().map { _ in () }
+        }
+        if case .failure(let error) = result {
+            if !published.load(ordering: .relaxed) { releaseReservation(size) }
+            recordRejection(error.rejectReason)
             logger.warning("cannot commit action cache entry", metadata: ["key": "\(key)", "error": "\(error)"])
             throw error
         }

@@ -35,8 +35,13 @@ public struct BlobStoreConfiguration: Sendable {
     /// Files the startup scan examines per second at most (0: no bound): bounds its I/O.
     public var scanRate = 250_000
 
+    /// What an acknowledged write means on disk: ``Durability/fsync`` (data synced before the
+    /// rename, directory after; concurrent commits share the syncs) or ``Durability/none``.
+    public var durability: Durability = .none
     /// Tests: holds the scan before each directory while closed.
     var scanGate: ScanGate?
+    /// Tests: holds the group committer while closed.
+    var commitGate: ScanGate?
 
     public init(directory: String, maxBytes: Int64) {
         self.directory = directory

@@ -66,7 +66,7 @@ enum Posix {
             let n = write(fd, base, remaining)
             if n < 0 {
                 if errno == EINTR { continue }
-                throw ioError("write", path)
+                throw writeError("write", path)
             }
             if n == 0 { throw .io("write \(path): wrote 0 bytes") }
             remaining -= n
@@ -239,6 +239,23 @@ enum Posix {
         guard statvfs(path, &st) == 0 else { return nil }
         let unit = Int64(st.f_frsize)
         return (Int64(st.f_blocks) * unit, Int64(st.f_bavail) * unit)
+    }
+
+    /// Like `ioError`, but a full file system (ENOSPC, EDQUOT) is ``BlobStoreError/diskFull(_:)``.
+    static func writeError(_ operation: String, _ path: String, _ code: Int32 = errno) -> BlobStoreError {
+        if code == ENOSPC || code == EDQUOT { return .diskFull("\(operation) \(path): \(errnoText(code))") }
+        return ioError(operation, path, code)
+    }
+
+    /// `fsync` of a directory (after a rename into it); nil on success.
+    static func syncDirectory(_ path: String) -> BlobStoreError? {
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { return ioError("open directory", path) }
+        defer { closeQuietly(fd) }
+        while fsync(fd) != 0 {
+            if errno != EINTR { return ioError("fsync directory", path) }
+        }
+        return nil
     }
 
     private static func randomHex() -> String {

@@ -355,7 +355,7 @@ public final class CacheService: HTTPService {
             for try await chunk in request.body {
                 try chunk.withUnsafeReadableBytes { try writer.write($0) }
             }
-            let digest = try writer.commit()
+            let digest = try await writer.commit()
             if !mirror { mesh?.received(digest) }
             if mirror, let mesh {
                 do {

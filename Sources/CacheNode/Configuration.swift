@@ -1,3 +1,4 @@
+import BlobStore
 import Foundation
 import MeshQUIC
 import MeshTLS
@@ -198,6 +199,9 @@ public struct NodeConfiguration: Sendable {
     /// Files the store's startup scan examines per second at most (0: no bound). The node listens
     /// before the scan; see docs/storage.md.
     public var scanRate = 250_000
+    /// What an acknowledged write means on disk: `fsync` (data synced before the rename, the
+    /// directory after, concurrent writers sharing the syncs) or `none`. See docs/storage.md.
+    public var durability: Durability = .fsync
 
     /// The smallest store a node runs with (a size without a unit is bytes, so `10` is refused).
     public static let minimumMaxBytes: Int64 = 1 << 20
@@ -231,7 +235,7 @@ public struct NodeConfiguration: Sendable {
     public static let budgetKeys = [
         "max_concurrent_writes", "max_open_reads", "max_header_list_bytes", "max_unverified_bytes",
         "request_body_timeout_seconds", "request_body_min_rate", "response_stall_timeout_seconds", "max_connections",
-        "scan_rate",
+        "scan_rate", "durability",
     ]
 
     /// The keys a node config file may hold.
@@ -253,6 +257,7 @@ public struct NodeConfiguration: Sendable {
         if let v = try t.int("response_stall_timeout_seconds") { responseStallTimeoutSeconds = v }
         if let v = try t.int("max_connections") { maxConnections = v }
         if let v = try t.int("scan_rate") { scanRate = v }
+        if let v = try t.choice("durability", Durability.allCases.map { ($0.rawValue, $0) }) { durability = v }
     }
 
     /// Takes the budget values of `other` (a topology's `[limits]` for one of its nodes).
@@ -266,6 +271,7 @@ public struct NodeConfiguration: Sendable {
         responseStallTimeoutSeconds = other.responseStallTimeoutSeconds
         maxConnections = other.maxConnections
         scanRate = other.scanRate
+        durability = other.durability
     }
 
     /// `load(path:)` of a text already read (`path` names it in errors and anchors relative paths).

@@ -309,7 +309,7 @@ public final class BlobFetcher: Sendable {
                 leg.progress.add(1, ordering: .relaxed)
             }
             try Task.checkCancellation()
-            let d = try writer.commit()
+            let d = try await writer.commit()
             done = true
             return (d, reply.transport)
         } catch {

@@ -387,7 +387,7 @@ public final class REAPIService: Sendable {
                 }
                 if m.finishWrite {
                     uploads.finished(resource)
-                    let digest = try upload.writer.commit()
+                    let digest = try await upload.writer.commit()
                     try await replicate(digest)
                     resp.committedSize = digest.size
                     return resp
