@@ -101,7 +101,7 @@ extension BlobStore {
             s.unscannedEstimate = 0
             // Shrink to the (possibly lowered) limit, oldest first.
             var cursor = s.index.head
-            while s.usedBytes + s.reservedBytes > maxBytes && cursor != LRUIndex.none {
+            while s.usedBytes + s.reservedBytes > limitLocked(&s) && cursor != LRUIndex.none {
                 let next = s.index.next(cursor)
                 if s.index.pins(cursor) == 0 { evictLocked(&s, cursor, &evicted) }
                 cursor = next

@@ -77,6 +77,10 @@ public final class BlobStore: Sendable {
         /// system's used space at start, less what has been indexed since), so writes before the
         /// scan completes never take the store past `maxBytes`. 0 once the scan is done.
         var unscannedEstimate: Int64 = 0
+        /// Set when the file system ran out of space before `maxBytes`: what it holds (bytes
+        /// stored + reserved + free on the file system), rechecked at every reservation; nil
+        /// once the file system has room for `maxBytes` again.
+        var diskLimit: Int64?
     }
 
     /// Label values of the `reason` dimension of `cachemesh_store_rejected_writes_total`.
@@ -103,6 +107,7 @@ public final class BlobStore: Sendable {
         let bytesIn: Counter
         let bytesOut: Counter
         let rejected: [RejectReason: Counter]
+        let unreadable: Counter
 
         init(factory: any MetricsFactory) {
             usedBytes = Gauge(label: "cachemesh_store_used_bytes", factory: factory)
@@ -121,6 +126,7 @@ public final class BlobStore: Sendable {
                                            dimensions: [("reason", reason.rawValue)], factory: factory)
             }
             self.rejected = rejected
+            unreadable = Counter(label: "cachemesh_store_unreadable_total", factory: factory)
         }
     }
 
@@ -365,7 +371,7 @@ public final class BlobStore: Sendable {
         }
         // While the startup scan runs nothing is evicted: an upload that may need room waits for it.
         let mayNeedRoom = state.withLock { s in
-            !s.scanComplete && s.usedBytes + s.reservedBytes + s.unscannedEstimate + max(expectedSize ?? reservationChunk, 1) > maxBytes
+            !s.scanComplete && s.usedBytes + s.reservedBytes + s.unscannedEstimate + max(expectedSize ?? reservationChunk, 1) > limitLocked(&s)
         }
         if mayNeedRoom { await waitUntilIndexed() }
         try await writeSlots.acquire()
@@ -409,9 +415,10 @@ public final class BlobStore: Sendable {
             // front: a client that declares gigabytes and sends nothing must not evict anything.
             // What can already be told is refused now.
             if let expectedSize, expectedSize > 0 {
-                let free = maxBytes - s.usedBytes - s.reservedBytes
-                if expectedSize > maxBytes - s.pinnedBytes {
-                    return .failure(.insufficientStorage(needed: expectedSize, available: max(0, maxBytes - s.pinnedBytes)))
+                let limit = limitLocked(&s)
+                let free = limit - s.usedBytes - s.reservedBytes
+                if expectedSize > limit - s.pinnedBytes {
+                    return .failure(.insufficientStorage(needed: expectedSize, available: max(0, limit - s.pinnedBytes)))
                 }
                 if expectedSize > free, s.reservedBytes + expectedSize > maxUnverifiedBytes {
                     return .failure(.unverifiedLimit(inFlight: s.reservedBytes, limit: maxUnverifiedBytes))
@@ -430,7 +437,7 @@ public final class BlobStore: Sendable {
         var evicted: [Evicted] = []
         let result = state.withLock { s -> Result<Int64, BlobStoreError> in
             var amount = minimum
-            if s.usedBytes + s.reservedBytes + s.unscannedEstimate + preferred <= maxBytes {
+            if s.usedBytes + s.reservedBytes + s.unscannedEstimate + preferred <= limitLocked(&s) {
                 amount = preferred
                 s.reservedBytes += preferred
             } else {
@@ -471,7 +478,7 @@ public final class BlobStore: Sendable {
                 return .success((true, touchLocked(&s, slot, now: now)))
             }
             if rename(tempPath, destination) != 0 {
-                return .failure(Posix.ioError("rename into", destination))
+                return .failure(Posix.writeError("rename into", destination))
             }
             s.usedBytes += size
             s.blobCount += 1
@@ -621,6 +628,17 @@ public final class BlobStore: Sendable {
             let error = Posix.ioError("open", path, code)
             logger.warning("cannot open blob", metadata: ["hash": "\(hash)", "error": "\(error)"])
             throw error
+        }
+        // A file whose size is not the indexed one (truncated or replaced underneath, a torn write
+        // after a power loss) is never served: dropped, so the blob is fetched again elsewhere.
+        var st = stat()
+        if fstat(fd, &st) != 0 || Int64(st.st_size) != blobSize {
+            let actual = Int64(st.st_size)
+            close(fd)
+            unpin(key)
+            readSlots.release()
+            dropUnreadable(hash: hash, reason: "file has \(actual) bytes, the index says \(blobSize)")
+            throw BlobStoreError.notFound(hash)
         }
         var length = blobSize - offset
         if let limit { length = min(length, max(0, limit)) }
@@ -821,7 +839,8 @@ public final class BlobStore: Sendable {
 
     /// Reserves `needed` bytes, evicting least recently used unpinned entries first if necessary.
     func reserveLocked(_ s: inout State, _ needed: Int64, _ evicted: inout [Evicted]) throws(BlobStoreError) {
-        if s.usedBytes + s.reservedBytes + s.unscannedEstimate + needed > maxBytes {
+        let limit = limitLocked(&s)
+        if s.usedBytes + s.reservedBytes + s.unscannedEstimate + needed > limit {
             // Eviction on behalf of unverified bytes is bounded node-wide.
             guard s.reservedBytes + needed <= maxUnverifiedBytes else {
                 throw .unverifiedLimit(inFlight: s.reservedBytes, limit: maxUnverifiedBytes)
@@ -833,18 +852,18 @@ public final class BlobStore: Sendable {
                 throw .indexing(scannedDirectories: s.scannedDirectories, totalDirectories: BlobStore.scanDirectoryCount)
             }
             // Everything that is neither reserved nor pinned can be freed.
-            let obtainable = maxBytes - s.reservedBytes - s.pinnedBytes
+            let obtainable = limit - s.reservedBytes - s.pinnedBytes
             guard needed <= obtainable else {
                 throw .insufficientStorage(needed: needed, available: max(0, obtainable))
             }
             var cursor = s.index.head
-            while s.usedBytes + s.reservedBytes + needed > maxBytes && cursor != LRUIndex.none {
+            while s.usedBytes + s.reservedBytes + needed > limit && cursor != LRUIndex.none {
                 let next = s.index.next(cursor)
                 if s.index.pins(cursor) == 0 { evictLocked(&s, cursor, &evicted) }
                 cursor = next
             }
-            guard s.usedBytes + s.reservedBytes + needed <= maxBytes else {
-                throw .insufficientStorage(needed: needed, available: max(0, maxBytes - s.usedBytes - s.reservedBytes))
+            guard s.usedBytes + s.reservedBytes + needed <= limit else {
+                throw .insufficientStorage(needed: needed, available: max(0, limit - s.usedBytes - s.reservedBytes))
             }
         }
         s.reservedBytes += needed
@@ -877,8 +896,30 @@ public final class BlobStore: Sendable {
 
     func unpin(_ key: EntryKey) {
         state.withLock { s in
-            if let slot = s.index.lookup(key) { unpinLocked(&s, slot) }
+            // Not pinned: the entry was dropped (unreadable) and stored again meanwhile.
+            if let slot = s.index.lookup(key), s.index.pins(slot) > 0 { unpinLocked(&s, slot) }
         }
+    }
+
+    /// Drops a blob that cannot be read back intact (I/O error, wrong size): out of the index
+    /// even if readers hold it (they fail), its file deleted, counted and logged.
+    func dropUnreadable(hash: String, reason: String) {
+        let key = EntryKey(kind: .cas, hash: hash)
+        let dropped = state.withLock { s -> Int64? in
+            guard let slot = s.index.lookup(key) else { return nil }
+            let size = removeEntryLocked(&s, slot).size
+            Posix.unlinkIfPresent(path(for: key))
+            publishLocked(&s)
+            return size
+        }
+        guard let size = dropped else { return }
+        metrics.unreadable.increment()
+        dropMapping(key)
+        logger.error("blob cannot be read back intact; dropped from the store (it is fetched again from the mesh)", metadata: [
+            "hash": "\(hash)", "reason": "\(reason)",
+        ])
+        // The mesh stops announcing it, as for an eviction.
+        if let handler = evictionHandler.withLock({ $0 }), let d = Digest(hash: hash, size: size) { handler(d) }
     }
 
     /// Drops an entry whose file disappeared from disk (unless it is pinned).
@@ -910,10 +951,39 @@ public final class BlobStore: Sendable {
     }
 
     func recordRejection(_ reason: RejectReason) {
-        state.withLock { s in
+        let shrunk = state.withLock { s -> Int64? in
             s.rejectedWrites += 1
             metrics.rejected[reason]?.increment()
+            guard reason == .diskFull else { return nil }
+            // The file system holds no more than what is stored now: evict to make room from here on.
+            let limit = min(maxBytes, s.usedBytes + s.reservedBytes)
+            s.diskLimit = limit
+            metrics.limitBytes.record(limit)
+            return limit
         }
+        if let shrunk {
+            logger.warning("the file system is full before max_bytes: the store's limit shrinks to what it holds", metadata: [
+                "directory": "\(configuration.directory)", "limit_bytes": "\(shrunk)", "max_bytes": "\(maxBytes)",
+            ])
+        }
+    }
+
+    /// The limit in force: `maxBytes`, or less while the file system is full (``State/diskLimit``).
+    func limitLocked(_ s: inout State) -> Int64 {
+        guard let shrunk = s.diskLimit else { return maxBytes }
+        // One statvfs per reservation, only while the file system is full.
+        guard let space = Posix.fileSystemSpace(configuration.directory) else { return shrunk }
+        let holds = s.usedBytes + s.reservedBytes + space.free
+        if holds >= maxBytes {
+            s.diskLimit = nil
+            metrics.limitBytes.record(maxBytes)
+            logger.notice("the file system has room again: the store's limit is max_bytes", metadata: ["max_bytes": "\(maxBytes)"])
+            return maxBytes
+        }
+        // Grows as space is freed on the file system; never above what it holds.
+        s.diskLimit = max(holds, 0)
+        metrics.limitBytes.record(s.diskLimit!)
+        return s.diskLimit!
     }
 
     func recordBytesIn(_ bytes: Int64) {
