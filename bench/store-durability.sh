@@ -42,7 +42,7 @@ for mode in none fsync; do
       start_node "$port" --config "$T/$mode.toml" --max-bytes 8G
       awk -v p="$port" -v cls="$set" '{print cls, $1, $2, "127.0.0.1:" p}' "$T/blobs-$set.list" > "$T/put.list"
       json=$("$BIN" bench-mesh-driver --hashes "$T/put.list" --put-from "$T/blobs-$set" --concurrency "$c")
-      row=$(python3 -c 'import json,sys; j=json.loads(sys.argv[1]); n=j["placed"]; s=j["elapsed_s"]; print(f"{n/s:.0f} | {j[\"bytes\"]/s/1048576:.1f} | {s*1000/n:.2f}")' "$json")
+      row=$(python3 -c 'import json,sys; j=json.loads(sys.argv[1]); n=j["placed"]; s=j["elapsed_s"]; b=j["bytes"]; print(f"{n/s:.0f} | {b/s/1048576:.1f} | {s*1000/n:.2f}")' "$json")
       size=$([ "$set" = small ] && echo "4 KiB" || echo "1 MiB")
       n=$([ "$set" = small ] && echo "$SMALL_N" || echo "$LARGE_N")
       rows+=("| $mode | $size | $c | $n | $row |")
