@@ -81,6 +81,8 @@ public final class BlobStore: Sendable {
         /// stored + reserved + free on the file system), rechecked at every reservation; nil
         /// once the file system has room for `maxBytes` again.
         var diskLimit: Int64?
+        /// Evictions of entries used within `minTTLSeconds`.
+        var ttlEvictions: Int64 = 0
     }
 
     /// Label values of the `reason` dimension of `cachemesh_store_rejected_writes_total`.
@@ -108,6 +110,7 @@ public final class BlobStore: Sendable {
         let bytesOut: Counter
         let rejected: [RejectReason: Counter]
         let unreadable: Counter
+        let ttlEvictions: Counter
 
         init(factory: any MetricsFactory) {
             usedBytes = Gauge(label: "cachemesh_store_used_bytes", factory: factory)
@@ -127,6 +130,7 @@ public final class BlobStore: Sendable {
             }
             self.rejected = rejected
             unreadable = Counter(label: "cachemesh_store_unreadable_total", factory: factory)
+            ttlEvictions = Counter(label: "cachemesh_store_ttl_evictions_total", factory: factory)
         }
     }
 
@@ -135,6 +139,8 @@ public final class BlobStore: Sendable {
         var key: EntryKey
         var size: Int64
         var unlinkErrno: Int32?
+        var withinTTL = false
+        var lastUse: Int64 = 0
     }
 
     /// The configuration the store was opened with.
@@ -870,10 +876,20 @@ public final class BlobStore: Sendable {
     }
 
     func evictLocked(_ s: inout State, _ slot: Int, _ evicted: inout [Evicted]) {
+        // Used within min_ttl? The persisted mtime lags the last use by up to the persist interval,
+        // so that much is added: a blob counted as outside its TTL really is.
+        let lastUse = s.index.persistedMtime(slot)
+        let withinTTL = configuration.minTTLSeconds > 0
+            && Posix.nowSeconds() - lastUse < configuration.minTTLSeconds + configuration.recencyPersistInterval
         let node = removeEntryLocked(&s, slot)
         s.evictions += 1
         metrics.evictions.increment()
-        evicted.append(Evicted(key: node.key, size: node.size, unlinkErrno: Posix.unlinkIfPresent(path(for: node.key))))
+        if withinTTL {
+            s.ttlEvictions += 1
+            metrics.ttlEvictions.increment()
+        }
+        evicted.append(Evicted(key: node.key, size: node.size, unlinkErrno: Posix.unlinkIfPresent(path(for: node.key)),
+                               withinTTL: withinTTL, lastUse: lastUse))
     }
 
     /// Removes an entry from the index and the accounting (not from disk).
@@ -1053,6 +1069,14 @@ public final class BlobStore: Sendable {
             for entry in evicted where entry.key.kind == .cas {
                 if let d = Digest(hash: entry.key.hash, size: entry.size) { handler(d) }
             }
+        }
+        let now = Posix.nowSeconds()
+        for entry in evicted where entry.withinTTL {
+            logger.warning("evicted a blob used within min_ttl: the store is too small for what builds use (Builds without the Bytes may miss it)", metadata: [
+                "kind": "\(entry.key.kind)", "hash": "\(entry.key.hash)", "size": "\(entry.size)",
+                "last_use_s_ago_at_most": "\(now - entry.lastUse + configuration.recencyPersistInterval)",
+                "min_ttl_s": "\(configuration.minTTLSeconds)",
+            ])
         }
         for entry in evicted {
             if let code = entry.unlinkErrno {

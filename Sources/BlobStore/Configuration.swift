@@ -38,6 +38,12 @@ public struct BlobStoreConfiguration: Sendable {
     /// What an acknowledged write means on disk: ``Durability/fsync`` (data synced before the
     /// rename, directory after; concurrent commits share the syncs) or ``Durability/none``.
     public var durability: Durability = .none
+    /// Builds without the Bytes (Bazel's `--experimental_remote_cache_ttl`, 3 h) assumes the blobs it
+    /// was told about stay for a while. A blob used (HEAD, FindMissingBlobs, a GetActionResult that
+    /// names it, a read, a write) within this many seconds is evicted only after every blob unused
+    /// for longer (LRU order), and evicting one is counted (`cachemesh_store_ttl_evictions_total`)
+    /// and logged. 0: no accounting.
+    public var minTTLSeconds: Int64 = 3 * 3600
     /// Tests: holds the scan before each directory while closed.
     var scanGate: ScanGate?
     /// Tests: holds the group committer while closed.

@@ -43,6 +43,7 @@ public final class CacheNode: Service {
         storeConfig.scanInBackground = true
         storeConfig.scanRate = configuration.scanRate
         storeConfig.durability = configuration.durability
+        storeConfig.minTTLSeconds = Int64(configuration.minTTLSeconds)
         self.store = try BlobStore(configuration: storeConfig, logger: logger)
         if let topology {
             guard let credentials else { throw ConfigurationError("a mesh node needs TLS (node certificates)") }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import MetricsTestKit
 @testable import BlobStore
 
 @Suite struct DurabilityTests {
@@ -61,3 +62,38 @@ import Testing
 
 /// The synchronous `commit()` (an async caller would get the async overload).
 private func commitOnThisThread(_ writer: BlobWriter) throws -> Digest { try writer.commit() }
+
+/// Builds without the Bytes: evicting a blob used within min_ttl is counted and logged.
+@Suite struct MinTTLTests {
+    @Test func evictingARecentlyUsedBlobIsCountedAndAnOldOneIsNot() async throws {
+        try await withTempDir { dir in
+            let a = blob(1, size: 400), b = blob(2, size: 400), c = blob(3, size: 400)
+            do {
+                let store = try makeStore(dir, maxBytes: 1000)
+                try await store.put(bytes: a, hash: hashOf(a))
+                try await store.put(bytes: b, hash: hashOf(b))
+            }
+            // a was last used 5 hours ago (past the 3 h TTL and the persist interval), b just now.
+            try dir.setMTime(dir.casPath(hashOf(a)), secondsAgo: 5 * 3600)
+            let metrics = TestMetrics()
+            let store = try makeStore(dir, maxBytes: 1000, metrics: metrics)
+            try await store.put(bytes: c, hash: hashOf(c))   // evicts a: outside its TTL
+            #expect(store.stats.evictions == 1 && store.size(of: hashOf(a)) == nil)
+            #expect(try metrics.expectCounter("cachemesh_store_ttl_evictions_total").totalValue == 0)
+            let d = blob(4, size: 400)
+            try await store.put(bytes: d, hash: hashOf(d))   // nothing else can go: evicts b, used now
+            #expect(store.stats.evictions == 2 && store.size(of: hashOf(b)) == nil)
+            #expect(try metrics.expectCounter("cachemesh_store_ttl_evictions_total").totalValue == 1)
+        }
+    }
+
+    @Test func zeroTurnsTheAccountingOff() async throws {
+        try await withTempDir { dir in
+            let metrics = TestMetrics()
+            let store = try makeStore(dir, maxBytes: 1000, metrics: metrics) { $0.minTTLSeconds = 0 }
+            for i in 0..<4 { let x = blob(UInt64(10 + i), size: 400); try await store.put(bytes: x, hash: hashOf(x)) }
+            #expect(store.stats.evictions == 2)
+            #expect(try metrics.expectCounter("cachemesh_store_ttl_evictions_total").totalValue == 0)
+        }
+    }
+}
