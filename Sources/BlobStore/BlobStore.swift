@@ -44,11 +44,11 @@ import Darwin
 ///   from FIFO async semaphores; when the pools are busy callers wait.
 ///
 /// ## Durability
-/// Commits do not `fsync`. A crash of the *process* cannot expose partial data:
-/// the data is in the page cache and the rename is atomic. After a *kernel*
-/// crash or power loss a recently committed file may be truncated; clients of a
-/// build cache verify digests of downloaded blobs, and zero-length files (other
-/// than the empty blob) are discarded when the index is rebuilt.
+/// ``BlobStoreConfiguration/durability``: with ``Durability/fsync`` a commit syncs the file's data
+/// before the rename and the directory after (concurrent commits share the syncs, see
+/// ``GroupCommitter``); with ``Durability/none`` a crash of the *process* still cannot expose
+/// partial data (page cache + atomic rename), but a power loss may lose or truncate the newest
+/// blobs. A file whose size is not the indexed one is dropped when opened, never served.
 ///
 /// All methods are thread-safe. File system mutations that must agree with the
 /// index (commit renames, eviction unlinks) happen under the store lock.
