@@ -72,7 +72,7 @@ let package = Package(
         ]),
         // Bounded on-disk CAS + AC.
         .target(name: "BlobStore", dependencies: [
-            "CGnuTLS",
+            "CGnuTLS", "CMeshSystem",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
         ]),

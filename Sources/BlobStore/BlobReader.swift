@@ -67,10 +67,17 @@ public final class BlobReader: Sendable {
         return try state.withLock { state throws(BlobStoreError) -> Int in
             guard state.fd >= 0 else { throw .closed }
             guard wanted > 0 else { return 0 }
-            let n = try Posix.pread(state.fd, UnsafeMutableRawBufferPointer(rebasing: buffer[..<wanted]), offset: position, path: path)
+            let n: Int
+            do throws(BlobStoreError) {
+                n = try Posix.pread(state.fd, UnsafeMutableRawBufferPointer(rebasing: buffer[..<wanted]), offset: position, path: path)
+            } catch {
+                // EIO and the like: the copy here is lost; it must never be served again.
+                store.dropUnreadable(hash: hash, reason: "\(error)")
+                throw error
+            }
             if n == 0 {
                 let error = BlobStoreError.io("read \(path): file ends at \(position), expected \(blobSize) bytes")
-                store.logger.warning("blob file truncated", metadata: ["hash": "\(hash)", "error": "\(error)"])
+                store.dropUnreadable(hash: hash, reason: "\(error)")
                 throw error
             }
             store.recordBytesOut(Int64(n))

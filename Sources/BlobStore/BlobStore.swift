@@ -44,11 +44,11 @@ import Darwin
 ///   from FIFO async semaphores; when the pools are busy callers wait.
 ///
 /// ## Durability
-/// Commits do not `fsync`. A crash of the *process* cannot expose partial data:
-/// the data is in the page cache and the rename is atomic. After a *kernel*
-/// crash or power loss a recently committed file may be truncated; clients of a
-/// build cache verify digests of downloaded blobs, and zero-length files (other
-/// than the empty blob) are discarded when the index is rebuilt.
+/// ``BlobStoreConfiguration/durability``: with ``Durability/fsync`` a commit syncs the file's data
+/// before the rename and the directory after (concurrent commits share the syncs, see
+/// ``GroupCommitter``); with ``Durability/none`` a crash of the *process* still cannot expose
+/// partial data (page cache + atomic rename), but a power loss may lose or truncate the newest
+/// blobs. A file whose size is not the indexed one is dropped when opened, never served.
 ///
 /// All methods are thread-safe. File system mutations that must agree with the
 /// index (commit renames, eviction unlinks) happen under the store lock.
@@ -66,6 +66,23 @@ public final class BlobStore: Sendable {
         var misses: Int64 = 0
         var evictions: Int64 = 0
         var rejectedWrites: Int64 = 0
+        /// The startup scan has indexed every file (until then a lookup that misses asks the disk).
+        var scanComplete = false
+        /// Prefix directories (of 512) the scan has finished.
+        var scannedDirectories = 0
+        /// Entries the scan has added (the rest of the index came from lookups and writes).
+        var scannedEntries = 0
+        var scanWaiters: [CheckedContinuation<Void, Never>] = []
+        /// While the scan runs: an upper bound on the bytes of files not indexed yet (the file
+        /// system's used space at start, less what has been indexed since), so writes before the
+        /// scan completes never take the store past `maxBytes`. 0 once the scan is done.
+        var unscannedEstimate: Int64 = 0
+        /// Set when the file system ran out of space before `maxBytes`: what it holds (bytes
+        /// stored + reserved + free on the file system), rechecked at every reservation; nil
+        /// once the file system has room for `maxBytes` again.
+        var diskLimit: Int64?
+        /// Evictions of entries used within `minTTLSeconds`.
+        var ttlEvictions: Int64 = 0
     }
 
     /// Label values of the `reason` dimension of `cachemesh_store_rejected_writes_total`.
@@ -75,6 +92,8 @@ public final class BlobStore: Sendable {
         case tooLarge = "too_large"
         case insufficientStorage = "insufficient_storage"
         case unverifiedLimit = "unverified_limit"
+        case indexing = "indexing"
+        case diskFull = "disk_full"
         case aborted = "aborted"
     }
 
@@ -90,6 +109,8 @@ public final class BlobStore: Sendable {
         let bytesIn: Counter
         let bytesOut: Counter
         let rejected: [RejectReason: Counter]
+        let unreadable: Counter
+        let ttlEvictions: Counter
 
         init(factory: any MetricsFactory) {
             usedBytes = Gauge(label: "cachemesh_store_used_bytes", factory: factory)
@@ -108,6 +129,8 @@ public final class BlobStore: Sendable {
                                            dimensions: [("reason", reason.rawValue)], factory: factory)
             }
             self.rejected = rejected
+            unreadable = Counter(label: "cachemesh_store_unreadable_total", factory: factory)
+            ttlEvictions = Counter(label: "cachemesh_store_ttl_evictions_total", factory: factory)
         }
     }
 
@@ -116,6 +139,8 @@ public final class BlobStore: Sendable {
         var key: EntryKey
         var size: Int64
         var unlinkErrno: Int32?
+        var withinTTL = false
+        var lastUse: Int64 = 0
     }
 
     /// The configuration the store was opened with.
@@ -126,12 +151,16 @@ public final class BlobStore: Sendable {
     let tmpDirectory: String
     let writeSlots: AsyncSemaphore
     let readSlots: AsyncSemaphore
-    private let state: Mutex<State>
+    let state: Mutex<State>
     private let evictionHandler = Mutex<(@Sendable (Digest) -> Void)?>(nil)
     private let mappings: Mutex<MappingLRU<BlobMapping>>
-    private let metrics: StoreMetrics
+    let metrics: StoreMetrics
     private let bytesInTotal = Atomic<Int64>(0)
     private let bytesOutTotal = Atomic<Int64>(0)
+    let removedTempFiles: Int
+    /// Shares the syncs of concurrent commits (``Durability/fsync``; its thread starts on first use).
+    var committer: GroupCommitter { groupCommitter! }
+    private let groupCommitter: GroupCommitter?
 
     var maxBytes: Int64 { configuration.maxBytes }
     var maxUnverifiedBytes: Int64 { min(configuration.maxUnverifiedBytes ?? configuration.maxBytes, configuration.maxBytes) }
@@ -192,53 +221,28 @@ public final class BlobStore: Sendable {
         try DataDirectoryError.probe(directory: directory, temporary: tmpDirectory,
                                      written: [directory, casDirectory, acDirectory] + prefixDirectories)
 
-        let removedTemp = BlobStore.wipe(directory: tmpDirectory, logger: logger)
-        let cas = BlobStore.scan(directory: casDirectory, kind: .cas, logger: logger)
-        let ac = BlobStore.scan(directory: acDirectory, kind: .ac, logger: logger)
-
+        removedTempFiles = BlobStore.wipe(directory: tmpDirectory, logger: logger)
+        groupCommitter = configuration.durability == .fsync ? GroupCommitter(gate: configuration.commitGate) : nil
         var initial = State()
-        let entries = (cas.entries + ac.entries).sorted {
-            ($0.mtimeSeconds, $0.mtimeNanoseconds, $0.key.hash) < ($1.mtimeSeconds, $1.mtimeNanoseconds, $1.key.hash)
-        }
-        for entry in entries {
-            initial.index.insert(entry.key, size: entry.size, persistedMtime: entry.mtimeSeconds)
-            initial.usedBytes += entry.size
-            if entry.key.kind == .cas { initial.blobCount += 1 } else { initial.actionCount += 1 }
-        }
+        // Allocated blocks are never fewer than the bytes of the files in them.
+        initial.unscannedEstimate = Posix.fileSystemSpace(directory).map { $0.total - $0.free } ?? configuration.maxBytes
         state = Mutex(initial)
-
-        // Shrink to the (possibly lowered) limit.
-        var evicted: [Evicted] = []
-        let summary = state.withLock { s -> (blobCount: Int, actionCount: Int, usedBytes: Int64) in
-            var cursor = s.index.head
-            while s.usedBytes > configuration.maxBytes && cursor != LRUIndex.none {
-                let next = s.index[cursor].next
-                evictLocked(&s, cursor, &evicted)
-                cursor = next
-            }
-            metrics.limitBytes.record(configuration.maxBytes)
-            publishLocked(&s)
-            return (s.blobCount, s.actionCount, s.usedBytes)
+        metrics.limitBytes.record(configuration.maxBytes)
+        state.withLock { publishLocked(&$0) }
+        if configuration.scanInBackground {
+            // Requests are served meanwhile: a blob not indexed yet is looked up on disk.
+            Posix.startThread { [self] in self.runScan() }
+        } else {
+            runScan()
         }
-        logEvictions(evicted)
-        logger.info("blob store index rebuilt", metadata: [
-            "directory": "\(directory)",
-            "blobs": "\(summary.blobCount)",
-            "actions": "\(summary.actionCount)",
-            "used_bytes": "\(summary.usedBytes)",
-            "max_bytes": "\(configuration.maxBytes)",
-            "evicted_over_limit": "\(evicted.count)",
-            "removed_temp_files": "\(removedTemp)",
-            "removed_stray_files": "\(cas.removed + ac.removed)",
-        ])
     }
 
-    private static func hexPrefix(_ value: Int) -> String {
+    static func hexPrefix(_ value: Int) -> String {
         let s = String(value, radix: 16)
         return s.count == 1 ? "0" + s : s
     }
 
-    private static func isHexPrefix(_ s: String) -> Bool {
+    static func isHexPrefix(_ s: String) -> Bool {
         s.utf8.count == 2 && s.utf8.allSatisfy {
             ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) || ($0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "f"))
         }
@@ -257,55 +261,6 @@ public final class BlobStore: Sendable {
             }
         }
         return removed
-    }
-
-    private struct ScannedEntry {
-        var key: EntryKey
-        var size: Int64
-        var mtimeSeconds: Int64
-        var mtimeNanoseconds: Int64
-    }
-
-    /// Collects valid entries of `cas/` or `ac/`, removing files that do not belong there.
-    private static func scan(directory: String, kind: EntryKind, logger: Logger) -> (entries: [ScannedEntry], removed: Int) {
-        let fm = FileManager.default
-        var entries: [ScannedEntry] = []
-        var removed = 0
-        func remove(_ path: String, _ why: String) {
-            do {
-                try fm.removeItem(atPath: path)
-                removed += 1
-                logger.debug("removed stray file from blob store", metadata: ["path": "\(path)", "reason": "\(why)"])
-            } catch {
-                logger.warning("cannot remove stray file from blob store", metadata: ["path": "\(path)", "error": "\(error)"])
-            }
-        }
-        let top = (try? fm.contentsOfDirectory(atPath: directory)) ?? []
-        for prefix in top {
-            let prefixPath = directory + "/" + prefix
-            guard let info = Posix.fileInfo(prefixPath) else { continue }
-            guard info.isDirectory, isHexPrefix(prefix) else {
-                // Unknown directories are left alone; stray files are removed.
-                if !info.isDirectory { remove(prefixPath, "not a hash") }
-                continue
-            }
-            for name in (try? fm.contentsOfDirectory(atPath: prefixPath)) ?? [] {
-                let path = prefixPath + "/" + name
-                guard let file = Posix.fileInfo(path) else { continue }
-                guard file.isRegularFile, Digest.isValidHash(name), name.hasPrefix(prefix) else {
-                    remove(path, "not a valid hash file")
-                    continue
-                }
-                if kind == .cas && (name == Digest.emptyHash || file.size == 0) {
-                    // The empty blob is virtual; any other zero-length blob is a torn write.
-                    remove(path, name == Digest.emptyHash ? "empty blob is virtual" : "zero-length blob")
-                    continue
-                }
-                entries.append(ScannedEntry(key: EntryKey(kind: kind, hash: name), size: file.size,
-                                            mtimeSeconds: file.mtimeSeconds, mtimeNanoseconds: file.mtimeNanoseconds))
-            }
-        }
-        return (entries, removed)
     }
 
     // MARK: Paths
@@ -346,12 +301,12 @@ public final class BlobStore: Sendable {
         }
         let now = Posix.nowSeconds()
         let (size, touchPath) = state.withLock { s -> (Int64?, String?) in
-            guard let slot = s.index.lookup(EntryKey(kind: .cas, hash: hash)) else {
+            guard let slot = findLocked(&s, EntryKey(kind: .cas, hash: hash), now: now) else {
                 countLookupLocked(&s, hit: false)
                 return (nil, nil)
             }
             countLookupLocked(&s, hit: true)
-            return (s.index[slot].size, touchLocked(&s, slot, now: now))
+            return (s.index.size(slot), touchLocked(&s, slot, now: now))
         }
         if let touchPath { Posix.touch(touchPath) }
         return size
@@ -362,7 +317,7 @@ public final class BlobStore: Sendable {
     public func peekSize(of hash: String) -> Int64? {
         guard Digest.isValidHash(hash) else { return nil }
         if hash == Digest.emptyHash { return 0 }
-        return state.withLock { s in s.index.lookup(EntryKey(kind: .cas, hash: hash)).map { s.index[$0].size } }
+        return state.withLock { s in findLocked(&s, EntryKey(kind: .cas, hash: hash), now: Posix.nowSeconds()).map { s.index.size($0) } }
     }
 
     /// `true` if the blob is present with exactly `digest.size` bytes. The empty digest is always present.
@@ -375,7 +330,7 @@ public final class BlobStore: Sendable {
         }
         let now = Posix.nowSeconds()
         let (hit, touchPath) = state.withLock { s -> (Bool, String?) in
-            guard let slot = s.index.lookup(EntryKey(kind: .cas, hash: digest.hash)), s.index[slot].size == digest.size else {
+            guard let slot = findLocked(&s, EntryKey(kind: .cas, hash: digest.hash), now: now), s.index.size(slot) == digest.size else {
                 countLookupLocked(&s, hit: false)
                 return (false, nil)
             }
@@ -420,6 +375,11 @@ public final class BlobStore: Sendable {
                 throw BlobStoreError.tooLarge(size: expectedSize, limit: maxBytes)
             }
         }
+        // While the startup scan runs nothing is evicted: an upload that may need room waits for it.
+        let mayNeedRoom = state.withLock { s in
+            !s.scanComplete && s.usedBytes + s.reservedBytes + s.unscannedEstimate + max(expectedSize ?? reservationChunk, 1) > limitLocked(&s)
+        }
+        if mayNeedRoom { await waitUntilIndexed() }
         try await writeSlots.acquire()
         let plan: WritePlan
         do {
@@ -428,6 +388,7 @@ public final class BlobStore: Sendable {
             writeSlots.release()
             if case .insufficientStorage = error { recordRejection(.insufficientStorage) }
             if case .unverifiedLimit = error { recordRejection(.unverifiedLimit) }
+            if case .indexing = error { recordRejection(.indexing) }
             throw error
         }
         switch plan {
@@ -452,7 +413,7 @@ public final class BlobStore: Sendable {
         if hash == Digest.emptyHash { return .dedup(pinned: false) }
         var evicted: [Evicted] = []
         let result = state.withLock { s -> Result<WritePlan, BlobStoreError> in
-            if let slot = s.index.lookup(EntryKey(kind: .cas, hash: hash)) {
+            if let slot = findLocked(&s, EntryKey(kind: .cas, hash: hash), now: Posix.nowSeconds()) {
                 pinLocked(&s, slot)
                 return .success(.dedup(pinned: true))
             }
@@ -460,9 +421,10 @@ public final class BlobStore: Sendable {
             // front: a client that declares gigabytes and sends nothing must not evict anything.
             // What can already be told is refused now.
             if let expectedSize, expectedSize > 0 {
-                let free = maxBytes - s.usedBytes - s.reservedBytes
-                if expectedSize > maxBytes - s.pinnedBytes {
-                    return .failure(.insufficientStorage(needed: expectedSize, available: max(0, maxBytes - s.pinnedBytes)))
+                let limit = limitLocked(&s)
+                let free = limit - s.usedBytes - s.reservedBytes
+                if expectedSize > limit - s.pinnedBytes {
+                    return .failure(.insufficientStorage(needed: expectedSize, available: max(0, limit - s.pinnedBytes)))
                 }
                 if expectedSize > free, s.reservedBytes + expectedSize > maxUnverifiedBytes {
                     return .failure(.unverifiedLimit(inFlight: s.reservedBytes, limit: maxUnverifiedBytes))
@@ -481,7 +443,7 @@ public final class BlobStore: Sendable {
         var evicted: [Evicted] = []
         let result = state.withLock { s -> Result<Int64, BlobStoreError> in
             var amount = minimum
-            if s.usedBytes + s.reservedBytes + preferred <= maxBytes {
+            if s.usedBytes + s.reservedBytes + s.unscannedEstimate + preferred <= limitLocked(&s) {
                 amount = preferred
                 s.reservedBytes += preferred
             } else {
@@ -522,7 +484,7 @@ public final class BlobStore: Sendable {
                 return .success((true, touchLocked(&s, slot, now: now)))
             }
             if rename(tempPath, destination) != 0 {
-                return .failure(Posix.ioError("rename into", destination))
+                return .failure(Posix.writeError("rename into", destination))
             }
             s.usedBytes += size
             s.blobCount += 1
@@ -536,6 +498,61 @@ public final class BlobStore: Sendable {
             return outcome.deduplicated
         case .failure(let error):
             Posix.unlinkIfPresent(tempPath)
+            logger.warning("cannot commit blob", metadata: ["hash": "\(hash)", "error": "\(error)"])
+            throw error
+        }
+    }
+
+    /// Publishes a verified upload on the calling thread: with ``Durability/fsync`` the file's data
+    /// is synced before the rename and the directory after. Owns `fd` and `reserved`.
+    func commitVerified(hash: String, size: Int64, fd: Int32, tempPath: String, reserved: Int64) throws(BlobStoreError) {
+        func fail(_ error: BlobStoreError) -> BlobStoreError {
+            Posix.unlinkIfPresent(tempPath)
+            releaseReservation(reserved)
+            recordRejection(error.rejectReason)
+            logger.warning("cannot commit blob", metadata: ["hash": "\(hash)", "error": "\(error)"])
+            return error
+        }
+        let durable = configuration.durability == .fsync
+        if durable, fdatasync(fd) != 0 {
+            let error = Posix.writeError("fdatasync", tempPath)
+            Posix.closeQuietly(fd)
+            throw fail(error)
+        }
+        if close(fd) != 0 { throw fail(Posix.writeError("close", tempPath)) }
+        let deduplicated: Bool
+        do throws(BlobStoreError) {
+            deduplicated = try commitFile(hash: hash, size: size, tempPath: tempPath, reserved: reserved)
+        } catch {
+            recordRejection(.aborted)
+            throw error
+        }
+        if durable && !deduplicated {
+            let directory = casDirectory + "/" + hash.prefix(2)
+            if let error = Posix.syncDirectory(directory) {
+                recordRejection(.aborted)
+                logger.warning("cannot sync the directory of a committed blob", metadata: ["hash": "\(hash)", "error": "\(error)"])
+                throw error
+            }
+        }
+    }
+
+    /// Publishes a verified upload through the group committer (``Durability/fsync``).
+    func commitDurably(hash: String, size: Int64, fd: Int32, tempPath: String, reserved: Int64) async throws(BlobStoreError) {
+        let published = Atomic<Bool>(false)
+        let result = await committer.commit(fd: fd, path: tempPath) { [self] in
+            published.store(true, ordering: .relaxed)
+            do throws(BlobStoreError) {
+                let deduplicated = try commitFile(hash: hash, size: size, tempPath: tempPath, reserved: reserved)
+                return .success(deduplicated ? nil : casDirectory + "/" + hash.prefix(2))
+            } catch {
+                return .failure(error)
+            }
+        }
+        if case .failure(let error) = result {
+            // A failed data sync never reached the rename: the reservation is still held.
+            if !published.load(ordering: .relaxed) { releaseReservation(reserved) }
+            recordRejection(error.rejectReason)
             logger.warning("cannot commit blob", metadata: ["hash": "\(hash)", "error": "\(error)"])
             throw error
         }
@@ -559,7 +576,7 @@ public final class BlobStore: Sendable {
     public func put(bytes: [UInt8], hash: String) async throws -> Digest {
         let writer = try await beginWrite(hash: hash, expectedSize: Int64(bytes.count))
         try writer.write(bytes)
-        return try writer.commit()
+        return try await writer.commit()
     }
 
     // MARK: CAS reads
@@ -584,12 +601,12 @@ public final class BlobStore: Sendable {
         let key = EntryKey(kind: .cas, hash: hash)
         let now = Posix.nowSeconds()
         let lookup = state.withLock { s -> Result<(size: Int64, touch: String?), BlobStoreError> in
-            guard let slot = s.index.lookup(key) else {
+            guard let slot = findLocked(&s, key, now: now) else {
                 countLookupLocked(&s, hit: false)
                 return .failure(.notFound(hash))
             }
             countLookupLocked(&s, hit: true)
-            let size = s.index[slot].size
+            let size = s.index.size(slot)
             guard offset >= 0, offset <= size else { return .failure(.offsetOutOfRange(offset: offset, size: size)) }
             pinLocked(&s, slot)
             return .success((size, touchLocked(&s, slot, now: now)))
@@ -617,6 +634,17 @@ public final class BlobStore: Sendable {
             let error = Posix.ioError("open", path, code)
             logger.warning("cannot open blob", metadata: ["hash": "\(hash)", "error": "\(error)"])
             throw error
+        }
+        // A file whose size is not the indexed one (truncated or replaced underneath, a torn write
+        // after a power loss) is never served: dropped, so the blob is fetched again elsewhere.
+        var st = stat()
+        if fstat(fd, &st) != 0 || Int64(st.st_size) != blobSize {
+            let actual = Int64(st.st_size)
+            close(fd)
+            unpin(key)
+            readSlots.release()
+            dropUnreadable(hash: hash, reason: "file has \(actual) bytes, the index says \(blobSize)")
+            throw BlobStoreError.notFound(hash)
         }
         var length = blobSize - offset
         if let limit { length = min(length, max(0, limit)) }
@@ -649,7 +677,7 @@ public final class BlobStore: Sendable {
         let now = Posix.nowSeconds()
         // The file is opened under the lock, so a concurrent eviction cannot race with it.
         let opened = state.withLock { s -> Result<(fd: Int32, size: Int64, touch: String?)?, BlobStoreError> in
-            guard let slot = s.index.lookup(entryKey) else {
+            guard let slot = findLocked(&s, entryKey, now: now) else {
                 countLookupLocked(&s, hit: false)
                 return .success(nil)
             }
@@ -665,7 +693,7 @@ public final class BlobStore: Sendable {
                 return .failure(Posix.ioError("open", path, code))
             }
             countLookupLocked(&s, hit: true)
-            return .success((fd, s.index[slot].size, touchLocked(&s, slot, now: now)))
+            return .success((fd, s.index.size(slot), touchLocked(&s, slot, now: now)))
         }
         let found: (fd: Int32, size: Int64, touch: String?)?
         do {
@@ -718,13 +746,30 @@ public final class BlobStore: Sendable {
         }
 
         let temp: (fd: Int32, path: String)
-        do {
+        let durable = configuration.durability == .fsync
+        do throws(BlobStoreError) {
             temp = try Posix.createTempFile(in: tmpDirectory)
-            defer { Posix.closeQuietly(temp.fd) }
-            try value.withUnsafeBytes { buffer in try Posix.writeAll(temp.fd, buffer, path: temp.path) }
+            let failure = value.withUnsafeBytes { buffer -> BlobStoreError? in
+                do throws(BlobStoreError) {
+                    try Posix.writeAll(temp.fd, buffer, path: temp.path)
+                    return nil
+                } catch {
+                    return error
+                }
+            }
+            if let failure {
+                Posix.closeQuietly(temp.fd)
+                Posix.unlinkIfPresent(temp.path)
+                throw failure
+            }
+            if !durable, close(temp.fd) != 0 {
+                let error = Posix.writeError("close", temp.path)
+                Posix.unlinkIfPresent(temp.path)
+                throw error
+            }
         } catch {
             releaseReservation(size)
-            recordRejection(.aborted)
+            recordRejection(error.rejectReason)
             logger.warning("cannot write action cache entry", metadata: ["key": "\(key)", "error": "\(error)"])
             throw error
         }
@@ -733,21 +778,36 @@ public final class BlobStore: Sendable {
         let entryKey = EntryKey(kind: .ac, hash: key)
         let destination = path(for: entryKey)
         let now = Posix.nowSeconds()
-        let renamed = state.withLock { s -> Result<Void, BlobStoreError> in
-            s.reservedBytes -= size
-            defer { publishLocked(&s) }
-            if rename(temp.path, destination) != 0 {
-                return .failure(Posix.ioError("rename into", destination))
+        let published = Atomic<Bool>(false)
+        let publish = { @Sendable [self] () -> Result<String?, BlobStoreError> in
+            published.store(true, ordering: .relaxed)
+            let renamed = state.withLock { s -> Result<Void, BlobStoreError> in
+                s.reservedBytes -= size
+                defer { publishLocked(&s) }
+                if rename(temp.path, destination) != 0 {
+                    return .failure(Posix.writeError("rename into", destination))
+                }
+                if let old = s.index.lookup(entryKey) { removeEntryLocked(&s, old) }
+                s.index.insert(entryKey, size: size, persistedMtime: now)
+                s.usedBytes += size
+                s.actionCount += 1
+                return .success(())
             }
-            if let old = s.index.lookup(entryKey) { removeEntryLocked(&s, old) }
-            s.index.insert(entryKey, size: size, persistedMtime: now)
-            s.usedBytes += size
-            s.actionCount += 1
-            return .success(())
+            if case .failure(let e) = renamed {
+                Posix.unlinkIfPresent(temp.path)
+                return .failure(e)
+            }
+            return .success(acDirectory + "/" + key.prefix(2))
         }
-        if case .failure(let error) = renamed {
-            Posix.unlinkIfPresent(temp.path)
-            recordRejection(.aborted)
+        let result: Result<Void, BlobStoreError>
+        if durable {
+            result = await committer.commit(fd: temp.fd, path: temp.path, publish: publish)
+        } else {
+            result = publish().map { _ in () }
+        }
+        if case .failure(let error) = result {
+            if !published.load(ordering: .relaxed) { releaseReservation(size) }
+            recordRejection(error.rejectReason)
             logger.warning("cannot commit action cache entry", metadata: ["key": "\(key)", "error": "\(error)"])
             throw error
         }
@@ -763,7 +823,7 @@ public final class BlobStore: Sendable {
         let entryKey = EntryKey(kind: .ac, hash: key)
         let path = path(for: entryKey)
         let result = state.withLock { s -> Result<Bool, BlobStoreError> in
-            guard let slot = s.index.lookup(entryKey) else { return .success(false) }
+            guard let slot = findLocked(&s, entryKey, now: Posix.nowSeconds()) else { return .success(false) }
             if let code = Posix.unlinkIfPresent(path) { return .failure(Posix.ioError("unlink", path, code)) }
             removeEntryLocked(&s, slot)
             publishLocked(&s)
@@ -776,75 +836,112 @@ public final class BlobStore: Sendable {
 
     /// Marks `slot` as most recently used. Returns the file path whose mtime should
     /// be bumped (outside the lock) if the persisted recency is stale.
-    private func touchLocked(_ s: inout State, _ slot: Int, now: Int64) -> String? {
+    func touchLocked(_ s: inout State, _ slot: Int, now: Int64) -> String? {
         s.index.touch(slot)
-        guard now - s.index[slot].persistedMtime >= configuration.recencyPersistInterval else { return nil }
-        s.index[slot].persistedMtime = now
-        return path(for: s.index[slot].key)
+        guard now - s.index.persistedMtime(slot) >= configuration.recencyPersistInterval else { return nil }
+        s.index.setPersistedMtime(slot, now)
+        return path(for: s.index.key(slot))
     }
 
     /// Reserves `needed` bytes, evicting least recently used unpinned entries first if necessary.
-    private func reserveLocked(_ s: inout State, _ needed: Int64, _ evicted: inout [Evicted]) throws(BlobStoreError) {
-        if s.usedBytes + s.reservedBytes + needed > maxBytes {
+    func reserveLocked(_ s: inout State, _ needed: Int64, _ evicted: inout [Evicted]) throws(BlobStoreError) {
+        let limit = limitLocked(&s)
+        if s.usedBytes + s.reservedBytes + s.unscannedEstimate + needed > limit {
             // Eviction on behalf of unverified bytes is bounded node-wide.
             guard s.reservedBytes + needed <= maxUnverifiedBytes else {
                 throw .unverifiedLimit(inFlight: s.reservedBytes, limit: maxUnverifiedBytes)
             }
+            // Before the scan is done the LRU order is unknown (and so is the size of what is not
+            // scanned yet): evict nothing. `beginWrite` waits for the scan when space is short; a
+            // writer that still gets here is told to come back.
+            guard s.scanComplete else {
+                throw .indexing(scannedDirectories: s.scannedDirectories, totalDirectories: BlobStore.scanDirectoryCount)
+            }
             // Everything that is neither reserved nor pinned can be freed.
-            let obtainable = maxBytes - s.reservedBytes - s.pinnedBytes
+            let obtainable = limit - s.reservedBytes - s.pinnedBytes
             guard needed <= obtainable else {
                 throw .insufficientStorage(needed: needed, available: max(0, obtainable))
             }
             var cursor = s.index.head
-            while s.usedBytes + s.reservedBytes + needed > maxBytes && cursor != LRUIndex.none {
-                let next = s.index[cursor].next
-                if s.index[cursor].pins == 0 { evictLocked(&s, cursor, &evicted) }
+            while s.usedBytes + s.reservedBytes + needed > limit && cursor != LRUIndex.none {
+                let next = s.index.next(cursor)
+                if s.index.pins(cursor) == 0 { evictLocked(&s, cursor, &evicted) }
                 cursor = next
             }
-            guard s.usedBytes + s.reservedBytes + needed <= maxBytes else {
-                throw .insufficientStorage(needed: needed, available: max(0, maxBytes - s.usedBytes - s.reservedBytes))
+            guard s.usedBytes + s.reservedBytes + needed <= limit else {
+                throw .insufficientStorage(needed: needed, available: max(0, limit - s.usedBytes - s.reservedBytes))
             }
         }
         s.reservedBytes += needed
     }
 
-    private func evictLocked(_ s: inout State, _ slot: Int, _ evicted: inout [Evicted]) {
-        let node = s.index[slot]
-        removeEntryLocked(&s, slot)
+    func evictLocked(_ s: inout State, _ slot: Int, _ evicted: inout [Evicted]) {
+        // Used within min_ttl? The persisted mtime lags the last use by up to the persist interval,
+        // so that much is added: a blob counted as outside its TTL really is.
+        let lastUse = s.index.persistedMtime(slot)
+        let withinTTL = configuration.minTTLSeconds > 0
+            && Posix.nowSeconds() - lastUse < configuration.minTTLSeconds + configuration.recencyPersistInterval
+        let node = removeEntryLocked(&s, slot)
         s.evictions += 1
         metrics.evictions.increment()
-        evicted.append(Evicted(key: node.key, size: node.size, unlinkErrno: Posix.unlinkIfPresent(path(for: node.key))))
+        if withinTTL {
+            s.ttlEvictions += 1
+            metrics.ttlEvictions.increment()
+        }
+        evicted.append(Evicted(key: node.key, size: node.size, unlinkErrno: Posix.unlinkIfPresent(path(for: node.key)),
+                               withinTTL: withinTTL, lastUse: lastUse))
     }
 
     /// Removes an entry from the index and the accounting (not from disk).
-    private func removeEntryLocked(_ s: inout State, _ slot: Int) {
+    @discardableResult
+    func removeEntryLocked(_ s: inout State, _ slot: Int) -> (key: EntryKey, size: Int64) {
         let node = s.index.remove(slot)
         s.usedBytes -= node.size
         if node.pins > 0 { s.pinnedBytes -= node.size }
         if node.key.kind == .cas { s.blobCount -= 1 } else { s.actionCount -= 1 }
+        return (node.key, node.size)
     }
 
-    private func pinLocked(_ s: inout State, _ slot: Int) {
-        if s.index[slot].pins == 0 { s.pinnedBytes += s.index[slot].size }
-        s.index[slot].pins += 1
+    func pinLocked(_ s: inout State, _ slot: Int) {
+        if s.index.pin(slot) == 1 { s.pinnedBytes += s.index.size(slot) }
     }
 
-    private func unpinLocked(_ s: inout State, _ slot: Int) {
-        precondition(s.index[slot].pins > 0, "unbalanced unpin")
-        s.index[slot].pins -= 1
-        if s.index[slot].pins == 0 { s.pinnedBytes -= s.index[slot].size }
+    func unpinLocked(_ s: inout State, _ slot: Int) {
+        if s.index.unpin(slot) == 0 { s.pinnedBytes -= s.index.size(slot) }
     }
 
     func unpin(_ key: EntryKey) {
         state.withLock { s in
-            if let slot = s.index.lookup(key) { unpinLocked(&s, slot) }
+            // Not pinned: the entry was dropped (unreadable) and stored again meanwhile.
+            if let slot = s.index.lookup(key), s.index.pins(slot) > 0 { unpinLocked(&s, slot) }
         }
+    }
+
+    /// Drops a blob that cannot be read back intact (I/O error, wrong size): out of the index
+    /// even if readers hold it (they fail), its file deleted, counted and logged.
+    func dropUnreadable(hash: String, reason: String) {
+        let key = EntryKey(kind: .cas, hash: hash)
+        let dropped = state.withLock { s -> Int64? in
+            guard let slot = s.index.lookup(key) else { return nil }
+            let size = removeEntryLocked(&s, slot).size
+            Posix.unlinkIfPresent(path(for: key))
+            publishLocked(&s)
+            return size
+        }
+        guard let size = dropped else { return }
+        metrics.unreadable.increment()
+        dropMapping(key)
+        logger.error("blob cannot be read back intact; dropped from the store (it is fetched again from the mesh)", metadata: [
+            "hash": "\(hash)", "reason": "\(reason)",
+        ])
+        // The mesh stops announcing it, as for an eviction.
+        if let handler = evictionHandler.withLock({ $0 }), let d = Digest(hash: hash, size: size) { handler(d) }
     }
 
     /// Drops an entry whose file disappeared from disk (unless it is pinned).
     private func dropVanished(_ key: EntryKey) {
         let dropped = state.withLock { s -> Bool in
-            guard let slot = s.index.lookup(key), s.index[slot].pins == 0 else { return false }
+            guard let slot = s.index.lookup(key), s.index.pins(slot) == 0 else { return false }
             removeEntryLocked(&s, slot)
             publishLocked(&s)
             return true
@@ -855,7 +952,7 @@ public final class BlobStore: Sendable {
         }
     }
 
-    private func countLookupLocked(_ s: inout State, hit: Bool) {
+    func countLookupLocked(_ s: inout State, hit: Bool) {
         if hit {
             s.hits += 1
             metrics.hits.increment()
@@ -865,15 +962,44 @@ public final class BlobStore: Sendable {
         }
     }
 
-    private func recordLookup(hit: Bool) {
+    func recordLookup(hit: Bool) {
         state.withLock { countLookupLocked(&$0, hit: hit) }
     }
 
     func recordRejection(_ reason: RejectReason) {
-        state.withLock { s in
+        let shrunk = state.withLock { s -> Int64? in
             s.rejectedWrites += 1
             metrics.rejected[reason]?.increment()
+            guard reason == .diskFull else { return nil }
+            // The file system holds no more than what is stored now: evict to make room from here on.
+            let limit = min(maxBytes, s.usedBytes + s.reservedBytes)
+            s.diskLimit = limit
+            metrics.limitBytes.record(limit)
+            return limit
         }
+        if let shrunk {
+            logger.warning("the file system is full before max_bytes: the store's limit shrinks to what it holds", metadata: [
+                "directory": "\(configuration.directory)", "limit_bytes": "\(shrunk)", "max_bytes": "\(maxBytes)",
+            ])
+        }
+    }
+
+    /// The limit in force: `maxBytes`, or less while the file system is full (``State/diskLimit``).
+    func limitLocked(_ s: inout State) -> Int64 {
+        guard let shrunk = s.diskLimit else { return maxBytes }
+        // One statvfs per reservation, only while the file system is full.
+        guard let space = Posix.fileSystemSpace(configuration.directory) else { return shrunk }
+        let holds = s.usedBytes + s.reservedBytes + space.free
+        if holds >= maxBytes {
+            s.diskLimit = nil
+            metrics.limitBytes.record(maxBytes)
+            logger.notice("the file system has room again: the store's limit is max_bytes", metadata: ["max_bytes": "\(maxBytes)"])
+            return maxBytes
+        }
+        // Grows as space is freed on the file system; never above what it holds.
+        s.diskLimit = max(holds, 0)
+        metrics.limitBytes.record(s.diskLimit!)
+        return s.diskLimit!
     }
 
     func recordBytesIn(_ bytes: Int64) {
@@ -886,9 +1012,9 @@ public final class BlobStore: Sendable {
     public func allDigests() -> [Digest] {
         state.withLock { s in
             s.index.slotsInOrder().compactMap { slot -> Digest? in
-                let n = s.index.nodes[slot]
-                guard n.key.kind == .cas else { return nil }
-                return Digest(validatedHash: n.key.hash, size: n.size)
+                let key = s.index.key(slot)
+                guard key.kind == .cas else { return nil }
+                return Digest(validatedHash: key.hash, size: s.index.size(slot))
             }
         }
     }
@@ -901,7 +1027,7 @@ public final class BlobStore: Sendable {
     }
 
     /// Updates the gauges; called under the lock so that they never go backwards in time.
-    private func publishLocked(_ s: inout State) {
+    func publishLocked(_ s: inout State) {
         metrics.usedBytes.record(s.usedBytes)
         metrics.reservedBytes.record(s.reservedBytes)
         metrics.blobs.record(s.blobCount)
@@ -932,17 +1058,25 @@ public final class BlobStore: Sendable {
 
     /// Forget the cached mapping of a blob that left the store (its pages are released once the
     /// readers still sending from it are done).
-    private func dropMapping(_ key: EntryKey) {
+    func dropMapping(_ key: EntryKey) {
         guard key.kind == .cas else { return }
         _ = mappings.withLock { $0.remove(key.hash) }
     }
 
-    private func logEvictions(_ evicted: [Evicted]) {
+    func logEvictions(_ evicted: [Evicted]) {
         for entry in evicted { dropMapping(entry.key) }
         if !evicted.isEmpty, let handler = evictionHandler.withLock({ $0 }) {
             for entry in evicted where entry.key.kind == .cas {
                 if let d = Digest(hash: entry.key.hash, size: entry.size) { handler(d) }
             }
+        }
+        let now = Posix.nowSeconds()
+        for entry in evicted where entry.withinTTL {
+            logger.warning("evicted a blob used within min_ttl: the store is too small for what builds use (Builds without the Bytes may miss it)", metadata: [
+                "kind": "\(entry.key.kind)", "hash": "\(entry.key.hash)", "size": "\(entry.size)",
+                "last_use_s_ago_at_most": "\(now - entry.lastUse + configuration.recencyPersistInterval)",
+                "min_ttl_s": "\(configuration.minTTLSeconds)",
+            ])
         }
         for entry in evicted {
             if let code = entry.unlinkErrno {

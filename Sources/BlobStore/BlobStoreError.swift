@@ -24,6 +24,12 @@ public enum BlobStoreError: Error, Sendable, CustomStringConvertible, Equatable 
     /// (``BlobStoreConfiguration/maxUnverifiedBytes``) and the store has no free space left; a
     /// transient condition: maps to HTTP 503 / gRPC UNAVAILABLE.
     case unverifiedLimit(inFlight: Int64, limit: Int64)
+    /// The store is full and its index is still being rebuilt after a start (nothing can be evicted
+    /// before the LRU order is known); transient: HTTP 503 / gRPC UNAVAILABLE.
+    case indexing(scannedDirectories: Int, totalDirectories: Int)
+    /// The file system holding the store ran out of space (ENOSPC/EDQUOT) before `maxBytes` was
+    /// reached; nothing partial is kept and the store's effective limit shrinks: HTTP 507.
+    case diskFull(String)
     /// No blob / action with this hash.
     case notFound(String)
     /// A read was requested past the end of the blob.
@@ -47,6 +53,10 @@ public enum BlobStoreError: Error, Sendable, CustomStringConvertible, Equatable 
             return "insufficient storage: need \(needed) bytes but only \(available) can be freed (the rest is in use by readers or pending uploads)"
         case .unverifiedLimit(let inFlight, let limit):
             return "the store is full and uploads in progress already hold \(inFlight) unverified bytes (limit \(limit), max_unverified_bytes); retry later"
+        case .indexing(let done, let total):
+            return "the store is full and its index is still being rebuilt after a restart (\(done) of \(total) directories scanned); retry later"
+        case .diskFull(let text):
+            return "insufficient storage: the file system is full (\(text))"
         case .notFound(let hash):
             return "not found: \(BlobStoreError.truncate(hash))"
         case .offsetOutOfRange(let offset, let size):

@@ -104,7 +104,7 @@ public final class BlobWriter: Sendable {
                     try Posix.writeAll(fd, bytes, path: path)
                 } catch {
                     store.logger.warning("upload write failed", metadata: ["hash": "\(hash)", "error": "\(error)"])
-                    finishLocked(&s, rejection: .aborted)
+                    finishLocked(&s, rejection: error.rejectReason)
                     throw error
                 }
             }
@@ -124,16 +124,54 @@ public final class BlobWriter: Sendable {
     /// Verifies and publishes the upload.
     ///
     /// Checks the size (if declared) and the SHA-256; on success the temp file is
-    /// atomically renamed to `cas/XX/<hash>` (no `fsync`: see ``BlobStore``'s
-    /// durability notes). If the blob already exists, the temp file is discarded
-    /// and the existing blob's digest is returned (deduplication). On mismatch the
-    /// temp file is deleted and the reservation and slot are released.
+    /// atomically renamed to `cas/XX/<hash>` (with ``Durability/fsync`` its data is synced
+    /// first and the directory after: see ``BlobStore``'s durability notes). If the blob
+    /// already exists, the temp file is discarded and the existing blob's digest is returned
+    /// (deduplication). On mismatch the temp file is deleted and the reservation and slot are
+    /// released. This synchronous form syncs on the calling thread; `await commit()` shares the
+    /// syncs with the other writers committing at the same time (group commit).
     ///
     /// - Returns: the digest of the blob.
     /// - Throws: ``BlobStoreError/sizeMismatch(expected:actual:)``,
-    ///   ``BlobStoreError/digestMismatch(expected:actual:)``, `io`, or `closed`.
+    ///   ``BlobStoreError/digestMismatch(expected:actual:)``, `diskFull`, `io`, or `closed`.
     public func commit() throws -> Digest {
-        try state.withLock { s throws(BlobStoreError) -> Digest in
+        switch try verify() {
+        case .deduplicated(let digest):
+            return digest
+        case .file(let digest, let fd, let path, let reserved):
+            defer { store.writeSlots.release() }
+            try store.commitVerified(hash: hash, size: digest.size, fd: fd, tempPath: path, reserved: reserved)
+            return digest
+        }
+    }
+
+    /// Verifies and publishes the upload, like ``commit()-(Void)``; with ``Durability/fsync`` the
+    /// syncs are shared with the other writers committing at the same time (group commit) and
+    /// the caller's thread is not blocked meanwhile.
+    public func commit() async throws -> Digest {
+        switch try verify() {
+        case .deduplicated(let digest):
+            return digest
+        case .file(let digest, let fd, let path, let reserved):
+            defer { store.writeSlots.release() }
+            if store.configuration.durability == .fsync {
+                try await store.commitDurably(hash: hash, size: digest.size, fd: fd, tempPath: path, reserved: reserved)
+            } else {
+                try store.commitVerified(hash: hash, size: digest.size, fd: fd, tempPath: path, reserved: reserved)
+            }
+            return digest
+        }
+    }
+
+    private enum Verified {
+        case deduplicated(Digest)
+        /// The caller now owns the open temp file, the reservation and the write slot.
+        case file(Digest, fd: Int32, path: String, reserved: Int64)
+    }
+
+    /// Checks size and hash; closes the writer either way.
+    private func verify() throws(BlobStoreError) -> Verified {
+        try state.withLock { s throws(BlobStoreError) -> Verified in
             guard s.isOpen else { throw .closed }
             if let expectedSize, s.bytesWritten != expectedSize {
                 finishLocked(&s, rejection: .sizeMismatch)
@@ -150,27 +188,12 @@ public final class BlobWriter: Sendable {
                 s.isOpen = false
                 store.finishDeduplicatedWrite(hash: hash, pinned: pinned)
                 store.writeSlots.release()
-                return digest
+                return .deduplicated(digest)
             case .file(let fd, let path):
                 s.isOpen = false
                 let reserved = s.reserved
                 s.reserved = 0
-                defer { store.writeSlots.release() }
-                if close(fd) != 0 {
-                    let error = Posix.ioError("close", path)
-                    Posix.unlinkIfPresent(path)
-                    store.releaseReservation(reserved)
-                    store.recordRejection(.aborted)
-                    store.logger.warning("upload close failed", metadata: ["hash": "\(hash)", "error": "\(error)"])
-                    throw error
-                }
-                do throws(BlobStoreError) {
-                    _ = try store.commitFile(hash: hash, size: s.bytesWritten, tempPath: path, reserved: reserved)
-                } catch {
-                    store.recordRejection(.aborted)
-                    throw error
-                }
-                return digest
+                return .file(digest, fd: fd, path: path, reserved: reserved)
             }
         }
     }
@@ -213,6 +236,8 @@ extension BlobStoreError {
         case .tooLarge: return .tooLarge
         case .insufficientStorage: return .insufficientStorage
         case .unverifiedLimit: return .unverifiedLimit
+        case .indexing: return .indexing
+        case .diskFull: return .diskFull
         default: return .aborted
         }
     }

@@ -1,3 +1,5 @@
+import Synchronization
+
 /// Settings of a ``BlobStore``.
 public struct BlobStoreConfiguration: Sendable {
     /// Root directory; the store uses `cas/`, `ac/` and `tmp/` below it.
@@ -25,6 +27,27 @@ public struct BlobStoreConfiguration: Sendable {
     /// `maxBytes`: an upload that stalls, lies about its hash or about its size can then cost the
     /// cache at most that much, and only for bytes it actually sent.
     public var maxUnverifiedBytes: Int64?
+
+    /// Index the files on disk on a background thread (``BlobStore/indexProgress``) instead of in
+    /// `init`. Meanwhile a lookup that misses the index checks the disk (and indexes what it
+    /// finds), and an upload that would need eviction waits for the scan to finish.
+    public var scanInBackground = false
+    /// Files the startup scan examines per second at most (0: no bound): bounds its I/O.
+    public var scanRate = 250_000
+
+    /// What an acknowledged write means on disk: ``Durability/fsync`` (data synced before the
+    /// rename, directory after; concurrent commits share the syncs) or ``Durability/none``.
+    public var durability: Durability = .none
+    /// Builds without the Bytes (Bazel's `--experimental_remote_cache_ttl`, 3 h) assumes the blobs it
+    /// was told about stay for a while. A blob used (HEAD, FindMissingBlobs, a GetActionResult that
+    /// names it, a read, a write) within this many seconds is evicted only after every blob unused
+    /// for longer (LRU order), and evicting one is counted (`cachemesh_store_ttl_evictions_total`)
+    /// and logged. 0: no accounting.
+    public var minTTLSeconds: Int64 = 3 * 3600
+    /// Tests: holds the scan before each directory while closed.
+    var scanGate: ScanGate?
+    /// Tests: holds the group committer while closed.
+    var commitGate: ScanGate?
 
     public init(directory: String, maxBytes: Int64) {
         self.directory = directory
@@ -68,4 +91,11 @@ public struct BlobStoreStats: Sendable, Equatable, CustomStringConvertible {
             + "hits=\(hits) misses=\(misses) evictions=\(evictions) in=\(bytesIn) out=\(bytesOut) rejected=\(rejectedWrites) "
             + "pinned=\(pinnedBytes) writes=\(activeWrites) reads=\(activeReads)"
     }
+}
+
+/// Holds the startup scan (tests that check what a store does while its index is incomplete).
+final class ScanGate: Sendable {
+    private let closed = Mutex(true)
+    func open() { closed.withLock { $0 = false } }
+    var isClosed: Bool { closed.withLock { $0 } }
 }

@@ -66,7 +66,7 @@ enum Posix {
             let n = write(fd, base, remaining)
             if n < 0 {
                 if errno == EINTR { continue }
-                throw ioError("write", path)
+                throw writeError("write", path)
             }
             if n == 0 { throw .io("write \(path): wrote 0 bytes") }
             remaining -= n
@@ -173,6 +173,89 @@ enum Posix {
         return FileInfo(isRegularFile: (st.st_mode & S_IFMT) == S_IFREG,
                         isDirectory: (st.st_mode & S_IFMT) == S_IFDIR,
                         size: Int64(st.st_size), mtimeSeconds: sec, mtimeNanoseconds: nsec)
+    }
+
+    /// Seconds on the monotonic clock.
+    static func monotonicSeconds() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    /// Blocks the calling thread (a scan thread, never a task of the cooperative pool).
+    static func sleep(seconds: Double) {
+        var ts = timespec(tv_sec: Int(seconds), tv_nsec: Int((seconds - Double(Int(seconds))) * 1e9))
+        var remaining = timespec()
+        while nanosleep(&ts, &remaining) != 0 && errno == EINTR { ts = remaining }
+    }
+
+    /// Calls `body(directoryFD, name, nameLength)` for every entry of `path` but `.` and `..`
+    /// (nothing if it cannot be opened). The name is valid only during the call.
+    static func forEachDirectoryEntry(_ path: String, _ body: (Int32, UnsafePointer<CChar>, Int) -> Void) {
+        guard let dir = opendir(path) else { return }
+        defer { closedir(dir) }
+        let dfd = dirfd(dir)
+        while let entry = readdir(dir) {
+            withUnsafePointer(to: &entry.pointee.d_name) { tuple in
+                tuple.withMemoryRebound(to: CChar.self, capacity: 256) { name in
+                    let length = strlen(name)
+                    if length == 1 && name[0] == 0x2E { return }
+                    if length == 2 && name[0] == 0x2E && name[1] == 0x2E { return }
+                    body(dfd, name, length)
+                }
+            }
+        }
+    }
+
+    private final class ThreadBody {
+        let run: @Sendable () -> Void
+        init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+    }
+
+    /// Runs `body` on a new detached thread (blocking file system work off the cooperative pool).
+    static func startThread(_ body: @escaping @Sendable () -> Void) {
+        let box = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, { argument in
+            #if os(Linux)
+            let body = Unmanaged<ThreadBody>.fromOpaque(argument!).takeRetainedValue()
+            #else
+            let body = Unmanaged<ThreadBody>.fromOpaque(argument).takeRetainedValue()
+            #endif
+            body.run()
+            return nil
+        }, box)
+        if rc != 0 {
+            // No thread to be had: run it here rather than not at all.
+            Unmanaged<ThreadBody>.fromOpaque(box).takeRetainedValue().run()
+            return
+        }
+        pthread_detach(thread)
+    }
+
+    /// Size and free bytes (for unprivileged users) of the file system holding `path`.
+    static func fileSystemSpace(_ path: String) -> (total: Int64, free: Int64)? {
+        var st = statvfs()
+        guard statvfs(path, &st) == 0 else { return nil }
+        let unit = Int64(st.f_frsize)
+        return (Int64(st.f_blocks) * unit, Int64(st.f_bavail) * unit)
+    }
+
+    /// Like `ioError`, but a full file system (ENOSPC, EDQUOT) is ``BlobStoreError/diskFull(_:)``.
+    static func writeError(_ operation: String, _ path: String, _ code: Int32 = errno) -> BlobStoreError {
+        if code == ENOSPC || code == EDQUOT { return .diskFull("\(operation) \(path): \(errnoText(code))") }
+        return ioError(operation, path, code)
+    }
+
+    /// `fsync` of a directory (after a rename into it); nil on success.
+    static func syncDirectory(_ path: String) -> BlobStoreError? {
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { return ioError("open directory", path) }
+        defer { closeQuietly(fd) }
+        while fsync(fd) != 0 {
+            if errno != EINTR { return ioError("fsync directory", path) }
+        }
+        return nil
     }
 
     private static func randomHex() -> String {

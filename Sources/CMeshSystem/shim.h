@@ -13,4 +13,12 @@ static inline void cm_tune_malloc(void) {
 static inline int cm_trim_malloc(void) {
     return malloc_trim(0);
 }
+
+// syncfs(2) (glibc declares it only with _GNU_SOURCE): the store's group commit syncs the data of
+// many files with one call.
+#include <unistd.h>
+int syncfs(int fd);
+static inline int cm_syncfs(int fd) {
+    return syncfs(fd);
+}
 #endif

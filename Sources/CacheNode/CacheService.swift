@@ -235,8 +235,8 @@ public final class CacheService: HTTPService {
             switch e {
             case .invalidHash, .digestMismatch, .sizeMismatch, .offsetOutOfRange: 400
             case .tooLarge: 413
-            case .insufficientStorage: 507
-            case .unverifiedLimit: 503
+            case .insufficientStorage, .diskFull: 507
+            case .unverifiedLimit, .indexing: 503
             case .notFound: 404
             case .io, .closed: 500
             }
@@ -355,7 +355,7 @@ public final class CacheService: HTTPService {
             for try await chunk in request.body {
                 try chunk.withUnsafeReadableBytes { try writer.write($0) }
             }
-            let digest = try writer.commit()
+            let digest = try await writer.commit()
             if !mirror { mesh?.received(digest) }
             if mirror, let mesh {
                 do {
@@ -410,6 +410,7 @@ public final class CacheService: HTTPService {
     /// reader). Nothing secret is in it: no key, no file path, no locality map contents.
     public func nodeStatus(peer: PeerIdentity) -> NodeStatus {
         let s = store.stats
+        let index = store.indexProgress
         let info = self.info.withLock { $0 }
         let mesh = self.mesh?.status(members: peer.authenticated && peer.role != nil)
         return NodeStatus(
@@ -422,7 +423,9 @@ public final class CacheService: HTTPService {
             store: .init(usedBytes: s.usedBytes, reservedBytes: s.reservedBytes, maxBytes: s.maxBytes,
                          blobs: s.blobCount, actions: s.actionCount, hits: s.hits, misses: s.misses,
                          hitRatio: NodeStatus.ratio(s.hits, of: s.hits + s.misses), evictions: s.evictions,
-                         bytesIn: s.bytesIn, bytesOut: s.bytesOut, rejectedWrites: s.rejectedWrites),
+                         bytesIn: s.bytesIn, bytesOut: s.bytesOut, rejectedWrites: s.rejectedWrites,
+                         index: .init(complete: index.complete, scannedDirectories: index.scannedDirectories,
+                                      totalDirectories: index.totalDirectories, scannedEntries: index.scannedEntries)),
             mesh: mesh?.mesh)
     }
 

@@ -1,3 +1,4 @@
+import BlobStore
 import Foundation
 import MeshHTTP
 import MeshQUIC
@@ -196,6 +197,16 @@ public struct NodeConfiguration: Sendable {
     /// Allow a non-loopback `localListen` (anyone who reaches it gets `localRole` without a certificate).
     public var localAllowRemote = false
 
+    /// Files the store's startup scan examines per second at most (0: no bound). The node listens
+    /// before the scan; see docs/storage.md.
+    public var scanRate = 250_000
+    /// What an acknowledged write means on disk: `fsync` (data synced before the rename, the
+    /// directory after, concurrent writers sharing the syncs) or `none`. See docs/storage.md.
+    public var durability: Durability = .fsync
+    /// Blobs used within this many seconds go only after every blob unused for longer, and
+    /// evicting one is counted and logged (Builds without the Bytes). See docs/storage.md.
+    public var minTTLSeconds = 3 * 3600
+
     /// The smallest store a node runs with (a size without a unit is bytes, so `10` is refused).
     public static let minimumMaxBytes: Int64 = 1 << 20
 
@@ -228,6 +239,7 @@ public struct NodeConfiguration: Sendable {
     public static let budgetKeys = [
         "max_concurrent_writes", "max_open_reads", "max_header_list_bytes", "max_unverified_bytes",
         "request_body_timeout_seconds", "request_body_min_rate", "response_stall_timeout_seconds", "max_connections",
+        "scan_rate", "durability", "min_ttl_seconds",
     ]
 
     /// The keys a node config file may hold.
@@ -248,6 +260,9 @@ public struct NodeConfiguration: Sendable {
         if let v = try t.size("request_body_min_rate") { requestBodyMinRate = Int(v) }
         if let v = try t.int("response_stall_timeout_seconds") { responseStallTimeoutSeconds = v }
         if let v = try t.int("max_connections") { maxConnections = v }
+        if let v = try t.int("scan_rate") { scanRate = v }
+        if let v = try t.int("min_ttl_seconds") { minTTLSeconds = v }
+        if let v = try t.choice("durability", Durability.allCases.map { ($0.rawValue, $0) }) { durability = v }
     }
 
     /// Takes the budget values of `other` (a topology's `[limits]` for one of its nodes).
@@ -260,6 +275,9 @@ public struct NodeConfiguration: Sendable {
         requestBodyMinRate = other.requestBodyMinRate
         responseStallTimeoutSeconds = other.responseStallTimeoutSeconds
         maxConnections = other.maxConnections
+        scanRate = other.scanRate
+        durability = other.durability
+        minTTLSeconds = other.minTTLSeconds
     }
 
     /// `load(path:)` of a text already read (`path` names it in errors and anchors relative paths).
@@ -311,6 +329,8 @@ public struct NodeConfiguration: Sendable {
         if maxConnections <= 0 { throw ConfigurationError("max_connections must be positive, got \(maxConnections)") }
         if responseStallTimeoutSeconds <= 0 { throw ConfigurationError("response_stall_timeout_seconds must be positive, got \(responseStallTimeoutSeconds)") }
         if requestBodyTimeoutSeconds <= 0 { throw ConfigurationError("request_body_timeout_seconds must be positive, got \(requestBodyTimeoutSeconds)") }
+        if minTTLSeconds < 0 { throw ConfigurationError("min_ttl_seconds must be 0 (off) or positive, got \(minTTLSeconds)") }
+        if scanRate < 0 { throw ConfigurationError("scan_rate must be 0 (no bound) or positive, got \(scanRate)") }
         if let v = maxUnverifiedBytes, v <= 0 { throw ConfigurationError("max_unverified_bytes must be positive, got \(v)") }
         if !(1024...(16 << 20)).contains(maxHeaderListBytes) {
             throw ConfigurationError("max_header_list_bytes must be in 1024...16777216, got \(maxHeaderListBytes)")

@@ -39,6 +39,11 @@ public final class CacheNode: Service {
         storeConfig.maxConcurrentWrites = configuration.maxConcurrentWrites
         storeConfig.maxOpenReads = configuration.maxOpenReads
         storeConfig.maxUnverifiedBytes = configuration.effectiveMaxUnverifiedBytes
+        // Listen first: the index is built on a background thread (lookups meanwhile ask the disk).
+        storeConfig.scanInBackground = true
+        storeConfig.scanRate = configuration.scanRate
+        storeConfig.durability = configuration.durability
+        storeConfig.minTTLSeconds = Int64(configuration.minTTLSeconds)
         self.store = try BlobStore(configuration: storeConfig, logger: logger)
         if let topology {
             guard let credentials else { throw ConfigurationError("a mesh node needs TLS (node certificates)") }
@@ -186,6 +191,7 @@ public final class CacheNode: Service {
         logger.notice("cachemesh node ready", metadata: [
             "name": "\(configuration.name)", "tcp": "\(addr.endpoint)", "data_dir": "\(configuration.dataDirectory)",
             "max_bytes": "\(configuration.maxBytes)", "tls": "\(!configuration.insecure)",
+            "durability": "\(configuration.durability.rawValue)", "index_complete": "\(store.indexProgress.complete)",
         ])
         let meshTask = mesh.map { m in Task { await m.run() } }
         try? await gracefulShutdown()

@@ -68,6 +68,17 @@ public struct NodeStatus: Codable, Sendable, Equatable {
         public var bytesIn: Int64
         public var bytesOut: Int64
         public var rejectedWrites: Int64
+        /// The startup scan of the data directory (the node serves meanwhile).
+        public var index: StoreIndex?
+    }
+
+    public struct StoreIndex: Codable, Sendable, Equatable {
+        /// Every file on disk is indexed.
+        public var complete: Bool
+        public var scannedDirectories: Int
+        public var totalDirectories: Int
+        /// Entries the scan has indexed so far.
+        public var scannedEntries: Int
     }
 
     public struct Mesh: Codable, Sendable, Equatable {

@@ -586,6 +586,9 @@ struct StatusCommand: AsyncParsableCommand {
         let st = s.store
         let usedPct = st.maxBytes > 0 ? String(format: " (%.1f%%)", Double(st.usedBytes) * 100 / Double(st.maxBytes)) : ""
         lines.append(("store", "\(ByteSize.format(st.usedBytes)) of \(ByteSize.format(st.maxBytes)) used\(usedPct), \(st.blobs) blobs, \(st.actions) actions, \(st.evictions) evictions"))
+        if let index = st.index, !index.complete {
+            lines.append(("index", "rebuilding after a restart: \(index.scannedDirectories) of \(index.totalDirectories) directories, \(index.scannedEntries) entries so far (served meanwhile)"))
+        }
         lines.append(("hits", "\(st.hits) hits, \(st.misses) misses: hit ratio \(percent(st.hitRatio))"))
         if let m = s.mesh {
             lines.append(("mesh", "replication \(m.replication), write quorum \(m.writeQuorum), fetch \(m.fetchStrategy) over \(m.transport); \(m.liveMembers) live member(s); \(m.localityEntries) locality entries"))

@@ -91,7 +91,7 @@ import MetricsTestKit
             #expect(!dir.exists(dir.casPath(hash)))
             try writer.write(Array(data[5000...]))
             #expect(store.size(of: hash) == nil)
-            let digest = try writer.commit()
+            let digest = try await writer.commit()
             #expect(digest.size == 10_000)
             #expect(store.size(of: hash) == 10_000)
             #expect(dir.exists(dir.casPath(hash)))
@@ -121,7 +121,7 @@ import MetricsTestKit
                         i += 65_536
                         await Task.yield()
                     }
-                    _ = try writer.commit()
+                    _ = try await writer.commit()
                     return (0, 0)
                 }
                 for _ in 0..<4 {
@@ -169,7 +169,7 @@ import MetricsTestKit
             // Unknown size, streamed.
             let writer = try await store.beginWrite(hash: hash, expectedSize: nil)
             try writer.write(data)
-            #expect(try writer.commit() == first)
+            #expect(try await writer.commit() == first)
             #expect(store.stats.blobCount == 1)
             #expect(store.stats.usedBytes == 4096)
             #expect(store.stats.reservedBytes == 0)
@@ -353,7 +353,7 @@ import MetricsTestKit
                             if s.usedBytes + s.reservedBytes > maxBytes { bad += 1 }
                             await Task.yield()
                         }
-                        _ = try writer.commit()
+                        _ = try await writer.commit()
                         let s = store.stats
                         if s.usedBytes + s.reservedBytes > maxBytes { bad += 1 }
                         return bad
@@ -568,7 +568,7 @@ import MetricsTestKit
                         try writer.write(Array(data[..<32]))
                         await Task.yield()
                         try writer.write(Array(data[32...]))
-                        _ = try writer.commit()
+                        _ = try await writer.commit()
                         return active
                     }
                 }

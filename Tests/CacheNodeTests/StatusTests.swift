@@ -62,7 +62,7 @@ import Testing
             #expect(Set(json.keys) == ["name", "role", "listen", "uptime_seconds", "draining", "you", "store", "mesh"])
             let store = try #require(json["store"] as? [String: Any])
             #expect(Set(store.keys) == ["used_bytes", "reserved_bytes", "max_bytes", "blobs", "actions", "hits", "misses", "evictions",
-                                        "bytes_in", "bytes_out", "rejected_writes"]) // hit_ratio: absent before the first lookup
+                                        "bytes_in", "bytes_out", "rejected_writes", "index"]) // hit_ratio: absent before the first lookup
             let mesh = try #require(json["mesh"] as? [String: Any])
             #expect(Set(mesh.keys) == ["topology", "replication", "write_quorum", "fetch_strategy", "transport", "live_members",
                                        "members", "locality_entries", "locality_bytes", "fetch"])

@@ -319,7 +319,7 @@ public final class BlobFetcher: Sendable {
                 leg.progress.add(1, ordering: .relaxed)
             }
             try Task.checkCancellation()
-            let d = try writer.commit()
+            let d = try await writer.commit()
             done = true
             requester.transferred(from: source, via: reply.transport, bytes: d.size, duration: ContinuousClock.now - bodyStarted)
             return (d, reply.transport)

@@ -99,6 +99,12 @@ public final class MeshService: MeshHooks, Sendable {
         // holdings pages of push-pull and of the welcome each new member gets.
         let held = store.allDigests().compactMap { MeshCore.Digest(hex: $0.hash, sizeBytes: $0.size) }
         core.withLock { $0.loadOwn(held) }
+        // The rest once the store's startup scan has indexed it.
+        Task { [weak self, store] in
+            await store.waitUntilIndexed()
+            let all = store.allDigests().compactMap { MeshCore.Digest(hex: $0.hash, sizeBytes: $0.size) }
+            self?.core.withLock { $0.loadOwn(all) }
+        }
     }
 
     func now() -> Duration { ContinuousClock.now - started }

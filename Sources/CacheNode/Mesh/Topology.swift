@@ -32,7 +32,8 @@ import TOMLKit
 /// origin_write_through = false      # also copy every write to the origin before acknowledging
 ///
 /// [limits]                          # optional: the budget keys of a node config, for every
-///                                   # node (max_connections, max_header_list_bytes, …; README)
+///                                   # node (max_connections, max_header_list_bytes, …; README),
+///                                   # and the store's durability, scan_rate, min_ttl_seconds
 ///
 /// [repair]                          # optional: anti-entropy (blobs onto their R owners)
 /// interval_seconds = 120            # between passes when membership does not change

@@ -42,8 +42,8 @@ public final class REAPIService: Sendable {
         case let e as BlobStoreError:
             switch e {
             case .invalidHash, .digestMismatch, .sizeMismatch: return GRPCStatus(.invalidArgument, e.description)
-            case .tooLarge, .insufficientStorage: return GRPCStatus(.resourceExhausted, e.description)
-            case .unverifiedLimit: return GRPCStatus(.unavailable, e.description)
+            case .tooLarge, .insufficientStorage, .diskFull: return GRPCStatus(.resourceExhausted, e.description)
+            case .unverifiedLimit, .indexing: return GRPCStatus(.unavailable, e.description)
             case .notFound: return GRPCStatus(.notFound, e.description)
             case .offsetOutOfRange: return GRPCStatus(.outOfRange, e.description)
             case .io, .closed: return GRPCStatus(.internalError, e.description)
@@ -387,7 +387,7 @@ public final class REAPIService: Sendable {
                 }
                 if m.finishWrite {
                     uploads.finished(resource)
-                    let digest = try upload.writer.commit()
+                    let digest = try await upload.writer.commit()
                     try await replicate(digest)
                     resp.committedSize = digest.size
                     return resp

@@ -1,0 +1,156 @@
+import Foundation
+import Testing
+@testable import BlobStore
+
+/// A deterministic generator (tests must be reproducible).
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+private func key(_ n: UInt64, _ kind: EntryKind = .cas) -> EntryKey {
+    var g = SplitMix64(state: n)
+    return EntryKey(kind: kind, digest: HashBytes(w0: g.next(), w1: g.next(), w2: g.next(), w3: g.next()))
+}
+
+@Suite struct CompactIndexTests {
+    @Test func slotIsFiftySixBytes() {
+        #expect(MemoryLayout<LRUIndex.Slot>.stride == 56)
+    }
+
+    @Test func hexRoundTrip() throws {
+        let hex = "00ff10aa" + String(repeating: "0123456789abcdef", count: 3) + "deadbeef"
+        let d = try #require(HashBytes(hex: hex))
+        #expect(d.hex == hex)
+        #expect(d.prefixByte == 0)
+        #expect(HashBytes(hex: String(hex.dropLast()) + "G") == nil)
+        #expect(HashBytes(hex: String(hex.dropLast())) == nil)
+        #expect(EntryKey(kind: .cas, hash: Digest.emptyHash).hash == Digest.emptyHash)
+    }
+
+    @Test func insertLookupRemoveAndOrder() {
+        let index = LRUIndex()
+        let a = index.insert(key(1), size: 10, persistedMtime: 100)
+        let b = index.insert(key(2), size: 20, persistedMtime: 200)
+        let c = index.insert(key(2, .ac), size: 30, persistedMtime: 300)   // same hash, other namespace
+        #expect(index.count == 3)
+        #expect(index.lookup(key(1)) == a && index.lookup(key(2)) == b && index.lookup(key(2, .ac)) == c)
+        #expect(index.key(c) == key(2, .ac) && index.size(c) == 30 && index.persistedMtime(c) == 300)
+        #expect(index.slotsInOrder() == [a, b, c])
+        index.touch(a)
+        #expect(index.slotsInOrder() == [b, c, a])
+        #expect(index.head == b && index.tail == a)
+        let removed = index.remove(c)
+        #expect(removed.key == key(2, .ac) && removed.size == 30)
+        #expect(index.lookup(key(2, .ac)) == nil && index.lookup(key(2)) == b)
+        #expect(index.slotsInOrder() == [b, a])
+        // The freed slot is reused.
+        let d = index.insert(key(4), size: 40, persistedMtime: 0)
+        #expect(d == c)
+        #expect(index.slotsInOrder() == [b, a, d])
+    }
+
+    @Test func pinsAreCountedPerSlotAndDroppedOnRemove() {
+        let index = LRUIndex()
+        let a = index.insert(key(1), size: 10, persistedMtime: 0)
+        #expect(index.pins(a) == 0)
+        #expect(index.pin(a) == 1 && index.pin(a) == 2)
+        #expect(index.unpin(a) == 1)
+        #expect(index.remove(a).pins == 1)
+        let b = index.insert(key(2), size: 10, persistedMtime: 0)
+        #expect(b == a && index.pins(b) == 0)   // a reused slot starts unpinned
+    }
+
+    /// Random inserts, removes and touches against a plain model (dictionary + ordered list),
+    /// through several growths of the bucket table and many slot reuses.
+    @Test func matchesAModelUnderRandomOperations() {
+        let index = LRUIndex()
+        var rng = SplitMix64(state: 42)
+        var order: [UInt64] = []          // model: LRU order of key numbers
+        var sizes: [UInt64: Int64] = [:]
+        var slots: [UInt64: Int] = [:]
+        for step in 0..<30_000 {
+            let r = rng.next() % 10
+            if r < 5 || order.isEmpty {
+                let n = rng.next() % 6_000
+                if sizes[n] == nil {
+                    let size = Int64(rng.next() % 1_000_000)
+                    slots[n] = index.insert(key(n), size: size, persistedMtime: Int64(step))
+                    sizes[n] = size
+                    order.append(n)
+                }
+            } else if r < 8 {
+                let n = order[Int(rng.next() % UInt64(order.count))]
+                let removed = index.remove(slots[n]!)
+                #expect(removed.key == key(n) && removed.size == sizes[n])
+                order.removeAll { $0 == n }
+                sizes[n] = nil
+                slots[n] = nil
+            } else {
+                let n = order[Int(rng.next() % UInt64(order.count))]
+                index.touch(slots[n]!)
+                order.removeAll { $0 == n }
+                order.append(n)
+            }
+        }
+        #expect(index.count == order.count)
+        #expect(index.slotsInOrder().map { index.key($0) } == order.map { key($0) })
+        for n in UInt64(0)..<6_000 {
+            let found = index.lookup(key(n))
+            if let size = sizes[n] {
+                #expect(found == slots[n] && index.size(found!) == size)
+            } else if found != nil {
+                Issue.record("key \(n) found after removal")
+            }
+        }
+    }
+
+    @Test func unsortedEntriesAreOrderedByMtimeAfterTheScan() {
+        let index = LRUIndex()
+        // The scan finds 1 (mtime 30), 2 (10), 3 (20); meanwhile 4 is written and 2 is used.
+        let s1 = index.insertUnsorted(key(1), size: 1, persistedMtime: 30)
+        let s2 = index.insertUnsorted(key(2), size: 1, persistedMtime: 10)
+        let w4 = index.insert(key(4), size: 1, persistedMtime: 50)
+        let s3 = index.insertUnsorted(key(3), size: 1, persistedMtime: 20)
+        #expect(index.unsortedCount == 3)
+        index.touch(s2)
+        #expect(index.unsortedCount == 2 && !index.isUnsorted(s2) && index.isUnsorted(s1))
+        index.sortUnsorted()
+        #expect(index.unsortedCount == 0)
+        // Unused scanned entries oldest first, then what was written or used, in that order.
+        #expect(index.slotsInOrder() == [s3, s1, w4, s2])
+        #expect(index.head == s3 && index.tail == s2)
+        // Removing one of them keeps the list whole.
+        index.remove(s1)
+        #expect(index.slotsInOrder() == [s3, w4, s2])
+    }
+
+    @Test func sortWithNothingButScannedEntries() {
+        let index = LRUIndex()
+        let slots = (0..<100).map { index.insertUnsorted(key(UInt64($0)), size: 1, persistedMtime: Int64(1000 - $0)) }
+        index.sortUnsorted()
+        #expect(index.slotsInOrder() == slots.reversed())
+        #expect(index.tail == slots[0])
+    }
+
+    /// The memory budget: at most 64 bytes per entry (slot pages, bucket table, pins) with a
+    /// million entries — 10 million therefore fit in 640 MB.
+    @Test func aMillionEntriesTakeAtMost64BytesEach() {
+        let index = LRUIndex()
+        let n = 1_000_000
+        for i in 0..<n { index.insertUnsorted(key(UInt64(i)), size: Int64(i), persistedMtime: Int64(i % 977)) }
+        for i in 0..<100 { index.pin(i) }
+        let perEntry = Double(index.allocatedBytes) / Double(n)
+        print("compact index: \(index.allocatedBytes) bytes for \(n) entries = \(String(format: "%.1f", perEntry)) bytes/entry")
+        #expect(perEntry <= 64)
+        index.sortUnsorted()
+        #expect(index.count == n)
+        #expect(index.lookup(key(123_456)).map { index.size($0) } == 123_456)
+    }
+}

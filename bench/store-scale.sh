@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Start-up of a node on a big store: a synthetic store of N blobs is written straight into
+# data_dir/cas (not through the API), then a release node is started on it and we measure the
+# time until it listens, the time until its index is complete (the node's own "index rebuilt"
+# log line), and its RSS per indexed blob (RSS with the store minus RSS of the same node on an
+# empty store). A benchmark: it measures and records. Results: bench/results/store-scale.md.
+#   bench/store-scale.sh                       # N=1000000
+#   N=200000 CACHEMESH_BIN=… bench/store-scale.sh
+# Needs ~4 KiB of disk per blob (one block per file) under $TMPDIR (default /tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BENCH_NAME=store-scale
+source bench/lib.sh
+N=${N:-1000000}
+OUT=${OUT:-bench/results/store-scale.md}
+
+echo "writing $N synthetic blobs…"
+gen_start=$(date +%s.%N)
+python3 - "$T/data/cas" "$N" <<'PY'
+import hashlib, os, sys
+root, n = sys.argv[1], int(sys.argv[2])
+for p in range(256): os.makedirs(f"{root}/{p:02x}", exist_ok=True)
+for i in range(n):
+    data = b"cachemesh synthetic blob %d\n" % i
+    h = hashlib.sha256(data).hexdigest()
+    fd = os.open(f"{root}/{h[:2]}/{h}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, data); os.close(fd)
+PY
+gen_s=$(python3 -c "import time; print(f'{time.time() - $gen_start:.1f}')")
+echo "written in ${gen_s}s"
+
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# run DATA_DIR LABEL: starts a node, prints "listen_ms index_ms rss_kib"
+run() {
+  local data=$1 port; port=$(free_port)
+  local t0; t0=$(date +%s%N)
+  "$BIN" node --listen 127.0.0.1:$port --data-dir "$data" --max-bytes 1T \
+    --cert "$T/certs/node.pem" --key "$T/certs/node.key" --ca "$T/certs/ca.pem" > "$T/node.out" 2> "$T/node.log" &
+  local pid=$!; PIDS+=($pid)
+  until grep -q "listening tcp=" "$T/node.out" 2>/dev/null; do sleep 0.005; done
+  local listen_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  until grep -q "blob store index rebuilt" "$T/node.log" 2>/dev/null; do sleep 0.05; done
+  local index_ms; index_ms=$(grep "blob store index rebuilt" "$T/node.log" | sed -E 's/.*elapsed_ms=([0-9]+).*/\1/')
+  sleep 1   # let the scan thread's buffers settle
+  local rss; rss=$(rss_kib $pid)
+  kill -TERM $pid; wait $pid 2>/dev/null || true
+  echo "$listen_ms $index_ms $rss"
+}
+
+read -r e_listen e_index e_rss < <(run "$T/empty" empty)
+read -r f_listen f_index f_rss < <(run "$T/data" full)
+read -r g_listen g_index g_rss < <(run "$T/data" again)
+per_blob=$(python3 -c "print(f'{($f_rss - $e_rss) * 1024 / $N:.1f}')")
+per_blob2=$(python3 -c "print(f'{($g_rss - $e_rss) * 1024 / $N:.1f}')")
+fs=$(df -T "$T" | awk 'NR==2 {print $2 " on " $1}')
+{
+  echo "# Store scale: start-up on a store of $N blobs"
+  echo
+  echo "\`N=$N bench/store-scale.sh\`, $(date -u +%Y-%m-%d), $(uname -r), $(nproc) cores, data directory on $fs;"
+  echo "files written directly into \`cas/XX/\` by a Python generator (${gen_s} s), page cache warm"
+  echo "(the files were just written; caches are not dropped on this shared machine). Release build,"
+  echo "default \`scan_rate\` (250,000 files/s). Listen: process start to the \"listening\" line;"
+  echo "index: the node's own \`elapsed_ms\` of \"blob store index rebuilt\"; RSS after the scan."
+  echo
+  echo "| run | listening after | index complete after | RSS | RSS per blob (minus empty store) |"
+  echo "|---|---|---|---|---|"
+  echo "| empty store | ${e_listen} ms | ${e_index} ms | $((e_rss / 1024)) MiB | – |"
+  echo "| $N blobs | ${f_listen} ms | ${f_index} ms | $((f_rss / 1024)) MiB | ${per_blob} B |"
+  echo "| $N blobs, second start | ${g_listen} ms | ${g_index} ms | $((g_rss / 1024)) MiB | ${per_blob2} B |"
+} > "$OUT"
+cat "$OUT"
