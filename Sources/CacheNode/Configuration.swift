@@ -194,6 +194,9 @@ public struct NodeConfiguration: Sendable {
     public var localRole: PeerRole = .client
     /// Allow a non-loopback `localListen` (anyone who reaches it gets `localRole` without a certificate).
     public var localAllowRemote = false
+    /// `[origin] backend = "s3"`: this node's disk is a bounded cache in front of an S3 bucket
+    /// (`S3Tier`). nil: the disk is all there is.
+    public var s3Origin: S3OriginSettings?
 
     /// The smallest store a node runs with (a size without a unit is bytes, so `10` is refused).
     public static let minimumMaxBytes: Int64 = 1 << 20
@@ -234,7 +237,7 @@ public struct NodeConfiguration: Sendable {
         "name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
         "insecure", "quic_listen", "handshake_timeout_seconds", "drain_seconds",
         "quic_max_datagram", "quic_address_validation",
-        "local", "local_socket", "local_role", "local_allow_remote",
+        "local", "local_socket", "local_role", "local_allow_remote", "origin",
     ] + budgetKeys
 
     /// Reads the budget keys present in `t` (see `budgetKeys`).
@@ -298,6 +301,7 @@ public struct NodeConfiguration: Sendable {
         c.ca = resolve(c.ca)
         c.dataDirectory = resolve(c.dataDirectory) ?? c.dataDirectory
         c.localSocket = resolve(c.localSocket)
+        c.s3Origin = try S3OriginSettings.parse(t, resolve: { resolve($0) ?? $0 })
         return c
     }
 
