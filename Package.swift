@@ -76,9 +76,18 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
         ]),
+        // S3 client (SigV4 via GnuTLS, HTTP/1.1 keep-alive on NIO, retries, metrics) for the S3-backed origin.
+        .target(name: "MeshS3", dependencies: [
+            "CGnuTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+        ]),
         // Routes, config, wiring, lifecycle.
         .target(name: "CacheNode", dependencies: [
-            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshGRPC", "REAPI", "MeshCore", "MeshQUIC",
+            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshGRPC", "REAPI", "MeshCore", "MeshQUIC", "MeshS3",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -118,6 +127,8 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .testTarget(name: "MeshS3Tests", dependencies: ["MeshS3", "TestSupport",
+            .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "MeshGRPCTests", dependencies: ["MeshGRPC", "MeshHTTP"]),
         .testTarget(name: "LinkEmulatorTests", dependencies: [
             "LinkEmulator",

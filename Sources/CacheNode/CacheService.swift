@@ -120,6 +120,8 @@ public final class CacheService: HTTPService {
     let store: BlobStore
     let reapi: REAPIService
     let mesh: (any MeshHooks)?
+    /// The origin's durable tier (S3) behind the local store, if any.
+    let tier: (any DurableTier)?
     let hot = HotBlobs()
     let registry: PrometheusCollectorRegistry?
     let logger: Logger
@@ -128,10 +130,12 @@ public final class CacheService: HTTPService {
     private let requests: [String: Metrics.Counter]
     private let startTime = ContinuousClock.now
 
-    public init(store: BlobStore, registry: PrometheusCollectorRegistry?, info: Info, mesh: (any MeshHooks)? = nil, logger: Logger) {
+    public init(store: BlobStore, registry: PrometheusCollectorRegistry?, info: Info, mesh: (any MeshHooks)? = nil,
+                tier: (any DurableTier)? = nil, logger: Logger) {
         self.store = store
         self.mesh = mesh
-        self.reapi = REAPIService(store: store, mesh: mesh, logger: logger)
+        self.tier = tier
+        self.reapi = REAPIService(store: store, mesh: mesh, tier: tier, logger: logger)
         self.registry = registry
         self.info = Mutex(info)
         self.logger = logger
@@ -191,7 +195,7 @@ public final class CacheService: HTTPService {
             guard let role = request.peer.role else { return forbidden(request.peer, "no role in client certificate") }
             switch method {
             case "GET": return await getBlob(hash, fromMesh: request.head.headers[BlobFetcher.hopHeader] != nil)
-            case "HEAD": return headBlob(hash)
+            case "HEAD": return await headBlob(hash)
             case "PUT":
                 guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not write") }
                 // Only another node may place a copy without mirroring it again.
@@ -210,6 +214,7 @@ public final class CacheService: HTTPService {
                 // ccache removes entries it finds stale; blobs (/cas) are immutable.
                 guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not delete") }
                 do {
+                    if let tier { try await tier.deleteAction(key: key) }
                     return try store.deleteAction(key: key) ? .text(200, "deleted action \(key)") : .text(404, "not found: action \(key)")
                 } catch {
                     return errorResponse(error)
@@ -311,6 +316,13 @@ public final class CacheService: HTTPService {
                                 body: .bytes(ByteBuffer(string: "this node is draining and does not hold \(hash); ask another node\n")))
         }
         var source = "local"
+        if store.size(of: hash) == nil, let tier {
+            do {
+                if try await tier.fetch(hash: hash) { source = "s3" }
+            } catch {
+                return Self.tierUnavailable(error, "cannot read \(hash) from it")
+            }
+        }
         if store.size(of: hash) == nil, !fromMesh, let mesh {
             switch await mesh.fetchMissing(hash: hash) {
             case .fetched(let s): source = s
@@ -335,8 +347,12 @@ public final class CacheService: HTTPService {
         }
     }
 
-    private func headBlob(_ hash: String) -> HTTPResponse {
-        guard let size = store.size(of: hash) else { return .text(404, "not found: \(hash)") }
+    private func headBlob(_ hash: String) async -> HTTPResponse {
+        var size = store.size(of: hash)
+        if size == nil, let tier {
+            do { size = try await tier.size(of: hash) } catch { return Self.tierUnavailable(error, "cannot tell whether it holds \(hash)") }
+        }
+        guard let size else { return .text(404, "not found: \(hash)") }
         return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream", "content-length": String(size)])
     }
 
@@ -356,6 +372,12 @@ public final class CacheService: HTTPService {
                 try chunk.withUnsafeReadableBytes { try writer.write($0) }
             }
             let digest = try await writer.commit()
+            if let tier {
+                // The origin's copy counts only once it is durable in S3.
+                do { try await tier.persist(digest, checkFirst: false) } catch {
+                    return Self.tierUnavailable(error, "\(digest) is stored on this node's disk but not durable in S3, so the write is not acknowledged; try again")
+                }
+            }
             if !mirror { mesh?.received(digest) }
             if mirror, let mesh {
                 do {
@@ -379,7 +401,12 @@ public final class CacheService: HTTPService {
 
     private func getAction(_ key: String) async -> HTTPResponse {
         do {
-            guard let bytes = try await store.getAction(key: key) else { return .text(404, "not found: action \(key)") }
+            var found = try await store.getAction(key: key)
+            if found == nil, let tier {
+                do { found = try await tier.getAction(key: key) } catch { return Self.tierUnavailable(error, "cannot read action \(key)") }
+                if let v = found { try await store.putAction(key: key, value: v) }
+            }
+            guard let bytes = found else { return .text(404, "not found: action \(key)") }
             return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream"], body: .bytes(ByteBuffer(bytes: bytes)))
         } catch {
             return errorResponse(error)
@@ -392,11 +419,24 @@ public final class CacheService: HTTPService {
         }
         do {
             let body = try await request.body.collect(upTo: Self.maxActionBytes)
-            try await store.putAction(key: key, value: Array(body.readableBytesView))
+            let value = Array(body.readableBytesView)
+            try await store.putAction(key: key, value: value)
+            if let tier {
+                do { try await tier.putAction(key: key, value: value) } catch {
+                    return Self.tierUnavailable(error, "action \(key) is not durable in S3, so the write is not acknowledged; try again")
+                }
+            }
             return .text(201, "stored action \(key)")
         } catch {
             return errorResponse(error)
         }
+    }
+
+    /// 503 (502 for an object that does not hash to its key) when the S3 tier cannot answer.
+    static func tierUnavailable(_ error: any Error, _ what: String) -> HTTPResponse {
+        let status = error is S3CorruptObject ? 502 : 503
+        return HTTPResponse(status: status, headers: ["content-type": "text/plain; charset=utf-8", "retry-after": "1"],
+                            body: .bytes(ByteBuffer(string: "the origin's S3 tier is unavailable: \(what): \(error)\n")))
     }
 
     private func metrics() -> HTTPResponse {

@@ -196,6 +196,9 @@ public struct NodeConfiguration: Sendable {
     public var localRole: PeerRole = .client
     /// Allow a non-loopback `localListen` (anyone who reaches it gets `localRole` without a certificate).
     public var localAllowRemote = false
+    /// `[origin] backend = "s3"`: this node's disk is a bounded cache in front of an S3 bucket
+    /// (`S3Tier`). nil: the disk is all there is.
+    public var s3Origin: S3OriginSettings?
 
     /// Files the store's startup scan examines per second at most (0: no bound). The node listens
     /// before the scan; see docs/storage.md.
@@ -247,7 +250,7 @@ public struct NodeConfiguration: Sendable {
         "name", "listen", "data_dir", "max_bytes", "cert", "key", "ca", "allow_unauthenticated_reads",
         "insecure", "quic_listen", "handshake_timeout_seconds", "drain_seconds",
         "quic_max_datagram", "quic_address_validation",
-        "local", "local_socket", "local_role", "local_allow_remote",
+        "local", "local_socket", "local_role", "local_allow_remote", "origin",
     ] + budgetKeys
 
     /// Reads the budget keys present in `t` (see `budgetKeys`).
@@ -317,6 +320,7 @@ public struct NodeConfiguration: Sendable {
         c.ca = resolve(c.ca)
         c.dataDirectory = resolve(c.dataDirectory) ?? c.dataDirectory
         c.localSocket = resolve(c.localSocket)
+        c.s3Origin = try S3OriginSettings.parse(t, resolve: { resolve($0) ?? $0 })
         return c
     }
 

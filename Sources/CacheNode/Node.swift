@@ -20,6 +20,8 @@ public final class CacheNode: Service {
     /// The local worker endpoint(s): loopback TCP and/or a unix socket.
     let localServers: [LocalServer]
     let service: CacheService
+    /// The origin's S3 tier (`[origin] backend = "s3"`).
+    let tier: S3Tier?
     let logger: Logger
     /// Set when the node runs as a member of a mesh (`--topology`).
     public let mesh: MeshService?
@@ -45,6 +47,8 @@ public final class CacheNode: Service {
         storeConfig.durability = configuration.durability
         storeConfig.minTTLSeconds = Int64(configuration.minTTLSeconds)
         self.store = try BlobStore(configuration: storeConfig, logger: logger)
+        let store = self.store
+        tier = try configuration.s3Origin.map { try S3Tier(settings: $0, store: store, logger: logger) }
         if let topology {
             guard let credentials else { throw ConfigurationError("a mesh node needs TLS (node certificates)") }
             var settings = MeshService.Settings(topology: topology)
@@ -55,7 +59,7 @@ public final class CacheNode: Service {
             mesh = nil
         }
         service = CacheService(store: store, registry: registry,
-                               info: .init(name: configuration.name, listen: ["tcp": "\(configuration.listen)"]), mesh: mesh, logger: logger)
+                               info: .init(name: configuration.name, listen: ["tcp": "\(configuration.listen)"]), mesh: mesh, tier: tier, logger: logger)
         var h2 = HTTP2Server.Configuration(
             host: configuration.listen.host, port: configuration.listen.port, credentials: credentials,
             clientAuthentication: configuration.allowUnauthenticatedReads ? .optionalReadOnly : .require,
@@ -143,6 +147,9 @@ public final class CacheNode: Service {
     /// Bind the listener; returns the bound address.
     @discardableResult
     public func start() async throws -> SocketAddress {
+        // A bucket the node cannot use (wrong credentials, no such bucket, unreachable) stops it
+        // before it listens: it would acknowledge nothing and serve only what its disk holds.
+        if let tier { try await tier.check() }
         let addr: SocketAddress
         do { addr = try await server.start() } catch {
             throw ListenFailure(address: "\(configuration.listen)", transport: "TCP", reason: SocketErrorText.describe(error))

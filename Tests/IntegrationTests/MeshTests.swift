@@ -37,6 +37,10 @@ final class TestMesh: @unchecked Sendable {
         /// `[repair] enabled = false`: placed blobs stay where they were put (tests of other
         /// features that place blobs off their owners on purpose).
         var repairEnabled = true
+        /// Nodes with role = "origin" (more than one needs `tables` with `[origin] backend = "s3"`).
+        var origins: Set<String> = ["origin"]
+        /// TOML tables added to the topology before the nodes (e.g. `[origin]`).
+        var tables = ""
     }
 
     let logLevel: String
@@ -59,6 +63,7 @@ final class TestMesh: @unchecked Sendable {
             if let i = options.repairInterval { toml += "interval_seconds = \(i)\n" }
         }
         toml += "[fetch]\nstrategy = \"\(options.strategy)\"\ntransport = \"\(options.transport)\"\norigin_write_through = \(options.writeThrough)\n"
+        toml += options.tables
         for n in names {
             // Every node serves HTTP/3 on the UDP port with the TCP port's number.
             var quic = "quic = \"127.0.0.1:\(ports[n]!)\""
@@ -67,7 +72,7 @@ final class TestMesh: @unchecked Sendable {
 
             [[nodes]]
             name = "\(n)"
-            role = "\(n == "origin" ? "origin" : "peer")"
+            role = "\(options.origins.contains(n) ? "origin" : "peer")"
             tcp = "127.0.0.1:\(ports[n]!)"
             \(quic)
             data_dir = "\(dir.file(n))"

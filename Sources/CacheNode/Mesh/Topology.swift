@@ -85,6 +85,9 @@ public struct Topology: Sendable {
     public var repair = RepairSettings()
     /// `[limits]`: the budget keys of a node config (`NodeConfiguration.budgetKeys`) for every node.
     public var limits = NodeConfiguration()
+    /// `[origin] backend = "s3"`: every node with role = "origin" keeps its blobs in this bucket
+    /// (several origins may then share it). Credentials never come from the topology.
+    public var s3Origin: S3OriginSettings?
     public var nodes: [Node]
 
     public var origin: Node? { nodes.first { $0.role == .origin } }
@@ -100,7 +103,7 @@ public struct Topology: Sendable {
     }
 
     /// The keys a topology may hold, per table.
-    public static let fileKeys = ["name", "ca", "replication", "write_quorum", "fetch", "quic", "limits", "repair", "nodes"]
+    public static let fileKeys = ["name", "ca", "replication", "write_quorum", "fetch", "quic", "limits", "repair", "origin", "nodes"]
     public static let nodeKeys = ["name", "role", "tcp", "quic", "advertise_tcp", "advertise_quic", "data_dir", "max_bytes", "cert", "key", "seeds", "local", "local_socket", "local_role"]
     public static let fetchKeys = ["strategy", "transport", "origin_write_through"]
     public static let quicKeys = ["max_datagram", "address_validation"]
@@ -171,6 +174,7 @@ public struct Topology: Sendable {
         t.quicAddressValidation = quicAddressValidation
         t.limits = limits
         t.repair = repair
+        t.s3Origin = try S3OriginSettings.parse(file, resolve: resolve)
         try t.validate(path: path)
         return t
     }
@@ -178,7 +182,9 @@ public struct Topology: Sendable {
     func validate(path: String) throws {
         let names = nodes.map(\.name)
         if Set(names).count != names.count { throw ConfigurationError("topology \(path): node names must be unique") }
-        if nodes.filter({ $0.role == .origin }).count > 1 { throw ConfigurationError("topology \(path): at most one origin") }
+        if nodes.filter({ $0.role == .origin }).count > 1 && s3Origin == nil {
+            throw ConfigurationError("topology \(path): at most one origin (several origins need a shared durable tier: [origin] backend = \"s3\")")
+        }
         if replication < 1 { throw ConfigurationError("topology \(path): replication must be >= 1") }
         if writeQuorum < 1 || writeQuorum > replication { throw ConfigurationError("topology \(path): write_quorum must be in 1...replication") }
         for n in nodes {
@@ -214,6 +220,7 @@ public struct Topology: Sendable {
         c.localListen = n.local
         c.localSocket = n.localSocket
         c.localRole = n.localRole
+        if n.role == .origin { c.s3Origin = s3Origin }
         return c
     }
 }

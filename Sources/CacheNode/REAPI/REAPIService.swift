@@ -25,11 +25,13 @@ public final class REAPIService: Sendable {
     let logger: Logger
     let uploads: PartialUploads
     let mesh: (any MeshHooks)?
+    let tier: (any DurableTier)?
     public let router: GRPCRouter
 
-    public init(store: BlobStore, mesh: (any MeshHooks)? = nil, logger: Logger) {
+    public init(store: BlobStore, mesh: (any MeshHooks)? = nil, tier: (any DurableTier)? = nil, logger: Logger) {
         self.store = store
         self.mesh = mesh
+        self.tier = tier
         self.logger = logger
         self.uploads = PartialUploads(logger: logger, maxParked: PartialUploads.maxParked(writeSlots: store.configuration.maxConcurrentWrites))
         self.router = GRPCRouter(maxMessageSize: Int(Self.maxBatchTotalSize) + (1 << 20), mapError: Self.status(for:))
@@ -86,7 +88,7 @@ public final class REAPIService: Sendable {
         }
         r.unary("/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs") { [self] (req: Build_Bazel_Remote_Execution_V2_FindMissingBlobsRequest, ctx) in
             try Self.requireRead(ctx)
-            return try findMissing(req)
+            return try await findMissing(req)
         }
         r.unary("/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs") { [self] (req: Build_Bazel_Remote_Execution_V2_BatchUpdateBlobsRequest, ctx) in
             try Self.requireWrite(ctx)
@@ -107,7 +109,13 @@ public final class REAPIService: Sendable {
         r.unary("/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult") { [self] (req: Build_Bazel_Remote_Execution_V2_UpdateActionResultRequest, ctx) in
             try Self.requireWrite(ctx)
             let d = try Self.digest(req.actionDigest, what: "action digest")
-            try await store.putAction(key: d.hash, value: try req.actionResult.serializedBytes())
+            let value: [UInt8] = try req.actionResult.serializedBytes()
+            try await store.putAction(key: d.hash, value: value)
+            if let tier {
+                do { try await tier.putAction(key: d.hash, value: value) } catch {
+                    throw GRPCStatus(.unavailable, "action \(d.hash) is not durable in the origin's S3 tier: \(error)")
+                }
+            }
             return req.actionResult
         }
         r.serverStreaming("/google.bytestream.ByteStream/Read") { [self] (req: Google_Bytestream_ReadRequest, out: GRPCStreamWriter<Google_Bytestream_ReadResponse>, ctx) in
@@ -142,18 +150,43 @@ public final class REAPIService: Sendable {
 
     // MARK: CAS
 
-    func findMissing(_ req: Build_Bazel_Remote_Execution_V2_FindMissingBlobsRequest) throws -> Build_Bazel_Remote_Execution_V2_FindMissingBlobsResponse {
+    func findMissing(_ req: Build_Bazel_Remote_Execution_V2_FindMissingBlobsRequest) async throws -> Build_Bazel_Remote_Execution_V2_FindMissingBlobsResponse {
         var resp = Build_Bazel_Remote_Execution_V2_FindMissingBlobsResponse()
         for d in req.blobDigests {
             let digest = try Self.digest(d)
             // `contains` counts as use (eviction recency); the empty blob always exists.
             if !store.contains(digest) { resp.missingBlobDigests.append(d) }
         }
+        if let tier, !resp.missingBlobDigests.isEmpty {
+            resp.missingBlobDigests = try await Self.missingInTier(resp.missingBlobDigests, tier)
+        }
         return resp
+    }
+
+    /// Of `digests` (missing locally), those the S3 tier lacks too (HEADs at once; the client's
+    /// connection pool bounds them).
+    static func missingInTier(_ digests: [REDigest], _ tier: any DurableTier) async throws -> [REDigest] {
+        do {
+            return try await withThrowingTaskGroup(of: (Int, Bool).self) { group in
+                for (i, d) in digests.enumerated() {
+                    group.addTask { (i, try await tier.size(of: d.hash) == d.sizeBytes) }
+                }
+                var present = Set<Int>()
+                for try await (i, here) in group where here { present.insert(i) }
+                return digests.enumerated().filter { !present.contains($0.offset) }.map(\.element)
+            }
+        } catch {
+            throw GRPCStatus(.unavailable, "the origin's S3 tier cannot tell which blobs it holds: \(error)")
+        }
     }
 
     /// A client wrote a blob here: in a mesh it is acknowledged only once the write quorum holds it.
     func replicate(_ digest: StoreDigest) async throws {
+        if let tier {
+            do { try await tier.persist(digest, checkFirst: false) } catch {
+                throw GRPCStatus(.unavailable, "\(digest) is stored on this node's disk but not durable in the origin's S3 tier: \(error)")
+            }
+        }
         guard let mesh else { return }
         do {
             try await mesh.stored(digest)
@@ -168,6 +201,13 @@ public final class REAPIService: Sendable {
     /// taking NOT_FOUND for a blob the mesh may hold.
     func ensureLocal(_ d: Digest) async throws -> Bool {
         if d.size == 0 || store.size(of: d.hash) == d.size { return true }
+        if let tier {
+            do {
+                if try await tier.fetch(hash: d.hash) { return store.size(of: d.hash) == d.size }
+            } catch {
+                throw GRPCStatus(.unavailable, "blob \(d) is not here and the origin's S3 tier cannot be read: \(error)")
+            }
+        }
         guard let mesh else { return false }
         switch await mesh.fetchMissing(hash: d.hash) {
         case .fetched: return store.size(of: d.hash) == d.size
@@ -283,7 +323,14 @@ public final class REAPIService: Sendable {
     /// never get a hit it cannot download). Referenced blobs count as used.
     func getActionResult(_ req: Build_Bazel_Remote_Execution_V2_GetActionResultRequest) async throws -> RE {
         let d = try Self.digest(req.actionDigest, what: "action digest")
-        guard let bytes = try await store.getAction(key: d.hash) else {
+        var found = try await store.getAction(key: d.hash)
+        if found == nil, let tier {
+            do { found = try await tier.getAction(key: d.hash) } catch {
+                throw GRPCStatus(.unavailable, "the origin's S3 tier cannot be read for action \(d.hash): \(error)")
+            }
+            if let v = found { try await store.putAction(key: d.hash, value: v) }
+        }
+        guard let bytes = found else {
             throw GRPCStatus(.notFound, "no action result for \(d.hash)")
         }
         let result: RE
@@ -369,6 +416,11 @@ public final class REAPIService: Sendable {
         // Already stored: return at once with the full size (the client stops sending).
         if store.contains(d) {
             uploads.discard(resource)
+            if let tier {
+                do { try await tier.persist(d, checkFirst: true) } catch {
+                    throw GRPCStatus(.unavailable, "\(d) is stored on this node's disk but not durable in the origin's S3 tier: \(error)")
+                }
+            }
             resp.committedSize = d.size
             return resp
         }
