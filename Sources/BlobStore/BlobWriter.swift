@@ -38,6 +38,8 @@ public final class BlobWriter: Sendable {
 
     /// The hash the upload claims to have (validated).
     public let hash: String
+    /// Whose write slot this writer holds (see `SlotShare`), captured where it was begun.
+    let slotOwner = SlotShare.owner
     /// The declared size, if any.
     public let expectedSize: Int64?
     private let store: BlobStore
@@ -149,13 +151,13 @@ public final class BlobWriter: Sendable {
             case .discard(let pinned):
                 s.isOpen = false
                 store.finishDeduplicatedWrite(hash: hash, pinned: pinned)
-                store.writeSlots.release()
+                store.writeSlots.release(owner: slotOwner)
                 return digest
             case .file(let fd, let path):
                 s.isOpen = false
                 let reserved = s.reserved
                 s.reserved = 0
-                defer { store.writeSlots.release() }
+                defer { store.writeSlots.release(owner: slotOwner) }
                 if close(fd) != 0 {
                     let error = Posix.ioError("close", path)
                     Posix.unlinkIfPresent(path)
@@ -200,7 +202,7 @@ public final class BlobWriter: Sendable {
         store.releaseReservation(s.reserved)
         s.reserved = 0
         store.recordRejection(rejection)
-        store.writeSlots.release()
+        store.writeSlots.release(owner: slotOwner)
     }
 }
 

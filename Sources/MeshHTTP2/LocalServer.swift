@@ -89,7 +89,8 @@ public final class LocalServer: Sendable {
                                 service: service, plaintext: true, plaintextPeer: config.peer, settings: settings,
                                 gracePeriod: base.drainGracePeriod, bodyIdleTimeout: base.requestBodyIdleTimeout, bodyMinRate: base.requestBodyMinRate,
                                 responseStallTimeout: base.responseStallTimeout, idleTimeout: base.idleTimeout,
-                                limiter: limiter, drainCuts: base.drainCuts, logger: logger))
+                                limiter: limiter, drainCuts: base.drainCuts, bodyBudget: base.requestBodyBudget,
+                                headersTimeout: base.requestHeadersTimeout, logger: logger))
                         } else {
                             try addHTTP1Handlers(to: pipeline, service: service, peer: config.peer, tls: false, limits: h1,
                                                  limiter: limiter, drainCuts: base.drainCuts, logger: logger)
@@ -211,6 +212,8 @@ extension HTTP2Server.Configuration {
         l.responseStallTimeout = responseStallTimeout
         l.idleTimeout = idleTimeout
         l.drainGracePeriod = drainGracePeriod
+        l.bodyBudget = requestBodyBudget
+        l.headersTimeout = requestHeadersTimeout
         return l
     }
 }

@@ -62,6 +62,16 @@ public struct QUICSettings: Sendable {
     /// A response whose flow-control window the client keeps closed for this long is reset
     /// (server side), giving back its read slot. nil: never.
     public var responseStallTimeout: Duration? = .seconds(30)
+    /// The node's request-body budget (server side; see `RequestBodyBudget`): the connection
+    /// window starts at `budgetBaseWindow` and grows only within the budget.
+    public var requestBodyBudget: RequestBodyBudget?
+    /// A request stream whose header section is not complete this long after its first byte is
+    /// reset (H3_REQUEST_INCOMPLETE; server side). nil: never.
+    public var requestHeadersTimeout: Duration? = .seconds(20)
+    public static let budgetBaseWindow = 256 * 1024
+    /// With a budget, request streams start with this window and grow (doubling as their body is
+    /// read, up to `streamWindow`) only while read: a stream waiting for a write slot holds little.
+    public static let budgetStreamWindow = 64 * 1024
 
     /// The secret stateless-reset tokens are derived from (nil: one random secret per process).
     /// A server should be given a stable one (the node derives it from its private key), so that
@@ -173,6 +183,8 @@ final class H3Stream {
     var pendingInbound: ByteBuffer?
     var isHead = false
     var responseSubmitted = false
+    /// Server, under a request-body budget: the stream's receive window and what was read of it.
+    var budgetWindow = (window: QUICSettings.budgetStreamWindow, taken: 0)
     /// When the peer last acknowledged response bytes (or the response began).
     var lastProgress = ContinuousClock.now
     var continuation: CheckedContinuation<HTTPClientResponse, any Error>?
@@ -230,6 +242,8 @@ final class QUICCore {
     private var nameCheck: ServerNameCheck?
 
     private(set) var streams: [Int64: H3Stream] = [:]
+    /// This connection's share of the node's request-body budget (server side).
+    private var bodyBudget: BodyBudgetConnection?
     private(set) var phase = Phase.active
     private var timer: Scheduled<Void>?
     private var timerState = ExpiryTimerState()
@@ -371,6 +385,7 @@ final class QUICCore {
     deinit {
         timer?.cancel()
         stallCheck?.cancel()
+        headCheck?.cancel()
         for (_, s) in streams { s.closeSource() }
         if let h3 { nghttp3_conn_del(h3) }
         if let conn { ngtcp2_conn_del(conn) }
@@ -418,7 +433,7 @@ final class QUICCore {
         cm_ngtcp2_settings_default(&st)
         st.initial_ts = QUICClock.now()
         st.initial_rtt = UInt64(settings.initialRTT.nanoseconds)
-        st.max_window = settings.maxConnectionWindow
+        st.max_window = isServer && settings.requestBodyBudget != nil ? UInt64(QUICSettings.budgetBaseWindow) : settings.maxConnectionWindow
         st.max_stream_window = settings.streamWindow
         st.handshake_timeout = UInt64(settings.handshakeTimeout.nanoseconds)
         switch settings.congestionControl {
@@ -441,9 +456,9 @@ final class QUICCore {
         var p = ngtcp2_transport_params()
         cm_ngtcp2_transport_params_default(&p)
         p.initial_max_stream_data_bidi_local = settings.streamWindow
-        p.initial_max_stream_data_bidi_remote = settings.streamWindow
+        p.initial_max_stream_data_bidi_remote = isServer && settings.requestBodyBudget != nil ? UInt64(QUICSettings.budgetStreamWindow) : settings.streamWindow
         p.initial_max_stream_data_uni = 1 << 20
-        p.initial_max_data = settings.connectionWindow
+        p.initial_max_data = isServer && settings.requestBodyBudget != nil ? UInt64(QUICSettings.budgetBaseWindow) : settings.connectionWindow
         p.initial_max_streams_bidi = isServer ? settings.maxConcurrentStreams : 0
         p.initial_max_streams_uni = 8
         p.max_idle_timeout = UInt64(settings.idleTimeout.nanoseconds)
@@ -903,11 +918,14 @@ final class QUICCore {
         guard phase != .closed else { return }
         logger.debug("QUIC connection closed", metadata: ["stats": "\(statsDescription)", "server": "\(isServer)"])
         phase = .closed
+        bodyBudget?.close()
         failure = failure ?? error
         timer?.cancel()
         timer = nil
         stallCheck?.cancel()
         stallCheck = nil
+        headCheck?.cancel()
+        headCheck = nil
         darkCheck?.cancel()
         darkCheck = nil
         failAll(error ?? HTTPTransportError.connectionClosed)
@@ -1134,6 +1152,11 @@ final class QUICCore {
 
     private func recvStreamData(_ sid: Int64, _ data: UnsafePointer<UInt8>?, _ len: Int, fin: Bool) -> Int32 {
         guard let h3 else { return NGTCP2_ERR_CALLBACK_FAILURE }
+        if isServer, settings.requestHeadersTimeout != nil, ngtcp2_is_bidi_stream(sid) != 0, pendingHeads[sid] == nil,
+           streams[sid].map({ $0.body == nil && !$0.responseSubmitted }) ?? true {
+            pendingHeads[sid] = .now
+            startHeadCheck()
+        }
         let consumed = nghttp3_conn_read_stream(h3, sid, data, len, fin ? 1 : 0)
         if consumed < 0 {
             logger.debug("nghttp3_conn_read_stream failed", metadata: ["error": "\(consumed)"])
@@ -1155,7 +1178,33 @@ final class QUICCore {
     /// Body bytes consumed: open the stream and connection windows by that much.
     func credit(_ sid: Int64, _ n: Int) {
         guard phase == .active, n > 0 else { return }
-        ngtcp2_conn_extend_max_stream_offset(conn, sid, UInt64(n))
+        ngtcp2_conn_extend_max_stream_offset(conn, sid, UInt64(n + growStreamWindow(sid, n)))
+        creditConnection(n)
+        scheduleWrite()
+    }
+
+    /// Body bytes left memory: give them back to the connection window, as far as the node's
+    /// request-body budget lets this connection keep its window (see `RequestBodyBudget`).
+    private func creditConnection(_ n: Int) {
+        guard phase == .active, n > 0 else { return }
+        let credit = bodyBudget?.consumed(n) ?? n
+        if credit > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(credit)) }
+    }
+
+    /// Request streams under a budget: how much more than `n` to open `sid`'s window by.
+    private func growStreamWindow(_ sid: Int64, _ n: Int) -> Int {
+        guard bodyBudget != nil, let s = streams[sid] else { return 0 }
+        s.budgetWindow.taken += n
+        let cap = Int(clamping: settings.streamWindow)
+        guard s.budgetWindow.taken >= s.budgetWindow.window, s.budgetWindow.window < cap else { return 0 }
+        let grown = min(cap, s.budgetWindow.window * 2)
+        defer { s.budgetWindow = (grown, 0) }
+        return grown - s.budgetWindow.window
+    }
+
+    /// The budget let this connection's window grow.
+    func growConnectionWindow(_ n: Int) {
+        guard phase == .active, n > 0 else { return }
         ngtcp2_conn_extend_max_offset(conn, UInt64(n))
         scheduleWrite()
     }
@@ -1182,8 +1231,7 @@ final class QUICCore {
             s.continuation = nil
             c.resume(throwing: err)
         }
-        let dropped = s.body?.fail(err) ?? 0
-        if dropped > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(dropped)) }
+        creditConnection(s.body?.fail(err) ?? 0)
     }
 
     private func peerStopSending(_ sid: Int64, code: UInt64) {
@@ -1200,12 +1248,12 @@ final class QUICCore {
     }
 
     private func streamClosed(_ sid: Int64, code: UInt64) {
+        pendingHeads[sid] = nil
         guard let s = streams.removeValue(forKey: sid) else { return }
         dropPendingInbound(s)
         if !s.inboundEnded {
             s.inboundEnded = true
-            let dropped = s.body?.fail(Self.resetError(code)) ?? 0
-            if dropped > 0, phase == .active { ngtcp2_conn_extend_max_offset(conn, UInt64(dropped)) }
+            creditConnection(s.body?.fail(Self.resetError(code)) ?? 0)
         }
         s.handler?.cancel()
         if let c = s.continuation {
@@ -1315,6 +1363,7 @@ final class QUICCore {
 
     private func recvData(_ sid: Int64, _ data: UnsafePointer<UInt8>?, _ len: Int) {
         guard len > 0, let data else { return }
+        bodyBudget?.received(len)
         guard let s = streams[sid], let body = s.body, !s.inboundEnded else {
             credit(sid, len)
             return
@@ -1345,7 +1394,7 @@ final class QUICCore {
         if s.inboundEnded && s.body == nil || !(s.body?.append(buf) ?? false) {
             if phase == .active {
                 ngtcp2_conn_extend_max_stream_offset(conn, s.id, UInt64(n))
-                ngtcp2_conn_extend_max_offset(conn, UInt64(n))
+                creditConnection(n)
             }
         }
     }
@@ -1354,7 +1403,7 @@ final class QUICCore {
     private func dropPendingInbound(_ s: H3Stream) {
         guard let buf = s.pendingInbound else { return }
         s.pendingInbound = nil
-        if phase == .active, buf.readableBytes > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(buf.readableBytes)) }
+        creditConnection(buf.readableBytes)
     }
 
     private func endStream(_ sid: Int64) {
@@ -1367,6 +1416,31 @@ final class QUICCore {
     /// Header blocks over the limit on this connection (431 first, then H3_EXCESSIVE_LOAD).
     private var headerPolicy = HeaderLimitPolicy()
     private var stallCheck: RepeatedTask?
+    /// Request streams whose header section has not ended, since their first byte (server).
+    private var pendingHeads: [Int64: ContinuousClock.Instant] = [:]
+    private var headCheck: RepeatedTask?
+
+    /// Once a second while request heads are incomplete: those older than the request-headers
+    /// timeout are reset (a client that opens streams and never finishes their HEADERS frame).
+    private func startHeadCheck() {
+        guard headCheck == nil, let timeout = settings.requestHeadersTimeout else { return }
+        let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+        headCheck = loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { (_: RepeatedTask) in
+            guard let self = bound.value.core, self.phase == .active else { return }
+            let now = ContinuousClock.now
+            let late = self.pendingHeads.filter { now - $0.value > timeout }.map(\.key)
+            guard !late.isEmpty else { return }
+            for sid in late {
+                self.pendingHeads[sid] = nil
+                TransportRefusals.count("request_headers_timeout", transport: "h3")
+                ngtcp2_conn_shutdown_stream(self.conn, sid, UInt64(NGHTTP3_H3_REQUEST_INCOMPLETE))
+            }
+            self.logger.notice("HTTP/3 request headers not complete in time: resetting \(late.count) stream(s)", metadata: [
+                "timeout": "\(timeout)", "peer": "\(self.peer?.commonName ?? "-")", "remote": "\(self.remoteAddress.endpoint)",
+            ])
+            self.writePackets()
+        }
+    }
 
     /// Server side, about once a second: responses whose stream (or connection) flow-control
     /// window stayed closed for longer than the stall timeout are reset, giving back their file
@@ -1463,6 +1537,7 @@ final class QUICCore {
     }
 
     private func endHeaders(_ sid: Int64, fin: Bool) -> Int32 {
+        pendingHeads[sid] = nil
         guard let s = streams[sid] else { return 0 }
         if s.inTrailers { return 0 }
         if s.headerBlock.isTooLarge {
@@ -1493,8 +1568,15 @@ final class QUICCore {
             respond(s.id, immediate)
             return
         }
+        if !fin, bodyBudget == nil, let budget = settings.requestBodyBudget {
+            let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+            let loop = self.loop
+            bodyBudget = budget.connection(base: QUICSettings.budgetBaseWindow) { n in
+                loop.execute { bound.value.core?.growConnectionWindow(n) }
+            }
+        }
         let body = HTTPInboundBody(onConsumed: makeCredit(s.id), idleTimeout: fin ? nil : settings.requestBodyIdleTimeout,
-                                  minimumRate: settings.requestBodyMinRate)
+                                  minimumRate: settings.requestBodyMinRate, budget: fin ? nil : bodyBudget)
         s.body = body
         if fin {
             s.inboundEnded = true
@@ -1875,8 +1957,7 @@ final class QUICCore {
         dropPendingInbound(s)
         if !s.inboundEnded {
             s.inboundEnded = true
-            let dropped = s.body?.fail(HTTPTransportError.streamReset(errorCode: UInt32(NGHTTP3_H3_REQUEST_CANCELLED))) ?? 0
-            if dropped > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(dropped)) }
+            creditConnection(s.body?.fail(HTTPTransportError.streamReset(errorCode: UInt32(NGHTTP3_H3_REQUEST_CANCELLED))) ?? 0)
         }
         if let c = s.continuation {
             s.continuation = nil
