@@ -108,7 +108,7 @@ struct BudgetAttackTests {
         let kept = randomBytes(1 << 20)
         let k = try await withClient(node) { try await $0.put(bytes: kept) }
 
-        async let attack = H2Attack.run("body-flood", node: node, ["--connections", "1", "--streams", "40", "--content-length", "1000000", "--hold", "15"],
+        async let attack = H2Attack.run("body-flood", node: node, ["--connections", "1", "--streams", "40", "--content-length", "1000000", "--hold", "25"],
                                         timeout: 60)
         try await Task.sleep(for: .seconds(2))
         let started = ContinuousClock.now
