@@ -103,5 +103,7 @@ let package = Package(
         ], path: "Sources/fuzz-h2"),
         .executableTarget(name: "fuzz-http-head", dependencies: ["FuzzSupport", "MeshHTTP", "MeshGRPC"],
                           path: "Sources/fuzz-http-head"),
+        .executableTarget(name: "fuzz-qpack", dependencies: ["FuzzSupport", "CNgtcp2", "MeshHTTP"],
+                          path: "Sources/fuzz-qpack"),
     ]
 )

@@ -80,9 +80,12 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
     public func checkIdle(now: ContinuousClock.Instant) -> Bool {
         guard let idleTimeout else { return false }
         let window = idleTimeout / 2
+        // The node's body budget holds this connection back (its window is full of bytes not yet
+        // read, or waits to grow): a slow arrival is then our doing, not the sender's.
+        let heldBack = budget?.holdsBack ?? false
         let verdict = state.withLock { s -> HTTPTransportError?? in
             guard !s.finished, s.error == nil else { return .none }
-            guard s.buffered == 0 else {
+            guard s.buffered == 0, !heldBack || now - s.lastArrival > idleTimeout else {
                 // Our side is behind: not the sender's fault; start counting afresh.
                 s.windowStart = now
                 s.windowBytes = 0

@@ -236,6 +236,10 @@ public final class RequestBodyBudget: Sendable {
         }
     }
 
+    func holdsBack(_ id: Int) -> Bool {
+        state.withLock { s in s.conns[id].map { $0.waiting || $0.window - $0.unconsumed <= $0.window / 2 } ?? false }
+    }
+
     func window(_ id: Int) -> (window: Int, unconsumed: Int) {
         state.withLock { s in s.conns[id].map { ($0.window, $0.unconsumed) } ?? (0, 0) }
     }
@@ -272,6 +276,9 @@ public final class BodyBudgetConnection: Sendable {
     public var window: (window: Int, unconsumed: Int) { budget.window(id) }
     /// Whether more may be read (HTTP/1.1: reading pauses while the window is full).
     public var mayReceive: Bool { let w = budget.window(id); return w.unconsumed < w.window }
+    /// Whether the budget holds this connection's peer back: at least half its window is bytes
+    /// not yet consumed, or it waits for its window to grow.
+    public var holdsBack: Bool { budget.holdsBack(id) }
     public func close() { budget.close(id) }
 
     func bodyOpened() { budget.bodyOpened(id) }
