@@ -132,9 +132,22 @@ final class NGHTTP2Session {
 
     /// Body bytes of a stream that is gone left memory: only the connection window is concerned.
     func consumedConnection(bytes: Int) {
-        guard bytes > 0, let b = bodyBudget else { return }
-        let credit = b.consumed(bytes)
-        if credit > 0 { nghttp2_session_consume_connection(session, credit) }
+        guard bytes > 0 else { return }
+        consumedBudgeted(bytes)
+    }
+
+    /// Give consumed body bytes back to the connection window as the budget allows. What the
+    /// budget keeps back shrinks nghttp2's own idea of the window too: it sends WINDOW_UPDATE
+    /// once half *its* window was consumed, so a window larger than what we credit would never
+    /// be updated again.
+    private func consumedBudgeted(_ bytes: Int) {
+        guard let b = bodyBudget else { return }
+        let kept = bytes - b.consumed(bytes)
+        if kept > 0 {
+            localConnectionWindow = max(65_535, localConnectionWindow - kept)
+            nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, Int32(localConnectionWindow))
+        }
+        nghttp2_session_consume_connection(session, bytes)
     }
 
     deinit {
@@ -187,10 +200,7 @@ final class NGHTTP2Session {
             }
             streamWindows[stream] = w
         }
-        if let b = bodyBudget {
-            let credit = b.consumed(bytes)
-            if credit > 0 { nghttp2_session_consume_connection(session, credit) }
-        }
+        consumedBudgeted(bytes)
     }
 
     // MARK: - submitting
