@@ -46,6 +46,7 @@ let package = Package(
         .target(name: "MeshHTTP2", dependencies: [
             "CNghttp2", "MeshTLS", "MeshHTTP",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ], path: mods + "MeshHTTP2", swiftSettings: testable),
@@ -54,6 +55,7 @@ let package = Package(
         ], path: mods + "REAPI", swiftSettings: testable),
         .target(name: "MeshQUIC", dependencies: [
             "CNgtcp2", "CGnuTLS", "MeshTLS", "MeshHTTP",
+            .product(name: "Metrics", package: "swift-metrics"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
@@ -101,5 +103,7 @@ let package = Package(
         ], path: "Sources/fuzz-h2"),
         .executableTarget(name: "fuzz-http-head", dependencies: ["FuzzSupport", "MeshHTTP", "MeshGRPC"],
                           path: "Sources/fuzz-http-head"),
+        .executableTarget(name: "fuzz-qpack", dependencies: ["FuzzSupport", "CNgtcp2", "MeshHTTP"],
+                          path: "Sources/fuzz-qpack"),
     ]
 )

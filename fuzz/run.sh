@@ -7,20 +7,21 @@
 #   fuzz/run.sh route 0             # no time limit (until a crash or ^C)
 #   fuzz/run.sh http-head crash-…   # replay one input (any path argument is passed through)
 #
-# Targets: gossip, route, grpc, http-head, h2. Environment: FUZZ_BUILD=0 skips the build,
+# Targets: gossip, route, grpc, http-head, h2, qpack. Environment: FUZZ_BUILD=0 skips the build,
 # FUZZ_CONFIG=debug builds debug (default release), FUZZ_SCRATCH (default /work/fuzz-build, or
 # <repo>/fuzz/.build when /work is not there). Everything runs under `nice -n 19`.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-target="${1:?usage: run.sh <gossip|route|grpc|http-head|h2> [SECONDS|-runs=N] [libFuzzer flags…]}"; shift
+target="${1:?usage: run.sh <gossip|route|grpc|http-head|h2|qpack> [SECONDS|-runs=N] [libFuzzer flags…]}"; shift
 case "$target" in
   gossip)    max_len=8192 ;;
   route)     max_len=1024 ;;
   grpc)      max_len=4096 ;;
   http-head) max_len=4096 ;;
   h2)        max_len=8192 ;;
-  *) echo "unknown target '$target' (gossip, route, grpc, http-head, h2)" >&2; exit 2 ;;
+  qpack)     max_len=4096 ;;
+  *) echo "unknown target '$target' (gossip, route, grpc, http-head, h2, qpack)" >&2; exit 2 ;;
 esac
 config="${FUZZ_CONFIG:-release}"
 if [[ -z "${FUZZ_SCRATCH:-}" ]]; then

@@ -16,6 +16,8 @@ import Darwin
 public final class BlobReader: Sendable {
     /// The blob's hash.
     public let hash: String
+    /// Whose read slot this reader holds (see `SlotShare`), captured where it was opened.
+    let slotOwner = SlotShare.owner
     /// First byte to deliver (absolute).
     public let offset: Int64
     /// Number of bytes to deliver: `min(limit, blobSize - offset)`.
@@ -134,6 +136,6 @@ public final class BlobReader: Sendable {
             state.fd = -1
             return true
         }
-        if wasOpen { store?.readerClosed(hash: hash) }
+        if wasOpen { store?.readerClosed(hash: hash, owner: slotOwner) }
     }
 }

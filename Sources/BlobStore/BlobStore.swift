@@ -200,9 +200,11 @@ public final class BlobStore: Sendable {
         casDirectory = directory + "/cas"
         acDirectory = directory + "/ac"
         tmpDirectory = directory + "/tmp"
-        writeSlots = AsyncSemaphore(permits: configuration.maxConcurrentWrites)
+        writeSlots = AsyncSemaphore(permits: configuration.maxConcurrentWrites, perOwner: configuration.slotShare(of: configuration.maxConcurrentWrites),
+                                    onShareLimit: Self.shareLimitNotice(kind: "write", logger: logger))
         reservationChunk = max(1, min(1 << 20, configuration.maxBytes / Int64(4 * max(1, configuration.maxConcurrentWrites))))
-        readSlots = AsyncSemaphore(permits: configuration.maxOpenReads)
+        readSlots = AsyncSemaphore(permits: configuration.maxOpenReads, perOwner: configuration.slotShare(of: configuration.maxOpenReads),
+                                   onShareLimit: Self.shareLimitNotice(kind: "read", logger: logger))
         metrics = StoreMetrics(factory: metricsFactory ?? MetricsSystem.factory)
 
         // The layout, then a write probe: a directory the node cannot write to (read-only mount,
@@ -659,9 +661,9 @@ public final class BlobStore: Sendable {
     }
 
     /// Called by ``BlobReader/close()``.
-    func readerClosed(hash: String) {
+    func readerClosed(hash: String, owner: String?) {
         unpin(EntryKey(kind: .cas, hash: hash))
-        readSlots.release()
+        readSlots.release(owner: owner)
     }
 
     // MARK: Action cache

@@ -38,6 +38,8 @@ public final class BlobWriter: Sendable {
 
     /// The hash the upload claims to have (validated).
     public let hash: String
+    /// Whose write slot this writer holds (see `SlotShare`), captured where it was begun.
+    let slotOwner = SlotShare.owner
     /// The declared size, if any.
     public let expectedSize: Int64?
     private let store: BlobStore
@@ -139,7 +141,7 @@ public final class BlobWriter: Sendable {
         case .deduplicated(let digest):
             return digest
         case .file(let digest, let fd, let path, let reserved):
-            defer { store.writeSlots.release() }
+            defer { store.writeSlots.release(owner: slotOwner) }
             try store.commitVerified(hash: hash, size: digest.size, fd: fd, tempPath: path, reserved: reserved)
             return digest
         }
@@ -153,7 +155,7 @@ public final class BlobWriter: Sendable {
         case .deduplicated(let digest):
             return digest
         case .file(let digest, let fd, let path, let reserved):
-            defer { store.writeSlots.release() }
+            defer { store.writeSlots.release(owner: slotOwner) }
             if store.configuration.durability == .fsync {
                 try await store.commitDurably(hash: hash, size: digest.size, fd: fd, tempPath: path, reserved: reserved)
             } else {
@@ -187,7 +189,7 @@ public final class BlobWriter: Sendable {
             case .discard(let pinned):
                 s.isOpen = false
                 store.finishDeduplicatedWrite(hash: hash, pinned: pinned)
-                store.writeSlots.release()
+                store.writeSlots.release(owner: slotOwner)
                 return .deduplicated(digest)
             case .file(let fd, let path):
                 s.isOpen = false
@@ -223,7 +225,7 @@ public final class BlobWriter: Sendable {
         store.releaseReservation(s.reserved)
         s.reserved = 0
         store.recordRejection(rejection)
-        store.writeSlots.release()
+        store.writeSlots.release(owner: slotOwner)
     }
 }
 

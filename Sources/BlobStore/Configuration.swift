@@ -10,6 +10,12 @@ public struct BlobStoreConfiguration: Sendable {
     public var maxConcurrentWrites: Int = 64
     /// Maximum number of open readers (and `getAction` calls). Excess readers wait (FIFO), they never fail.
     public var maxOpenReads: Int = 512
+    /// The share of the read and write slots one connection (`SlotShare.owner`) may hold at once,
+    /// in percent of each (at least one slot); its further requests wait while others find slots.
+    public var connectionSlotSharePercent: Int = 25
+
+    /// One connection's share of `slots` slots.
+    public func slotShare(of slots: Int) -> Int { max(1, slots * min(100, max(1, connectionSlotSharePercent)) / 100) }
     /// How often (seconds) the recency of an entry is persisted to disk by bumping its mtime.
     /// Recency in memory is always exact; the mtime only orders the index after a restart.
     public var recencyPersistInterval: Int64 = 600

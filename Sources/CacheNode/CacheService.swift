@@ -159,7 +159,10 @@ public final class CacheService: HTTPService {
     }
 
     public func handle(_ request: HTTPServerRequest) async -> HTTPResponse {
-        let response = await route(request)
+        // The store's read and write slots are shared per connection (`SlotShare`): a connection
+        // is its transport and remote address (a unix socket's clients share no address: no share).
+        let owner = request.remoteAddress.flatMap { $0.contains(":") ? "\(request.head.protocolName) \($0)" : nil }
+        let response = await SlotShare.$owner.withValue(owner) { await route(request) }
         countRequest(request.head)
         if response.status >= 400 {
             logger.debug("request failed", metadata: [

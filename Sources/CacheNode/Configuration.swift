@@ -188,6 +188,16 @@ public struct NodeConfiguration: Sendable {
     /// Open TCP connections at once (HTTP/2). The node lowers it to fit its open-file limit
     /// with a quarter of that limit kept for the store.
     public var maxConnections = 4096
+    /// Request-body bytes the node holds in memory at once, all connections together (see
+    /// `RequestBodyBudget`): flow-control windows grow only within it. A connection takes at most
+    /// an eighth of it; each also has a fixed 64–256 KiB the protocols give anyway.
+    public var maxRequestBodyMemory: Int64 = 256 << 20
+    /// The share (percent) of `maxOpenReads` and of `maxConcurrentWrites` one connection may hold
+    /// at once; its further requests wait, so another connection always finds a slot.
+    public var connectionSlotSharePercent = 25
+    /// A request head (HTTP/1.1 head, HTTP/2 header block, HTTP/3 HEADERS frame) not complete this
+    /// long after its first byte: the connection is closed (HTTP/3: the stream is reset).
+    public var requestHeadersTimeoutSeconds = 20
     /// The local worker endpoint (plaintext HTTP/1.1, h2c, gRPC over h2c) for the build tools on
     /// this machine: a TCP address (loopback unless `localAllowRemote`) and/or a unix socket.
     public var localListen: HostPort?
@@ -243,6 +253,7 @@ public struct NodeConfiguration: Sendable {
         "max_concurrent_writes", "max_open_reads", "max_header_list_bytes", "max_unverified_bytes",
         "request_body_timeout_seconds", "request_body_min_rate", "response_stall_timeout_seconds", "max_connections",
         "scan_rate", "durability", "min_ttl_seconds",
+        "max_request_body_memory", "connection_slot_share_percent", "request_headers_timeout_seconds",
     ]
 
     /// The keys a node config file may hold.
@@ -266,6 +277,9 @@ public struct NodeConfiguration: Sendable {
         if let v = try t.int("scan_rate") { scanRate = v }
         if let v = try t.int("min_ttl_seconds") { minTTLSeconds = v }
         if let v = try t.choice("durability", Durability.allCases.map { ($0.rawValue, $0) }) { durability = v }
+        if let v = try t.size("max_request_body_memory") { maxRequestBodyMemory = v }
+        if let v = try t.int("connection_slot_share_percent") { connectionSlotSharePercent = v }
+        if let v = try t.int("request_headers_timeout_seconds") { requestHeadersTimeoutSeconds = v }
     }
 
     /// Takes the budget values of `other` (a topology's `[limits]` for one of its nodes).
@@ -281,6 +295,9 @@ public struct NodeConfiguration: Sendable {
         scanRate = other.scanRate
         durability = other.durability
         minTTLSeconds = other.minTTLSeconds
+        maxRequestBodyMemory = other.maxRequestBodyMemory
+        connectionSlotSharePercent = other.connectionSlotSharePercent
+        requestHeadersTimeoutSeconds = other.requestHeadersTimeoutSeconds
     }
 
     /// `load(path:)` of a text already read (`path` names it in errors and anchors relative paths).
@@ -331,6 +348,13 @@ public struct NodeConfiguration: Sendable {
             throw ConfigurationError("max_bytes (--max-bytes) is \(maxBytes) bytes; a store needs at least 1 MiB (a size without a unit is bytes: write e.g. \(max(maxBytes, 1))G or \(max(maxBytes, 1))M)")
         }
         if maxConnections <= 0 { throw ConfigurationError("max_connections must be positive, got \(maxConnections)") }
+        if requestHeadersTimeoutSeconds <= 0 {
+            throw ConfigurationError("request_headers_timeout_seconds must be positive, got \(requestHeadersTimeoutSeconds)")
+        }
+        if !(1...100).contains(connectionSlotSharePercent) {
+            throw ConfigurationError("connection_slot_share_percent must be 1…100, got \(connectionSlotSharePercent)")
+        }
+        if maxRequestBodyMemory < 1 << 20 { throw ConfigurationError("max_request_body_memory must be at least 1M, got \(maxRequestBodyMemory)") }
         if responseStallTimeoutSeconds <= 0 { throw ConfigurationError("response_stall_timeout_seconds must be positive, got \(responseStallTimeoutSeconds)") }
         if requestBodyTimeoutSeconds <= 0 { throw ConfigurationError("request_body_timeout_seconds must be positive, got \(requestBodyTimeoutSeconds)") }
         if minTTLSeconds < 0 { throw ConfigurationError("min_ttl_seconds must be 0 (off) or positive, got \(minTTLSeconds)") }
@@ -386,6 +410,7 @@ public struct NodeConfiguration: Sendable {
         q.requestBodyIdleTimeout = .seconds(requestBodyTimeoutSeconds)
         q.requestBodyMinRate = requestBodyMinRate
         q.responseStallTimeout = .seconds(responseStallTimeoutSeconds)
+        q.requestHeadersTimeout = .seconds(requestHeadersTimeoutSeconds)
         return q
     }
 

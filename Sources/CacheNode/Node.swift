@@ -40,6 +40,7 @@ public final class CacheNode: Service {
         var storeConfig = BlobStoreConfiguration(directory: configuration.dataDirectory, maxBytes: configuration.maxBytes)
         storeConfig.maxConcurrentWrites = configuration.maxConcurrentWrites
         storeConfig.maxOpenReads = configuration.maxOpenReads
+        storeConfig.connectionSlotSharePercent = configuration.connectionSlotSharePercent
         storeConfig.maxUnverifiedBytes = configuration.effectiveMaxUnverifiedBytes
         // Listen first: the index is built on a background thread (lookups meanwhile ask the disk).
         storeConfig.scanInBackground = true
@@ -71,6 +72,10 @@ public final class CacheNode: Service {
         h2.responseStallTimeout = .seconds(configuration.responseStallTimeoutSeconds)
         h2.maxConnections = Self.connectionCap(configuration.maxConnections, logger: logger)
         h2.drainCuts = drainCuts
+        let bodyLogger = logger
+        let bodyBudget = RequestBodyBudget(limit: Int(clamping: configuration.maxRequestBodyMemory)) { bodyLogger.notice("\($0)") }
+        h2.requestBodyBudget = bodyBudget
+        h2.requestHeadersTimeout = .seconds(configuration.requestHeadersTimeoutSeconds)
         self.server = HTTP2Server(configuration: h2, service: service, logger: logger)
         var locals: [LocalServer] = []
         let localPeer = LocalServer.peer(role: configuration.localRole)
@@ -86,6 +91,7 @@ public final class CacheNode: Service {
             var quic = configuration.quicSettings
             quic.statelessResetSecret = Self.statelessResetSecret(keyFile: configuration.privateKey)
             quic.drainCuts = drainCuts
+            quic.requestBodyBudget = bodyBudget
             quicServer = HTTP3Server(
                 configuration: .init(host: q.host, port: q.port, credentials: credentials,
                                      clientAuthentication: configuration.allowUnauthenticatedReads ? .optionalReadOnly : .require,

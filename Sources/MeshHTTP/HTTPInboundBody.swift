@@ -20,6 +20,7 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
         /// The current rate window: when it began and the bytes that arrived in it.
         var windowStart = ContinuousClock.now
         var windowBytes = 0
+        var closedForBudget = false
     }
 
     private let state = Mutex(State())
@@ -37,11 +38,37 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
     /// just often enough to dodge the idle timeout, holding a write slot forever — fails with
     /// `bodyTooSlow` when less than that rate arrived over a window of half the idle timeout
     /// (again only while nothing is buffered: a body held back by our own flow control is exempt).
-    public init(onConsumed: @escaping @Sendable (Int) -> Void = { _ in }, idleTimeout: Duration? = nil, minimumRate: Int = 0) {
+    ///
+    /// With `budget` (a server connection's share of the node's `RequestBodyBudget`), the body
+    /// counts as open on that connection until it ends, and a consumer waiting on an empty body
+    /// tells the budget (see `RequestBodyBudget.starving`). Bytes still buffered when the body is
+    /// released are reported consumed, so the connection's window gets them back.
+    public init(onConsumed: @escaping @Sendable (Int) -> Void = { _ in }, idleTimeout: Duration? = nil, minimumRate: Int = 0,
+                budget: BodyBudgetConnection? = nil) {
         self.onConsumed = onConsumed
         self.idleTimeout = idleTimeout
         self.minimumRate = minimumRate
+        self.budget = budget
+        budget?.bodyOpened()
         if idleTimeout != nil { BodyWatchdog.shared.watch(self) }
+    }
+
+    deinit {
+        let (left, open) = state.withLock { s in (s.buffered, !s.closedForBudget) }
+        if left > 0 { onConsumed(left) }
+        if open { budget?.bodyClosed() }
+    }
+
+    private let budget: BodyBudgetConnection?
+
+    /// Tell the budget (once) that this body will take no more bytes.
+    private func closeForBudget() {
+        guard let budget else { return }
+        let first = state.withLock { s -> Bool in
+            defer { s.closedForBudget = true }
+            return !s.closedForBudget
+        }
+        if first { budget.bodyClosed() }
     }
 
     private let idleTimeout: Duration?
@@ -53,9 +80,12 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
     public func checkIdle(now: ContinuousClock.Instant) -> Bool {
         guard let idleTimeout else { return false }
         let window = idleTimeout / 2
+        // The node's body budget holds this connection back (its window is full of bytes not yet
+        // read, or waits to grow): a slow arrival is then our doing, not the sender's.
+        let heldBack = budget?.holdsBack ?? false
         let verdict = state.withLock { s -> HTTPTransportError?? in
             guard !s.finished, s.error == nil else { return .none }
-            guard s.buffered == 0 else {
+            guard s.buffered == 0, !heldBack || now - s.lastArrival > idleTimeout else {
                 // Our side is behind: not the sender's fault; start counting afresh.
                 s.windowStart = now
                 s.windowBytes = 0
@@ -103,6 +133,7 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
             return nil
         }
         if let waiter {
+            budget?.fed()
             onConsumed(chunk.readableBytes)
             waiter.resume(returning: chunk)
             return true
@@ -121,6 +152,8 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
             }
             return nil
         }
+        if waiter != nil { budget?.fed() }
+        closeForBudget()
         waiter?.resume(returning: nil)
     }
 
@@ -138,6 +171,8 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
             s.waiter = nil
             return (w, dropped)
         }
+        if waiter != nil { budget?.fed() }
+        closeForBudget()
         waiter?.resume(throwing: error)
         return dropped
     }
@@ -187,7 +222,7 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
                     cont.resume(returning: c)
                 case .end: cont.resume(returning: nil)
                 case .error(let e): cont.resume(throwing: e)
-                case .wait: break
+                case .wait: budget?.starving()
                 }
             }
         } onCancel: {
@@ -196,6 +231,7 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
                 s.waiter = nil
                 return w
             }
+            if w != nil { budget?.fed() }
             w?.resume(throwing: CancellationError())
         }
     }

@@ -26,6 +26,12 @@ public struct HTTP1Limits: Sendable {
     public var lingerTime: TimeAmount = .seconds(5)
     /// After a drain began, a request in flight gets this long before the connection is closed.
     public var drainGracePeriod: TimeAmount = .seconds(30)
+    /// The node's request-body budget: reading pauses while the body bytes not yet taken reach
+    /// the connection's window (64 KiB, grown within the budget up to `maxBufferedBody`).
+    public var bodyBudget: RequestBodyBudget?
+    /// A request head whose first byte arrived this long ago and that is still not complete
+    /// gets 408 and the connection is closed. nil: only the idle timeout bounds it.
+    public var headersTimeout: Duration? = .seconds(20)
     public init() {}
 }
 
@@ -66,6 +72,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private let limiter: ConnectionLimiter?
     private let drainCuts: DrainCuts?
     private let logger: Logger
+    private let headClock: HTTP1HeadClock?
     private var context: ChannelHandlerContext?
     private var remoteAddress: String?
     private var current: Exchange?
@@ -84,7 +91,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     static let transport = "http1"
 
     init(service: any HTTPService, peer: PeerIdentity, tls: Bool, limits: HTTP1Limits, limiter: ConnectionLimiter?,
-         drainCuts: DrainCuts?, logger: Logger) {
+         drainCuts: DrainCuts?, headClock: HTTP1HeadClock? = nil, logger: Logger) {
+        self.headClock = headClock
         self.service = service
         self.peer = peer
         self.tls = tls
@@ -114,6 +122,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func teardown(_ error: any Error) {
         timer?.cancel()
         timer = nil
+        bodyWindow?.close()
         pumpClose?()
         pumpClose = nil
         pump = nil
@@ -131,6 +140,15 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if let idle = limits.idleTimeout, let since = idleSince, now - since > idle {
             logger.debug("closing an idle HTTP/1.1 connection", metadata: ["remote": "\(remoteAddress ?? "-")"])
             close(context)
+            return
+        }
+        if current == nil, let limit = limits.headersTimeout, let since = headClock?.started, now - since > limit {
+            TransportRefusals.count("request_headers_timeout", transport: Self.transport)
+            logger.notice("HTTP/1.1 request head not complete in time: closing the connection", metadata: [
+                "timeout": "\(limit)", "remote": "\(remoteAddress ?? "-")",
+            ])
+            closing = true
+            headClock?.timedOut("request head not complete within \(limit) (request_headers_timeout_seconds)\n")
             return
         }
         if let stall = limits.responseStallTimeout, let since = unwritableSince, now - since > stall {
@@ -172,6 +190,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
             return
         }
         setIdle(false)
+        headClock?.headReceived()
         // The head's size, counted as for HTTP/2 (name + value + 32 per field).
         var bytes = h.uri.utf8.count + h.method.rawValue.utf8.count
         for (n, v) in h.headers { bytes += n.utf8.count + v.utf8.count + InboundHeaderBlock.fieldOverhead }
@@ -213,8 +232,16 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         let loop = context.eventLoop
         let bound = NIOLoopBound(self, eventLoop: loop)
-        let body = HTTPInboundBody(onConsumed: { _ in loop.execute { bound.value.bodyConsumed() } },
-                                   idleTimeout: hasBody ? limits.bodyIdleTimeout : nil, minimumRate: limits.bodyMinRate)
+        if hasBody, bodyWindow == nil, let budget = limits.bodyBudget {
+            bodyWindow = budget.connection(base: Self.bodyWindowBase) { _ in loop.execute { bound.value.bodyConsumed() } }
+        }
+        let window = bodyWindow
+        let body = HTTPInboundBody(onConsumed: { n in
+                                       window?.consumed(n)
+                                       loop.execute { bound.value.bodyConsumed() }
+                                   },
+                                   idleTimeout: hasBody ? limits.bodyIdleTimeout : nil, minimumRate: limits.bodyMinRate,
+                                   budget: hasBody ? window : nil)
         if !hasBody { body.finish() }
         current = Exchange(id: id, body: body, isHead: isHead, keepAlive: keepAlive, version: h.version, requestEnded: false, hasBody: hasBody)
         if hasBody, h.headers.first(name: "expect")?.lowercased() == "100-continue" {
@@ -267,7 +294,19 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
             if l + chunk.readableBytes > limits.lingerLimit { close(context) }
             return
         }
-        c.body.append(chunk)
+        bodyWindow?.received(chunk.readableBytes)
+        if !c.body.append(chunk) { bodyWindow?.consumed(chunk.readableBytes) }
+    }
+
+    /// This connection's share of the node's request-body budget (made with its first body).
+    private var bodyWindow: BodyBudgetConnection?
+    static let bodyWindowBase = 64 * 1024
+
+    /// Whether the body being received has as many bytes waiting for the service as reading may
+    /// run ahead (the budget's window, or `maxBufferedBody` without a budget).
+    private func bodyFull(_ body: HTTPInboundBody) -> Bool {
+        if let w = bodyWindow { return !w.mayReceive || body.bufferedBytes >= limits.maxBufferedBody }
+        return body.bufferedBytes >= limits.maxBufferedBody
     }
 
     private func receivedEnd(context: ChannelHandlerContext) {
@@ -281,14 +320,14 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// The service took body bytes: read again if reading paused for it.
     private func bodyConsumed() {
         guard readPending, let context, let c = current else { return }
-        if c.requestEnded || c.lingered != nil || c.body.bufferedBytes < limits.maxBufferedBody {
+        if c.requestEnded || c.lingered != nil || !bodyFull(c.body) {
             readPending = false
             context.read()
         }
     }
 
     func read(context: ChannelHandlerContext) {
-        if let c = current, !c.requestEnded, c.lingered == nil, c.body.bufferedBytes >= limits.maxBufferedBody {
+        if let c = current, !c.requestEnded, c.lingered == nil, bodyFull(c.body) {
             readPending = true
             return
         }
@@ -370,7 +409,7 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
             c.keepAlive = false
             c.lingered = 0
             let dropped = c.body.fail(HTTPTransportError.streamReset(errorCode: 0))
-            _ = dropped
+            bodyWindow?.consumed(dropped)
             if readPending { readPending = false; context.read() }
         }
         current = c
@@ -505,11 +544,56 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
             return
         }
         setIdle(true)
+        headClock?.awaitHead()
         if readPending {
             readPending = false
             context.read()
         }
     }
+}
+
+/// Sits before the HTTP/1.1 decoder and notes when the first byte of a request head arrives
+/// (`HTTP1ServerHandler` says when a head is awaited), for the request-headers timeout.
+final class HTTP1HeadClock: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    private var awaiting = true
+    /// When the first byte of the awaited head arrived (nil: none yet, or no head awaited).
+    private(set) var started: ContinuousClock.Instant?
+
+    private var context: ChannelHandlerContext?
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if awaiting, started == nil { started = .now }
+        context.fireChannelRead(data)
+    }
+
+    /// 408 and close. Written from here, below `HTTPServerPipelineHandler` (which knows of no
+    /// request, since its head never arrived, and would refuse a response).
+    func timedOut(_ message: String) {
+        started = nil
+        awaiting = false
+        guard let context else { return }
+        var headers = NIOHTTP1.HTTPHeaders()
+        headers.add(name: "content-type", value: "text/plain; charset=utf-8")
+        headers.add(name: "content-length", value: String(message.utf8.count))
+        headers.add(name: "connection", value: "close")
+        context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: .http1_1, status: .requestTimeout, headers: headers))), promise: nil)
+        context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(string: message)))), promise: nil)
+        context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil))).whenComplete { _ in context.close(promise: nil) }
+    }
+
+    /// A head arrived whole.
+    func headReceived() {
+        awaiting = false
+        started = nil
+    }
+
+    /// The exchange is over: the next bytes begin a new head.
+    func awaitHead() { awaiting = true }
 }
 
 typealias HTTPRequestHead_ = NIOHTTP1.HTTPRequestHead
@@ -518,11 +602,12 @@ typealias HTTPRequestHead_ = NIOHTTP1.HTTPRequestHead
 func addHTTP1Handlers(to pipeline: ChannelPipeline.SynchronousOperations, position: ChannelPipeline.SynchronousOperations.Position = .last,
                       service: any HTTPService, peer: PeerIdentity, tls: Bool, limits: HTTP1Limits, limiter: ConnectionLimiter?,
                       drainCuts: DrainCuts?, logger: Logger) throws {
-    let handlers: [any ChannelHandler] = [
-        HTTPResponseEncoder(),
+    let clock = limits.headersTimeout == nil ? nil : HTTP1HeadClock()
+    let handlers: [any ChannelHandler] = [HTTPResponseEncoder()] + (clock.map { [$0] } ?? []) + [
         ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes)),
         HTTPServerPipelineHandler(),
-        HTTP1ServerHandler(service: service, peer: peer, tls: tls, limits: limits, limiter: limiter, drainCuts: drainCuts, logger: logger),
+        HTTP1ServerHandler(service: service, peer: peer, tls: tls, limits: limits, limiter: limiter, drainCuts: drainCuts,
+                           headClock: clock, logger: logger),
     ]
     try pipeline.addHandlers(handlers, position: position)
 }

@@ -36,6 +36,12 @@ public final class HTTP2Server: Sendable {
         public var drainCuts: DrainCuts?
         /// A connection without an open stream for this long is closed (GOAWAY). nil: never.
         public var idleTimeout: Duration? = .seconds(300)
+        /// The node-wide budget of request-body bytes held in memory (shared by every server of
+        /// the node; see `RequestBodyBudget`). nil: each connection's windows alone bound it.
+        public var requestBodyBudget: RequestBodyBudget?
+        /// A request head begun and not finished this long after (HTTP/2: a header block without
+        /// its END_HEADERS; HTTP/1.1: a partial request head) closes the connection. nil: never.
+        public var requestHeadersTimeout: Duration? = .seconds(20)
 
         public init(host: String, port: Int, credentials: TLSCredentials?, clientAuthentication: ClientAuthentication = .require,
                     handshakeTimeout: TimeAmount = .seconds(10), maxConcurrentStreams: UInt32 = 128,

@@ -41,13 +41,18 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     private let idleTimeout: Duration?
     private let limiter: ConnectionLimiter?
     private let drainCuts: DrainCuts?
+    private let bodyBudget: RequestBodyBudget?
+    private let headersTimeout: Duration?
     private var stallCheck: RepeatedTask?
     /// Since when no stream has been open (nil: streams are open).
     private var idleSince: ContinuousClock.Instant? = .now
 
     init(service: any HTTPService, plaintext: Bool, plaintextPeer: PeerIdentity = .insecure, settings: NGHTTP2Session.Settings, gracePeriod: TimeAmount = .seconds(30),
          bodyIdleTimeout: Duration? = nil, bodyMinRate: Int = 0, responseStallTimeout: Duration? = nil, idleTimeout: Duration? = nil,
-         limiter: ConnectionLimiter? = nil, drainCuts: DrainCuts? = nil, logger: Logger) {
+         limiter: ConnectionLimiter? = nil, drainCuts: DrainCuts? = nil, bodyBudget: RequestBodyBudget? = nil,
+         headersTimeout: Duration? = nil, logger: Logger) {
+        self.bodyBudget = bodyBudget
+        self.headersTimeout = headersTimeout
         self.idleTimeout = idleTimeout
         self.drainCuts = drainCuts
         self.limiter = limiter
@@ -58,6 +63,18 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         self.plaintext = plaintext
         self.plaintextPeer = plaintextPeer
         self.gracePeriod = gracePeriod
+        var settings = settings
+        // With a body budget the connection window starts at the protocol's 65,535 bytes and
+        // grows only within the budget (see `RequestBodyBudget`).
+        // Request streams start at the protocol's 65,535 bytes (a smaller initial window would
+        // shrink streams opened before the client saw it, and nghttp2 then swallows their growth)
+        // and grow only while their body is read: a stream nobody reads yet (waiting for a write
+        // slot) holds at most 64 KiB.
+        if bodyBudget != nil {
+            settings.connectionWindowSize = 65_535
+            settings.streamWindowCap = settings.initialWindowSize
+            settings.initialWindowSize = min(settings.initialWindowSize, 65_535)
+        }
         super.init(settings: settings, logger: logger)
     }
 
@@ -77,6 +94,17 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         guard self.peer == nil else { return }
         self.peer = peer
         startSession(role: .server)
+        if let bodyBudget, let context, let session {
+            let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+            let loop = context.eventLoop
+            session.bodyBudget = bodyBudget.connection(base: 65_535) { n in
+                loop.execute {
+                    let me = bound.value
+                    me.session?.growConnectionWindow(by: n)
+                    me.scheduleFlush()
+                }
+            }
+        }
         startStallCheck()
     }
 
@@ -84,11 +112,23 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     /// timeout are reset (CANCEL), which closes their file and gives back their read slot; a
     /// connection whose socket takes nothing at all is closed.
     private func startStallCheck() {
-        guard responseStallTimeout != nil || idleTimeout != nil, let context else { return }
+        guard responseStallTimeout != nil || idleTimeout != nil || headersTimeout != nil, let context else { return }
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         stallCheck = context.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { _ in
             let me = bound.value
             guard let session = me.session, let context = me.context, !me.closing else { return }
+            if let limit = me.headersTimeout, let since = session.oldestOpenHeaderBlock, ContinuousClock.now - since > limit {
+                // A header block begun and never finished (HEADERS without END_HEADERS, then
+                // nothing or a CONTINUATION trickle): the connection can do nothing else meanwhile.
+                TransportRefusals.count("request_headers_timeout", transport: "h2")
+                me.logger.notice("HTTP/2 request headers not complete in time: closing the connection", metadata: [
+                    "timeout": "\(limit)", "peer": "\(me.peer?.commonName ?? "-")", "remote": "\(me.remoteAddress ?? "-")",
+                ])
+                session.terminate(errorCode: 0xb)
+                me.flushOutput()
+                context.close(promise: nil)
+                return
+            }
             if let idle = me.idleTimeout, let since = me.idleSince, ContinuousClock.now - since > idle, !me.drain.isDraining {
                 me.logger.debug("closing an idle HTTP/2 connection", metadata: ["remote": "\(me.remoteAddress ?? "-")"])
                 me.initiateGracefulShutdown()
@@ -122,6 +162,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     override func channelInactive(context: ChannelHandlerContext) {
         stallCheck?.cancel()
         stallCheck = nil
+        session?.bodyBudget?.close()
         super.channelInactive(context: context)
     }
 
@@ -181,7 +222,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
             return
         }
         let body = HTTPInboundBody(onConsumed: makeConsumedCallback(stream: stream), idleTimeout: endStream ? nil : bodyIdleTimeout,
-                                   minimumRate: bodyMinRate)
+                                   minimumRate: bodyMinRate, budget: endStream ? nil : session?.bodyBudget)
         streams[stream] = Stream(body: body, requestEnded: endStream, isHead: head.method == "HEAD")
         streamsChanged()
         if endStream {
@@ -282,7 +323,8 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         streamsChanged()
         // The body first, so a handler reading it learns the real reason; then the handler.
         if !s.requestEnded {
-            s.body.fail(HTTPTransportError.streamReset(errorCode: errorCode))
+            let dropped = s.body.fail(HTTPTransportError.streamReset(errorCode: errorCode))
+            session?.consumedConnection(bytes: dropped)
         }
         s.task?.cancel()
     }

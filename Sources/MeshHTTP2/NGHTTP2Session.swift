@@ -37,6 +37,8 @@ final class NGHTTP2Session {
         var initialWindowSize: UInt32 = 256 * 1024
         var connectionWindowSize: Int32 = 16 * 1024 * 1024
         var maxHeaderListSize: UInt32 = 64 * 1024
+        /// Largest window a stream being read grows to (nil: no growth, `initialWindowSize`).
+        var streamWindowCap: UInt32?
     }
 
     /// What a stream is sending (response on server, request body on client).
@@ -49,6 +51,16 @@ final class NGHTTP2Session {
     private struct InboundHeaders {
         var block: InboundHeaderBlock
         var isTrailers = false
+        /// When the block's HEADERS frame began (CONTINUATION frames do not restart it).
+        var started = ContinuousClock.now
+    }
+
+    /// When the oldest header block still being received began (nil: none is open).
+    var oldestOpenHeaderBlock: ContinuousClock.Instant? { inboundHeaders.values.map(\.started).min() }
+
+    /// GOAWAY with `errorCode`; the connection closes once it is written.
+    func terminate(errorCode: UInt32) {
+        nghttp2_session_terminate_session(session, errorCode)
     }
 
     let role: Role
@@ -66,6 +78,8 @@ final class NGHTTP2Session {
         self.role = role
         self.delegate = delegate
         self.maxHeaderListSize = Int(settings.maxHeaderListSize)
+        streamWindowCap = Int(settings.streamWindowCap ?? settings.initialWindowSize)
+        initialStreamWindow = Int(settings.initialWindowSize)
         var callbacks: OpaquePointer?
         nghttp2_session_callbacks_new(&callbacks)
         defer { nghttp2_session_callbacks_del(callbacks) }
@@ -89,6 +103,46 @@ final class NGHTTP2Session {
         ]
         nghttp2_submit_settings(s, UInt8(NGHTTP2_FLAG_NONE.rawValue), &iv, iv.count)
         nghttp2_session_set_local_window_size(s, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, settings.connectionWindowSize)
+        localConnectionWindow = Int(settings.connectionWindowSize)
+    }
+
+    /// With a body budget, request streams start with a small window (`initialWindowSize`) and
+    /// a stream whose body is being read grows it (doubling as its consumer takes a window's
+    /// worth) up to this: a stream nobody reads yet (waiting for a write slot) holds little.
+    private let streamWindowCap: Int
+    private let initialStreamWindow: Int
+    private var streamWindows: [Int32: (window: Int, taken: Int)] = [:]
+
+    /// The connection's share of the node's request-body budget (server side). With it, the
+    /// connection window is given back only as the budget allows (`consumed`), not on arrival.
+    var bodyBudget: BodyBudgetConnection?
+    private var localConnectionWindow = 65_535
+
+    /// The budget let this connection's window grow by `bytes`.
+    func growConnectionWindow(by bytes: Int) {
+        guard bytes > 0 else { return }
+        localConnectionWindow = min(Int(Int32.max), localConnectionWindow + bytes)
+        nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, Int32(localConnectionWindow))
+    }
+
+    /// Body bytes of a stream that is gone left memory: only the connection window is concerned.
+    func consumedConnection(bytes: Int) {
+        guard bytes > 0 else { return }
+        consumedBudgeted(bytes)
+    }
+
+    /// Give consumed body bytes back to the connection window as the budget allows. What the
+    /// budget keeps back shrinks nghttp2's own idea of the window too: it sends WINDOW_UPDATE
+    /// once half *its* window was consumed, so a window larger than what we credit would never
+    /// be updated again.
+    private func consumedBudgeted(_ bytes: Int) {
+        guard let b = bodyBudget else { return }
+        let kept = bytes - b.consumed(bytes)
+        if kept > 0 {
+            localConnectionWindow = max(65_535, localConnectionWindow - kept)
+            nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, Int32(localConnectionWindow))
+        }
+        nghttp2_session_consume_connection(session, bytes)
     }
 
     deinit {
@@ -128,6 +182,17 @@ final class NGHTTP2Session {
     func consumed(stream: Int32, bytes: Int) {
         guard bytes > 0 else { return }
         nghttp2_session_consume_stream(session, stream, bytes)
+        if streamWindowCap > initialStreamWindow, nghttp2_session_find_stream(session, stream) != nil {
+            var w = streamWindows[stream] ?? (initialStreamWindow, 0)
+            w.taken += bytes
+            if w.taken >= w.window, w.window < streamWindowCap {
+                w.window = min(streamWindowCap, w.window * 2)
+                w.taken = 0
+                nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream, Int32(w.window))
+            }
+            streamWindows[stream] = w
+        }
+        consumedBudgeted(bytes)
     }
 
     // MARK: - submitting
@@ -317,7 +382,7 @@ final class NGHTTP2Session {
         }
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb) { session, _, stream, data, len, user in
             let me = NGHTTP2Session.from(user)
-            nghttp2_session_consume_connection(session, len)
+            if let b = me.bodyBudget { b.received(len) } else { nghttp2_session_consume_connection(session, len) }
             var buf = ByteBufferAllocator().buffer(capacity: len)
             buf.writeBytes(UnsafeRawBufferPointer(start: data, count: len))
             me.delegate.dataReceived(stream: stream, data: buf)
@@ -335,6 +400,7 @@ final class NGHTTP2Session {
         nghttp2_session_callbacks_set_on_stream_close_callback(cb) { _, stream, code, user in
             let me = NGHTTP2Session.from(user)
             me.inboundHeaders.removeValue(forKey: stream)
+            me.streamWindows.removeValue(forKey: stream)
             me.headersSeen.remove(stream)
             me.dropOutbound(stream: stream)
             me.delegate.streamClosed(stream: stream, errorCode: code)

@@ -85,7 +85,8 @@ extension HTTP2Server.Configuration {
             service: service, plaintext: plaintext, plaintextPeer: plaintextPeer, settings: sessionSettings,
             gracePeriod: drainGracePeriod, bodyIdleTimeout: requestBodyIdleTimeout, bodyMinRate: requestBodyMinRate,
             responseStallTimeout: responseStallTimeout, idleTimeout: idleTimeout,
-            limiter: limiter, drainCuts: drainCuts, logger: logger)
+            limiter: limiter, drainCuts: drainCuts, bodyBudget: requestBodyBudget,
+            headersTimeout: requestHeadersTimeout, logger: logger)
     }
 
     /// The same budgets for an HTTP/1.1 connection.
@@ -96,6 +97,8 @@ extension HTTP2Server.Configuration {
         l.bodyMinRate = requestBodyMinRate
         l.responseStallTimeout = responseStallTimeout
         l.idleTimeout = idleTimeout
+        l.bodyBudget = requestBodyBudget
+        l.headersTimeout = requestHeadersTimeout
         l.drainGracePeriod = drainGracePeriod
         return l
     }

@@ -112,8 +112,7 @@ extension QUICCore {
         dropPendingInbound(s)
         if !s.inboundEnded {
             s.inboundEnded = true
-            let dropped = s.body?.fail(HTTPTransportError.streamReset(errorCode: UInt32(NGHTTP3_H3_REQUEST_CANCELLED))) ?? 0
-            if dropped > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(dropped)) }
+            creditConnection(s.body?.fail(HTTPTransportError.streamReset(errorCode: UInt32(NGHTTP3_H3_REQUEST_CANCELLED))) ?? 0)
         }
         if let c = s.continuation {
             s.continuation = nil

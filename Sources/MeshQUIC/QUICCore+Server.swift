@@ -27,8 +27,15 @@ extension QUICCore {
             respond(s.id, immediate)
             return
         }
+        if !fin, bodyBudget == nil, let budget = settings.requestBodyBudget {
+            let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+            let loop = self.loop
+            bodyBudget = budget.connection(base: QUICSettings.budgetBaseWindow) { n in
+                loop.execute { bound.value.core?.growConnectionWindow(n) }
+            }
+        }
         let body = HTTPInboundBody(onConsumed: makeCredit(s.id), idleTimeout: fin ? nil : settings.requestBodyIdleTimeout,
-                                  minimumRate: settings.requestBodyMinRate)
+                                  minimumRate: settings.requestBodyMinRate, budget: fin ? nil : bodyBudget)
         s.body = body
         if fin {
             s.inboundEnded = true
@@ -160,6 +167,28 @@ extension QUICCore {
                 "timeout": "\(timeout)", "peer": "\(self.peer?.commonName ?? "-")", "remote": "\(self.remoteAddress.endpoint)",
             ])
             for s in stalled { ngtcp2_conn_shutdown_stream(self.conn, s.id, UInt64(NGHTTP3_H3_REQUEST_CANCELLED)) }
+            self.writePackets()
+        }
+    }
+
+    /// Once a second while request heads are incomplete: those older than the request-headers
+    /// timeout are reset (a client that opens streams and never finishes their HEADERS frame).
+    func startHeadCheck() {
+        guard headCheck == nil, let timeout = settings.requestHeadersTimeout else { return }
+        let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+        headCheck = loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { (_: RepeatedTask) in
+            guard let self = bound.value.core, self.isActive else { return }
+            let now = ContinuousClock.now
+            let late = self.pendingHeads.filter { now - $0.value > timeout }.map(\.key)
+            guard !late.isEmpty else { return }
+            for sid in late {
+                self.pendingHeads[sid] = nil
+                TransportRefusals.count("request_headers_timeout", transport: "h3")
+                ngtcp2_conn_shutdown_stream(self.conn, sid, UInt64(NGHTTP3_H3_REQUEST_INCOMPLETE))
+            }
+            self.logger.notice("HTTP/3 request headers not complete in time: resetting \(late.count) stream(s)", metadata: [
+                "timeout": "\(timeout)", "peer": "\(self.peer?.commonName ?? "-")", "remote": "\(self.remoteAddress.endpoint)",
+            ])
             self.writePackets()
         }
     }

@@ -13,6 +13,11 @@ import Glibc
 extension QUICCore {
     func recvStreamData(_ sid: Int64, _ data: UnsafePointer<UInt8>?, _ len: Int, fin: Bool) -> Int32 {
         guard let h3 else { return NGTCP2_ERR_CALLBACK_FAILURE }
+        if isServer, settings.requestHeadersTimeout != nil, ngtcp2_is_bidi_stream(sid) != 0, pendingHeads[sid] == nil,
+           streams[sid].map({ $0.body == nil && !$0.responseSubmitted }) ?? true {
+            pendingHeads[sid] = .now
+            startHeadCheck()
+        }
         let consumed = nghttp3_conn_read_stream(h3, sid, data, len, fin ? 1 : 0)
         if consumed < 0 {
             logger.debug("nghttp3_conn_read_stream failed", metadata: ["error": "\(consumed)"])
@@ -34,7 +39,33 @@ extension QUICCore {
     /// Body bytes consumed: open the stream and connection windows by that much.
     func credit(_ sid: Int64, _ n: Int) {
         guard isActive, n > 0 else { return }
-        ngtcp2_conn_extend_max_stream_offset(conn, sid, UInt64(n))
+        ngtcp2_conn_extend_max_stream_offset(conn, sid, UInt64(n + growStreamWindow(sid, n)))
+        creditConnection(n)
+        scheduleWrite()
+    }
+
+    /// Body bytes left memory: give them back to the connection window, as far as the node's
+    /// request-body budget lets this connection keep its window (see `RequestBodyBudget`).
+    func creditConnection(_ n: Int) {
+        guard isActive, n > 0 else { return }
+        let credit = bodyBudget?.consumed(n) ?? n
+        if credit > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(credit)) }
+    }
+
+    /// Request streams under a budget: how much more than `n` to open `sid`'s window by.
+    private func growStreamWindow(_ sid: Int64, _ n: Int) -> Int {
+        guard bodyBudget != nil, let s = streams[sid] else { return 0 }
+        s.budgetWindow.taken += n
+        let cap = Int(clamping: settings.streamWindow)
+        guard s.budgetWindow.taken >= s.budgetWindow.window, s.budgetWindow.window < cap else { return 0 }
+        let grown = min(cap, s.budgetWindow.window * 2)
+        defer { s.budgetWindow = (grown, 0) }
+        return grown - s.budgetWindow.window
+    }
+
+    /// The budget let this connection's window grow.
+    func growConnectionWindow(_ n: Int) {
+        guard isActive, n > 0 else { return }
         ngtcp2_conn_extend_max_offset(conn, UInt64(n))
         scheduleWrite()
     }
@@ -61,8 +92,7 @@ extension QUICCore {
             s.continuation = nil
             c.resume(throwing: err)
         }
-        let dropped = s.body?.fail(err) ?? 0
-        if dropped > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(dropped)) }
+        creditConnection(s.body?.fail(err) ?? 0)
     }
 
     func peerStopSending(_ sid: Int64, code: UInt64) {
@@ -79,12 +109,12 @@ extension QUICCore {
     }
 
     func streamClosed(_ sid: Int64, code: UInt64) {
+        pendingHeads[sid] = nil
         guard let s = streams.removeValue(forKey: sid) else { return }
         dropPendingInbound(s)
         if !s.inboundEnded {
             s.inboundEnded = true
-            let dropped = s.body?.fail(Self.resetError(code)) ?? 0
-            if dropped > 0, isActive { ngtcp2_conn_extend_max_offset(conn, UInt64(dropped)) }
+            creditConnection(s.body?.fail(Self.resetError(code)) ?? 0)
         }
         s.handler?.cancel()
         if let c = s.continuation {
@@ -109,6 +139,7 @@ extension QUICCore {
 
     func recvData(_ sid: Int64, _ data: UnsafePointer<UInt8>?, _ len: Int) {
         guard len > 0, let data else { return }
+        bodyBudget?.received(len)
         guard let s = streams[sid], let body = s.body, !s.inboundEnded else {
             credit(sid, len)
             return
@@ -139,7 +170,7 @@ extension QUICCore {
         if s.inboundEnded && s.body == nil || !(s.body?.append(buf) ?? false) {
             if isActive {
                 ngtcp2_conn_extend_max_stream_offset(conn, s.id, UInt64(n))
-                ngtcp2_conn_extend_max_offset(conn, UInt64(n))
+                creditConnection(n)
             }
         }
     }
@@ -148,7 +179,7 @@ extension QUICCore {
     func dropPendingInbound(_ s: H3Stream) {
         guard let buf = s.pendingInbound else { return }
         s.pendingInbound = nil
-        if isActive, buf.readableBytes > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(buf.readableBytes)) }
+        creditConnection(buf.readableBytes)
     }
 
     func endStream(_ sid: Int64) {
@@ -189,6 +220,7 @@ extension QUICCore {
     }
 
     func endHeaders(_ sid: Int64, fin: Bool) -> Int32 {
+        pendingHeads[sid] = nil
         guard let s = streams[sid] else { return 0 }
         if s.inTrailers { return 0 }
         if s.headerBlock.isTooLarge {

@@ -94,6 +94,11 @@ final class QUICCore {
     /// Header blocks over the limit on this connection (431 first, then H3_EXCESSIVE_LOAD).
     var headerPolicy = HeaderLimitPolicy()
     var stallCheck: RepeatedTask?
+    /// This connection's share of the node's request-body budget (server side).
+    var bodyBudget: BodyBudgetConnection?
+    /// Request streams whose header section has not ended, since their first byte (server).
+    var pendingHeads: [Int64: ContinuousClock.Instant] = [:]
+    var headCheck: RepeatedTask?
     /// Client side: when a packet from the server last arrived, and since when requests are
     /// outstanding (silence counts from the later of the two).
     var lastHeard = ContinuousClock.now
@@ -208,6 +213,7 @@ final class QUICCore {
     deinit {
         timer?.cancel()
         stallCheck?.cancel()
+        headCheck?.cancel()
         for (_, s) in streams { s.closeSource() }
         if let h3 { nghttp3_conn_del(h3) }
         if let conn { ngtcp2_conn_del(conn) }
@@ -220,7 +226,7 @@ final class QUICCore {
         cm_ngtcp2_settings_default(&st)
         st.initial_ts = QUICClock.now()
         st.initial_rtt = UInt64(settings.initialRTT.nanoseconds)
-        st.max_window = settings.maxConnectionWindow
+        st.max_window = isServer && settings.requestBodyBudget != nil ? UInt64(QUICSettings.budgetBaseWindow) : settings.maxConnectionWindow
         st.max_stream_window = settings.streamWindow
         st.handshake_timeout = UInt64(settings.handshakeTimeout.nanoseconds)
         switch settings.congestionControl {
@@ -243,9 +249,9 @@ final class QUICCore {
         var p = ngtcp2_transport_params()
         cm_ngtcp2_transport_params_default(&p)
         p.initial_max_stream_data_bidi_local = settings.streamWindow
-        p.initial_max_stream_data_bidi_remote = settings.streamWindow
+        p.initial_max_stream_data_bidi_remote = isServer && settings.requestBodyBudget != nil ? UInt64(QUICSettings.budgetStreamWindow) : settings.streamWindow
         p.initial_max_stream_data_uni = 1 << 20
-        p.initial_max_data = settings.connectionWindow
+        p.initial_max_data = isServer && settings.requestBodyBudget != nil ? UInt64(QUICSettings.budgetBaseWindow) : settings.connectionWindow
         p.initial_max_streams_bidi = isServer ? settings.maxConcurrentStreams : 0
         p.initial_max_streams_uni = 8
         p.max_idle_timeout = UInt64(settings.idleTimeout.nanoseconds)
@@ -420,11 +426,14 @@ final class QUICCore {
     func finalize(error: (any Error)?) {
         guard closeState.finalize() else { return }
         logger.debug("QUIC connection closed", metadata: ["stats": "\(statsDescription)", "server": "\(isServer)"])
+        bodyBudget?.close()
         failure = failure ?? error
         timer?.cancel()
         timer = nil
         stallCheck?.cancel()
         stallCheck = nil
+        headCheck?.cancel()
+        headCheck = nil
         darkCheck?.cancel()
         darkCheck = nil
         failAll(error ?? HTTPTransportError.connectionClosed)

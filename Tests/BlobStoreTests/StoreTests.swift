@@ -650,3 +650,46 @@ final class OrderRecorder: Sendable {
     func append(_ v: Int) { storage.withLock { $0.append(v) } }
     var values: [Int] { storage.withLock { $0 } }
 }
+
+@Suite struct SlotShareTests {
+    @Test func anOwnerBeyondItsShareWaitsWhileOthersFindSlots() async throws {
+        let limited = Mutex<[String]>([])
+        let semaphore = AsyncSemaphore(permits: 4, perOwner: 2, onShareLimit: { o in limited.withLock { $0.append(o) } })
+        try await semaphore.acquire(owner: "a")
+        try await semaphore.acquire(owner: "a")
+        let third = Task { try await semaphore.acquire(owner: "a") }
+        while semaphore.waiting < 1 { try await Task.sleep(nanoseconds: 1_000_000) }
+        // Two permits are free, but "a" holds its share: it waits, "b" does not.
+        #expect(semaphore.inUse == 2)
+        try await withTimeout(5) { try await semaphore.acquire(owner: "b") }
+        try await withTimeout(5) { try await semaphore.acquire(owner: nil) }
+        #expect(semaphore.held(by: "a") == 2 && semaphore.held(by: "b") == 1)
+        #expect(limited.withLock { $0 } == ["a"])
+        semaphore.release(owner: "a")
+        try await third.value
+        #expect(semaphore.held(by: "a") == 2)
+        for o in ["a", "a", "b", nil] as [String?] { semaphore.release(owner: o) }
+        #expect(semaphore.inUse == 0)
+    }
+
+    @Test func waitersAreServedRoundRobinBetweenOwners() async throws {
+        let semaphore = AsyncSemaphore(permits: 1)
+        try await semaphore.acquire(owner: "x")
+        let order = OrderRecorder()
+        var tasks: [Task<Void, any Error>] = []
+        // Owner "a" queues three requests before owner "b" queues one.
+        for (i, owner) in [(0, "a"), (1, "a"), (2, "a"), (3, "b")] {
+            tasks.append(Task {
+                try await semaphore.acquire(owner: owner)
+                order.append(i)
+                semaphore.release(owner: owner)
+            })
+            while semaphore.waiting < i + 1 { try await Task.sleep(nanoseconds: 1_000_000) }
+        }
+        semaphore.release(owner: "x")
+        for t in tasks { try await t.value }
+        // "b" goes second, not last.
+        #expect(order.values == [0, 3, 1, 2])
+        #expect(semaphore.inUse == 0)
+    }
+}

@@ -91,6 +91,9 @@ struct ConfigDecodingTests {
             response_stall_timeout_seconds = 7
             max_open_reads = 99
             max_concurrent_writes = 9
+            max_request_body_memory = "32M"
+            connection_slot_share_percent = 10
+            request_headers_timeout_seconds = 6
 
             [quic]
 
@@ -100,6 +103,7 @@ struct ConfigDecodingTests {
             let c = try t.configuration(for: name)
             #expect(c.maxConnections == 300 && c.maxHeaderListBytes == 16384 && c.maxUnverifiedBytes == 64 << 20)
             #expect(c.requestBodyTimeoutSeconds == 5 && c.responseStallTimeoutSeconds == 7 && c.maxOpenReads == 99 && c.maxConcurrentWrites == 9)
+            #expect(c.maxRequestBodyMemory == 32 << 20 && c.connectionSlotSharePercent == 10 && c.requestHeadersTimeoutSeconds == 6)
         }
         // Without [limits], the node defaults.
         let plain = try Topology.load(text: Self.good, path: "/m/t.toml").configuration(for: "origin")
@@ -206,6 +210,9 @@ struct ConfigDecodingTests {
             max_unverified_bytes = "256M"
             request_body_timeout_seconds = 7
             response_stall_timeout_seconds = 9
+            max_request_body_memory = "8M"
+            connection_slot_share_percent = 50
+            request_headers_timeout_seconds = 4
             """
         let c = try NodeConfiguration.load(text: all, path: "/m/n.toml")
         #expect(c.name == "a" && c.listen == HostPort(host: "127.0.0.1", port: 9443) && c.quicListen == c.listen)
@@ -214,11 +221,12 @@ struct ConfigDecodingTests {
         #expect(c.maxOpenReads == 16 && c.drainSeconds == 3 && c.quicMaxDatagram == 8952 && c.quicAddressValidation == .never)
         #expect(c.maxHeaderListBytes == 32768 && c.maxUnverifiedBytes == 256 << 20 && c.requestBodyTimeoutSeconds == 7)
         #expect(c.responseStallTimeoutSeconds == 9)
+        #expect(c.maxRequestBodyMemory == 8 << 20 && c.connectionSlotSharePercent == 50 && c.requestHeadersTimeoutSeconds == 4)
 
         let typo = config(all.replacingOccurrences(of: "max_open_reads", with: "max_open_read"))
-        #expect(typo.hasPrefix("config /m/n.toml, line 13: unknown key 'max_open_read' (known: allow_unauthenticated_reads, ca, cert, data_dir"), "\(typo)")
+        #expect(typo.hasPrefix("config /m/n.toml, line 13: unknown key 'max_open_read' (known: allow_unauthenticated_reads, ca, cert, connection_slot_share_percent, data_dir"), "\(typo)")
         let table = config(all + "\n[tls]\ncert = \"x\"\n")
-        #expect(table.hasPrefix("config /m/n.toml, line 21: unknown key 'tls'"), "\(table)")
+        #expect(table.hasPrefix("config /m/n.toml, line 24: unknown key 'tls'"), "\(table)")
         let type = config(all.replacingOccurrences(of: "drain_seconds = 3", with: "drain_seconds = \"3\""))
         #expect(type == "config /m/n.toml, line 14: 'drain_seconds' must be an integer, got a string (\"3\")", "\(type)")
         let bool = config(all.replacingOccurrences(of: "insecure = false", with: "insecure = 0"))

@@ -28,6 +28,9 @@ struct H2Attack {
         var goaway: Int?
         var closed: String?
         var wire_bytes: Int?
+        var sent: Int?
+        var per_connection_max: Int?
+        var after: Double?
     }
 
     static func run(_ attack: String, node: TestNode, as who: Identity = .client, _ extra: [String] = [], timeout: Double = 60) async throws -> Outcome {

@@ -13,6 +13,14 @@ Used by the attack tests in Tests/IntegrationTests; prints one JSON line with wh
   stalled-put: PUT PATH declaring CONTENT-LENGTH bytes, send SEND bytes of them, then hold the
                stream open for HOLD seconds without sending more (or until the server ends it);
                with --trickle N, one more byte every N seconds meanwhile.
+  body-flood:  open CONNECTIONS connections with STREAMS PUT streams each (distinct paths, each
+               declaring CONTENT-LENGTH bytes) and send body bytes on every stream as fast as flow
+               control lets them, never finishing, for HOLD s; prints how many body bytes the
+               server let in (what it may hold in memory), and how the streams ended.
+  partial-headers: send a HEADERS frame without END_HEADERS, then nothing (or with --trickle N,
+               a 1-byte CONTINUATION every N seconds) for HOLD s; prints when the server closed.
+  partial-head-h1: HTTP/1.1 over TLS: send the start of a request head, then (with --trickle N)
+               one more header byte every N seconds, never the blank line; prints what came back.
 """
 import argparse, json, socket, ssl, sys, time
 
@@ -173,9 +181,180 @@ def idle_connections(a):
     return {"status": {}, "reset": {}, "goaway": None, "closed": None, "opened": len(socks), "failed": failed, "closed_by_server": closed}
 
 
+def body_flood(a):
+    import selectors
+    out = {"status": {}, "reset": {}, "goaway": None, "closed": None, "wire_bytes": 0}
+    conns = []
+    n = 0
+    for c in range(a.connections):
+        s, conn = connect(a)
+        ids = []
+        for _ in range(a.streams):
+            sid = conn.get_next_available_stream_id()
+            n += 1
+            path = "/cas/%064x" % (c * 100003 + n + a.seed)
+            conn.send_headers(sid, [(":method", "PUT"), (":scheme", "https"), (":authority", "cachemesh"), (":path", path),
+                                    ("content-length", str(a.content_length))])
+            ids.append(sid)
+        s.sendall(conn.data_to_send())
+        s.setblocking(False)
+        conns.append({"s": s, "conn": conn, "ids": ids, "sent": {i: 0 for i in ids}, "dead": False})
+    print(json.dumps({"event": "opened", "connections": len(conns), "streams": n}), flush=True)
+    chunk = b"\xa5" * 16384
+    end = time.time() + a.hold
+    sel = selectors.DefaultSelector()
+    for i, c in enumerate(conns):
+        sel.register(c["s"], selectors.EVENT_READ, i)
+    while time.time() < end:
+        progressed = False
+        for c in conns:
+            if c["dead"]:
+                continue
+            conn = c["conn"]
+            for sid in c["ids"]:
+                if str(sid) in out["reset"] or str(sid) in out["status"]:
+                    continue
+                left = a.content_length - 1 - c["sent"][sid]  # never the last byte
+                try:
+                    w = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, left, len(chunk))
+                except (h2.exceptions.StreamClosedError, KeyError):
+                    continue
+                if w > 0:
+                    conn.send_data(sid, chunk[:w])
+                    c["sent"][sid] += w
+                    progressed = True
+            data = conn.data_to_send()
+            if data:
+                try:
+                    c["s"].setblocking(True)
+                    c["s"].sendall(data)
+                    c["s"].setblocking(False)
+                except (OSError, ssl.SSLError) as e:
+                    c["dead"] = True
+                    out["closed"] = f"{type(e).__name__}: {e}"
+        for key, _ in sel.select(timeout=0 if progressed else 0.2):
+            c = conns[key.data]
+            try:
+                while True:
+                    data = c["s"].recv(65536)
+                    if not data:
+                        c["dead"] = True
+                        sel.unregister(c["s"])
+                        break
+                    for e in c["conn"].receive_data(data):
+                        if isinstance(e, h2.events.ResponseReceived):
+                            out["status"][str(e.stream_id)] = int(dict(e.headers)[":status"])
+                        elif isinstance(e, h2.events.StreamReset):
+                            out["reset"][str(e.stream_id)] = int(e.error_code)
+                        elif isinstance(e, h2.events.ConnectionTerminated):
+                            out["goaway"] = int(e.error_code)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                pass
+            except (OSError, ssl.SSLError, h2.exceptions.ProtocolError) as e:
+                c["dead"] = True
+                out["closed"] = f"{type(e).__name__}: {e}"
+                try:
+                    sel.unregister(c["s"])
+                except Exception:
+                    pass
+            pending = c["conn"].data_to_send()
+            if pending and not c["dead"]:
+                c["s"].setblocking(True)
+                c["s"].sendall(pending)
+                c["s"].setblocking(False)
+    out["sent"] = sum(sum(c["sent"].values()) for c in conns)
+    out["per_connection_max"] = max(sum(c["sent"].values()) for c in conns)
+    out["largest_streams"] = sorted((v for c in conns for v in c["sent"].values()), reverse=True)[:4]
+    for c in conns:
+        c["s"].close()
+    return out
+
+
+def partial_headers(a):
+    """HEADERS without END_HEADERS, then silence or a CONTINUATION trickle (raw frames)."""
+    import struct
+    out = {"status": {}, "reset": {}, "goaway": None, "closed": None, "wire_bytes": 0}
+    s, conn = connect(a)
+    pump(s, conn, out, lambda: True, time.time() + 0.3)
+    # ':method: GET' (static index 2) ':scheme: https' (7), ':path' literal follows in the CONTINUATION trickle.
+    block = bytes([0x82, 0x87])
+    frame = struct.pack(">I", len(block))[1:] + bytes([0x1, 0x1]) + struct.pack(">I", 1) + block  # HEADERS, END_STREAM only
+    s.sendall(frame)
+    start = time.time()
+    end = start + a.hold
+    s.settimeout(0.5)
+    while time.time() < end:
+        try:
+            data = s.recv(65536)
+            if not data:
+                out["closed"] = "eof"
+                break
+            # GOAWAY: frame type 7; the error code is the payload's second word.
+            i = 0
+            while i + 9 <= len(data):
+                length = int.from_bytes(data[i:i + 3], "big")
+                if data[i + 3] == 7 and i + 9 + 8 <= len(data):
+                    out["goaway"] = int.from_bytes(data[i + 13:i + 17], "big")
+                i += 9 + length
+        except socket.timeout:
+            pass
+        except (OSError, ssl.SSLError) as e:
+            out["closed"] = f"{type(e).__name__}: {e}"
+            break
+        if a.trickle > 0 and time.time() - start > a.trickle * (out["wire_bytes"] + 1):
+            try:
+                s.sendall(struct.pack(">I", 1)[1:] + bytes([0x9, 0x0]) + struct.pack(">I", 1) + bytes([0x40 if out["wire_bytes"] == 0 else 0x61]))
+                out["wire_bytes"] += 1
+            except (OSError, ssl.SSLError) as e:
+                out["closed"] = f"{type(e).__name__}: {e}"
+                break
+    out["after"] = round(time.time() - start, 2)
+    s.close()
+    return out
+
+
+def partial_head_h1(a):
+    out = {"status": {}, "reset": {}, "goaway": None, "closed": None, "wire_bytes": 0}
+    ctx = ssl.create_default_context(cafile=a.ca)
+    ctx.check_hostname = False
+    if a.cert:
+        ctx.load_cert_chain(a.cert, a.key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    s = ctx.wrap_socket(socket.create_connection((a.host, a.port), timeout=a.timeout), server_hostname="cachemesh")
+    s.sendall(b"GET " + a.path.encode() + b" HTTP/1.1\r\nHost: cachemesh\r\nX-Slow: ")
+    start = time.time()
+    end = start + a.hold
+    s.settimeout(0.5)
+    got = b""
+    while time.time() < end:
+        try:
+            data = s.recv(65536)
+            if not data:
+                out["closed"] = "eof"
+                break
+            got += data
+        except socket.timeout:
+            pass
+        except (OSError, ssl.SSLError) as e:
+            out["closed"] = f"{type(e).__name__}: {e}"
+            break
+        if a.trickle > 0 and time.time() - start > a.trickle * (out["wire_bytes"] + 1):
+            try:
+                s.sendall(b"a")
+                out["wire_bytes"] += 1
+            except (OSError, ssl.SSLError) as e:
+                out["closed"] = f"{type(e).__name__}: {e}"
+                break
+    if got.startswith(b"HTTP/1.1 "):
+        out["status"]["1"] = int(got[9:12])
+    out["after"] = round(time.time() - start, 2)
+    s.close()
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("attack", choices=["header-bomb", "stalled-put", "zero-window", "idle-connections"])
+    p.add_argument("attack", choices=["header-bomb", "stalled-put", "zero-window", "idle-connections", "body-flood", "partial-headers", "partial-head-h1"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", required=True)
@@ -192,8 +371,10 @@ def main():
     p.add_argument("--hold", type=float, default=10)
     p.add_argument("--trickle", type=float, default=0, help="stalled-put: then one byte every N seconds")
     p.add_argument("--connections", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="body-flood: offsets the streams' paths")
     a = p.parse_args()
-    out = {"header-bomb": header_bomb, "stalled-put": stalled_put, "zero-window": zero_window, "idle-connections": idle_connections}[a.attack](a)
+    out = {"header-bomb": header_bomb, "stalled-put": stalled_put, "zero-window": zero_window, "idle-connections": idle_connections,
+           "body-flood": body_flood, "partial-headers": partial_headers, "partial-head-h1": partial_head_h1}[a.attack](a)
     print(json.dumps(out))
 
 
