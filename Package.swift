@@ -118,7 +118,7 @@ let package = Package(
         // Shared by the test targets: repository root and the certificates certs/mkcerts.sh makes.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "MeshHTTP2Tests", dependencies: ["MeshHTTP2", "MeshHTTP", "MeshTLS", "TestSupport"]),
-        .testTarget(name: "CacheNodeTests", dependencies: ["CacheNode", "BlobStore", "MeshGRPC", "MeshHTTP", "REAPI"]),
+        .testTarget(name: "CacheNodeTests", dependencies: ["CacheNode", "BlobStore", "MeshGRPC", "MeshHTTP", "REAPI", "MeshS3"]),
         .testTarget(name: "MeshCoreTests", dependencies: ["MeshCore"]),
         .testTarget(name: "MeshQUICTests", dependencies: [
             "TestSupport",

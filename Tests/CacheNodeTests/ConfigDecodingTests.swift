@@ -115,7 +115,7 @@ struct ConfigDecodingTests {
     @Test("Typos in a topology are refused at every level, with the line, table and known keys")
     func topologyTypos() {
         let root = topology(Self.good.replacingOccurrences(of: "replication = 2", with: "replicaton = 2"))
-        #expect(root == "topology /m/t.toml, line 3: unknown key 'replicaton' (known: ca, fetch, limits, name, nodes, quic, repair, replication, write_quorum)", "\(root)")
+        #expect(root == "topology /m/t.toml, line 3: unknown key 'replicaton' (known: ca, fetch, limits, name, nodes, origin, quic, repair, replication, write_quorum)", "\(root)")
 
         let fetch = topology(Self.good.replacingOccurrences(of: "strategy = \"immediate\"", with: "stratgy = \"immediate\""))
         #expect(fetch == "topology /m/t.toml, line 7: [fetch] unknown key 'stratgy' (known: origin_write_through, strategy, transport)", "\(fetch)")

@@ -103,7 +103,7 @@ struct CLIErrorTests {
         key = "a.key"
         """.write(toFile: topology, atomically: true, encoding: .utf8)
         let t = try await cachemesh(["node", "--topology", topology, "--name", "a"])
-        expectUsageError(t, ["topology \(topology), line 3: unknown key 'replicaton' (known: ca, fetch, limits, name, nodes, quic, repair, replication, write_quorum)"])
+        expectUsageError(t, ["topology \(topology), line 3: unknown key 'replicaton' (known: ca, fetch, limits, name, nodes, origin, quic, repair, replication, write_quorum)"])
 
         let config = dir.file("n.toml")
         try "insecure = true\nlisten = \"127.0.0.1:0\"\nmax_bytes = \"1G\"\ndrain_seconds = \"5\"\n".write(toFile: config, atomically: true, encoding: .utf8)

@@ -7,6 +7,7 @@
     s3.py ENDPOINT ACCESS SECRET put BUCKET KEY FILE  upload a file as KEY
     s3.py ENDPOINT ACCESS SECRET rm BUCKET KEY        delete KEY
     s3.py ENDPOINT ACCESS SECRET bench-get BUCKET KEY N   N GETs of KEY, prints `bytes seconds`
+    s3.py ENDPOINT ACCESS SECRET bench-get-each BUCKET KEY...  one GET of each KEY, prints `bytes seconds`
 """
 import sys
 import time
@@ -42,6 +43,14 @@ def main():
         key, n = args[0], int(args[1])
         total, start = 0, time.monotonic()
         for _ in range(n):
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+            for chunk in iter(lambda: body.read(1 << 20), b""):
+                total += len(chunk)
+        print(total, time.monotonic() - start)
+    elif cmd == "bench-get-each":
+        s3.head_bucket(Bucket=bucket)  # connect first: the timing is of the GETs
+        total, start = 0, time.monotonic()
+        for key in args:
             body = s3.get_object(Bucket=bucket, Key=key)["Body"]
             for chunk in iter(lambda: body.read(1 << 20), b""):
                 total += len(chunk)
