@@ -190,8 +190,10 @@ public struct NodeConfiguration: Sendable {
     public var maxConnections = 4096
     /// Request-body bytes the node holds in memory at once, all connections together (see
     /// `RequestBodyBudget`): flow-control windows grow only within it. A connection takes at most
-    /// an eighth of it; each also has a fixed 64–256 KiB the protocols give anyway.
-    public var maxRequestBodyMemory: Int64 = 256 << 20
+    /// an eighth of it; each also has a fixed 64–256 KiB the protocols give anyway. 0 (the
+    /// default): no node-wide budget — each connection's own windows bound it (see budgets.md
+    /// for why it is not on by default yet).
+    public var maxRequestBodyMemory: Int64 = 0
     /// The share (percent) of `maxOpenReads` and of `maxConcurrentWrites` one connection may hold
     /// at once; its further requests wait, so another connection always finds a slot.
     public var connectionSlotSharePercent = 25
@@ -354,7 +356,9 @@ public struct NodeConfiguration: Sendable {
         if !(1...100).contains(connectionSlotSharePercent) {
             throw ConfigurationError("connection_slot_share_percent must be 1…100, got \(connectionSlotSharePercent)")
         }
-        if maxRequestBodyMemory < 1 << 20 { throw ConfigurationError("max_request_body_memory must be at least 1M, got \(maxRequestBodyMemory)") }
+        if maxRequestBodyMemory != 0 && maxRequestBodyMemory < 1 << 20 {
+            throw ConfigurationError("max_request_body_memory must be 0 (off) or at least 1M, got \(maxRequestBodyMemory)")
+        }
         if responseStallTimeoutSeconds <= 0 { throw ConfigurationError("response_stall_timeout_seconds must be positive, got \(responseStallTimeoutSeconds)") }
         if requestBodyTimeoutSeconds <= 0 { throw ConfigurationError("request_body_timeout_seconds must be positive, got \(requestBodyTimeoutSeconds)") }
         if minTTLSeconds < 0 { throw ConfigurationError("min_ttl_seconds must be 0 (off) or positive, got \(minTTLSeconds)") }

@@ -73,7 +73,8 @@ public final class CacheNode: Service {
         h2.maxConnections = Self.connectionCap(configuration.maxConnections, logger: logger)
         h2.drainCuts = drainCuts
         let bodyLogger = logger
-        let bodyBudget = RequestBodyBudget(limit: Int(clamping: configuration.maxRequestBodyMemory)) { bodyLogger.notice("\($0)") }
+        let bodyBudget = configuration.maxRequestBodyMemory == 0 ? nil
+            : RequestBodyBudget(limit: Int(clamping: configuration.maxRequestBodyMemory)) { bodyLogger.notice("\($0)") }
         h2.requestBodyBudget = bodyBudget
         h2.requestHeadersTimeout = .seconds(configuration.requestHeadersTimeoutSeconds)
         self.server = HTTP2Server(configuration: h2, service: service, logger: logger)

@@ -210,7 +210,7 @@ public final class S3Tier: DurableTier {
             return false
         }
         do {
-            _ = try writer.commit()
+            _ = try await writer.commit()
         } catch let e as BlobStoreError {
             if case .digestMismatch = e {
                 corrupt.increment()
