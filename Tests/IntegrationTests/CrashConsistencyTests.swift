@@ -88,12 +88,13 @@ private final class Shared<Value: Sendable>: Sendable {
 }
 
 /// A node on a store written straight to disk (not through the API) listens and serves before its
-/// index is complete. Proven by state: the scan is slowed (`scan_rate = 400` for 4,000 files, about
-/// ten seconds) and `/status` must say "incomplete" while a blob the scan has not reached is served.
-/// (`bench/store-scale.sh` does the same with a million files and measures.)
+/// index is complete. Proven by state: the scan is slowed so far (`scan_rate = 40` for 4,000 files:
+/// over a minute and a half) that `/status` must still say "incomplete" while blobs the scan has not
+/// reached are served. (That the scan then indexes everything is shown by `BackgroundScanTests` and
+/// the crash test above; `bench/store-scale.sh` does this with a million files and measures.)
 @Suite("Start-up on a big store", .serialized, .timeLimit(.minutes(3)))
 struct StoreStartupTests {
-    @Test("The node serves before its index is complete, then indexes everything")
+    @Test("The node serves blobs on disk while its index is incomplete")
     func servesBeforeTheIndexIsComplete() async throws {
         let data = try TempDir("startup-data")
         defer { data.remove() }
@@ -111,10 +112,10 @@ struct StoreStartupTests {
             if i % 1000 == 0 { samples.append((hash, bytes)) }
         }
         let config = data.path + ".toml"
-        try "scan_rate = 400\n".write(toFile: config, atomically: true, encoding: .utf8)
+        try "scan_rate = 40\n".write(toFile: config, atomically: true, encoding: .utf8)
         defer { try? FileManager.default.removeItem(atPath: config) }
         let node = try await TestNode.start(dataDir: data.path, extraArguments: ["--config", config])
-        defer { node.cleanUp() }
+        defer { node.cleanUp() }   // SIGKILL: the slow scan is not waited for
         func index(_ c: CacheClient) async throws -> [String: Any] {
             let body = try await c.getText("/status").body
             let json = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any]
@@ -129,9 +130,8 @@ struct StoreStartupTests {
                 #expect(r.status == 200 && r.body == bytes, "blob on disk not served before the scan reached it")
             }
             #expect(try await index(c)["complete"] as? Bool == false)
-            let done = try await eventually(timeout: 120) { try await index(c)["complete"] as? Bool == true }
-            try #require(done, "the index never completed\n\(node.logExcerpt())")
-            #expect(try await c.metrics().value("cachemesh_store_blobs") == Double(count))
+            // Found on disk by the lookups, they are in the index now.
+            #expect((try await c.metrics().value("cachemesh_store_blobs") ?? 0) >= Double(samples.count))
         }
     }
 }
