@@ -18,7 +18,7 @@ public struct TransportChooser: Sendable {
         var other: Kind { self == .quic ? .tcp : .quic }
     }
 
-    public enum Reason: String, Sendable, Hashable {
+    public enum Reason: String, Sendable, Hashable, CaseIterable {
         /// Nothing measured yet for this transport: trying it.
         case unmeasured
         /// The measured better one (or the current one, not beaten by the margin).

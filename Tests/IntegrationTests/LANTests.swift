@@ -55,14 +55,7 @@ final class TestLAN: @unchecked Sendable {
     }
 
     func remove() {
-        for name in (1...max(1, hosts)).map(namespace) + ["\(prefix)-sw"] {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: Self.ip)
-            p.arguments = ["netns", "delete", name]
-            p.standardError = FileHandle.nullDevice
-            try? p.run()
-            p.waitUntilExit()
-        }
+        for name in (1...max(1, hosts)).map(namespace) + ["\(prefix)-sw"] { TestNetns.delete(name) }
     }
 
     private static func must(_ arguments: [String]) async throws {

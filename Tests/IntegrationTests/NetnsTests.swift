@@ -23,10 +23,14 @@ final class TestNetns: @unchecked Sendable {
     /// `arguments` run inside the namespace (`ip netns exec` execs them: same PID).
     func exec(_ arguments: [String]) -> [String] { [Self.ip, "netns", "exec", name] + arguments }
 
-    func remove() {
+    func remove() { Self.delete(name) }
+
+    /// `ip netns delete NAME`, waited for; a namespace already gone is no error.
+    static func delete(_ name: String) {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.ip)
+        p.executableURL = URL(fileURLWithPath: ip)
         p.arguments = ["netns", "delete", name]
+        p.standardError = FileHandle.nullDevice
         try? p.run()
         p.waitUntilExit()
     }

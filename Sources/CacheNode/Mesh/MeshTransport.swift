@@ -42,6 +42,8 @@ public final class MeshTransport: MeshRequester {
     private let fallbacks = Counter(label: "cachemesh_mesh_quic_fallbacks_total")
     private let stalls = Counter(label: "cachemesh_mesh_stalled_requests_total")
     private let chooser: Mutex<TransportChooser>
+    /// `cachemesh_mesh_transport_choices_total{transport,reason}`, made once (not per request).
+    private let choices: [TransportChooser.Kind: [TransportChooser.Reason: Counter]]
 
     public init(credentials: TLSCredentials, settings: Settings = Settings(), logger: Logger) {
         self.settings = settings
@@ -56,11 +58,19 @@ public final class MeshTransport: MeshRequester {
         requests = (Counter(label: "cachemesh_mesh_requests_total", dimensions: [("transport", "quic")]),
                     Counter(label: "cachemesh_mesh_requests_total", dimensions: [("transport", "tcp")]))
         chooser = Mutex(TransportChooser(preferred: .quic, configuration: settings.chooser))
+        var choices: [TransportChooser.Kind: [TransportChooser.Reason: Counter]] = [:]
+        for kind in TransportChooser.Kind.allCases {
+            for reason in TransportChooser.Reason.allCases {
+                choices[kind, default: [:]][reason] = Counter(label: "cachemesh_mesh_transport_choices_total",
+                                                              dimensions: [("transport", kind.rawValue), ("reason", reason.rawValue)])
+            }
+        }
+        self.choices = choices
     }
 
     /// Counts an adaptive choice (`cachemesh_mesh_transport_choices_total{transport,reason}`).
     private func counted(_ kind: TransportChooser.Kind, _ reason: TransportChooser.Reason) {
-        Counter(label: "cachemesh_mesh_transport_choices_total", dimensions: [("transport", kind.rawValue), ("reason", reason.rawValue)]).increment()
+        choices[kind]?[reason]?.increment()
     }
 
     private func record(_ source: FetchSource, _ kind: MeshTransportKind, started: ContinuousClock.Instant, expectedBytes: Int64?, uploaded: Bool) {
