@@ -106,6 +106,7 @@ let package = Package(
         .executableTarget(name: "cachemesh", dependencies: [
             "CacheNode", "CMeshSystem", "MeshCore", "BlobStore", "LinkEmulator",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -225,21 +225,36 @@ if [[ $SKIP_NODE != 1 ]]; then
 fi
 
 # ---------------------------------------------------------------- h2load
-# run_h2load NAME BASEURL SHA N C M -> prints "req/s MB/s ok|FAILED(details)"
+# cpu_ticks PID: user+system clock ticks of PID and its live children (nginx's worker), so the
+# server's CPU per request can be compared even when the machine is not quiet.
+cpu_ticks() {
+    local total=0 p f
+    for p in "$1" $(pgrep -P "$1" 2>/dev/null || true); do
+        f=$(cut -d')' -f2 "/proc/$p/stat" 2>/dev/null) || continue
+        read -r -a a <<<"$f"
+        total=$((total + a[11] + a[12]))
+    done
+    echo "$total"
+}
+
+# run_h2load NAME BASEURL SHA N C M PID -> prints "req/s MB/s cpu-us/req ok|FAILED(details)"
 run_h2load() {
-    local name=$1 url="$2/cas/$3" n=$4 c=$5 m=$6
-    local out="$TMP/h2load-$name.txt"
+    local name=$1 url="$2/cas/$3" n=$4 c=$5 m=$6 pid=$7
+    local out="$TMP/h2load-$name.txt" t0 t1
     log "h2load $name: ${PROTO_FLAGS[*]} -n $n -c $c -m $m -t 1 $url"
+    t0=$(cpu_ticks "$pid")
     timeout "$H2LOAD_TIMEOUT" "${CLIENT_CPU[@]}" h2load "${PROTO_FLAGS[@]}" -n "$n" -c "$c" -m "$m" -t 1 "$url" >"$out" 2>&1 || true
-    python3 - "$out" "$n" <<'PY'
+    t1=$(cpu_ticks "$pid")
+    python3 - "$out" "$n" "$((t1 - t0))" "$(getconf CLK_TCK)" <<'PY'
 import re, sys
 text = open(sys.argv[1], errors="replace").read()
 n = int(sys.argv[2])
+cpu_us = int(sys.argv[3]) / int(sys.argv[4]) * 1e6 / n
 fin = re.search(r"finished in ([\d.]+)(\w+), ([\d.]+) req/s, ([\d.]+)([KMG]?B)/s", text)
 req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", text)
 st = re.search(r"status codes: (\d+) 2xx", text)
 if not fin:
-    print("- - FAILED(no-result)")
+    print("- - - FAILED(no-result)")
     sys.exit(0)
 # h2load's units are binary: its "MB" is 2^20 bytes
 scale = {"B": 1.0 / 1048576, "KB": 1.0 / 1024, "MB": 1.0, "GB": 1024.0}[fin.group(5)]
@@ -247,7 +262,7 @@ rps, mbs = float(fin.group(3)), float(fin.group(4)) * scale
 status = "ok"
 if not req or int(req.group(4)) != n or not st or int(st.group(1)) != n:
     status = "FAILED(succeeded=%s,2xx=%s,of=%d)" % (req.group(4) if req else "?", st.group(1) if st else "?", n)
-print("%.2f %.2f %s" % (rps, mbs, status))
+print("%.2f %.2f %.1f %s" % (rps, mbs, cpu_us, status))
 PY
 }
 
@@ -256,21 +271,22 @@ servers=()
 [[ $SKIP_NGINX != 1 ]] && servers+=(nginx)
 [[ $SKIP_NODE != 1 ]] && servers+=(cachemesh)
 url_of() { if [[ $1 == nginx ]]; then echo "$NGINX_URL"; else echo "$NODE_URL"; fi; }
+pid_of() { if [[ $1 == nginx ]]; then echo "$NGINX_PID"; else echo "$NODE_PID"; fi; }
 
 if [[ $WARMUP_N -gt 0 ]]; then
     for s in "${servers[@]}"; do
-        run_h2load "$s-warmup" "$(url_of "$s")" "$SMALL_SHA" "$WARMUP_N" "$SMALL_C" "$SMALL_M" >/dev/null
+        run_h2load "$s-warmup" "$(url_of "$s")" "$SMALL_SHA" "$WARMUP_N" "$SMALL_C" "$SMALL_M" "$(pid_of "$s")" >/dev/null
     done
 fi
 for t in small large; do
     for s in "${servers[@]}"; do
         if [[ $t == small ]]; then
-            read -r rps mbs st < <(run_h2load "$s-small" "$(url_of "$s")" "$SMALL_SHA" "$SMALL_N" "$SMALL_C" "$SMALL_M")
+            read -r rps mbs cpu st < <(run_h2load "$s-small" "$(url_of "$s")" "$SMALL_SHA" "$SMALL_N" "$SMALL_C" "$SMALL_M" "$(pid_of "$s")")
         else
-            read -r rps mbs st < <(run_h2load "$s-large" "$(url_of "$s")" "$LARGE_SHA" "$LARGE_N" "$LARGE_C" "$LARGE_M")
+            read -r rps mbs cpu st < <(run_h2load "$s-large" "$(url_of "$s")" "$LARGE_SHA" "$LARGE_N" "$LARGE_C" "$LARGE_M" "$(pid_of "$s")")
         fi
-        R[$s.$t.rps]=$rps; R[$s.$t.mbs]=$mbs; R[$s.$t.status]=$st
-        log "  $s $t: $rps req/s, $mbs MB/s ($st)"
+        R[$s.$t.rps]=$rps; R[$s.$t.mbs]=$mbs; R[$s.$t.cpu]=$cpu; R[$s.$t.status]=$st
+        log "  $s $t: $rps req/s, $mbs MB/s, $cpu us server CPU per request ($st)"
         [[ $st == ok ]] || { log "  h2load output:"; tail -n 20 "$TMP/h2load-$s-$t.txt" >&2; }
     done
 done
@@ -287,6 +303,12 @@ ratio() {  # ratio TEST KEY
     python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print('%.2f' % (b/a) if a>0 else '-')" "$a" "$b"
 }
 
+ratio_inv() {  # ratio_inv TEST KEY: nginx / cachemesh (for costs, where less is better)
+    local a=${R[nginx.$1.$2]:-} b=${R[cachemesh.$1.$2]:-}
+    if [[ -z $a || -z $b || $a == - || $b == - ]]; then echo "-"; return; fi
+    python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print('%.2f' % (a/b) if b>0 else '-')" "$a" "$b"
+}
+
 NGINX_VER=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //' || true)
 H2LOAD_VER=$(h2load --version 2>&1 | head -n1)
 {
@@ -298,6 +320,8 @@ H2LOAD_VER=$(h2load --version 2>&1 | head -n1)
     echo "- cachemesh: $( [[ $SKIP_NODE == 1 ]] && echo 'not run (SKIP_NODE=1)' || echo "$CM_BIN (--allow-unauthenticated-reads)")"
     echo "- 4 KiB: h2load -n $SMALL_N -c $SMALL_C -m $SMALL_M; 64 MiB: h2load -n $LARGE_N -c $LARGE_C -m $LARGE_M; warm-up $WARMUP_N x 4 KiB each"
     echo "- MB/s is h2load's figure (2^20 bytes/s, response headers and framing included); ratio = cachemesh / nginx"
+    echo "- CPU us/req: the server process's (and nginx's worker's) user+system CPU during the run ÷ requests; for this row the ratio is nginx / cachemesh (above 1: cachemesh spends less)"
+    echo "- machine load (1-min average) at the end: $(cut -d' ' -f1 /proc/loadavg)"
     echo
     echo "| test | nginx | cachemesh | ratio |"
     echo "|---|---:|---:|---:|"
@@ -305,6 +329,7 @@ H2LOAD_VER=$(h2load --version 2>&1 | head -n1)
         label=$([[ $t == small ]] && echo "4 KiB GET" || echo "64 MiB GET")
         echo "| $label req/s | $(cell nginx $t rps) | $(cell cachemesh $t rps) | $(ratio $t rps) |"
         echo "| $label MB/s | $(cell nginx $t mbs) | $(cell cachemesh $t mbs) | $(ratio $t mbs) |"
+        echo "| $label server CPU us/req | $(cell nginx $t cpu) | $(cell cachemesh $t cpu) | $(ratio_inv $t cpu) |"
     done
 } >"$TMP/table.md"
 

@@ -21,4 +21,16 @@ int syncfs(int fd);
 static inline int cm_syncfs(int fd) {
     return syncfs(fd);
 }
+
+// How many CPUs this process may run on (its sched_getaffinity mask, e.g. under `taskset`), or 0
+// when unknown. NIO sizes its event loop group by the machine's (or cgroup's) CPUs only.
+#include <sys/syscall.h>
+static inline int cm_affinity_cpu_count(void) {
+    unsigned long mask[16] = {0};   /* 1024 CPUs */
+    long n = syscall(SYS_sched_getaffinity, 0, sizeof mask, mask);
+    if (n <= 0) return 0;
+    int count = 0;
+    for (long i = 0; i < n / (long)sizeof mask[0]; i++) count += __builtin_popcountl(mask[i]);
+    return count;
+}
 #endif

@@ -29,6 +29,15 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
     private var timeoutTask: Scheduled<Void>?
     private var failed = false
     private var plaintext: ByteBuffer?
+    /// Small writes between two flushes are corked in GnuTLS and sealed together at the flush
+    /// (`TLSSession.cork`): an HTTP/1.1 head plus a 4 KiB body is one record and one write.
+    private var corked = false
+    private var corkedBytes = 0
+    private var corkedPromises: [EventLoopPromise<Void>] = []
+    /// Writes up to this size are corked; a larger one is sealed at once (after what is corked).
+    static let smallWrite = 16 * 1024
+    /// At most this much plaintext waits in the cork before it is sealed without a flush.
+    static let corkLimit = 64 * 1024
 
     public init(credentials: TLSCredentials, mode: TLSSession.Mode, alpn: [String], handshakeTimeout: TimeAmount = .seconds(10), logger: Logger) {
         self.credentials = credentials
@@ -161,7 +170,68 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
             pendingWrites.append((buf, promise))
             return
         }
-        encryptAndWrite(context: context, buf, promise: promise)
+        let n = buf.readableBytes
+        guard n <= Self.smallWrite else {
+            sealCorked(context: context)
+            encryptAndWrite(context: context, buf, promise: promise)
+            return
+        }
+        if corkedBytes + n > Self.corkLimit { sealCorked(context: context) }
+        guard !failed else {
+            promise?.fail(ChannelError.ioOnClosedChannel)
+            return
+        }
+        do {
+            if !corked {
+                try session.cork()
+                corked = true
+            }
+            try session.send(buf)
+            corkedBytes += n
+            if let promise { corkedPromises.append(promise) }
+        } catch {
+            promise?.fail(error)
+            fail(context: context, error: error)
+        }
+    }
+
+    public func flush(context: ChannelHandlerContext) {
+        sealCorked(context: context)
+        context.flush()
+    }
+
+    /// Seal the corked writes into records and pass them down (not flushed).
+    private func sealCorked(context: ChannelHandlerContext) {
+        guard corked, let session, !failed else { return }
+        corked = false
+        corkedBytes = 0
+        let promises = corkedPromises
+        corkedPromises = []
+        var promise: EventLoopPromise<Void>?
+        if promises.count == 1 {
+            promise = promises[0]
+        } else if !promises.isEmpty {
+            let all = context.eventLoop.makePromise(of: Void.self)
+            all.futureResult.whenComplete { result in
+                for p in promises { p.completeWith(result) }
+            }
+            promise = all
+        }
+        do {
+            try session.uncork()
+            flushCiphertext(context: context, promise: promise, flush: false)
+        } catch {
+            promise?.fail(error)
+            fail(context: context, error: error)
+        }
+    }
+
+    private func failCorked() {
+        let promises = corkedPromises
+        corkedPromises = []
+        corked = false
+        corkedBytes = 0
+        for p in promises { p.fail(ChannelError.ioOnClosedChannel) }
     }
 
     private func encryptAndWrite(context: ChannelHandlerContext, _ buf: ByteBuffer, promise: EventLoopPromise<Void>?) {
@@ -189,6 +259,7 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
 
     public func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
         if mode == .all, let session, session.handshakeComplete, !failed {
+            sealCorked(context: context)
             session.bye()
             flushCiphertext(context: context, promise: nil)
         }
@@ -201,6 +272,7 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
         let writes = pendingWrites
         pendingWrites = []
         for (_, p) in writes { p?.fail(ChannelError.ioOnClosedChannel) }
+        failCorked()
         // Nothing more can go to or come from the peer: free the GnuTLS session now rather than
         // whenever the pipeline is released (`close()` is idempotent; later calls are no-ops).
         session?.close()
@@ -210,6 +282,7 @@ public final class GnuTLSHandler: ChannelDuplexHandler, RemovableChannelHandler 
     private func fail(context: ChannelHandlerContext, error: Error) {
         guard !failed else { return }
         failed = true
+        failCorked()
         timeoutTask?.cancel()
         timeoutTask = nil
         // Send whatever alert GnuTLS queued, then close.

@@ -227,6 +227,26 @@ public final class TLSSession {
         }
     }
 
+    /// From now until `uncork`, `send` only hands GnuTLS the plaintext: it is sealed at `uncork`,
+    /// into as few records as it fills (a response head and a small body become one record, one
+    /// seal, one header instead of two).
+    public func cork() throws {
+        gnutls_record_cork(try live("sending"))
+    }
+
+    /// Seal what `cork` held into `outbound`.
+    public func uncork() throws {
+        let session = try live("sending")
+        outbound.reserveCapacity(minimumWritableBytes: gnutls_record_check_corked(session) + 64)
+        while true {
+            let rc = gnutls_record_uncork(session, 0)
+            if rc >= 0 { return }
+            let code = Int32(rc)
+            if code == GNUTLS_E_AGAIN || code == GNUTLS_E_INTERRUPTED { continue }
+            throw TLSError(code: code, context: "sending")
+        }
+    }
+
     /// Queue close_notify into `outbound` (idempotent).
     public func bye() {
         guard handshakeComplete, !closed, let session else { return }

@@ -8,6 +8,7 @@ import MeshHTTP
 import MeshHTTP2
 import MeshTLS
 import Metrics
+import NIOCore
 import Prometheus
 import ServiceLifecycle
 import Synchronization
@@ -28,6 +29,7 @@ struct CacheMeshCommand: AsyncParsableCommand {
     /// (ArgumentParser's own 64 for parse/validation errors is mapped to 2), or a subcommand's
     /// own `ExitCode` (e.g. 130 after SIGINT).
     static func main() async {
+        sizeEventLoopsToAffinity()
         let command: any ParsableCommand
         do {
             command = try await asyncParseAsRoot()
@@ -43,6 +45,18 @@ struct CacheMeshCommand: AsyncParsableCommand {
             }
         } catch {
             exitAfterRunning(error, command: type(of: command))
+        }
+    }
+
+    /// A node pinned to fewer CPUs than the machine has (`taskset`, a cpuset) runs one event loop
+    /// per CPU it may use, not per CPU of the machine: more loops than CPUs only adds thread
+    /// switches. NIO reads `NIO_SINGLETON_GROUP_LOOP_COUNT` when its shared group is first used
+    /// (which is after this); a value the user set wins.
+    static func sizeEventLoopsToAffinity() {
+        guard getenv("NIO_SINGLETON_GROUP_LOOP_COUNT") == nil else { return }
+        let allowed = Int(cm_affinity_cpu_count())
+        if allowed > 0, allowed < System.coreCount {
+            setenv("NIO_SINGLETON_GROUP_LOOP_COUNT", String(allowed), 0)
         }
     }
 
