@@ -33,13 +33,13 @@ let package = Package(
         .systemLibrary(name: "CGnuTLS", path: mods + "CGnuTLS", pkgConfig: "gnutls"),
         .systemLibrary(name: "CNgtcp2", path: mods + "CNgtcp2", pkgConfig: "libngtcp2_crypto_gnutls"),
         .systemLibrary(name: "CNghttp2", path: mods + "CNghttp2", pkgConfig: "libnghttp2"),
+        .systemLibrary(name: "CMeshSystem", path: mods + "CMeshSystem"),
         .target(name: "MeshTLS", dependencies: [
-            "CGnuTLS",
+            "CGnuTLS", "MeshHTTP",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ], path: mods + "MeshTLS", swiftSettings: testable),
         .target(name: "MeshHTTP", dependencies: [
-            "MeshTLS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Metrics", package: "swift-metrics"),
         ], path: mods + "MeshHTTP", swiftSettings: testable),
@@ -70,12 +70,20 @@ let package = Package(
             .product(name: "HeapModule", package: "swift-collections"),
         ], path: mods + "MeshCore", swiftSettings: testable),
         .target(name: "BlobStore", dependencies: [
-            "CGnuTLS",
+            "CGnuTLS", "CMeshSystem",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
         ], path: mods + "BlobStore", swiftSettings: testable),
+        .target(name: "MeshS3", dependencies: [
+            "CGnuTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+        ], path: mods + "MeshS3", swiftSettings: testable),
         .target(name: "CacheNode", dependencies: [
-            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshGRPC", "REAPI", "MeshCore", "MeshQUIC",
+            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshGRPC", "REAPI", "MeshCore", "MeshQUIC", "MeshS3",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

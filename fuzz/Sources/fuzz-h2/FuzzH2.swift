@@ -22,16 +22,18 @@ private final class Delegate: NGHTTP2SessionDelegate {
         var body = ByteBuffer()
         body.writeString(head.path.prefix(32) + "\n")
         open.insert(stream)
-        _ = session.submitResponse(stream: stream, status: head.method == "HEAD" ? 204 : 200,
-                                   headers: ["content-type": "text/plain"], body: .bytes(body),
-                                   trailers: head.method == "POST" ? ["grpc-status": "0"] : nil,
-                                   headOnly: head.method == "HEAD")
+        let response = HTTPResponse(status: head.method == "HEAD" ? 204 : 200,
+                                    headers: ["content-type": "text/plain"], body: .bytes(body),
+                                    trailers: head.method == "POST" ? ["grpc-status": "0"] : nil)
+        _ = session.submitResponse(stream: stream, head: ResponseHead(response, framing: .frames), body: response.body,
+                                   trailers: response.trailers, headOnly: head.method == "HEAD")
     }
     func headerListTooLarge(stream: Int32, bytes: Int, isTrailers: Bool, endStream: Bool, closing: Bool) {
         guard let session else { return }
         if closing { session.submitGoaway(errorCode: 11); return }
         if isTrailers { session.resetStream(stream, errorCode: 8); return }
-        _ = session.submitResponse(stream: stream, status: 431, headers: HTTPHeaders(), body: .empty)
+        let response = HTTPResponse(status: 431)
+        _ = session.submitResponse(stream: stream, head: ResponseHead(response, framing: .frames), body: response.body)
     }
     func dataReceived(stream: Int32, data: ByteBuffer) { session?.consumed(stream: stream, bytes: data.readableBytes) }
     func endOfStreamReceived(stream: Int32) {}
