@@ -309,6 +309,57 @@ struct ConnectionFloodTests {
     }
 }
 
+/// An HTTP/3 request stream whose HEADERS frame never completes: a forwarder lets the request's
+/// first datagram through and drops the rest of what the client sends (the node's answers still
+/// reach it).
+@Suite("HTTP/3 request head that never completes", .serialized)
+struct PartialH3HeadTests {
+    @Test("an HTTP/3 request whose HEADERS frame is cut after its first datagram is reset with H3_REQUEST_INCOMPLETE after the headers timeout; the node keeps serving",
+          .timeLimit(.minutes(2)))
+    func partialHeadersFrame() async throws {
+        let dir = try TempDir("h3-partial-head")
+        defer { dir.remove() }
+        let config = dir.file("node.toml")
+        try "request_headers_timeout_seconds = 2\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let node = try await TestNode.start(quic: true, extraArguments: ["--config", config])
+        defer { node.cleanUp() }
+        let front = try TestMesh.freePort(udp: true)
+        let proxy = try ChildProcess(["/usr/bin/python3", "\(Paths.packageRoot)/Tests/tools/cutoff_proxy.py",
+                                      "--listen", "\(front)", "--server", "\(node.quicPort!)", "--pass", "1", "--seconds", "40"])
+        defer { proxy.killAndWait() }
+        try #require(await eventually(timeout: 10) { proxy.stdout.contains("ready") }, "\(proxy.stderr)")
+        var options = ClientOptions(server: HostPort(host: "127.0.0.1", port: front), certificate: node.certs.path("client.pem"),
+                                    privateKey: node.certs.path("client.key"), ca: node.certs.ca)
+        options.transport = .quic
+        let attacker = try await CacheClient.connect(options)
+        // The connection works through the forwarder; then it settles (no ACKs in flight).
+        let ok = try await attacker.connection.request(HTTPRequestHead(method: "GET", path: "/healthz"))
+        #expect(ok.status == 200)
+        _ = try await ok.body.collect(upTo: 1 << 16)
+        try await Task.sleep(for: .seconds(1))
+        kill(proxy.pid, SIGUSR1)
+        try await Task.sleep(for: .milliseconds(200))
+        // ~24 KB of header fields (under the 64 KiB limit): a HEADERS frame of many datagrams.
+        var head = HTTPRequestHead(method: "GET", path: "/cas/\(String(repeating: "0", count: 64))")
+        for i in 0..<24 { head.headers.add("x-field-\(i)", String((0..<1000).map { _ in "abcdefghijklmnopqrstuvwxyz".randomElement()! })) }
+        await #expect(throws: HTTPTransportError.streamReset(errorCode: 0x10d)) {
+            _ = try await attacker.connection.request(head)
+        }
+        #expect(proxy.stdout.contains("cut after"), "\(proxy.stdout)")
+        await attacker.close()
+
+        // The node keeps serving, and says why it reset the stream.
+        let d = try await withClient(node) { try await $0.put(bytes: randomBytes(100_000)) }
+        let metrics = try await withClient(node) { c -> PrometheusText in
+            let r = try await c.fetch("/cas/\(d.hash)")
+            #expect(r.status == 200)
+            return try await c.metrics()
+        }
+        #expect(metrics.value("cachemesh_http_refused_total", labels: ["reason": "request_headers_timeout", "transport": "h3"]) == 1)
+        #expect(node.child.stderr.contains("HTTP/3 request headers not complete in time: resetting 1 stream(s)"), "\(node.logExcerpt())")
+    }
+}
+
 @Suite("Memory after a burst", .serialized)
 struct MemoryReturnTests {
     @Test("two bursts of 10,000 concurrent 64 KiB uploads over 1,000 connections: none fails, and once the node is quiet its RSS comes back near idle",
@@ -337,5 +388,54 @@ struct MemoryReturnTests {
             return settled <= idle + (48 << 20)
         }
         #expect(settled <= max(idle + (48 << 20), peak / 2), "idle \(idle >> 20) MB, peak \(peak >> 20) MB, after 30 s quiet \(settled >> 20) MB")
+        print("burst, default budget: idle \(idle >> 20) MB, peak \(peak >> 20) MB, after quiet \(settled >> 20) MB")
+    }
+
+    /// The same burst against a body budget far smaller than the burst (1 MiB for 640 MB of
+    /// bodies, 10 streams a connection; 64 write slots, whose readers want 4 MiB of windows):
+    /// streams waiting for a slot get no window,
+    /// so the budget only ever holds streams being read and the burst cannot deadlock (before,
+    /// with windows credited to connections, it stalled: 20 % in 80 s).
+    @Test("10,000 concurrent 64 KiB uploads over 1,000 connections against a 1 MiB body budget: none fails, the budget bites and is all given back",
+          .timeLimit(.minutes(3)))
+    func burstUnderASmallBudget() async throws {
+        let dir = try TempDir("burst-budget")
+        defer { dir.remove() }
+        let config = dir.file("node.toml")
+        try """
+            max_request_body_memory = "1M"
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+        let node = try await TestNode.start(maxBytes: "1G", extraArguments: ["--insecure", "--config", config])
+        defer { node.cleanUp() }
+        let blob = dir.file("b64k")
+        try await makeRandomFile(blob, size: 64 << 10)
+        let hash = try await sha256sum(blob)
+        try await Task.sleep(for: .seconds(1))
+        let idle = try #require(residentBytes(node.pid))
+        let sampler = Task {
+            var peak = 0
+            while !Task.isCancelled {
+                peak = max(peak, residentBytes(node.pid) ?? 0)
+                try? await Task.sleep(for: .milliseconds(200))
+            }
+            return peak
+        }
+        let r = try await run(["h2load", "-n", "10000", "-c", "1000", "-m", "10", "-t", "2", "-d", blob, "-H", ":method: PUT",
+                               "http://127.0.0.1:\(node.port)/cas/\(hash)"], timeout: 150)
+        sampler.cancel()
+        let peak = await sampler.value
+        #expect(r.stdout.contains("10000 succeeded, 0 failed"), "\(r.stdout.suffix(800))")
+        let scrape = try await run(["curl", "-sS", "http://127.0.0.1:\(node.port)/metrics"], timeout: 30)
+        let metrics = try PrometheusText(parsing: scrape.stdout)
+        let waits = metrics.value("cachemesh_request_body_budget_waits_total") ?? 0
+        #expect(waits > 0, "the budget never made a stream wait")
+        #expect(metrics.value("cachemesh_request_body_budget_used_bytes") == 0)
+        #expect(metrics.value("cachemesh_request_body_budget_waiting_streams") == 0)
+        #expect(node.child.stderr.contains("request-body budget used up"), "\(node.logExcerpt())")
+        let finished = r.stdout.split(separator: "\n").first { $0.hasPrefix("finished in") } ?? ""
+        print("burst, 1 MiB budget: \(finished); waits \(Int(waits)); RSS idle \(idle >> 20) MB, peak \(peak >> 20) MB")
+        // Memory bounded by the budget, not by 10,000 streams × 64 KiB (640 MB): what else the
+        // burst holds (10,000 requests' state, 1,000 connections' buffers) stays well under that.
+        #expect(peak - idle < 400 << 20, "RSS grew by \((peak - idle) >> 20) MB")
     }
 }

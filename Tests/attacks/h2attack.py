@@ -16,7 +16,8 @@ Used by the attack tests in Tests/IntegrationTests; prints one JSON line with wh
   body-flood:  open CONNECTIONS connections with STREAMS PUT streams each (distinct paths, each
                declaring CONTENT-LENGTH bytes) and send body bytes on every stream as fast as flow
                control lets them, never finishing, for HOLD s; prints how many body bytes the
-               server let in (what it may hold in memory), and how the streams ended.
+               server let in (what it may hold in memory), and how the streams ended. With
+               --rate R, each stream sends at most R bytes a second (slow uploads).
   partial-headers: send a HEADERS frame without END_HEADERS, then nothing (or with --trickle N,
                a 1-byte CONTINUATION every N seconds) for HOLD s; prints when the server closed.
   partial-head-h1: HTTP/1.1 over TLS: send the start of a request head, then (with --trickle N)
@@ -201,7 +202,8 @@ def body_flood(a):
         conns.append({"s": s, "conn": conn, "ids": ids, "sent": {i: 0 for i in ids}, "dead": False})
     print(json.dumps({"event": "opened", "connections": len(conns), "streams": n}), flush=True)
     chunk = b"\xa5" * 16384
-    end = time.time() + a.hold
+    start = time.time()
+    end = start + a.hold
     sel = selectors.DefaultSelector()
     for i, c in enumerate(conns):
         sel.register(c["s"], selectors.EVENT_READ, i)
@@ -215,6 +217,8 @@ def body_flood(a):
                 if str(sid) in out["reset"] or str(sid) in out["status"]:
                     continue
                 left = a.content_length - 1 - c["sent"][sid]  # never the last byte
+                if a.rate > 0:
+                    left = min(left, int(a.rate * (time.time() - start)) - c["sent"][sid])
                 try:
                     w = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, left, len(chunk))
                 except (h2.exceptions.StreamClosedError, KeyError):
@@ -371,6 +375,7 @@ def main():
     p.add_argument("--hold", type=float, default=10)
     p.add_argument("--trickle", type=float, default=0, help="stalled-put: then one byte every N seconds")
     p.add_argument("--connections", type=int, default=100)
+    p.add_argument("--rate", type=float, default=0, help="body-flood: bytes a second per stream at most (0: no limit)")
     p.add_argument("--seed", type=int, default=0, help="body-flood: offsets the streams' paths")
     a = p.parse_args()
     out = {"header-bomb": header_bomb, "stalled-put": stalled_put, "zero-window": zero_window, "idle-connections": idle_connections,
