@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
 """A UDP forwarder that cuts the client's direction mid-request.
 
-Datagrams from the client (to --listen) go to --server and the answers come back. After
-SIGUSR1 it forwards --pass more datagrams from the client, then drops everything the client
+Datagrams from the client (to --listen) go to --server and the answers come back. Once the
+file --arm exists it forwards --pass more datagrams from the client, then drops everything the client
 sends (the server's datagrams still reach the client). So a request sent after the signal
 reaches the server only in part: its first datagram (the start of a HEADERS frame), not the
 rest. Prints "ready", then "cut after N" once it starts dropping, and "forwarded UP DOWN
 dropped D" when it stops after --seconds.
 """
 import argparse
+import os
 import select
-import signal
 import socket
 import time
 
@@ -19,6 +19,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--listen", type=int, required=True)
     ap.add_argument("--server", type=int, required=True)
+    ap.add_argument("--arm", required=True)
     ap.add_argument("--pass", dest="passing", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=60)
     a = ap.parse_args()
@@ -27,11 +28,6 @@ def main():
     back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     back.bind(("127.0.0.1", 0))
     state = {"armed": False, "left": a.passing}
-
-    def arm(*_):
-        state["armed"] = True
-
-    signal.signal(signal.SIGUSR1, arm)
     print("ready", flush=True)
     client = None
     up = down = dropped = 0
@@ -44,6 +40,8 @@ def main():
         for s in ready:
             if s is front:
                 data, client = front.recvfrom(65535)
+                if not state["armed"] and os.path.exists(a.arm):
+                    state["armed"] = True
                 if state["armed"]:
                     if state["left"] <= 0:
                         dropped += 1
