@@ -31,6 +31,7 @@ struct H2Attack {
         var sent: Int?
         var per_connection_max: Int?
         var after: Double?
+        var stalled: Bool?
     }
 
     static func run(_ attack: String, node: TestNode, as who: Identity = .client, _ extra: [String] = [], timeout: Double = 60) async throws -> Outcome {
@@ -306,6 +307,38 @@ struct ConnectionFloodTests {
         let metrics = try await withClient(node) { try await $0.metrics() }
         #expect((metrics.value("cachemesh_http_refused_total", labels: ["reason": "idle_connection_displaced", "transport": "h2"]) ?? 0) >= 200)
         #expect(node.child.stderr.contains("closing the longest-idle connection"), "\(node.logExcerpt())")
+    }
+}
+
+/// HTTP/2 control-frame floods on one connection, each against a real node: rapid reset
+/// (HEADERS + RST_STREAM, CVE-2023-44487), PINGs and SETTINGS whose ACKs the attacker never
+/// reads, and a CONTINUATION flood (CVE-2024-28182). nghttp2 (Debian 12's 1.52.0 with those
+/// fixes) ends each connection; the node's CPU and RSS stay bounded and a client is served.
+@Suite("HTTP/2 control-frame floods", .serialized)
+struct ControlFloodTests {
+    @Test("rapid reset, PING, SETTINGS and CONTINUATION floods: each connection is ended by the node, RSS and CPU stay bounded, a client is served after each",
+          .timeLimit(.minutes(4)))
+    func controlFloods() async throws {
+        let node = try await TestNode.start()
+        defer { node.cleanUp() }
+        let data = randomBytes(1 << 20)
+        let stored = try await withClient(node) { try await $0.put(bytes: data) }
+        let rss0 = try #require(residentBytes(node.pid))
+        for (kind, count) in [("rapid-reset", 20_000), ("ping", 400_000), ("settings", 400_000), ("continuation", 400_000)] {
+            let cpu0 = try #require(cpuSeconds(node.pid))
+            let outcome = try await H2Attack.run("control-flood", node: node, ["--kind", kind, "--count", "\(count)", "--timeout", "20"], timeout: 120)
+            let cpu = (cpuSeconds(node.pid) ?? cpu0) - cpu0
+            let rss = residentBytes(node.pid) ?? 0
+            print("control flood \(kind): sent \(outcome.sent ?? -1) of \(count), goaway \(outcome.goaway.map(String.init) ?? "-"), closed \(outcome.closed ?? "-"), node CPU \(cpu) s, RSS \(rss >> 20) MB (before \(rss0 >> 20) MB)")
+            // The node ended the connection: the attacker saw GOAWAY or the socket closed on it
+            // (a connection still open 2 s after the flood, or one that stopped reading, is not).
+            #expect(outcome.goaway != nil || outcome.closed != nil, "\(kind): \(outcome)")
+            #expect(outcome.stalled == nil, "\(kind): \(outcome)")
+            #expect(cpu < 10, "\(kind): \(cpu) CPU seconds")
+            #expect(rss - rss0 < 64 << 20, "\(kind): RSS grew by \((rss - rss0) >> 20) MB")
+            let got = try await withClient(node) { try await $0.fetch("/cas/\(stored.hash)") }
+            #expect(got.status == 200 && got.body == data, "\(kind)")
+        }
     }
 }
 
