@@ -342,6 +342,41 @@ struct ControlFloodTests {
     }
 }
 
+/// Plaintext local-endpoint connections (unix socket and loopback TCP) that never send a byte,
+/// or only a prefix of the HTTP/2 preface: before, the protocol sniffer waited for them forever
+/// (no head timeout had started, no idle timeout either), each holding a descriptor.
+@Suite("Local endpoint: connections that never say a word", .serialized)
+struct SilentLocalAttackTests {
+    @Test("40 local connections (unix socket and TCP) that send nothing or half an HTTP/2 preface are closed after the headers timeout; a client is served meanwhile",
+          .timeLimit(.minutes(2)))
+    func silentLocalConnections() async throws {
+        let dir = try TempDir("silent-local")
+        defer { dir.remove() }
+        let config = dir.file("node.toml")
+        try "request_headers_timeout_seconds = 2\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let sock = dir.file("cm.sock")
+        let node = try await TestNode.startWithLocal(socket: sock, extra: ["--config", config])
+        defer { node.cleanUp() }
+        let fds0 = openDescriptors(node.pid)
+        async let attack = run(["/usr/bin/python3", "\(Paths.packageRoot)/Tests/attacks/silent_local.py", "--socket", sock,
+                                "--port", "\(node.localPort!)", "--silent", "20", "--prefix", "20", "--hold", "20"], timeout: 60)
+        try await Task.sleep(for: .milliseconds(500))
+        let during = openDescriptors(node.pid)
+        let served = try await run(["curl", "-sS", "--unix-socket", sock, "-o", "/dev/null", "-w", "%{http_code}", "http://local/healthz"], timeout: 30)
+        #expect(served.stdout == "200", "\(served)")
+        let r = try await attack
+        struct Outcome: Decodable { var opened: Int; var closed_by_server: Int; var still_open: Int }
+        let outcome = try JSONDecoder().decode(Outcome.self, from: Data(r.stdout.utf8))
+        #expect(outcome.opened == 40 && outcome.closed_by_server == 40 && outcome.still_open == 0, "\(r.stdout)")
+        #expect(during - fds0 >= 40, "the connections were not open on the node: \(fds0) → \(during) descriptors")
+        let scrape = try await run(["curl", "-sS", "--unix-socket", sock, "http://local/metrics"], timeout: 30)
+        let metrics = try PrometheusText(parsing: scrape.stdout)
+        #expect(metrics.value("cachemesh_http_refused_total", labels: ["reason": "request_headers_timeout", "transport": "local"]) == 40)
+        #expect(node.child.stderr.contains("local endpoint: no request head in time"), "\(node.logExcerpt())")
+        #expect(openDescriptors(node.pid) <= fds0 + 2)
+    }
+}
+
 /// An HTTP/3 request stream whose HEADERS frame never completes: a forwarder lets the request's
 /// first datagram through and drops the rest of what the client sends (the node's answers still
 /// reach it).
