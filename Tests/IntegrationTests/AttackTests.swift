@@ -377,6 +377,45 @@ struct SilentLocalAttackTests {
     }
 }
 
+/// HTTP/1.1 responses the client never reads, on the unix-socket local endpoint: each holds a
+/// read slot (and its open file) until the stall timeout closes its connection.
+@Suite("HTTP/1.1 readers that stop reading", .serialized)
+struct StalledH1ReaderAttackTests {
+    @Test("4 unix-socket GETs of a 32 MB blob never read, 4 read slots: their connections are closed after the stall timeout and a normal GET gets a slot",
+          .timeLimit(.minutes(2)))
+    func stalledH1Readers() async throws {
+        let dir = try TempDir("stalled-h1")
+        defer { dir.remove() }
+        let config = dir.file("node.toml")
+        try "response_stall_timeout_seconds = 2\nmax_open_reads = 4\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let sock = dir.file("cm.sock")
+        let node = try await TestNode.startWithLocal(socket: sock, extra: ["--config", config])
+        defer { node.cleanUp() }
+        let blob = dir.file("blob")
+        try await makeRandomFile(blob, size: 32 << 20)
+        let hash = try await sha256sum(blob)
+        let put = try await run(["curl", "-sS", "--unix-socket", sock, "-T", blob, "-o", "/dev/null", "-w", "%{http_code}", "http://local/cas/\(hash)"], timeout: 60)
+        #expect(put.stdout == "201" || put.stdout == "200", "\(put)")
+        async let attack = run(["/usr/bin/python3", "\(Paths.packageRoot)/Tests/attacks/stalled_reader_h1.py", "--socket", sock,
+                                "--path", "/cas/\(hash)", "--connections", "4", "--hold", "25", "--size", "\(32 << 20)"], timeout: 90)
+        try await Task.sleep(for: .seconds(1))
+        // All 4 read slots are held by the stalled readers now; this GET gets one only once the
+        // stall timeout closed one of them (without it: after the attackers' 25 s, past --max-time).
+        let got = try await run(["curl", "-sS", "--max-time", "20", "--unix-socket", sock, "-o", dir.file("got"), "-w", "%{http_code}",
+                                 "http://local/cas/\(hash)"], timeout: 60)
+        #expect(got.stdout == "200", "\(got)")
+        #expect(try await sha256sum(dir.file("got")) == hash)
+        let r = try await attack
+        struct Outcome: Decodable { var cut: Int; var got: [Int] }
+        let outcome = try JSONDecoder().decode(Outcome.self, from: Data(r.stdout.split(separator: "\n").last!.utf8))
+        #expect(outcome.cut == 4, "\(r.stdout)")
+        let scrape = try await run(["curl", "-sS", "--unix-socket", sock, "http://local/metrics"], timeout: 30)
+        let metrics = try PrometheusText(parsing: scrape.stdout)
+        #expect(metrics.value("cachemesh_http_refused_total", labels: ["reason": "response_stalled", "transport": "http1"]) == 4)
+        #expect(node.child.stderr.contains("HTTP/1.1 client stopped reading: closing the connection"), "\(node.logExcerpt())")
+    }
+}
+
 /// An HTTP/3 request stream whose HEADERS frame never completes: a forwarder lets the request's
 /// first datagram through and drops the rest of what the client sends (the node's answers still
 /// reach it).
