@@ -189,11 +189,10 @@ public struct NodeConfiguration: Sendable {
     /// with a quarter of that limit kept for the store.
     public var maxConnections = 4096
     /// Request-body bytes the node holds in memory at once, all connections together (see
-    /// `RequestBodyBudget`): flow-control windows grow only within it. A connection takes at most
-    /// an eighth of it; each also has a fixed 64–256 KiB the protocols give anyway. 0 (the
-    /// default): no node-wide budget — each connection's own windows bound it (see budgets.md
-    /// for why it is not on by default yet).
-    public var maxRequestBodyMemory: Int64 = 0
+    /// `RequestBodyBudget`): only streams whose handler reads get a flow-control window, charged
+    /// to this budget. A connection takes at most an eighth of it. 0: off (each connection's own
+    /// windows bound it).
+    public var maxRequestBodyMemory: Int64 = 256 << 20
     /// The share (percent) of `maxOpenReads` and of `maxConcurrentWrites` one connection may hold
     /// at once; its further requests wait, so another connection always finds a slot.
     public var connectionSlotSharePercent = 25

@@ -20,7 +20,7 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
         /// The current rate window: when it began and the bytes that arrived in it.
         var windowStart = ContinuousClock.now
         var windowBytes = 0
-        var closedForBudget = false
+        var readStarted = false
     }
 
     private let state = Mutex(State())
@@ -39,37 +39,30 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
     /// `bodyTooSlow` when less than that rate arrived over a window of half the idle timeout
     /// (again only while nothing is buffered: a body held back by our own flow control is exempt).
     ///
-    /// With `budget` (a server connection's share of the node's `RequestBodyBudget`), the body
-    /// counts as open on that connection until it ends, and a consumer waiting on an empty body
-    /// tells the budget (see `RequestBodyBudget.starving`). Bytes still buffered when the body is
-    /// released are reported consumed, so the connection's window gets them back.
+    /// With `onFirstRead`, the transport withholds the body's window until its consumer first
+    /// asks for bytes (the node's `RequestBodyBudget` credits only streams being read): it is
+    /// called once, from the consumer's first `next()`. Until then, and while `heldBack` says the
+    /// budget keeps the stream waiting, a silent sender is not timed out (the silence is ours).
     public init(onConsumed: @escaping @Sendable (Int) -> Void = { _ in }, idleTimeout: Duration? = nil, minimumRate: Int = 0,
-                budget: BodyBudgetConnection? = nil) {
+                onFirstRead: (@Sendable () -> Void)? = nil, heldBack: (@Sendable () -> Bool)? = nil) {
         self.onConsumed = onConsumed
         self.idleTimeout = idleTimeout
         self.minimumRate = minimumRate
-        self.budget = budget
-        budget?.bodyOpened()
+        self.onFirstRead = onFirstRead
+        self.heldBack = heldBack
         if idleTimeout != nil { BodyWatchdog.shared.watch(self) }
     }
 
     deinit {
-        let (left, open) = state.withLock { s in (s.buffered, !s.closedForBudget) }
+        let left = state.withLock { $0.buffered }
         if left > 0 { onConsumed(left) }
-        if open { budget?.bodyClosed() }
     }
 
-    private let budget: BodyBudgetConnection?
+    private let onFirstRead: (@Sendable () -> Void)?
+    private let heldBack: (@Sendable () -> Bool)?
 
-    /// Tell the budget (once) that this body will take no more bytes.
-    private func closeForBudget() {
-        guard let budget else { return }
-        let first = state.withLock { s -> Bool in
-            defer { s.closedForBudget = true }
-            return !s.closedForBudget
-        }
-        if first { budget.bodyClosed() }
-    }
+    /// Whether the consumer asked for bytes yet.
+    public var readStarted: Bool { state.withLock { $0.readStarted } }
 
     private let idleTimeout: Duration?
     private let minimumRate: Int
@@ -80,12 +73,13 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
     public func checkIdle(now: ContinuousClock.Instant) -> Bool {
         guard let idleTimeout else { return false }
         let window = idleTimeout / 2
-        // The node's body budget holds this connection back (its window is full of bytes not yet
-        // read, or waits to grow): a slow arrival is then our doing, not the sender's.
-        let heldBack = budget?.holdsBack ?? false
+        // The transport withholds the window (nobody read yet, or the node's body budget keeps
+        // the stream waiting for one): a slow arrival is then our doing, not the sender's.
+        let held = heldBack?() ?? false
         let verdict = state.withLock { s -> HTTPTransportError?? in
             guard !s.finished, s.error == nil else { return .none }
-            guard s.buffered == 0, !heldBack || now - s.lastArrival > idleTimeout else {
+            let withheld = held || (onFirstRead != nil && !s.readStarted)
+            guard s.buffered == 0, !withheld else {
                 // Our side is behind: not the sender's fault; start counting afresh.
                 s.windowStart = now
                 s.windowBytes = 0
@@ -133,7 +127,6 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
             return nil
         }
         if let waiter {
-            budget?.fed()
             onConsumed(chunk.readableBytes)
             waiter.resume(returning: chunk)
             return true
@@ -152,8 +145,6 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
             }
             return nil
         }
-        if waiter != nil { budget?.fed() }
-        closeForBudget()
         waiter?.resume(returning: nil)
     }
 
@@ -171,8 +162,6 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
             s.waiter = nil
             return (w, dropped)
         }
-        if waiter != nil { budget?.fed() }
-        closeForBudget()
         waiter?.resume(throwing: error)
         return dropped
     }
@@ -189,7 +178,12 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (cont: CheckedContinuation<ByteBuffer?, any Error>) in
                 enum Outcome { case chunk(ByteBuffer), end, error(any Error), wait }
+                var first = false
                 let outcome: Outcome = state.withLock { s in
+                    if !s.readStarted {
+                        s.readStarted = true
+                        first = true
+                    }
                     if let e = s.error { return .error(e) }
                     if !s.chunks.isEmpty {
                         var c = s.chunks.removeFirst()
@@ -216,13 +210,14 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
                     s.waiter = cont
                     return .wait
                 }
+                if first { onFirstRead?() }
                 switch outcome {
                 case .chunk(let c):
                     onConsumed(c.readableBytes)
                     cont.resume(returning: c)
                 case .end: cont.resume(returning: nil)
                 case .error(let e): cont.resume(throwing: e)
-                case .wait: budget?.starving()
+                case .wait: break
                 }
             }
         } onCancel: {
@@ -231,7 +226,6 @@ public final class HTTPInboundBody: AsyncSequence, Sendable {
                 s.waiter = nil
                 return w
             }
-            if w != nil { budget?.fed() }
             w?.resume(throwing: CancellationError())
         }
     }

@@ -27,7 +27,8 @@ public struct HTTP1Limits: Sendable {
     /// After a drain began, a request in flight gets this long before the connection is closed.
     public var drainGracePeriod: TimeAmount = .seconds(30)
     /// The node's request-body budget: reading pauses while the body bytes not yet taken reach
-    /// the connection's window (64 KiB, grown within the budget up to `maxBufferedBody`).
+    /// 64 KiB, plus — once the handler reads — the window the budget gives the body (up to
+    /// `maxBufferedBody`).
     public var bodyBudget: RequestBodyBudget?
     /// A request head whose first byte arrived this long ago and that is still not complete
     /// gets 408 and the connection is closed. nil: only the idle timeout bounds it.
@@ -232,16 +233,18 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         let loop = context.eventLoop
         let bound = NIOLoopBound(self, eventLoop: loop)
-        if hasBody, bodyWindow == nil, let budget = limits.bodyBudget {
-            bodyWindow = budget.connection(base: Self.bodyWindowBase) { _ in loop.execute { bound.value.bodyConsumed() } }
-        }
-        let window = bodyWindow
+        if hasBody, bodyWindow == nil, let budget = limits.bodyBudget { bodyWindow = budget.connection() }
+        let budgeted = hasBody && bodyWindow != nil
+        let credit = BodyCreditHolder()
+        var open: (@Sendable () -> Void)?
+        if budgeted { open = { loop.execute { bound.value.openBodyCredit(id, credit) } } }
         let body = HTTPInboundBody(onConsumed: { n in
-                                       window?.consumed(n)
+                                       _ = credit.consumed(n)
                                        loop.execute { bound.value.bodyConsumed() }
                                    },
                                    idleTimeout: hasBody ? limits.bodyIdleTimeout : nil, minimumRate: limits.bodyMinRate,
-                                   budget: hasBody ? window : nil)
+                                   onFirstRead: open)
+        bodyCredit = budgeted ? credit : nil
         if !hasBody { body.finish() }
         current = Exchange(id: id, body: body, isHead: isHead, keepAlive: keepAlive, version: h.version, requestEnded: false, hasBody: hasBody)
         if hasBody, h.headers.first(name: "expect")?.lowercased() == "100-continue" {
@@ -294,22 +297,34 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
             if l + chunk.readableBytes > limits.lingerLimit { close(context) }
             return
         }
-        bodyWindow?.received(chunk.readableBytes)
-        if !c.body.append(chunk) { bodyWindow?.consumed(chunk.readableBytes) }
+        c.body.append(chunk)
     }
 
     /// This connection's share of the node's request-body budget (made with its first body).
     private var bodyWindow: BodyBudgetConnection?
+    /// The current body's window under the budget (given once its handler reads).
+    private var bodyCredit: BodyCreditHolder?
     static let bodyWindowBase = 64 * 1024
 
+    /// The handler of exchange `id` began reading its body: ask the budget for a window.
+    private func openBodyCredit(_ id: Int, _ holder: BodyCreditHolder) {
+        guard let w = bodyWindow, current?.id == id, let c = current, !c.requestEnded, c.lingered == nil else { return }
+        let loop = context?.eventLoop
+        let bound = context.map { NIOLoopBound(self, eventLoop: $0.eventLoop) }
+        holder.set(w.open(cap: max(0, limits.maxBufferedBody - Self.bodyWindowBase)) { _ in
+            loop?.execute { bound?.value.bodyConsumed() }
+        })
+    }
+
     /// Whether the body being received has as many bytes waiting for the service as reading may
-    /// run ahead (the budget's window, or `maxBufferedBody` without a budget).
+    /// run ahead (64 KiB + the budget's window for it, or `maxBufferedBody` without a budget).
     private func bodyFull(_ body: HTTPInboundBody) -> Bool {
-        if let w = bodyWindow { return !w.mayReceive || body.bufferedBytes >= limits.maxBufferedBody }
+        if let credit = bodyCredit { return body.bufferedBytes >= min(limits.maxBufferedBody, Self.bodyWindowBase + credit.window) }
         return body.bufferedBytes >= limits.maxBufferedBody
     }
 
     private func receivedEnd(context: ChannelHandlerContext) {
+        bodyCredit?.release()
         guard var c = current else { return }
         c.requestEnded = true
         current = c
@@ -408,8 +423,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if early {
             c.keepAlive = false
             c.lingered = 0
-            let dropped = c.body.fail(HTTPTransportError.streamReset(errorCode: 0))
-            bodyWindow?.consumed(dropped)
+            c.body.fail(HTTPTransportError.streamReset(errorCode: 0))
+            bodyCredit?.release()
             if readPending { readPending = false; context.read() }
         }
         current = c
@@ -539,6 +554,8 @@ final class HTTP1ServerHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func finish(context: ChannelHandlerContext) {
         guard let c = current else { return }
         current = nil
+        bodyCredit?.release()
+        bodyCredit = nil
         if !c.keepAlive || c.lingered != nil || drain.isDraining {
             close(context)
             return

@@ -64,16 +64,14 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         self.plaintextPeer = plaintextPeer
         self.gracePeriod = gracePeriod
         var settings = settings
-        // With a body budget the connection window starts at the protocol's 65,535 bytes and
-        // grows only within the budget (see `RequestBodyBudget`).
-        // Request streams start at the protocol's 65,535 bytes (a smaller initial window would
-        // shrink streams opened before the client saw it, and nghttp2 then swallows their growth)
-        // and grow only while their body is read: a stream nobody reads yet (waiting for a write
-        // slot) holds at most 64 KiB.
+        // With a body budget, request streams get no window until their handler reads
+        // (SETTINGS_INITIAL_WINDOW_SIZE 0; `openStream`), then one charged to the budget that
+        // grows up to the usual initial window. Bodies nobody reads take no memory and no
+        // connection window, so a stream being read is never starved by streams waiting for a
+        // write slot.
         if bodyBudget != nil {
-            settings.connectionWindowSize = 65_535
             settings.streamWindowCap = settings.initialWindowSize
-            settings.initialWindowSize = min(settings.initialWindowSize, 65_535)
+            settings.initialWindowSize = 0
         }
         super.init(settings: settings, logger: logger)
     }
@@ -94,17 +92,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         guard self.peer == nil else { return }
         self.peer = peer
         startSession(role: .server)
-        if let bodyBudget, let context, let session {
-            let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-            let loop = context.eventLoop
-            session.bodyBudget = bodyBudget.connection(base: 65_535) { n in
-                loop.execute {
-                    let me = bound.value
-                    me.session?.growConnectionWindow(by: n)
-                    me.scheduleFlush()
-                }
-            }
-        }
+        if let bodyBudget { session?.bodyBudget = bodyBudget.connection() }
         startStallCheck()
     }
 
@@ -163,6 +151,7 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         stallCheck?.cancel()
         stallCheck = nil
         session?.bodyBudget?.close()
+        session?.bodyBudget = nil
         super.channelInactive(context: context)
     }
 
@@ -221,8 +210,10 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
             respond(stream: stream, response: immediate)
             return
         }
+        let budgeted = !endStream && session?.bodyBudget != nil
         let body = HTTPInboundBody(onConsumed: makeConsumedCallback(stream: stream), idleTimeout: endStream ? nil : bodyIdleTimeout,
-                                   minimumRate: bodyMinRate, budget: endStream ? nil : session?.bodyBudget)
+                                   minimumRate: bodyMinRate, onFirstRead: budgeted ? onLoop { ($0 as? HTTP2ServerHandler)?.openStream(stream) } : nil,
+                                   heldBack: budgeted ? waitsForBudget(stream) : nil)
         streams[stream] = Stream(body: body, requestEnded: endStream, isHead: head.method == "HEAD")
         streamsChanged()
         if endStream {
@@ -260,6 +251,32 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         respond(stream: stream, response: TransportRefusals.headerListTooLarge(bytes: bytes, limit: session.maxHeaderListSize))
     }
 
+    /// The handler of `stream` began reading its body: ask the budget for its window.
+    private func openStream(_ stream: Int32) {
+        guard streams[stream] != nil, let context else { return }
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let loop = context.eventLoop
+        let credit = session?.openStream(stream) { n in
+            loop.execute {
+                let me = bound.value
+                me.session?.grantStream(stream, bytes: n)
+                me.scheduleFlush()
+            }
+        }
+        if let credit { waitFlags[stream]?.set(credit) }
+        scheduleFlush()
+    }
+
+    /// Whether the budget keeps `stream` waiting for a window (any thread; a stale answer only
+    /// delays an idle verdict by a second).
+    private func waitsForBudget(_ stream: Int32) -> @Sendable () -> Bool {
+        let slot = BodyCreditSlot()
+        waitFlags[stream] = slot
+        return { slot.waiting }
+    }
+
+    private var waitFlags: [Int32: BodyCreditSlot] = [:]
+
     private func respond(stream: Int32, response: HTTPResponse) {
         guard let s = streams[stream], let session else {
             // The stream died (reset, connection closed) while the service worked.
@@ -292,6 +309,8 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     }
 
     override func endOfStreamReceived(stream: Int32) {
+        session?.releaseStream(stream)
+        waitFlags[stream] = nil
         guard var s = streams[stream] else { return }
         s.requestEnded = true
         streams[stream] = s
@@ -305,6 +324,8 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
         guard var s = streams[stream], !s.requestEnded, let context else { return }
         s.lingering = 1
         streams[stream] = s
+        // Let the rest of the body come (to be dropped) as the linger allows.
+        openStream(stream)
         // Nobody reads the body any more: drop what is buffered and give its window back.
         let dropped = s.body.fail(HTTPTransportError.streamReset(errorCode: 0))
         if dropped > 0 { session?.consumed(stream: stream, bytes: dropped) }
@@ -319,12 +340,12 @@ final class HTTP2ServerHandler: HTTP2ChannelHandler {
     }
 
     override func streamClosed(stream: Int32, errorCode: UInt32) {
+        waitFlags[stream] = nil
         guard let s = streams.removeValue(forKey: stream) else { return }
         streamsChanged()
         // The body first, so a handler reading it learns the real reason; then the handler.
         if !s.requestEnded {
-            let dropped = s.body.fail(HTTPTransportError.streamReset(errorCode: errorCode))
-            session?.consumedConnection(bytes: dropped)
+            s.body.fail(HTTPTransportError.streamReset(errorCode: errorCode))
         }
         s.task?.cancel()
     }

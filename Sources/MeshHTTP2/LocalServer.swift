@@ -69,7 +69,7 @@ public final class LocalServer: Sendable {
             if case .tcp = config.address {
                 try channel.syncOptions?.setOption(.tcpOption(.tcp_nodelay), value: 1)
             }
-            try channel.pipeline.syncOperations.addHandler(ProtocolSniffer { pipeline, isH2 in
+            try channel.pipeline.syncOperations.addHandler(ProtocolSniffer(timeout: base.requestHeadersTimeout, logger: logger) { pipeline, isH2 in
                 if isH2 {
                     try pipeline.addHandler(base.makeHTTP2Handler(service: service, plaintext: true, plaintextPeer: config.peer,
                                                                   limiter: limiter, logger: logger))
@@ -125,9 +125,35 @@ final class ProtocolSniffer: ChannelInboundHandler, RemovableChannelHandler {
     private var buffered: ByteBuffer?
     private var decided = false
     private let install: (ChannelPipeline.SynchronousOperations, Bool) throws -> Void
+    /// A connection that has not said which protocol it speaks this long after it opened (no
+    /// byte, or a prefix of the HTTP/2 preface) is closed: neither protocol's head timeout has
+    /// started yet, and it would otherwise hold its descriptor for as long as the client likes.
+    private let timeout: Duration?
+    private let logger: Logger?
+    private var deadline: Scheduled<Void>?
 
-    init(install: @escaping (ChannelPipeline.SynchronousOperations, Bool) throws -> Void) {
+    init(timeout: Duration? = nil, logger: Logger? = nil, install: @escaping (ChannelPipeline.SynchronousOperations, Bool) throws -> Void) {
         self.install = install
+        self.timeout = timeout
+        self.logger = logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        guard let timeout else { return }
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        deadline = context.eventLoop.scheduleTask(in: .nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000)) {
+            let (me, context) = bound.value
+            guard !me.decided else { return }
+            TransportRefusals.count("request_headers_timeout", transport: "local")
+            me.logger?.notice("local endpoint: no request head in time (\(me.buffered?.readableBytes ?? 0) byte(s) received): closing the connection",
+                              metadata: ["timeout": "\(timeout)"])
+            context.close(promise: nil)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
     }
 
     /// true: HTTP/2 preface, false: something else, nil: cannot tell yet.

@@ -103,47 +103,43 @@ final class NGHTTP2Session {
         ]
         nghttp2_submit_settings(s, UInt8(NGHTTP2_FLAG_NONE.rawValue), &iv, iv.count)
         nghttp2_session_set_local_window_size(s, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, settings.connectionWindowSize)
-        localConnectionWindow = Int(settings.connectionWindowSize)
     }
 
-    /// With a body budget, request streams start with a small window (`initialWindowSize`) and
-    /// a stream whose body is being read grows it (doubling as its consumer takes a window's
-    /// worth) up to this: a stream nobody reads yet (waiting for a write slot) holds little.
+    /// With a body budget: the window a stream being read grows to (doubling as its consumer
+    /// takes a window's worth, while the budget has room).
     private let streamWindowCap: Int
     private let initialStreamWindow: Int
-    private var streamWindows: [Int32: (window: Int, taken: Int)] = [:]
 
-    /// The connection's share of the node's request-body budget (server side). With it, the
-    /// connection window is given back only as the budget allows (`consumed`), not on arrival.
+    /// The connection's share of the node's request-body budget (server side). With it, request
+    /// streams have no window (SETTINGS_INITIAL_WINDOW_SIZE 0) until their handler reads
+    /// (`openStream`); the connection window is credited as bytes arrive (the streams' windows,
+    /// all charged to the budget, bound what may arrive).
     var bodyBudget: BodyBudgetConnection?
-    private var localConnectionWindow = 65_535
+    private var credits: [Int32: BodyCredit] = [:]
 
-    /// The budget let this connection's window grow by `bytes`.
-    func growConnectionWindow(by bytes: Int) {
-        guard bytes > 0 else { return }
-        localConnectionWindow = min(Int(Int32.max), localConnectionWindow + bytes)
-        nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, Int32(localConnectionWindow))
+    /// The handler of `stream` began reading its body: ask the budget for a window. `grant` runs
+    /// `grantStream` on the loop when it is given.
+    @discardableResult
+    func openStream(_ stream: Int32, grant: @escaping @Sendable (Int) -> Void) -> BodyCredit? {
+        guard let b = bodyBudget, credits[stream] == nil, nghttp2_session_find_stream(session, stream) != nil else { return nil }
+        let c = b.open(cap: streamWindowCap, grant: grant)
+        credits[stream] = c
+        return c
     }
 
-    /// Body bytes of a stream that is gone left memory: only the connection window is concerned.
-    func consumedConnection(bytes: Int) {
-        guard bytes > 0 else { return }
-        consumedBudgeted(bytes)
+    /// The budget gave `stream` `bytes` more window.
+    func grantStream(_ stream: Int32, bytes: Int) {
+        guard bytes > 0, credits[stream] != nil, nghttp2_session_find_stream(session, stream) != nil else { return }
+        nghttp2_submit_window_update(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream, Int32(clamping: bytes))
     }
 
-    /// Give consumed body bytes back to the connection window as the budget allows. What the
-    /// budget keeps back shrinks nghttp2's own idea of the window too: it sends WINDOW_UPDATE
-    /// once half *its* window was consumed, so a window larger than what we credit would never
-    /// be updated again.
-    private func consumedBudgeted(_ bytes: Int) {
-        guard let b = bodyBudget else { return }
-        let kept = bytes - b.consumed(bytes)
-        if kept > 0 {
-            localConnectionWindow = max(65_535, localConnectionWindow - kept)
-            nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), 0, Int32(localConnectionWindow))
-        }
-        nghttp2_session_consume_connection(session, bytes)
+    /// The stream's body ended or the stream went away: its window goes back to the budget.
+    func releaseStream(_ stream: Int32) {
+        credits.removeValue(forKey: stream)?.release()
     }
+
+    /// Whether the budget keeps `stream` waiting for its first window.
+    func streamWaitsForBudget(_ stream: Int32) -> Bool { credits[stream]?.waiting ?? false }
 
     deinit {
         for (_, var o) in outbound { o.pump.close(HTTPTransportError.connectionClosed) }
@@ -178,21 +174,17 @@ final class NGHTTP2Session {
     var wantsRead: Bool { nghttp2_session_want_read(session) != 0 }
     var wantsWrite: Bool { nghttp2_session_want_write(session) != 0 }
 
-    /// The consumer of `stream` took `bytes`: open the stream window by as much.
+    /// The consumer of `stream` took `bytes`: open the stream window by as much (under a budget,
+    /// plus what the window grows by).
     func consumed(stream: Int32, bytes: Int) {
         guard bytes > 0 else { return }
-        nghttp2_session_consume_stream(session, stream, bytes)
-        if streamWindowCap > initialStreamWindow, nghttp2_session_find_stream(session, stream) != nil {
-            var w = streamWindows[stream] ?? (initialStreamWindow, 0)
-            w.taken += bytes
-            if w.taken >= w.window, w.window < streamWindowCap {
-                w.window = min(streamWindowCap, w.window * 2)
-                w.taken = 0
-                nghttp2_session_set_local_window_size(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream, Int32(w.window))
-            }
-            streamWindows[stream] = w
+        guard bodyBudget != nil else {
+            nghttp2_session_consume_stream(session, stream, bytes)
+            return
         }
-        consumedBudgeted(bytes)
+        guard nghttp2_session_find_stream(session, stream) != nil else { return }
+        let grow = credits[stream]?.consumed(bytes) ?? 0
+        nghttp2_submit_window_update(session, UInt8(NGHTTP2_FLAG_NONE.rawValue), stream, Int32(clamping: bytes + grow))
     }
 
     // MARK: - submitting
@@ -382,7 +374,7 @@ final class NGHTTP2Session {
         }
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb) { session, _, stream, data, len, user in
             let me = NGHTTP2Session.from(user)
-            if let b = me.bodyBudget { b.received(len) } else { nghttp2_session_consume_connection(session, len) }
+            nghttp2_session_consume_connection(session, len)
             var buf = ByteBufferAllocator().buffer(capacity: len)
             buf.writeBytes(UnsafeRawBufferPointer(start: data, count: len))
             me.delegate.dataReceived(stream: stream, data: buf)
@@ -400,7 +392,7 @@ final class NGHTTP2Session {
         nghttp2_session_callbacks_set_on_stream_close_callback(cb) { _, stream, code, user in
             let me = NGHTTP2Session.from(user)
             me.inboundHeaders.removeValue(forKey: stream)
-            me.streamWindows.removeValue(forKey: stream)
+            me.releaseStream(stream)
             me.headersSeen.remove(stream)
             me.dropOutbound(stream: stream)
             me.delegate.streamClosed(stream: stream, errorCode: code)

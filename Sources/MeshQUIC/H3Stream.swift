@@ -41,8 +41,8 @@ final class H3Stream {
     var pendingInbound: ByteBuffer?
     var isHead = false
     var responseSubmitted = false
-    /// Server, under a request-body budget: the stream's receive window and what was read of it.
-    var budgetWindow = (window: QUICSettings.budgetStreamWindow, taken: 0)
+    /// Server, under a request-body budget: the stream's window, once its handler reads.
+    var credit: BodyCredit?
     /// When the peer last acknowledged response bytes (or the response began).
     var lastProgress = ContinuousClock.now
     var continuation: CheckedContinuation<HTTPClientResponse, any Error>?

@@ -27,15 +27,20 @@ extension QUICCore {
             respond(s.id, immediate)
             return
         }
-        if !fin, bodyBudget == nil, let budget = settings.requestBodyBudget {
-            let bound = NIOLoopBound(weakSelf, eventLoop: loop)
-            let loop = self.loop
-            bodyBudget = budget.connection(base: QUICSettings.budgetBaseWindow) { n in
-                loop.execute { bound.value.core?.growConnectionWindow(n) }
-            }
+        if !fin, bodyBudget == nil, let budget = settings.requestBodyBudget { bodyBudget = budget.connection() }
+        let budgeted = !fin && bodyBudget != nil
+        let slot = BodyCreditSlot()
+        var open: (@Sendable () -> Void)?
+        var held: (@Sendable () -> Bool)?
+        if budgeted {
+            let opener = NIOLoopBound(weakSelf, eventLoop: loop)
+            let coreLoop = self.loop
+            let sid = s.id
+            open = { coreLoop.execute { opener.value.core?.openBudgetedStream(sid, slot: slot) } }
+            held = { slot.waiting }
         }
         let body = HTTPInboundBody(onConsumed: makeCredit(s.id), idleTimeout: fin ? nil : settings.requestBodyIdleTimeout,
-                                  minimumRate: settings.requestBodyMinRate, budget: fin ? nil : bodyBudget)
+                                   minimumRate: settings.requestBodyMinRate, onFirstRead: open, heldBack: held)
         s.body = body
         if fin {
             s.inboundEnded = true

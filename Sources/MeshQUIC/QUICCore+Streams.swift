@@ -36,38 +36,38 @@ extension QUICCore {
         return 0
     }
 
-    /// Body bytes consumed: open the stream and connection windows by that much.
+    /// Body bytes consumed: open the stream and connection windows by that much (under a budget,
+    /// the stream's window also grows as the budget allows; the connection was credited on arrival).
     func credit(_ sid: Int64, _ n: Int) {
         guard isActive, n > 0 else { return }
-        ngtcp2_conn_extend_max_stream_offset(conn, sid, UInt64(n + growStreamWindow(sid, n)))
+        let grow = bodyBudget != nil ? (streams[sid]?.credit?.consumed(n) ?? 0) : 0
+        ngtcp2_conn_extend_max_stream_offset(conn, sid, UInt64(n + grow))
         creditConnection(n)
         scheduleWrite()
     }
 
-    /// Body bytes left memory: give them back to the connection window, as far as the node's
-    /// request-body budget lets this connection keep its window (see `RequestBodyBudget`).
+    /// Body bytes left memory: give them back to the connection window. Under a request-body
+    /// budget the connection window was credited as they arrived (the streams' windows, charged
+    /// to the budget, bound what may arrive), so nothing is left to do.
     func creditConnection(_ n: Int) {
-        guard isActive, n > 0 else { return }
-        let credit = bodyBudget?.consumed(n) ?? n
-        if credit > 0 { ngtcp2_conn_extend_max_offset(conn, UInt64(credit)) }
-    }
-
-    /// Request streams under a budget: how much more than `n` to open `sid`'s window by.
-    private func growStreamWindow(_ sid: Int64, _ n: Int) -> Int {
-        guard bodyBudget != nil, let s = streams[sid] else { return 0 }
-        s.budgetWindow.taken += n
-        let cap = Int(clamping: settings.streamWindow)
-        guard s.budgetWindow.taken >= s.budgetWindow.window, s.budgetWindow.window < cap else { return 0 }
-        let grown = min(cap, s.budgetWindow.window * 2)
-        defer { s.budgetWindow = (grown, 0) }
-        return grown - s.budgetWindow.window
-    }
-
-    /// The budget let this connection's window grow.
-    func growConnectionWindow(_ n: Int) {
-        guard isActive, n > 0 else { return }
+        guard isActive, n > 0, bodyBudget == nil else { return }
         ngtcp2_conn_extend_max_offset(conn, UInt64(n))
-        scheduleWrite()
+    }
+
+    /// The handler of `sid` began reading its body: ask the budget for the stream's window.
+    func openBudgetedStream(_ sid: Int64, slot: BodyCreditSlot) {
+        guard isActive, let b = bodyBudget, let s = streams[sid], s.credit == nil, !s.inboundEnded else { return }
+        let bound = NIOLoopBound(weakSelf, eventLoop: loop)
+        let loop = self.loop
+        let credit = b.open(cap: Int(clamping: settings.streamWindow)) { n in
+            loop.execute {
+                guard let core = bound.value.core, core.isActive, core.streams[sid]?.credit != nil else { return }
+                ngtcp2_conn_extend_max_stream_offset(core.conn, sid, UInt64(n))
+                core.scheduleWrite()
+            }
+        }
+        s.credit = credit
+        slot.set(credit)
     }
 
     func makeCredit(_ sid: Int64) -> @Sendable (Int) -> Void {
@@ -111,6 +111,8 @@ extension QUICCore {
     func streamClosed(_ sid: Int64, code: UInt64) {
         pendingHeads[sid] = nil
         guard let s = streams.removeValue(forKey: sid) else { return }
+        s.credit?.release()
+        s.credit = nil
         dropPendingInbound(s)
         if !s.inboundEnded {
             s.inboundEnded = true
@@ -139,7 +141,8 @@ extension QUICCore {
 
     func recvData(_ sid: Int64, _ data: UnsafePointer<UInt8>?, _ len: Int) {
         guard len > 0, let data else { return }
-        bodyBudget?.received(len)
+        // Under a budget the connection window is credited on arrival (see `creditConnection`).
+        if bodyBudget != nil { ngtcp2_conn_extend_max_offset(conn, UInt64(len)) }
         guard let s = streams[sid], let body = s.body, !s.inboundEnded else {
             credit(sid, len)
             return
@@ -186,6 +189,7 @@ extension QUICCore {
         guard let s = streams[sid], !s.inboundEnded else { return }
         deliverInbound(s)
         s.inboundEnded = true
+        s.credit?.release()
         s.body?.finish(trailers: s.trailerBlock.fields.isEmpty ? nil : HTTPHeaders(s.trailerBlock.fields))
     }
 

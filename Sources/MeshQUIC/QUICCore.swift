@@ -226,7 +226,7 @@ final class QUICCore {
         cm_ngtcp2_settings_default(&st)
         st.initial_ts = QUICClock.now()
         st.initial_rtt = UInt64(settings.initialRTT.nanoseconds)
-        st.max_window = isServer && settings.requestBodyBudget != nil ? UInt64(QUICSettings.budgetBaseWindow) : settings.maxConnectionWindow
+        st.max_window = settings.maxConnectionWindow
         st.max_stream_window = settings.streamWindow
         st.handshake_timeout = UInt64(settings.handshakeTimeout.nanoseconds)
         switch settings.congestionControl {
@@ -251,7 +251,7 @@ final class QUICCore {
         p.initial_max_stream_data_bidi_local = settings.streamWindow
         p.initial_max_stream_data_bidi_remote = isServer && settings.requestBodyBudget != nil ? UInt64(QUICSettings.budgetStreamWindow) : settings.streamWindow
         p.initial_max_stream_data_uni = 1 << 20
-        p.initial_max_data = isServer && settings.requestBodyBudget != nil ? UInt64(QUICSettings.budgetBaseWindow) : settings.connectionWindow
+        p.initial_max_data = settings.connectionWindow
         p.initial_max_streams_bidi = isServer ? settings.maxConcurrentStreams : 0
         p.initial_max_streams_uni = 8
         p.max_idle_timeout = UInt64(settings.idleTimeout.nanoseconds)

@@ -62,16 +62,16 @@ public struct QUICSettings: Sendable {
     /// A response whose flow-control window the client keeps closed for this long is reset
     /// (server side), giving back its read slot. nil: never.
     public var responseStallTimeout: Duration? = .seconds(30)
-    /// The node's request-body budget (server side; see `RequestBodyBudget`): the connection
-    /// window starts at `budgetBaseWindow` and grows only within the budget.
+    /// The node's request-body budget (server side; see `RequestBodyBudget`): a request stream
+    /// has `budgetStreamWindow` until its handler reads, then a window charged to the budget.
     public var requestBodyBudget: RequestBodyBudget?
     /// A request stream whose header section is not complete this long after its first byte is
     /// reset (H3_REQUEST_INCOMPLETE; server side). nil: never.
     public var requestHeadersTimeout: Duration? = .seconds(20)
-    public static let budgetBaseWindow = 256 * 1024
-    /// With a budget, request streams start with this window and grow (doubling as their body is
-    /// read, up to `streamWindow`) only while read: a stream waiting for a write slot holds little.
-    public static let budgetStreamWindow = 64 * 1024
+    /// With a budget, request streams start with this window (room for the request's HEADERS,
+    /// whose bytes are credited back at once) and get more only once their handler reads (growing
+    /// within the budget up to `streamWindow`): a stream waiting for a write slot holds ≤ 16 KiB.
+    public static let budgetStreamWindow = 16 * 1024
 
     /// The secret stateless-reset tokens are derived from (nil: one random secret per process).
     /// A server should be given a stable one (the node derives it from its private key), so that

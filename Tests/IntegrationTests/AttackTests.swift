@@ -31,6 +31,7 @@ struct H2Attack {
         var sent: Int?
         var per_connection_max: Int?
         var after: Double?
+        var stalled: Bool?
     }
 
     static func run(_ attack: String, node: TestNode, as who: Identity = .client, _ extra: [String] = [], timeout: Double = 60) async throws -> Outcome {
@@ -309,6 +310,163 @@ struct ConnectionFloodTests {
     }
 }
 
+/// HTTP/2 control-frame floods on one connection, each against a real node: rapid reset
+/// (HEADERS + RST_STREAM, CVE-2023-44487), PINGs and SETTINGS whose ACKs the attacker never
+/// reads, and a CONTINUATION flood (CVE-2024-28182). nghttp2 (Debian 12's 1.52.0 with those
+/// fixes) ends each connection; the node's CPU and RSS stay bounded and a client is served.
+@Suite("HTTP/2 control-frame floods", .serialized)
+struct ControlFloodTests {
+    @Test("rapid reset, PING, SETTINGS and CONTINUATION floods: each connection is ended by the node, RSS and CPU stay bounded, a client is served after each",
+          .timeLimit(.minutes(4)))
+    func controlFloods() async throws {
+        let node = try await TestNode.start()
+        defer { node.cleanUp() }
+        let data = randomBytes(1 << 20)
+        let stored = try await withClient(node) { try await $0.put(bytes: data) }
+        let rss0 = try #require(residentBytes(node.pid))
+        for (kind, count) in [("rapid-reset", 20_000), ("ping", 400_000), ("settings", 400_000), ("continuation", 400_000)] {
+            let cpu0 = try #require(cpuSeconds(node.pid))
+            let outcome = try await H2Attack.run("control-flood", node: node, ["--kind", kind, "--count", "\(count)", "--timeout", "20"], timeout: 120)
+            let cpu = (cpuSeconds(node.pid) ?? cpu0) - cpu0
+            let rss = residentBytes(node.pid) ?? 0
+            print("control flood \(kind): sent \(outcome.sent ?? -1) of \(count), goaway \(outcome.goaway.map(String.init) ?? "-"), closed \(outcome.closed ?? "-"), node CPU \(cpu) s, RSS \(rss >> 20) MB (before \(rss0 >> 20) MB)")
+            // The node ended the connection: the attacker saw GOAWAY or the socket closed on it
+            // (a connection still open 2 s after the flood, or one that stopped reading, is not).
+            #expect(outcome.goaway != nil || outcome.closed != nil, "\(kind): \(outcome)")
+            #expect(outcome.stalled == nil, "\(kind): \(outcome)")
+            #expect(cpu < 10, "\(kind): \(cpu) CPU seconds")
+            #expect(rss - rss0 < 64 << 20, "\(kind): RSS grew by \((rss - rss0) >> 20) MB")
+            let got = try await withClient(node) { try await $0.fetch("/cas/\(stored.hash)") }
+            #expect(got.status == 200 && got.body == data, "\(kind)")
+        }
+    }
+}
+
+/// Plaintext local-endpoint connections (unix socket and loopback TCP) that never send a byte,
+/// or only a prefix of the HTTP/2 preface: before, the protocol sniffer waited for them forever
+/// (no head timeout had started, no idle timeout either), each holding a descriptor.
+@Suite("Local endpoint: connections that never say a word", .serialized)
+struct SilentLocalAttackTests {
+    @Test("40 local connections (unix socket and TCP) that send nothing or half an HTTP/2 preface are closed after the headers timeout; a client is served meanwhile",
+          .timeLimit(.minutes(2)))
+    func silentLocalConnections() async throws {
+        let dir = try TempDir("silent-local")
+        defer { dir.remove() }
+        let config = dir.file("node.toml")
+        try "request_headers_timeout_seconds = 2\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let sock = dir.file("cm.sock")
+        let node = try await TestNode.startWithLocal(socket: sock, extra: ["--config", config])
+        defer { node.cleanUp() }
+        let fds0 = openDescriptors(node.pid)
+        async let attack = run(["/usr/bin/python3", "\(Paths.packageRoot)/Tests/attacks/silent_local.py", "--socket", sock,
+                                "--port", "\(node.localPort!)", "--silent", "20", "--prefix", "20", "--hold", "20"], timeout: 60)
+        try await Task.sleep(for: .milliseconds(500))
+        let during = openDescriptors(node.pid)
+        let served = try await run(["curl", "-sS", "--unix-socket", sock, "-o", "/dev/null", "-w", "%{http_code}", "http://local/healthz"], timeout: 30)
+        #expect(served.stdout == "200", "\(served)")
+        let r = try await attack
+        struct Outcome: Decodable { var opened: Int; var closed_by_server: Int; var still_open: Int }
+        let outcome = try JSONDecoder().decode(Outcome.self, from: Data(r.stdout.utf8))
+        #expect(outcome.opened == 40 && outcome.closed_by_server == 40 && outcome.still_open == 0, "\(r.stdout)")
+        #expect(during - fds0 >= 40, "the connections were not open on the node: \(fds0) → \(during) descriptors")
+        let scrape = try await run(["curl", "-sS", "--unix-socket", sock, "http://local/metrics"], timeout: 30)
+        let metrics = try PrometheusText(parsing: scrape.stdout)
+        #expect(metrics.value("cachemesh_http_refused_total", labels: ["reason": "request_headers_timeout", "transport": "local"]) == 40)
+        #expect(node.child.stderr.contains("local endpoint: no request head in time"), "\(node.logExcerpt())")
+        #expect(openDescriptors(node.pid) <= fds0 + 2)
+    }
+}
+
+/// HTTP/1.1 responses the client never reads, on the unix-socket local endpoint: each holds a
+/// read slot (and its open file) until the stall timeout closes its connection.
+@Suite("HTTP/1.1 readers that stop reading", .serialized)
+struct StalledH1ReaderAttackTests {
+    @Test("4 unix-socket GETs of a 32 MB blob never read, 4 read slots: their connections are closed after the stall timeout and a normal GET gets a slot",
+          .timeLimit(.minutes(2)))
+    func stalledH1Readers() async throws {
+        let dir = try TempDir("stalled-h1")
+        defer { dir.remove() }
+        let config = dir.file("node.toml")
+        try "response_stall_timeout_seconds = 2\nmax_open_reads = 4\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let sock = dir.file("cm.sock")
+        let node = try await TestNode.startWithLocal(socket: sock, extra: ["--config", config])
+        defer { node.cleanUp() }
+        let blob = dir.file("blob")
+        try await makeRandomFile(blob, size: 32 << 20)
+        let hash = try await sha256sum(blob)
+        let put = try await run(["curl", "-sS", "--unix-socket", sock, "-T", blob, "-o", "/dev/null", "-w", "%{http_code}", "http://local/cas/\(hash)"], timeout: 60)
+        #expect(put.stdout == "201" || put.stdout == "200", "\(put)")
+        async let attack = run(["/usr/bin/python3", "\(Paths.packageRoot)/Tests/attacks/stalled_reader_h1.py", "--socket", sock,
+                                "--path", "/cas/\(hash)", "--connections", "4", "--hold", "25", "--size", "\(32 << 20)"], timeout: 90)
+        try await Task.sleep(for: .seconds(1))
+        // All 4 read slots are held by the stalled readers now; this GET gets one only once the
+        // stall timeout closed one of them (without it: after the attackers' 25 s, past --max-time).
+        let got = try await run(["curl", "-sS", "--max-time", "20", "--unix-socket", sock, "-o", dir.file("got"), "-w", "%{http_code}",
+                                 "http://local/cas/\(hash)"], timeout: 60)
+        #expect(got.stdout == "200", "\(got)")
+        #expect(try await sha256sum(dir.file("got")) == hash)
+        let r = try await attack
+        struct Outcome: Decodable { var cut: Int; var got: [Int] }
+        let outcome = try JSONDecoder().decode(Outcome.self, from: Data(r.stdout.split(separator: "\n").last!.utf8))
+        #expect(outcome.cut == 4, "\(r.stdout)")
+        let scrape = try await run(["curl", "-sS", "--unix-socket", sock, "http://local/metrics"], timeout: 30)
+        let metrics = try PrometheusText(parsing: scrape.stdout)
+        #expect(metrics.value("cachemesh_http_refused_total", labels: ["reason": "response_stalled", "transport": "http1"]) == 4)
+        #expect(node.child.stderr.contains("HTTP/1.1 client stopped reading: closing the connection"), "\(node.logExcerpt())")
+    }
+}
+
+/// An HTTP/3 request stream whose HEADERS frame never completes: a forwarder lets the request's
+/// first datagram through and drops the rest of what the client sends (the node's answers still
+/// reach it).
+@Suite("HTTP/3 request head that never completes", .serialized)
+struct PartialH3HeadTests {
+    @Test("an HTTP/3 request whose HEADERS frame is cut after its first datagram is reset with H3_REQUEST_INCOMPLETE after the headers timeout; the node keeps serving",
+          .timeLimit(.minutes(2)))
+    func partialHeadersFrame() async throws {
+        let dir = try TempDir("h3-partial-head")
+        defer { dir.remove() }
+        let config = dir.file("node.toml")
+        try "request_headers_timeout_seconds = 2\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let node = try await TestNode.start(quic: true, extraArguments: ["--config", config])
+        defer { node.cleanUp() }
+        let front = try TestMesh.freePort(udp: true)
+        let proxy = try ChildProcess(["/usr/bin/python3", "\(Paths.packageRoot)/Tests/tools/cutoff_proxy.py",
+                                      "--listen", "\(front)", "--server", "\(node.quicPort!)", "--arm", dir.file("arm"),
+                                      "--pass", "1", "--seconds", "40"])
+        defer { proxy.killAndWait() }
+        try #require(await eventually(timeout: 10) { proxy.stdout.contains("ready") }, "\(proxy.stderr)")
+        var options = ClientOptions(server: HostPort(host: "127.0.0.1", port: front), certificate: node.certs.path("client.pem"),
+                                    privateKey: node.certs.path("client.key"), ca: node.certs.ca)
+        options.transport = .quic
+        let attacker = try await CacheClient.connect(options)
+        // The connection works through the forwarder; then it settles (no ACKs in flight).
+        let ok = try await attacker.connection.request(HTTPRequestHead(method: "GET", path: "/healthz"))
+        #expect(ok.status == 200)
+        _ = try await ok.body.collect(upTo: 1 << 16)
+        try await Task.sleep(for: .seconds(1))
+        try "".write(toFile: dir.file("arm"), atomically: true, encoding: .utf8)
+        // ~24 KB of header fields (under the 64 KiB limit): a HEADERS frame of many datagrams.
+        var head = HTTPRequestHead(method: "GET", path: "/cas/\(String(repeating: "0", count: 64))")
+        for i in 0..<24 { head.headers.add("x-field-\(i)", String((0..<1000).map { _ in "abcdefghijklmnopqrstuvwxyz".randomElement()! })) }
+        await #expect(throws: HTTPTransportError.streamReset(errorCode: 0x10d)) {
+            _ = try await attacker.connection.request(head)
+        }
+        #expect(proxy.stdout.contains("cut after"), "\(proxy.stdout)")
+        await attacker.close()
+
+        // The node keeps serving, and says why it reset the stream.
+        let d = try await withClient(node) { try await $0.put(bytes: randomBytes(100_000)) }
+        let metrics = try await withClient(node) { c -> PrometheusText in
+            let r = try await c.fetch("/cas/\(d.hash)")
+            #expect(r.status == 200)
+            return try await c.metrics()
+        }
+        #expect(metrics.value("cachemesh_http_refused_total", labels: ["reason": "request_headers_timeout", "transport": "h3"]) == 1)
+        #expect(node.child.stderr.contains("HTTP/3 request headers not complete in time: resetting 1 stream(s)"), "\(node.logExcerpt())")
+    }
+}
+
 @Suite("Memory after a burst", .serialized)
 struct MemoryReturnTests {
     @Test("two bursts of 10,000 concurrent 64 KiB uploads over 1,000 connections: none fails, and once the node is quiet its RSS comes back near idle",
@@ -337,5 +495,54 @@ struct MemoryReturnTests {
             return settled <= idle + (48 << 20)
         }
         #expect(settled <= max(idle + (48 << 20), peak / 2), "idle \(idle >> 20) MB, peak \(peak >> 20) MB, after 30 s quiet \(settled >> 20) MB")
+        print("burst, default budget: idle \(idle >> 20) MB, peak \(peak >> 20) MB, after quiet \(settled >> 20) MB")
+    }
+
+    /// The same burst against a body budget far smaller than the burst (1 MiB for 640 MB of
+    /// bodies, 10 streams a connection; 64 write slots, whose readers want 4 MiB of windows):
+    /// streams waiting for a slot get no window,
+    /// so the budget only ever holds streams being read and the burst cannot deadlock (before,
+    /// with windows credited to connections, it stalled: 20 % in 80 s).
+    @Test("10,000 concurrent 64 KiB uploads over 1,000 connections against a 1 MiB body budget: none fails, the budget bites and is all given back",
+          .timeLimit(.minutes(3)))
+    func burstUnderASmallBudget() async throws {
+        let dir = try TempDir("burst-budget")
+        defer { dir.remove() }
+        let config = dir.file("node.toml")
+        try """
+            max_request_body_memory = "1M"
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+        let node = try await TestNode.start(maxBytes: "1G", extraArguments: ["--insecure", "--config", config])
+        defer { node.cleanUp() }
+        let blob = dir.file("b64k")
+        try await makeRandomFile(blob, size: 64 << 10)
+        let hash = try await sha256sum(blob)
+        try await Task.sleep(for: .seconds(1))
+        let idle = try #require(residentBytes(node.pid))
+        let sampler = Task {
+            var peak = 0
+            while !Task.isCancelled {
+                peak = max(peak, residentBytes(node.pid) ?? 0)
+                try? await Task.sleep(for: .milliseconds(200))
+            }
+            return peak
+        }
+        let r = try await run(["h2load", "-n", "10000", "-c", "1000", "-m", "10", "-t", "2", "-d", blob, "-H", ":method: PUT",
+                               "http://127.0.0.1:\(node.port)/cas/\(hash)"], timeout: 150)
+        sampler.cancel()
+        let peak = await sampler.value
+        #expect(r.stdout.contains("10000 succeeded, 0 failed"), "\(r.stdout.suffix(800))")
+        let scrape = try await run(["curl", "-sS", "http://127.0.0.1:\(node.port)/metrics"], timeout: 30)
+        let metrics = try PrometheusText(parsing: scrape.stdout)
+        let waits = metrics.value("cachemesh_request_body_budget_waits_total") ?? 0
+        #expect(waits > 0, "the budget never made a stream wait")
+        #expect(metrics.value("cachemesh_request_body_budget_used_bytes") == 0)
+        #expect(metrics.value("cachemesh_request_body_budget_waiting_streams") == 0)
+        #expect(node.child.stderr.contains("request-body budget used up"), "\(node.logExcerpt())")
+        let finished = r.stdout.split(separator: "\n").first { $0.hasPrefix("finished in") } ?? ""
+        print("burst, 1 MiB budget: \(finished); waits \(Int(waits)); RSS idle \(idle >> 20) MB, peak \(peak >> 20) MB")
+        // Memory bounded by the budget, not by 10,000 streams × 64 KiB (640 MB): what else the
+        // burst holds (10,000 requests' state, 1,000 connections' buffers) stays well under that.
+        #expect(peak - idle < 400 << 20, "RSS grew by \((peak - idle) >> 20) MB")
     }
 }

@@ -2,6 +2,7 @@ import BlobStore
 import CacheNode
 import Foundation
 import Testing
+import TestSupport
 
 /// The request-body memory budget, per-connection slot shares and the request-headers timeout,
 /// each driven by Tests/attacks/h2attack.py against a real node while a normal client works.
@@ -48,24 +49,63 @@ struct BudgetAttackTests {
         let peak = residentBytes(node.pid) ?? before
         let outcome = try await flood
 
-        // What the node let in: its budget, 64 KiB per connection, 64 KiB more for each time a
-        // slot holder waited on a window full of others' bytes (floor grants), and the slot
-        // holders' bytes, which went to disk (at most 8 MB each). Without the budget: another
-        // 99 × 256 KiB per connection (~150 MB).
+        // What the node let in: what each connection may send before it sees our SETTINGS (64
+        // KiB), the windows of streams being read (within the budget, or 16 KiB floors), and the
+        // slot holders' bytes, which went to disk (at most 8 MB each). Streams waiting for a slot
+        // get no window at all. Without the budget: another 99 × 256 KiB per connection (~150 MB).
         let sent = try #require(outcome.sent)
         let metrics = try await withClient(node) { try await $0.metrics() }
         let floors = Int(metrics.value("cachemesh_request_body_budget_floor_grants_total") ?? 0)
-        let inMemoryBound = budget + 6 * 65_535 + floors * 65_535
+        let inMemoryBound = budget + 6 * 65_535 + floors * 16_384
         let bound = inMemoryBound + 6 * 8_000_000
         #expect(sent > 0)
         #expect(floors < 200, "\(floors) floor grants")
         #expect(sent < bound, "the flood got \(sent) bytes in (bound \(bound), \(floors) floor grants)")
         #expect(peak - before < max(48 << 20, inMemoryBound * 3), "RSS grew by \((peak - before) >> 20) MB (in-memory bound \(inMemoryBound >> 20) MB)")
-        #expect((metrics.value("cachemesh_request_body_budget_waits_total") ?? 0) > 0)
-        #expect(node.child.stderr.contains("request-body budget used up"), "\(node.logExcerpt())")
+        #expect(metrics.value("cachemesh_request_body_budget_used_bytes") ?? .infinity <= Double(budget))
         // Every stored blob is still there.
         let after = try await withClient(node) { try await $0.fetch("/cas/\(put.hash)") }
         #expect(after.status == 200 && after.body == honest)
+    }
+
+    /// 3 connections × 32 uploads that crawl at 24 KB/s (above the minimum rate: never timed
+    /// out), each holding a write slot and reading, so each wants a window: 96 × 64 KiB against a
+    /// 1 MiB budget. The budget is held by the crawlers for the whole attack; a normal PUT on its
+    /// own connection gets a floor window at once (its connection holds nothing) and is stored
+    /// while they still hold it. With the floor removed, it waits for a crawler to end.
+    @Test("96 slow uploads on 3 connections hold the whole 1 MiB body budget; a normal 2 MiB PUT on another connection is stored while they hold it",
+          .timeLimit(.minutes(3)))
+    func slowUploadsDoNotStarveAPut() async throws {
+        let dir = try TempDir("slow-uploads")
+        defer { dir.remove() }
+        let node = try await Self.node(dir, """
+            max_request_body_memory = "1M"
+            max_concurrent_writes = 128
+            """)
+        defer { node.cleanUp() }
+        async let attack = H2Attack.run("body-flood", node: node, ["--connections", "3", "--streams", "32", "--content-length", "8000000",
+                                                                   "--rate", "24000", "--hold", "30"], timeout: 90)
+        // The crawlers hold the budget and others of theirs wait for it.
+        var used = -1.0
+        let full = await eventually(timeout: 25) {
+            guard let m = try? await withClient(node, .client, { c in try await c.metrics() }) else { return false }
+            used = m.value("cachemesh_request_body_budget_used_bytes") ?? -1
+            return (m.value("cachemesh_request_body_budget_used_bytes") ?? 0) >= Double(1 << 20)
+                && (m.value("cachemesh_request_body_budget_waiting_streams") ?? 0) > 0
+        }
+        #expect(full, "the crawlers never filled the budget: \(used) used")
+        let honest = randomBytes(2 << 20)
+        let d = try await withClient(node) { try await $0.put(bytes: honest) }
+        #expect(d.hash == SHA256.hex(honest))
+        // Still held by the crawlers when the PUT was stored: it did not wait for them.
+        let during = try await withClient(node) { try await $0.metrics() }
+        #expect((during.value("cachemesh_request_body_budget_waiting_streams") ?? 0) > 0)
+        #expect((during.value("cachemesh_request_body_budget_floor_grants_total") ?? 0) >= 1)
+        let outcome = try await attack
+        #expect(outcome.reset.isEmpty && outcome.status.isEmpty, "crawlers were cut: \(outcome)")
+        #expect(node.child.stderr.contains("request-body budget used up"), "\(node.logExcerpt())")
+        let got = try await withClient(node) { try await $0.fetch("/cas/\(d.hash)") }
+        #expect(got.status == 200 && got.body == honest)
     }
 
     /// One connection with 64 zero-window GETs against 16 read slots and a stall timeout longer

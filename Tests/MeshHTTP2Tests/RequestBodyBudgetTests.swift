@@ -10,72 +10,109 @@ import Testing
         func add(_ n: Int) { total.withLock { $0 += n } }
     }
 
-    /// A peer that sends as fast as the window allows and a consumer that keeps up.
-    static func traffic(_ c: BodyBudgetConnection, rounds: Int) {
-        for _ in 0..<rounds {
-            c.received(65_536)
-            _ = c.consumed(65_536)
-        }
-    }
+    static let first = RequestBodyBudget.firstGrant
 
-    @Test func aWindowGrowsWithTrafficUpToItsShareAndNoFurther() {
-        let budget = RequestBodyBudget(limit: 1 << 20, perConnection: 512 << 10)
+    @Test func aStreamBeingReadGetsAWindowThatGrowsWithinItsCapAndComesBackWhenItEnds() {
+        let budget = RequestBodyBudget(limit: 4 << 20, perConnection: 4 << 20)
         let grants = Grants()
-        let c = budget.connection(base: 65_536) { grants.add($0) }
-        let body = HTTPInboundBody(budget: c)
-        Self.traffic(c, rounds: 100)
-        #expect(c.window.window == 65_536 + (512 << 10))
-        #expect(grants.value == 512 << 10)
-        #expect(budget.used == 512 << 10)
-        body.finish()
-        // The upload is over: what the connection holds beyond its base goes back as it drains.
-        Self.traffic(c, rounds: 20)
-        #expect(c.window.window == 65_536)
+        let c = budget.connection()
+        let s = c.open(cap: 256 << 10) { grants.add($0) }
+        #expect(grants.value == Self.first)
+        #expect(budget.used == Self.first)
+        // The consumer takes the window's worth, again and again: 64 → 128 → 256 KiB, no further.
+        var grown = 0
+        for _ in 0..<20 { grown += s.consumed(Self.first) }
+        #expect(grown == (256 << 10) - Self.first)
+        #expect(s.window == 256 << 10)
+        #expect(budget.used == 256 << 10)
+        s.release()
         #expect(budget.used == 0)
+        #expect(s.consumed(Self.first) == 0)
     }
 
-    @Test func connectionsBeyondTheBudgetWaitAndAreServedWhenItFrees() {
-        let budget = RequestBodyBudget(limit: 1 << 20, perConnection: 1 << 20)
-        let a = budget.connection(base: 65_536) { _ in }
-        let bodyA = HTTPInboundBody(budget: a)
-        Self.traffic(a, rounds: 100)
+    @Test func aConnectionHoldsAtMostItsShare() {
+        let budget = RequestBodyBudget(limit: 4 << 20, perConnection: 1 << 20)
+        let c = budget.connection()
+        var streams: [BodyCredit] = []
+        for _ in 0..<16 { streams.append(c.open(cap: 1 << 20) { _ in }) }
+        // 16 × 64 KiB = the share: a 17th waits even though the budget has room.
         #expect(budget.used == 1 << 20)
-        let grantsB = Grants()
-        let b = budget.connection(base: 65_536) { grantsB.add($0) }
-        let bodyB = HTTPInboundBody(budget: b)
-        Self.traffic(b, rounds: 10)
-        // Nothing left: b keeps its base and waits.
-        #expect(grantsB.value == 0)
-        #expect(budget.waiting == 1)
-        #expect(budget.used == 1 << 20)
-        a.close()
-        #expect(grantsB.value > 0)
-        #expect(budget.used <= 1 << 20)
-        _ = (bodyA, bodyB)
-    }
-
-    @Test func aHandlerWaitingOnAWindowFullOfOthersBytesGetsAFloorGrant() async throws {
-        let budget = RequestBodyBudget(limit: 1 << 20)
         let grants = Grants()
-        let c = budget.connection(base: 65_536) { grants.add($0) }
-        // Another stream's 64 KiB fill the window and nobody reads them.
-        let parked = HTTPInboundBody(budget: c)
-        c.received(65_536)
-        parked.append(ByteBuffer(repeating: 1, count: 65_536))
-        let waiting = HTTPInboundBody(budget: c)
-        let reader = Task { try await waiting.next() }
-        try await Task.sleep(for: .milliseconds(100))
-        #expect(grants.value == 65_536)
-        #expect(budget.floorGrants == 1)
-        waiting.append(ByteBuffer(string: "x"))
+        let extra = c.open(cap: 1 << 20) { grants.add($0) }
+        #expect(extra.waiting)
+        #expect(grants.value == 0)
+        // Growth stops at the share too.
+        #expect(streams[0].consumed(Self.first) == 0)
+        streams.removeFirst().release()
+        #expect(!extra.waiting)
+        #expect(grants.value == Self.first)
+        #expect(budget.used == 1 << 20)
+    }
+
+    @Test func streamsBeyondTheBudgetWaitAndAreServedRoundRobinOverConnections() {
+        let budget = RequestBodyBudget(limit: 1 << 20, perConnection: 1 << 20)
+        let hog = budget.connection()
+        var held: [BodyCredit] = []
+        for _ in 0..<16 { held.append(hog.open(cap: 64 << 10) { _ in }) }
+        #expect(budget.used == 1 << 20)
+        // Connection a queues three streams, then b one: b's comes second, not fourth.
+        let a = budget.connection(), b = budget.connection()
+        let order = Mutex<[String]>([])
+        // a's first stream takes a floor (a holds nothing); its others wait.
+        let a0 = a.open(cap: 64 << 10) { _ in order.withLock { $0.append("a0") } }
+        let a1 = a.open(cap: 64 << 10) { _ in order.withLock { $0.append("a1") } }
+        let a2 = a.open(cap: 64 << 10) { _ in order.withLock { $0.append("a2") } }
+        let b0 = b.open(cap: 64 << 10) { _ in order.withLock { $0.append("b0") } }
+        let b1 = b.open(cap: 64 << 10) { _ in order.withLock { $0.append("b1") } }
+        #expect(order.withLock { $0 } == ["a0", "b0"])
+        #expect(budget.floorGrants == 2)
+        #expect(a1.waiting && a2.waiting && b1.waiting)
+        #expect(budget.waiting == 3)
+        for _ in 0..<3 { held.removeFirst().release() }
+        #expect(order.withLock { $0 } == ["a0", "b0", "a1", "b1", "a2"])
+        #expect(budget.used == 1 << 20)
+        _ = (a0, b0)
+    }
+
+    @Test func floorsAreBoundedNodeWide() {
+        let budget = RequestBodyBudget(limit: 1 << 20, perConnection: 1 << 20, floor: 16 << 10, floorLimit: 32 << 10)
+        let hog = budget.connection()
+        let held = (0..<16).map { _ in hog.open(cap: 64 << 10) { _ in } }
+        let conns = (0..<3).map { _ in budget.connection() }
+        let credits = conns.map { $0.open(cap: 1 << 20) { _ in } }
+        #expect(credits.map(\.window) == [16 << 10, 16 << 10, 0])
+        #expect(budget.floorUsed == 32 << 10)
+        credits[0].release()
+        #expect(credits[2].window == 16 << 10)
+        _ = held
+    }
+
+    @Test func closingAConnectionGivesBackEverythingItHeld() {
+        let budget = RequestBodyBudget(limit: 1 << 20)
+        let c = budget.connection()
+        let s = (0..<4).map { _ in c.open(cap: 64 << 10) { _ in } }
+        #expect(budget.used == 4 * Self.first)
+        c.close()
+        #expect(budget.used == 0)
+        _ = s
+    }
+
+    @Test func aBodyAsksForItsWindowOnItsFirstReadAndIsNotTimedOutBeforeIt() async throws {
+        let opened = Grants()
+        let body = HTTPInboundBody(idleTimeout: .seconds(1), onFirstRead: { opened.add(1) })
+        // Nothing arrives, nobody reads: the silence is ours, not the sender's.
+        #expect(body.checkIdle(now: .now + .seconds(10)))
+        #expect(opened.value == 0)
+        let reader = Task { try await body.next() }
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(opened.value == 1)
+        body.append(ByteBuffer(string: "x"))
         _ = try await reader.value
-        // A window with room left gets nothing extra.
-        let idle = budget.connection(base: 65_536) { grants.add($0) }
-        let other = HTTPInboundBody(budget: idle)
-        let r2 = Task { try await other.next() }
-        try await Task.sleep(for: .milliseconds(100))
-        #expect(budget.floorGrants == 1)
-        other.finish()
-        _ = try await r2.value
+        let r2 = Task { try await body.next() }
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(opened.value == 1)
+        // Now it reads and nothing comes: timed out.
+        #expect(!body.checkIdle(now: .now + .seconds(10)))
+        await #expect(throws: HTTPTransportError.self) { try await r2.value }
     }
 }

