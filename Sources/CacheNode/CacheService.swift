@@ -89,6 +89,9 @@ public enum MeshFetchOutcome: Sendable, Equatable {
 public protocol MeshHooks: Sendable {
     /// Fetch a blob this node lacks into the local store.
     func fetchMissing(hash: String) async -> MeshFetchOutcome
+    /// The same, with `tap` taking the body as it arrives (cut-through; see `CutThroughTap`).
+    /// The tap is always begun or ended by the time this returns.
+    func fetchMissing(hash: String, tap: CutThroughTap?) async -> MeshFetchOutcome
     /// A client stored a blob here: announce it and copy it to the mirrors (returns once the
     /// write quorum is durable).
     func stored(_ digest: Digest) async throws
@@ -99,6 +102,13 @@ public protocol MeshHooks: Sendable {
     /// This node's role in the mesh (`origin`, `peer`) and the mesh part of `/status`;
     /// `members`: whether the member list is included.
     func status(members: Bool) -> (role: String, mesh: NodeStatus.Mesh)
+}
+
+extension MeshHooks {
+    public func fetchMissing(hash: String, tap: CutThroughTap?) async -> MeshFetchOutcome {
+        defer { tap?.end() }
+        return await fetchMissing(hash: hash)
+    }
 }
 
 /// The node's routes: the Bazel HTTP cache protocol (`/cas`, `/ac`), `/metrics`, `/healthz`,
@@ -129,6 +139,8 @@ public final class CacheService: HTTPService {
     /// `cachemesh_http_requests_total{protocol}`: requests served, by protocol (http1, h2, h3).
     private let requests: [String: Metrics.Counter]
     private let startTime = ContinuousClock.now
+    /// `cachemesh_http_range_requests_total`: blob GETs answered with part of a blob (206).
+    private let rangeRequests = Metrics.Counter(label: "cachemesh_http_range_requests_total")
 
     public init(store: BlobStore, registry: PrometheusCollectorRegistry?, info: Info, mesh: (any MeshHooks)? = nil,
                 tier: (any DurableTier)? = nil, logger: Logger) {
@@ -197,7 +209,7 @@ public final class CacheService: HTTPService {
         case .cas(let hash, _):
             guard let role = request.peer.role else { return forbidden(request.peer, "no role in client certificate") }
             switch method {
-            case "GET": return await getBlob(hash, fromMesh: request.head.headers[BlobFetcher.hopHeader] != nil)
+            case "GET": return await getBlob(hash, fromMesh: request.head.headers[BlobFetcher.hopHeader] != nil, range: request.head.headers["range"])
             case "HEAD": return await headBlob(hash)
             case "PUT":
                 guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not write") }
@@ -265,7 +277,7 @@ public final class CacheService: HTTPService {
     /// Hot small blobs straight from memory, on the event loop (no task, no file open).
     public func immediateResponse(_ head: HTTPRequestHead, peer: PeerIdentity) -> HTTPResponse? {
         guard head.method == "GET" || head.method == "HEAD", peer.role != nil,
-              case .cas(let hash, _) = Route.parse(head.path), let bytes = hot.get(hash),
+              case .cas(let hash, _) = Route.parse(head.path), head.headers["range"] == nil, let bytes = hot.get(hash),
               store.size(of: hash) == Int64(bytes.readableBytes) else { return nil }
         countRequest(head)
         if head.method == "GET" { store.recordBytesOut(Int64(bytes.readableBytes)) }
@@ -313,7 +325,42 @@ public final class CacheService: HTTPService {
 
     public func beginDrain() { draining.withLock { $0 = true } }
 
-    private func getBlob(_ hash: String, fromMesh: Bool) async -> HTTPResponse {
+    enum ByteRange: Equatable {
+        /// No usable single range (absent, malformed, or several): the whole blob, 200.
+        case whole
+        case unsatisfiable
+        /// Bytes `from...to` (inclusive), 206.
+        case part(from: Int64, to: Int64)
+    }
+
+    /// One `Range: bytes=…` (RFC 9110 §14.1.2: `N-`, `N-M`, `-K`) against a blob of `size` bytes.
+    /// Anything else (other units, several ranges, malformed) is ignored: the whole blob.
+    static func parseRange(_ value: String, size: Int64) -> ByteRange {
+        let v = value.drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed()
+        let text = String(v)
+        guard text.hasPrefix("bytes="), !text.contains(",") else { return .whole }
+        let spec = text.dropFirst(6)
+        guard let dash = spec.firstIndex(of: "-") else { return .whole }
+        func isDigit(_ c: Character) -> Bool { c >= "0" && c <= "9" }
+        let a = spec[..<dash], b = spec[spec.index(after: dash)...]
+        guard a.allSatisfy(isDigit), b.allSatisfy(isDigit), !(a.isEmpty && b.isEmpty) else { return .whole }
+        if a.isEmpty {
+            guard let k = Int64(b) else { return .whole }
+            guard k > 0, size > 0 else { return .unsatisfiable }
+            return .part(from: max(0, size - k), to: size - 1)
+        }
+        guard let from = Int64(a) else { return .whole }
+        guard from < size else { return .unsatisfiable }
+        var to = size - 1
+        if !b.isEmpty {
+            guard let m = Int64(b) else { return .whole }
+            guard m >= from else { return .whole }
+            to = min(m, size - 1)
+        }
+        return .part(from: from, to: to)
+    }
+
+    private func getBlob(_ hash: String, fromMesh: Bool, range: String? = nil) async -> HTTPResponse {
         if draining.withLock({ $0 }), store.size(of: hash) == nil {
             return HTTPResponse(status: 503, headers: ["content-type": "text/plain; charset=utf-8", "retry-after": "0"],
                                 body: .bytes(ByteBuffer(string: "this node is draining and does not hold \(hash); ask another node\n")))
@@ -327,7 +374,17 @@ public final class CacheService: HTTPService {
             }
         }
         if store.size(of: hash) == nil, !fromMesh, let mesh {
-            switch await mesh.fetchMissing(hash: hash) {
+            // Cut-through: the body streams to this caller as it arrives from the winning source
+            // (verified before its last bytes go out; see `CutThroughTap`). A range request waits
+            // for the stored blob.
+            let tap = range == nil ? CutThroughTap() : nil
+            let fetch = Task { await mesh.fetchMissing(hash: hash, tap: tap) }
+            if let tap, case .streaming(let size, let from) = await tap.started() {
+                var headers: HTTPHeaders = ["content-type": "application/octet-stream", "x-cachemesh-source": from]
+                if let size { headers.add("content-length", String(size)) }
+                return HTTPResponse(status: 200, headers: headers, body: .stream(tap.stream))
+            }
+            switch await fetch.value {
             case .fetched(let s): source = s
             case .notFound: break
             case .unavailable(let why):
@@ -336,6 +393,19 @@ public final class CacheService: HTTPService {
             }
         }
         do {
+            if let range, let size = store.size(of: hash) {
+                switch Self.parseRange(range, size: size) {
+                case .whole: break
+                case .unsatisfiable:
+                    return HTTPResponse(status: 416, headers: ["content-type": "text/plain; charset=utf-8", "content-range": "bytes */\(size)"],
+                                        body: .bytes(ByteBuffer(string: "range \(range.prefix(100)) is outside the blob's \(size) bytes\n")))
+                case .part(let from, let to):
+                    let reader = try await store.openRead(hash: hash, offset: from, limit: to - from + 1)
+                    rangeRequests.increment()
+                    return HTTPResponse(status: 206, headers: ["content-type": "application/octet-stream", "x-cachemesh-source": source,
+                                                               "content-range": "bytes \(from)-\(to)/\(size)"], body: .file(reader))
+                }
+            }
             let reader = try await store.openRead(hash: hash)
             if reader.length <= Int64(hot.maxBlobSize) {
                 // Small: read it whole once and keep it in the memory tier.

@@ -23,12 +23,16 @@ final class FakeMesh: MeshRequester {
         var tailDelay: Duration? = nil
         var status = 200
         var bytes: [UInt8]
+        /// Fail (as a dropped connection) after the first half of the body.
+        var dieAfterHalf = false
     }
 
     let behaviours: [String: Behaviour]
     let requests = Mutex<[String]>([])
     let cancels = Mutex<[String]>([])
     let stalls = Mutex<[String]>([])
+    /// The `range` header of every request ("" if none), in order.
+    let ranges = Mutex<[String]>([])
 
     func connectionStalled(to source: FetchSource, via transport: MeshTransportKind?) async {
         stalls.withLock { $0.append(source.name) }
@@ -39,7 +43,16 @@ final class FakeMesh: MeshRequester {
     func request(to source: FetchSource, _ head: HTTPRequestHead, body: HTTPOutboundBody) async throws -> MeshReply {
         requests.withLock { $0.append(source.name) }
         #expect(head.headers[BlobFetcher.hopHeader] == "1")
-        let b = behaviours[source.name]!
+        var b0 = behaviours[source.name]!
+        let range = head.headers["range"]
+        ranges.withLock { $0.append(range ?? "") }
+        var headers: HTTPHeaders = ["content-length": String(b0.bytes.count)]
+        if let range, b0.status == 200, range.hasPrefix("bytes="), range.hasSuffix("-"), let from = Int(range.dropFirst(6).dropLast()), from < b0.bytes.count {
+            headers = ["content-length": String(b0.bytes.count - from), "content-range": "bytes \(from)-\(b0.bytes.count - 1)/\(b0.bytes.count)"]
+            b0.status = 206
+            b0.bytes = Array(b0.bytes[from...])
+        }
+        let b = b0
         let name = source.name
         do {
             try await Task.sleep(for: b.headDelay)
@@ -48,7 +61,10 @@ final class FakeMesh: MeshRequester {
             cancels.withLock { $0.append("\(name) before head") }
             throw error
         }
-        let inbound = HTTPInboundBody()
+        // Bytes the fetcher took from the body (a dying source fails only once its first half
+        // was read: a failed body drops what is still buffered).
+        let consumed = Atomic<Int>(0)
+        let inbound = HTTPInboundBody(onConsumed: { consumed.add($0, ordering: .relaxed) })
         // Whether the body was sent to its end, and whether a cancel was already recorded: only
         // a cancel of a response still sending counts (the fetcher may call cancel again, or on a
         // finished winner, which a real transport ignores).
@@ -59,11 +75,17 @@ final class FakeMesh: MeshRequester {
             let half = b.bytes.count / 2
             inbound.append(ByteBuffer(bytes: b.bytes[..<half]))
             try await Task.sleep(for: b.tailDelay ?? b.delay)
+            if b.dieAfterHalf {
+                while consumed.load(ordering: .relaxed) < half { try await Task.sleep(for: .milliseconds(5)) }
+                state.value.withLock { $0.finished = true }
+                inbound.fail(HTTPTransportError.connectionClosed)
+                return
+            }
             inbound.append(ByteBuffer(bytes: b.bytes[half...]))
             state.value.withLock { $0.finished = true }
             inbound.finish()
         }
-        return MeshReply(HTTPClientResponse(status: b.status, headers: ["content-length": String(b.bytes.count)], body: inbound, cancel: { [self] in
+        return MeshReply(HTTPClientResponse(status: b.status, headers: headers, body: inbound, cancel: { [self] in
             feeder.cancel()
             inbound.fail(CancellationError())
             let record = state.value.withLock { s in
@@ -121,30 +143,84 @@ final class FakeMesh: MeshRequester {
     }
 
     @Test(.timeLimit(.minutes(1)))
-    func aLegThatAnsweredAndStalledIsCancelledAndLeavesNoTempFile() async throws {
+    func aLegThatAnsweredAndStalledIsResumedFromTheNextSourceAndLeavesNoTempFile() async throws {
         defer { try? FileManager.default.removeItem(at: dir) }
         let s = try store()
-        // Both legs at once. "slow" answers at once and sends half its body, then stalls for ten
-        // minutes; the origin answers after 300 ms. Only a cancel of the slow leg's stream lets the
-        // fetch end with no temp file left (its writer holds half the blob until then).
+        // Both legs at once. "slow" answers at once (it wins the race: the origin's leg is
+        // cancelled) and sends half its body, then stalls for ten minutes; after the stall
+        // timeout its stream is reset and the origin is asked for the rest from the same offset.
         let mesh = FakeMesh(["slow": .init(tailDelay: .seconds(600), bytes: blob),
                              "origin": .init(headDelay: .milliseconds(300), bytes: blob)])
-        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), stallTimeout: .seconds(600), spacing: { .allAtOnce })
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), stallTimeout: .seconds(2), spacing: { .allAtOnce })
         let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("slow"), src("origin", origin: true)])
         #expect(r.source.name == "origin")
         #expect(r.legsStarted == 2)
         #expect(r.legsCancelled == 1)
-        #expect(Set(mesh.requests.withLock { $0 }) == ["slow", "origin"])
+        #expect(mesh.requests.withLock { $0 }.sorted() == ["origin", "origin", "slow"])
+        #expect(mesh.ranges.withLock { $0 }.last == "bytes=\(blob.count / 2)-")
         // The fake saw the slow leg's response cancelled (the stream reset of a real transport).
-        let cancelled = await waitUntil { mesh.cancels.withLock { $0 } == ["slow"] }
+        let cancelled = await waitUntil { mesh.cancels.withLock { $0 }.contains("slow") }
         #expect(cancelled, "cancels: \(mesh.cancels.withLock { $0 })")
-        #expect(mesh.stalls.withLock { $0 }.isEmpty)
+        #expect(mesh.stalls.withLock { $0 } == ["slow"])
         let emptied = await waitUntil { ((try? tempFiles()) ?? ["?"]).isEmpty && s.stats.reservedBytes == 0 }
         let left = try tempFiles()
         #expect(emptied, "temp files: \(left), reserved \(s.stats.reservedBytes)")
         #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
         #expect(s.stats.blobCount == 1)
         #expect(s.stats.usedBytes == Int64(blob.count))
+    }
+
+    @Test func aSourceDyingMidBodyIsContinuedFromTheSameOffset() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        let mesh = FakeMesh(["dier": .init(bytes: blob, dieAfterHalf: true), "origin": .init(bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .failoverOnly })
+        let tap = CutThroughTap(minimumSize: 0)
+        async let got = Self.drain(tap)
+        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("dier"), src("origin", origin: true)], tap: tap)
+        #expect(r.source.isOrigin)
+        #expect(mesh.requests.withLock { $0 } == ["dier", "origin"])
+        #expect(mesh.ranges.withLock { $0 } == ["", "bytes=\(blob.count / 2)-"])
+        let (bytes, ok) = await got
+        #expect(ok)
+        #expect(bytes == blob)   // every byte once: the first half was not sent again
+        #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
+    }
+
+    @Test func aCorruptSourceResetsTheCallerBeforeItsLastByteAndTheStoreGetsTheRightBlob() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        var bad = blob
+        bad[99_999] ^= 1
+        let mesh = FakeMesh(["liar": .init(bytes: bad), "origin": .init(bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), spacing: { .failoverOnly })
+        let tap = CutThroughTap(minimumSize: 0)
+        async let got = Self.drain(tap)
+        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("liar"), src("origin", origin: true)], tap: tap)
+        let (bytes, ok) = await got
+        #expect(!ok)
+        #expect(bytes.count < blob.count)
+        #expect(bytes == Array(bad.prefix(bytes.count)))
+        // The fetch itself went on to the next source, from byte 0.
+        #expect(r.source.isOrigin)
+        #expect(mesh.ranges.withLock { $0 } == ["", ""])
+        #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
+        #expect(s.stats.blobCount == 1)
+        #expect(try tempFiles().isEmpty)
+    }
+
+    /// Reads a tap's stream as a transport would: the bytes, and whether the body ended normally.
+    static func drain(_ tap: CutThroughTap) async -> ([UInt8], Bool) {
+        guard case .streaming = await tap.started() else { return ([], false) }
+        var out: [UInt8] = []
+        while true {
+            switch tap.stream.read(max: 1 << 20) {
+            case .data(let b): out += b.readableBytesView
+            case .wouldBlock: try? await Task.sleep(for: .milliseconds(2))
+            case .end: return (out, true)
+            case .failed: return (out, false)
+            }
+        }
     }
 
     @Test func anAnsweringSourceIsNotHedgedEvenIfItsBodyIsSlow() async throws {

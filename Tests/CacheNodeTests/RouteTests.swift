@@ -139,4 +139,23 @@ import BlobStore
         #expect(CacheService.status(for: BlobStoreError.insufficientStorage(needed: 2, available: 1)) == 507)
         #expect(CacheService.status(for: BlobStoreError.notFound("x")) == 404)
     }
+
+    @Test func byteRanges() {
+        typealias R = CacheService.ByteRange
+        #expect(CacheService.parseRange("bytes=100-", size: 1_000) == R.part(from: 100, to: 999))
+        #expect(CacheService.parseRange("bytes=0-0", size: 1_000) == R.part(from: 0, to: 0))
+        #expect(CacheService.parseRange("bytes=10-5000", size: 1_000) == R.part(from: 10, to: 999))
+        #expect(CacheService.parseRange("bytes=-100", size: 1_000) == R.part(from: 900, to: 999))
+        #expect(CacheService.parseRange("bytes=-5000", size: 1_000) == R.part(from: 0, to: 999))
+        #expect(CacheService.parseRange(" bytes=5- ", size: 10) == R.part(from: 5, to: 9))
+        #expect(CacheService.parseRange("bytes=1000-", size: 1_000) == R.unsatisfiable)
+        #expect(CacheService.parseRange("bytes=-0", size: 1_000) == R.unsatisfiable)
+        // Not a single byte range: ignored (the whole blob, 200).
+        #expect(CacheService.parseRange("bytes=0-1,5-6", size: 1_000) == R.whole)
+        #expect(CacheService.parseRange("items=0-1", size: 1_000) == R.whole)
+        #expect(CacheService.parseRange("bytes=5-1", size: 1_000) == R.whole)
+        #expect(CacheService.parseRange("bytes=a-", size: 1_000) == R.whole)
+        #expect(CacheService.parseRange("bytes=-", size: 1_000) == R.whole)
+        #expect(CacheService.parseRange("bytes=99999999999999999999-", size: 1_000) == R.whole)
+    }
 }

@@ -3,6 +3,7 @@ import Logging
 import MeshCore
 import MeshHTTP
 import Metrics
+import NIOCore
 import Synchronization
 
 /// Where a blob may be fetched from: a peer the locality map names, or the origin.
@@ -117,6 +118,10 @@ public final class BlobFetcher: Sendable {
     private let cancelled = Counter(label: "cachemesh_fetch_legs_cancelled_total")
     private let failures = Counter(label: "cachemesh_fetch_failures_total")
     private let latency = Metrics.Timer(label: "cachemesh_fetch_duration_seconds")
+    /// Bodies continued from another source after the winning one died mid-body.
+    private let resumed = Counter(label: "cachemesh_fetch_resumed_total")
+    /// Bodies that did not verify (wrong digest or size): never stored, the caller's stream reset.
+    private let corruptBodies = Counter(label: "cachemesh_fetch_corrupt_bodies_total")
     /// The same counts as the metrics above, for `/status`.
     private let tally = Mutex<(originWins: Int64, peerWins: Int64, failures: Int64)>((0, 0, 0))
 
@@ -135,27 +140,31 @@ public final class BlobFetcher: Sendable {
     }
 
     /// Fetch `hash` into the local store from `sources` (best first).
-    /// `spacing` overrides the fetcher's own leg spacing for this fetch.
-    public func fetch(hash: String, sources: [FetchSource], spacing: LegSpacing? = nil) async throws -> FetchResult {
+    /// `spacing` overrides the fetcher's own leg spacing for this fetch. `tap`: a caller that
+    /// takes the body as it arrives (cut-through); it is used only if this call starts the race
+    /// (a caller joining a running race waits for the stored blob), and always begun or ended.
+    public func fetch(hash: String, sources: [FetchSource], spacing: LegSpacing? = nil, tap: CutThroughTap? = nil) async throws -> FetchResult {
         let (task, isNew) = inflight.withLock { m -> (Task<FetchResult, any Error>, Bool) in
             if let t = m[hash] { return (t, false) }
-            let t = Task { try await self.race(hash: hash, sources: sources, spacing: spacing ?? self.spacing()) }
+            let t = Task { try await self.race(hash: hash, sources: sources, spacing: spacing ?? self.spacing(), tap: tap) }
             m[hash] = t
             return (t, true)
         }
-        defer { if isNew { inflight.withLock { _ = $0.removeValue(forKey: hash) } } }
+        defer {
+            if isNew { inflight.withLock { _ = $0.removeValue(forKey: hash) } }
+            tap?.end()
+        }
         return try await task.value
     }
 
     private enum Event: Sendable {
-        case responded(Int)
-        case won(Int, StoreDigest, MeshTransportKind)
+        case answered(Int, MeshReply)
         case failed(Int, any Error)
         case timer
     }
 
-    /// What the race loop knows of one running leg: progress (bumped on the response head and
-    /// every body chunk), the transport it answered on, and how to reset its stream.
+    /// What the race loop knows of one running leg: progress (bumped on the response head),
+    /// the transport it answered on, and how to reset its stream.
     final class Leg: Sendable {
         let progress = Atomic<Int64>(0)
         let answer = Mutex<(cancel: @Sendable () -> Void, via: MeshTransportKind)?>(nil)
@@ -169,10 +178,12 @@ public final class BlobFetcher: Sendable {
 
     /// Runs MeshCore's `RaceDecision` (the pure race state machine) over real legs: it says which
     /// leg starts when and which are cancelled; this shell runs them and reports outcomes. Each
-    /// leg is one task (request, then the body into a store writer) reporting to one event stream;
-    /// an answering leg stops the hedging (a large body is not a slow source), and a leg without
-    /// progress for the stall timeout is stopped and counts as failed.
-    func race(hash: String, sources: [FetchSource], spacing: LegSpacing) async throws -> FetchResult {
+    /// leg is one task (the request up to its response head) reporting to one event stream; a leg
+    /// without a response head for the stall timeout is stopped and counts as failed. The first
+    /// leg to answer 200 is committed (`RaceDecision.commit`: the others are cancelled) and its
+    /// body is relayed by `relayBody` (cut-through, verified, resumed from the next source if
+    /// the leg dies mid-body).
+    func race(hash: String, sources: [FetchSource], spacing: LegSpacing, tap: CutThroughTap? = nil) async throws -> FetchResult {
         guard !sources.isEmpty else { throw BlobStoreError.notFound(hash) }
         let start = ContinuousClock.now
         func now() -> Duration { ContinuousClock.now - start }
@@ -190,7 +201,6 @@ public final class BlobFetcher: Sendable {
         /// Whether every failed leg failed with a 404 (then the race's failure is a final miss).
         var allSaidNotFound = true
         var started = 0
-        var firstByte: [Int: Duration] = [:]
         defer {
             for l in legs.values { l.stop() }
             timer?.task.cancel()
@@ -204,8 +214,7 @@ public final class BlobFetcher: Sendable {
             seen[i] = (0, now())
             leg.task.withLock { $0 = Task {
                 do {
-                    let (d, via) = try await self.leg(i, hash: hash, source: sources[i], leg: leg, events: sink)
-                    sink.yield(.won(i, d, via))
+                    sink.yield(.answered(i, try await self.leg(i, hash: hash, source: sources[i], leg: leg)))
                 } catch {
                     sink.yield(.failed(i, error))
                 }
@@ -223,44 +232,61 @@ public final class BlobFetcher: Sendable {
                 if !Task.isCancelled { sink.yield(.timer) }
             }, due)
         }
+        func fail() -> any Error {
+            failures.increment()
+            tally.withLock { $0.failures += 1 }
+            hedges.increment(by: Int64(decision.hedgesFired))
+            return allSaidNotFound ? BlobStoreError.notFound("\(hash) (tried \(errors.joined(separator: "; ")))")
+                                   : FetchUnavailable(hash: hash, tried: errors)
+        }
         /// Start the legs the decision asks for; the outcome if the race is over.
-        func apply(_ actions: [RaceAction]) -> Result<FetchResult, any Error>? {
+        func apply(_ actions: [RaceAction]) -> (any Error)? {
             for a in actions {
                 switch a {
                 case .startLeg(let i, _): startLeg(i)
                 case .cancelLeg(let i, _): legs[i]?.stop()
                 case .finished: break
-                case .failed:
-                    failures.increment()
-        tally.withLock { $0.failures += 1 }
-                    tally.withLock { $0.failures += 1 }
-                    hedges.increment(by: Int64(decision.hedgesFired))
-                    return .failure(allSaidNotFound ? BlobStoreError.notFound("\(hash) (tried \(errors.joined(separator: "; ")))")
-                                                    : FetchUnavailable(hash: hash, tried: errors))
+                case .failed: return fail()
                 }
             }
             armTimer()
             return nil
         }
 
-        if let done = apply(decision.start(now: now())) { return try done.get() }
+        if let e = apply(decision.start(now: now())) { throw e }
         for await event in events {
             switch event {
-            case .responded(let i):
-                firstByte[i] = now()
-                decision.legResponded(i, now: now())
-            case .won(let i, let digest, let via):
-                _ = apply(decision.legSucceeded(i, now: now()))
+            case .answered(let i, let reply):
+                guard decision.states[i] == .running else {
+                    reply.response.cancel()
+                    continue
+                }
+                let firstByte = now()
+                decision.legResponded(i, now: firstByte)
+                _ = apply(decision.commit(i, now: firstByte))
+                timer?.task.cancel()
+                timer = nil
+                let excluded = Set(decision.states.indices.filter { decision.states[$0] == .failed })
+                let relayed: (digest: StoreDigest, source: Int, via: MeshTransportKind)
+                do {
+                    relayed = try await relayBody(hash: hash, sources: sources, first: i, reply: reply, excluded: excluded, tap: tap)
+                } catch let e as RelayFailed {
+                    allSaidNotFound = false
+                    errors += e.failures
+                    throw fail()
+                }
+                _ = decision.legSucceeded(i, now: now())
                 hedges.increment(by: Int64(decision.hedgesFired))
                 cancelled.increment(by: Int64(decision.legsCancelled))
-                (sources[i].isOrigin ? wins.origin : wins.peer).increment()
-                tally.withLock { if sources[i].isOrigin { $0.originWins += 1 } else { $0.peerWins += 1 } }
+                let winner = sources[relayed.source]
+                (winner.isOrigin ? wins.origin : wins.peer).increment()
+                tally.withLock { if winner.isOrigin { $0.originWins += 1 } else { $0.peerWins += 1 } }
                 let took = now()
                 latency.recordNanoseconds(took.components.seconds * 1_000_000_000 + took.components.attoseconds / 1_000_000_000)
-                logger.debug("fetched", metadata: ["hash": "\(hash)", "from": "\(sources[i])", "via": "\(via.rawValue)",
+                logger.debug("fetched", metadata: ["hash": "\(hash)", "from": "\(winner)", "via": "\(relayed.via.rawValue)",
                                                    "legs": "\(started)", "cancelled": "\(decision.legsCancelled)"])
-                return FetchResult(digest: digest, source: sources[i], transport: via, legsStarted: started,
-                                   legsCancelled: decision.legsCancelled, timeToFirstByte: firstByte[i] ?? took)
+                return FetchResult(digest: relayed.digest, source: winner, transport: relayed.via, legsStarted: started,
+                                   legsCancelled: decision.legsCancelled, timeToFirstByte: firstByte)
             case .failed(let i, let error):
                 if stalled.contains(i) || !(error is LegNotFound) { allSaidNotFound = false }
                 if stalled.contains(i) {
@@ -270,7 +296,7 @@ public final class BlobFetcher: Sendable {
                 } else {
                     errors.append("\(sources[i]): \(error)")
                 }
-                if let done = apply(decision.legFailed(i, now: now())) { return try done.get() }
+                if let e = apply(decision.legFailed(i, now: now())) { throw e }
             case .timer:
                 timer = nil
                 let t = now()
@@ -285,7 +311,7 @@ public final class BlobFetcher: Sendable {
                         seen[i] = (p, t)
                     }
                 }
-                if let done = apply(decision.tick(now: t)) { return try done.get() }
+                if let e = apply(decision.tick(now: t)) { throw e }
             }
         }
         failures.increment()
@@ -293,9 +319,9 @@ public final class BlobFetcher: Sendable {
         throw BlobStoreError.notFound(hash)
     }
 
-    /// One leg: GET from `source`, then stream the body into a store writer; commit only if the
-    /// digest verifies. Stopped (lost the race, or stalled) → the stream is reset, nothing stored.
-    private func leg(_ i: Int, hash: String, source: FetchSource, leg: Leg, events: AsyncStream<Event>.Continuation) async throws -> (StoreDigest, MeshTransportKind) {
+    /// One leg: GET from `source` up to its response head. 200 → the reply (its body not yet
+    /// read); stopped (lost the race, or stalled) → the stream is reset.
+    private func leg(_ i: Int, hash: String, source: FetchSource, leg: Leg) async throws -> MeshReply {
         let reply = try await requester.request(
             to: source, HTTPRequestHead(method: "GET", path: "/cas/\(hash)", headers: [Self.hopHeader: "1"]), body: .empty)
         let response = reply.response
@@ -308,24 +334,200 @@ public final class BlobFetcher: Sendable {
             if response.status == 404 { throw LegNotFound(hash: hash, source: source) }
             throw BlobStoreError.io("\(hash) at \(source): HTTP \(response.status)")
         }
-        events.yield(.responded(i))
-        let bodyStarted = ContinuousClock.now
-        let size = response.headers["content-length"].flatMap { Int64($0) }
-        let writer = try await store.beginWrite(hash: hash, expectedSize: size)
+        done = true
+        return reply
+    }
+
+    /// The relay could not complete the body from any source.
+    struct RelayFailed: Error {
+        var failures: [String]
+    }
+
+    /// Watches one body for progress: a body with no bytes for the stall timeout (while the
+    /// relay waits on the source, not on its caller) is reset.
+    final class BodyWatch: Sendable {
+        let progress = Atomic<Int64>(0)
+        /// The relay is waiting on its caller (flow control), not on the source.
+        let waitingOnCaller = Atomic<Bool>(false)
+        let stalled = Atomic<Bool>(false)
+    }
+
+    /// The body phase (the I/O shell of `CutThroughRelay`): `reply`'s body (source `first`)
+    /// streams into one store writer and, through `tap` (if it wants this size), to the caller,
+    /// one chunk behind; the blob is committed only if it verifies. A source that dies mid-body
+    /// is followed by the next one from the same offset (`Range: bytes=N-`); a body that does not
+    /// verify resets the caller and starts over from the next source.
+    private func relayBody(hash: String, sources: [FetchSource], first: Int, reply: MeshReply, excluded: Set<Int>,
+                           tap: CutThroughTap?) async throws -> (digest: StoreDigest, source: Int, via: MeshTransportKind) {
+        let size = reply.response.headers["content-length"].flatMap { Int64($0) }
+        let cut = tap.map { $0.wants(size: size) } ?? false
+        var relay = CutThroughRelay<ByteBuffer>(sourceCount: sources.count, first: first, size: size, excluded: excluded, caller: cut)
+        if cut, let tap { tap.begin(size: size, source: "\(sources[first]) via \(reply.transport.rawValue)") }
+        var writer: BlobWriter
         do {
-            for try await chunk in response.body {
-                try Task.checkCancellation()
-                try chunk.withUnsafeReadableBytes { try writer.write($0) }
-                leg.progress.add(1, ordering: .relaxed)
-            }
-            try Task.checkCancellation()
-            let d = try await writer.commit()
-            done = true
-            requester.transferred(from: source, via: reply.transport, bytes: d.size, duration: ContinuousClock.now - bodyStarted)
-            return (d, reply.transport)
+            writer = try await store.beginWrite(hash: hash, expectedSize: size)
         } catch {
-            writer.abort()
+            reply.response.cancel()
+            if cut { tap?.reset("\(error)") }
             throw error
         }
+        var active: MeshReply? = reply
+        var via = reply.transport
+        var digest: StoreDigest?
+        var todo = relay.start()[...]
+        var finished = false
+        defer {
+            if !finished { writer.abort() }
+            active?.response.cancel()
+        }
+        func report(_ actions: [CutThroughRelay<ByteBuffer>.Action]) { todo.append(contentsOf: actions) }
+
+        while let action = todo.popFirst() {
+            switch action {
+            case .readBody(let i):
+                guard let r = active else { preconditionFailure("readBody without a source") }
+                let watch = BodyWatch()
+                let timeout = stallTimeout
+                let watchdog = Task {
+                    var last: (Int64, ContinuousClock.Instant) = (-1, .now)
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: timeout / 4)
+                        let p = watch.progress.load(ordering: .relaxed)
+                        if p != last.0 || watch.waitingOnCaller.load(ordering: .relaxed) {
+                            last = (p, .now)
+                        } else if ContinuousClock.now - last.1 >= timeout {
+                            watch.stalled.store(true, ordering: .relaxed)
+                            r.response.cancel()
+                            return
+                        }
+                    }
+                }
+                let bodyStarted = ContinuousClock.now
+                let before = relay.received
+                let resumesBefore = relay.resumes
+                var outcome: [CutThroughRelay<ByteBuffer>.Action]
+                do {
+                    var corrupt: String?
+                    chunks: for try await chunk in r.response.body {
+                        watch.progress.add(1, ordering: .relaxed)
+                        for a in relay.chunk(chunk) {
+                            switch a {
+                            case .write(let c):
+                                do {
+                                    try c.withUnsafeReadableBytes { try writer.write($0) }
+                                } catch BlobStoreError.sizeMismatch(let expected, let actual) {
+                                    corrupt = "more bytes than the \(expected) declared (\(actual))"
+                                    break chunks
+                                }
+                            case .forward(let c):
+                                guard let tap else { continue }
+                                watch.waitingOnCaller.store(true, ordering: .relaxed)
+                                do { try await tap.forward(c) } catch { relay.callerGone() }
+                                watch.waitingOnCaller.store(false, ordering: .relaxed)
+                            default:
+                                preconditionFailure("unexpected relay action \(a) for a chunk")
+                            }
+                        }
+                    }
+                    watchdog.cancel()
+                    if let corrupt {
+                        corruptBodies.increment()
+                        logger.warning("mesh fetch: a source sent more bytes than it declared", metadata: ["hash": "\(hash)", "source": "\(sources[i])"])
+                        r.response.cancel()
+                        outcome = relay.corrupt(corrupt)
+                    } else {
+                        requester.transferred(from: sources[i], via: r.transport, bytes: relay.received - before,
+                                              duration: ContinuousClock.now - bodyStarted)
+                        outcome = relay.bodyEnded()
+                    }
+                } catch let e as BlobStoreError {
+                    // The store cannot take it (disk full, I/O): no source can help.
+                    watchdog.cancel()
+                    if cut { tap?.reset("\(e)") }
+                    throw e
+                } catch {
+                    watchdog.cancel()
+                    r.response.cancel()
+                    if watch.stalled.load(ordering: .relaxed) {
+                        await requester.connectionStalled(to: sources[i], via: r.transport)
+                        outcome = relay.sourceFailed("\(LegStalled(source: sources[i], after: stallTimeout))")
+                    } else {
+                        outcome = relay.sourceFailed("\(error)")
+                    }
+                    if relay.received > before {
+                        logger.info("mesh fetch: a source died mid-body; continuing from the next source",
+                                    metadata: ["hash": "\(hash)", "source": "\(sources[i])", "offset": "\(relay.received)", "error": "\(error)"])
+                    }
+                }
+                active = nil
+                if relay.resumes > resumesBefore { resumed.increment() }
+                report(outcome)
+            case .commit:
+                do {
+                    digest = try await writer.commit()
+                    finished = true
+                    report(relay.committed())
+                } catch BlobStoreError.digestMismatch(let expected, let actual) {
+                    corruptBodies.increment()
+                    logger.warning("mesh fetch: a source sent a body that does not match its digest",
+                                   metadata: ["hash": "\(expected)", "got": "\(actual)", "source": "\(sources[relay.current])"])
+                    report(relay.corrupt("digest mismatch (got \(actual))"))
+                } catch BlobStoreError.sizeMismatch(let expected, let actual) {
+                    corruptBodies.increment()
+                    logger.warning("mesh fetch: a source sent a body of the wrong size",
+                                   metadata: ["hash": "\(hash)", "declared": "\(expected)", "got": "\(actual)", "source": "\(sources[relay.current])"])
+                    report(relay.corrupt("size mismatch (\(actual) bytes, \(expected) declared)"))
+                } catch {
+                    if relay.caller == .attached { tap?.reset("\(error)") }
+                    throw error
+                }
+            case .forward(let c):
+                guard let tap else { continue }
+                do { try await tap.forward(c) } catch { relay.callerGone() }
+            case .finishCaller:
+                tap?.finish()
+            case .resetCaller(let why):
+                logger.warning("mesh fetch: resetting the caller's stream", metadata: ["hash": "\(hash)", "why": "\(why)"])
+                tap?.reset(why)
+            case .restartWriter:
+                writer.abort()
+                writer = try await store.beginWrite(hash: hash, expectedSize: nil)
+            case .request(let j, let from):
+                var headers: HTTPHeaders = [Self.hopHeader: "1"]
+                if from > 0 { headers.add("range", "bytes=\(from)-") }
+                do {
+                    let r = try await requester.request(to: sources[j], HTTPRequestHead(method: "GET", path: "/cas/\(hash)", headers: headers),
+                                                        body: .empty, expectedBytes: relay.size.map { $0 - from })
+                    active = r
+                    via = r.transport
+                    let cr = r.response.status == 206 ? r.response.headers["content-range"].flatMap(Self.parseContentRange) : nil
+                    let total = r.response.status == 206 ? cr?.total : r.response.headers["content-length"].flatMap { Int64($0) }
+                    let next = relay.answered(status: r.response.status, rangeStart: cr?.start, total: total)
+                    if case .readBody = next.first {} else {
+                        r.response.cancel()
+                        active = nil
+                    }
+                    report(next)
+                } catch {
+                    report(relay.sourceFailed("\(error)"))
+                }
+            case .done(let i):
+                guard let digest else { preconditionFailure("done before commit") }
+                return (digest, i, via)
+            case .fail:
+                throw RelayFailed(failures: relay.failures)
+            case .write:
+                preconditionFailure("write outside a body")
+            }
+        }
+        throw RelayFailed(failures: relay.failures)
+    }
+
+    /// `bytes N-M/T` → (N, T).
+    static func parseContentRange(_ value: String) -> (start: Int64, total: Int64?)? {
+        guard value.hasPrefix("bytes ") else { return nil }
+        let rest = value.dropFirst(6)
+        guard let dash = rest.firstIndex(of: "-"), let slash = rest.firstIndex(of: "/"), let start = Int64(rest[..<dash]) else { return nil }
+        return (start, Int64(rest[rest.index(after: slash)...]))
     }
 }

@@ -354,6 +354,11 @@ public final class MeshService: MeshHooks, Sendable {
     }
 
     public func fetchMissing(hash: String) async -> MeshFetchOutcome {
+        await fetchMissing(hash: hash, tap: nil)
+    }
+
+    public func fetchMissing(hash: String, tap: CutThroughTap?) async -> MeshFetchOutcome {
+        defer { tap?.end() }
         if leaving.withLock({ $0 }) { return .unavailable("this node is draining; ask another node") }
         // Before this node has met any other member (just started, or cut off) a miss says
         // nothing about the mesh: the client should ask again or ask another node.
@@ -367,7 +372,7 @@ public final class MeshService: MeshHooks, Sendable {
         // gossiped), so ask them and the origin at once instead of paying a 404 round trip first.
         let spacing: LegSpacing? = settings.fetch.strategy == .hedged && known == 0 ? .allAtOnce : nil
         do {
-            let r = try await fetcher.fetch(hash: hash, sources: srcs, spacing: spacing)
+            let r = try await fetcher.fetch(hash: hash, sources: srcs, spacing: spacing, tap: tap)
             // The hedge delay is a percentile of time to first byte: a hedge is against a source
             // that does not answer, not against a large body.
             latency.tracker.withLock { $0.recordFetchLatency(r.timeToFirstByte) }
