@@ -54,6 +54,7 @@ run() {
     topology "$data" > "$T/topology.toml"
     args=(--topology "$T/topology.toml" --name peer1)
   fi
+  rm -f "$T/node.out" "$T/node.log"   # never read the previous run's lines
   local t0; t0=$(date +%s%N)
   "$BIN" node "${args[@]}" > "$T/node.out" 2> "$T/node.log" &
   local pid=$!; PIDS+=($pid)

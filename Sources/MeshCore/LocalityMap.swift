@@ -11,7 +11,8 @@
 ///   bytes per blob; successive push-pulls rotate through the whole store, re-asserting each blob
 ///   and refreshing its TTL) plus the freshest relayed facts, both bounded. Facts merged from
 ///   push-pull are not re-gossiped (that would flood the mesh every 30 s). A node that starts on
-///   a full store loads it with `loadOwn` (no per-blob deltas) and announces it in pages.
+///   a full store announces it in pages without per-blob deltas (`loadOwn`, or a `HoldingsProvider`
+///   reading the store's index).
 /// * Ageing: a fact is dropped `ttl` after its holder asserted it (ages travel with the facts).
 /// * Memory: facts live in a `LocalityTable` (flat arrays, ~20–30 bytes per (digest, holder); digests
 ///   keyed by their first 64 bits — see there). At most `maxEntries` entries; beyond that the oldest
