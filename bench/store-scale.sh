@@ -6,6 +6,11 @@
 # empty store). A benchmark: it measures and records. Results: bench/results/store-scale.md.
 #   bench/store-scale.sh                       # N=1000000
 #   N=200000 CACHEMESH_BIN=… bench/store-scale.sh
+#   MESH=1 DATA=/big/store bench/store-scale.sh   # a store made beforehand (DATA/cas/XX/<hash>),
+#                                                 # the node as peer1 of a 3-node mesh (below)
+# With MESH=1 the measured node runs in a topology (origin, peer1 = measured, peer2; replication 1
+# so anti-entropy has nothing to copy), gossiping and sending its holdings pages to the others;
+# its RSS is taken SETTLE seconds (default 20) after the index is complete.
 # Needs ~4 KiB of disk per blob (one block per file) under $TMPDIR (default /tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +18,14 @@ BENCH_NAME=store-scale
 source bench/lib.sh
 N=${N:-1000000}
 OUT=${OUT:-bench/results/store-scale.md}
+MESH=${MESH:-0}
+SETTLE=${SETTLE:-20}
 
+if [ -n "${DATA:-}" ]; then
+  N=$(find "$DATA/cas" -type f | wc -l)
+  gen_s="made beforehand"
+  echo "using $DATA: $N files"
+else
 echo "writing $N synthetic blobs…"
 gen_start=$(date +%s.%N)
 python3 - "$T/data/cas" "$N" <<'PY'
@@ -26,41 +38,73 @@ for i in range(n):
     fd = os.open(f"{root}/{h[:2]}/{h}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.write(fd, data); os.close(fd)
 PY
-gen_s=$(python3 -c "import time; print(f'{time.time() - $gen_start:.1f}')")
-echo "written in ${gen_s}s"
+gen_s="$(python3 -c "import time; print(f'{time.time() - $gen_start:.1f}')") s"
+echo "written in ${gen_s}"
+DATA=$T/data
+fi
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 # run DATA_DIR LABEL: starts a node, prints "listen_ms index_ms rss_kib"
 run() {
   local data=$1 port; port=$(free_port)
+  local args=(--listen 127.0.0.1:$port --data-dir "$data" --max-bytes 1T
+              --cert "$T/certs/node.pem" --key "$T/certs/node.key" --ca "$T/certs/ca.pem")
+  if [ "$MESH" = 1 ]; then
+    topology "$data" > "$T/topology.toml"
+    args=(--topology "$T/topology.toml" --name peer1)
+  fi
+  rm -f "$T/node.out" "$T/node.log"   # never read the previous run's lines
   local t0; t0=$(date +%s%N)
-  "$BIN" node --listen 127.0.0.1:$port --data-dir "$data" --max-bytes 1T \
-    --cert "$T/certs/node.pem" --key "$T/certs/node.key" --ca "$T/certs/ca.pem" > "$T/node.out" 2> "$T/node.log" &
+  "$BIN" node "${args[@]}" > "$T/node.out" 2> "$T/node.log" &
   local pid=$!; PIDS+=($pid)
   until grep -q "listening tcp=" "$T/node.out" 2>/dev/null; do sleep 0.005; done
   local listen_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-  until grep -q "blob store index rebuilt" "$T/node.log" 2>/dev/null; do sleep 0.05; done
-  local index_ms; index_ms=$(grep "blob store index rebuilt" "$T/node.log" | sed -E 's/.*elapsed_ms=([0-9]+).*/\1/')
-  sleep 1   # let the scan thread's buffers settle
+  until grep -q "blob store index rebuilt" "$T/node.log" "$T/node.out" 2>/dev/null; do sleep 0.05; done
+  local index_ms; index_ms=$(cat "$T/node.log" "$T/node.out" | grep "blob store index rebuilt" | sed -E 's/.*elapsed_ms=([0-9]+).*/\1/')
+  if [ "$MESH" = 1 ]; then sleep "$SETTLE"; else sleep 1; fi   # let the scan's buffers (and the mesh) settle
   local rss; rss=$(rss_kib $pid)
   kill -TERM $pid; wait $pid 2>/dev/null || true
   echo "$listen_ms $index_ms $rss"
 }
 
+# The mesh around the measured node (MESH=1): origin and peer2 on empty stores, started once.
+if [ "$MESH" = 1 ]; then
+  for n in origin peer1 peer2; do bash certs/mkcerts.sh -o "$T/certs" node $n >/dev/null 2>&1; done
+  declare -A MPORT
+  for n in origin peer1 peer2; do MPORT[$n]=$(free_port); done
+  topology() {
+    printf 'name = "store-scale"\nca = "%s"\nreplication = 1\nwrite_quorum = 1\n' "$T/certs/ca.pem"
+    for n in origin peer1 peer2; do
+      local dir="$T/data-$n" role=peer seeds='["origin"]'
+      [ $n = peer1 ] && dir=$1
+      [ $n = origin ] && { role=origin; seeds='[]'; }
+      printf '\n[[nodes]]\nname = "%s"\nrole = "%s"\ntcp = "127.0.0.1:%s"\ndata_dir = "%s"\nmax_bytes = "1T"\ncert = "%s"\nkey = "%s"\nseeds = %s\n' \
+        $n $role ${MPORT[$n]} "$dir" "$T/certs/$n.pem" "$T/certs/$n.key" "$seeds"
+    done
+  }
+  topology "$T/empty" > "$T/topology-others.toml"
+  for n in origin peer2; do
+    "$BIN" node --topology "$T/topology-others.toml" --name $n > "$T/node-$n.out" 2> "$T/node-$n.log" &
+    PIDS+=($!)
+  done
+fi
+
+load=$(cut -d" " -f1-3 /proc/loadavg)
 read -r e_listen e_index e_rss < <(run "$T/empty" empty)
-read -r f_listen f_index f_rss < <(run "$T/data" full)
-read -r g_listen g_index g_rss < <(run "$T/data" again)
+read -r f_listen f_index f_rss < <(run "$DATA" full)
+read -r g_listen g_index g_rss < <(run "$DATA" again)
 per_blob=$(python3 -c "print(f'{($f_rss - $e_rss) * 1024 / $N:.1f}')")
 per_blob2=$(python3 -c "print(f'{($g_rss - $e_rss) * 1024 / $N:.1f}')")
-fs=$(df -T "$T" | awk 'NR==2 {print $2 " on " $1}')
+fs=$(df -T "$DATA" | awk 'NR==2 {print $2 " on " $1}')
 {
   echo "# Store scale: start-up on a store of $N blobs"
   echo
-  echo "\`N=$N bench/store-scale.sh\`, $(date -u +%Y-%m-%d), $(uname -r), $(nproc) cores, data directory on $fs;"
-  echo "files written directly into \`cas/XX/\` by a Python generator (${gen_s} s), page cache warm"
+  echo "\`N=$N bench/store-scale.sh\`, $(date -u +%Y-%m-%d), $(uname -r), $(nproc) cores, data directory on $fs; load before the runs: $load;"
+  echo "files written directly into \`cas/XX/\` (${gen_s}), page cache warm"
   echo "(the files were just written; caches are not dropped on this shared machine). Release build,"
   echo "default \`scan_rate\` (250,000 files/s). Listen: process start to the \"listening\" line;"
+  [ "$MESH" = 1 ] && echo "mesh on: the node is peer1 of a 3-node topology (origin, peer2 on empty stores; replication 1), RSS ${SETTLE} s after the index is complete;"
   echo "index: the node's own \`elapsed_ms\` of \"blob store index rebuilt\"; RSS after the scan."
   echo
   echo "| run | listening after | index complete after | RSS | RSS per blob (minus empty store) |"

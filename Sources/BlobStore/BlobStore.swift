@@ -1010,17 +1010,6 @@ public final class BlobStore: Sendable {
         metrics.bytesIn.increment(by: bytes)
     }
 
-    /// Every CAS blob currently stored (a snapshot; for re-replication and drain hand-off).
-    public func allDigests() -> [Digest] {
-        state.withLock { s in
-            s.index.slotsInOrder().compactMap { slot -> Digest? in
-                let key = s.index.key(slot)
-                guard key.kind == .cas else { return nil }
-                return Digest(validatedHash: key.hash, size: s.index.size(slot))
-            }
-        }
-    }
-
     /// Bytes served from a copy of a blob held elsewhere (e.g. a memory tier in front of the store).
     public func recordBytesOut(_ bytes: Int64) {
         guard bytes > 0 else { return }

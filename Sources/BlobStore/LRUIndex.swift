@@ -321,6 +321,28 @@ final class LRUIndex: @unchecked Sendable {
         return result
     }
 
+    /// Visits the live slots from `start` on in storage order (slot numbers, which never move),
+    /// calling `body` with each until it returns false. Returns the slot to continue from, or nil
+    /// once the last slot was visited. A cursor over the whole index that allocates nothing: an
+    /// entry live from the first call to the last is visited exactly once; one inserted meanwhile
+    /// into a freed slot behind the cursor is not (it waits for the next walk).
+    func forEachLiveSlot(from start: Int, _ body: (_ slot: Int, _ isAction: Bool) -> Bool) -> Int? {
+        var s = Int32(clamping: max(0, start))
+        while s < highWater {
+            let flags = slotPointer(s).pointee.sizeFlags
+            s += 1
+            guard flags & LRUIndex.freeFlag == 0 else { continue }
+            if !body(Int(s - 1), flags & LRUIndex.acFlag != 0) { return s < highWater ? Int(s) : nil }
+        }
+        return nil
+    }
+
+    /// The binary hash of a slot (no `EntryKey`).
+    func words(_ slot: Int) -> (UInt64, UInt64, UInt64, UInt64) {
+        let p = slotPointer(Int32(slot))
+        return (p.pointee.w0, p.pointee.w1, p.pointee.w2, p.pointee.w3)
+    }
+
     // MARK: Storage
 
     private func allocate(_ key: EntryKey, size: Int64, persistedMtime: Int64, unsorted: Bool) -> Int32 {

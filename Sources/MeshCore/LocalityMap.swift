@@ -11,14 +11,17 @@
 ///   bytes per blob; successive push-pulls rotate through the whole store, re-asserting each blob
 ///   and refreshing its TTL) plus the freshest relayed facts, both bounded. Facts merged from
 ///   push-pull are not re-gossiped (that would flood the mesh every 30 s). A node that starts on
-///   a full store loads it with `loadOwn` (no per-blob deltas) and announces it in pages.
+///   a full store announces it in pages without per-blob deltas (`loadOwn`, or a `HoldingsProvider`
+///   reading the store's index).
 /// * Ageing: a fact is dropped `ttl` after its holder asserted it (ages travel with the facts).
 /// * Memory: facts live in a `LocalityTable` (flat arrays, ~20–30 bytes per (digest, holder); digests
 ///   keyed by their first 64 bits — see there). At most `maxEntries` entries; beyond that the oldest
 ///   are evicted down to `(1 − evictionSlack) × maxEntries`. `entryCount` and `approximateBytes` (the
 ///   arrays' allocated capacity) report usage. Push-pull relays come from a fixed ring of the last
 ///   `pushPullRelayLimit` facts learned (full digests), not from the table. This node's own holdings
-///   are kept separately (`ownCount`): they mirror the local store.
+///   are kept separately (`ownCount`): by default in the map (simulations, tests), or — in a node —
+///   read from the store's own index through a `HoldingsProvider` (`readHoldings(from:)`), so a
+///   node with ten million blobs keeps no second copy of them.
 /// * A stale entry costs one wasted race leg, never a wrong answer; the map is never used to claim
 ///   that a blob exists.
 public struct LocalityMap: Sendable {
@@ -56,6 +59,10 @@ public struct LocalityMap: Sendable {
     public let myself: NodeID
 
     private var own: [Digest: UInt64] = [:]
+    /// When set, own holdings come from here (the store's index) and `own`/`pageSnapshot` stay empty.
+    private var provider: (any HoldingsProvider)?
+    /// The provider's page number within the current rotation.
+    private var providerPage = 0
     private var ownVersion: UInt64 = 0
     /// The own holdings being paged through (a snapshot taken when the previous rotation ended).
     private var pageSnapshot: [Digest] = []
@@ -81,11 +88,25 @@ public struct LocalityMap: Sendable {
 
     // MARK: - Local changes
 
+    /// Own holdings are read from `provider` from now on (the map keeps no copy of them): counts,
+    /// `holdsLocally` and holdings pages come from it, and every `gained`/`lost` is announced (the
+    /// store has already changed when it is called, so a repeated `gained` is not recognised: it
+    /// re-announces the blob). Holdings recorded in the map before are dropped.
+    public mutating func readHoldings(from provider: any HoldingsProvider) {
+        self.provider = provider
+        own = [:]
+        pageSnapshot = []
+        pageCursor = 0
+        providerPage = 0
+    }
+
     /// This node now holds `digest`.
     public mutating func gained(_ digest: Digest, now: Duration) {
-        if own[digest] != nil { return }
+        if provider == nil {
+            if own[digest] != nil { return }
+            own[digest] = ownVersion + 1
+        }
         ownVersion += 1
-        own[digest] = ownVersion
         broadcasts.enqueue(Pending(holder: myself, digest: digest, present: true, version: ownVersion, assertedAt: now),
                            for: Key(holder: myself, digest: digest))
     }
@@ -93,6 +114,7 @@ public struct LocalityMap: Sendable {
     /// This node holds all of `digests` already (a store found on disk at start): recorded without
     /// a delta per blob; push-pull pages announce them.
     public mutating func loadOwn(_ digests: [Digest]) {
+        guard provider == nil else { return }   // the provider holds them already
         for d in digests where own[d] == nil {
             ownVersion += 1
             own[d] = ownVersion
@@ -102,15 +124,17 @@ public struct LocalityMap: Sendable {
 
     /// This node no longer holds `digest`.
     public mutating func lost(_ digest: Digest, now: Duration) {
-        guard own.removeValue(forKey: digest) != nil else { return }
+        if provider == nil {
+            guard own.removeValue(forKey: digest) != nil else { return }
+        }
         ownVersion += 1
         broadcasts.enqueue(Pending(holder: myself, digest: digest, present: false, version: ownVersion, assertedAt: now),
                            for: Key(holder: myself, digest: digest))
     }
 
-    public func holdsLocally(_ digest: Digest) -> Bool { own[digest] != nil }
+    public func holdsLocally(_ digest: Digest) -> Bool { provider?.holds(digest) ?? (own[digest] != nil) }
 
-    public var ownCount: Int { own.count }
+    public var ownCount: Int { provider?.heldCount ?? own.count }
 
     // MARK: - Queries
 
@@ -278,6 +302,7 @@ public struct LocalityMap: Sendable {
     /// snapshot of the store taken when the previous rotation ended; blobs gained since are
     /// announced by their deltas and included in the next rotation.
     public mutating func nextHoldingsPage() -> HoldingsPage? {
+        if let provider { return nextProvidedPage(provider) }
         if pageCursor >= pageSnapshot.count {
             pageSnapshot = own.keys.sorted()
             pageCursor = 0
@@ -289,6 +314,30 @@ public struct LocalityMap: Sendable {
         let number = pageCursor / size
         pageCursor = end
         return HoldingsPage(version: ownVersion, page: number, pages: (pageSnapshot.count + size - 1) / size, digests: page)
+    }
+
+    /// A page from the provider: a rotation walks its cursor from 0 to the end, then starts over.
+    /// Blobs gained during a rotation are announced by their deltas, and paged in this rotation or
+    /// the next.
+    private mutating func nextProvidedPage(_ provider: any HoldingsProvider) -> HoldingsPage? {
+        let size = max(1, configuration.holdingsPageSize)
+        var (digests, next) = provider.holdingsPage(from: pageCursor, limit: size)
+        if digests.isEmpty && pageCursor != 0 {   // the rest of the rotation was empty: start over
+            pageCursor = 0
+            providerPage = 0
+            (digests, next) = provider.holdingsPage(from: 0, limit: size)
+        }
+        guard !digests.isEmpty else { return nil }
+        let number = providerPage
+        if let next {
+            pageCursor = next
+            providerPage += 1
+        } else {
+            pageCursor = 0
+            providerPage = 0
+        }
+        let pages = max(number + 1, (provider.heldCount + size - 1) / size)
+        return HoldingsPage(version: ownVersion, page: number, pages: pages, digests: digests)
     }
 
     /// Merges a holdings page from `holder` (its own store): each blob a `present` fact at the
@@ -333,4 +382,17 @@ extension LocalityMap: PiggybackProvider {
         state.locality = fullStateUpdates(now: now)
         state.holdings = nextHoldingsPage()
     }
+}
+
+/// Where a node's own holdings live when the locality map does not keep them (`LocalityMap.readHoldings`):
+/// the store's index, read a page at a time. Called under the mesh core's lock, so it must be
+/// quick (one page) and must never call back into the mesh.
+public protocol HoldingsProvider: Sendable {
+    /// Blobs held now.
+    var heldCount: Int { get }
+    /// Whether `digest` is held (by hash).
+    func holds(_ digest: Digest) -> Bool
+    /// Up to `limit` held blobs from `cursor` on (0 starts a walk) and the cursor to continue from
+    /// (nil: the walk reached the end). Every blob held for a whole walk appears in it exactly once.
+    func holdingsPage(from cursor: Int, limit: Int) -> (digests: [Digest], next: Int?)
 }

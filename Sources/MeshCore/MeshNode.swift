@@ -96,6 +96,9 @@ public struct MeshNode: Sendable {
     /// pages, not one delta per blob.
     public mutating func loadOwn(_ digests: [Digest]) { locality.loadOwn(digests) }
 
+    /// This node's holdings are read from `provider` (its store's index), not kept in the map.
+    public mutating func readHoldings(from provider: any HoldingsProvider) { locality.readHoldings(from: provider) }
+
     /// This node stored `digest` (announced by gossip).
     public mutating func gained(_ digest: Digest, now: Duration) { locality.gained(digest, now: now) }
 

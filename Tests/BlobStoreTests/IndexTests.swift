@@ -154,3 +154,78 @@ private func key(_ n: UInt64, _ kind: EntryKind = .cas) -> EntryKey {
         #expect(index.lookup(key(123_456)).map { index.size($0) } == 123_456)
     }
 }
+
+/// The cursor walk the mesh pages this node's holdings and anti-entropy through (`blobPage`):
+/// no list of the whole store, no String per blob.
+@Suite struct HoldingsWalkTests {
+    @Test("a cursor walk visits every entry live from its first page to its last exactly once, whatever is removed or added meanwhile")
+    func walkSurvivesChurn() {
+        let index = LRUIndex()
+        var live: [Int: EntryKey] = [:]
+        for i in 0..<5000 { live[index.insert(key(UInt64(i), i % 10 == 0 ? .ac : .cas), size: Int64(i), persistedMtime: 0)] = key(UInt64(i), i % 10 == 0 ? .ac : .cas) }
+        let stable = Set(live.filter { $0.key % 3 != 0 }.map(\.value))   // never touched below
+        var g = SplitMix64(state: 42)
+        var seen: [EntryKey] = []
+        var cursor: Int? = 0
+        var added = 5000
+        while let c = cursor {
+            var n = 0
+            cursor = index.forEachLiveSlot(from: c) { slot, isAction in
+                #expect(isAction == (index.key(slot).kind == .ac))
+                seen.append(index.key(slot))
+                n += 1
+                return n < 97
+            }
+            // Churn between pages: remove some of the slots ≡ 0 mod 3, add new entries (reusing freed slots).
+            for _ in 0..<20 {
+                let victims = live.keys.filter { $0 % 3 == 0 }
+                if let v = victims.randomElement(using: &g) {
+                    index.remove(v)
+                    live[v] = nil
+                }
+                let k = key(UInt64(added))
+                added += 1
+                live[index.insert(k, size: 1, persistedMtime: 0)] = k
+            }
+        }
+        #expect(Set(seen).isSuperset(of: stable))
+        #expect(seen.count == Set(seen).count, "an entry was visited twice")
+        // A walk with nothing changing visits exactly the live entries.
+        var all: [EntryKey] = []
+        _ = index.forEachLiveSlot(from: 0) { slot, _ in all.append(index.key(slot)); return true }
+        #expect(Set(all) == Set(live.values) && all.count == live.count)
+    }
+
+    @Test("BlobStore.blobPage walks the CAS blobs (not the action cache) in pages, binary digests that match the hashes")
+    func storePages() async throws {
+        try await withTempDir { dir in
+            let store = try makeStore(dir, maxBytes: 1 << 30)
+            await store.waitUntilIndexed()
+            var hashes: Set<String> = []
+            for i in 0..<250 {
+                let b = blob(UInt64(i), size: 100 + i)
+                hashes.insert(hashOf(b))
+                _ = try await store.put(bytes: b, hash: hashOf(b))
+                if i % 25 == 0 { try await store.putAction(key: hashOf(blob(UInt64(i) + 10_000, size: 8)), value: [1, 2, 3]) }
+            }
+            #expect(store.blobCount == 250)
+            var seen: [BlobRecord] = []
+            var cursor: Int? = 0
+            var pages = 0
+            while let c = cursor {
+                let (page, next) = store.blobPage(from: c, limit: 16)
+                #expect(page.count <= 16)
+                seen += page
+                cursor = next
+                pages += 1
+            }
+            #expect(Set(seen.map(\.hash)) == hashes && seen.count == 250)
+            #expect(pages >= 16)
+            for r in seen.prefix(20) {
+                #expect(store.size(of: r.hash) == r.size)
+                #expect(store.holdsBlob(w0: r.w0, w1: r.w1, w2: r.w2, w3: r.w3))
+            }
+            #expect(!store.holdsBlob(w0: 1, w1: 2, w2: 3, w3: 4))
+        }
+    }
+}

@@ -94,6 +94,41 @@ struct PlacementTests {
         #expect(source.hasPrefix("peer:peer3"), "source \(source)")
         await reader.close()
     }
+
+    @Test("a node restarted on a store filled behind its back (files written straight into cas/, not through the API) announces every blob from its index — the others' maps list it — and its anti-entropy puts each one on its R owners",
+          .timeLimit(.minutes(3)))
+    func blobsOnDiskAreGossipedAndRepaired() async throws {
+        var options = TestMesh.Options()
+        options.repairInterval = 2
+        let mesh = try await TestMesh(options)
+        defer { mesh.stopAll() }
+        try await mesh.converge()
+        mesh.children["peer3"]!.signal(SIGKILL)
+        _ = await mesh.children["peer3"]!.waitForExit(timeout: 10)
+        // 300 blobs of 1 KiB as files, named by their SHA-256, as a synthetic store is made.
+        var blobs: [(hash: String, owners: [String])] = []
+        for _ in 0..<300 {
+            let bytes = randomBytes(1024)
+            let hash = SHA256.hex(bytes)
+            let dir = mesh.dir.file("peer3/cas/\(hash.prefix(2))")
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            try Data(bytes).write(to: URL(fileURLWithPath: "\(dir)/\(hash)"))
+            blobs.append((hash, PlacementOracle.owners(of: hash, among: mesh.names, replicas: 2)))
+        }
+        try mesh.start("peer3")
+        let up = await eventually(timeout: 30) { mesh.children["peer3"]!.stdout.contains("listening tcp=") }
+        try #require(up, "\(mesh.children["peer3"]!.stderr.suffix(1500))")
+        try await mesh.converge()
+        // Anti-entropy walks peer3's index and copies each blob to the owners that lack it.
+        let placed = await eventually(timeout: 60) { blobs.allSatisfy { b in b.owners.allSatisfy { mesh.holds($0, b.hash) } } }
+        let missing = blobs.filter { b in !b.owners.allSatisfy { mesh.holds($0, b.hash) } }.count
+        #expect(placed, "\(missing) of \(blobs.count) blobs not on both owners\n\(mesh.logs())")
+        // Every map lists exactly the holders: peer3 (announced by its holdings pages, paged
+        // from its store's index: no delta was ever sent for these blobs) and the owners.
+        try await mesh.waitForLocality(holders: blobs.map { Array(Set($0.owners + ["peer3"])) }, timeout: 60)
+        // The copies were counted where they were made.
+        #expect(try await mesh.metric("peer3", "cachemesh_antientropy_copies_total") >= Double(blobs.filter { !$0.owners.contains("peer3") }.count))
+    }
 }
 
 /// Churn under load with real processes: the mesh's promises while nodes come and go.

@@ -117,22 +117,20 @@ final class AntiEntropy: Sendable {
     func pass(mesh: MeshService, generation: Int) async -> PassResult {
         var result = PassResult()
         guard mesh.settings.replication > 1 else { return result }
-        let digests = mesh.store.allDigests().filter { $0.size > 0 }
-        var offset = 0
-        while offset < digests.count {
+        // Paged from the store's index (a cursor walk: no list of the whole store).
+        await mesh.store.forEachBlobPage(batch: settings.batch) { batch in
             if self.generation != generation {
                 result.restarted = true
-                return result
+                return false
             }
             let started = ContinuousClock.now
-            let batch = Array(digests[offset..<min(offset + settings.batch, digests.count)])
-            offset += batch.count
             result.checked += batch.count
             await repair(batch, mesh: mesh, into: &result)
             // At most `blobsPerSecond`: a batch of n takes at least n / rate.
             let floor = Duration.seconds(Double(batch.count) / Double(max(1, settings.blobsPerSecond)))
             let spent = ContinuousClock.now - started
             if spent < floor { try? await Task.sleep(for: floor - spent) }
+            return true
         }
         return result
     }
@@ -211,11 +209,11 @@ final class AntiEntropy: Sendable {
         let replicas = mesh.settings.replication
         guard replicas > 1 else { return (0, 0, 0) }
         let me = mesh.me
-        let digests = mesh.store.allDigests().filter { $0.size > 0 }
-        var handed = 0, failed = 0, offset = 0
-        while offset < digests.count, ContinuousClock.now < deadline {
-            let batch = Array(digests[offset..<min(offset + settings.batch, digests.count)])
-            offset += batch.count
+        let total = mesh.store.blobCount
+        var handed = 0, failed = 0, checked = 0
+        await mesh.store.forEachBlobPage(batch: settings.batch) { batch in
+            guard ContinuousClock.now < deadline else { return false }
+            checked += batch.count
             let (owners, asked, endpoints) = mesh.core.withLock { c -> ([String: [NodeID]], [String: [NodeID]], [NodeID: FetchSource]) in
                 let others = c.membership.liveMembers.filter { $0 != me }
                 var owners: [String: [NodeID]] = [:], asked: [String: [NodeID]] = [:], endpoints: [NodeID: FetchSource] = [:]
@@ -244,8 +242,9 @@ final class AntiEntropy: Sendable {
                 }
                 if done { handed += 1 } else { failed += 1 }
             }
+            return true
         }
-        return (handed, failed, digests.count - offset)
+        return (handed, failed, max(0, total - checked))
     }
 
     /// Asks every node in `askOf` which of its hashes it holds, one request per node, all at once.

@@ -95,16 +95,10 @@ public final class MeshService: MeshHooks, Sendable {
         self.core = Mutex(MeshNode(myself: me, metadata: Self.metadata(of: n), membershipConfiguration: membership,
                                    seed: UInt64.random(in: 0...UInt64.max)))
         store.onEviction { [weak self] d in self?.evicted(d) }
-        // What the store already holds (a restart on an old data dir) is announced by the
-        // holdings pages of push-pull and of the welcome each new member gets.
-        let held = store.allDigests().compactMap { MeshCore.Digest(hex: $0.hash, sizeBytes: $0.size) }
-        core.withLock { $0.loadOwn(held) }
-        // The rest once the store's startup scan has indexed it.
-        Task { [weak self, store] in
-            await store.waitUntilIndexed()
-            let all = store.allDigests().compactMap { MeshCore.Digest(hex: $0.hash, sizeBytes: $0.size) }
-            self?.core.withLock { $0.loadOwn(all) }
-        }
+        // What the store holds (a restart on an old data dir too, as its startup scan indexes it)
+        // is announced by the holdings pages of push-pull and of the welcome each new member gets,
+        // read page by page from the store's index: the mesh keeps no copy of it.
+        core.withLock { $0.readHoldings(from: StoreHoldings(store: store)) }
     }
 
     func now() -> Duration { ContinuousClock.now - started }
