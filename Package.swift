@@ -78,7 +78,7 @@ let package = Package(
         ]),
         // S3 client (SigV4 via GnuTLS, HTTP/1.1 keep-alive on NIO, retries, metrics) for the S3-backed origin.
         .target(name: "MeshS3", dependencies: [
-            "CGnuTLS",
+            "CGnuTLS", "MeshTLS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -5,8 +5,9 @@
 # bucket at cas/<sha256> with boto3, then per round:
 #   boto3:  one GET of every blob (Debian's python3-boto3, 1 MiB reads), the baseline;
 #   origin: a release `cachemesh node` with `[origin] backend = "s3"` and an EMPTY data dir (every
-#           read is a miss: S3 GET streamed into the verifying store, then served), one curl GET of
-#           every blob over its plaintext local endpoint (HTTP/1.1, like boto3's plain HTTP to RGW).
+#           read is a miss: the S3 GET streamed into the verifying store and forwarded to the client
+#           while it arrives, the last chunk once verified), one curl GET of every blob over its
+#           plaintext local endpoint (HTTP/1.1, like boto3's plain HTTP to RGW).
 # Prints MiB/s per round and the ratio; writes bench/results/s3-origin.md.
 #   SIZE=67108864 BLOBS=4 ROUNDS=3 bash bench/s3-origin.sh
 set -euo pipefail
@@ -25,6 +26,7 @@ cleanup() {
     rm -rf "$T"
 }
 trap cleanup EXIT
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 AK=bench SK=bench-secret
 bash Tests/tools/ceph/ceph.sh start "$T/ceph" "$AK" "$SK" >/dev/null
 . "$T/ceph/env"
@@ -87,7 +89,8 @@ done
     echo "$(date -u +%Y-%m-%d), $(nproc) cores, Ceph $(ceph --version | cut -d' ' -f3) (1 mon, 1 memstore OSD, radosgw beast tcp_nodelay) on loopback;"
     echo "$BLOBS blobs of $SIZE bytes per round. boto3: one GET per blob in one process, timed inside it (python3-boto3, 1 MiB reads)."
     echo "origin: \`$BIN\` with \`[origin] backend = \"s3\"\` and an empty data dir, one curl GET per"
-    echo "blob on its plaintext local endpoint: each is a read-through (S3 GET streamed into the verifying store, then served)."
+    echo "blob on its plaintext local endpoint: each is a read-through (the S3 GET streamed into the verifying store and"
+    echo "forwarded while it arrives, the last chunk once the blob verified). Load when it started: ${LOAD:-?}."
     echo
     echo "| round | boto3 GET MiB/s | origin cold read MiB/s | origin / boto3 |"
     echo "|---|---|---|---|"

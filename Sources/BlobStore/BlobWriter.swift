@@ -200,6 +200,21 @@ public final class BlobWriter: Sendable {
         }
     }
 
+    /// Reads bytes already accepted, `[offset, offset + buffer.count)` clipped to
+    /// ``bytesWritten``, back from the temp file: lets a reader forward an upload while it is
+    /// still arriving (unverified: the reader must not finish before ``commit()`` succeeds).
+    /// Returns 0 at or past the bytes written; throws ``BlobStoreError/closed`` once the writer
+    /// is committed or aborted (read the committed blob instead), and when its bytes go nowhere
+    /// (the blob existed: nothing is written to a file).
+    public func readWritten(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        try state.withLock { s throws(BlobStoreError) -> Int in
+            guard s.isOpen, case .file(let fd, let path) = s.sink else { throw .closed }
+            let n = Int(min(Int64(buffer.count), max(0, s.bytesWritten - offset)))
+            guard n > 0 else { return 0 }
+            return try Posix.pread(fd, UnsafeMutableRawBufferPointer(rebasing: buffer.prefix(n)), offset: offset, path: path)
+        }
+    }
+
     /// Abandons the upload: deletes the temp file and releases the reservation,
     /// the pin and the write slot. Idempotent; a no-op after ``commit()``.
     public func abort() {

@@ -49,7 +49,7 @@ enum Posix {
         while true {
             let name = "\(randomHex())\(randomHex()).tmp"
             let path = directory + "/" + name
-            let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+            let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)   // RDWR: BlobWriter.readWritten
             if fd >= 0 { return (fd, path) }
             let code = errno
             attempts += 1

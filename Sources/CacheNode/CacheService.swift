@@ -368,7 +368,15 @@ public final class CacheService: HTTPService {
         var source = "local"
         if store.size(of: hash) == nil, let tier {
             do {
-                if try await tier.fetch(hash: hash) { source = "s3" }
+                switch try await tier.read(hash: hash, streamAbove: Int64(hot.maxBlobSize)) {
+                case .local: source = "s3"
+                case .absent: break
+                case .arriving(let body, let size):
+                    // Forwarded while it arrives and verifies (FillingBlob): reset before its last byte if it does not.
+                    var headers: HTTPHeaders = ["content-type": "application/octet-stream", "x-cachemesh-source": "s3"]
+                    if let size { headers.add("content-length", String(size)) }
+                    return HTTPResponse(status: 200, headers: headers, body: .stream(body))
+                }
             } catch {
                 return Self.tierUnavailable(error, "cannot read \(hash) from it")
             }

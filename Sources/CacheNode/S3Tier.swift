@@ -1,6 +1,7 @@
 import BlobStore
 import Foundation
 import Logging
+import MeshHTTP
 import MeshS3
 import Metrics
 import NIOCore
@@ -24,6 +25,25 @@ public protocol DurableTier: Sendable {
     func deleteAction(key: String) async throws
     /// Checks at start-up that the tier is usable (reachable, credentials, bucket).
     func check() async throws
+    /// Like `fetch`, but a blob larger than `streamAbove` bytes may be answered while it arrives.
+    func read(hash: String, streamAbove: Int64) async throws -> TierRead
+}
+
+/// What `DurableTier.read` found.
+public enum TierRead: Sendable {
+    /// Now in the local store.
+    case local
+    /// Not in the tier.
+    case absent
+    /// Arriving: a body that forwards it while it is stored and verified (`FillingBlob`), and
+    /// its size if known.
+    case arriving(HTTPOutboundStream, size: Int64?)
+}
+
+extension DurableTier {
+    public func read(hash: String, streamAbove: Int64) async throws -> TierRead {
+        try await fetch(hash: hash) ? .local : .absent
+    }
 }
 
 /// `[origin]` in a node config or a topology: an S3 bucket as the origin's durable tier.
@@ -39,6 +59,8 @@ public struct S3OriginSettings: Sendable, Equatable {
     public var maxConnections = 32
     public var multipartThreshold: Int64 = 64 << 20
     public var partSize: Int64 = 16 << 20
+    /// For an `https://` endpoint: a PEM file of the CAs to trust; nil: the system's trust store.
+    public var caFile: String?
 
     public init(endpoint: String, bucket: String) {
         self.endpoint = endpoint
@@ -46,7 +68,7 @@ public struct S3OriginSettings: Sendable, Equatable {
     }
 
     public static let keys = ["backend", "endpoint", "bucket", "region", "path_style", "credentials_file",
-                              "idle_timeout_seconds", "max_connections", "multipart_threshold", "part_size"]
+                              "idle_timeout_seconds", "max_connections", "multipart_threshold", "part_size", "ca_file"]
 
     /// Reads `[origin]` from `t` (nil when absent or `backend = "disk"`); `resolve` anchors a
     /// relative credentials file at the config/topology file.
@@ -60,6 +82,10 @@ public struct S3OriginSettings: Sendable, Equatable {
         if let v = try o.string("region") { s.region = v }
         if let v = try o.bool("path_style") { s.pathStyle = v }
         s.credentialsFile = try o.string("credentials_file").map(resolve)
+        s.caFile = try o.string("ca_file").map(resolve)
+        if s.caFile != nil, !endpoint.lowercased().hasPrefix("https://") {
+            throw o.error("ca_file", "'ca_file' is for an https:// endpoint; '\(endpoint)' is not one")
+        }
         if let v = try o.int("idle_timeout_seconds") {
             guard v >= 1 else { throw o.error("idle_timeout_seconds", "'idle_timeout_seconds' must be at least 1, got \(v)") }
             s.idleTimeoutSeconds = v
@@ -120,6 +146,7 @@ public struct S3OriginSettings: Sendable, Equatable {
         s.maxConnections = maxConnections
         s.multipartThreshold = multipartThreshold
         s.partSize = partSize
+        s.caFile = caFile
         return s
     }
 }
@@ -146,19 +173,23 @@ struct BlobReaderSource: S3UploadSource {
 
 /// The S3 tier: objects at `cas/<sha256>` and `ac/<sha256>` in one bucket (which several origins
 /// may share). Read-through is streamed into the store's verifying writer (a body that does not
-/// hash to its key is dropped, counted in `cachemesh_s3_corrupt_objects_total` and logged);
-/// concurrent fetches of one blob share one GET.
+/// hash to its key is dropped, counted in `cachemesh_s3_corrupt_objects_total` and logged) and,
+/// for large blobs, forwarded to the client while it arrives (`FillingBlob`: the last chunk only
+/// once verified); concurrent reads of one blob share one GET.
 public final class S3Tier: DurableTier {
     let client: S3Client
     let store: BlobStore
     let logger: Logger
     let bucket: String
-    private let inflight = Mutex<[String: Task<Bool, any Error>]>([:])
+    private let inflight = Mutex<[String: FillingBlob]>([:])
     private let corrupt = Counter(label: "cachemesh_s3_corrupt_objects_total")
     private let readThrough = Counter(label: "cachemesh_s3_read_through_total")
+    private let streamed = Counter(label: "cachemesh_s3_streamed_reads_total")
 
     public init(settings: S3OriginSettings, store: BlobStore, logger: Logger) throws {
-        client = S3Client(settings: try settings.clientSettings(), logger: logger)
+        do { client = try S3Client(settings: try settings.clientSettings(), logger: logger) } catch let e as S3ConfigError {
+            throw ConfigurationError("[origin] \(e)")
+        }
         bucket = settings.bucket
         self.store = store
         self.logger = logger
@@ -174,6 +205,10 @@ public final class S3Tier: DurableTier {
     public func check() async throws {
         do { try await client.checkBucket() } catch let e as S3Error {
             let endpoint = "\(client.settings.endpoint)"
+            if case .tls(let why) = e.kind {
+                let trust = client.settings.caFile.map { "the CAs in [origin] ca_file \($0)" } ?? "the system's trust store ([origin] ca_file not set)"
+                throw ConfigurationError("TLS to the S3 origin tier at \(endpoint) failed (trusting \(trust)): \(why)")
+            }
             switch e.status {
             case 403: throw ConfigurationError("the S3 origin tier refused the credentials for bucket \(bucket) at \(endpoint) (HTTP 403: wrong access key or secret, or no permission on the bucket): \(e)")
             case 404: throw ConfigurationError("the S3 origin tier's bucket \(bucket) does not exist at \(endpoint) (HTTP 404); create it first")
@@ -182,24 +217,65 @@ public final class S3Tier: DurableTier {
         }
     }
 
-    public func fetch(hash: String) async throws -> Bool {
-        let task = inflight.withLock { m -> Task<Bool, any Error> in
-            if let t = m[hash] { return t }
-            let t = Task { try await self.download(hash) }
-            m[hash] = t
-            return t
+    /// The fill of `hash` under way, or a new one (with its download started).
+    private func fill(_ hash: String) -> FillingBlob {
+        inflight.withLock { m -> FillingBlob in
+            if let f = m[hash] { return f }
+            let f = FillingBlob(hash: hash, store: store)
+            m[hash] = f
+            Task { await self.download(f) }
+            return f
         }
-        defer { _ = inflight.withLock { $0.removeValue(forKey: hash) } }
-        return try await task.value
     }
 
-    private func download(_ hash: String) async throws -> Bool {
+    public func fetch(hash: String) async throws -> Bool {
+        switch await fill(hash).outcome() {
+        case .committed: return true
+        case .absent: return false
+        case .failed(let e): throw e
+        }
+    }
+
+    /// A local miss: blobs over `streamAbove` bytes are answered while they arrive from S3 (and
+    /// are stored, verified); smaller ones (and any whose size S3 does not say) once stored.
+    public func read(hash: String, streamAbove: Int64) async throws -> TierRead {
+        let f = fill(hash)
+        let outcome: FillingBlob.Outcome
+        switch await f.start() {
+        case .arriving(let size?) where size > streamAbove:
+            streamed.increment()
+            return .arriving(f.body(), size: size)
+        case .arriving:
+            outcome = await f.outcome()
+        case .finished(let o):
+            outcome = o
+        }
+        switch outcome {
+        case .committed: return .local
+        case .absent: return .absent
+        case .failed(let e): throw e
+        }
+    }
+
+    private func download(_ fill: FillingBlob) async {
+        let outcome: FillingBlob.Outcome
+        do {
+            outcome = try await download(fill.hash, into: fill) ? .committed : .absent
+        } catch {
+            outcome = .failed(error)
+        }
+        _ = inflight.withLock { $0.removeValue(forKey: fill.hash) }
+        fill.finish(outcome)
+    }
+
+    private func download(_ hash: String, into fill: FillingBlob) async throws -> Bool {
         if store.size(of: hash) != nil { return true }
         let writer = try await store.beginWrite(hash: hash, expectedSize: nil)
+        fill.attach(writer)
         let found: Bool
         do {
-            found = try await client.get("cas/\(hash)") { buf in
-                try buf.withUnsafeReadableBytes { try writer.write($0) }
+            found = try await client.get("cas/\(hash)", size: { fill.announce(size: $0) }) { buf in
+                try fill.append(buf)
             }
         } catch {
             writer.abort()
@@ -214,7 +290,8 @@ public final class S3Tier: DurableTier {
         } catch let e as BlobStoreError {
             if case .digestMismatch = e {
                 corrupt.increment()
-                logger.error("S3 object does not hash to its key: not stored, not served", metadata: ["key": "cas/\(hash)", "bucket": "\(bucket)", "error": "\(e)"])
+                logger.error("S3 object does not hash to its key: not stored, not served (streamed readers reset before the last byte)",
+                             metadata: ["key": "cas/\(hash)", "bucket": "\(bucket)", "error": "\(e)"])
                 throw S3CorruptObject(hash: hash, reason: "\(e)")
             }
             throw e

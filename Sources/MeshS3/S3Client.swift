@@ -1,34 +1,40 @@
 import Foundation
 import Logging
+import MeshTLS
 import Metrics
 import NIOCore
 import NIOHTTP1
 import NIOPosix
 import Synchronization
 
-/// Where an S3 endpoint is: `http://host:port` (plain HTTP only for now).
+/// Where an S3 endpoint is: `http://host[:port]`, or `https://host[:port]` (TLS).
 public struct S3Endpoint: Sendable, Hashable, CustomStringConvertible {
     public var host: String
     public var port: Int
+    public var tls: Bool
 
-    public init(host: String, port: Int) {
+    public init(host: String, port: Int, tls: Bool = false) {
         self.host = host
         self.port = port
+        self.tls = tls
     }
 
-    /// `http://host[:port]`; nil (with why) for anything else.
+    /// `http://host[:port]` or `https://host[:port]`; throws (with why) for anything else.
     public static func parse(_ s: String) throws -> S3Endpoint {
         guard let u = URLComponents(string: s), let scheme = u.scheme?.lowercased(), let host = u.host, !host.isEmpty else {
-            throw S3ConfigError("endpoint '\(s)' is not a URL like http://127.0.0.1:7480")
+            throw S3ConfigError("endpoint '\(s)' is not a URL like http://127.0.0.1:7480 or https://s3.example.com")
         }
-        guard scheme == "http" else {
-            throw S3ConfigError("endpoint '\(s)': only http:// is supported for now (TLS to the endpoint is not implemented; put the endpoint on a trusted network or loopback)")
+        guard scheme == "http" || scheme == "https" else {
+            throw S3ConfigError("endpoint '\(s)': the scheme must be http:// or https://")
         }
         if !u.path.isEmpty && u.path != "/" { throw S3ConfigError("endpoint '\(s)' must not have a path (the bucket is set on its own)") }
-        return S3Endpoint(host: host, port: u.port ?? 80)
+        let tls = scheme == "https"
+        return S3Endpoint(host: host, port: u.port ?? (tls ? 443 : 80), tls: tls)
     }
 
-    public var description: String { "http://\(host.contains(":") ? "[\(host)]" : host):\(port)" }
+    var defaultPort: Int { tls ? 443 : 80 }
+
+    public var description: String { "\(tls ? "https" : "http")://\(host.contains(":") ? "[\(host)]" : host):\(port)" }
 }
 
 public struct S3ConfigError: Error, CustomStringConvertible {
@@ -47,6 +53,8 @@ public struct S3Error: Error, CustomStringConvertible, Sendable {
         case connection(String)
         /// The answer made no sense (a multipart upload without an id, a short body).
         case invalidResponse(String)
+        /// The TLS handshake failed (e.g. the server's certificate is not trusted): not retried.
+        case tls(String)
     }
 
     public var kind: Kind
@@ -61,7 +69,7 @@ public struct S3Error: Error, CustomStringConvertible, Sendable {
         switch kind {
         case .timeout, .connection: true
         case .http(let s, _, _): s >= 500 || s == 429
-        case .invalidResponse: false
+        case .invalidResponse, .tls: false
         }
     }
 
@@ -73,6 +81,7 @@ public struct S3Error: Error, CustomStringConvertible, Sendable {
         case .timeout: what = "no answer within the deadline"
         case .connection(let why): what = "connection failed: \(why)"
         case .invalidResponse(let why): what = "invalid response: \(why)"
+        case .tls(let why): what = "TLS failed: \(why)"
         }
         return "S3 \(operation) \(key): \(what)" + (attempts > 1 ? " (after \(attempts) attempts)" : "")
     }
@@ -114,6 +123,9 @@ public final class S3Client: Sendable {
         public var partSize: Int64 = 16 << 20
         /// Parts in flight at once in one multipart upload.
         public var partConcurrency = 4
+        /// For an `https://` endpoint: trust servers chaining to the CAs in this PEM file;
+        /// nil: the system's trust store.
+        public var caFile: String?
 
         public init(endpoint: S3Endpoint, bucket: String, credentials: S3Credentials) {
             self.endpoint = endpoint
@@ -127,11 +139,20 @@ public final class S3Client: Sendable {
     let logger: Logger
     let metrics = S3Metrics()
 
-    public init(settings: Settings, logger: Logger, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
+    /// Throws when `https://` is asked for and the CA file (or the system trust store) cannot be loaded.
+    public init(settings: Settings, logger: Logger, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws {
         self.settings = settings
         self.logger = logger
+        var tls: S3ConnectionPool.TLS?
+        if settings.endpoint.tls {
+            let credentials: TLSCredentials
+            do { credentials = try TLSCredentials(clientTrusting: settings.caFile) } catch {
+                throw S3ConfigError("TLS to \(settings.endpoint): \(error)")
+            }
+            tls = .init(credentials: credentials, serverName: settings.endpoint.host, logger: logger)
+        }
         self.pool = S3ConnectionPool(host: settings.endpoint.host, port: settings.endpoint.port, max: settings.maxConnections,
-                                     connectTimeout: settings.connectTimeout, group: group)
+                                     connectTimeout: settings.connectTimeout, tls: tls, group: group)
     }
 
     public func shutdown() { pool.closeAll() }
@@ -165,14 +186,35 @@ public final class S3Client: Sendable {
 
     /// GET an object from `offset`, streaming its bytes to `body` in order; a broken transfer is
     /// resumed where it stopped (`Range`), so `body` sees every byte once. Returns false (and
-    /// calls `body` never) when the object does not exist.
-    public func get(_ key: String, from offset: Int64 = 0, body: @escaping @Sendable (ByteBuffer) async throws -> Void) async throws -> Bool {
+    /// calls `body` never) when the object does not exist. `size`, if given, is told the object's
+    /// whole size (when the endpoint says it) once, before the first byte reaches `body`.
+    public func get(_ key: String, from offset: Int64 = 0, size: (@Sendable (Int64?) -> Void)? = nil,
+                    body: @escaping @Sendable (ByteBuffer) async throws -> Void) async throws -> Bool {
         let delivered = Mutex<Int64>(0)
+        let told = Mutex(false)
+        var onHead: (@Sendable (Int, NIOHTTP1.HTTPHeaders) -> Void)?
+        if let size {
+            onHead = { (status: Int, headers: NIOHTTP1.HTTPHeaders) in
+                let first = told.withLock { t -> Bool in
+                    defer { t = true }
+                    return !t
+                }
+                guard first else { return }
+                if status == 206 {
+                    // content-range: bytes a-b/total
+                    let total = headers.first(name: "content-range").flatMap { $0.split(separator: "/").last }.flatMap { Int64($0) }
+                    size(total)
+                } else {
+                    size(headers.first(name: "content-length").flatMap { Int64($0) })
+                }
+            }
+        }
+        let headCallback = onHead
         let r = try await retrying("GET", key) { _ in
             let start = offset + delivered.withLock { $0 }
             var headers: [(String, String)] = []
             if start > 0 { headers.append(("range", "bytes=\(start)-")) }
-            return try await self.send(op: "GET", method: .GET, key: key, extraHeaders: headers, onBody: { buf in
+            return try await self.send(op: "GET", method: .GET, key: key, extraHeaders: headers, onHead: headCallback, onBody: { buf in
                 try await body(buf)
                 delivered.withLock { $0 += Int64(buf.readableBytes) }
             })
@@ -345,7 +387,7 @@ public final class S3Client: Sendable {
 
     var hostHeader: String {
         let h = settings.endpoint.host.contains(":") ? "[\(settings.endpoint.host)]" : settings.endpoint.host
-        let base = settings.endpoint.port == 80 ? h : "\(h):\(settings.endpoint.port)"
+        let base = settings.endpoint.port == settings.endpoint.defaultPort ? h : "\(h):\(settings.endpoint.port)"
         return settings.pathStyle ? base : "\(settings.bucket).\(base)"
     }
 
@@ -353,6 +395,7 @@ public final class S3Client: Sendable {
     /// `onBody`, and keeps up to 64 KiB of any other body (the S3 error document).
     func send(op: String, method: HTTPMethod, key: String?, query: [(String, String)] = [], extraHeaders: [(String, String)] = [],
               body: Body? = nil, payloadHash: String = SigV4.emptyPayloadHash, collectBody: Bool = false,
+              onHead: (@Sendable (Int, NIOHTTP1.HTTPHeaders) -> Void)? = nil,
               onBody: (@Sendable (ByteBuffer) async throws -> Void)? = nil) async throws -> S3Response {
         let path = path(for: key)
         let amzDate = SigV4.amzDate(Date())
@@ -424,6 +467,7 @@ public final class S3Client: Sendable {
                             status = Int(h.status.code)
                             keepAlive = h.isKeepAlive
                             result.withLock { $0.status = status; $0.headers = h.headers }
+                            if (200..<300).contains(status), let onHead { onHead(status, h.headers) }
                         case .body(let b):
                             metrics.bytes(op, in: Int64(b.readableBytes))
                             if (200..<300).contains(status), !collectBody, let onBody {
@@ -441,6 +485,10 @@ public final class S3Client: Sendable {
                 }
             }
         } catch {
+            if error is PeerCertificateRejected || error is TLSError || error is TLSAlertReceived {
+                metrics.finished(op, result: "error", kind: "tls", since: started)
+                throw S3Error(kind: .tls("\(error)"), operation: op, key: key ?? "")
+            }
             let kind: S3Error.Kind = progress.didTimeOut ? .timeout : .connection(Self.describe(error))
             if error is S3Error, !progress.didTimeOut { metrics.finished(op, result: "error", kind: "invalid", since: started); throw error }
             metrics.finished(op, result: "error", kind: progress.didTimeOut ? "timeout" : "connection", since: started)

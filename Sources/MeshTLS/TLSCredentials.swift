@@ -98,6 +98,39 @@ public final class TLSCredentials: @unchecked Sendable {
         self.files = files
     }
 
+    /// For a client of a service outside the mesh (an S3 endpoint): no certificate of its own;
+    /// servers are trusted when they chain to the CAs in `caFile`, or without it to the system's
+    /// trust store (Debian: /etc/ssl/certs/ca-certificates.crt).
+    public init(clientTrusting caFile: String?) throws {
+        var creds: gnutls_certificate_credentials_t?
+        try TLSError.check(gnutls_certificate_allocate_credentials(&creds), "allocating credentials")
+        guard let creds else { throw TLSError(code: 0, context: "allocating credentials") }
+        do {
+            if let caFile {
+                try TLSFileError.checkReadable(caFile, "CA certificate")
+                let n = gnutls_certificate_set_x509_trust_file(creds, caFile, GNUTLS_X509_FMT_PEM)
+                if n < 0 { throw TLSError(code: n, context: "loading CA \(caFile)") }
+                if n == 0 { throw TLSError(code: 0, context: "no CA certificate in \(caFile)") }
+            } else {
+                let n = gnutls_certificate_set_x509_system_trust(creds)
+                if n < 0 { throw TLSError(code: n, context: "loading the system's trusted CAs") }
+                if n == 0 { throw TLSError(code: 0, context: "the system trust store has no CA certificate (install ca-certificates, or set a CA file)") }
+            }
+        } catch {
+            gnutls_certificate_free_credentials(creds)
+            throw error
+        }
+        var prio: gnutls_priority_t?
+        let rc = gnutls_priority_init(&prio, Self.priority, nil)
+        guard rc >= 0, let prio else {
+            gnutls_certificate_free_credentials(creds)
+            throw TLSError(code: rc, context: "priority string")
+        }
+        self.credentials = creds
+        self.priorityCache = prio
+        self.files = TLSFiles(certificateChain: nil, privateKey: nil, trustedCA: caFile ?? "(system trust store)")
+    }
+
     deinit {
         gnutls_priority_deinit(priorityCache)
         gnutls_certificate_free_credentials(credentials)

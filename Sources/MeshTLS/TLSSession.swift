@@ -187,6 +187,7 @@ public final class TLSSession {
     public func receive(into plaintext: inout ByteBuffer) throws -> ReadResult {
         let session = try live("receiving")
         var got = false
+        var left = -1
         while true {
             var rc = 0
             plaintext.writeWithUnsafeMutableBytes(minimumWritableBytes: 16 * 1024 + 256) { buf in
@@ -196,7 +197,17 @@ public final class TLSSession {
             if rc > 0 { got = true; continue }
             if rc == 0 { return got ? .data : .closed }
             let code = Int32(rc)
-            if code == GNUTLS_E_AGAIN { return got ? .data : .wantMore }
+            if code == GNUTLS_E_AGAIN {
+                // A post-handshake message (TLS 1.3 session tickets: OpenSSL servers such as Ceph's
+                // radosgw send two) is consumed with E_AGAIN although more records may wait in
+                // `inbound`; stopping there left an HTTP response undelivered until more bytes came.
+                // Go on while `inbound` shrinks.
+                if inbound.readableBytes > 0, inbound.readableBytes != left {
+                    left = inbound.readableBytes
+                    continue
+                }
+                return got ? .data : .wantMore
+            }
             if code == GNUTLS_E_INTERRUPTED || code == GNUTLS_E_REHANDSHAKE { continue }
             if code == GNUTLS_E_PREMATURE_TERMINATION { return got ? .data : .closed }
             if gnutls_error_is_fatal(code) == 0 { continue }

@@ -31,7 +31,9 @@ import Testing
         #expect(error(Self.topology(origins: ["a", "b"], origin: "")).contains("at most one origin"))
         // Secrets have no place in the topology.
         #expect(error(Self.topology(origins: ["a"], origin: Self.s3 + "secret_access_key = \"x\"\n")).contains("unknown key 'secret_access_key'"))
-        #expect(error(Self.topology(origins: ["a"], origin: "[origin]\nbackend = \"s3\"\nendpoint = \"https://s3.example\"\nbucket = \"b\"\n")).contains("only http://"))
+        #expect(error(Self.topology(origins: ["a"], origin: "[origin]\nbackend = \"s3\"\nendpoint = \"ftp://s3.example\"\nbucket = \"b\"\n")).contains("must be http:// or https://"))
+        // A CA file is for TLS only.
+        #expect(error(Self.topology(origins: ["a"], origin: Self.s3 + "ca_file = \"ca.pem\"\n")).contains("'ca_file' is for an https:// endpoint"))
         #expect(error(Self.topology(origins: ["a"], origin: "[origin]\nbackend = \"s3\"\nbucket = \"b\"\n")).contains("'endpoint' is missing"))
         #expect(error(Self.topology(origins: ["a"], origin: "[origin]\nbackend = \"nfs\"\n")).contains("must be one of disk, s3"))
     }
@@ -53,5 +55,11 @@ import Testing
         #expect(c.s3Origin?.partSize == 8 << 20)
         #expect(c.s3Origin?.credentialsFile == "/etc/cm/creds")
         #expect(try NodeConfiguration.load(text: "name = \"n\"\n[origin]\nbackend = \"disk\"\n", path: "/n.toml").s3Origin == nil)
+        // https:// with a CA file (relative to the config file); port 443 unless given.
+        let t = try NodeConfiguration.load(text: "name = \"n\"\ninsecure = true\n[origin]\nbackend = \"s3\"\nendpoint = \"https://s3.example\"\nbucket = \"b\"\nca_file = \"ca.pem\"\n",
+                                           path: "/etc/cm/n.toml")
+        #expect(t.s3Origin?.caFile == "/etc/cm/ca.pem")
+        #expect(try S3Endpoint.parse("https://s3.example") == S3Endpoint(host: "s3.example", port: 443, tls: true))
+        #expect(try S3Endpoint.parse("http://127.0.0.1:7480") == S3Endpoint(host: "127.0.0.1", port: 7480, tls: false))
     }
 }

@@ -35,7 +35,20 @@ struct BazelTests {
     struct Bazel {
         let ws: String
         let startup: [String]
-        let node: TestNode
+        /// The node Bazel talks to (host:port) and the certificates it uses.
+        let address: String
+        let certs: Certs
+
+        init(ws: String, startup: [String], address: String, certs: Certs) {
+            self.ws = ws
+            self.startup = startup
+            self.address = address
+            self.certs = certs
+        }
+
+        init(ws: String, startup: [String], node: TestNode) {
+            self.init(ws: ws, startup: startup, address: node.address, certs: node.certs)
+        }
 
         func run(_ args: [String]) async throws -> ProcessResult {
             // --batch: no Bazel server is left running after the test.
@@ -44,11 +57,11 @@ struct BazelTests {
         }
 
         func build(_ who: Identity, extra: [String] = []) async throws -> ProcessResult {
-            var flags = ["build", "//:all", "--remote_cache=grpcs://\(node.address)", "--tls_certificate=\(node.certs.ca)",
+            var flags = ["build", "//:all", "--remote_cache=grpcs://\(address)", "--tls_certificate=\(certs.ca)",
                          "--nosandbox_debug", "--spawn_strategy=local", "--remote_timeout=60"]
             if who != .anonymous {
-                flags += ["--tls_client_certificate=\(node.certs.path("\(who.rawValue).pem"))",
-                          "--tls_client_key=\(node.certs.path("\(who.rawValue).pkcs8.key"))"]
+                flags += ["--tls_client_certificate=\(certs.path("\(who.rawValue).pem"))",
+                          "--tls_client_key=\(certs.path("\(who.rawValue).pkcs8.key"))"]
             }
             return try await run(flags + extra)
         }

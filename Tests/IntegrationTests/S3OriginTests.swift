@@ -12,7 +12,8 @@ import Testing
 @Suite("S3-backed origin on Ceph RGW", .serialized)
 struct S3OriginTests {
     /// `[origin]` for a topology or node config, with a credentials file in `dir`.
-    static func originTable(_ ceph: CephCluster, bucket: String, dir: String, secret: String? = nil, idle: Int = 2) throws -> String {
+    static func originTable(_ ceph: CephCluster, bucket: String, dir: String, secret: String? = nil, idle: Int = 2,
+                            endpoint: String? = nil, extra: String = "") throws -> String {
         let creds = (dir as NSString).appendingPathComponent("s3-credentials-\(UUID().uuidString.prefix(6))")
         try "[default]\naws_access_key_id = \(ceph.accessKey)\naws_secret_access_key = \(secret ?? ceph.secretKey)\n"
             .write(toFile: creds, atomically: true, encoding: .utf8)
@@ -20,22 +21,24 @@ struct S3OriginTests {
 
         [origin]
         backend = "s3"
-        endpoint = "\(ceph.endpoint)"
+        endpoint = "\(endpoint ?? ceph.endpoint)"
         bucket = "\(bucket)"
         credentials_file = "\(creds)"
         idle_timeout_seconds = \(idle)
         multipart_threshold = "8M"
         part_size = "5M"
+        \(extra)
 
         """
     }
 
-    static func mesh(_ ceph: CephCluster, bucket: String, origins: Set<String> = ["origin"]) async throws -> TestMesh {
+    static func mesh(_ ceph: CephCluster, bucket: String, origins: Set<String> = ["origin"], tls: Bool = false) async throws -> TestMesh {
         let dir = try TempDir("s3creds")
         var o = TestMesh.Options()
         o.writeThrough = true
         o.origins = origins
-        o.tables = try originTable(ceph, bucket: bucket, dir: dir.path)
+        o.tables = try tls ? originTable(ceph, bucket: bucket, dir: dir.path, endpoint: ceph.tlsEndpoint, extra: "ca_file = \"\(ceph.caFile)\"")
+                           : originTable(ceph, bucket: bucket, dir: dir.path)
         return try await TestMesh(o)
     }
 
@@ -107,9 +110,10 @@ struct S3OriginTests {
         #expect(try await eventually(timeout: 30) { try await Self.request(mesh, "origin", "GET", "/cas/\(unknown)").status == 404 })
 
         // Bytes in the bucket that do not hash to their key: never served, counted, nothing stored.
+        // (A small blob is answered once verified: a 502. Large ones: see streamsColdReads.)
         let liar = SHA256.hex(randomBytes(32))
         let file = mesh.dir.file("liar")
-        try Data(randomBytes(70_000)).write(to: URL(fileURLWithPath: file))
+        try Data(randomBytes(50_000)).write(to: URL(fileURLWithPath: file))
         #expect(ceph.s3(["put", bucket, "cas/\(liar)", file]).0 == 0)
         let bad = try await Self.request(mesh, "origin", "GET", "/cas/\(liar)")
         #expect(bad.status == 502, "\(bad.status) \(bad.text)")
@@ -220,5 +224,150 @@ struct S3OriginTests {
             }
             #expect(ok && last.body == data, "GET \(d) at peer3: \(last.status) \(last.text)")
         }
+    }
+
+    @Test("Cold reads of large blobs are forwarded while they arrive from S3: concurrent readers share one S3 GET and all get the blob, which is stored; a large object that does not hash to its key is reset before its last byte, counted, not stored",
+          .timeLimit(.minutes(5)))
+    func streamsColdReads() async throws {
+        let ceph = try CephCluster.shared()
+        let bucket = try ceph.makeBucket("stream")
+        // Objects put straight into the bucket (boto3): the origin's disk has never seen them.
+        let data = randomBytes(24_000_000)
+        let hash = SHA256.hex(data)
+        let dir = try TempDir("s3stream")
+        defer { dir.remove() }
+        try Data(data).write(to: URL(fileURLWithPath: dir.file("blob")))
+        #expect(ceph.s3(["put", bucket, "cas/\(hash)", dir.file("blob")]).0 == 0)
+        let liar = SHA256.hex(randomBytes(32))
+        try Data(randomBytes(3_000_000)).write(to: URL(fileURLWithPath: dir.file("liar")))
+        #expect(ceph.s3(["put", bucket, "cas/\(liar)", dir.file("liar")]).0 == 0)
+
+        let mesh = try await Self.mesh(ceph, bucket: bucket)
+        defer { mesh.stopAll() }
+        try await mesh.converge()
+        let getsBefore = try await mesh.metric("origin", "cachemesh_s3_requests_total{op=\"GET\",result=\"2xx\"}")
+        // Four readers at once (the gateway paused for a moment, less than idle_timeout_seconds,
+        // so that all four miss while the download has not begun); each reads the whole body.
+        ceph.pauseGateway()
+        let answers = try await withThrowingTaskGroup(of: Answer.self) { group in
+            for _ in 0..<4 { group.addTask { try await Self.request(mesh, "origin", "GET", "/cas/\(hash)") } }
+            try await Task.sleep(for: .milliseconds(1000))
+            ceph.resumeGateway()
+            var all: [Answer] = []
+            for try await a in group { all.append(a) }
+            return all
+        }
+        for a in answers {
+            #expect(a.status == 200 && a.body.count == data.count && a.body == data, "\(a.status) \(a.body.count) bytes: \(a.text)")
+            #expect(a.source == "s3")
+        }
+        #expect(try await mesh.metric("origin", "cachemesh_s3_requests_total{op=\"GET\",result=\"2xx\"}") - getsBefore == 1,
+                "one S3 GET for every concurrent reader")
+        #expect(try await mesh.metric("origin", "cachemesh_s3_streamed_reads_total") >= 1)
+        #expect(try await eventually(timeout: 10) { mesh.holds("origin", hash) }, "the read-through keeps a verified local copy")
+        // Now local: served from disk.
+        #expect(try await Self.request(mesh, "origin", "GET", "/cas/\(hash)").source == "local")
+
+        // The liar: the response has started (200), but its body is cut before the end.
+        let c = try await mesh.client("origin")
+        defer { Task { await c.close() } }
+        let r = try await c.connection.request(.init(method: "GET", path: "/cas/\(liar)"), body: .empty)
+        #expect(r.status == 200)
+        do {
+            let got = try await r.body.collect(upTo: 64 << 20)
+            Issue.record("a body that does not hash to its key was delivered whole (\(got.readableBytes) bytes)")
+        } catch {
+            // Reset before the last byte.
+        }
+        #expect(try await mesh.metric("origin", "cachemesh_s3_corrupt_objects_total") == 1)
+        #expect(!mesh.holds("origin", liar))
+        // The origin goes on serving.
+        #expect(try await Self.request(mesh, "origin", "GET", "/cas/\(hash)").status == 200)
+    }
+
+    @Test("TLS to the S3 endpoint (https://, [origin] ca_file): writes land in the bucket and cold reads come back over it; a CA that did not issue the gateway's certificate, or the system trust store, → the node refuses to start and says why",
+          .timeLimit(.minutes(5)))
+    func tlsToTheEndpoint() async throws {
+        let ceph = try CephCluster.shared()
+        let bucket = try ceph.makeBucket("tls")
+        let mesh = try await Self.mesh(ceph, bucket: bucket, tls: true)
+        defer { mesh.stopAll() }
+        try await mesh.converge()
+        let data = randomBytes(9_000_000)   // multipart (8M threshold) over TLS
+        let hash = SHA256.hex(data)
+        let w = try await Self.request(mesh, "origin", "PUT", "/cas/\(hash)", body: data)
+        #expect(w.status == 201, "\(w.status) \(w.text)")
+        #expect(try ceph.list(bucket)["cas/\(hash)"] == Int64(data.count))
+        // A blob only in the bucket: read through over TLS (streamed: over 64 KiB).
+        let cold = randomBytes(3_000_000)
+        let coldHash = SHA256.hex(cold)
+        try Data(cold).write(to: URL(fileURLWithPath: mesh.dir.file("cold")))
+        #expect(ceph.s3(["put", bucket, "cas/\(coldHash)", mesh.dir.file("cold")]).0 == 0)
+        let r = try await Self.request(mesh, "origin", "GET", "/cas/\(coldHash)")
+        #expect(r.status == 200 && r.body == cold && r.source == "s3", "\(r.status) \(r.text)")
+        #expect(try await mesh.metric("origin", "cachemesh_s3_errors_total{op=\"GET\",kind=\"tls\"}") == 0)
+
+        // Another CA (made here with certtool), or none (the system's trust store): refused at start.
+        let dir = try TempDir("s3tls")
+        defer { dir.remove() }
+        let otherCA = dir.file("other-ca.pem")
+        #expect(try await run(["/usr/bin/certtool", "--generate-privkey", "--key-type", "ecdsa", "--outfile", dir.file("other-ca.key")], timeout: 30).status == 0)
+        try "cn = \"another CA\"\nca\ncert_signing_key\n".write(toFile: dir.file("ca.tmpl"), atomically: true, encoding: .utf8)
+        #expect(try await run(["/usr/bin/certtool", "--generate-self-signed", "--load-privkey", dir.file("other-ca.key"),
+                               "--template", dir.file("ca.tmpl"), "--outfile", otherCA], timeout: 30).status == 0)
+        for (name, extra, expected) in [("wrong-ca", "ca_file = \"\(otherCA)\"", "ca_file \(otherCA)"),
+                                        ("system-trust", "", "system's trust store")] {
+            let config = dir.file("\(name).toml")
+            try """
+            name = "\(name)"
+            listen = "127.0.0.1:0"
+            data_dir = "\(dir.file(name))"
+            max_bytes = "64M"
+            insecure = true
+            \(try Self.originTable(ceph, bucket: bucket, dir: dir.path, endpoint: ceph.tlsEndpoint, extra: extra))
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+            let r = try await run([try Paths.cachemesh(), "node", "--config", config], timeout: 60)
+            #expect(r.status == 2, "\(name): \(r)")
+            #expect(r.stderr.contains("TLS to the S3 origin tier at \(ceph.tlsEndpoint)"), "\(name): \(r.stderr.suffix(800))")
+            #expect(r.stderr.contains(expected) && r.stderr.contains("it was not issued by"),
+                    "\(name): \(r.stderr.suffix(800))")
+            #expect(!r.stdout.contains("listening tcp="))
+        }
+    }
+
+    @Test("Bazel against a peer of a mesh whose origin is S3-backed: build, clean, rebuild (the origin restarted with an empty disk meanwhile) → every action a remote cache hit; the outputs are in the bucket",
+          .timeLimit(.minutes(8)))
+    func bazelAgainstAnS3BackedMesh() async throws {
+        let ceph = try CephCluster.shared()
+        let bucket = try ceph.makeBucket("bazel")
+        let mesh = try await Self.mesh(ceph, bucket: bucket)
+        defer { mesh.stopAll() }
+        try await mesh.converge()
+        let root = try TempDir("bazel-s3")
+        defer { root.remove() }
+        let ws = try BazelTests.workspace(root)
+        let startup = ["--batch", "--output_user_root=\(root.file("out"))",
+                       "--host_jvm_args=-Djava.library.path=\(try BazelTests.jniDir(root))"]
+        func bazel(at n: String) -> BazelTests.Bazel {
+            BazelTests.Bazel(ws: ws, startup: startup, address: "127.0.0.1:\(mesh.ports[n]!)", certs: mesh.certs)
+        }
+        let first = try await bazel(at: "peer2").build(.client)
+        try #require(first.status == 0, "first build failed: \(first)\n\(mesh.logs().suffix(3000))")
+        #expect(BazelTests.remoteHits(first.stderr) == 0, "cold cache: \(first.stderr.suffix(500))")
+        // Write-through: the outputs (5 files) are durable in the bucket. (Action results stay on
+        // the peer that took them: the mesh does not share the action cache.)
+        #expect(try ceph.list(bucket, prefix: "cas/").count >= 5)
+
+        try await bazel(at: "peer2").clean()
+        mesh.children["origin"]!.killAndWait()
+        try FileManager.default.removeItem(atPath: mesh.dir.file("origin"))
+        try mesh.start("origin")
+        #expect(await eventually(timeout: 30) { mesh.children["origin"]!.stdout.contains("listening tcp=") })
+        try await mesh.converge()
+        let second = try await bazel(at: "peer2").build(.client)
+        try #require(second.status == 0, "rebuild failed: \(second)\n\(mesh.logs().suffix(3000))")
+        #expect(BazelTests.remoteHits(second.stderr) == 4, "every genrule must be a remote cache hit: \(second.stderr.suffix(800))")
+        #expect(fileSize(ws + "/bazel-bin/big.bin") == 5_000_000)
+        #expect(fileSize(ws + "/bazel-bin/m1.bin") == 3_000_000)
     }
 }

@@ -32,7 +32,7 @@ struct S3ClientTests {
         var s = S3Client.Settings(endpoint: try S3Endpoint.parse(ceph.endpoint), bucket: bucket,
                                   credentials: S3Credentials(accessKeyID: ceph.accessKey, secretAccessKey: secret ?? ceph.secretKey))
         tweak(&s)
-        return S3Client(settings: s, logger: Logger(label: "s3-test"))
+        return try S3Client(settings: s, logger: Logger(label: "s3-test"))
     }
 
     @Test func putGetHeadDeleteSeenByBoto3() async throws {

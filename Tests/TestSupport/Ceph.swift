@@ -6,6 +6,9 @@ import Foundation
 public final class CephCluster: Sendable {
     public let directory: String
     public let endpoint: String
+    /// The same gateway over TLS (`https://127.0.0.1:PORT`), its certificate issued by `caFile`.
+    public let tlsEndpoint: String
+    public let caFile: String
     public let accessKey = "cachemesh-test"
     public let secretKey = "cachemesh-test-secret"
 
@@ -16,9 +19,11 @@ public final class CephCluster: Sendable {
     public static var script: String { "\(RepositoryCertificates.repositoryRoot)/Tests/tools/ceph/ceph.sh" }
     public static var s3py: String { "\(RepositoryCertificates.repositoryRoot)/Tests/tools/ceph/s3.py" }
 
-    private init(directory: String, endpoint: String) {
+    private init(directory: String, endpoint: String, tlsEndpoint: String = "", caFile: String = "") {
         self.directory = directory
         self.endpoint = endpoint
+        self.tlsEndpoint = tlsEndpoint
+        self.caFile = caFile
     }
 
     private static let started: Result<CephCluster, Failure> = {
@@ -31,7 +36,11 @@ public final class CephCluster: Sendable {
         }
         stopDirectory = dir
         atexit { if let d = CephCluster.stopDirectory { _ = CephCluster.run("/bin/bash", [CephCluster.script, "stop", d]) } }
-        return .success(CephCluster(directory: dir, endpoint: String(line.dropFirst("endpoint=".count))))
+        func value(_ key: String) -> String {
+            out.split(separator: "\n").first { $0.hasPrefix(key + "=") }.map { String($0.dropFirst(key.count + 1)) } ?? ""
+        }
+        return .success(CephCluster(directory: dir, endpoint: String(line.dropFirst("endpoint=".count)),
+                                    tlsEndpoint: value("tls_endpoint"), caFile: value("ca")))
     }()
 
     nonisolated(unsafe) static var stopDirectory: String?

@@ -8,8 +8,10 @@
 #       store) and 1 radosgw (beast, tcp_nodelay) on free loopback ports, creates an S3 user with
 #       the given keys (default: cachemesh / cachemesh-secret; buckets are made with the S3 API by
 #       the caller), waits until an S3 request answers, then
-#       prints `endpoint=http://127.0.0.1:PORT` and writes DIR/env (ENDPOINT, ACCESS_KEY,
-#       SECRET_KEY, PIDS) and DIR/pids. Exit status non-zero (with the logs' tails) if it failed.
+#       prints `endpoint=http://127.0.0.1:PORT`, `tls_endpoint=https://127.0.0.1:PORT2` (the same
+#       gateway over TLS, its certificate for IP 127.0.0.1 issued by a throwaway CA made with
+#       certtool) and `ca=DIR/tls/ca.pem`, and writes DIR/env (ENDPOINT, TLS_ENDPOINT, CA_FILE,
+#       ACCESS_KEY, SECRET_KEY) and DIR/pids. Exit status non-zero (with the logs' tails) if it failed.
 #   ceph.sh stop DIR
 #       SIGKILL to the PIDs in DIR/pids (radosgw takes ~5 s on SIGTERM; memstore has nothing to
 #       flush), then removes DIR.
@@ -25,7 +27,7 @@ set -euo pipefail
 PROG=${0##*/}
 die() { echo "$PROG: $*" >&2; exit 1; }
 
-free_ports() {   # two free TCP ports on 127.0.0.1 below the ephemeral range
+free_ports() {   # three free TCP ports on 127.0.0.1 below the ephemeral range
     /usr/bin/python3 - <<'EOF'
 import random, socket
 lo = int(open('/proc/sys/net/ipv4/ip_local_port_range').read().split()[0])
@@ -41,7 +43,7 @@ for _ in range(500):
         pass
     finally:
         s.close()
-    if len(found) == 2:
+    if len(found) == 3:
         break
 print(*found)
 EOF
@@ -102,8 +104,18 @@ start)
     mkdir -p "$d"/{mon,osd,log,run}
     d=$(cd "$d" && pwd)
     : >"$d/pids"
-    read -r mon_port rgw_port < <(free_ports)
+    read -r mon_port rgw_port tls_port < <(free_ports)
     echo "$rgw_port" >"$d/rgw_port"
+    # A CA and a server certificate for 127.0.0.1 (ECDSA: made in milliseconds).
+    mkdir -p "$d/tls"
+    certtool --generate-privkey --key-type ecdsa --outfile "$d/tls/ca.key" 2>/dev/null
+    printf 'cn = "ceph.sh test CA"\nca\ncert_signing_key\nexpiration_days = 30\n' >"$d/tls/ca.tmpl"
+    certtool --generate-self-signed --load-privkey "$d/tls/ca.key" --template "$d/tls/ca.tmpl" --outfile "$d/tls/ca.pem" 2>/dev/null
+    certtool --generate-privkey --key-type ecdsa --outfile "$d/tls/rgw.key" 2>/dev/null
+    printf 'cn = "radosgw"\nip_address = "127.0.0.1"\ntls_www_server\nexpiration_days = 30\n' >"$d/tls/rgw.tmpl"
+    certtool --generate-certificate --load-privkey "$d/tls/rgw.key" --load-ca-certificate "$d/tls/ca.pem" \
+        --load-ca-privkey "$d/tls/ca.key" --template "$d/tls/rgw.tmpl" --outfile "$d/tls/rgw.pem" 2>/dev/null \
+        || die "certtool could not make the gateway's certificate"
     fsid=$(cat /proc/sys/kernel/random/uuid)
     cat >"$d/ceph.conf" <<EOF
 [global]
@@ -152,7 +164,7 @@ osd max object namespace len = 64
 admin socket =
 
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:$rgw_port tcp_nodelay=1
+rgw frontends = beast endpoint=127.0.0.1:$rgw_port ssl_endpoint=127.0.0.1:$tls_port ssl_certificate=$d/tls/rgw.pem ssl_private_key=$d/tls/rgw.key tcp_nodelay=1
 rgw data = $d/rgw
 rgw dns name = localhost
 rgw enable usage log = false
@@ -183,10 +195,14 @@ EOF
     start_rgw "$d"
     cat >"$d/env" <<EOF
 ENDPOINT=http://127.0.0.1:$rgw_port
+TLS_ENDPOINT=https://127.0.0.1:$tls_port
+CA_FILE=$d/tls/ca.pem
 ACCESS_KEY=$access
 SECRET_KEY=$secret
 EOF
     echo "endpoint=http://127.0.0.1:$rgw_port"
+    echo "tls_endpoint=https://127.0.0.1:$tls_port"
+    echo "ca=$d/tls/ca.pem"
     ;;
 stop)
     d=${2:?usage: $PROG stop DIR}
