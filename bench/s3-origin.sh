@@ -88,7 +88,7 @@ done
     echo
     echo "$(date -u +%Y-%m-%d), $(nproc) cores, Ceph $(ceph --version | cut -d' ' -f3) (1 mon, 1 memstore OSD, radosgw beast tcp_nodelay) on loopback;"
     echo "$BLOBS blobs of $SIZE bytes per round. boto3: one GET per blob in one process, timed inside it (python3-boto3, 1 MiB reads)."
-    echo "origin: \`$BIN\` with \`[origin] backend = \"s3\"\` and an empty data dir, one curl GET per"
+    echo "origin: \`cachemesh\` (commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)) with \`[origin] backend = \"s3\"\` and an empty data dir, one curl GET per"
     echo "blob on its plaintext local endpoint: each is a read-through (the S3 GET streamed into the verifying store and"
     echo "forwarded while it arrives, the last chunk once the blob verified). Load when it started: ${LOAD:-?}."
     echo

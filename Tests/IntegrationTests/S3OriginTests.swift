@@ -123,7 +123,7 @@ struct S3OriginTests {
         #expect(try await mesh.metric("origin", "cachemesh_s3_requests_total{op=\"GET\",result=\"2xx\"}") >= 4)
     }
 
-    @Test("S3 down: blobs on the origin's disk are still served, writes get 503 saying why, uncached blobs 503; a hung gateway (SIGSTOP) meets the deadline; all is well again once it is back",
+    @Test("S3 down: blobs on the origin's disk are still served, writes get 503 saying why, uncached blobs 503; a hung gateway (SIGSTOP): writes and cold reads meet the deadline; all is well again once it is back",
           .timeLimit(.minutes(5)))
     func gatewayDownAndHung() async throws {
         let ceph = try CephCluster.shared()
@@ -157,6 +157,10 @@ struct S3OriginTests {
             #expect(w.status == 503, "\(w.status) \(w.text)")
             #expect(w.text.contains("deadline"))
             #expect(try await mesh.metric("origin", "cachemesh_s3_errors_total{op=\"PUT\",kind=\"timeout\"}") >= 1)
+            // A cold read ends too: 503 naming the deadline, not a hung request.
+            let r = try await Self.request(mesh, "origin", "GET", "/cas/\(uncachedHash)")
+            #expect(r.status == 503 && r.text.contains("deadline"), "\(r.status) \(r.text)")
+            #expect(try await mesh.metric("origin", "cachemesh_s3_errors_total{op=\"GET\",kind=\"timeout\"}") >= 1)
         }
         ceph.resumeGateway()
         let fresh = randomBytes(30_000)
