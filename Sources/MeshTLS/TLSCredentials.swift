@@ -87,14 +87,8 @@ public final class TLSCredentials: @unchecked Sendable {
             gnutls_certificate_free_credentials(creds)
             throw error
         }
-        var prio: gnutls_priority_t?
-        let rc = gnutls_priority_init(&prio, Self.priority, nil)
-        guard rc >= 0, let prio else {
-            gnutls_certificate_free_credentials(creds)
-            throw TLSError(code: rc, context: "priority string")
-        }
+        self.priorityCache = try Self.priorityCache(freeingOnFailure: creds)
         self.credentials = creds
-        self.priorityCache = prio
         self.files = files
     }
 
@@ -120,15 +114,20 @@ public final class TLSCredentials: @unchecked Sendable {
             gnutls_certificate_free_credentials(creds)
             throw error
         }
+        self.priorityCache = try Self.priorityCache(freeingOnFailure: creds)
+        self.credentials = creds
+        self.files = TLSFiles(certificateChain: nil, privateKey: nil, trustedCA: caFile ?? "(system trust store)")
+    }
+
+    /// The priority cache both initialisers end with; on failure `creds` is freed (nothing owns it yet).
+    private static func priorityCache(freeingOnFailure creds: gnutls_certificate_credentials_t) throws -> gnutls_priority_t {
         var prio: gnutls_priority_t?
-        let rc = gnutls_priority_init(&prio, Self.priority, nil)
+        let rc = gnutls_priority_init(&prio, priority, nil)
         guard rc >= 0, let prio else {
             gnutls_certificate_free_credentials(creds)
             throw TLSError(code: rc, context: "priority string")
         }
-        self.credentials = creds
-        self.priorityCache = prio
-        self.files = TLSFiles(certificateChain: nil, privateKey: nil, trustedCA: caFile ?? "(system trust store)")
+        return prio
     }
 
     deinit {

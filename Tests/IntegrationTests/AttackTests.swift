@@ -476,15 +476,11 @@ struct MemoryReturnTests {
         defer { dir.remove() }
         let node = try await TestNode.start(maxBytes: "1G", extraArguments: ["--insecure"])
         defer { node.cleanUp() }
-        let blob = dir.file("b64k")
-        try await makeRandomFile(blob, size: 64 << 10)
-        let hash = try await sha256sum(blob)
-        try await Task.sleep(for: .seconds(1))
+        let burst = try await Self.burst(node, dir)
         let idle = try #require(residentBytes(node.pid))
         var peak = idle
         for _ in 0..<2 {
-            let r = try await run(["h2load", "-n", "10000", "-c", "1000", "-m", "10", "-t", "2", "-d", blob, "-H", ":method: PUT",
-                                   "http://127.0.0.1:\(node.port)/cas/\(hash)"], timeout: 120)
+            let r = try await burst()
             #expect(r.stdout.contains("10000 succeeded, 0 failed"), "\(r.stdout.suffix(800))")
             peak = max(peak, residentBytes(node.pid) ?? 0)
         }
@@ -496,6 +492,19 @@ struct MemoryReturnTests {
         }
         #expect(settled <= max(idle + (48 << 20), peak / 2), "idle \(idle >> 20) MB, peak \(peak >> 20) MB, after 30 s quiet \(settled >> 20) MB")
         print("burst, default budget: idle \(idle >> 20) MB, peak \(peak >> 20) MB, after quiet \(settled >> 20) MB")
+    }
+
+    /// A 64 KiB blob in `dir` and the burst that uploads it: 10,000 PUTs, 10 at a time on each of
+    /// 1,000 h2c connections (h2load). Waits a second first, so the node is idle when RSS is read.
+    static func burst(_ node: TestNode, _ dir: TempDir) async throws -> () async throws -> ProcessResult {
+        let blob = dir.file("b64k")
+        try await makeRandomFile(blob, size: 64 << 10)
+        let hash = try await sha256sum(blob)
+        try await Task.sleep(for: .seconds(1))
+        return {
+            try await run(["h2load", "-n", "10000", "-c", "1000", "-m", "10", "-t", "2", "-d", blob, "-H", ":method: PUT",
+                           "http://127.0.0.1:\(node.port)/cas/\(hash)"], timeout: 150)
+        }
     }
 
     /// The same burst against a body budget far smaller than the burst (1 MiB for 640 MB of
@@ -514,10 +523,7 @@ struct MemoryReturnTests {
             """.write(toFile: config, atomically: true, encoding: .utf8)
         let node = try await TestNode.start(maxBytes: "1G", extraArguments: ["--insecure", "--config", config])
         defer { node.cleanUp() }
-        let blob = dir.file("b64k")
-        try await makeRandomFile(blob, size: 64 << 10)
-        let hash = try await sha256sum(blob)
-        try await Task.sleep(for: .seconds(1))
+        let burst = try await Self.burst(node, dir)
         let idle = try #require(residentBytes(node.pid))
         let sampler = Task {
             var peak = 0
@@ -527,8 +533,7 @@ struct MemoryReturnTests {
             }
             return peak
         }
-        let r = try await run(["h2load", "-n", "10000", "-c", "1000", "-m", "10", "-t", "2", "-d", blob, "-H", ":method: PUT",
-                               "http://127.0.0.1:\(node.port)/cas/\(hash)"], timeout: 150)
+        let r = try await burst()
         sampler.cancel()
         let peak = await sampler.value
         #expect(r.stdout.contains("10000 succeeded, 0 failed"), "\(r.stdout.suffix(800))")
