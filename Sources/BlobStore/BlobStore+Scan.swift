@@ -152,8 +152,7 @@ extension BlobStore {
                 for (digest, size, mtime) in batch {
                     let key = EntryKey(kind: kind, digest: digest)
                     // Written, or found by a lookup, since the scan began: already indexed.
-                    guard s.index.lookup(key) == nil else { continue }
-                    s.index.insertUnsorted(key, size: size, persistedMtime: mtime)
+                    guard s.index.insertUnsortedIfAbsent(key, size: size, persistedMtime: mtime) != nil else { continue }
                     s.usedBytes += size
                     s.unscannedEstimate = max(0, s.unscannedEstimate - size)
                     s.scannedEntries += 1

@@ -144,7 +144,7 @@ final class LRUIndex: @unchecked Sendable {
     private(set) var head = LRUIndex.none
     /// Most recently used.
     private(set) var tail = LRUIndex.none
-    /// Entries inserted by ``insertUnsorted(_:size:persistedMtime:)`` not yet ordered or used.
+    /// Entries inserted by ``insertUnsortedIfAbsent(_:size:persistedMtime:)`` not yet ordered or used.
     private(set) var unsortedCount = 0
 
     init() {
@@ -235,10 +235,13 @@ final class LRUIndex: @unchecked Sendable {
     }
 
     /// Inserts an entry found on disk before its place in the order is known: at the head (evicted
-    /// first), marked unsorted until ``sortUnsorted()``. The key must not be present.
+    /// first), marked unsorted until ``sortUnsorted()``. nil (and nothing changed) when the key is
+    /// already present — written or looked up since the scan began. One hash-chain walk per entry:
+    /// the startup scan calls this a million times a second.
     @discardableResult
-    func insertUnsorted(_ key: EntryKey, size: Int64, persistedMtime: Int64) -> Int {
-        let slot = allocate(key, size: size, persistedMtime: persistedMtime, unsorted: true)
+    func insertUnsortedIfAbsent(_ key: EntryKey, size: Int64, persistedMtime: Int64) -> Int? {
+        guard lookup(key) == nil else { return nil }
+        let slot = allocate(key, size: size, persistedMtime: persistedMtime, unsorted: true, knownAbsent: true)
         linkAtHead(slot)
         unsortedCount += 1
         return Int(slot)
@@ -345,8 +348,8 @@ final class LRUIndex: @unchecked Sendable {
 
     // MARK: Storage
 
-    private func allocate(_ key: EntryKey, size: Int64, persistedMtime: Int64, unsorted: Bool) -> Int32 {
-        precondition(lookup(key) == nil, "duplicate key in LRU index")
+    private func allocate(_ key: EntryKey, size: Int64, persistedMtime: Int64, unsorted: Bool, knownAbsent: Bool = false) -> Int32 {
+        precondition(knownAbsent || lookup(key) == nil, "duplicate key in LRU index")
         precondition(size >= 0 && UInt64(size) <= LRUIndex.sizeMask, "entry size out of range")
         let slot: Int32
         if freeHead >= 0 {

@@ -111,13 +111,23 @@ private func key(_ n: UInt64, _ kind: EntryKind = .cas) -> EntryKey {
         }
     }
 
+    @Test func theScanDoesNotInsertWhatIsAlreadyIndexed() {
+        let index = LRUIndex()
+        // Written while the scan ran, then found on disk by the scan: kept as written.
+        let w = index.insert(key(7), size: 5, persistedMtime: 50)
+        #expect(index.insertUnsortedIfAbsent(key(7), size: 9, persistedMtime: 10) == nil)
+        #expect(index.count == 1 && index.unsortedCount == 0 && index.size(w) == 5)
+        #expect(index.insertUnsortedIfAbsent(key(8), size: 9, persistedMtime: 10) != nil)
+        #expect(index.count == 2 && index.unsortedCount == 1)
+    }
+
     @Test func unsortedEntriesAreOrderedByMtimeAfterTheScan() {
         let index = LRUIndex()
         // The scan finds 1 (mtime 30), 2 (10), 3 (20); meanwhile 4 is written and 2 is used.
-        let s1 = index.insertUnsorted(key(1), size: 1, persistedMtime: 30)
-        let s2 = index.insertUnsorted(key(2), size: 1, persistedMtime: 10)
+        let s1 = index.insertUnsortedIfAbsent(key(1), size: 1, persistedMtime: 30)!
+        let s2 = index.insertUnsortedIfAbsent(key(2), size: 1, persistedMtime: 10)!
         let w4 = index.insert(key(4), size: 1, persistedMtime: 50)
-        let s3 = index.insertUnsorted(key(3), size: 1, persistedMtime: 20)
+        let s3 = index.insertUnsortedIfAbsent(key(3), size: 1, persistedMtime: 20)!
         #expect(index.unsortedCount == 3)
         index.touch(s2)
         #expect(index.unsortedCount == 2 && !index.isUnsorted(s2) && index.isUnsorted(s1))
@@ -133,7 +143,7 @@ private func key(_ n: UInt64, _ kind: EntryKind = .cas) -> EntryKey {
 
     @Test func sortWithNothingButScannedEntries() {
         let index = LRUIndex()
-        let slots = (0..<100).map { index.insertUnsorted(key(UInt64($0)), size: 1, persistedMtime: Int64(1000 - $0)) }
+        let slots = (0..<100).map { index.insertUnsortedIfAbsent(key(UInt64($0)), size: 1, persistedMtime: Int64(1000 - $0))! }
         index.sortUnsorted()
         #expect(index.slotsInOrder() == slots.reversed())
         #expect(index.tail == slots[0])
@@ -144,7 +154,7 @@ private func key(_ n: UInt64, _ kind: EntryKind = .cas) -> EntryKey {
     @Test func aMillionEntriesTakeAtMost64BytesEach() {
         let index = LRUIndex()
         let n = 1_000_000
-        for i in 0..<n { index.insertUnsorted(key(UInt64(i)), size: Int64(i), persistedMtime: Int64(i % 977)) }
+        for i in 0..<n { index.insertUnsortedIfAbsent(key(UInt64(i)), size: Int64(i), persistedMtime: Int64(i % 977)) }
         for i in 0..<100 { index.pin(i) }
         let perEntry = Double(index.allocatedBytes) / Double(n)
         print("compact index: \(index.allocatedBytes) bytes for \(n) entries = \(String(format: "%.1f", perEntry)) bytes/entry")

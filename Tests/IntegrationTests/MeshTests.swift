@@ -613,8 +613,10 @@ struct MeshTests {
         await c.close()
         #expect(try await mesh.metric("peer3", "cachemesh_fetch_wins_total{source=\"peer\"}") == 1)
         #expect(try await mesh.metric("peer3", "cachemesh_fetch_wins_total{source=\"origin\"}") == 0)
-        // All legs started at once; the origin's was still in flight when peer1's body verified.
-        #expect(try await mesh.metric("peer3", "cachemesh_fetch_legs_cancelled_total") == 1)
+        // All legs started at once; the origin's was still in flight when peer1's answer won the
+        // race (the first response head commits it). A rendezvous guess that does not hold the
+        // blob may still be in flight too and is cancelled with it: at least the origin's leg.
+        #expect(try await mesh.metric("peer3", "cachemesh_fetch_legs_cancelled_total") >= 1)
         // Give an uncancelled stream time to show: 5 s more at 2 MB/s would carry 10 MB.
         try await Task.sleep(for: .seconds(5))
         let (status, counters) = await relay.stop()
