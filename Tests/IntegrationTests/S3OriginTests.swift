@@ -178,19 +178,8 @@ struct S3OriginTests {
             ("wrong-secret", try Self.originTable(ceph, bucket: bucket, dir: dir.path, secret: "wrong"), "refused the credentials"),
             ("no-bucket", try Self.originTable(ceph, bucket: "no-such-bucket-\(UUID().uuidString.prefix(6).lowercased())", dir: dir.path), "does not exist"),
         ] {
-            let config = dir.file("\(name).toml")
-            try """
-            name = "\(name)"
-            listen = "127.0.0.1:0"
-            data_dir = "\(dir.file(name))"
-            max_bytes = "64M"
-            insecure = true
-            \(table)
-            """.write(toFile: config, atomically: true, encoding: .utf8)
-            let r = try await run([try Paths.cachemesh(), "node", "--config", config], timeout: 60)
-            #expect(r.status == 2, "\(name): \(r)")
+            let r = try await Self.startRefused(name, dir: dir, origin: table)
             #expect(r.stderr.contains(expected), "\(name): \(r.stderr.suffix(800))")
-            #expect(!r.stdout.contains("listening tcp="))
         }
     }
 
@@ -321,22 +310,30 @@ struct S3OriginTests {
                                "--template", dir.file("ca.tmpl"), "--outfile", otherCA], timeout: 30).status == 0)
         for (name, extra, expected) in [("wrong-ca", "ca_file = \"\(otherCA)\"", "ca_file \(otherCA)"),
                                         ("system-trust", "", "system's trust store")] {
-            let config = dir.file("\(name).toml")
-            try """
-            name = "\(name)"
-            listen = "127.0.0.1:0"
-            data_dir = "\(dir.file(name))"
-            max_bytes = "64M"
-            insecure = true
-            \(try Self.originTable(ceph, bucket: bucket, dir: dir.path, endpoint: ceph.tlsEndpoint, extra: extra))
-            """.write(toFile: config, atomically: true, encoding: .utf8)
-            let r = try await run([try Paths.cachemesh(), "node", "--config", config], timeout: 60)
-            #expect(r.status == 2, "\(name): \(r)")
+            let r = try await Self.startRefused(name, dir: dir,
+                                                origin: try Self.originTable(ceph, bucket: bucket, dir: dir.path, endpoint: ceph.tlsEndpoint, extra: extra))
             #expect(r.stderr.contains("TLS to the S3 origin tier at \(ceph.tlsEndpoint)"), "\(name): \(r.stderr.suffix(800))")
             #expect(r.stderr.contains(expected) && r.stderr.contains("it was not issued by"),
                     "\(name): \(r.stderr.suffix(800))")
-            #expect(!r.stdout.contains("listening tcp="))
         }
+    }
+
+    /// A standalone node whose config holds `origin` (an `[origin]` table) and must refuse to
+    /// start: exit 2 (a configuration error) before it listens. The caller checks the reason.
+    static func startRefused(_ name: String, dir: TempDir, origin: String) async throws -> ProcessResult {
+        let config = dir.file("\(name).toml")
+        try """
+        name = "\(name)"
+        listen = "127.0.0.1:0"
+        data_dir = "\(dir.file(name))"
+        max_bytes = "64M"
+        insecure = true
+        \(origin)
+        """.write(toFile: config, atomically: true, encoding: .utf8)
+        let r = try await run([try Paths.cachemesh(), "node", "--config", config], timeout: 60)
+        #expect(r.status == 2, "\(name): \(r)")
+        #expect(!r.stdout.contains("listening tcp="), "\(name)")
+        return r
     }
 
     @Test("Bazel against a peer of a mesh whose origin is S3-backed: build, clean, rebuild (the origin restarted with an empty disk meanwhile) → every action a remote cache hit; the outputs are in the bucket",
