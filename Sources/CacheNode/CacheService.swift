@@ -102,6 +102,13 @@ public protocol MeshHooks: Sendable {
     /// This node's role in the mesh (`origin`, `peer`) and the mesh part of `/status`;
     /// `members`: whether the member list is included.
     func status(members: Bool) -> (role: String, mesh: NodeStatus.Mesh)
+    /// A client wrote an action result here: copy it where other nodes look for it (returns once
+    /// the write quorum is durable). See `ActionMesh.swift`.
+    func storedAction(key: String, value: [UInt8]) async throws
+    /// An action result this node lacks: ask the nodes that would hold it.
+    func fetchAction(key: String) async -> MeshActionOutcome
+    /// A client deleted an action result here: delete the other copies too (best effort).
+    func deletedAction(key: String) async -> ActionDeletion
 }
 
 extension MeshHooks {
@@ -213,30 +220,41 @@ public final class CacheService: HTTPService {
             case "HEAD": return await headBlob(hash)
             case "PUT":
                 guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not write") }
-                // Only another node may place a copy without mirroring it again.
-                let isCopy = request.head.headers[Self.mirrorHeader] != nil && request.peer.role == .node
-                return await putBlob(hash, request, mirror: !isCopy)
+                return await putBlob(hash, request, mirror: !isNodeCopy(request))
             default: return methodNotAllowed("GET, HEAD, PUT")
             }
         case .ac(let key, _):
             guard let role = request.peer.role else { return forbidden(request.peer, "no role in client certificate") }
             switch method {
-            case "GET", "HEAD": return await getAction(key)
+            case "GET", "HEAD": return await getAction(key, fromMesh: request.head.headers[BlobFetcher.hopHeader] != nil)
             case "PUT":
                 guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not write") }
-                return await putAction(key, request)
+                return await putAction(key, request, isCopy: isNodeCopy(request))
             case "DELETE":
                 // ccache removes entries it finds stale; blobs (/cas) are immutable.
                 guard role.canWrite else { return forbidden(request.peer, "role \(role.rawValue) may not delete") }
                 do {
                     if let tier { try await tier.deleteAction(key: key) }
-                    return try store.deleteAction(key: key) ? .text(200, "deleted action \(key)") : .text(404, "not found: action \(key)")
+                    let deleted = try store.deleteAction(key: key)
+                    // The other copies too, else the next lookup here would bring it back.
+                    var elsewhere = ActionDeletion()
+                    if !isNodeCopy(request), let mesh { elsewhere = await mesh.deletedAction(key: key) }
+                    if !elsewhere.unconfirmed.isEmpty {
+                        return .text(503, "action \(key) deleted here, but not confirmed deleted at \(elsewhere.unconfirmed.joined(separator: ", ")); try again")
+                    }
+                    return deleted || !elsewhere.deletedAt.isEmpty ? .text(200, "deleted action \(key)") : .text(404, "not found: action \(key)")
                 } catch {
                     return errorResponse(error)
                 }
             default: return methodNotAllowed("GET, HEAD, PUT, DELETE")
             }
         }
+    }
+
+    /// A copy another node placed here (mirror header): stored or deleted without copying again.
+    /// Only a node may send one.
+    private func isNodeCopy(_ request: HTTPServerRequest) -> Bool {
+        request.head.headers[Self.mirrorHeader] != nil && request.peer.role == .node
     }
 
     private func methodNotAllowed(_ allow: String) -> HTTPResponse {
@@ -480,21 +498,39 @@ public final class CacheService: HTTPService {
         }
     }
 
-    private func getAction(_ key: String) async -> HTTPResponse {
+    /// An action result from the local store, the S3 tier, or (unless another node asks: `fromMesh`)
+    /// the nodes that would hold it; one found elsewhere is kept here too.
+    private func getAction(_ key: String, fromMesh: Bool) async -> HTTPResponse {
         do {
             var found = try await store.getAction(key: key)
+            var source = "local"
             if found == nil, let tier {
                 do { found = try await tier.getAction(key: key) } catch { return Self.tierUnavailable(error, "cannot read action \(key)") }
                 if let v = found { try await store.putAction(key: key, value: v) }
+                source = "s3"
             }
-            guard let bytes = found else { return .text(404, "not found: action \(key)") }
-            return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream"], body: .bytes(ByteBuffer(bytes: bytes)))
+            var note = ""
+            if found == nil, !fromMesh, let mesh {
+                switch await mesh.fetchAction(key: key) {
+                case .found(let v, let from):
+                    try await store.putAction(key: key, value: v)
+                    (found, source) = (v, "peer:\(from)")
+                case .notFound: break
+                case .unavailable(let why):
+                    // A miss is safe for an action result (the client runs the action), so it stays a 404.
+                    note = " (some nodes could not answer: \(why))"
+                }
+            }
+            guard let bytes = found else { return .text(404, "not found: action \(key)\(note)") }
+            return HTTPResponse(status: 200, headers: ["content-type": "application/octet-stream", "x-cachemesh-source": source],
+                                body: .bytes(ByteBuffer(bytes: bytes)))
         } catch {
             return errorResponse(error)
         }
     }
 
-    private func putAction(_ key: String, _ request: HTTPServerRequest) async -> HTTPResponse {
+    /// `isCopy`: another node placed this copy (mirror header): stored, not copied again.
+    private func putAction(_ key: String, _ request: HTTPServerRequest, isCopy: Bool) async -> HTTPResponse {
         if let n = request.head.contentLength, n > Self.maxActionBytes {
             return .text(413, "action cache entry too large: \(n) bytes (limit \(Self.maxActionBytes))")
         }
@@ -505,6 +541,11 @@ public final class CacheService: HTTPService {
             if let tier {
                 do { try await tier.putAction(key: key, value: value) } catch {
                     return Self.tierUnavailable(error, "action \(key) is not durable in S3, so the write is not acknowledged; try again")
+                }
+            }
+            if !isCopy, let mesh {
+                do { try await mesh.storedAction(key: key, value: value) } catch {
+                    return .text(503, "action \(key) stored locally, but the write quorum was not reached: \(error)")
                 }
             }
             return .text(201, "stored action \(key)")

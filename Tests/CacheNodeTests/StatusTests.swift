@@ -16,6 +16,9 @@ import Testing
         func fetchMissing(hash: String) async -> MeshFetchOutcome { .notFound }
         func stored(_ digest: StoreDigest) async throws {}
         func received(_ digest: StoreDigest) {}
+        func storedAction(key: String, value: [UInt8]) async throws {}
+        func fetchAction(key: String) async -> MeshActionOutcome { .notFound }
+        func deletedAction(key: String) async -> ActionDeletion { ActionDeletion() }
         func handleMeshRequest(_ request: HTTPServerRequest) async -> HTTPResponse { .text(404, "no") }
         func status(members: Bool) -> (role: String, mesh: NodeStatus.Mesh) {
             askedForMembers.append(members)

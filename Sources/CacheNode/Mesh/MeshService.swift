@@ -427,7 +427,7 @@ public final class MeshService: MeshHooks, Sendable {
     }
 
     /// Whether membership counts the member behind `source` alive (not suspect, dead or gone).
-    private var isAlive: @Sendable (FetchSource) -> Bool {
+    var isAlive: @Sendable (FetchSource) -> Bool {
         { [weak self] source in
             guard let self else { return false }
             return self.core.withLock { c in

@@ -6,6 +6,7 @@ import MeshHTTP2
 import MeshQUIC
 import MeshTLS
 import Metrics
+import NIOCore
 import Synchronization
 
 /// Requests to other nodes over long-lived multiplexed connections (one per peer and transport),
@@ -185,8 +186,29 @@ public final class MeshTransport: MeshRequester {
     }
 }
 
-/// Copies blobs written here to other nodes (`PUT /cas/{hash}` with the mirror header, so the
-/// receiver does not mirror again). `replicate` returns once `quorum` copies elsewhere are durable;
+/// What a mirror copy carries: a blob from the local store (`PUT /cas/{hash}`, streamed from its
+/// file) or an action-cache entry (`PUT /ac/{key}`, its bytes; at most 16 MiB).
+public enum MirrorItem: Sendable, CustomStringConvertible {
+    case blob(Digest)
+    case action(key: String, value: [UInt8])
+
+    var size: Int64 {
+        switch self {
+        case .blob(let d): d.size
+        case .action(_, let value): Int64(value.count)
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .blob(let d): "\(d)"
+        case .action(let key, _): "action \(key)"
+        }
+    }
+}
+
+/// Copies blobs and action-cache entries written here to other nodes (`PUT /cas/{hash}` or
+/// `PUT /ac/{key}` with the mirror header, so the receiver does not mirror again). `replicate` returns once `quorum` copies elsewhere are durable;
 /// the remaining copies finish in the background and are tracked until `flush()`.
 public final class Mirror: Sendable {
     let store: BlobStore
@@ -205,8 +227,13 @@ public final class Mirror: Sendable {
 
     /// Copy `digest` to `targets`; wait for `quorum` successes (0 = do not wait).
     public func replicate(_ digest: Digest, to targets: [FetchSource], quorum: Int) async throws {
+        try await replicate(.blob(digest), to: targets, quorum: quorum)
+    }
+
+    /// Copy `item` to `targets`; wait for `quorum` successes (0 = do not wait).
+    public func replicate(_ item: MirrorItem, to targets: [FetchSource], quorum: Int) async throws {
         guard !targets.isEmpty else {
-            if quorum > 0 { throw BlobStoreError.io("no live mirror target for \(digest) (need \(quorum))") }
+            if quorum > 0 { throw BlobStoreError.io("no live mirror target for \(item) (need \(quorum))") }
             return
         }
         let (stream, continuation) = AsyncStream<Bool>.makeStream()
@@ -214,7 +241,7 @@ public final class Mirror: Sendable {
             pending.add(1)
             Task {
                 defer { pending.add(-1) }
-                let ok = await copy(digest, to: t)
+                let ok = await copy(item, to: t)
                 continuation.yield(ok)
             }
         }
@@ -226,10 +253,10 @@ public final class Mirror: Sendable {
             if ok >= quorum { return }
             if done == targets.count { break }
         }
-        throw BlobStoreError.io("only \(ok) of \(quorum) required mirror copies of \(digest) succeeded")
+        throw BlobStoreError.io("only \(ok) of \(quorum) required mirror copies of \(item) succeeded")
     }
 
-    /// Copy `digest` to `copies` of `candidates` (best first) and wait until `quorum` of them are
+    /// Copy `item` to `copies` of `candidates` (best first) and wait until `quorum` of them are
     /// durable. A copy that fails is replaced by the next candidate at once. A copy still running
     /// after `hedgeDelay(size)` is backed by the next candidate when membership no longer counts its
     /// target alive (`isAlive`: a frozen node turns suspect within a couple of probe intervals),
@@ -239,9 +266,15 @@ public final class Mirror: Sendable {
     /// candidates run out.
     public func replicate(_ digest: Digest, candidates: [FetchSource], copies: Int, quorum: Int,
                           isAlive: @escaping @Sendable (FetchSource) -> Bool = { _ in true }) async throws {
+        try await replicate(.blob(digest), candidates: candidates, copies: copies, quorum: quorum, isAlive: isAlive)
+    }
+
+    /// `replicate(_:candidates:copies:quorum:isAlive:)` for any `MirrorItem`.
+    public func replicate(_ item: MirrorItem, candidates: [FetchSource], copies: Int, quorum: Int,
+                          isAlive: @escaping @Sendable (FetchSource) -> Bool = { _ in true }) async throws {
         let first = Array(candidates.prefix(max(0, copies)))
-        guard quorum > 0 else { return try await replicate(digest, to: first, quorum: 0) }
-        guard !candidates.isEmpty else { throw BlobStoreError.io("no live mirror target for \(digest) (need \(quorum))") }
+        guard quorum > 0 else { return try await replicate(item, to: first, quorum: 0) }
+        guard !candidates.isEmpty else { throw BlobStoreError.io("no live mirror target for \(item) (need \(quorum))") }
         let (results, sink) = AsyncStream<(Int, Bool)?>.makeStream()   // nil: time to look at the running copies
         var next = 0, ok = 0, errors = 0
         var running: [Int: (started: ContinuousClock.Instant, backed: Bool)] = [:]
@@ -253,11 +286,11 @@ public final class Mirror: Sendable {
             pending.add(1)
             Task {
                 defer { pending.add(-1) }
-                sink.yield((i, await copy(digest, to: target)))
+                sink.yield((i, await copy(item, to: target)))
             }
         }
         while next < max(1, min(copies, candidates.count)) { launch() }
-        let hedge = Self.hedgeDelay(size: digest.size), slow = Self.slowDelay(size: digest.size)
+        let hedge = Self.hedgeDelay(size: item.size), slow = Self.slowDelay(size: item.size)
         let ticker = Task {
             while !Task.isCancelled {
                 try? await Task.sleep(for: .milliseconds(250))
@@ -277,7 +310,7 @@ public final class Mirror: Sendable {
                     guard age > slow || (age > hedge && !isAlive(candidates[i])) else { continue }
                     running[i]?.backed = true
                     hedges.increment()
-                    logger.info("mirror copy of \(digest) to \(candidates[i].name) is not finishing: also copying to \(candidates[next].name)")
+                    logger.info("mirror copy of \(item) to \(candidates[i].name) is not finishing: also copying to \(candidates[next].name)")
                     launch()
                 }
             case (let i, true)?:
@@ -292,7 +325,7 @@ public final class Mirror: Sendable {
             }
             if running.isEmpty && next >= candidates.count { break }
         }
-        throw BlobStoreError.io("only \(ok) of \(quorum) required mirror copies of \(digest) succeeded (\(errors) failed, \(candidates.count) candidates)")
+        throw BlobStoreError.io("only \(ok) of \(quorum) required mirror copies of \(item) succeeded (\(errors) failed, \(candidates.count) candidates)")
     }
 
     /// How long a mirror copy to a target membership no longer counts alive may run before another
@@ -307,12 +340,16 @@ public final class Mirror: Sendable {
     /// tried once more — its bytes are on local disk, and the transport has by then moved that
     /// target to TCP if QUIC was at fault. A refusal (an HTTP status) is not retried.
     func copy(_ digest: Digest, to target: FetchSource) async -> Bool {
+        await copy(.blob(digest), to: target)
+    }
+
+    func copy(_ item: MirrorItem, to target: FetchSource) async -> Bool {
         for attempt in 1...2 {
-            switch await copyOnce(digest, to: target) {
+            switch await copyOnce(item, to: target) {
             case .copied: return true
             case .refused: return false
             case .failed where attempt == 2 || Task.isCancelled: return false
-            case .failed: logger.info("mirror copy of \(digest) to \(target.name) failed in transit: trying once more")
+            case .failed: logger.info("mirror copy of \(item) to \(target.name) failed in transit: trying once more")
             }
         }
         return false
@@ -320,25 +357,33 @@ public final class Mirror: Sendable {
 
     private enum CopyOutcome { case copied, refused, failed }
 
-    private func copyOnce(_ digest: Digest, to target: FetchSource) async -> CopyOutcome {
+    private func copyOnce(_ item: MirrorItem, to target: FetchSource) async -> CopyOutcome {
         do {
-            let reader = try await store.openRead(hash: digest.hash)
+            let path: String, body: HTTPOutboundBody
+            switch item {
+            case .blob(let d):
+                path = "/cas/\(d.hash)"
+                body = .file(try await store.openRead(hash: d.hash))
+            case .action(let key, let value):
+                path = "/ac/\(key)"
+                body = .bytes(ByteBuffer(bytes: value))
+            }
             let r = try await requester.request(
                 to: target,
-                HTTPRequestHead(method: "PUT", path: "/cas/\(digest.hash)",
-                                headers: ["content-length": String(digest.size), CacheService.mirrorHeader: "1"]),
-                body: .file(reader), expectedBytes: digest.size).response
+                HTTPRequestHead(method: "PUT", path: path,
+                                headers: ["content-length": String(item.size), CacheService.mirrorHeader: "1"]),
+                body: body, expectedBytes: item.size).response
             _ = try? await r.body.collect(upTo: 64 * 1024)
             guard r.status == 201 || r.status == 200 else {
                 failures.increment()
-                logger.warning("mirror copy refused", metadata: ["digest": "\(digest)", "to": "\(target)", "status": "\(r.status)"])
+                logger.warning("mirror copy refused", metadata: ["item": "\(item)", "to": "\(target)", "status": "\(r.status)"])
                 return .refused
             }
             copies.increment()
             return .copied
         } catch {
             failures.increment()
-            logger.warning("mirror copy failed", metadata: ["digest": "\(digest)", "to": "\(target)", "error": "\(error)"])
+            logger.warning("mirror copy failed", metadata: ["item": "\(item)", "to": "\(target)", "error": "\(error)"])
             return .failed
         }
     }

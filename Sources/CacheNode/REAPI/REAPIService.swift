@@ -116,6 +116,11 @@ public final class REAPIService: Sendable {
                     throw GRPCStatus(.unavailable, "action \(d.hash) is not durable in the origin's S3 tier: \(error)")
                 }
             }
+            if let mesh {
+                do { try await mesh.storedAction(key: d.hash, value: value) } catch {
+                    throw GRPCStatus(.unavailable, "action \(d.hash) stored locally, but the write quorum was not reached: \(error)")
+                }
+            }
             return req.actionResult
         }
         r.serverStreaming("/google.bytestream.ByteStream/Read") { [self] (req: Google_Bytestream_ReadRequest, out: GRPCStreamWriter<Google_Bytestream_ReadResponse>, ctx) in
@@ -329,6 +334,10 @@ public final class REAPIService: Sendable {
                 throw GRPCStatus(.unavailable, "the origin's S3 tier cannot be read for action \(d.hash): \(error)")
             }
             if let v = found { try await store.putAction(key: d.hash, value: v) }
+        }
+        if found == nil, let mesh, case .found(let v, _) = await mesh.fetchAction(key: d.hash) {
+            try await store.putAction(key: d.hash, value: v)
+            found = v
         }
         guard let bytes = found else {
             throw GRPCStatus(.notFound, "no action result for \(d.hash)")
