@@ -23,7 +23,11 @@ public protocol RelayChunk: Sendable {
 ///   total size, is a failed source.
 /// * No source left: `.resetCaller` (if attached) and `.fail`.
 ///
-/// Each source is excluded once it failed, so a fetch makes at most one attempt per source.
+/// Each source is excluded once it failed, so a fetch makes at most one attempt per source — but
+/// when every source is excluded, one that broke mid-body *after sending bytes* (a connection lost
+/// or stalled under load, usually transient) is asked once more for the rest, from the same
+/// offset: a blob with a single holder (an origin-only blob) then survives one lost connection.
+/// A source that failed before sending body bytes, or sent a body that did not verify, is not.
 public struct CutThroughRelay<Chunk: RelayChunk>: Sendable {
     public enum Action: Sendable {
         /// Read the current source's body (feed `chunk`, then `bodyEnded` or `sourceFailed`).
@@ -71,6 +75,10 @@ public struct CutThroughRelay<Chunk: RelayChunk>: Sendable {
     private var held: Chunk?
     /// `received` when the current source's body began.
     private var receivedAtAnswer: Int64 = 0
+    /// Sources that broke mid-body after sending bytes: each may be asked once more, last.
+    private var retryable: [Int] = []
+    /// Sources asked a second time.
+    public private(set) var retried: Set<Int> = []
     public private(set) var isDone = false
     /// Sources that died mid-body after sending bytes (the body then continued from the next
     /// source), and restarts after a body that did not verify.
@@ -180,7 +188,14 @@ public struct CutThroughRelay<Chunk: RelayChunk>: Sendable {
         skip = 0
         // Every byte arrived; only the end of the stream was lost: verify what we have.
         if let size, received == size, received > 0 { return [.commit] }
-        guard let next = nextSource() else {
+        if received > receivedAtAnswer, !retried.contains(current) { retryable.append(current) }
+        var next = nextSource()
+        if next == nil, let again = retryable.first {
+            retryable.removeFirst()
+            retried.insert(again)
+            next = again
+        }
+        guard let next else {
             isDone = true
             var actions: [Action] = []
             if caller == .attached {
