@@ -25,6 +25,8 @@ final class FakeMesh: MeshRequester {
         var bytes: [UInt8]
         /// Fail (as a dropped connection) after the first half of the body.
         var dieAfterHalf = false
+        /// The `content-length` to declare instead of the body's (a lying source).
+        var declaredLength: Int64? = nil
     }
 
     let behaviours: [String: Behaviour]
@@ -52,6 +54,7 @@ final class FakeMesh: MeshRequester {
             b0.status = 206
             b0.bytes = Array(b0.bytes[from...])
         }
+        if let d = b0.declaredLength { headers = ["content-length": String(d)] }
         let b = b0
         let name = source.name
         do {
@@ -168,6 +171,19 @@ final class FakeMesh: MeshRequester {
         #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
         #expect(s.stats.blobCount == 1)
         #expect(s.stats.usedBytes == Int64(blob.count))
+    }
+
+    @Test("a source that answers first but declares more bytes than the store holds is a failed leg: the blob comes from the next source")
+    func aSourceDeclaringAnImpossibleSizeIsSkipped() async throws {
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let s = try store()
+        let mesh = FakeMesh(["liar": .init(bytes: blob, declaredLength: 1 << 50),
+                             "origin": .init(headDelay: .milliseconds(50), bytes: blob)])
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), stallTimeout: .seconds(600), spacing: { .allAtOnce })
+        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("liar"), src("origin", origin: true)])
+        #expect(r.source.name == "origin")
+        #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
+        #expect(s.stats.reservedBytes == 0)
     }
 
     @Test func aSourceDyingMidBodyIsContinuedFromTheSameOffset() async throws {

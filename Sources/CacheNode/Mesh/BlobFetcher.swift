@@ -334,6 +334,11 @@ public final class BlobFetcher: Sendable {
             if response.status == 404 { throw LegNotFound(hash: hash, source: source) }
             throw BlobStoreError.io("\(hash) at \(source): HTTP \(response.status)")
         }
+        // A source declaring more bytes than this store could ever hold (a bug, or a lie) is a
+        // failed leg: the race goes on with the others instead of the fetch failing on its word.
+        if let declared = response.headers["content-length"].flatMap({ Int64($0) }), declared > store.configuration.maxBytes {
+            throw BlobStoreError.io("\(hash) at \(source): declares \(declared) bytes, more than this store holds (\(store.configuration.maxBytes))")
+        }
         done = true
         return reply
     }
