@@ -34,7 +34,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Transport-neutral HTTP (no C library): request head, response, bodies, service protocol,
-        // peer identity and role, the drain state machine, response heads, outbound body pump.
+        // peer identity and role, the drain state machine, response heads, outbound body pump, `HostPort`.
         .target(name: "MeshHTTP", dependencies: [
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Metrics", package: "swift-metrics"),
@@ -85,10 +85,32 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
         ]),
-        // Routes, config, wiring, lifecycle.
-        .target(name: "CacheNode", dependencies: [
-            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshGRPC", "REAPI", "MeshCore", "MeshQUIC", "MeshS3",
+        // The mesh shell: runs MeshCore on a clock, gossip over HTTP, racing fetches (BlobFetcher),
+        // mirroring, anti-entropy, and MeshHooks (what the routes ask of the mesh).
+        .target(name: "MeshShell", dependencies: [
+            "BlobStore", "MeshCore", "MeshHTTP", "MeshHTTP2", "MeshQUIC", "MeshTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+        ]),
+        // The node's routes (/cas, /ac, /mesh, /status, /metrics) and REAPI gRPC services over the store.
+        .target(name: "CacheRoutes", dependencies: [
+            "BlobStore", "MeshShell", "MeshHTTP", "MeshTLS", "MeshGRPC", "REAPI",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+        ]),
+        // The client library (`cachemesh get/put/status`, bench drivers): CacheClient, MeshClient, FileSource.
+        .target(name: "CacheMeshClient", dependencies: [
+            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshQUIC", "MeshTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The node: configuration and topology files, the S3 tier, wiring and lifecycle (`CacheNode` service).
+        .target(name: "CacheNode", dependencies: [
+            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshCore", "MeshQUIC", "MeshS3", "MeshShell", "CacheRoutes",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
@@ -104,7 +126,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "cachemesh", dependencies: [
-            "CacheNode", "CMeshSystem", "MeshCore", "BlobStore", "LinkEmulator",
+            "CacheNode", "CacheRoutes", "MeshShell", "CacheMeshClient", "CMeshSystem", "MeshCore", "BlobStore", "LinkEmulator",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
@@ -119,7 +141,7 @@ let package = Package(
         // Shared by the test targets: repository root and the certificates certs/mkcerts.sh makes.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "MeshHTTP2Tests", dependencies: ["MeshHTTP2", "MeshHTTP", "MeshTLS", "TestSupport"]),
-        .testTarget(name: "CacheNodeTests", dependencies: ["CacheNode", "BlobStore", "MeshGRPC", "MeshHTTP", "REAPI", "MeshS3"]),
+        .testTarget(name: "CacheNodeTests", dependencies: ["CacheNode", "CacheRoutes", "MeshShell", "CacheMeshClient", "BlobStore", "MeshGRPC", "MeshHTTP", "REAPI", "MeshS3"]),
         .testTarget(name: "MeshCoreTests", dependencies: ["MeshCore"]),
         .testTarget(name: "MeshQUICTests", dependencies: [
             "TestSupport",
@@ -136,6 +158,6 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
-        .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "MeshCore", "MeshHTTP2", "MeshTLS", "MeshGRPC", "MeshHTTP", "MeshQUIC", "REAPI", "BlobStore", "TestSupport"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["CacheNode", "CacheRoutes", "MeshShell", "CacheMeshClient", "MeshCore", "MeshHTTP2", "MeshTLS", "MeshGRPC", "MeshHTTP", "MeshQUIC", "REAPI", "BlobStore", "TestSupport"]),
     ]
 )

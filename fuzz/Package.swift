@@ -12,7 +12,7 @@
 import PackageDescription
 
 let mods = "Sources/CacheMeshModules/"
-// Internal symbols (e.g. CacheNode's `Route`) are reached through @testable import, also in release.
+// Internal symbols (e.g. CacheRoutes' `Route`) are reached through @testable import, also in release.
 let testable: [SwiftSetting] = [.unsafeFlags(["-enable-testing"])]
 
 let package = Package(
@@ -23,8 +23,6 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
-        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
-        .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
         .package(url: "https://github.com/apple/swift-protobuf.git", from: "1.39.0"),
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
     ],
@@ -82,26 +80,29 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
         ], path: mods + "MeshS3", swiftSettings: testable),
-        .target(name: "CacheNode", dependencies: [
-            "BlobStore", "MeshHTTP", "MeshHTTP2", "MeshTLS", "MeshGRPC", "REAPI", "MeshCore", "MeshQUIC", "MeshS3",
+        .target(name: "MeshShell", dependencies: [
+            "BlobStore", "MeshCore", "MeshHTTP", "MeshHTTP2", "MeshQUIC", "MeshTLS",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+        ], path: mods + "MeshShell", swiftSettings: testable),
+        .target(name: "CacheRoutes", dependencies: [
+            "BlobStore", "MeshShell", "MeshHTTP", "MeshTLS", "MeshGRPC", "REAPI",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
             .product(name: "Prometheus", package: "swift-prometheus"),
-            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            .product(name: "TOMLKit", package: "TOMLKit"),
-        ], path: mods + "CacheNode", swiftSettings: testable),
+        ], path: mods + "CacheRoutes", swiftSettings: testable),
 
         // ---- Fuzz targets: each defines LLVMFuzzerTestOneInput and a @main that runs libFuzzer ----
         .target(name: "FuzzSupport", path: "Sources/FuzzSupport"),
         .executableTarget(name: "fuzz-gossip", dependencies: ["FuzzSupport", "MeshCore"],
                           path: "Sources/fuzz-gossip"),
-        .executableTarget(name: "fuzz-route", dependencies: ["FuzzSupport", "CacheNode"],
+        .executableTarget(name: "fuzz-route", dependencies: ["FuzzSupport", "CacheRoutes"],
                           path: "Sources/fuzz-route"),
         .executableTarget(name: "fuzz-grpc", dependencies: [
-            "FuzzSupport", "MeshGRPC", "MeshHTTP", "MeshTLS", "REAPI", "CacheNode", "BlobStore",
+            "FuzzSupport", "MeshGRPC", "MeshHTTP", "MeshTLS", "REAPI", "CacheRoutes", "BlobStore",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
             .product(name: "Logging", package: "swift-log"),

@@ -1,4 +1,6 @@
 import BlobStore
+import MeshShell
+import CacheRoutes
 import Foundation
 import Logging
 import MeshHTTP
@@ -54,8 +56,8 @@ public final class CacheNode: Service {
             guard let credentials else { throw ConfigurationError("a mesh node needs TLS (node certificates)") }
             var settings = MeshService.Settings(topology: topology)
             settings.transport.quic = configuration.quicSettings
-            mesh = try MeshService(topology: topology, nodeName: configuration.name, store: store, credentials: credentials,
-                                   settings: settings, logger: logger)
+            mesh = MeshService(roster: try MeshRoster(topology: topology, node: configuration.name), store: store,
+                               credentials: credentials, settings: settings, logger: logger)
         } else {
             mesh = nil
         }

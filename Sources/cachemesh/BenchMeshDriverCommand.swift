@@ -1,6 +1,8 @@
 import ArgumentParser
 import BlobStore
 import CacheNode
+import MeshShell
+import CacheMeshClient
 import Foundation
 import Histogram
 import MeshHTTP
@@ -108,7 +110,7 @@ struct BenchMeshDriverCommand: AsyncParsableCommand {
                         let src = try FileSource(path: "\(dir)/\(item.hash)")
                         let r = try await c.connection.request(
                             HTTPRequestHead(method: "PUT", path: "/cas/\(item.hash)",
-                                            headers: ["content-length": String(src.length), CacheService.mirrorHeader: "1"]),
+                                            headers: ["content-length": String(src.length), Mirror.header: "1"]),
                             body: .file(src))
                         _ = try? await r.body.collect(upTo: 1 << 16)
                         guard r.status == 200 || r.status == 201 else {

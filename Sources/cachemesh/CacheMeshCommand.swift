@@ -1,6 +1,9 @@
 import ArgumentParser
 import BlobStore
 import CacheNode
+import MeshShell
+import CacheRoutes
+import CacheMeshClient
 import CMeshSystem
 import Foundation
 import Logging
@@ -80,6 +83,9 @@ struct CacheMeshCommand: AsyncParsableCommand {
             printError("Error: \(oneLine(e.message))\n  See '\(name) --help' for more information.")
             Glibc.exit(ExitStatus.usage)
         case let e as ConfigurationError:
+            printError("Error: \(oneLine(e.description))")
+            Glibc.exit(ExitStatus.usage)
+        case let e as LocalFileError:
             printError("Error: \(oneLine(e.description))")
             Glibc.exit(ExitStatus.usage)
         case _ where exitCode(for: error) == .validationFailure: // ArgumentParser's own parse errors

@@ -4,6 +4,9 @@
 import ArgumentParser
 import BlobStore
 import CacheNode
+import MeshShell
+import CacheRoutes
+import CacheMeshClient
 import CMeshSystem
 import Foundation
 import Logging

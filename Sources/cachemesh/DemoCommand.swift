@@ -1,6 +1,9 @@
 import ArgumentParser
 import BlobStore
 import CacheNode
+import MeshShell
+import CacheRoutes
+import CacheMeshClient
 import Foundation
 import MeshHTTP
 
@@ -84,11 +87,11 @@ struct DemoCommand: AsyncParsableCommand {
             try await CacheClient.connect(ClientOptions(server: HostPort(host: "127.0.0.1", port: mesh.ports[n]!),
                                                         certificate: "\(dir)/certs/\(who).pem", privateKey: "\(dir)/certs/\(who).key", ca: "\(dir)/certs/ca.pem"))
         }
-        func meshStatus(_ n: String) async -> NodeStatus.Mesh? {
+        func meshStatus(_ n: String) async -> MeshStatus? {
             guard let c = try? await client(n, "origin") else { return nil }
             defer { Task { await c.close() } }
             guard let body = try? await c.getText("/mesh/status").body else { return nil }
-            return try? NodeStatus.decoder().decode(NodeStatus.Mesh.self, from: Data(body.utf8))
+            return try? NodeStatus.decoder().decode(MeshStatus.self, from: Data(body.utf8))
         }
         func aliveMembers(_ n: String) async -> Int {
             await meshStatus(n)?.members?.filter { $0.status == "alive" }.count ?? 0

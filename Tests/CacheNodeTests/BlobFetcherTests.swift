@@ -6,6 +6,7 @@ import NIOCore
 import Synchronization
 import Testing
 @testable import CacheNode
+@testable import MeshShell
 
 final class ReplyState: Sendable {
     let value = Mutex((finished: false, cancelled: false))

@@ -1,4 +1,5 @@
 import CacheNode
+import MeshHTTP
 import Foundation
 import Testing
 

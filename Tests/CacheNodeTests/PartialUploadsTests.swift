@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import Testing
 @testable import CacheNode
+@testable import CacheRoutes
 
 @Suite struct PartialUploadsTests {
     /// A store in a fresh temp directory with `writeSlots` write slots.

@@ -9,6 +9,7 @@ import REAPI
 import SwiftProtobuf
 import Testing
 @testable import CacheNode
+@testable import CacheRoutes
 
 typealias V2 = Build_Bazel_Remote_Execution_V2_Digest
 

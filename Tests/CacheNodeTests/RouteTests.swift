@@ -1,6 +1,8 @@
 import Foundation
 import Testing
 @testable import CacheNode
+@testable import CacheRoutes
+import MeshHTTP
 import BlobStore
 
 @Suite struct RouteTests {

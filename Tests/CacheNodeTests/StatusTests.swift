@@ -6,6 +6,8 @@ import MeshTLS
 import NIOCore
 import Testing
 @testable import CacheNode
+@testable import MeshShell
+@testable import CacheRoutes
 
 /// `/status`: a JSON document built by JSONEncoder (names and certificate subjects escaped), with
 /// the documented fields; the member list only for callers with a certificate.
@@ -20,11 +22,11 @@ import Testing
         func fetchAction(key: String) async -> MeshActionOutcome { .notFound }
         func deletedAction(key: String) async -> ActionDeletion { ActionDeletion() }
         func handleMeshRequest(_ request: HTTPServerRequest) async -> HTTPResponse { .text(404, "no") }
-        func status(members: Bool) -> (role: String, mesh: NodeStatus.Mesh) {
+        func status(members: Bool) -> (role: String, mesh: MeshStatus) {
             askedForMembers.append(members)
-            let list = [NodeStatus.Member(name: "peer\"1\\", role: "peer", status: "alive", incarnation: 3, tcp: "127.0.0.1:1",
+            let list = [MeshStatus.Member(name: "peer\"1\\", role: "peer", status: "alive", incarnation: 3, tcp: "127.0.0.1:1",
                                           quic: "[::1]:1", transport: "quic")]
-            return ("peer", NodeStatus.Mesh(topology: "t", replication: 2, writeQuorum: 2, fetchStrategy: "hedged", transport: "quic",
+            return ("peer", MeshStatus(topology: "t", replication: 2, writeQuorum: 2, fetchStrategy: "hedged", transport: "quic",
                                             liveMembers: 1, members: members ? list : nil, localityEntries: 5, localityBytes: 100,
                                             fetch: .init(peerWins: 3, originWins: 1, failures: 0, peerRatio: 0.75)))
         }

@@ -1,5 +1,6 @@
 import BlobStore
 import CacheNode
+import CacheRoutes
 import Foundation
 import Testing
 import TestSupport

@@ -1,5 +1,8 @@
 import BlobStore
 import CacheNode
+import MeshShell
+import CacheRoutes
+import CacheMeshClient
 import Foundation
 import MeshGRPC
 import MeshHTTP
@@ -102,8 +105,8 @@ final class TestMesh: @unchecked Sendable {
     }
 
     /// `GET /mesh/status` of node `n`, decoded (throws if the call or the decoding fails).
-    func meshStatus(_ n: String) async throws -> NodeStatus.Mesh {
-        try NodeStatus.decoder().decode(NodeStatus.Mesh.self, from: Data(try await status(n).utf8))
+    func meshStatus(_ n: String) async throws -> MeshStatus {
+        try NodeStatus.decoder().decode(MeshStatus.self, from: Data(try await status(n).utf8))
     }
 
     /// Waits until every node's locality map holds exactly the entries for blobs on `holders`
@@ -132,7 +135,7 @@ final class TestMesh: @unchecked Sendable {
             let c = try await client(n, as: "peer1")
             let hash = SHA256.hex(data)
             let r = try await c.connection.request(.init(method: "PUT", path: "/cas/\(hash)",
-                                                         headers: ["content-length": String(data.count), CacheService.mirrorHeader: "1"]),
+                                                         headers: ["content-length": String(data.count), Mirror.header: "1"]),
                                                    body: .bytes(ByteBuffer(bytes: data)))
             // 201: a new copy (every caller places fresh bytes on nodes that lack them).
             guard r.status == 201 else { throw HarnessError("place on \(n): HTTP \(r.status)") }
@@ -735,7 +738,7 @@ struct MeshTests {
     }
 }
 
-extension NodeStatus.Mesh {
+extension MeshStatus {
     /// Names of the members this node counts alive.
     var alive: [String] { (members ?? []).filter { $0.status == "alive" }.map(\.name) }
     /// The state this node gives member `n` (nil: not listed).

@@ -1,5 +1,6 @@
 import BlobStore
 import CacheNode
+import CacheMeshClient
 import Foundation
 import Testing
 

@@ -1,4 +1,5 @@
 import CacheNode
+import CacheMeshClient
 import Foundation
 import MeshHTTP
 import MeshQUIC

@@ -1,4 +1,6 @@
 import CacheNode
+import CacheRoutes
+import CacheMeshClient
 import Foundation
 import MeshHTTP
 import TestSupport

@@ -11,7 +11,7 @@
 //     the response is drained (streaming responses included).
 import FuzzSupport
 import BlobStore
-import CacheNode
+import CacheRoutes
 import Dispatch
 import Foundation
 import Logging

@@ -3,7 +3,7 @@
 // Input: the raw `:path` bytes (decoded as transports do, String(decoding:as: UTF8.self)).
 // Besides "does not crash", checks what the routes promise: nothing from the path reaches the
 // file system unless it is a validated 64-hex digest, and instance names are plain segments.
-@testable import CacheNode
+@testable import CacheRoutes
 import FuzzSupport
 import BlobStore
 

@@ -22,6 +22,14 @@ public final class MeshService: MeshHooks, Sendable {
         public var tick: Duration = .milliseconds(50)
         public var membership: Membership.Configuration = .lan
         var antiEntropy = AntiEntropy.Settings()
+        /// Anti-entropy pacing (`[repair]` in a topology).
+        public var repair = RepairSettings() {
+            didSet {
+                antiEntropy.interval = .seconds(repair.intervalSeconds)
+                antiEntropy.blobsPerSecond = repair.blobsPerSecond
+                antiEntropy.enabled = repair.enabled
+            }
+        }
         public init(replication: Int, writeQuorum: Int, fetch: FetchSettings = FetchSettings()) {
             self.replication = replication
             self.writeQuorum = writeQuorum
@@ -29,22 +37,15 @@ public final class MeshService: MeshHooks, Sendable {
             transport.preferred = fetch.transport
             transport.adaptive = fetch.adaptiveTransport
         }
-
-        /// What a topology asks for (replication, write quorum, fetch settings).
-        public init(topology: Topology) {
-            self.init(replication: topology.replication, writeQuorum: topology.writeQuorum, fetch: topology.fetch)
-            antiEntropy.interval = .seconds(topology.repair.intervalSeconds)
-            antiEntropy.blobsPerSecond = topology.repair.blobsPerSecond
-            antiEntropy.enabled = topology.repair.enabled
-        }
     }
 
     static let gossipPath = "/mesh/gossip"
     static let hasPath = "/mesh/has"
 
     public let me: NodeID
-    let node: Topology.Node
-    let topology: Topology
+    /// This node as the roster describes it.
+    let node: NodeMetadata
+    let roster: MeshRoster
     let settings: Settings
     let store: BlobStore
     let logger: Logger
@@ -67,14 +68,13 @@ public final class MeshService: MeshHooks, Sendable {
                                received: Counter(label: "cachemesh_gossip_bytes_total", dimensions: [("direction", "received")]))
     private let refusalLog = LogThrottle(interval: .seconds(1))
 
-    public init(topology: Topology, nodeName: String, store: BlobStore, credentials: TLSCredentials, settings: Settings? = nil, logger: Logger) throws {
-        guard let n = topology.node(named: nodeName) else { throw ConfigurationError("no node \(nodeName) in topology \(topology.name)") }
-        self.node = n
-        self.topology = topology
-        self.settings = settings ?? Settings(topology: topology)
+    public init(roster: MeshRoster, store: BlobStore, credentials: TLSCredentials, settings: Settings, logger: Logger) {
+        self.node = roster.me
+        self.roster = roster
+        self.settings = settings
         self.store = store
         self.logger = logger
-        self.me = NodeID(name: n.name, uid: UInt64.random(in: 1...UInt64.max))
+        self.me = NodeID(name: roster.me.name, uid: UInt64.random(in: 1...UInt64.max))
         self.transport = MeshTransport(credentials: credentials, settings: self.settings.transport, logger: logger)
         let latency = self.latency
         let policy = self.settings.hedge
@@ -88,11 +88,11 @@ public final class MeshService: MeshHooks, Sendable {
         })
         self.mirror = Mirror(store: store, requester: transport, logger: logger)
         self.antiEntropy = AntiEntropy(settings: self.settings.antiEntropy)
-        // Only the topology's nodes may be members, each with the metadata the topology gives it.
+        // Only the roster's nodes may be members, each with the metadata the roster gives it.
         var membership = self.settings.membership
-        membership.admission = Admission(expected: Dictionary(topology.nodes.map { ($0.name, Self.metadata(of: $0)) },
+        membership.admission = Admission(expected: Dictionary(roster.nodes.map { ($0.name, $0) },
                                                               uniquingKeysWith: { first, _ in first }))
-        self.core = Mutex(MeshNode(myself: me, metadata: Self.metadata(of: n), membershipConfiguration: membership,
+        self.core = Mutex(MeshNode(myself: me, metadata: roster.me, membershipConfiguration: membership,
                                    seed: UInt64.random(in: 0...UInt64.max)))
         store.onEviction { [weak self] d in self?.evicted(d) }
         // What the store holds (a restart on an old data dir too, as its startup scan indexes it)
@@ -103,17 +103,11 @@ public final class MeshService: MeshHooks, Sendable {
 
     func now() -> Duration { ContinuousClock.now - started }
 
-    /// What a topology node gossips about itself (and all that others accept about it).
-    static func metadata(of n: Topology.Node) -> NodeMetadata {
-        NodeMetadata(name: n.name, role: n.role == .origin ? .origin : .peer, tcpEndpoint: "\(n.advertiseTCP)",
-                     quicEndpoint: n.advertiseQUIC.map { "\($0)" } ?? "", certificateCN: n.name)
-    }
-
     // MARK: run loop
 
     /// Join through the seeds, then tick until `stop()`.
     public func run() async {
-        let seeds = node.seeds.compactMap { topology.node(named: $0).map { "\($0.advertiseTCP)" } }
+        let seeds = roster.seeds
         perform(core.withLock { $0.join(seeds: seeds, now: now()) })
         async let repairs: Void = antiEntropy.run(mesh: self, isRunning: { [weak self] in self?.isRunning ?? false })
         var lastJoin = now()
@@ -236,14 +230,14 @@ public final class MeshService: MeshHooks, Sendable {
             }
             switch result {
             case .failure(.senderNotAdmitted(let name)):
-                return refuse(403, "gossip refused: \(GossipRejection.senderNotAdmitted(name)) (not in topology \(topology.name))")
+                return refuse(403, "gossip refused: \(GossipRejection.senderNotAdmitted(name)) (not in topology \(roster.name))")
             case .failure(let why):
                 return refuse(400, "gossip from \(envelope.from.name) refused: \(why)")
             case .success(let (actions, dropped)):
                 if dropped > 0 {
                     refusedGossip.increment(by: dropped)
                     if refusalLog.allow("drop \(envelope.from.name)", now: at) {
-                        logger.warning("gossip from \(envelope.from.name): dropped \(dropped) update(s) about nodes that are not in topology \(topology.name), or with metadata the topology does not give them")
+                        logger.warning("gossip from \(envelope.from.name): dropped \(dropped) update(s) about nodes that are not in topology \(roster.name), or with metadata the topology does not give them")
                     }
                 }
                 perform(actions)
@@ -253,7 +247,7 @@ public final class MeshService: MeshHooks, Sendable {
             return await answerHas(request)
         case ("GET", "/mesh/status"):
             do {
-                var data = try NodeStatus.encoder().encode(status(members: true).mesh)
+                var data = try MeshStatus.encoder().encode(status(members: true).mesh)
                 data.append(UInt8(ascii: "\n"))
                 return HTTPResponse(status: 200, headers: ["content-type": "application/json"], body: .bytes(ByteBuffer(bytes: data)))
             } catch {
@@ -289,21 +283,21 @@ public final class MeshService: MeshHooks, Sendable {
         return .text(status, why)
     }
 
-    public func status(members withMembers: Bool) -> (role: String, mesh: NodeStatus.Mesh) {
+    public func status(members withMembers: Bool) -> (role: String, mesh: MeshStatus) {
         let (members, entries, bytes) = core.withLock { c in (c.membership.allMembers, c.locality.entryCount, c.locality.approximateBytes) }
         let list = members.sorted { $0.metadata.name < $1.metadata.name }.map { m in
-            NodeStatus.Member(name: m.metadata.name, role: m.metadata.role.rawValue, status: m.status.rawValue, incarnation: m.incarnation,
+            MeshStatus.Member(name: m.metadata.name, role: m.metadata.role.rawValue, status: m.status.rawValue, incarnation: m.incarnation,
                               tcp: m.metadata.tcpEndpoint, quic: m.metadata.quicEndpoint.isEmpty ? nil : m.metadata.quicEndpoint,
                               transport: m.node == me ? "self" : transport.transport(toQUIC: HostPort(m.metadata.quicEndpoint)).rawValue)
         }
         let f = fetcher.counts
-        let mesh = NodeStatus.Mesh(
-            topology: topology.name, replication: settings.replication, writeQuorum: settings.writeQuorum,
+        let mesh = MeshStatus(
+            topology: roster.name, replication: settings.replication, writeQuorum: settings.writeQuorum,
             fetchStrategy: settings.fetch.strategy.rawValue, transport: settings.transport.adaptive ? "adaptive" : settings.transport.preferred.rawValue,
             liveMembers: members.filter { $0.status.isLive }.count, members: withMembers ? list : nil,
             localityEntries: entries, localityBytes: bytes,
             fetch: .init(peerWins: f.peerWins, originWins: f.originWins, failures: f.failures,
-                         peerRatio: NodeStatus.ratio(f.peerWins, of: f.peerWins + f.originWins)))
+                         peerRatio: MeshStatus.ratio(f.peerWins, of: f.peerWins + f.originWins)))
         return (node.role == .origin ? "origin" : "peer", mesh)
     }
 
@@ -357,8 +351,8 @@ public final class MeshService: MeshHooks, Sendable {
         // Before this node has met any other member (just started, or cut off) a miss says
         // nothing about the mesh: the client should ask again or ask another node.
         let alone = core.withLock { c in !c.membership.liveMembers.contains { $0 != me } }
-        if alone && topology.nodes.count > 1 {
-            return .unavailable("this node has not met another member of mesh \(topology.name) yet")
+        if alone && roster.nodes.count > 1 {
+            return .unavailable("this node has not met another member of mesh \(roster.name) yet")
         }
         let (srcs, known) = sources(for: hash)
         guard !srcs.isEmpty else { return .notFound }
@@ -450,8 +444,8 @@ public final class MeshService: MeshHooks, Sendable {
 
     /// The origin the topology names (before gossip made it a member), unless this node is it.
     private func topologyOrigin() -> FetchSource? {
-        guard node.role != .origin, let o = topology.origin, o.name != node.name else { return nil }
-        return FetchSource(name: o.name, endpoint: o.advertiseTCP, quicEndpoint: o.advertiseQUIC, isOrigin: true)
+        guard node.role != .origin, let o = roster.origin, o.name != node.name, let tcp = HostPort(o.tcpEndpoint) else { return nil }
+        return FetchSource(name: o.name, endpoint: tcp, quicEndpoint: HostPort(o.quicEndpoint), isOrigin: true)
     }
 
     /// The R−1 mirror targets (`MeshNode.mirrorCandidates`: rendezvous over the other live

@@ -4,6 +4,12 @@ import Synchronization
 import Glibc
 #endif
 
+/// A local file `FileSource` cannot open, stat or read (the CLI exits 2, as for a wrong argument).
+public struct LocalFileError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ d: String) { description = d }
+}
+
 /// A local file sent as a body (e.g. `cachemesh put`), read with pread at the transport's pace.
 public final class FileSource: FileBodySource {
     public let start: Int64
@@ -14,11 +20,11 @@ public final class FileSource: FileBodySource {
 
     public init(path: String) throws {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw ConfigurationError("cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw LocalFileError("cannot open \(path): \(String(cString: strerror(errno)))") }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
             Glibc.close(fd)
-            throw ConfigurationError("cannot stat \(path)")
+            throw LocalFileError("cannot stat \(path)")
         }
         self.fd = Mutex(fd)
         self.start = 0
@@ -27,7 +33,7 @@ public final class FileSource: FileBodySource {
 
     public func read(at position: Int64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         let n = fd.withLock { fd in fd < 0 ? -1 : pread(fd, buffer.baseAddress, buffer.count, off_t(position)) }
-        guard n >= 0 else { throw ConfigurationError("read failed: \(String(cString: strerror(errno)))") }
+        guard n >= 0 else { throw LocalFileError("read failed: \(String(cString: strerror(errno)))") }
         sent.withLock { $0 += Int64(n) }
         return n
     }

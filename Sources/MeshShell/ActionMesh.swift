@@ -34,6 +34,9 @@ public struct ActionDeletion: Sendable, Equatable {
 /// 200 wins. Copies carry the mirror header, so the receiver stores without copying again;
 /// lookups carry the hop header, so the receiver answers from its own store only.
 extension MeshService {
+    /// The largest action-cache value a node stores or accepts from another node (16 MiB).
+    public static let maxActionBytes = 16 << 20
+
     /// How long a lookup waits for the owners and the origin before it counts them as failed.
     static let actionLookupTimeout: Duration = .seconds(5)
 
@@ -92,7 +95,7 @@ extension MeshService {
                 group.addTask {
                     let status = try? await Self.within(Self.actionLookupTimeout) {
                         let r = try await self.transport.request(
-                            to: t, HTTPRequestHead(method: "DELETE", path: "/ac/\(key)", headers: [CacheService.mirrorHeader: "1"]),
+                            to: t, HTTPRequestHead(method: "DELETE", path: "/ac/\(key)", headers: [Mirror.header: "1"]),
                             body: .empty).response
                         _ = try? await r.body.collect(upTo: 64 * 1024)
                         return r.status
@@ -146,7 +149,7 @@ extension MeshService {
                     body: .empty).response
                 switch r.status {
                 case 200:
-                    let body = try await r.body.collect(upTo: CacheService.maxActionBytes)
+                    let body = try await r.body.collect(upTo: Self.maxActionBytes)
                     return .found(Array(body.readableBytesView), source.name)
                 case 404:
                     _ = try? await r.body.collect(upTo: 64 * 1024)

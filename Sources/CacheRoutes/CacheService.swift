@@ -2,15 +2,12 @@ import BlobStore
 import Logging
 import MeshGRPC
 import MeshHTTP
+import MeshShell
 import MeshTLS
 import Metrics
 import NIOCore
 import Prometheus
 import Synchronization
-
-extension BlobReader: FileBodySource {
-    public var start: Int64 { offset }
-}
 
 /// A parsed request path. Nothing from the path reaches the file system unless it is a
 /// validated 64-hex digest.
@@ -74,50 +71,6 @@ enum Route: Equatable {
     }
 }
 
-/// How a fetch of a blob this node lacks ended.
-public enum MeshFetchOutcome: Sendable, Equatable {
-    /// Stored here; the source that won (e.g. `peer:peer2 via quic`, `origin:origin via tcp`).
-    case fetched(String)
-    /// Every source asked answered 404 (or the mesh knows no source): a final miss.
-    case notFound
-    /// The mesh could not tell (a source failed, this node has not joined yet): the client
-    /// should ask again or ask another node — never a 404 for a blob the mesh may hold.
-    case unavailable(String)
-}
-
-/// What the mesh layer offers the routes (the worker role, mirroring, mesh-internal routes).
-public protocol MeshHooks: Sendable {
-    /// Fetch a blob this node lacks into the local store.
-    func fetchMissing(hash: String) async -> MeshFetchOutcome
-    /// The same, with `tap` taking the body as it arrives (cut-through; see `CutThroughTap`).
-    /// The tap is always begun or ended by the time this returns.
-    func fetchMissing(hash: String, tap: CutThroughTap?) async -> MeshFetchOutcome
-    /// A client stored a blob here: announce it and copy it to the mirrors (returns once the
-    /// write quorum is durable).
-    func stored(_ digest: Digest) async throws
-    /// Another node placed a copy here (mirror / hand-off): announce it only.
-    func received(_ digest: Digest)
-    /// `/mesh/...` requests (node certificates only; checked before this is called).
-    func handleMeshRequest(_ request: HTTPServerRequest) async -> HTTPResponse
-    /// This node's role in the mesh (`origin`, `peer`) and the mesh part of `/status`;
-    /// `members`: whether the member list is included.
-    func status(members: Bool) -> (role: String, mesh: NodeStatus.Mesh)
-    /// A client wrote an action result here: copy it where other nodes look for it (returns once
-    /// the write quorum is durable). See `ActionMesh.swift`.
-    func storedAction(key: String, value: [UInt8]) async throws
-    /// An action result this node lacks: ask the nodes that would hold it.
-    func fetchAction(key: String) async -> MeshActionOutcome
-    /// A client deleted an action result here: delete the other copies too (best effort).
-    func deletedAction(key: String) async -> ActionDeletion
-}
-
-extension MeshHooks {
-    public func fetchMissing(hash: String, tap: CutThroughTap?) async -> MeshFetchOutcome {
-        defer { tap?.end() }
-        return await fetchMissing(hash: hash)
-    }
-}
-
 /// The node's routes: the Bazel HTTP cache protocol (`/cas`, `/ac`), `/metrics`, `/healthz`,
 /// `/status`. One service behind every transport.
 public final class CacheService: HTTPService {
@@ -132,7 +85,7 @@ public final class CacheService: HTTPService {
     }
 
     /// Largest action-cache entry accepted (ActionResults are small).
-    public static let maxActionBytes = 16 << 20
+    public static let maxActionBytes = MeshService.maxActionBytes
 
     let store: BlobStore
     let reapi: REAPIService
@@ -254,7 +207,7 @@ public final class CacheService: HTTPService {
     /// A copy another node placed here (mirror header): stored or deleted without copying again.
     /// Only a node may send one.
     private func isNodeCopy(_ request: HTTPServerRequest) -> Bool {
-        request.head.headers[Self.mirrorHeader] != nil && request.peer.role == .node
+        request.head.headers[Mirror.header] != nil && request.peer.role == .node
     }
 
     private func methodNotAllowed(_ allow: String) -> HTTPResponse {
@@ -330,9 +283,6 @@ public final class CacheService: HTTPService {
             return nil
         }
     }
-
-    /// Header on mirror copies: the receiving node stores the blob but does not mirror it again.
-    public static let mirrorHeader = "x-cachemesh-mirror"
 
     /// A miss is fetched from the mesh (worker role) unless the request itself comes from the mesh:
     /// a node asked by another node answers from its own store only (no re-race, no loops).
@@ -584,7 +534,7 @@ public final class CacheService: HTTPService {
             you: .init(commonName: peer.commonName, role: peer.role?.rawValue, authenticated: peer.authenticated),
             store: .init(usedBytes: s.usedBytes, reservedBytes: s.reservedBytes, maxBytes: s.maxBytes,
                          blobs: s.blobCount, actions: s.actionCount, hits: s.hits, misses: s.misses,
-                         hitRatio: NodeStatus.ratio(s.hits, of: s.hits + s.misses), evictions: s.evictions,
+                         hitRatio: MeshStatus.ratio(s.hits, of: s.hits + s.misses), evictions: s.evictions,
                          bytesIn: s.bytesIn, bytesOut: s.bytesOut, rejectedWrites: s.rejectedWrites,
                          index: .init(complete: index.complete, scannedDirectories: index.scannedDirectories,
                                       totalDirectories: index.totalDirectories, scannedEntries: index.scannedEntries)),

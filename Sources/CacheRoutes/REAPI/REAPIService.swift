@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import MeshGRPC
 import MeshHTTP
+import MeshShell
 import MeshTLS
 import NIOCore
 import REAPI

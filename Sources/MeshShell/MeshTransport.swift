@@ -211,6 +211,9 @@ public enum MirrorItem: Sendable, CustomStringConvertible {
 /// `PUT /ac/{key}` with the mirror header, so the receiver does not mirror again). `replicate` returns once `quorum` copies elsewhere are durable;
 /// the remaining copies finish in the background and are tracked until `flush()`.
 public final class Mirror: Sendable {
+    /// Marks a `PUT /cas/{hash}` as a copy placed by another node (the receiver announces it
+    /// but does not mirror it again).
+    public static let header = "x-cachemesh-mirror"
     let store: BlobStore
     let requester: any MeshRequester
     let logger: Logger
@@ -371,7 +374,7 @@ public final class Mirror: Sendable {
             let r = try await requester.request(
                 to: target,
                 HTTPRequestHead(method: "PUT", path: path,
-                                headers: ["content-length": String(item.size), CacheService.mirrorHeader: "1"]),
+                                headers: ["content-length": String(item.size), Mirror.header: "1"]),
                 body: body, expectedBytes: item.size).response
             _ = try? await r.body.collect(upTo: 64 * 1024)
             guard r.status == 201 || r.status == 200 else {

@@ -1,5 +1,6 @@
 import BlobStore
 import MeshCore
+import MeshHTTP
 
 /// The locality map's view of this node's holdings: the store's index, paged by its cursor
 /// (`BlobStore.blobPage`), binary digests only. Takes the store lock under the mesh core's lock
@@ -36,4 +37,9 @@ extension BlobStore {
         }
         return visited
     }
+}
+
+/// A stored blob sent as a body (routes answering `GET /cas`, mirrors and hand-offs uploading it).
+extension BlobReader: FileBodySource {
+    public var start: Int64 { offset }
 }
