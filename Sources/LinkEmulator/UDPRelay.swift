@@ -2,13 +2,12 @@ import Logging
 import NIOCore
 import NIOPosix
 
-/// One client source address of a UDP link: its own upstream socket, connected to the target, so
-/// replies of the target go back to the right client. Event-loop confined.
+/// One client source address of a UDP link: its own upstream socket, so replies of the target go
+/// back to the right client. The socket is not connected: a target on a wildcard address may answer
+/// from another of its addresses. Event-loop confined.
 final class UDPMapping {
     let client: SocketAddress
     var channel: (any Channel)?
-    /// The upstream socket's peer as the kernel reports it (what a GSO envelope must name).
-    var peer: SocketAddress?
     /// Datagrams that arrived before the upstream socket was open (bounded by the queue limit).
     var pending: [(ByteBuffer, Int?)] = []
     var pendingBytes = 0
@@ -199,7 +198,7 @@ final class UDPLink {
                 m.pending.append((data, gso))
                 return
             }
-            Self.write(ch, data, gso: gso, to: m.peer ?? core.udpTarget, connected: true)
+            Self.write(ch, data, gso: gso, to: core.udpTarget)
             if !m.dirty {
                 m.dirty = true
                 dirtyUpstreams.append(m)
@@ -208,22 +207,19 @@ final class UDPLink {
             batchBytes.0 += n
         case .toClient:
             guard let l = listener else { return }
-            Self.write(l, data, gso: gso, to: m.client, connected: false)
+            Self.write(l, data, gso: gso, to: m.client)
             listenerNeedsFlush = true
             batchPackets.1 += gso.map { (n + $0 - 1) / $0 } ?? 1
             batchBytes.1 += n
         }
     }
 
-    /// The upstream socket is connected: a plain datagram is written as a bare `ByteBuffer`
-    /// (no envelope to box); a GSO run needs the envelope for its segment size.
+    /// A GSO run carries its segment size in the envelope's metadata.
     @inline(__always)
-    private static func write(_ ch: any Channel, _ data: ByteBuffer, gso: Int?, to address: SocketAddress, connected: Bool) {
+    private static func write(_ ch: any Channel, _ data: ByteBuffer, gso: Int?, to address: SocketAddress) {
         if let seg = gso {
             let metadata = AddressedEnvelope<ByteBuffer>.Metadata(ecnState: .transportNotCapable, packetInfo: nil, segmentSize: seg)
             ch.write(AddressedEnvelope(remoteAddress: address, data: data, metadata: metadata), promise: nil)
-        } else if connected {
-            ch.write(data, promise: nil)
         } else {
             ch.write(AddressedEnvelope(remoteAddress: address, data: data), promise: nil)
         }
@@ -278,6 +274,11 @@ final class UDPLink {
     // MARK: mappings
 
     private func openUpstream(_ m: UDPMapping) {
+        let bindHost: String
+        switch core.udpTarget {
+        case .v6: bindHost = "::"
+        default: bindHost = "0.0.0.0"
+        }
         let bound = NIOLoopBound((link: self, mapping: m), eventLoop: core.loop)
         Self.bootstrap(core.loop)
             .channelInitializer { ch in
@@ -285,7 +286,7 @@ final class UDPLink {
                     try ch.pipeline.syncOperations.addHandler(UDPUpstreamHandler(link: bound.value.link, mapping: bound.value.mapping))
                 }
             }
-            .connect(to: core.udpTarget)
+            .bind(host: bindHost, port: 0)
             .assumeIsolated()
             .whenComplete { [self] result in
                 switch result {
@@ -295,12 +296,11 @@ final class UDPLink {
                         return
                     }
                     m.channel = ch
-                    m.peer = ch.remoteAddress ?? core.udpTarget
                     let pending = m.pending
                     m.pending = []
                     m.pendingBytes = 0
                     for (data, gso) in pending {
-                        Self.write(ch, data, gso: gso, to: m.peer!, connected: true)
+                        Self.write(ch, data, gso: gso, to: core.udpTarget)
                         core.counters.udpPackets.add(.toTarget, Int64(gso.map { (data.readableBytes + $0 - 1) / $0 } ?? 1))
                         core.counters.udpBytes.add(.toTarget, Int64(data.readableBytes))
                     }
