@@ -1,9 +1,10 @@
 import Logging
 import NIOCore
 
-/// The state of one link shared by its TCP connections and UDP mappings. Everything but the
-/// immutable fields and `counters` is touched only on `loop` (every channel of a link lives there).
-final class LinkCore: @unchecked Sendable {
+/// The state of one link shared by its TCP connections and UDP mappings. Created and used only on
+/// `loop` (every channel of a link lives there); closures that cross a `@Sendable` boundary carry
+/// it in a ``NIOLoopBound`` / ``NIOLoopBoundBox``. Only `counters` is read from other threads.
+final class LinkCore {
     let loop: any EventLoop
     let profile: LinkProfile
     let target: SocketAddress
@@ -18,12 +19,13 @@ final class LinkCore: @unchecked Sendable {
     /// Open TCP channels of the link (both sides), closed by ``closeAllTCP()``.
     private var tcpChannels: [ObjectIdentifier: any Channel] = [:]
 
-    init(loop: any EventLoop, profile: LinkProfile, target: SocketAddress, udpTarget: SocketAddress, udpIdleTimeout: TimeAmount, logger: Logger) {
+    init(loop: any EventLoop, profile: LinkProfile, target: SocketAddress, udpTarget: SocketAddress, udpIdleTimeout: TimeAmount,
+         counters: LinkCounters, logger: Logger) {
         self.loop = loop
         self.profile = profile
         self.target = target
         self.udpTarget = udpTarget
-        self.counters = LinkCounters()
+        self.counters = counters
         self.logger = logger
         let s = LinkShaper(profile: profile, rng: SystemRandomNumberGenerator())
         self.shapers = [s, s]
@@ -36,7 +38,7 @@ final class LinkCore: @unchecked Sendable {
     func track(_ ch: any Channel) {
         let id = ObjectIdentifier(ch)
         tcpChannels[id] = ch
-        ch.closeFuture.assumeIsolatedUnsafeUnchecked().whenComplete { [self] _ in tcpChannels[id] = nil }
+        ch.closeFuture.assumeIsolated().whenComplete { [self] _ in tcpChannels[id] = nil }
     }
 
     /// Closes every relayed TCP connection. On the loop.

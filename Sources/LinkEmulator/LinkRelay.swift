@@ -94,7 +94,8 @@ public final class LinkRelay: Sendable {
         public let counters: LinkCounters
         let tcp: any Channel
         let udp: any Channel
-        let udpLink: UDPLink
+        let core: NIOLoopBound<LinkCore>
+        let udpLink: NIOLoopBound<UDPLink>
     }
 
     public let links: [Link]
@@ -122,10 +123,15 @@ public final class LinkRelay: Sendable {
                 let udpTarget = try SocketAddress.makeAddressResolvingHost(spec.targetHost, port: spec.targetUDPPort ?? spec.targetPort)
                 let loop = g.next()
                 let idle = TimeAmount.nanoseconds(LinkProfile.nanoseconds(udpIdleTimeout))
-                let core = LinkCore(loop: loop, profile: spec.profile, target: target, udpTarget: udpTarget,
-                                    udpIdleTimeout: idle, logger: logger)
-                let (tcp, udp, udpLink) = try await bindBoth(core: core, host: spec.listenHost, port: spec.listenPort)
-                links.append(Link(spec: spec, listening: tcp.localAddress!, counters: core.counters, tcp: tcp, udp: udp, udpLink: udpLink))
+                let counters = LinkCounters()
+                // The link's state is made on its loop and used only there.
+                let core = try await loop.submit {
+                    NIOLoopBound(LinkCore(loop: loop, profile: spec.profile, target: target, udpTarget: udpTarget,
+                                          udpIdleTimeout: idle, counters: counters, logger: logger), eventLoop: loop)
+                }.get()
+                let (tcp, udp, udpLink) = try await bindBoth(core: core, loop: loop, host: spec.listenHost, port: spec.listenPort)
+                links.append(Link(spec: spec, listening: tcp.localAddress!, counters: counters, tcp: tcp, udp: udp,
+                                  core: core, udpLink: udpLink))
             }
         } catch {
             for l in links { await l.shutdown() }
@@ -136,14 +142,15 @@ public final class LinkRelay: Sendable {
     }
 
     /// TCP first; with port 0 its port is then taken for UDP too (retried if that UDP port is busy).
-    private static func bindBoth(core: LinkCore, host: String, port: Int) async throws -> (any Channel, any Channel, UDPLink) {
+    private static func bindBoth(core: NIOLoopBound<LinkCore>, loop: any EventLoop, host: String, port: Int)
+        async throws -> (any Channel, any Channel, NIOLoopBound<UDPLink>) {
         var attempt = 0
         while true {
             attempt += 1
-            let tcp = try await TCPRelay.bind(core: core, host: host, port: port)
+            let tcp = try await TCPRelay.bind(core: core, loop: loop, host: host, port: port)
             let bound = tcp.localAddress?.port ?? port
             do {
-                let (udp, link) = try await UDPLink.bind(core: core, host: host, port: bound)
+                let (udp, link) = try await UDPLink.bind(core: core, loop: loop, host: host, port: bound)
                 return (tcp, udp, link)
             } catch {
                 try? await tcp.close()
@@ -164,10 +171,10 @@ public final class LinkRelay: Sendable {
 extension LinkRelay.Link {
     func shutdown() async {
         let u = udpLink
-        try? await udp.eventLoop.submit { u.shutdown() }.get()
+        try? await udp.eventLoop.submit { u.value.shutdown() }.get()
         try? await tcp.close()
-        let core = u.core
-        try? await core.loop.submit { core.closeAllTCP() }.get()
+        let core = self.core
+        try? await udp.eventLoop.submit { core.value.closeAllTCP() }.get()
         try? await udp.close()
     }
 }

@@ -96,7 +96,7 @@ final class StreamPipe {
 
     private func armTimer() {
         guard timer == nil, let first = queue.first else { return }
-        timer = core.loop.assumeIsolatedUnsafeUnchecked().scheduleTask(deadline: LinkCore.deadline(first.at)) { [self] in
+        timer = core.loop.assumeIsolated().scheduleTask(deadline: LinkCore.deadline(first.at)) { [self] in
             timer = nil
             fire()
         }
@@ -196,24 +196,25 @@ enum TCPRelay {
         AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 256 << 10)
     }
 
-    static func bind(core: LinkCore, host: String, port: Int) async throws -> any Channel {
-        try await ServerBootstrap(group: core.loop, childGroup: core.loop)
+    static func bind(core: NIOLoopBound<LinkCore>, loop: any EventLoop, host: String, port: Int) async throws -> any Channel {
+        try try await ServerBootstrap(group: loop, childGroup: loop)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(.recvAllocator, value: readAllocator)
             .childChannelInitializer { child in
+                // Accepted connections live on the link's loop (childGroup), where `core` is.
                 child.eventLoop.makeCompletedFuture {
                     try child.pipeline.syncOperations.addHandler(TCPSideHandler())
-                    core.track(child)
-                    connect(core: core, client: child)
+                    core.value.track(child)
+                    connect(core: core.value, client: child)
                 }
             }
             .bind(host: host, port: port).get()
     }
 
-    /// Connects to the target for an accepted client; reads of the client are held until then.
+    /// Connects to the target for an accepted client; reads of the client are held until then. On the loop.
     static func connect(core: LinkCore, client: any Channel) {
         ClientBootstrap(group: client.eventLoop)
             .connectTimeout(.seconds(10))
@@ -224,6 +225,7 @@ enum TCPRelay {
                 ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(TCPSideHandler()) }
             }
             .connect(to: core.target)
+            .assumeIsolated()
             .whenComplete { result in
                 switch result {
                 case .failure(let error):

@@ -2,14 +2,19 @@ import Logging
 import NIOCore
 import NIOPosix
 
-/// One client source address of a UDP link: its own upstream socket, so replies of the target
-/// go back to the right client. Event-loop confined.
+/// One client source address of a UDP link: its own upstream socket, so replies of the target go
+/// back to the right client. The socket is not connected: a target on a wildcard address may answer
+/// from another of its addresses. Event-loop confined.
 final class UDPMapping {
     let client: SocketAddress
     var channel: (any Channel)?
-    var pending: [(ByteBuffer, AddressedEnvelope<ByteBuffer>.Metadata?)] = []
+    /// Datagrams that arrived before the upstream socket was open (bounded by the queue limit).
+    var pending: [(ByteBuffer, Int?)] = []
+    var pendingBytes = 0
     var lastActive: Int64
     var closed = false
+    /// Written to `channel` in the current read batch, not flushed yet.
+    var dirty = false
 
     init(client: SocketAddress, now: Int64) {
         self.client = client
@@ -19,40 +24,66 @@ final class UDPMapping {
 
 /// The UDP side of a link: the listening socket, the per-client mappings, and one delay line
 /// (a timer heap with one armed timer) for the datagrams of both directions.
+///
+/// The forwarding path works like a kernel forwarder's: every socket reads in batches (vector reads,
+/// `recvmmsg`, of up to ``vectorReadCount`` messages, each possibly a GRO-coalesced run of datagrams),
+/// writes of one read batch are flushed once at its end (`sendmmsg`, GSO for coalesced runs), and
+/// a zero-delay link forwards every read inline: no timer, no copy, no per-datagram closure, the
+/// received buffer itself is sent on. Only a shaped link splits coalesced runs into datagrams
+/// (each gets its own loss and time) and copies what it holds.
 final class UDPLink {
     let core: LinkCore
     var listener: (any Channel)?
     private var mappings: [SocketAddress: UDPMapping] = [:]
+    /// The mapping of the previous client datagram (the hot path skips the dictionary).
+    private var lastMapping: UDPMapping?
     private var heap = TimerHeap<(mapping: UDPMapping, direction: LinkDirection, data: ByteBuffer)>()
     private var heldBytes = [0, 0]
     private var timer: Scheduled<Void>?
     private var timerAt: Int64 = .max
     private var listenerNeedsFlush = false
-    private var dirtyUpstreams: [any Channel] = []
+    private var dirtyUpstreams: [UDPMapping] = []
+    /// Packets and bytes per direction forwarded in this read batch, added to the counters at its end.
+    private var batchPackets = (0, 0)
+    private var batchBytes = (0, 0)
     private var sweeper: RepeatedTask?
 
     /// Datagrams (or GRO-coalesced runs of them) up to 64 KiB.
     static let maxDatagram = 65_536
+    /// Messages per `recvmmsg`: the receive buffer is this many 64 KiB slots.
+    static let vectorReadCount = 8
 
     init(core: LinkCore) {
         self.core = core
     }
 
-    static func bind(core: LinkCore, host: String, port: Int) async throws -> (any Channel, UDPLink) {
-        let link = UDPLink(core: core)
-        let ch = try await bootstrap(core.loop)
+    /// Binds the listener on the link's loop; the link object lives there only.
+    static func bind(core: NIOLoopBound<LinkCore>, loop: any EventLoop, host: String, port: Int)
+        async throws -> (any Channel, NIOLoopBound<UDPLink>) {
+        let box = NIOLoopBoundBox.makeEmptyBox(valueType: UDPLink.self, eventLoop: loop)
+        let ch = try await bootstrap(loop)
             .channelInitializer { ch in
-                ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(UDPListenerHandler(link: link)) }
+                ch.eventLoop.makeCompletedFuture {
+                    let link = UDPLink(core: core.value)
+                    box.value = link
+                    try ch.pipeline.syncOperations.addHandler(UDPListenerHandler(link: link))
+                }
             }
             .bind(host: host, port: port).get()
-        try await core.loop.submit {
-            link.listener = ch
-            let sweepEvery = TimeAmount.nanoseconds(max(core.udpIdleTimeout.nanoseconds / 4, 10_000_000))
-            link.sweeper = core.loop.scheduleRepeatedTask(initialDelay: sweepEvery, delay: sweepEvery) { _ in
-                link.sweep()
-            }
-        }.get()
-        return (ch, link)
+        return (ch, try await loop.submit {
+            let link = box.value!
+            link.started(listener: ch)
+            return NIOLoopBound(link, eventLoop: loop)
+        }.get())
+    }
+
+    private func started(listener ch: any Channel) {
+        listener = ch
+        let sweepEvery = TimeAmount.nanoseconds(max(core.udpIdleTimeout.nanoseconds / 4, 10_000_000))
+        let bound = NIOLoopBound(self, eventLoop: core.loop)
+        sweeper = core.loop.scheduleRepeatedTask(initialDelay: sweepEvery, delay: sweepEvery) { _ in
+            bound.value.sweep()
+        }
     }
 
     /// UDP GRO on receive and GSO on send: a coalesced read (up to 64 KiB of equal-size datagrams)
@@ -64,8 +95,9 @@ final class UDPLink {
         var b = DatagramBootstrap(group: loop)
             .channelOption(.socketOption(.so_rcvbuf), value: 4 << 20)
             .channelOption(.socketOption(.so_sndbuf), value: 4 << 20)
-            .channelOption(.maxMessagesPerRead, value: 16)
-            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: maxDatagram))
+            .channelOption(.datagramVectorReadMessageCount, value: vectorReadCount)
+            .channelOption(.maxMessagesPerRead, value: 4)
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: vectorReadCount * maxDatagram))
         if offload {
             b = b.channelOption(.datagramReceiveOffload, value: true)
                 .channelOption(.datagramReceiveSegmentSize, value: true)
@@ -78,7 +110,9 @@ final class UDPLink {
     func fromClient(_ env: AddressedEnvelope<ByteBuffer>) {
         let now = LinkCore.now()
         let m: UDPMapping
-        if let existing = mappings[env.remoteAddress] {
+        if let last = lastMapping, !last.closed, last.client == env.remoteAddress {
+            m = last
+        } else if let existing = mappings[env.remoteAddress] {
             m = existing
         } else {
             m = UDPMapping(client: env.remoteAddress, now: now)
@@ -86,36 +120,38 @@ final class UDPLink {
             core.counters.udpMappings.wrappingAdd(1, ordering: .relaxed)
             openUpstream(m)
         }
+        lastMapping = m
         m.lastActive = now
-        schedule(m, .toTarget, env.data, segment: env.metadata?.segmentSize, now: now)
+        if core.transparent {
+            deliver(m, .toTarget, env.data, segment: env.metadata?.segmentSize)
+        } else {
+            schedule(m, .toTarget, env.data, segment: env.metadata?.segmentSize, now: now)
+        }
     }
 
     func fromTarget(_ m: UDPMapping, _ env: AddressedEnvelope<ByteBuffer>) {
         guard !m.closed else { return }
         let now = LinkCore.now()
         m.lastActive = now
-        schedule(m, .toClient, env.data, segment: env.metadata?.segmentSize, now: now)
+        if core.transparent {
+            deliver(m, .toClient, env.data, segment: env.metadata?.segmentSize)
+        } else {
+            schedule(m, .toClient, env.data, segment: env.metadata?.segmentSize, now: now)
+        }
     }
 
+    /// End of a read batch: one flush per socket written to, counters updated once.
     func readComplete() {
         flushAll()
     }
 
+    /// A shaped link: each datagram (also each of a coalesced run) gets its own fate and time.
     private func schedule(_ m: UDPMapping, _ d: LinkDirection, _ data: ByteBuffer, segment: Int?, now: Int64) {
         if let seg = segment, seg > 0, data.readableBytes > seg {
-            if core.transparent {
-                deliver(m, d, data, segment: seg)
-            } else {
-                // A GRO read holds several datagrams: each gets its own fate and time.
-                var rest = data
-                while rest.readableBytes > 0, let one = rest.readSlice(length: min(seg, rest.readableBytes)) {
-                    schedule(m, d, one, segment: nil, now: now)
-                }
+            var rest = data
+            while rest.readableBytes > 0, let one = rest.readSlice(length: min(seg, rest.readableBytes)) {
+                schedule(m, d, one, segment: nil, now: now)
             }
-            return
-        }
-        if core.transparent {
-            deliver(m, d, data)
             return
         }
         switch core.shapers[d.rawValue].datagramDelivery(bytes: data.readableBytes, now: now) {
@@ -125,7 +161,7 @@ final class UDPLink {
             core.counters.udpDroppedQueue.wrappingAdd(1, ordering: .relaxed)
         case .deliver(let at):
             if at <= now && heap.isEmpty {
-                deliver(m, d, data)
+                deliver(m, d, data, segment: nil)
                 return
             }
             let n = data.readableBytes
@@ -135,38 +171,58 @@ final class UDPLink {
                 return
             }
             heldBytes[d.rawValue] += n
-            heap.push(at, (m, d, compact(data)))
+            // A held datagram gets a buffer of its own size: it must not pin the (up to 512 KiB)
+            // receive buffer it was read into, and the held bytes are then what the bound counts.
+            var copy = ByteBufferAllocator().buffer(capacity: n)
+            copy.writeImmutableBuffer(data)
+            heap.push(at, (m, d, copy))
             armTimer()
         }
     }
 
-    /// A small datagram held for a while gets its own buffer, so the 64 KiB receive buffer is reused.
-    private func compact(_ data: ByteBuffer) -> ByteBuffer {
-        guard data.readableBytes < data.capacity / 4 else { return data }
-        var copy = ByteBufferAllocator().buffer(capacity: data.readableBytes)
-        copy.writeImmutableBuffer(data)
-        return copy
-    }
-
-    private func deliver(_ m: UDPMapping, _ d: LinkDirection, _ data: ByteBuffer, segment: Int? = nil) {
+    /// Writes `data` (a coalesced run of `segment`-sized datagrams when `segment` is smaller) on; the
+    /// flush comes at the end of the read batch or timer round.
+    private func deliver(_ m: UDPMapping, _ d: LinkDirection, _ data: ByteBuffer, segment: Int?) {
         guard !m.closed else { return }
-        let metadata = segment.map { AddressedEnvelope<ByteBuffer>.Metadata(ecnState: .transportNotCapable, packetInfo: nil, segmentSize: $0) }
+        let n = data.readableBytes
+        let gso = segment.flatMap { $0 > 0 && n > $0 ? $0 : nil }
         switch d {
         case .toTarget:
             guard let ch = m.channel else {
-                m.pending.append((data, metadata))
+                // Upstream socket still opening: hold (bounded), sent when it is open.
+                guard m.pendingBytes + n <= core.queueLimit else {
+                    core.counters.udpDroppedQueue.wrappingAdd(1, ordering: .relaxed)
+                    return
+                }
+                m.pendingBytes += n
+                m.pending.append((data, gso))
                 return
             }
-            ch.write(AddressedEnvelope(remoteAddress: core.udpTarget, data: data, metadata: metadata), promise: nil)
-            if !dirtyUpstreams.contains(where: { $0 === ch }) { dirtyUpstreams.append(ch) }
+            Self.write(ch, data, gso: gso, to: core.udpTarget)
+            if !m.dirty {
+                m.dirty = true
+                dirtyUpstreams.append(m)
+            }
+            batchPackets.0 += gso.map { (n + $0 - 1) / $0 } ?? 1
+            batchBytes.0 += n
         case .toClient:
             guard let l = listener else { return }
-            l.write(AddressedEnvelope(remoteAddress: m.client, data: data, metadata: metadata), promise: nil)
+            Self.write(l, data, gso: gso, to: m.client)
             listenerNeedsFlush = true
+            batchPackets.1 += gso.map { (n + $0 - 1) / $0 } ?? 1
+            batchBytes.1 += n
         }
-        let n = data.readableBytes
-        core.counters.udpPackets.add(d, segment.map { Int64((n + $0 - 1) / $0) } ?? 1)
-        core.counters.udpBytes.add(d, Int64(data.readableBytes))
+    }
+
+    /// A GSO run carries its segment size in the envelope's metadata.
+    @inline(__always)
+    private static func write(_ ch: any Channel, _ data: ByteBuffer, gso: Int?, to address: SocketAddress) {
+        if let seg = gso {
+            let metadata = AddressedEnvelope<ByteBuffer>.Metadata(ecnState: .transportNotCapable, packetInfo: nil, segmentSize: seg)
+            ch.write(AddressedEnvelope(remoteAddress: address, data: data, metadata: metadata), promise: nil)
+        } else {
+            ch.write(AddressedEnvelope(remoteAddress: address, data: data), promise: nil)
+        }
     }
 
     private func flushAll() {
@@ -175,16 +231,30 @@ final class UDPLink {
             listener?.flush()
         }
         if !dirtyUpstreams.isEmpty {
-            for ch in dirtyUpstreams { ch.flush() }
+            for m in dirtyUpstreams {
+                m.dirty = false
+                m.channel?.flush()
+            }
             dirtyUpstreams.removeAll(keepingCapacity: true)
         }
+        let c = core.counters
+        if batchPackets.0 > 0 {
+            c.udpPackets.add(.toTarget, Int64(batchPackets.0))
+            c.udpBytes.add(.toTarget, Int64(batchBytes.0))
+        }
+        if batchPackets.1 > 0 {
+            c.udpPackets.add(.toClient, Int64(batchPackets.1))
+            c.udpBytes.add(.toClient, Int64(batchBytes.1))
+        }
+        batchPackets = (0, 0)
+        batchBytes = (0, 0)
     }
 
     private func armTimer() {
         guard let next = heap.nextDeadline, next < timerAt else { return }
         timer?.cancel()
         timerAt = next
-        timer = core.loop.assumeIsolatedUnsafeUnchecked().scheduleTask(deadline: LinkCore.deadline(next)) { [self] in
+        timer = core.loop.assumeIsolated().scheduleTask(deadline: LinkCore.deadline(next)) { [self] in
             timer = nil
             timerAt = .max
             fire()
@@ -195,7 +265,7 @@ final class UDPLink {
         let now = LinkCore.now()
         while let e = heap.popDue(now) {
             heldBytes[e.direction.rawValue] -= e.data.readableBytes
-            deliver(e.mapping, e.direction, e.data)
+            deliver(e.mapping, e.direction, e.data, segment: nil)
         }
         flushAll()
         armTimer()
@@ -209,14 +279,15 @@ final class UDPLink {
         case .v6: bindHost = "::"
         default: bindHost = "0.0.0.0"
         }
+        let bound = NIOLoopBound((link: self, mapping: m), eventLoop: core.loop)
         Self.bootstrap(core.loop)
-            .channelInitializer { [self] ch in
+            .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
-                    try ch.pipeline.syncOperations.addHandler(UDPUpstreamHandler(link: self, mapping: m))
+                    try ch.pipeline.syncOperations.addHandler(UDPUpstreamHandler(link: bound.value.link, mapping: bound.value.mapping))
                 }
             }
             .bind(host: bindHost, port: 0)
-            .assumeIsolatedUnsafeUnchecked()
+            .assumeIsolated()
             .whenComplete { [self] result in
                 switch result {
                 case .success(let ch):
@@ -227,8 +298,11 @@ final class UDPLink {
                     m.channel = ch
                     let pending = m.pending
                     m.pending = []
-                    for (data, metadata) in pending {
-                        ch.write(AddressedEnvelope(remoteAddress: core.udpTarget, data: data, metadata: metadata), promise: nil)
+                    m.pendingBytes = 0
+                    for (data, gso) in pending {
+                        Self.write(ch, data, gso: gso, to: core.udpTarget)
+                        core.counters.udpPackets.add(.toTarget, Int64(gso.map { (data.readableBytes + $0 - 1) / $0 } ?? 1))
+                        core.counters.udpBytes.add(.toTarget, Int64(data.readableBytes))
                     }
                     ch.flush()
                 case .failure(let error):
@@ -242,8 +316,10 @@ final class UDPLink {
         guard !m.closed else { return }
         m.closed = true
         m.pending = []
+        m.pendingBytes = 0
         m.channel?.close(promise: nil)
         if mappings[m.client] === m { mappings[m.client] = nil }
+        if lastMapping === m { lastMapping = nil }
     }
 
     func sweep() {
@@ -259,8 +335,6 @@ final class UDPLink {
         listener?.close(promise: nil)
     }
 }
-
-extension UDPMapping: @unchecked Sendable {}
 
 final class UDPListenerHandler: ChannelInboundHandler {
     typealias InboundIn = AddressedEnvelope<ByteBuffer>
@@ -289,5 +363,3 @@ final class UDPUpstreamHandler: ChannelInboundHandler {
         link.core.logger.debug("udp upstream for \(mapping.client): \(error)")
     }
 }
-
-extension UDPLink: @unchecked Sendable {}
