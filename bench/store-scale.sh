@@ -10,6 +10,7 @@
 #                                                 # the node as peer1 of a 3-node mesh (below)
 #   DATA=… SCAN_THREADS="1 0" bench/store-scale.sh  # the scan on 1 thread, then on one per CPU
 #                                                 # (`scan_threads`), alternated on the same store
+#   SCAN_RATE=0 …                                 # `scan_rate` (default 250000 files/s; 0: no bound)
 # A big store on a loop-mounted ext4 image: bench/store-image.sh (10 million files in ~3.5 GB).
 # With MESH=1 the measured node runs in a topology (origin, peer1 = measured, peer2; replication 1
 # so anti-entropy has nothing to copy), gossiping and sending its holdings pages to the others;
@@ -54,7 +55,7 @@ SCAN_THREADS=${SCAN_THREADS:-0}
 # run DATA_DIR SCAN_THREADS: starts a node, prints "listen_ms index_ms rss_kib cpu_ms" (cpu: at index complete)
 run() {
   local data=$1 port; port=$(free_port)
-  printf 'scan_threads = %s\n' "${2:-0}" > "$T/node.toml"
+  printf 'scan_threads = %s\nscan_rate = %s\n' "${2:-0}" "${SCAN_RATE:-250000}" > "$T/node.toml"
   local args=(--config "$T/node.toml" --listen 127.0.0.1:$port --data-dir "$data" --max-bytes 1T
               --cert "$T/certs/node.pem" --key "$T/certs/node.key" --ca "$T/certs/ca.pem")
   if [ "$MESH" = 1 ]; then
@@ -118,7 +119,7 @@ done
   echo "\`N=$N bench/store-scale.sh\`, $(date -u '+%Y-%m-%d %H:%M') UTC, $(uname -r), $(nproc) cores, data directory on $fs; load before the runs: $load;"
   echo "files written directly into \`cas/XX/\` (${gen_s}), page cache warm"
   echo "(the files were just written; caches are not dropped on this shared machine). Release build,"
-  echo "default \`scan_rate\` (250,000 files/s). Listen: process start to the \"listening\" line;"
+  echo "\`scan_rate = ${SCAN_RATE:-250000}\` (files/s; 0: no bound). Listen: process start to the \"listening\" line;"
   [ "$MESH" = 1 ] && echo "mesh on: the node is peer1 of a 3-node topology (origin, peer2 on empty stores; replication 1), RSS ${SETTLE} s after the index is complete;"
   echo "index: the node's own \`elapsed_ms\` of \"blob store index rebuilt\"; CPU: user + system time of the node"
   echo "process from its start to that line (all threads; independent of the machine's load); RSS after the scan."
