@@ -8,6 +8,10 @@
 #   N=200000 CACHEMESH_BIN=… bench/store-scale.sh
 #   MESH=1 DATA=/big/store bench/store-scale.sh   # a store made beforehand (DATA/cas/XX/<hash>),
 #                                                 # the node as peer1 of a 3-node mesh (below)
+#   DATA=… SCAN_THREADS="1 0" bench/store-scale.sh  # the scan on 1 thread, then on one per CPU
+#                                                 # (`scan_threads`), alternated on the same store
+#   SCAN_RATE=0 …                                 # `scan_rate` (default 250000 files/s; 0: no bound)
+# A big store on a loop-mounted ext4 image: bench/store-image.sh (10 million files in ~3.5 GB).
 # With MESH=1 the measured node runs in a topology (origin, peer1 = measured, peer2; replication 1
 # so anti-entropy has nothing to copy), gossiping and sending its holdings pages to the others;
 # its RSS is taken SETTLE seconds (default 20) after the index is complete.
@@ -44,11 +48,15 @@ DATA=$T/data
 fi
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+# CPU time (user + system, all threads) of a process so far, in ms: independent of the machine's load.
+cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{print int(($14 + $15) * 1000 / hz)}' "/proc/$1/stat"; }
+SCAN_THREADS=${SCAN_THREADS:-0}
 
-# run DATA_DIR LABEL: starts a node, prints "listen_ms index_ms rss_kib"
+# run DATA_DIR SCAN_THREADS: starts a node, prints "listen_ms index_ms rss_kib cpu_ms" (cpu: at index complete)
 run() {
   local data=$1 port; port=$(free_port)
-  local args=(--listen 127.0.0.1:$port --data-dir "$data" --max-bytes 1T
+  printf 'scan_threads = %s\nscan_rate = %s\n' "${2:-0}" "${SCAN_RATE:-250000}" > "$T/node.toml"
+  local args=(--config "$T/node.toml" --listen 127.0.0.1:$port --data-dir "$data" --max-bytes 1T
               --cert "$T/certs/node.pem" --key "$T/certs/node.key" --ca "$T/certs/ca.pem")
   if [ "$MESH" = 1 ]; then
     topology "$data" > "$T/topology.toml"
@@ -61,11 +69,12 @@ run() {
   until grep -q "listening tcp=" "$T/node.out" 2>/dev/null; do sleep 0.005; done
   local listen_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
   until grep -q "blob store index rebuilt" "$T/node.log" "$T/node.out" 2>/dev/null; do sleep 0.05; done
+  local cpu; cpu=$(cpu_ms $pid)
   local index_ms; index_ms=$(cat "$T/node.log" "$T/node.out" | grep "blob store index rebuilt" | sed -E 's/.*elapsed_ms=([0-9]+).*/\1/')
   if [ "$MESH" = 1 ]; then sleep "$SETTLE"; else sleep 1; fi   # let the scan's buffers (and the mesh) settle
   local rss; rss=$(rss_kib $pid)
   kill -TERM $pid; wait $pid 2>/dev/null || true
-  echo "$listen_ms $index_ms $rss"
+  echo "$listen_ms $index_ms $rss $cpu"
 }
 
 # The mesh around the measured node (MESH=1): origin and peer2 on empty stores, started once.
@@ -91,26 +100,33 @@ if [ "$MESH" = 1 ]; then
 fi
 
 load=$(cut -d" " -f1-3 /proc/loadavg)
-read -r e_listen e_index e_rss < <(run "$T/empty" empty)
-read -r f_listen f_index f_rss < <(run "$DATA" full)
-read -r g_listen g_index g_rss < <(run "$DATA" again)
-per_blob=$(python3 -c "print(f'{($f_rss - $e_rss) * 1024 / $N:.1f}')")
-per_blob2=$(python3 -c "print(f'{($g_rss - $e_rss) * 1024 / $N:.1f}')")
 fs=$(df -T "$DATA" | awk 'NR==2 {print $2 " on " $1}')
+read -r e_listen e_index e_rss e_cpu < <(run "$T/empty" 0)
+rows=()
+for threads in $SCAN_THREADS; do
+  for attempt in first second; do
+    read -r f_listen f_index f_rss f_cpu < <(run "$DATA" "$threads")
+    per_blob=$(python3 -c "print(f'{($f_rss - $e_rss) * 1024 / $N:.1f}')")
+    label="$N blobs, scan_threads = $threads ($( [ "$threads" = 0 ] && echo "one per CPU: $(nproc)" || echo "$threads"))"
+    [ $attempt = second ] && label="$label, second start"
+    rows+=("| $label | ${f_listen} ms | ${f_index} ms | $(python3 -c "print(f'{$f_cpu / 1000:.1f}')") s | $((f_rss / 1024)) MiB | ${per_blob} B |")
+    echo "${rows[-1]}"
+  done
+done
 {
   echo "# Store scale: start-up on a store of $N blobs"
   echo
-  echo "\`N=$N bench/store-scale.sh\`, $(date -u +%Y-%m-%d), $(uname -r), $(nproc) cores, data directory on $fs; load before the runs: $load;"
+  echo "\`N=$N bench/store-scale.sh\`, $(date -u '+%Y-%m-%d %H:%M') UTC, $(uname -r), $(nproc) cores, data directory on $fs; load before the runs: $load;"
   echo "files written directly into \`cas/XX/\` (${gen_s}), page cache warm"
   echo "(the files were just written; caches are not dropped on this shared machine). Release build,"
-  echo "default \`scan_rate\` (250,000 files/s). Listen: process start to the \"listening\" line;"
+  echo "\`scan_rate = ${SCAN_RATE:-250000}\` (files/s; 0: no bound). Listen: process start to the \"listening\" line;"
   [ "$MESH" = 1 ] && echo "mesh on: the node is peer1 of a 3-node topology (origin, peer2 on empty stores; replication 1), RSS ${SETTLE} s after the index is complete;"
-  echo "index: the node's own \`elapsed_ms\` of \"blob store index rebuilt\"; RSS after the scan."
+  echo "index: the node's own \`elapsed_ms\` of \"blob store index rebuilt\"; CPU: user + system time of the node"
+  echo "process from its start to that line (all threads; independent of the machine's load); RSS after the scan."
   echo
-  echo "| run | listening after | index complete after | RSS | RSS per blob (minus empty store) |"
-  echo "|---|---|---|---|---|"
-  echo "| empty store | ${e_listen} ms | ${e_index} ms | $((e_rss / 1024)) MiB | – |"
-  echo "| $N blobs | ${f_listen} ms | ${f_index} ms | $((f_rss / 1024)) MiB | ${per_blob} B |"
-  echo "| $N blobs, second start | ${g_listen} ms | ${g_index} ms | $((g_rss / 1024)) MiB | ${per_blob2} B |"
+  echo "| run | listening after | index complete after | CPU to index | RSS | RSS per blob (minus empty store) |"
+  echo "|---|---|---|---|---|---|"
+  echo "| empty store | ${e_listen} ms | ${e_index} ms | $(python3 -c "print(f'{$e_cpu / 1000:.1f}')") s | $((e_rss / 1024)) MiB | – |"
+  printf '%s\n' "${rows[@]}"
 } > "$OUT"
 cat "$OUT"

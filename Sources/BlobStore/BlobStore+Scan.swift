@@ -1,4 +1,6 @@
+import CMeshSystem
 import Logging
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -67,26 +69,32 @@ extension BlobStore {
 
     /// Indexes every file of `cas/` and `ac/` (at most `scanRate` files a second), removing stray
     /// files, then orders the scanned entries by mtime and shrinks the store to its limit.
+    /// ``BlobStoreConfiguration/scanThreads`` threads take the 512 prefix directories in turn;
+    /// each indexes its files in batches under the store lock, and the final order depends only
+    /// on the files (mtime, then hash), not on which thread found what first.
     func runScan() {
         let started = Posix.monotonicSeconds()
-        var lastLog = started
-        var removed = 0
-        var files = 0
-        for (kind, base) in [(EntryKind.cas, casDirectory), (EntryKind.ac, acDirectory)] {
-            removed += removeStrayTopLevelFiles(base)
-            for prefix in 0..<256 {
+        let removedAtTop = removeStrayTopLevelFiles(casDirectory) + removeStrayTopLevelFiles(acDirectory)
+        let shared = ScanShared(startedMillis: Int(started * 1000))
+        let threads = BlobStore.scanThreadCount(configuration.scanThreads)
+        Posix.runThreads(threads) { [self] _ in
+            while true {
+                let directory = shared.nextDirectory.wrappingAdd(1, ordering: .relaxed).oldValue
+                guard directory < BlobStore.scanDirectoryCount else { return }
                 while configuration.scanGate?.isClosed == true { Posix.sleep(seconds: 0.001) }
-                let (found, strays) = scanDirectory(kind: kind, base: base, prefix: prefix, started: started, filesBefore: files)
-                files += found
-                removed += strays
-                let total = state.withLock { s -> Int in
+                let kind: EntryKind = directory < 256 ? .cas : .ac
+                let strays = scanDirectory(kind: kind, base: kind == .cas ? casDirectory : acDirectory,
+                                           prefix: directory & 255, started: started, shared: shared)
+                shared.removed.wrappingAdd(strays, ordering: .relaxed)
+                let (done, total) = state.withLock { s -> (Int, Int) in
                     s.scannedDirectories += 1
-                    return s.scannedEntries
+                    return (s.scannedDirectories, s.scannedEntries)
                 }
+                // One progress line every 5 s, from whichever thread passes the mark first.
                 let now = Posix.monotonicSeconds()
-                if now - lastLog >= 5 {
-                    lastLog = now
-                    let done = state.withLock { $0.scannedDirectories }
+                let last = shared.lastLogMillis.load(ordering: .relaxed)
+                if Int(now * 1000) - last >= 5000,
+                   shared.lastLogMillis.compareExchange(expected: last, desired: Int(now * 1000), ordering: .relaxed).exchanged {
                     logger.info("blob store index: scanning", metadata: [
                         "directories": "\(done)/\(BlobStore.scanDirectoryCount)", "entries": "\(total)",
                         "elapsed_s": "\(Int(now - started))",
@@ -94,6 +102,7 @@ extension BlobStore {
                 }
             }
         }
+        let removed = removedAtTop + shared.removed.load(ordering: .relaxed)
         var evicted: [Evicted] = []
         let (summary, waiters) = state.withLock { s -> ((blobs: Int, actions: Int, used: Int64, scanned: Int), [CheckedContinuation<Void, Never>]) in
             s.index.sortUnsorted()
@@ -123,8 +132,15 @@ extension BlobStore {
             "evicted_over_limit": "\(evicted.count)",
             "removed_temp_files": "\(removedTempFiles)",
             "removed_stray_files": "\(removed)",
+            "scan_threads": "\(threads)",
             "elapsed_ms": "\(Int((Posix.monotonicSeconds() - started) * 1000))",
         ])
+    }
+
+    /// Threads for the scan: `configured`, or (0) the CPUs this process may run on; 1…8.
+    static func scanThreadCount(_ configured: Int) -> Int {
+        let wanted = configured > 0 ? configured : Int(cm_affinity_cpu_count())
+        return min(max(wanted, 1), 8)
     }
 
     /// Regular files directly in `cas/` or `ac/` do not belong there; unknown directories are left alone.
@@ -138,12 +154,11 @@ extension BlobStore {
         return removed
     }
 
-    /// Indexes `base/XX`; returns the files indexed and the stray files removed.
-    private func scanDirectory(kind: EntryKind, base: String, prefix: Int, started: Double, filesBefore: Int) -> (Int, Int) {
+    /// Indexes `base/XX`; returns the stray files removed.
+    private func scanDirectory(kind: EntryKind, base: String, prefix: Int, started: Double, shared: ScanShared) -> Int {
         let directory = base + "/" + BlobStore.hexPrefix(prefix)
         var batch: [(HashBytes, Int64, Int64)] = []
         batch.reserveCapacity(BlobStore.scanBatch)
-        var found = 0
         var removed = 0
         let rate = configuration.scanRate
         func flush() {
@@ -160,11 +175,11 @@ extension BlobStore {
                 }
                 publishLocked(&s)
             }
-            found += batch.count
+            let files = shared.files.wrappingAdd(batch.count, ordering: .relaxed).newValue
             batch.removeAll(keepingCapacity: true)
-            // The bound on the scan's I/O: at most `rate` files a second on average.
+            // The bound on the scan's I/O: at most `rate` files a second on average, all threads together.
             if rate > 0 {
-                let due = Double(filesBefore + found) / Double(rate)
+                let due = Double(files) / Double(rate)
                 let ahead = due - (Posix.monotonicSeconds() - started)
                 if ahead > 0.001 { Posix.sleep(seconds: ahead) }
             }
@@ -203,8 +218,19 @@ extension BlobStore {
             }
         }
         flush()
-        return (found, removed)
+        return removed
     }
 
     static let emptyHashBytes = HashBytes(hex: Digest.emptyHash)!
+}
+
+/// What the scan's threads share: the next prefix directory to take, files indexed (for the rate
+/// bound), stray files removed, and when progress was last logged.
+final class ScanShared: Sendable {
+    let nextDirectory = Atomic<Int>(0)
+    let files = Atomic<Int>(0)
+    let removed = Atomic<Int>(0)
+    let lastLogMillis: Atomic<Int>
+
+    init(startedMillis: Int) { lastLogMillis = Atomic(startedMillis) }
 }

@@ -40,6 +40,9 @@ public struct BlobStoreConfiguration: Sendable {
     public var scanInBackground = false
     /// Files the startup scan examines per second at most (0: no bound): bounds its I/O.
     public var scanRate = 250_000
+    /// Threads of the startup scan (each takes the next prefix directory): 0 = the CPUs this
+    /// process may run on. At most 8. The index (contents and LRU order) does not depend on it.
+    public var scanThreads = 0
 
     /// What an acknowledged write means on disk: ``Durability/fsync`` (data synced before the
     /// rename, directory after; concurrent commits share the syncs) or ``Durability/none``.

@@ -294,9 +294,16 @@ final class LRUIndex: @unchecked Sendable {
             cursor = slotPointer(cursor).pointee.next
         }
         precondition(slots.count == unsortedCount, "unsorted entries are not a prefix of the LRU list")
+        // Equal mtimes (one second holds many files) are ordered by hash, then kind: the order
+        // depends on the files only, not on the order the scan's threads inserted them.
         slots.sort { a, b in
-            let ma = slotPointer(a).pointee.mtime, mb = slotPointer(b).pointee.mtime
-            return ma != mb ? ma < mb : a < b
+            let pa = slotPointer(a), pb = slotPointer(b)
+            if pa.pointee.mtime != pb.pointee.mtime { return pa.pointee.mtime < pb.pointee.mtime }
+            if pa.pointee.w0 != pb.pointee.w0 { return pa.pointee.w0 < pb.pointee.w0 }
+            if pa.pointee.w1 != pb.pointee.w1 { return pa.pointee.w1 < pb.pointee.w1 }
+            if pa.pointee.w2 != pb.pointee.w2 { return pa.pointee.w2 < pb.pointee.w2 }
+            if pa.pointee.w3 != pb.pointee.w3 { return pa.pointee.w3 < pb.pointee.w3 }
+            return pa.pointee.sizeFlags & LRUIndex.acFlag < pb.pointee.sizeFlags & LRUIndex.acFlag
         }
         // `cursor` is the first sorted entry (or none): rebuild the prefix in front of it.
         var previous: Int32 = -1

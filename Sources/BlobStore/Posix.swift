@@ -233,6 +233,34 @@ enum Posix {
         pthread_detach(thread)
     }
 
+    /// Runs `body(0)` … `body(count - 1)` at once, each on its own thread (`body(0)` on the calling
+    /// one), and returns when all have returned. Threads that cannot be created run here, after.
+    static func runThreads(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) {
+        var threads: [pthread_t] = []
+        var inline: [Int] = []
+        for index in 1..<max(1, count) {
+            let box = Unmanaged.passRetained(ThreadBody { body(index) }).toOpaque()
+            var thread = pthread_t()
+            let rc = pthread_create(&thread, nil, { argument in
+                #if os(Linux)
+                Unmanaged<ThreadBody>.fromOpaque(argument!).takeRetainedValue().run()
+                #else
+                Unmanaged<ThreadBody>.fromOpaque(argument).takeRetainedValue().run()
+                #endif
+                return nil
+            }, box)
+            if rc == 0 {
+                threads.append(thread)
+            } else {
+                Unmanaged<ThreadBody>.fromOpaque(box).release()
+                inline.append(index)
+            }
+        }
+        body(0)
+        for index in inline { body(index) }
+        for thread in threads { pthread_join(thread, nil) }
+    }
+
     /// Size and free bytes (for unprivileged users) of the file system holding `path`.
     static func fileSystemSpace(_ path: String) -> (total: Int64, free: Int64)? {
         var st = statvfs()

@@ -186,6 +186,8 @@ public struct NodeConfiguration: Sendable {
     /// Files the store's startup scan examines per second at most (0: no bound). The node listens
     /// before the scan; see docs/storage.md.
     public var scanRate = 250_000
+    /// Threads of the startup scan (0: the CPUs the process may run on, at most 8).
+    public var scanThreads = 0
     /// What an acknowledged write means on disk: `fsync` (data synced before the rename, the
     /// directory after, concurrent writers sharing the syncs) or `none`. See docs/storage.md.
     public var durability: Durability = .fsync
@@ -225,7 +227,7 @@ public struct NodeConfiguration: Sendable {
     public static let budgetKeys = [
         "max_concurrent_writes", "max_open_reads", "max_header_list_bytes", "max_unverified_bytes",
         "request_body_timeout_seconds", "request_body_min_rate", "response_stall_timeout_seconds", "max_connections",
-        "scan_rate", "durability", "min_ttl_seconds",
+        "scan_rate", "scan_threads", "durability", "min_ttl_seconds",
         "max_request_body_memory", "connection_slot_share_percent", "request_headers_timeout_seconds",
     ]
 
@@ -248,6 +250,7 @@ public struct NodeConfiguration: Sendable {
         if let v = try t.int("response_stall_timeout_seconds") { responseStallTimeoutSeconds = v }
         if let v = try t.int("max_connections") { maxConnections = v }
         if let v = try t.int("scan_rate") { scanRate = v }
+        if let v = try t.int("scan_threads") { scanThreads = v }
         if let v = try t.int("min_ttl_seconds") { minTTLSeconds = v }
         if let v = try t.choice("durability", Durability.allCases.map { ($0.rawValue, $0) }) { durability = v }
         if let v = try t.size("max_request_body_memory") { maxRequestBodyMemory = v }
@@ -266,6 +269,7 @@ public struct NodeConfiguration: Sendable {
         responseStallTimeoutSeconds = other.responseStallTimeoutSeconds
         maxConnections = other.maxConnections
         scanRate = other.scanRate
+        scanThreads = other.scanThreads
         durability = other.durability
         minTTLSeconds = other.minTTLSeconds
         maxRequestBodyMemory = other.maxRequestBodyMemory
@@ -334,6 +338,7 @@ public struct NodeConfiguration: Sendable {
         if requestBodyTimeoutSeconds <= 0 { throw ConfigurationError("request_body_timeout_seconds must be positive, got \(requestBodyTimeoutSeconds)") }
         if minTTLSeconds < 0 { throw ConfigurationError("min_ttl_seconds must be 0 (off) or positive, got \(minTTLSeconds)") }
         if scanRate < 0 { throw ConfigurationError("scan_rate must be 0 (no bound) or positive, got \(scanRate)") }
+        if !(0...8).contains(scanThreads) { throw ConfigurationError("scan_threads must be 0 (one per CPU) to 8, got \(scanThreads)") }
         if let v = maxUnverifiedBytes, v <= 0 { throw ConfigurationError("max_unverified_bytes must be positive, got \(v)") }
         if !(1024...(16 << 20)).contains(maxHeaderListBytes) {
             throw ConfigurationError("max_header_list_bytes must be in 1024...16777216, got \(maxHeaderListBytes)")

@@ -47,6 +47,7 @@ public final class CacheNode: Service {
         // Listen first: the index is built on a background thread (lookups meanwhile ask the disk).
         storeConfig.scanInBackground = true
         storeConfig.scanRate = configuration.scanRate
+        storeConfig.scanThreads = configuration.scanThreads
         storeConfig.durability = configuration.durability
         storeConfig.minTTLSeconds = Int64(configuration.minTTLSeconds)
         self.store = try BlobStore(configuration: storeConfig, logger: logger)
