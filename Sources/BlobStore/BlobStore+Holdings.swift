@@ -15,8 +15,8 @@ public struct BlobRecord: Hashable, Sendable {
     /// The 64 lowercase hex digits.
     public var hash: String { HashBytes(w0: w0, w1: w1, w2: w2, w3: w3).hex }
 
-    /// As a `Digest` (builds the hash String: for one batch at a time, not the whole store).
-    public var digest: Digest { Digest(validatedHash: hash, size: size) }
+    /// As a `Digest`.
+    public var digest: Digest { Digest(w0: w0, w1: w1, w2: w2, w3: w3, size: size) }
 }
 
 extension BlobStore {

@@ -26,7 +26,7 @@ public struct FetchSource: Sendable, Hashable, CustomStringConvertible {
 }
 
 public struct FetchResult: Sendable {
-    public var digest: StoreDigest
+    public var digest: Digest
     /// The leg that won.
     public var source: FetchSource
     /// The transport the winning leg used.
@@ -267,7 +267,7 @@ public final class BlobFetcher: Sendable {
                 timer?.task.cancel()
                 timer = nil
                 let excluded = Set(decision.states.indices.filter { decision.states[$0] == .failed })
-                let relayed: (digest: StoreDigest, source: Int, via: MeshTransportKind)
+                let relayed: (digest: Digest, source: Int, via: MeshTransportKind)
                 do {
                     relayed = try await relayBody(hash: hash, sources: sources, first: i, reply: reply, excluded: excluded, tap: tap)
                 } catch let e as RelayFailed {
@@ -358,7 +358,7 @@ public final class BlobFetcher: Sendable {
     /// is followed by the next one from the same offset (`Range: bytes=N-`); a body that does not
     /// verify resets the caller and starts over from the next source.
     private func relayBody(hash: String, sources: [FetchSource], first: Int, reply: MeshReply, excluded: Set<Int>,
-                           tap: CutThroughTap?) async throws -> (digest: StoreDigest, source: Int, via: MeshTransportKind) {
+                           tap: CutThroughTap?) async throws -> (digest: Digest, source: Int, via: MeshTransportKind) {
         let size = reply.response.headers["content-length"].flatMap { Int64($0) }
         let cut = tap.map { $0.wants(size: size) } ?? false
         var relay = CutThroughRelay<ByteBuffer>(sourceCount: sources.count, first: first, size: size, excluded: excluded, caller: cut)
@@ -373,7 +373,7 @@ public final class BlobFetcher: Sendable {
         }
         var active: MeshReply? = reply
         var via = reply.transport
-        var digest: StoreDigest?
+        var digest: Digest?
         var todo = relay.start()[...]
         var finished = false
         defer {

@@ -16,8 +16,8 @@ import Testing
     final class FakeMesh: MeshHooks, @unchecked Sendable {
         var askedForMembers: [Bool] = []
         func fetchMissing(hash: String) async -> MeshFetchOutcome { .notFound }
-        func stored(_ digest: StoreDigest) async throws {}
-        func received(_ digest: StoreDigest) {}
+        func stored(_ digest: Digest) async throws {}
+        func received(_ digest: Digest) {}
         func handleMeshRequest(_ request: HTTPServerRequest) async -> HTTPResponse { .text(404, "no") }
         func status(members: Bool) -> (role: String, mesh: MeshStatus) {
             askedForMembers.append(members)
