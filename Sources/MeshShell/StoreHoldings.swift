@@ -16,13 +16,13 @@ struct StoreHoldings: HoldingsProvider {
 
     func holdingsPage(from cursor: Int, limit: Int) -> (digests: [Digest], next: Int?) {
         let (blobs, next) = store.blobPage(from: cursor, limit: limit)
-        return (blobs.map { $0.digest }, next)
+        return (blobs, next)
     }
 }
 
 extension BlobStore {
     /// Walks every CAS blob of the index in pages of `batch` (`blobPage`), calling `body` with
-    /// each page as `Digest`s (a String per blob of one page only) until it returns false.
+    /// each page of `Digest`s until it returns false.
     /// Returns how many blobs were visited.
     @discardableResult
     func forEachBlobPage(batch: Int, _ body: ([Digest]) async -> Bool) async -> Int {
@@ -33,7 +33,7 @@ extension BlobStore {
             cursor = next
             guard !blobs.isEmpty else { continue }
             visited += blobs.count
-            if await !body(blobs.map(\.digest)) { break }
+            if await !body(blobs) { break }
         }
         return visited
     }
