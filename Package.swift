@@ -65,14 +65,17 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ]),
+        // The one content digest (SHA-256 as four words + size) of the store, the mesh and the routes.
+        .target(name: "ContentDigest"),
         // The mesh's pure protocol core: SWIM membership, locality map, rendezvous, hedging (no I/O).
         .target(name: "MeshCore", dependencies: [
+            "ContentDigest",
             .product(name: "DequeModule", package: "swift-collections"),
             .product(name: "HeapModule", package: "swift-collections"),
         ]),
         // Bounded on-disk CAS + AC.
         .target(name: "BlobStore", dependencies: [
-            "CGnuTLS", "CMeshSystem",
+            "CGnuTLS", "CMeshSystem", "ContentDigest",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
         ]),

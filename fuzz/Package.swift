@@ -63,12 +63,14 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ], path: mods + "MeshGRPC", swiftSettings: testable),
+        .target(name: "ContentDigest", path: mods + "ContentDigest", swiftSettings: testable),
         .target(name: "MeshCore", dependencies: [
+            "ContentDigest",
             .product(name: "DequeModule", package: "swift-collections"),
             .product(name: "HeapModule", package: "swift-collections"),
         ], path: mods + "MeshCore", swiftSettings: testable),
         .target(name: "BlobStore", dependencies: [
-            "CGnuTLS", "CMeshSystem",
+            "CGnuTLS", "CMeshSystem", "ContentDigest",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
         ], path: mods + "BlobStore", swiftSettings: testable),

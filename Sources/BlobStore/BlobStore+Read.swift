@@ -177,16 +177,17 @@ extension BlobStore {
 
     /// Drops an entry whose file disappeared from disk (unless it is pinned).
     private func dropVanished(_ key: EntryKey) {
-        let dropped = state.withLock { s -> Bool in
-            guard let slot = s.index.lookup(key), s.index.pins(slot) == 0 else { return false }
-            removeEntryLocked(&s, slot)
+        let dropped = state.withLock { s -> Int64? in
+            guard let slot = s.index.lookup(key), s.index.pins(slot) == 0 else { return nil }
+            let size = removeEntryLocked(&s, slot).size
             publishLocked(&s)
-            return true
+            return size
         }
-        if dropped {
-            dropMapping(key)
-            logger.warning("blob file vanished from disk; dropped from index", metadata: ["hash": "\(key.hash)"])
-        }
+        guard let size = dropped else { return }
+        dropMapping(key)
+        logger.warning("blob file vanished from disk; dropped from index", metadata: ["hash": "\(key.hash)"])
+        // The mesh stops announcing it (a loss delta), as for an eviction.
+        if key.kind == .cas, let handler = evictionHandler.withLock({ $0 }), let d = Digest(hash: key.hash, size: size) { handler(d) }
     }
 
     /// A read-only mapping of the blob file open as `fd` (`size` bytes), shared by the readers of

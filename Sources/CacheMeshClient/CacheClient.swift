@@ -6,6 +6,7 @@ import MeshHTTP2
 import MeshQUIC
 import MeshTLS
 import NIOCore
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -74,16 +75,30 @@ public enum CacheClientError: Error, CustomStringConvertible {
 /// temporary file goes beside that file). A regular file that is replaced keeps its permission
 /// bits. `abort()` (any thread, any time, repeatable) closes and removes the temporary file; the
 /// destination is then untouched.
-public final class BlobOutputFile: @unchecked Sendable {
+public final class BlobOutputFile: Sendable {
     /// The path as given.
     public let path: String
     /// The file that gets replaced or created: `path`, or the regular file a symbolic link points to.
     public let destination: String
     private let replacedMode: mode_t?
-    private let lock = NSLock()
-    private var fd: Int32 = -1
-    private var temp: String?
-    private var finished = false
+    private struct State {
+        var fd: Int32 = -1
+        var temp: String?
+        var finished = false
+
+        mutating func removeTemporary() {
+            finished = true
+            if fd >= 0 {
+                _ = Glibc.close(fd)
+                fd = -1
+            }
+            if let temp {
+                _ = unlink(temp)
+                self.temp = nil
+            }
+        }
+    }
+    private let state = Mutex(State())
 
     public init(path: String) throws {
         self.path = path
@@ -91,7 +106,7 @@ public final class BlobOutputFile: @unchecked Sendable {
     }
 
     /// The temporary file while a download is being written, else nil.
-    public var temporaryPath: String? { lock.withLock { temp } }
+    public var temporaryPath: String? { state.withLock { $0.temp } }
 
     private static func errorText(_ e: Int32) -> String { String(cString: strerror(e)) }
 
@@ -155,9 +170,9 @@ public final class BlobOutputFile: @unchecked Sendable {
 
     /// Creates the temporary file (exclusively; a fresh random name each time).
     public func open() throws {
-        try lock.withLock {
-            guard !finished else { throw CacheClientError.output(path: path, reason: "the download was cancelled") }
-            guard temp == nil else { return }
+        try state.withLock { s in
+            guard !s.finished else { throw CacheClientError.output(path: path, reason: "the download was cancelled") }
+            guard s.temp == nil else { return }
             let dir = (destination as NSString).deletingLastPathComponent
             var base = (destination as NSString).lastPathComponent
             if base.utf8.count > 200 { base = String(decoding: base.utf8.prefix(200), as: UTF8.self) } // NAME_MAX is 255
@@ -171,8 +186,8 @@ public final class BlobOutputFile: @unchecked Sendable {
                     throw CacheClientError.output(path: path, reason: "cannot create the temporary file \(t): \(Self.errorText(e)); nothing was written")
                 }
                 if let replacedMode { _ = fchmod(f, replacedMode & 0o777) }
-                fd = f
-                temp = t
+                s.fd = f
+                s.temp = t
                 return
             }
             throw CacheClientError.output(path: path, reason: "cannot find a free temporary file name in \(dir.isEmpty ? "." : dir)")
@@ -181,11 +196,11 @@ public final class BlobOutputFile: @unchecked Sendable {
 
     /// Appends bytes to the temporary file.
     public func write(_ bytes: UnsafeRawBufferPointer) throws {
-        try lock.withLock {
-            guard !finished, fd >= 0, let temp else { throw CacheClientError.output(path: path, reason: "the download was cancelled") }
+        try state.withLock { s in
+            guard !s.finished, s.fd >= 0, let temp = s.temp else { throw CacheClientError.output(path: path, reason: "the download was cancelled") }
             var off = 0
             while off < bytes.count {
-                let n = Glibc.write(fd, bytes.baseAddress! + off, bytes.count - off)
+                let n = Glibc.write(s.fd, bytes.baseAddress! + off, bytes.count - off)
                 if n < 0 {
                     let e = errno
                     if e == EINTR { continue }
@@ -199,27 +214,27 @@ public final class BlobOutputFile: @unchecked Sendable {
     /// Renames the temporary file over the destination (after checking again that the destination
     /// is not something other than a regular file by now).
     public func commit() throws {
-        try lock.withLock {
-            guard !finished, fd >= 0, let temp else { throw CacheClientError.output(path: path, reason: "the download was cancelled") }
+        try state.withLock { s in
+            guard !s.finished, s.fd >= 0, let temp = s.temp else { throw CacheClientError.output(path: path, reason: "the download was cancelled") }
             var st = stat()
             if lstat(destination, &st) == 0, st.st_mode & S_IFMT != S_IFREG {
-                removeTemporary()
+                s.removeTemporary()
                 throw Self.refuse(destination, Self.kind(st.st_mode) + " (it appeared during the download)")
             }
-            let closed = Glibc.close(fd)
+            let closed = Glibc.close(s.fd)
             let closeErrno = errno
-            fd = -1
+            s.fd = -1
             guard closed == 0 else {
-                removeTemporary()
+                s.removeTemporary()
                 throw CacheClientError.output(path: path, reason: "writing \(temp) failed: \(Self.errorText(closeErrno)); nothing was written")
             }
             guard rename(temp, destination) == 0 else {
                 let e = errno
-                removeTemporary()
+                s.removeTemporary()
                 throw CacheClientError.output(path: path, reason: "cannot rename \(temp) to \(destination): \(Self.errorText(e)); nothing was written")
             }
-            self.temp = nil
-            finished = true
+            s.temp = nil
+            s.finished = true
         }
     }
 
@@ -228,23 +243,10 @@ public final class BlobOutputFile: @unchecked Sendable {
     /// output was already committed or aborted.
     @discardableResult
     public func abort() -> Bool {
-        lock.withLock {
-            guard !finished else { return false }
-            removeTemporary()
+        state.withLock { s in
+            guard !s.finished else { return false }
+            s.removeTemporary()
             return true
-        }
-    }
-
-    /// With the lock held.
-    private func removeTemporary() {
-        finished = true
-        if fd >= 0 {
-            _ = Glibc.close(fd)
-            fd = -1
-        }
-        if let temp {
-            _ = unlink(temp)
-            self.temp = nil
         }
     }
 

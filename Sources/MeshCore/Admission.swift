@@ -91,7 +91,7 @@ extension Envelope {
         }
         for u in locality {
             guard u.version <= limits.maxVersion else { throw .outOfRange("locality version", value: "\(u.version)") }
-            guard u.digest.sizeBytes >= 0, u.digest.sizeBytes <= limits.maxBlobSize else { throw .outOfRange("blob size", value: "\(u.digest.sizeBytes)") }
+            guard u.digest.size >= 0, u.digest.size <= limits.maxBlobSize else { throw .outOfRange("blob size", value: "\(u.digest.size)") }
             try Self.check(name: u.holder.name, limits)
         }
     }
@@ -101,8 +101,8 @@ extension Envelope {
         guard h.version <= limits.maxVersion else { throw .outOfRange("holdings version", value: "\(h.version)") }
         guard h.page >= 0, h.pages >= 0, h.page <= h.pages else { throw .outOfRange("holdings page", value: "\(h.page) of \(h.pages)") }
         guard let digests = h.digests() else { throw .badString("holdings records (not base64 of 40-byte records)") }
-        for d in digests where d.sizeBytes < 0 || d.sizeBytes > limits.maxBlobSize {
-            throw .outOfRange("blob size", value: "\(d.sizeBytes)")
+        for d in digests where d.size < 0 || d.size > limits.maxBlobSize {
+            throw .outOfRange("blob size", value: "\(d.size)")
         }
     }
 

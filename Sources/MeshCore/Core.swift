@@ -10,6 +10,9 @@
 //   a run is a pure function of its inputs and seeds.
 // * Components return actions (`MeshAction`, `RaceAction`) that the shell carries out.
 
+// The one digest type (SHA-256 + size) is ContentDigest's; importers of MeshCore get it too.
+@_exported import ContentDigest
+
 /// A deterministic, seedable 64-bit generator (SplitMix64, Steele/Lea/Flood 2014).
 public struct SplitMix64: RandomNumberGenerator, Sendable, Hashable {
     public private(set) var state: UInt64
@@ -88,78 +91,10 @@ public struct NodeMetadata: Codable, Hashable, Sendable {
     }
 }
 
-/// A content digest: SHA-256 (stored as four 64-bit words, 32 bytes) plus the blob size.
-/// Encoded as `{"hash": "<64 lowercase hex>", "size": N}`.
-public struct Digest: Hashable, Comparable, Codable, Sendable, CustomStringConvertible {
-    public var w0: UInt64
-    public var w1: UInt64
-    public var w2: UInt64
-    public var w3: UInt64
-    public var sizeBytes: Int64
-
-    public init(w0: UInt64, w1: UInt64, w2: UInt64, w3: UInt64, sizeBytes: Int64) {
-        self.w0 = w0
-        self.w1 = w1
-        self.w2 = w2
-        self.w3 = w3
-        self.sizeBytes = sizeBytes
-    }
-
-    /// Parses 64 hex digits (either case). Returns nil for anything else.
-    public init?(hex: String, sizeBytes: Int64) {
-        let bytes = Array(hex.utf8)
-        guard bytes.count == 64, sizeBytes >= 0 else { return nil }
-        var words = [UInt64](repeating: 0, count: 4)
-        for (i, c) in bytes.enumerated() {
-            let nibble: UInt64
-            switch c {
-            case UInt8(ascii: "0")...UInt8(ascii: "9"): nibble = UInt64(c - UInt8(ascii: "0"))
-            case UInt8(ascii: "a")...UInt8(ascii: "f"): nibble = UInt64(c - UInt8(ascii: "a") + 10)
-            case UInt8(ascii: "A")...UInt8(ascii: "F"): nibble = UInt64(c - UInt8(ascii: "A") + 10)
-            default: return nil
-            }
-            words[i / 16] = (words[i / 16] << 4) | nibble
-        }
-        self.init(w0: words[0], w1: words[1], w2: words[2], w3: words[3], sizeBytes: sizeBytes)
-    }
-
-    public var hex: String {
-        var out = ""
-        out.reserveCapacity(64)
-        for w in [w0, w1, w2, w3] {
-            let s = String(w, radix: 16)
-            out += String(repeating: "0", count: 16 - s.count) + s
-        }
-        return out
-    }
-
-    public var description: String { "\(hex)/\(sizeBytes)" }
-
-    public static func < (lhs: Digest, rhs: Digest) -> Bool {
-        (lhs.w0, lhs.w1, lhs.w2, lhs.w3, lhs.sizeBytes) < (rhs.w0, rhs.w1, rhs.w2, rhs.w3, rhs.sizeBytes)
-    }
-
+extension Digest {
     /// A stable 64-bit hash of the digest (its hash words already are uniformly distributed).
     public var stableHash: UInt64 {
-        SplitMix64.mix(w0 ^ SplitMix64.mix(w1 ^ SplitMix64.mix(w2 ^ SplitMix64.mix(w3 ^ UInt64(bitPattern: sizeBytes)))))
-    }
-
-    private enum CodingKeys: String, CodingKey { case hash, size }
-
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        let hex = try c.decode(String.self, forKey: .hash)
-        let size = try c.decode(Int64.self, forKey: .size)
-        guard let d = Digest(hex: hex, sizeBytes: size) else {
-            throw DecodingError.dataCorruptedError(forKey: .hash, in: c, debugDescription: "not a 64-hex digest with size >= 0")
-        }
-        self = d
-    }
-
-    public func encode(to encoder: any Encoder) throws {
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(hex, forKey: .hash)
-        try c.encode(sizeBytes, forKey: .size)
+        SplitMix64.mix(w0 ^ SplitMix64.mix(w1 ^ SplitMix64.mix(w2 ^ SplitMix64.mix(w3 ^ UInt64(bitPattern: size)))))
     }
 }
 

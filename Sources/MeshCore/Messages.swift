@@ -95,7 +95,7 @@ public struct HoldingsPage: Codable, Hashable, Sendable {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(digests.count * Self.recordBytes)
         for d in digests {
-            for w in [d.w0, d.w1, d.w2, d.w3, UInt64(bitPattern: d.sizeBytes)] {
+            for w in [d.w0, d.w1, d.w2, d.w3, UInt64(bitPattern: d.size)] {
                 withUnsafeBytes(of: w.bigEndian) { bytes.append(contentsOf: $0) }
             }
         }
@@ -111,7 +111,7 @@ public struct HoldingsPage: Codable, Hashable, Sendable {
         return data.withUnsafeBytes { raw -> [Digest] in
             stride(from: 0, to: raw.count, by: Self.recordBytes).map { o in
                 func word(_ i: Int) -> UInt64 { UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: o + 8 * i, as: UInt64.self)) }
-                return Digest(w0: word(0), w1: word(1), w2: word(2), w3: word(3), sizeBytes: Int64(bitPattern: word(4)))
+                return Digest(w0: word(0), w1: word(1), w2: word(2), w3: word(3), size: Int64(bitPattern: word(4)))
             }
         }
     }

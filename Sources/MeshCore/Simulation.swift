@@ -276,7 +276,7 @@ public enum GossipConvergence {
         mesh.recordEvents = false
         mesh.run(until: parameters.warmUp)
 
-        let digest = Digest(w0: 0xC0FFEE, w1: UInt64(parameters.nodeCount), w2: parameters.seed, w3: 1, sizeBytes: 4096)
+        let digest = Digest(w0: 0xC0FFEE, w1: UInt64(parameters.nodeCount), w2: parameters.seed, w3: 1, size: 4096)
         let holder = 0
         let start = mesh.now
         let bytesBefore = mesh.bytesSent.reduce(0, +)
@@ -330,7 +330,7 @@ public enum GossipConvergence {
         var updates: [LocalityUpdate] = []
         updates.reserveCapacity(digests * holdersPerDigest)
         for d in 0..<digests {
-            let digest = Digest(w0: SplitMix64.mix(UInt64(d)), w1: UInt64(d), w2: 0, w3: 0, sizeBytes: 1024)
+            let digest = Digest(w0: SplitMix64.mix(UInt64(d)), w1: UInt64(d), w2: 0, w3: 0, size: 1024)
             for h in holders { updates.append(LocalityUpdate(holder: h, digest: digest, present: true, version: 1, ageMs: 0)) }
         }
         map.merge(updates, now: .seconds(1), rebroadcast: false)

@@ -136,13 +136,13 @@ final class AntiEntropy: Sendable {
     }
 
     private struct Plan {
-        var digest: StoreDigest
+        var digest: Digest
         var owners: [NodeID]
         var holding: Set<NodeID>
         var ask: [NodeID]
     }
 
-    private func repair(_ batch: [StoreDigest], mesh: MeshService, into result: inout PassResult) async {
+    private func repair(_ batch: [Digest], mesh: MeshService, into result: inout PassResult) async {
         let me = mesh.me
         let replicas = mesh.settings.replication
         // What the locality map already knows; ask only where it matters (`copyTargets` shrinks
@@ -153,9 +153,9 @@ final class AntiEntropy: Sendable {
             var endpoints: [NodeID: FetchSource] = [:]
             let now = mesh.now()
             for d in batch {
-                guard let key = MeshService.placementKey(d.hash), let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { continue }
+                let key = MeshService.placementKey(d)
                 let owners = Placement.owners(of: key, live: live, replicas: replicas)
-                let known = Set(c.holders(of: md, now: now))
+                let known = Set(c.holders(of: d, now: now))
                 let missing = Placement.copyTargets(owners: owners, me: me, holding: known)
                 guard !missing.isEmpty else { continue }
                 for o in missing where endpoints[o] == nil { endpoints[o] = mesh.target(o, in: c) }
@@ -168,7 +168,7 @@ final class AntiEntropy: Sendable {
         var askOf: [NodeID: [String]] = [:]
         for p in plans { for o in p.ask { askOf[o, default: []].append(p.digest.hash) } }
         let (held, unreachable) = await Self.askAll(askOf, endpoints: endpoints, mesh: mesh)
-        var copyJobs: [(StoreDigest, [FetchSource])] = []
+        var copyJobs: [(Digest, [FetchSource])] = []
         for i in plans.indices {
             for o in plans[i].ask where held[o]?.contains(plans[i].digest.hash) == true { plans[i].holding.insert(o) }
             let targets = Placement.copyTargets(owners: plans[i].owners, me: me, holding: plans[i].holding)
@@ -219,10 +219,10 @@ final class AntiEntropy: Sendable {
                 var owners: [String: [NodeID]] = [:], asked: [String: [NodeID]] = [:], endpoints: [NodeID: FetchSource] = [:]
                 let now = mesh.now()
                 for d in batch {
-                    guard let key = MeshService.placementKey(d.hash), let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { continue }
+                    let key = MeshService.placementKey(d)
                     let o = Placement.owners(of: key, live: others, replicas: replicas)
                     owners[d.hash] = o
-                    let ask = Array(Set(o + c.holders(of: md, now: now).filter { $0 != me }))
+                    let ask = Array(Set(o + c.holders(of: d, now: now).filter { $0 != me }))
                     asked[d.hash] = ask
                     for n in ask where endpoints[n] == nil { endpoints[n] = mesh.target(n, in: c) }
                 }

@@ -26,7 +26,7 @@ public struct FetchSource: Sendable, Hashable, CustomStringConvertible {
 }
 
 public struct FetchResult: Sendable {
-    public var digest: StoreDigest
+    public var digest: Digest
     /// The leg that won.
     public var source: FetchSource
     /// The transport the winning leg used.
@@ -112,6 +112,8 @@ public final class BlobFetcher: Sendable {
     let spacing: @Sendable () -> LegSpacing
     /// A leg with no response head, or no body bytes, for this long fails (the next source starts).
     let stallTimeout: Duration
+    /// The time hedge delays, stall timeouts and transfer durations are measured on.
+    let time: Timebase
     private let inflight = Mutex<[String: Task<FetchResult, any Error>]>([:])
     private let wins: (origin: Counter, peer: Counter)
     private let hedges = Counter(label: "cachemesh_fetch_hedges_fired_total")
@@ -128,8 +130,10 @@ public final class BlobFetcher: Sendable {
     /// Races won by the origin and by peers, and fetches that failed, since the start.
     public var counts: (originWins: Int64, peerWins: Int64, failures: Int64) { tally.withLock { $0 } }
 
-    public init(store: BlobStore, requester: any MeshRequester, logger: Logger, stallTimeout: Duration = .seconds(10),
-                spacing: @escaping @Sendable () -> LegSpacing) {
+    /// `clock`: what hedge delays and stall timeouts run on (a test passes one it advances itself).
+    public init<C: Clock>(store: BlobStore, requester: any MeshRequester, logger: Logger, stallTimeout: Duration = .seconds(10),
+                          clock: C = ContinuousClock(), spacing: @escaping @Sendable () -> LegSpacing) where C.Duration == Duration {
+        self.time = Timebase(clock)
         self.store = store
         self.requester = requester
         self.logger = logger
@@ -155,6 +159,21 @@ public final class BlobFetcher: Sendable {
             tap?.end()
         }
         return try await task.value
+    }
+
+    /// A clock reduced to what the race needs: time since the fetcher was made, and a sleep
+    /// until a point of that time (cancellable).
+    struct Timebase: Sendable {
+        let now: @Sendable () -> Duration
+        let sleep: @Sendable (Duration) async throws -> Void
+
+        init<C: Clock>(_ clock: C) where C.Duration == Duration {
+            let epoch = clock.now
+            now = { epoch.duration(to: clock.now) }
+            sleep = { try await clock.sleep(until: epoch.advanced(by: $0), tolerance: nil) }
+        }
+
+        func sleep(until t: Duration) async throws { try await sleep(t) }
     }
 
     private enum Event: Sendable {
@@ -185,8 +204,9 @@ public final class BlobFetcher: Sendable {
     /// the leg dies mid-body).
     func race(hash: String, sources: [FetchSource], spacing: LegSpacing, tap: CutThroughTap? = nil) async throws -> FetchResult {
         guard !sources.isEmpty else { throw BlobStoreError.notFound(hash) }
-        let start = ContinuousClock.now
-        func now() -> Duration { ContinuousClock.now - start }
+        let time = self.time
+        let start = time.now()
+        func now() -> Duration { time.now() - start }
         let plan = RacePlan(sources: sources.map { s in
             let id = NodeID(name: s.name, uid: 0)
             return s.isOrigin ? .origin(id) : .peer(id)
@@ -228,7 +248,7 @@ public final class BlobFetcher: Sendable {
             if let t = timer, t.due <= due { return }
             timer?.task.cancel()
             timer = (Task {
-                try? await Task.sleep(until: start + due)
+                try? await time.sleep(until: start + due)
                 if !Task.isCancelled { sink.yield(.timer) }
             }, due)
         }
@@ -267,7 +287,7 @@ public final class BlobFetcher: Sendable {
                 timer?.task.cancel()
                 timer = nil
                 let excluded = Set(decision.states.indices.filter { decision.states[$0] == .failed })
-                let relayed: (digest: StoreDigest, source: Int, via: MeshTransportKind)
+                let relayed: (digest: Digest, source: Int, via: MeshTransportKind)
                 do {
                     relayed = try await relayBody(hash: hash, sources: sources, first: i, reply: reply, excluded: excluded, tap: tap)
                 } catch let e as RelayFailed {
@@ -363,7 +383,7 @@ public final class BlobFetcher: Sendable {
     /// is followed by the next one from the same offset (`Range: bytes=N-`); a body that does not
     /// verify resets the caller and starts over from the next source.
     private func relayBody(hash: String, sources: [FetchSource], first: Int, reply: MeshReply, excluded: Set<Int>,
-                           tap: CutThroughTap?) async throws -> (digest: StoreDigest, source: Int, via: MeshTransportKind) {
+                           tap: CutThroughTap?) async throws -> (digest: Digest, source: Int, via: MeshTransportKind) {
         let size = reply.response.headers["content-length"].flatMap { Int64($0) }
         let cut = tap.map { $0.wants(size: size) } ?? false
         var relay = CutThroughRelay<ByteBuffer>(sourceCount: sources.count, first: first, size: size, excluded: excluded, caller: cut)
@@ -378,7 +398,7 @@ public final class BlobFetcher: Sendable {
         }
         var active: MeshReply? = reply
         var via = reply.transport
-        var digest: StoreDigest?
+        var digest: Digest?
         var todo = relay.start()[...]
         var finished = false
         defer {
@@ -394,20 +414,20 @@ public final class BlobFetcher: Sendable {
                 let watch = BodyWatch()
                 let timeout = stallTimeout
                 let watchdog = Task {
-                    var last: (Int64, ContinuousClock.Instant) = (-1, .now)
+                    var last: (Int64, Duration) = (-1, time.now())
                     while !Task.isCancelled {
-                        try? await Task.sleep(for: timeout / 4)
+                        try? await time.sleep(until: time.now() + timeout / 4)
                         let p = watch.progress.load(ordering: .relaxed)
                         if p != last.0 || watch.waitingOnCaller.load(ordering: .relaxed) {
-                            last = (p, .now)
-                        } else if ContinuousClock.now - last.1 >= timeout {
+                            last = (p, time.now())
+                        } else if time.now() - last.1 >= timeout {
                             watch.stalled.store(true, ordering: .relaxed)
                             r.response.cancel()
                             return
                         }
                     }
                 }
-                let bodyStarted = ContinuousClock.now
+                let bodyStarted = time.now()
                 let before = relay.received
                 let resumesBefore = relay.resumes
                 var outcome: [CutThroughRelay<ByteBuffer>.Action]
@@ -442,7 +462,7 @@ public final class BlobFetcher: Sendable {
                         outcome = relay.corrupt(corrupt)
                     } else {
                         requester.transferred(from: sources[i], via: r.transport, bytes: relay.received - before,
-                                              duration: ContinuousClock.now - bodyStarted)
+                                              duration: time.now() - bodyStarted)
                         outcome = relay.bodyEnded()
                     }
                 } catch let e as BlobStoreError {

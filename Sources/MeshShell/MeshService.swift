@@ -21,14 +21,15 @@ public final class MeshService: MeshHooks, Sendable {
         public var transport = MeshTransport.Settings()
         public var tick: Duration = .milliseconds(50)
         public var membership: Membership.Configuration = .lan
-        var antiEntropy = AntiEntropy.Settings()
         /// Anti-entropy pacing (`[repair]` in a topology).
-        public var repair = RepairSettings() {
-            didSet {
-                antiEntropy.interval = .seconds(repair.intervalSeconds)
-                antiEntropy.blobsPerSecond = repair.blobsPerSecond
-                antiEntropy.enabled = repair.enabled
-            }
+        public var repair = RepairSettings()
+        /// The anti-entropy settings `repair` asks for.
+        var antiEntropy: AntiEntropy.Settings {
+            var a = AntiEntropy.Settings()
+            a.interval = .seconds(repair.intervalSeconds)
+            a.blobsPerSecond = repair.blobsPerSecond
+            a.enabled = repair.enabled
+            return a
         }
         public init(replication: Int, writeQuorum: Int, fetch: FetchSettings = FetchSettings()) {
             self.replication = replication
@@ -320,7 +321,7 @@ public final class MeshService: MeshHooks, Sendable {
                 }
             }
             var hs: [(NodeID, FetchSource)] = []
-            if let d = MeshCore.Digest(hex: hash, sizeBytes: 0) { hs = pick(c.holders(of: d, now: now())) }   // matched by hash
+            if let d = Digest(hex: hash, size: 0) { hs = pick(c.holders(of: d, now: now())) }   // matched by hash
             var gs: [(NodeID, FetchSource)] = []
             if let key = Self.placementKey(hash) { gs = pick(Rendezvous.top(settings.replication, for: key, over: c.membership.liveMembers)) }
             return (hs, gs, origin?.source)
@@ -376,22 +377,22 @@ public final class MeshService: MeshHooks, Sendable {
         }
     }
 
-    public func received(_ d: StoreDigest) { announce(d) }
+    public func received(_ d: Digest) { announce(d) }
 
     /// Placement (rendezvous) depends on the hash only, so a node that knows just the hash (an
     /// HTTP GET) computes the same owners as the writer did.
-    static func placementKey(_ hash: String) -> MeshCore.Digest? { MeshCore.Digest(hex: hash, sizeBytes: 0) }
+    static func placementKey(_ hash: String) -> Digest? { Digest(hex: hash, size: 0) }
+    static func placementKey(_ d: Digest) -> Digest { Digest(w0: d.w0, w1: d.w1, w2: d.w2, w3: d.w3, size: 0) }
 
-    private func announce(_ d: StoreDigest) {
-        guard let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { return }
-        core.withLock { $0.gained(md, now: now()) }
+    private func announce(_ d: Digest) {
+        core.withLock { $0.gained(d, now: now()) }
     }
 
     /// Mirrors by rendezvous hashing over the other live members — R − 1 when this node is one of
     /// the blob's owners, R when it is not, so the owners hold it without waiting for
     /// anti-entropy; acknowledged after W copies (this one included) are durable. With origin write-through the origin also gets a copy,
     /// which is required before the write is acknowledged (and counts toward W).
-    public func stored(_ d: StoreDigest) async throws {
+    public func stored(_ d: Digest) async throws {
         announce(d)
         var targets = mirrorTargets(for: d, all: true)
         let quorum = max(0, settings.writeQuorum - 1)
@@ -413,7 +414,7 @@ public final class MeshService: MeshHooks, Sendable {
     }
 
     /// Whether this node is one of `d`'s R owners among the live members (`Placement`).
-    func isOwner(of d: StoreDigest) -> Bool {
+    func isOwner(of d: Digest) -> Bool {
         guard let key = Self.placementKey(d.hash) else { return true }
         return core.withLock { c in
             Placement.owners(of: key, live: c.membership.liveMembers + [me], replicas: settings.replication).contains(me)
@@ -451,7 +452,7 @@ public final class MeshService: MeshHooks, Sendable {
     /// The R−1 mirror targets (`MeshNode.mirrorCandidates`: rendezvous over the other live
     /// members, suspects last); with `all`, every candidate in that order (the ones after the first
     /// R−1 replace failed or slow copies).
-    func mirrorTargets(for d: StoreDigest, all: Bool = false) -> [FetchSource] {
+    func mirrorTargets(for d: Digest, all: Bool = false) -> [FetchSource] {
         guard settings.replication > 1, let md = Self.placementKey(d.hash) else { return [] }
         return core.withLock { c in
             let ranked = c.mirrorCandidates(for: md)
@@ -460,9 +461,8 @@ public final class MeshService: MeshHooks, Sendable {
     }
 
     /// The store evicted a blob: tell the mesh this node no longer holds it.
-    func evicted(_ d: StoreDigest) {
-        guard let md = MeshCore.Digest(hex: d.hash, sizeBytes: d.size) else { return }
-        core.withLock { $0.lost(md, now: now()) }
+    func evicted(_ d: Digest) {
+        core.withLock { $0.lost(d, now: now()) }
     }
 
     /// Drain hand-off (`AntiEntropy.handOff`): every local blob that none of its owners among the

@@ -10,22 +10,22 @@ struct StoreHoldings: HoldingsProvider {
 
     var heldCount: Int { store.blobCount }
 
-    func holds(_ digest: MeshCore.Digest) -> Bool {
+    func holds(_ digest: Digest) -> Bool {
         store.holdsBlob(w0: digest.w0, w1: digest.w1, w2: digest.w2, w3: digest.w3)
     }
 
-    func holdingsPage(from cursor: Int, limit: Int) -> (digests: [MeshCore.Digest], next: Int?) {
+    func holdingsPage(from cursor: Int, limit: Int) -> (digests: [Digest], next: Int?) {
         let (blobs, next) = store.blobPage(from: cursor, limit: limit)
-        return (blobs.map { MeshCore.Digest(w0: $0.w0, w1: $0.w1, w2: $0.w2, w3: $0.w3, sizeBytes: $0.size) }, next)
+        return (blobs, next)
     }
 }
 
 extension BlobStore {
     /// Walks every CAS blob of the index in pages of `batch` (`blobPage`), calling `body` with
-    /// each page as `Digest`s (a String per blob of one page only) until it returns false.
+    /// each page of `Digest`s until it returns false.
     /// Returns how many blobs were visited.
     @discardableResult
-    func forEachBlobPage(batch: Int, _ body: ([StoreDigest]) async -> Bool) async -> Int {
+    func forEachBlobPage(batch: Int, _ body: ([Digest]) async -> Bool) async -> Int {
         var cursor: Int? = 0
         var visited = 0
         while let c = cursor {
@@ -33,7 +33,7 @@ extension BlobStore {
             cursor = next
             guard !blobs.isEmpty else { continue }
             visited += blobs.count
-            if await !body(blobs.map(\.digest)) { break }
+            if await !body(blobs) { break }
         }
         return visited
     }

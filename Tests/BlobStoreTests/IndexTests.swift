@@ -219,7 +219,7 @@ private func key(_ n: UInt64, _ kind: EntryKind = .cas) -> EntryKey {
                 if i % 25 == 0 { try await store.putAction(key: hashOf(blob(UInt64(i) + 10_000, size: 8)), value: [1, 2, 3]) }
             }
             #expect(store.blobCount == 250)
-            var seen: [BlobRecord] = []
+            var seen: [Digest] = []
             var cursor: Int? = 0
             var pages = 0
             while let c = cursor {

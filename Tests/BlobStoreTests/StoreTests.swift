@@ -249,6 +249,22 @@ import MetricsTestKit
         }
     }
 
+    @Test("a blob file deleted behind the store's back: the read is a 404, the entry leaves the index, and the mesh is told (as for an eviction)")
+    func vanishedBlobIsReportedLikeAnEviction() async throws {
+        try await withTempDir { dir in
+            let store = try makeStore(dir, maxBytes: 1 << 20)
+            let seen = Mutex<[Digest]>([])
+            store.onEviction { d in seen.withLock { $0.append(d) } }
+            let a = blob(34, size: 500)
+            try await store.put(bytes: a, hash: hashOf(a))
+            try FileManager.default.removeItem(atPath: dir.casPath(hashOf(a)))
+            await expectStoreError({ $0 == .notFound(hashOf(a)) }) { _ = try await store.openRead(hash: hashOf(a)) }
+            #expect(store.size(of: hashOf(a)) == nil)
+            #expect(store.stats.blobCount == 0 && store.stats.usedBytes == 0)
+            #expect(seen.withLock { $0 } == [Digest(hash: hashOf(a), size: 500)!])
+        }
+    }
+
     @Test func deleteActionRemovesTheEntryAndItsBytes() async throws {
         try await withTempDir { dir in
             let store = try makeStore(dir, maxBytes: 1000)

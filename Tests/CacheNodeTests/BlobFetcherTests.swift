@@ -155,8 +155,15 @@ final class FakeMesh: MeshRequester {
         // timeout its stream is reset and the origin is asked for the rest from the same offset.
         let mesh = FakeMesh(["slow": .init(tailDelay: .seconds(600), bytes: blob),
                              "origin": .init(headDelay: .milliseconds(300), bytes: blob)])
-        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), stallTimeout: .seconds(2), spacing: { .allAtOnce })
-        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("slow"), src("origin", origin: true)])
+        // The stall timeout runs on a clock the test moves until the stall was seen (then the
+        // resumed origin leg cannot look stalled, and nobody waits the timeout out).
+        let clock = ManualClock()
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), stallTimeout: .seconds(2), clock: clock,
+                            spacing: { .allAtOnce })
+        let fetch = Task { try await f.fetch(hash: SHA256.hex(blob), sources: [src("slow"), src("origin", origin: true)]) }
+        let moved = try await clock.advance(until: { !mesh.stalls.withLock { $0 }.isEmpty })
+        let r = try await fetch.value
+        #expect(moved >= .seconds(2) && moved < .seconds(60), "\(moved) of clock time for a 2 s stall")
         #expect(r.source.name == "origin")
         #expect(r.legsStarted == 2)
         #expect(r.legsCancelled == 1)
@@ -269,17 +276,24 @@ final class FakeMesh: MeshRequester {
         #expect(try await s.readAll(hash: SHA256.hex(blob)) == blob)
     }
 
-    @Test func stalledLegsFailAndTheNextSourceServes() async throws {
+    @Test(.timeLimit(.minutes(1)))
+    func stalledLegsFailAndTheNextSourceServes() async throws {
         defer { try? FileManager.default.removeItem(at: dir) }
         let s = try store()
         // One source never answers; one answers and then sends no body bytes; neither may hang
         // the fetch: with one leg at a time, each fails after the stall timeout.
         let mesh = FakeMesh(["mute": .init(headDelay: .seconds(60), bytes: blob), "stuck": .init(delay: .seconds(60), bytes: blob),
                              "origin": .init(bytes: blob)])
-        // A stall timeout generous enough that the answering origin never looks stalled, even on a
-        // loaded CI machine (the test takes ~2 × the timeout).
-        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), stallTimeout: .seconds(2), spacing: { .failoverOnly })
-        let r = try await f.fetch(hash: SHA256.hex(blob), sources: [src("mute"), src("stuck"), src("origin", origin: true)])
+        // The stall timeout runs on a clock the test moves: it moves until both stalls were seen,
+        // then stands still, so the answering origin can never look stalled however loaded the
+        // machine is, and the test does not wait the timeout out.
+        let clock = ManualClock()
+        let f = BlobFetcher(store: s, requester: mesh, logger: Logger(label: "t"), stallTimeout: .seconds(2), clock: clock,
+                            spacing: { .failoverOnly })
+        let fetch = Task { try await f.fetch(hash: SHA256.hex(blob), sources: [src("mute"), src("stuck"), src("origin", origin: true)]) }
+        let moved = try await clock.advance(until: { mesh.stalls.withLock { $0.count } == 2 })
+        let r = try await fetch.value
+        #expect(moved >= .seconds(4) && moved < .seconds(60), "\(moved) of clock time for two 2 s stalls")
         #expect(r.source.isOrigin)
         #expect(mesh.requests.withLock { $0 } == ["mute", "stuck", "origin"])
         #expect(Set(mesh.stalls.withLock { $0 }) == ["mute", "stuck"])

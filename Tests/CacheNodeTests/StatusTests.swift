@@ -16,8 +16,8 @@ import Testing
     final class FakeMesh: MeshHooks, @unchecked Sendable {
         var askedForMembers: [Bool] = []
         func fetchMissing(hash: String) async -> MeshFetchOutcome { .notFound }
-        func stored(_ digest: StoreDigest) async throws {}
-        func received(_ digest: StoreDigest) {}
+        func stored(_ digest: Digest) async throws {}
+        func received(_ digest: Digest) {}
         func storedAction(key: String, value: [UInt8]) async throws {}
         func fetchAction(key: String) async -> MeshActionOutcome { .notFound }
         func deletedAction(key: String) async -> ActionDeletion { ActionDeletion() }

@@ -9,6 +9,7 @@ import MeshHTTP
 import MeshHTTP2
 import NIOCore
 import REAPI
+import Synchronization
 import Testing
 import TestSupport
 
@@ -746,10 +747,9 @@ extension MeshStatus {
 }
 
 /// Thread-safe list of strings.
-final class Failures: @unchecked Sendable {
-    private let lock = NSLock()
-    private var items: [String] = []
-    func add(_ s: String) { lock.lock(); items.append(s); lock.unlock() }
-    var all: [String] { lock.lock(); defer { lock.unlock() }; return items }
+final class Failures: Sendable {
+    private let items = Mutex<[String]>([])
+    func add(_ s: String) { items.withLock { $0.append(s) } }
+    var all: [String] { items.withLock { $0 } }
     var count: Int { all.count }
 }

@@ -4,6 +4,7 @@ import CacheMeshClient
 import Foundation
 import MeshHTTP
 import NIOCore
+import Synchronization
 import Testing
 import TestSupport
 
@@ -288,9 +289,8 @@ extension TestMesh {
 }
 
 /// A flag set once, read from any task.
-final class Flag: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value = false
-    func set() { lock.lock(); value = true; lock.unlock() }
-    var isSet: Bool { lock.lock(); defer { lock.unlock() }; return value }
+final class Flag: Sendable {
+    private let value = Mutex(false)
+    func set() { value.withLock { $0 = true } }
+    var isSet: Bool { value.withLock { $0 } }
 }

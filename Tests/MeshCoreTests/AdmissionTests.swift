@@ -88,7 +88,7 @@ struct AdmissionTests {
         let stranger = NodeID(name: "mallory", uid: 5)
         var fakeOrigin = meta("c", role: .origin)
         fakeOrigin.tcpEndpoint = "203.0.113.9:443"
-        let d = Digest(w0: 1, w1: 2, w2: 3, w3: 4, sizeBytes: 10)
+        let d = Digest(w0: 1, w1: 2, w2: 3, w3: 4, size: 10)
         let g = Gossip(members: [MemberUpdate(node: stranger, incarnation: 0, status: .alive, metadata: meta("mallory")),
                                  MemberUpdate(node: c, incarnation: 0, status: .alive, metadata: fakeOrigin)],
                        locality: [LocalityUpdate(holder: stranger, digest: d, present: true, version: 1, ageMs: 0),
@@ -111,13 +111,13 @@ struct AdmissionTests {
         var limits = GossipLimits()
         limits.maxMembers = 3
         limits.maxLocality = 3
-        let d = Digest(w0: 1, w1: 2, w2: 3, w3: 4, sizeBytes: 10)
+        let d = Digest(w0: 1, w1: 2, w2: 3, w3: 4, size: 10)
         var g = Gossip()
         switch what {
         case "members": g.members = (0..<4).map { alive(node("n\($0)")) }
         case "locality": g.locality = (0..<4).map { LocalityUpdate(holder: b, digest: d, present: true, version: UInt64($0), ageMs: 0) }
         case "version": g.locality = [LocalityUpdate(holder: b, digest: d, present: true, version: limits.maxVersion + 1, ageMs: 0)]
-        case "size": g.locality = [LocalityUpdate(holder: b, digest: Digest(w0: 1, w1: 2, w2: 3, w3: 4, sizeBytes: -1), present: true, version: 1, ageMs: 0)]
+        case "size": g.locality = [LocalityUpdate(holder: b, digest: Digest(w0: 1, w1: 2, w2: 3, w3: 4, size: -1), present: true, version: 1, ageMs: 0)]
         case "name": g.members = [alive(NodeID(name: String(repeating: "x", count: 254), uid: 1))]
         case "control": g.members = [alive(NodeID(name: "a\nb", uid: 1))]
         default:

@@ -1,8 +1,9 @@
+import Foundation
 import Testing
 @testable import MeshCore
 
 func digest(_ i: Int, size: Int64 = 1024) -> Digest {
-    Digest(w0: SplitMix64.mix(UInt64(i) &+ 1), w1: UInt64(i), w2: 0xABCD, w3: 0, sizeBytes: size)
+    Digest(w0: SplitMix64.mix(UInt64(i) &+ 1), w1: UInt64(i), w2: 0xABCD, w3: 0, size: size)
 }
 
 @Suite("LocalityMap")
@@ -10,12 +11,29 @@ struct LocalityTests {
     @Test("digest hex round trip and validation")
     func digestHex() {
         let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        let d = Digest(hex: hex, sizeBytes: 0)
-        #expect(d?.hex == hex)
-        #expect(Digest(hex: hex.uppercased(), sizeBytes: 0) == d)
-        #expect(Digest(hex: String(hex.dropLast()), sizeBytes: 0) == nil)
-        #expect(Digest(hex: String(hex.dropLast()) + "g", sizeBytes: 0) == nil)
-        #expect(Digest(hex: hex, sizeBytes: -1) == nil)
+        let d = Digest(hex: hex, size: 0)
+        #expect(d?.hash == hex)
+        #expect(Digest(hex: hex.uppercased(), size: 0) == d)
+        #expect(Digest(hex: String(hex.dropLast()), size: 0) == nil)
+        #expect(Digest(hex: String(hex.dropLast()) + "g", size: 0) == nil)
+        #expect(Digest(hex: hex, size: -1) == nil)
+    }
+
+    @Test("one digest type: the store's strict lowercase parse, the gossip's either-case parse, the same JSON as before")
+    func oneDigest() throws {
+        let hex = "00ff0000000000010123456789abcdef0000000000000000fedcba9876543210"
+        let d = try #require(Digest(hash: hex, size: 7))
+        #expect(d.hash == hex && d.description == "\(hex)/7")
+        #expect((d.w0, d.w1, d.w2, d.w3) == (0x00ff_0000_0000_0001, 0x0123_4567_89ab_cdef, 0, 0xfedc_ba98_7654_3210))
+        #expect(Digest(hash: hex.uppercased(), size: 7) == nil, "the store and the routes take lowercase only")
+        #expect(Digest(hex: hex.uppercased(), size: 7) == d, "gossip accepts either case")
+        #expect(Digest(hash: hex + "0", size: 7) == nil && Digest(hash: hex, size: -1) == nil)
+        #expect(Digest.empty.hash == Digest.emptyHash && Digest.empty.size == 0)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let json = String(decoding: try encoder.encode(d), as: UTF8.self)
+        #expect(json == "{\"hash\":\"\(hex)\",\"size\":7}")
+        #expect(try JSONDecoder().decode(Digest.self, from: Data(json.utf8)) == d)
     }
 
     @Test("gained and lost deltas replace each other by version, in any arrival order")
@@ -144,7 +162,7 @@ struct LocalityTests {
 
     @Test("a holdings page round-trips through its 40-byte records; garbage is refused by validation")
     func holdingsWire() throws {
-        let ds = [digest(1), Digest(w0: .max, w1: 0, w2: 1, w3: 2, sizeBytes: 1 << 40)]
+        let ds = [digest(1), Digest(w0: .max, w1: 0, w2: 1, w3: 2, size: 1 << 40)]
         let p = HoldingsPage(version: 7, page: 0, pages: 1, digests: ds)
         #expect(p.digests() == ds && p.count == 2)
         var bad = p
@@ -152,7 +170,7 @@ struct LocalityTests {
         #expect(bad.digests() == nil)
         let env = Envelope(from: node("a"), message: .pushPull(PushPullState(holdings: bad), isReply: false))
         #expect(throws: GossipRejection.self) { try env.validate(GossipLimits()) }
-        var huge = HoldingsPage(version: 7, page: 0, pages: 1, digests: [Digest(w0: 1, w1: 1, w2: 1, w3: 1, sizeBytes: Int64.max)])
+        var huge = HoldingsPage(version: 7, page: 0, pages: 1, digests: [Digest(w0: 1, w1: 1, w2: 1, w3: 1, size: Int64.max)])
         #expect(throws: GossipRejection.self) { try Envelope(from: node("a"), message: .pushPull(PushPullState(holdings: huge), isReply: false)).validate(GossipLimits()) }
         huge.version = 1 << 60
         #expect(throws: GossipRejection.self) { try Envelope(from: node("a"), message: .pushPull(PushPullState(holdings: huge), isReply: false)).validate(GossipLimits()) }

@@ -302,7 +302,7 @@ struct MembershipTests {
     @Test("messages survive a JSON round trip")
     func codableRoundTrip() throws {
         let a = node("a")
-        let digest = Digest(hex: String(repeating: "ab", count: 32), sizeBytes: 42)!
+        let digest = Digest(hex: String(repeating: "ab", count: 32), size: 42)!
         let gossip = Gossip(members: [alive(a, incarnation: 2)],
                             locality: [LocalityUpdate(holder: a, digest: digest, present: true, version: 3, ageMs: 10)])
         let messages: [Message] = [

@@ -5,7 +5,7 @@ import Testing
 struct PlacementTests {
     let nodes = (1...6).map { node("n\($0)") }
 
-    func key(_ i: UInt64) -> Digest { Digest(w0: i &* 0x9E37_79B9_7F4A_7C15, w1: i, w2: ~i, w3: i << 7, sizeBytes: 0) }
+    func key(_ i: UInt64) -> Digest { Digest(w0: i &* 0x9E37_79B9_7F4A_7C15, w1: i, w2: ~i, w3: i << 7, size: 0) }
 
     /// One round of anti-entropy with exact knowledge: every holder asks the owners and copies
     /// where `copyTargets` says. Returns the holders afterwards and the number of copies made.
@@ -99,7 +99,7 @@ struct PlacementByNameTests {
         var after = before
         after[2] = NodeID(name: "n3", uid: 0xDEAD_BEEF)   // n3 restarted
         for i in 0..<200 {
-            let d = Digest(w0: UInt64(i) &* 0x9E37_79B9_7F4A_7C15, w1: 1, w2: 2, w3: UInt64(i), sizeBytes: 0)
+            let d = Digest(w0: UInt64(i) &* 0x9E37_79B9_7F4A_7C15, w1: 1, w2: 2, w3: UInt64(i), size: 0)
             #expect(Rendezvous.rank(d, over: before).map(\.name) == Rendezvous.rank(d, over: after).map(\.name))
         }
     }

@@ -9,9 +9,6 @@ import NIOCore
 import REAPI
 import SwiftProtobuf
 
-typealias REDigest = Build_Bazel_Remote_Execution_V2_Digest
-typealias RE = Build_Bazel_Remote_Execution_V2_ActionResult
-
 /// The gRPC Remote Execution API v2 cache services (Capabilities, ContentAddressableStorage,
 /// ActionCache, google.bytestream.ByteStream) over the node's BlobStore.
 public final class REAPIService: Sendable {
@@ -62,7 +59,7 @@ public final class REAPIService: Sendable {
         return r
     }
 
-    static func digest(_ d: REDigest, what: String = "digest") throws -> Digest {
+    static func digest(_ d: Build_Bazel_Remote_Execution_V2_Digest, what: String = "digest") throws -> Digest {
         guard let v = Digest(hash: d.hash, size: d.sizeBytes) else {
             throw GRPCStatus(.invalidArgument, "invalid \(what) \"\(d.hash.prefix(80))/\(d.sizeBytes)\": expected 64 lowercase hex characters and a size >= 0")
         }
@@ -171,7 +168,7 @@ public final class REAPIService: Sendable {
 
     /// Of `digests` (missing locally), those the S3 tier lacks too (HEADs at once; the client's
     /// connection pool bounds them).
-    static func missingInTier(_ digests: [REDigest], _ tier: any DurableTier) async throws -> [REDigest] {
+    static func missingInTier(_ digests: [Build_Bazel_Remote_Execution_V2_Digest], _ tier: any DurableTier) async throws -> [Build_Bazel_Remote_Execution_V2_Digest] {
         do {
             return try await withThrowingTaskGroup(of: (Int, Bool).self) { group in
                 for (i, d) in digests.enumerated() {
@@ -187,7 +184,7 @@ public final class REAPIService: Sendable {
     }
 
     /// A client wrote a blob here: in a mesh it is acknowledged only once the write quorum holds it.
-    func replicate(_ digest: StoreDigest) async throws {
+    func replicate(_ digest: Digest) async throws {
         if let tier {
             do { try await tier.persist(digest, checkFirst: false) } catch {
                 throw GRPCStatus(.unavailable, "\(digest) is stored on this node's disk but not durable in the origin's S3 tier: \(error)")
@@ -327,7 +324,7 @@ public final class REAPIService: Sendable {
 
     /// A hit only if every blob the result references is present (seeds 003/004: a client must
     /// never get a hit it cannot download). Referenced blobs count as used.
-    func getActionResult(_ req: Build_Bazel_Remote_Execution_V2_GetActionResultRequest) async throws -> RE {
+    func getActionResult(_ req: Build_Bazel_Remote_Execution_V2_GetActionResultRequest) async throws -> Build_Bazel_Remote_Execution_V2_ActionResult {
         let d = try Self.digest(req.actionDigest, what: "action digest")
         var found = try await store.getAction(key: d.hash)
         if found == nil, let tier {
@@ -343,8 +340,8 @@ public final class REAPIService: Sendable {
         guard let bytes = found else {
             throw GRPCStatus(.notFound, "no action result for \(d.hash)")
         }
-        let result: RE
-        do { result = try RE(serializedBytes: bytes) } catch {
+        let result: Build_Bazel_Remote_Execution_V2_ActionResult
+        do { result = try Build_Bazel_Remote_Execution_V2_ActionResult(serializedBytes: bytes) } catch {
             logger.warning("undecodable ActionResult in the action cache", metadata: ["key": "\(d.hash)"])
             throw GRPCStatus(.notFound, "action result for \(d.hash) is unreadable")
         }
@@ -355,8 +352,8 @@ public final class REAPIService: Sendable {
         return result
     }
 
-    func firstMissingReference(_ result: RE) async throws -> Digest? {
-        var refs: [REDigest] = result.outputFiles.map(\.digest)
+    func firstMissingReference(_ result: Build_Bazel_Remote_Execution_V2_ActionResult) async throws -> Digest? {
+        var refs: [Build_Bazel_Remote_Execution_V2_Digest] = result.outputFiles.map(\.digest)
         if result.hasStdoutDigest { refs.append(result.stdoutDigest) }
         if result.hasStderrDigest { refs.append(result.stderrDigest) }
         for dir in result.outputDirectories {

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 import TestSupport
@@ -17,8 +18,7 @@ final class ChildProcess: @unchecked Sendable {
     let stdoutPath: String
     let stderrPath: String
     let commandLine: String
-    private let lock = NSLock()
-    private var exit: (status: Int32, signalled: Bool)?
+    private let exit = Mutex<(status: Int32, signalled: Bool)?>(nil)
 
     /// Starts `arguments[0]` (looked up in PATH unless it contains a slash).
     init(_ arguments: [String], environment: [String: String]? = nil, outputDirectory: String? = nil) throws {
@@ -48,7 +48,7 @@ final class ChildProcess: @unchecked Sendable {
         process.standardInput = FileHandle.nullDevice
         process.terminationHandler = { [weak self] p in
             guard let self else { return }
-            self.lock.withLock { self.exit = (p.terminationStatus, p.terminationReason == .uncaughtSignal) }
+            self.exit.withLock { $0 = (p.terminationStatus, p.terminationReason == .uncaughtSignal) }
         }
         try process.run()
     }
@@ -65,7 +65,7 @@ final class ChildProcess: @unchecked Sendable {
     var pid: Int32 { process.processIdentifier }
 
     /// `(status, signalled)` once the process has exited and was reaped.
-    var exitStatus: (status: Int32, signalled: Bool)? { lock.withLock { exit } }
+    var exitStatus: (status: Int32, signalled: Bool)? { exit.withLock { $0 } }
     var hasExited: Bool { exitStatus != nil }
 
     /// Sends `sig` to this child's PID, unless it already exited.
@@ -104,7 +104,7 @@ final class ChildProcess: @unchecked Sendable {
 
     deinit {
         // Last line of defence: never leave a child behind.
-        if exit == nil && process.isRunning { _ = kill(process.processIdentifier, SIGKILL) }
+        if exitStatus == nil && process.isRunning { _ = kill(process.processIdentifier, SIGKILL) }
     }
 }
 

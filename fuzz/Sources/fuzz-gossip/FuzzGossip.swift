@@ -33,7 +33,7 @@ private func apply(_ envelopes: [Envelope], admission: Admission) {
     var node = makeNode(admission: admission)
     var now = Duration.seconds(10)
     _ = node.tick(now: now)
-    node.gained(Digest(w0: 1, w1: 2, w2: 3, w3: 4, sizeBytes: 5), now: now)
+    node.gained(Digest(w0: 1, w1: 2, w2: 3, w3: 4, size: 5), now: now)
     for e in envelopes {
         now += .milliseconds(250)
         do {
@@ -46,7 +46,7 @@ private func apply(_ envelopes: [Envelope], admission: Admission) {
     for step in [Duration.milliseconds(600), .seconds(5), .seconds(31), .seconds(400)] {
         _ = node.tick(now: now + step)
     }
-    let d = Digest(w0: 1, w1: 2, w2: 3, w3: 4, sizeBytes: 5)
+    let d = Digest(w0: 1, w1: 2, w2: 3, w3: 4, size: 5)
     _ = node.holders(of: d, now: now + .seconds(400))
     _ = node.mirrorCandidates(for: d)
     _ = node.leave(now: now + .seconds(401))
