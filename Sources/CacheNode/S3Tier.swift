@@ -221,7 +221,7 @@ public final class S3Tier: DurableTier {
     private func fill(_ hash: String) -> FillingBlob {
         inflight.withLock { m -> FillingBlob in
             if let f = m[hash] { return f }
-            let f = FillingBlob(hash: hash, store: store)
+            let f = FillingBlob(hash: hash, store: store, logger: logger)
             m[hash] = f
             Task { await self.download(f) }
             return f
