@@ -49,14 +49,15 @@ public final class FillingBlob: Sendable {
         /// The latest chunks as appended, the first at offset `windowStart`.
         var window = CircularBuffer<ByteBuffer>()
         var windowStart: Int64 = 0
+        /// Memory the window holds: each buffer's whole storage (a slice keeps all of it alive).
         var windowBytes = 0
     }
 
     public let hash: String
     let store: BlobStore
     let logger: Logger?
-    /// Bytes of the latest chunks kept in memory for readers that keep up (beyond it, at most
-    /// the last chunk).
+    /// Memory (the buffers' whole storage) the latest chunks may hold for readers that keep up
+    /// (beyond it, only the last chunk).
     let windowBytes: Int
     private let state = Mutex(State())
     private let forwarded = Mutex<(memory: Int64, disk: Int64)>((0, 0))
@@ -104,11 +105,11 @@ public final class FillingBlob: Sendable {
             s.held = Int64(n)
             s.started = true
             s.window.append(buffer)
-            s.windowBytes += n
+            s.windowBytes += buffer.storageCapacity
             while s.window.count > 1, s.windowBytes > window {
                 let first = s.window.removeFirst()
                 s.windowStart += Int64(first.readableBytes)
-                s.windowBytes -= first.readableBytes
+                s.windowBytes -= first.storageCapacity
             }
         }
     }
