@@ -95,6 +95,8 @@ EOF
     n1=$(cpu "$NODE"); c3=$(cpu "${CEPH_PIDS[@]}")
     if [ -n "$PERFPID" ]; then kill -INT "$PERFPID"; wait "$PERFPID" || true; fi
     for code in $codes; do [ "$code" = 200 ] || { echo "origin GET: HTTP $code"; tail "$T/node.log"; exit 1; }; done
+    # Where the forwarded bytes came from (the arriving buffers, or read back from disk).
+    fwd=$(curl -s "http://127.0.0.1:$lport/metrics" | awk '/^cachemesh_s3_forwarded_bytes_total/ {printf "%s ", $0}')
     kill -9 "$NODE"; wait "$NODE" 2>/dev/null || true; NODE=
     om=$(mibs "$((SIZE * BLOBS))" "$o")
     nc=$(perg "$n0" "$n1"); cc=$(perg 0 "$(awk '{print $1 + $2}' "$T/curl.time")"); ro=$(perg "$c2" "$c3")
@@ -111,11 +113,13 @@ for r in $(seq "$ROUNDS"); do
     ratio=$(python3 -c "print('%.2f' % ($om / $bm))")
     echo "round $r: boto3 GET $bm MiB/s, origin cold read $om MiB/s, ratio $ratio; CPU s/GiB: boto3 $bc, node $nc, curl $cc, Ceph $rb (boto3 run) / $ro (origin run)"
     rows+=("| $r | $bm | $om | $ratio | $bc | $nc | $cc | $rb / $ro |")
+    [ -n "$fwd" ] && echo "  forwarded: $fwd"
     # BASE_BIN=path: the same with another binary (e.g. the previous commit's), same round.
     if [ -n "${BASE_BIN:-}" ]; then
         origin_run "$BASE_BIN" base
         ratio=$(python3 -c "print('%.2f' % ($om / $bm))")
         echo "round $r: BASE_BIN origin cold read $om MiB/s, ratio $ratio; CPU s/GiB: node $nc, curl $cc, Ceph $ro"
+        [ -n "$fwd" ] && echo "  forwarded: $fwd"
         rows+=("| $r (${BASE_LABEL:-BASE_BIN}) | $bm | $om | $ratio | $bc | $nc | $cc | $rb / $ro |")
     fi
 done
