@@ -43,6 +43,8 @@ public final class FillingBlob: Sendable {
         var size: Int64?
         var started = false
         var outcome: Outcome?
+        /// The bytes hashed to the key (the commit may still be syncing them to disk).
+        var verified = false
         /// Bumped by every change; readers wait for it to move.
         var version = 0
         var waiters: [CheckedContinuation<Void, Never>] = []
@@ -112,6 +114,12 @@ public final class FillingBlob: Sendable {
                 s.windowBytes -= first.storageCapacity
             }
         }
+    }
+
+    /// Every byte is in and hashed to the key: the last chunk may go out (before the commit has
+    /// synced and published the blob).
+    public func verified() {
+        change { $0.verified = true }
     }
 
     /// The end: committed (verified), absent or failed. Wakes every reader.
@@ -185,15 +193,18 @@ public final class FillingBlob: Sendable {
         /// Bytes it may forward up to (verified, or not the last chunk).
         var limit: Int64
         var outcome: Outcome?
+        /// Verified, not yet committed: a reader with every byte sent is done.
+        var verifiedAll = false
         /// Window buffers from `sent` on (at most `chunk` bytes, never past `limit`).
         var slices: [ByteBuffer] = []
     }
 
     private func step(at sent: Int64) -> Step {
         state.withLock { s in
-            let committed: Bool
-            if case .committed? = s.outcome { committed = true } else { committed = false }
-            var step = Step(version: s.version, writer: s.writer, limit: committed ? s.written : s.written - s.held, outcome: s.outcome)
+            var committed = s.verified
+            if case .committed? = s.outcome { committed = true }
+            var step = Step(version: s.version, writer: s.writer, limit: committed ? s.written : s.written - s.held, outcome: s.outcome,
+                            verifiedAll: s.verified && s.outcome == nil)
             if case .failed? = s.outcome { return step }
             guard sent >= s.windowStart, sent < step.limit else { return step }
             var at = s.windowStart
@@ -231,6 +242,10 @@ public final class FillingBlob: Sendable {
                     Self.fromMemory.increment(by: n)
                     sent += n
                     continue
+                }
+                if step.verifiedAll, sent >= step.limit {
+                    stream.finish()
+                    return
                 }
                 switch step.outcome {
                 case .committed?:

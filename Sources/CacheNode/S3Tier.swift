@@ -286,7 +286,8 @@ public final class S3Tier: DurableTier {
             return false
         }
         do {
-            _ = try await writer.commit()
+            // The held last chunk goes out once the hash checked out, not after the sync to disk.
+            _ = try await writer.commit(verified: { fill.verified() })
         } catch let e as BlobStoreError {
             if case .digestMismatch = e {
                 corrupt.increment()

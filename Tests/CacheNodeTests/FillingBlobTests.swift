@@ -16,7 +16,7 @@ struct FillingBlobTests {
 
     /// A client draining a response body: what it received so far, and how it ended.
     final class Received: Sendable {
-        let state = Mutex<(bytes: [UInt8], ended: Bool, error: String?)>(([], false, nil))
+        let state = Mutex<(chunks: [ByteBuffer], count: Int, ended: Bool, error: String?)>(([], 0, false, nil))
     }
 
     final class Reader: Sendable {
@@ -33,7 +33,7 @@ struct FillingBlobTests {
                 while true {
                     switch stream.read(max: 1 << 20) {
                     case .data(let b):
-                        state.state.withLock { $0.bytes += b.readableBytesView }
+                        state.state.withLock { $0.chunks.append(b); $0.count += b.readableBytes }
                     case .wouldBlock:
                         _ = await it.next()
                     case .end:
@@ -47,10 +47,13 @@ struct FillingBlobTests {
             }
         }
 
-        var count: Int { received.state.withLock { $0.bytes.count } }
+        var count: Int { received.state.withLock { $0.count } }
         func finished() async -> (bytes: [UInt8], ended: Bool, error: String?) {
             await done.value
-            return received.state.withLock { $0 }
+            let s = received.state.withLock { $0 }
+            var all = ByteBuffer()
+            for var c in s.chunks { all.writeBuffer(&c) }
+            return (Array(all.readableBytesView), s.ended, s.error)
         }
     }
 
@@ -60,7 +63,7 @@ struct FillingBlobTests {
     }
 
     func waitFor(_ what: @autoclosure () -> Bool) async throws {
-        let deadline = ContinuousClock.now + .seconds(20)
+        let deadline = ContinuousClock.now + .seconds(120)   // a bound against hanging, not a timing check
         while !what() {
             guard ContinuousClock.now < deadline else { throw CancellationError() }
             try await Task.sleep(for: .milliseconds(2))
@@ -132,6 +135,30 @@ struct FillingBlobTests {
         let got = await late.finished()
         #expect(got.ended && got.bytes == data)
         #expect(fill.forwardedBytes.memory <= Int64(Self.chunk), "only the last slice stayed in memory")
+    }
+
+    @Test("Once the bytes hashed to the key, the last chunk goes out and the response ends, before the commit has synced and published the blob")
+    func lastChunkOnceVerified() async throws {
+        let (store, dir) = try store()
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let data = (0..<(512 << 10)).map { _ in UInt8.random(in: 0...255) }
+        let hash = SHA256.hex(data)
+        let fill = FillingBlob(hash: hash, store: store)
+        let writer = try await store.beginWrite(hash: hash, expectedSize: nil)
+        fill.attach(writer)
+        fill.announce(size: Int64(data.count))
+        let reader = Reader(fill.body())
+        for at in stride(from: 0, to: data.count, by: Self.chunk) {
+            try fill.append(ByteBuffer(bytes: data[at..<(at + Self.chunk)]))
+        }
+        try await waitFor(reader.count >= data.count - Self.chunk)
+        #expect(reader.count == data.count - Self.chunk)
+        fill.verified()
+        let got = await reader.finished()
+        #expect(got.ended && got.bytes == data)
+        #expect(store.size(of: hash) == nil, "the commit has not happened yet")
+        _ = try await writer.commit()
+        fill.finish(.committed)
     }
 
     @Test("Bytes that do not hash to the key: every reader's stream fails before its last byte, nothing is stored")
