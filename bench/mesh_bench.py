@@ -159,9 +159,13 @@ def make_blobs(sc, blob_dir):
 class Mesh:
     """One fresh mesh: relays + nodes, each with fresh data dirs under `dir`."""
 
-    def __init__(self, bench, label, strategy, transport):
+    def __init__(self, bench, label, strategy, transport, origin_backend="disk"):
         self.b = bench
         self.label = label
+        # "disk"; "s3-warm": an S3-backed origin whose disk holds the blobs (they were PUT through
+        # it); "s3-cold": the same, restarted with an empty disk before the fetch (every read a
+        # read-through from S3).
+        self.origin_backend = origin_backend
         self.dir = os.path.join(bench.tmp, label.replace("/", "-"))
         os.makedirs(self.dir)
         self.private = {n: free_port() for n in bench.sc.nodes}
@@ -179,6 +183,9 @@ class Mesh:
              # The scenario places blobs where it wants them (origin-only, peer-held): anti-entropy
              # would move them onto their rendezvous owners.
              "[repair]", "enabled = false", ""]
+        if self.origin_backend != "disk":
+            t += ["[origin]", 'backend = "s3"', f'endpoint = "{self.b.args.s3_endpoint}"', f'bucket = "{self.bucket}"',
+                  f'credentials_file = "{self.b.s3_credentials}"', ""]
         for n in sc.nodes:
             seeds = [] if n == "origin" else ["origin"] + ([sc.peers[0]] if n != sc.peers[0] else [])
             t += ["[[nodes]]", f'name = "{n}"', f'role = "{"origin" if n == "origin" else "peer"}"',
@@ -193,7 +200,11 @@ class Mesh:
 
     def start(self):
         b = self.b
-        topo = self.topology()
+        if self.origin_backend != "disk":
+            # A fresh bucket per configuration (nothing left from another).
+            self.bucket = "mb-" + re.sub(r"[^a-z0-9-]", "-", self.label.lower())
+            b.s3("mb", self.bucket)
+        self.topo = topo = self.topology()
         for n in b.sc.nodes:
             prof = b.sc.links[n]
             args = [b.bin, "relay", "--link", f"127.0.0.1:{self.public[n]}=127.0.0.1:{self.private[n]}", "--threads", "1"]
@@ -206,11 +217,7 @@ class Mesh:
             self.relays[n] = p
             self.relay_out[n] = out
         for n in b.sc.nodes:
-            out = open(os.path.join(self.dir, f"node-{n}.log"), "w")
-            p = subprocess.Popen([b.bin, "node", "--topology", topo, "--name", n, "--log-level", os.environ.get("MESH_BENCH_LOG_LEVEL", "notice")],
-                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-            STARTED.append(p)
-            self.nodes[n] = p
+            self.start_node(n)
         deadline = time.time() + 30
         for n in b.sc.nodes:
             while not self.text(f"relay-{n}.out").count("relay: listening"):
@@ -223,6 +230,25 @@ class Mesh:
                 if time.time() > deadline:
                     raise RuntimeError(f"node {n} did not start: {self.text(f'node-{n}.log')[-2000:]}")
                 time.sleep(0.05)
+
+    def start_node(self, n, mode="w"):
+        out = open(os.path.join(self.dir, f"node-{n}.log"), mode)
+        p = subprocess.Popen([self.b.bin, "node", "--topology", self.topo, "--name", n, "--log-level", os.environ.get("MESH_BENCH_LOG_LEVEL", "notice")],
+                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        STARTED.append(p)
+        self.nodes[n] = p
+
+    def restart_origin_empty(self):
+        """kill -9 the origin, empty its data dir, start it again (its blobs are then only in S3)."""
+        p = self.nodes["origin"]
+        p.kill()
+        p.wait(timeout=10)
+        if p in STARTED:
+            STARTED.remove(p)
+        shutil.rmtree(os.path.join(self.dir, "data-origin"), ignore_errors=True)
+        before = self.text("node-origin.log").count("listening tcp=")
+        self.start_node("origin", mode="a")
+        self.wait("the restarted origin to listen", lambda: self.text("node-origin.log").count("listening tcp=") > before, 30)
 
     def text(self, name):
         try:
@@ -374,6 +400,10 @@ class Bench:
         self.certs = os.path.join(self.tmp, "certs")
         self.blob_dir = os.path.join(self.tmp, "blobs")
         os.makedirs(self.blob_dir)
+        if args.s3_endpoint:
+            self.s3_credentials = os.path.join(self.tmp, "s3-credentials")
+            with open(self.s3_credentials, "w") as f:
+                f.write(f"[default]\naws_access_key_id = {args.s3_access_key}\naws_secret_access_key = {args.s3_secret_key}\n")
 
     def setup(self):
         for n in self.sc.nodes + ["placer"]:
@@ -415,15 +445,27 @@ class Bench:
             raise RuntimeError(f"{label}: driver failed: {err[-2000:]}")
         return json.loads(out)
 
-    def run_config(self, label, strategy, transport, baseline):
+    def s3(self, *args):
+        """The independent S3 client (boto3) on the bench's endpoint."""
+        a = self.args
+        subprocess.run(["/usr/bin/python3", f"{ROOT}/Tests/tools/ceph/s3.py", a.s3_endpoint, a.s3_access_key, a.s3_secret_key, *args],
+                       check=True, stdout=subprocess.DEVNULL, timeout=60)
+
+    def run_config(self, label, strategy, transport, baseline, origin_backend="disk"):
         log(f"{label}: starting a fresh mesh")
-        mesh = Mesh(self, label, strategy or "hedged", transport)
+        mesh = Mesh(self, label, strategy or "hedged", transport, origin_backend)
         t0 = time.time()
         try:
             mesh.start()
             mesh.converge_members()
             placed = mesh.place()
             entries = mesh.converge_locality()
+            if origin_backend == "s3-cold":
+                # Every blob is in the bucket (a PUT to an S3-backed origin is answered once S3
+                # holds it); the origin comes back with an empty disk, so each read is a
+                # read-through. The worker's map still names the origin for every blob.
+                mesh.restart_origin_empty()
+                mesh.converge_members()
             log(f"{label}: mesh up, {placed} copies placed, worker map has {entries} entries ({time.time() - t0:.1f} s)")
             if baseline:
                 # Straight from the holder through its relay, answered from its own store.
@@ -443,8 +485,12 @@ class Bench:
                 if again:
                     r2 = self.driver(mesh, again, hop=False, transport="tcp", label=label + " (local)")
                     result["local_peer_small_p50_ms"] = r2["classes"]["peer-small"]["p50_ms"]
+            if origin_backend != "disk":
+                result["s3_get_bytes"] = sum(v for k, v in m1["origin"].items() if k.startswith("cachemesh_s3_bytes_total") and 'op="GET"' in k
+                                             and 'direction="in"' in k) - sum(v for k, v in m0["origin"].items()
+                                             if k.startswith("cachemesh_s3_bytes_total") and 'op="GET"' in k and 'direction="in"' in k)
             wire = mesh.shutdown()
-            return self.row(label, strategy, transport, baseline, result, m0, m1, c0, c1, wire)
+            return self.row(label, strategy, transport, baseline, result, m0, m1, c0, c1, wire, origin_backend)
         finally:
             for p in list(mesh.nodes.values()) + list(mesh.relays.values()):
                 if p in STARTED:
@@ -452,7 +498,7 @@ class Bench:
             if not self.args.keep:
                 shutil.rmtree(mesh.dir, ignore_errors=True)
 
-    def row(self, label, strategy, transport, baseline, r, m0, m1, c0, c1, wire):
+    def row(self, label, strategy, transport, baseline, r, m0, m1, c0, c1, wire, origin_backend="disk"):
         sc = self.sc
         w = sc.worker
 
@@ -471,6 +517,7 @@ class Bench:
             "config": label,
             "strategy": strategy or "direct",
             "transport": transport,
+            "origin_backend": origin_backend,
             "baseline": int(baseline),
             "requests": r["requests"],
             "verified": r["verified"],
@@ -483,6 +530,7 @@ class Bench:
             for p in ("p50", "p90", "p99"):
                 row[f"{c}_{p}_ms"] = round(d.get(f"{p}_ms", 0.0), 3)
         row["origin_egress_bytes"] = int(origin_out)
+        row["origin_s3_get_bytes"] = int(r.get("s3_get_bytes", 0))
         row["origin_egress_pct"] = round(100.0 * origin_out / fetched, 2) if fetched else 0.0
         row["origin_only_bytes"] = origin_only_bytes
         row["peer_held_bytes"] = peer_bytes
@@ -523,15 +571,21 @@ class Bench:
         # "adaptive" is a mesh setting, not a client transport: no direct baseline of its own.
         configs = [(f"direct-{t}", None, t, True) for t in self.sc.transports if t != "adaptive"]
         configs += [(f"{s}/{t}", s, t, False) for s in self.sc.strategies for t in self.sc.transports]
+        configs = [c + ("disk",) for c in configs]
+        if self.args.s3_endpoint:
+            # The origin-only rows again with an S3-backed origin: warm (its disk holds the
+            # blobs) and cold (restarted with an empty disk: every read goes to S3).
+            configs += [(f"{b}/origin-only/{t}", "origin-only", t, False, b) for b in ("s3-warm", "s3-cold")
+                        for t in self.sc.transports]
         if self.args.only:
             keep = set(self.args.only.split(","))
             configs = [c for c in configs if c[0] in keep]
         rows = []
         self.crashes = []
-        for label, strategy, transport, baseline in configs:
+        for label, strategy, transport, baseline, backend in configs:
             for attempt in (1, 2):
                 try:
-                    rows.append(self.run_config(label, strategy, transport, baseline))
+                    rows.append(self.run_config(label, strategy, transport, baseline, backend))
                     break
                 except NodeCrash as e:
                     # A node process died or the mesh never converged (the node's problem, not the
@@ -541,7 +595,8 @@ class Bench:
                     if attempt == 2:
                         raise
         os.makedirs(self.args.out, exist_ok=True)
-        csv_path = os.path.join(self.args.out, "mesh-bench.csv")
+        base = self.args.basename
+        csv_path = os.path.join(self.args.out, f"{base}.csv")
         with open(csv_path, "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()), lineterminator="\n")
             wr.writeheader()
@@ -551,13 +606,13 @@ class Bench:
             "nproc": os.cpu_count(), "kernel": os.uname().release, "scenario": os.path.relpath(self.sc.path, ROOT),
             "scenario_name": self.sc.name, "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)], "command": self.args.command, "links": self.sc.links,
             "concurrency": self.sc.concurrency, "worker": self.sc.worker, "peers": self.sc.peers,
-            "node_crashes": self.crashes,
+            "node_crashes": self.crashes, "basename": self.args.basename,
             "classes": {k: {"blobs": sum(1 for b in self.blobs if b.cls == k), "bytes": v} for k, v in self.class_bytes.items()},
         }
-        with open(os.path.join(self.args.out, "mesh-bench.json"), "w") as f:
+        with open(os.path.join(self.args.out, f"{base}.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows, "raw": self.raw}, f)
         if self.args.markdown:
-            with open(os.path.join(self.args.out, "mesh-bench.md"), "w") as f:
+            with open(os.path.join(self.args.out, f"{base}.md"), "w") as f:
                 f.write(markdown(meta, rows))
         log(f"wrote {csv_path}")
         return rows
@@ -598,11 +653,14 @@ def markdown(meta, rows):
                  f"| {r['excess_egress_pct_of_peer_held']:.1f}% | {r['peer_hits']}/{r['requests']} | {r['hedges_fired']} | {r['legs_cancelled']} "
                  f"| {r[w]:.1f} / {r['cpu_s_per_gib_origin']:.1f} / {hold} | {r['verified']}/{r['requests']} |")
     L.append("")
-    # Aims, side by side.
-    L.append("## Aims (same run)")
-    L.append("")
-    L.append("| transport | direct peer p50 | hedged peer-small p50 (× direct) | peers-only | immediate | origin-only | direct origin p50 | hedged origin-only p50 (× direct) | hedged origin egress | hedged: worker-local p50 / mean mesh fetch |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    # Aims, side by side (when the run has the rows they compare).
+    aims = any(f"hedged/{t}" in by for t in ("quic", "tcp", "adaptive"))
+    if aims:
+        L.append("## Aims (same run)")
+        L.append("")
+    if aims:
+        L.append("| transport | direct peer p50 | hedged peer-small p50 (× direct) | peers-only | immediate | origin-only | direct origin p50 | hedged origin-only p50 (× direct) | hedged origin egress | hedged: worker-local p50 / mean mesh fetch |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in ("quic", "tcp", "adaptive"):
         # The adaptive mesh is compared with the faster direct baseline (going to the holder
         # yourself over the better transport).
@@ -622,6 +680,22 @@ def markdown(meta, rows):
                  f"| {d['origin-only_p50_ms']:.2f} ms | {p('hedged', 'origin-only_p50_ms')} | {h['origin_egress_pct']:.1f}% "
                  f"| {h.get('worker_local_p50_ms', 0):.2f} ms / {h.get('worker_mesh_fetch_mean_ms', 0):.1f} ms |")
     L.append("")
+    backends = [r for r in rows if r["strategy"] == "origin-only" or (r["baseline"] and r["transport"] == "tcp")]
+    if any(r.get("origin_backend", "disk") != "disk" for r in rows):
+        L.append("## Origin backends (same run): a disk origin and an S3-backed one, warm and cold")
+        L.append("")
+        L.append("Every blob fetched from the origin (`origin-only` strategy; `direct-*`: straight from the holder). "
+                 "*s3-warm*: `[origin] backend = \"s3\"`, its disk holding the blobs (they were PUT through it, so they are also in the bucket); "
+                 "*s3-cold*: the same origin killed and restarted with an empty disk before the fetch, so every read is a read-through from S3 "
+                 "(Ceph RGW on loopback, not behind the origin's emulated link).")
+        L.append("")
+        L.append("| config | origin backend | origin-only p50 / p90 / p99 ms | peer-small p50 ms | peer-large p50 ms | MiB/s | S3 GET MiB | CPU s/GiB origin | verified |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in backends:
+            L.append(f"| {r['config']} | {r.get('origin_backend', 'disk')} | {r['origin-only_p50_ms']:.2f} / {r['origin-only_p90_ms']:.2f} / {r['origin-only_p99_ms']:.2f} "
+                     f"| {r['peer-small_p50_ms']:.2f} | {r['peer-large_p50_ms']:.0f} | {r['mib_per_s']:.1f} | {r.get('origin_s3_get_bytes', 0) / 2**20:.1f} "
+                     f"| {r['cpu_s_per_gib_origin']:.1f} | {r['verified']}/{r['requests']} |")
+        L.append("")
     L.append("Aims: peer-held p50 ≤ 1.2× the direct peer fetch; origin-only blobs ≤ 1.05× the direct origin fetch; "
              "origin egress ≤ 10% when peers hold the working set.")
     L.append("")
@@ -631,7 +705,7 @@ def markdown(meta, rows):
              "`x-cachemesh-source` is `peer:*`; *CPU s/GiB* = utime+stime over the fetch phase (/proc/PID/stat) ÷ GiB fetched by the worker. "
              "*worker-local p50*: the same peer-held small blobs fetched a second time from the worker, now local (its own request + serve cost); "
              "*mean mesh fetch*: the worker's `cachemesh_fetch_duration_seconds` sum/count (all classes). "
-             "Full numbers (p90/p99 per class, wire bytes at the origin's relay, CPU of the relays, sources) are in `mesh-bench.csv`.")
+             f"Full numbers (p90/p99 per class, wire bytes at the origin's relay, CPU of the relays, sources) are in `{meta.get('basename', 'mesh-bench')}.csv`.")
     L.append("")
     return "\n".join(L)
 
@@ -645,6 +719,11 @@ def main():
     ap.add_argument("--markdown", action="store_true", help="also write mesh-bench.md")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data) for inspection")
     ap.add_argument("--fetch-timeout", type=float, default=600)
+    ap.add_argument("--basename", default="mesh-bench", help="output files: OUT/BASENAME.{csv,json,md}")
+    ap.add_argument("--s3-endpoint", help="an S3 endpoint (e.g. Ceph RGW): adds the origin-only rows with an S3-backed origin, "
+                    "warm (s3-warm/…) and cold (s3-cold/…: restarted with an empty disk)")
+    ap.add_argument("--s3-access-key", default=os.environ.get("AWS_ACCESS_KEY_ID"))
+    ap.add_argument("--s3-secret-key", default=os.environ.get("AWS_SECRET_ACCESS_KEY"))
     ap.add_argument("--command", default="bench/mesh-bench.sh", help="the command line to record in the report")
     args = ap.parse_args()
     bench = None

@@ -151,10 +151,18 @@ public final class BlobWriter: Sendable {
     /// syncs are shared with the other writers committing at the same time (group commit) and
     /// the caller's thread is not blocked meanwhile.
     public func commit() async throws -> Digest {
+        try await commit(verified: {})
+    }
+
+    /// Like `await commit()`, calling `verified` once the size and hash have checked out, before
+    /// the data is synced and published (a reader forwarding the upload may then send its end).
+    public func commit(verified: () -> Void) async throws -> Digest {
         switch try verify() {
         case .deduplicated(let digest):
+            verified()
             return digest
         case .file(let digest, let fd, let path, let reserved):
+            verified()
             defer { store.writeSlots.release(owner: slotOwner) }
             if store.configuration.durability == .fsync {
                 try await store.commitDurably(hash: hash, size: digest.size, fd: fd, tempPath: path, reserved: reserved)

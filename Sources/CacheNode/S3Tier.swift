@@ -176,7 +176,7 @@ public final class S3Tier: DurableTier {
     private func fill(_ hash: String) -> FillingBlob {
         inflight.withLock { m -> FillingBlob in
             if let f = m[hash] { return f }
-            let f = FillingBlob(hash: hash, store: store)
+            let f = FillingBlob(hash: hash, store: store, logger: logger)
             m[hash] = f
             Task { await self.download(f) }
             return f
@@ -241,7 +241,8 @@ public final class S3Tier: DurableTier {
             return false
         }
         do {
-            _ = try await writer.commit()
+            // The held last chunk goes out once the hash checked out, not after the sync to disk.
+            _ = try await writer.commit(verified: { fill.verified() })
         } catch let e as BlobStoreError {
             if case .digestMismatch = e {
                 corrupt.increment()

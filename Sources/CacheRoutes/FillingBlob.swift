@@ -1,5 +1,7 @@
 import BlobStore
+import Logging
 import MeshHTTP
+import Metrics
 import NIOCore
 import Synchronization
 
@@ -7,13 +9,15 @@ import Synchronization
 /// arrives: "verify while forwarding".
 ///
 /// The producer appends the bytes to the store's verifying `BlobWriter` (which hashes them into
-/// a temp file) and then commits it. Each reader (`body()`) reads the bytes already written back
-/// from that temp file at its own client's pace — so one download feeds any number of readers,
-/// nothing is held in memory beyond a reader's send buffer, and a slow client never slows the
-/// download — but never past the last chunk appended: that chunk (and so the last byte) is only
-/// forwarded once the blob has verified and is committed. When it does not verify, every reader's
-/// stream fails before its last byte (the transport resets it), so a client never receives a
-/// complete body that does not hash to its key. After the commit the rest is read from the
+/// a temp file) and then commits it. The latest chunks stay in memory as they arrived (a window
+/// of `windowBytes`, at least the last chunk): a reader that keeps up forwards those very buffers
+/// (no copy, no read back from the temp file); a reader that fell behind the window (a slow
+/// client) reads the bytes from the temp file at its own pace — so one download feeds any number
+/// of readers, memory stays bounded, and a slow client never slows the download. No reader gets
+/// past the last chunk appended: that chunk (and so the last byte) is only forwarded once the
+/// blob has verified and is committed. When it does not verify, every reader's stream fails
+/// before its last byte (the transport resets it), so a client never receives a complete body
+/// that does not hash to its key. After the commit, what is not in the window is read from the
 /// committed blob.
 public final class FillingBlob: Sendable {
     public enum Outcome: Sendable {
@@ -39,21 +43,42 @@ public final class FillingBlob: Sendable {
         var size: Int64?
         var started = false
         var outcome: Outcome?
+        /// The bytes hashed to the key (the commit may still be syncing them to disk).
+        var verified = false
         /// Bumped by every change; readers wait for it to move.
         var version = 0
         var waiters: [CheckedContinuation<Void, Never>] = []
+        /// The latest chunks as appended, the first at offset `windowStart`.
+        var window = CircularBuffer<ByteBuffer>()
+        var windowStart: Int64 = 0
+        /// Memory the window holds: each buffer's whole storage (a slice keeps all of it alive).
+        var windowBytes = 0
     }
 
     public let hash: String
     let store: BlobStore
+    let logger: Logger?
+    /// Memory (the buffers' whole storage) the latest chunks may hold for readers that keep up
+    /// (beyond it, only the last chunk).
+    let windowBytes: Int
     private let state = Mutex(State())
-    /// Bytes per read from the temp file or the committed blob.
+    private let forwarded = Mutex<(memory: Int64, disk: Int64)>((0, 0))
+    /// Bytes per read from the temp file or the committed blob, and at most this many bytes of
+    /// the window handed to a stream at once.
     static let chunk = 256 << 10
+    public static let defaultWindow = 4 << 20
+    private static let fromMemory = Counter(label: "cachemesh_s3_forwarded_bytes_total", dimensions: [("from", "memory")])
+    private static let fromDisk = Counter(label: "cachemesh_s3_forwarded_bytes_total", dimensions: [("from", "disk")])
 
-    public init(hash: String, store: BlobStore) {
+    public init(hash: String, store: BlobStore, windowBytes: Int = FillingBlob.defaultWindow, logger: Logger? = nil) {
         self.hash = hash
         self.store = store
+        self.windowBytes = windowBytes
+        self.logger = logger
     }
+
+    /// Bytes readers forwarded from the in-memory window and from disk (temp file or committed blob).
+    public var forwardedBytes: (memory: Int64, disk: Int64) { forwarded.withLock { $0 } }
 
     // MARK: producer
 
@@ -70,17 +95,31 @@ public final class FillingBlob: Sendable {
         }
     }
 
-    /// Appends the next chunk to the writer (throws what the writer throws).
+    /// Appends the next chunk to the writer (throws what the writer throws) and to the window.
     public func append(_ buffer: ByteBuffer) throws {
         guard let writer = state.withLock({ $0.writer }) else { throw BlobStoreError.closed }
         try buffer.withUnsafeReadableBytes { try writer.write($0) }
-        let n = Int64(buffer.readableBytes)
+        let n = buffer.readableBytes
         guard n > 0 else { return }
+        let window = windowBytes
         change { s in
-            s.written += n
-            s.held = n
+            s.written += Int64(n)
+            s.held = Int64(n)
             s.started = true
+            s.window.append(buffer)
+            s.windowBytes += buffer.storageCapacity
+            while s.window.count > 1, s.windowBytes > window {
+                let first = s.window.removeFirst()
+                s.windowStart += Int64(first.readableBytes)
+                s.windowBytes -= first.storageCapacity
+            }
         }
+    }
+
+    /// Every byte is in and hashed to the key: the last chunk may go out (before the commit has
+    /// synced and published the blob).
+    public func verified() {
+        change { $0.verified = true }
     }
 
     /// The end: committed (verified), absent or failed. Wakes every reader.
@@ -89,6 +128,10 @@ public final class FillingBlob: Sendable {
             guard s.outcome == nil else { return }
             s.outcome = outcome
             s.writer = nil
+            if case .committed = outcome {} else {
+                s.window.removeAll()
+                s.windowBytes = 0
+            }
         }
     }
 
@@ -143,14 +186,74 @@ public final class FillingBlob: Sendable {
         return stream
     }
 
+    /// What a reader at `sent` may do now.
+    private struct Step {
+        var version: Int
+        var writer: BlobWriter?
+        /// Bytes it may forward up to (verified, or not the last chunk).
+        var limit: Int64
+        var outcome: Outcome?
+        /// Verified, not yet committed: a reader with every byte sent is done.
+        var verifiedAll = false
+        /// Window buffers from `sent` on (at most `chunk` bytes, never past `limit`).
+        var slices: [ByteBuffer] = []
+    }
+
+    private func step(at sent: Int64) -> Step {
+        state.withLock { s in
+            var committed = s.verified
+            if case .committed? = s.outcome { committed = true }
+            var step = Step(version: s.version, writer: s.writer, limit: committed ? s.written : s.written - s.held, outcome: s.outcome,
+                            verifiedAll: s.verified && s.outcome == nil)
+            if case .failed? = s.outcome { return step }
+            guard sent >= s.windowStart, sent < step.limit else { return step }
+            var at = s.windowStart
+            var taken = 0
+            for b in s.window {
+                let end = at + Int64(b.readableBytes)
+                defer { at = end }
+                guard end > sent else { continue }
+                guard at < step.limit, taken < Self.chunk else { break }
+                let from = Int(max(sent, at) - at)
+                let upTo = Int(min(end, step.limit) - at)
+                let n = min(upTo - from, Self.chunk - taken)
+                step.slices.append(b.getSlice(at: b.readerIndex + from, length: n)!)
+                taken += n
+            }
+            return step
+        }
+    }
+
     private func forward(to stream: HTTPOutboundStream) async {
         var sent: Int64 = 0
+        var fellBehind = false
         do {
             while true {
-                let (v, writer, limit, outcome) = state.withLock { ($0.version, $0.writer, $0.written - $0.held, $0.outcome) }
-                switch outcome {
+                let step = step(at: sent)
+                if !step.slices.isEmpty {
+                    // From the window: the buffers as they arrived.
+                    var n: Int64 = 0
+                    for b in step.slices {
+                        try await stream.write(b)
+                        n += Int64(b.readableBytes)
+                    }
+                    store.recordBytesOut(n)
+                    forwarded.withLock { $0.memory += n }
+                    Self.fromMemory.increment(by: n)
+                    sent += n
+                    continue
+                }
+                if step.verifiedAll, sent >= step.limit {
+                    stream.finish()
+                    return
+                }
+                switch step.outcome {
                 case .committed?:
-                    try await sendCommitted(from: sent, to: stream)
+                    if sent >= step.limit {
+                        stream.finish()
+                    } else {
+                        try await sendCommitted(from: sent, to: stream)
+                    }
                     return
                 case .failed(let e)?:
                     stream.fail(e)
@@ -161,26 +264,34 @@ public final class FillingBlob: Sendable {
                 case nil:
                     break
                 }
-                if let writer, sent < limit {
-                    var buf = ByteBufferAllocator().buffer(capacity: Int(min(Int64(Self.chunk), limit - sent)))
+                if let writer = step.writer, sent < step.limit {
+                    // Behind the window: from the temp file.
+                    if !fellBehind {
+                        fellBehind = true
+                        logger?.debug("a reader fell behind the in-memory window of a read-through; it reads from the temp file",
+                                      metadata: ["hash": "\(hash)", "at": "\(sent)", "window": "\(windowBytes)"])
+                    }
+                    var buf = ByteBufferAllocator().buffer(capacity: Int(min(Int64(Self.chunk), step.limit - sent)))
                     let n: Int
                     do {
                         n = try buf.writeWithUnsafeMutableBytes(minimumWritableBytes: 1) { p in
-                            try writer.readWritten(at: sent, into: UnsafeMutableRawBufferPointer(rebasing: p.prefix(Int(limit - sent))))
+                            try writer.readWritten(at: sent, into: UnsafeMutableRawBufferPointer(rebasing: p.prefix(Int(step.limit - sent))))
                         }
                     } catch BlobStoreError.closed {
                         // Being committed or aborted: the outcome comes next.
-                        await waitChange(after: v)
+                        await waitChange(after: step.version)
                         continue
                     }
                     if n > 0 {
                         try await stream.write(buf)
                         store.recordBytesOut(Int64(n))
+                        forwarded.withLock { $0.disk += Int64(n) }
+                        Self.fromDisk.increment(by: Int64(n))
                         sent += Int64(n)
                         continue
                     }
                 }
-                await waitChange(after: v)
+                await waitChange(after: step.version)
             }
         } catch {
             // The client went away (the fill goes on for the store), or reading failed.
@@ -199,6 +310,8 @@ public final class FillingBlob: Sendable {
             }
             guard n > 0 else { throw BlobStoreError.io("\(hash): the committed blob ends at \(at - reader.offset)") }
             try await stream.write(buf)
+            forwarded.withLock { $0.disk += Int64(n) }
+            Self.fromDisk.increment(by: Int64(n))
             at += Int64(n)
         }
         stream.finish()

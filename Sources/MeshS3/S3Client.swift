@@ -561,11 +561,23 @@ final class S3Metrics: Sendable {
 
     func bytes(_ op: String, out: Int64) {
         guard out > 0 else { return }
-        Counter(label: "cachemesh_s3_bytes_total", dimensions: [("op", op), ("direction", "out")]).increment(by: out)
+        byteCounter(op, "out").increment(by: out)
     }
 
     func bytes(_ op: String, in n: Int64) {
-        Counter(label: "cachemesh_s3_bytes_total", dimensions: [("op", op), ("direction", "in")]).increment(by: n)
+        byteCounter(op, "in").increment(by: n)
+    }
+
+    /// Made once per operation and direction (a body arrives in many parts).
+    private let byteCounters: Mutex<[String: Counter]> = Mutex([:])
+    private func byteCounter(_ op: String, _ direction: String) -> Counter {
+        byteCounters.withLock { c in
+            let key = op + " " + direction
+            if let x = c[key] { return x }
+            let x = Counter(label: "cachemesh_s3_bytes_total", dimensions: [("op", op), ("direction", direction)])
+            c[key] = x
+            return x
+        }
     }
 
     func retry(_ op: String) {
