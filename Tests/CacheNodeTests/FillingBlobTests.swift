@@ -6,6 +6,7 @@ import NIOCore
 import Synchronization
 import Testing
 @testable import CacheNode
+@testable import CacheRoutes
 
 /// `FillingBlob` (an S3 read-through forwarded while it arrives) over a real BlobStore: readers
 /// that keep up forward the arriving buffers from memory, late ones read the temp file; nobody
