@@ -1,18 +1,8 @@
 import Logging
 import Metrics
 import Synchronization
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
 import Foundation
-#endif
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 
 /// Counters and gauges (hits, misses, rejections, bytes in and out) and the limit in force,
 /// which shrinks to what the file system holds while it is full.

@@ -1,18 +1,8 @@
 import Logging
 import Metrics
 import Synchronization
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
 import Foundation
-#endif
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 
 /// The action cache: get, put (atomic replace, durable like CAS commits) and delete.
 extension BlobStore {

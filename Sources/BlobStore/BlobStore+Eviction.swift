@@ -1,18 +1,8 @@
 import Logging
 import Metrics
 import Synchronization
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
 import Foundation
-#endif
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 
 /// LRU bookkeeping and eviction: recency, reservations that evict, pins, `min_ttl` accounting
 /// and the log lines and mesh notices of evicted entries.

@@ -1,18 +1,8 @@
 import Logging
 import Metrics
 import Synchronization
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
 import Foundation
-#endif
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 
 /// Reading the CAS: lookups (size, contains), opening a blob for reading, and dropping blobs
 /// whose file vanished or cannot be read back intact; shared mappings of hot blobs.

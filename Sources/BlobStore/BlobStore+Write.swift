@@ -1,18 +1,8 @@
 import Logging
 import Metrics
 import Synchronization
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
 import Foundation
-#endif
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 
 /// Writing the CAS: starting an upload, reserving space as bytes arrive, and publishing a
 /// verified upload (rename; with `durability = "fsync"` the data and directory syncs, grouped).

@@ -135,4 +135,57 @@ struct StoreStartupTests {
             #expect((try await c.metrics().value("cachemesh_store_blobs") ?? 0) >= Double(samples.count))
         }
     }
+
+    /// A million files written straight to disk (hard links to one small file per prefix
+    /// directory, so making them takes seconds; the scan reads names and sizes, as for any store):
+    /// the node listens, serves a real blob among them, and its background scan indexes every
+    /// entry with the right byte count. No timing is asserted; `bench/store-scale.sh` measures.
+    @Test("A store of 1,000,000 files written directly: served at once, every entry indexed", .timeLimit(.minutes(6)))
+    func aMillionFiles() async throws {
+        let data = try TempDir("million")
+        defer { data.remove() }
+        let perPrefix = 3_907   // 256 × 3,907 ≥ 1,000,000 (each source file far below ext4's 65,000 links)
+        let filler = Array("filler\n".utf8)
+        var rng = SystemRandomNumberGenerator()
+        var made = 0
+        mkdir(data.path + "/cas", 0o755)
+        for p in 0..<256 where made < 1_000_000 {
+            let prefix = String(format: "%02x", p)
+            let dir = "\(data.path)/cas/\(prefix)"
+            mkdir(dir, 0o755)
+            let source = "\(data.path)/filler-\(prefix)"
+            let fd = open(source, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            try #require(fd >= 0 && write(fd, filler, filler.count) == filler.count)
+            close(fd)
+            for _ in 0..<min(perPrefix, 1_000_000 - made) {
+                let name = prefix + (0..<62).map { _ in String(UInt8.random(in: 0..<16, using: &rng), radix: 16) }.joined()
+                try #require(link(source, "\(dir)/\(name)") == 0, "link: \(String(cString: strerror(errno)))")
+                made += 1
+            }
+            unlink(source)
+        }
+        // One real blob among them.
+        let real = Array("the one blob a client asks for\n".utf8)
+        let realHash = SHA256.hex(real)
+        let fd = open("\(data.path)/cas/\(realHash.prefix(2))/\(realHash)", O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        try #require(fd >= 0 && write(fd, real, real.count) == real.count)
+        close(fd)
+        let node = try await TestNode.start(dataDir: data.path, maxBytes: "1G")
+        defer { node.cleanUp() }
+        try await withClient(node) { c in
+            let r = try await c.fetch("/cas/\(realHash)")
+            #expect(r.status == 200 && r.body == real)
+            var last: [String: Any] = [:]
+            let complete = try await eventually(timeout: 240) {
+                let body = try await c.getText("/status").body
+                let json = try JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any]
+                last = ((json?["store"] as? [String: Any])?["index"] as? [String: Any]) ?? [:]
+                return last["complete"] as? Bool == true
+            }
+            #expect(complete, "index not complete: \(last)")
+            let m = try await c.metrics()
+            #expect(m.value("cachemesh_store_blobs") == 1_000_001)
+            #expect(m.value("cachemesh_store_used_bytes") == Double(1_000_000 * filler.count + real.count))
+        }
+    }
 }
