@@ -46,6 +46,14 @@ public final class CutThroughTap: Sendable {
     /// A source answered: the caller may start its response.
     func begin(size: Int64?, source: String) { resolve(.streaming(size: size, source: source)) }
 
+    /// Whether a source's body began streaming to the caller (its response head is committed).
+    var hasBegun: Bool {
+        state.withLock { st in
+            if case .streaming = st.start { return true }
+            return false
+        }
+    }
+
     /// The fetch ended without streaming (or after: then this does nothing).
     public func end() { resolve(.ended) }
 

@@ -68,6 +68,8 @@ public final class MeshService: MeshHooks, Sendable {
     private let gossipBytes = (sent: Counter(label: "cachemesh_gossip_bytes_total", dimensions: [("direction", "sent")]),
                                received: Counter(label: "cachemesh_gossip_bytes_total", dimensions: [("direction", "received")]))
     private let refusalLog = LogThrottle(interval: .seconds(1))
+    /// Fetches that no source served (not all said 404) and were raced once more.
+    private let fetchRetries = Counter(label: "cachemesh_fetch_retries_total")
 
     public init(roster: MeshRoster, store: BlobStore, credentials: TLSCredentials, settings: Settings, logger: Logger) {
         self.node = roster.me
@@ -360,21 +362,32 @@ public final class MeshService: MeshHooks, Sendable {
         // Hedged, but no member is known to hold it: the owners are only guesses (a write not yet
         // gossiped), so ask them and the origin at once instead of paying a 404 round trip first.
         let spacing: LegSpacing? = settings.fetch.strategy == .hedged && known == 0 ? .allAtOnce : nil
-        do {
-            let r = try await fetcher.fetch(hash: hash, sources: srcs, spacing: spacing, tap: tap)
-            // The hedge delay is a percentile of time to first byte: a hedge is against a source
-            // that does not answer, not against a large body.
-            latency.tracker.withLock { $0.recordFetchLatency(r.timeToFirstByte) }
-            announce(r.digest)
-            return .fetched("\(r.source) via \(r.transport.rawValue)")
-        } catch let e as FetchUnavailable {
-            logger.debug("mesh fetch failed", metadata: ["hash": "\(hash)", "error": "\(e)"])
-            return .unavailable("not every source answered: \(e.tried.joined(separator: "; ").prefix(300))")
-        } catch {
-            logger.debug("mesh fetch failed", metadata: ["hash": "\(hash)", "error": "\(error)"])
-            if case BlobStoreError.notFound = error { return .notFound }
-            return .unavailable("\(error)".prefix(300).description)
+        for attempt in 1...2 {
+            do {
+                let r = try await fetcher.fetch(hash: hash, sources: srcs, spacing: spacing, tap: tap)
+                // The hedge delay is a percentile of time to first byte: a hedge is against a source
+                // that does not answer, not against a large body.
+                latency.tracker.withLock { $0.recordFetchLatency(r.timeToFirstByte) }
+                announce(r.digest)
+                return .fetched("\(r.source) via \(r.transport.rawValue)")
+            } catch let e as FetchUnavailable {
+                // No source served it and not all said 404: a connection that failed (refused,
+                // reset, a handshake cut by a relay) is usually gone a moment later. Once more, on
+                // fresh connections, unless the caller already has a response head (cut-through).
+                if attempt == 1, !(tap?.hasBegun ?? false), !leaving.withLock({ $0 }) {
+                    fetchRetries.increment()
+                    logger.info("mesh fetch: no source served it; trying once more", metadata: ["hash": "\(hash)", "error": "\(e)"])
+                    continue
+                }
+                logger.notice("mesh fetch failed: the client gets 503 (ask again)", metadata: ["hash": "\(hash)", "error": "\(e)"])
+                return .unavailable("not every source answered: \(e.tried.joined(separator: "; ").prefix(300))")
+            } catch {
+                logger.debug("mesh fetch failed", metadata: ["hash": "\(hash)", "error": "\(error)"])
+                if case BlobStoreError.notFound = error { return .notFound }
+                return .unavailable("\(error)".prefix(300).description)
+            }
         }
+        return .unavailable("no source served it")
     }
 
     public func received(_ d: Digest) { announce(d) }
