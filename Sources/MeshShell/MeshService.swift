@@ -364,7 +364,9 @@ public final class MeshService: MeshHooks, Sendable {
         let spacing: LegSpacing? = settings.fetch.strategy == .hedged && known == 0 ? .allAtOnce : nil
         for attempt in 1...2 {
             do {
-                let r = try await fetcher.fetch(hash: hash, sources: srcs, spacing: spacing, tap: tap)
+                // The first attempt's end resolved the tap (`ended`: the caller serves the stored
+                // blob), so a second attempt must not stream into it.
+                let r = try await fetcher.fetch(hash: hash, sources: srcs, spacing: spacing, tap: attempt == 1 ? tap : nil)
                 // The hedge delay is a percentile of time to first byte: a hedge is against a source
                 // that does not answer, not against a large body.
                 latency.tracker.withLock { $0.recordFetchLatency(r.timeToFirstByte) }
